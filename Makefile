@@ -1,0 +1,95 @@
+# edgekit: `make test` and `make demo` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+THIRD_PARTY := .cache/third-party
+# A real third-party .tflite shipped inside a PyPI package, used by the bundle round-trip tests.
+THIRD_PARTY_WHEEL := mediapipe==0.10.14
+
+.PHONY: setup test lint typecheck pytest demo mosquitto chromium clean py39 test-agent-lean
+
+setup: $(STAMP) mosquitto chromium $(THIRD_PARTY)/.fetched py39
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet -e ".[all,dev]" --config-settings editable_mode=strict
+	touch $@
+
+# Installs Mosquitto when it is missing and we can (root with apt); tests start their own brokers.
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing mosquitto (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
+	  else echo "mosquitto is missing: install it (e.g. sudo apt-get install mosquitto)"; exit 1; fi; }
+
+$(THIRD_PARTY)/.fetched:
+	mkdir -p $(THIRD_PARTY)
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
+	  -d $(THIRD_PARTY) "$(THIRD_PARTY_WHEEL)"
+	touch $@
+
+# The dashboard tests load pages in headless Chromium (Debian's package); installed like Mosquitto.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: install it (e.g. sudo apt-get install chromium)"; exit 1; fi; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	# New modules must be linked into the strict editable tree before mypy can see them.
+	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test: setup lint typecheck pytest test-agent-lean
+
+# The device environment: tflite-runtime 2.14 with numpy<2 and NO TensorFlow, running the agent
+# tests. Models cannot be trained there, so the main venv exports the same digits models to
+# .cache/agent-models first (tests/agent/export_models.py); nothing binary is committed.
+LEAN := .venv-lean
+LEAN_STAMP := $(LEAN)/.installed
+AGENT_MODELS := .cache/agent-models
+
+$(LEAN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LEAN)
+	$(LEAN)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(LEAN)/bin/python -m pip install --quiet -e ".[agent-tflite]" "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" \
+	  --config-settings editable_mode=strict
+	touch $@
+
+$(AGENT_MODELS)/.complete: $(STAMP) tests/conftest.py tests/agent/export_models.py
+	$(PY) tests/agent/export_models.py $(AGENT_MODELS)
+
+test-agent-lean: $(LEAN_STAMP) $(AGENT_MODELS)/.complete
+	$(LEAN)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	@$(LEAN)/bin/python -c "import importlib.util as u, sys; sys.exit('TensorFlow must not be in $(LEAN)' if u.find_spec('tensorflow') else 0)"
+	EDGEKIT_TEST_MODELS=$(AGENT_MODELS) $(LEAN)/bin/pytest -p no:cacheprovider tests/agent $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) examples/quickstart/demo.py
+
+clean:
+	rm -rf $(VENV) build .cache .mypy_cache .ruff_cache .pytest_cache
+
+# Devices run older Pythons: a 3.9 venv with the sdk's light dependencies, for tests/test_layout.py.
+PY39 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3.9) $(shell command -v python3.9 2>/dev/null))
+py39: .venv-py39/.installed
+.venv-py39/.installed: pyproject.toml
+	@test -n "$(PY39)" || { echo "no Python 3.9 found: set PY39=/path/to/python3.9"; exit 1; }
+	$(PY39) -m venv .venv-py39
+	# Installing the package pulls exactly the sdk's declared dependencies; the test imports the
+	# current sources from a copy laid out like the package, ahead of this installed snapshot.
+	.venv-py39/bin/python -m pip install --quiet .
+	touch $@

@@ -1,0 +1,447 @@
+"""The embeddable agent: serve the installed model, watch it for drift, queue telemetry.
+
+    from edgekit.agent import Agent
+
+    agent = Agent.from_config("agent.toml")
+    scores = agent.predict(image)            # [array of shape (1, 10)]: outputs in model order
+    by_name = agent.predict(image, as_dict=True)
+    agent.drift().drifted
+    agent.status()
+    agent.close()
+
+``predict(x)`` is thread-safe (one interpreter, one lock held only around
+set_tensor/invoke/get_tensor), needs no network, and returns a **list of numpy arrays, one per
+model output, in the model's output order**, each with the model's output shape (batch axis
+included, e.g. ``(1, 10)``); with ``as_dict=True`` a dict from output tensor name to array.
+``x`` is one array for a single-input model (the model's input shape, or the per-sample
+shape without the batch axis of 1), or a list (input order) or dict (by name) of arrays.
+Real-valued inputs to a quantized model are quantized with the model's own scale and
+zero-point, and quantized outputs are dequantized to float32; ``raw=True`` feeds and returns
+the model's own integer tensors untouched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from edgekit.errors import BundleError, DataError, InstallError
+from edgekit.runtime import dequantize, quantize
+from edgekit.tflite import TensorSpec
+
+from .config import AgentConfig
+from .drift import DriftMonitor, DriftReport
+from .install import POINTER_FILE, BundleStore, InstallResult, LoadedBundle
+from .outbox import Outbox
+from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
+
+__all__ = ["Agent", "AgentStatus"]
+
+log = logging.getLogger(__name__)
+
+_clock = time.perf_counter
+_random = random.random
+
+Inputs = Union[np.ndarray, Sequence[np.ndarray], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """What ``edgekit-agent status`` shows."""
+
+    device: str
+    fleet: str
+    state_dir: str
+    serving: bool
+    name: str | None
+    version: str | None
+    bundle_id: str | None  # SHA-256 of the signed manifest
+    previous: str | None  # directory name of the previous bundle, kept for rollback
+    runtime: str | None
+    threads: int
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    telemetry_queued: int
+    events_queued: int
+    drift: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Served:
+    """The serving model with everything predict() needs precomputed."""
+
+    def __init__(self, loaded: LoadedBundle, config: AgentConfig) -> None:
+        model = loaded.model
+        self.set_tensor, self.invoke, self.get_tensor = model.set_tensor, model.invoke, model.get_tensor
+        manifest = loaded.manifest
+        by_name = {spec.name: spec for spec in manifest.inputs}
+        self.in_specs: list[TensorSpec] = [
+            by_name.get(d["name"], manifest.inputs[0]) for d in model.input_details
+        ]
+        out_by_name = {spec.name: spec for spec in manifest.outputs}
+        self.out_specs: list[TensorSpec] = [
+            out_by_name.get(d["name"], manifest.outputs[0]) for d in model.output_details
+        ]
+        self.in_idx = [int(d["index"]) for d in model.input_details]
+        self.out_idx = [int(d["index"]) for d in model.output_details]
+        self.in_shapes = [tuple(int(v) for v in d["shape"]) for d in model.input_details]
+        self.in_dtypes = [np.dtype(d["dtype"]) for d in model.input_details]
+        self.single = len(self.in_idx) == 1 and len(self.out_idx) == 1
+        # The fast path: one input, one output, fed an array of exactly the model's shape and dtype.
+        self.shape0 = self.in_shapes[0]
+        self.dtype0 = self.in_dtypes[0]
+        self.i0 = self.in_idx[0]
+        self.o0 = self.out_idx[0]
+        self.name0 = str(model.output_details[0]["name"])
+        self.fast = self.single
+        self.deq0 = self.out_specs[0] if self.out_specs[0].quantized else None
+        self.any_quantized_out = any(spec.quantized for spec in self.out_specs)
+        self.out_names = [str(d["name"]) for d in model.output_details]
+        self.in_names = [str(d["name"]) for d in model.input_details]
+        baseline = loaded.bundle.baseline()
+        # Serving needs the model (the runtime holds its own copy) and the manifest, not the
+        # member bytes: drop them so a device does not keep a second copy of the bundle in memory.
+        self.loaded = dataclasses.replace(loaded, bundle=dataclasses.replace(loaded.bundle, members={}))
+        self.drift: DriftMonitor | None = None
+        if baseline is not None and baseline.features:
+            self.drift = DriftMonitor(
+                baseline,
+                config.drift_window,
+                config.drift_psi_threshold,
+                config.drift_ks_threshold,
+                input_spec=self.in_specs[0],
+            )
+        self.rate = config.drift_sample_rate if self.drift is not None else 0.0
+
+    def _feed(self, i: int, value: Any, raw: bool) -> np.ndarray:
+        shape, dtype, spec = self.in_shapes[i], self.in_dtypes[i], self.in_specs[i]
+        array = np.asarray(value)
+        if array.shape != shape:
+            if int(np.prod(array.shape)) == int(np.prod(shape)) and array.shape == shape[1:]:
+                array = array.reshape(shape)
+            else:
+                raise DataError(
+                    f"input {spec.name!r} must have shape {list(shape)} (or {list(shape[1:])}), got {list(array.shape)}"
+                )
+        if array.dtype == dtype:
+            return array
+        if raw:
+            raise DataError(f"raw input {spec.name!r} must be {dtype.name}, got {array.dtype.name}")
+        if spec.quantized:
+            return quantize(array, spec)
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            raise DataError(f"input {spec.name!r} must hold numbers, got {array.dtype}")
+        return array.astype(dtype)
+
+    def feeds(self, x: Inputs, raw: bool) -> list[np.ndarray]:
+        n = len(self.in_idx)
+        if isinstance(x, Mapping):
+            missing = [name for name in self.in_names if name not in x]
+            if missing:
+                raise DataError(f"missing input {missing[0]!r}; the model takes {self.in_names}")
+            return [self._feed(i, x[name], raw) for i, name in enumerate(self.in_names)]
+        if n == 1 and not isinstance(x, (list, tuple)):
+            return [self._feed(0, x, raw)]
+        if not isinstance(x, (list, tuple)) or len(x) != n:
+            raise DataError(
+                f"the model takes {n} inputs ({self.in_names}); pass a list or dict of {n} arrays"
+            )
+        return [self._feed(i, value, raw) for i, value in enumerate(x)]
+
+    def real_output(self, out: np.ndarray) -> np.ndarray:
+        spec = self.out_specs[0]
+        return dequantize(out, spec) if spec.quantized else out
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed after verifying and loading a bundle back to the OS (glibc keeps it
+    otherwise, and a device's RSS would carry the install's transient copies for months)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc is among them
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return
+
+
+class Agent:
+    """A device agent serving one installed bundle. Create with :meth:`from_config`."""
+
+    def __init__(self, config: AgentConfig, *, background: bool = True) -> None:
+        """Recover the bundle store, load the committed bundle (if any) and, when
+        ``background``, start the thread that closes a telemetry window every
+        ``telemetry_interval`` seconds."""
+        self.config = config
+        state = Path(config.state_dir)
+        self.events = Outbox(state / "outbox" / "events", config.telemetry_queue_max)
+        self.telemetry = Outbox(state / "outbox" / "telemetry", config.telemetry_queue_max)
+        self.store = BundleStore(
+            state,
+            config.trusted(),
+            runtime=config.runtime,
+            threads=config.interpreter_threads,
+            max_bundle_size=config.max_bundle_size,
+            on_event=self.record_event,
+        )
+        self._lock = threading.Lock()  # the interpreter and the window counters
+        self._latency = LatencyRecorder()
+        self._lat = self._latency.samples  # the hot path appends here
+        self._errors = 0
+        self._window_start = time.time()
+        self._system = SystemSampler()
+        self._sample_rate = config.drift_sample_rate
+        self._served: _Served | None = None
+        self._pointer_mtime = 0.0
+        self._serve(self.store.recover())
+        self._stop = threading.Event()
+        self.telemetry_failures = 0  # background windows that could not be recorded
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(
+                target=self._telemetry_loop, name="edgekit-telemetry", daemon=True
+            )
+            self._thread.start()
+
+    @classmethod
+    def from_config(
+        cls, path: str | os.PathLike[str] | None = None, *, background: bool = True, **overrides: Any
+    ) -> Agent:
+        """Load ``path`` (TOML) with ``EDGEKIT_*`` and keyword overrides, then start the agent."""
+        return cls(AgentConfig.load(path, **overrides), background=background)
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def _serve(self, loaded: LoadedBundle | None) -> None:
+        served = None if loaded is None else _Served(loaded, self.config)
+        with self._lock:
+            self._served = served
+        self._pointer_mtime = self._pointer_stat()
+        _return_freed_memory()
+        if loaded is not None:
+            log.info("serving %s with %s", loaded.manifest.label, loaded.model.runtime)
+
+    def predict(self, x: Inputs, *, as_dict: bool = False, raw: bool = False) -> Any:
+        """Run the model once. Returns a list of arrays in output order (``as_dict``: by name).
+
+        Raises DataError for an input of the wrong shape or type, InstallError when no bundle
+        is installed."""
+        served = self._served
+        if (
+            served is not None
+            and served.fast
+            and type(x) is np.ndarray
+            and x.dtype is served.dtype0
+            and x.shape == served.shape0
+            and not raw
+        ):
+            # The common case (one input of exactly the model's shape and dtype, one output),
+            # kept short: on a small model it is most of what the agent adds to a bare call.
+            lock = self._lock
+            lock.acquire()
+            try:
+                start = _clock()
+                served.set_tensor(served.i0, x)
+                served.invoke()
+                out = served.get_tensor(served.o0)
+                latencies = self._lat
+                latencies.append(_clock() - start)
+                if len(latencies) >= LATENCY_CAP:
+                    self._latency.fold()
+            except (ValueError, RuntimeError) as exc:
+                self._errors += 1
+                raise DataError(f"the runtime rejected the input: {exc}") from None
+            finally:
+                lock.release()
+            if served.deq0 is not None:
+                out = dequantize(out, served.deq0)
+            if _random() < served.rate:
+                served.drift.add(x, out)  # type: ignore[union-attr]  # rate is 0 without a monitor
+            return {served.name0: out} if as_dict else [out]
+        return self._predict(served, x, as_dict, raw)
+
+    def _predict(self, served: _Served | None, x: Inputs, as_dict: bool, raw: bool) -> Any:
+        if served is None:
+            raise InstallError(
+                "no model is installed; install a bundle with `edgekit-agent install FILE.ekb`"
+            )
+        lock = self._lock
+        try:
+            feeds = served.feeds(x, raw)
+        except DataError:
+            with lock:
+                self._errors += 1
+            raise
+        with lock:
+            start = _clock()
+            try:
+                for index, value in zip(served.in_idx, feeds):
+                    served.set_tensor(index, value)
+                served.invoke()
+                outputs = [served.get_tensor(index) for index in served.out_idx]
+            except (ValueError, RuntimeError) as exc:
+                self._errors += 1
+                raise DataError(f"the runtime rejected the input: {exc}") from None
+            latencies = self._lat
+            latencies.append(_clock() - start)
+            if len(latencies) >= LATENCY_CAP:
+                self._latency.fold()
+        if _random() < served.rate:
+            served.drift.add(feeds[0], served.real_output(outputs[0]))  # type: ignore[union-attr]
+        if served.any_quantized_out and not raw:
+            outputs = [dequantize(o, s) if s.quantized else o for o, s in zip(outputs, served.out_specs)]
+        if as_dict:
+            return dict(zip(served.out_names, outputs))
+        return outputs
+
+    # -- reports ----------------------------------------------------------------------------
+
+    def drift(self) -> DriftReport | None:
+        """The drift report of the serving bundle, or None if it carries no baseline."""
+        served = self._served
+        return None if served is None or served.drift is None else served.drift.report()
+
+    def status(self) -> AgentStatus:
+        served = self._served
+        loaded = served.loaded if served is not None else None
+        report = self.drift()
+        return AgentStatus(
+            device=self.config.device,
+            fleet=self.config.fleet,
+            state_dir=str(self.config.state_dir),
+            serving=loaded is not None,
+            name=loaded.manifest.name if loaded else None,
+            version=loaded.manifest.version if loaded else None,
+            bundle_id=loaded.bundle.bundle_id if loaded else None,
+            previous=self.store.pointer()["previous"],
+            runtime=loaded.model.runtime if loaded else None,
+            threads=self.config.interpreter_threads,
+            inputs=[s.to_dict() for s in loaded.manifest.inputs] if loaded else [],
+            outputs=[s.to_dict() for s in loaded.manifest.outputs] if loaded else [],
+            telemetry_queued=len(self.telemetry),
+            events_queued=len(self.events),
+            drift=report.to_dict() if report is not None else None,
+        )
+
+    # -- changing the installed bundle ---------------------------------------------------------
+
+    def install(self, source: Path | bytes, *, allow_downgrade: bool = False) -> InstallResult:
+        """Verify, install and start serving a bundle; on any failure the current one keeps serving."""
+        result, loaded = self.store.install(source, allow_downgrade=allow_downgrade)
+        if result.changed or self._served is None:
+            self._close_window()
+            self._serve(loaded)
+        return result
+
+    def rollback(self) -> LoadedBundle:
+        """Serve the previous bundle again."""
+        loaded = self.store.rollback()
+        self._close_window()
+        self._serve(loaded)
+        return loaded
+
+    def _pointer_stat(self) -> float:
+        try:
+            return os.stat(self.store.state_dir / POINTER_FILE).st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def reload_if_changed(self) -> bool:
+        """Serve what another process (``edgekit-agent install``/``rollback``) committed."""
+        if self._pointer_stat() == self._pointer_mtime:
+            return False
+        pointer = self.store.pointer()
+        served = self._served
+        if served is not None and served.loaded.directory.name == pointer["current"]:
+            self._pointer_mtime = self._pointer_stat()
+            return False
+        self._close_window()
+        try:
+            self._serve(self.store.recover())
+        except BundleError as exc:
+            log.error("cannot load the newly committed bundle: %s", exc)
+            return False
+        return True
+
+    # -- telemetry --------------------------------------------------------------------------
+
+    def record_event(self, kind: str, message: str, bundle: dict[str, str] | None) -> None:
+        """Queue an event for the fleet: its kind, a one-line message, the bundle it concerns."""
+        event = Event(device=self.config.device, kind=kind, message=message, bundle=bundle)
+        self.events.put(event.to_dict())
+
+    def _close_window(self) -> TelemetryRecord | None:
+        with self._lock:
+            latency, self._latency = self._latency, LatencyRecorder()
+            self._lat = self._latency.samples
+            errors, self._errors = self._errors, 0
+            start, self._window_start = self._window_start, time.time()
+            served = self._served
+        end = self._window_start
+        count = latency.count
+        if count == 0 and errors == 0 and served is None:
+            return None
+        report = served.drift.report() if served is not None and served.drift is not None else None
+        drift: dict[str, Any] = {"drifted": False, "complete": False, "samples": 0, "scores": {}}
+        if report is not None:
+            drift = {
+                "drifted": report.drifted,
+                "complete": report.complete,
+                "samples": report.samples,
+                "scores": {f.name: {"psi": f.psi, "ks": f.ks} for f in report.features},
+            }
+        record = TelemetryRecord(
+            device=self.config.device,
+            fleet=self.config.fleet,
+            window_start=start,
+            window_end=end,
+            count=count,
+            errors=errors,
+            latency_ms=latency.percentiles_ms(),
+            throughput=count / (end - start) if end > start else 0.0,
+            drift=drift,
+            bundle=served.loaded.identity() if served is not None else None,
+            cpu_percent=self._system.cpu_percent(),
+            memory_rss_bytes=self._system.memory_rss_bytes(),
+            temperature_c=self._system.temperature_c(),
+            runtime=served.loaded.model.runtime if served is not None else None,
+        )
+        queued = self.telemetry.put(record.to_dict())
+        _return_freed_memory()  # the window's summaries were transient: give their pages back
+        return TelemetryRecord.from_dict(queued)
+
+    def flush_telemetry(self) -> TelemetryRecord | None:
+        """Close the current telemetry window now and queue its record (returned, with its seq)."""
+        return self._close_window()
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.config.telemetry_interval):
+            try:
+                self._close_window()
+                self.reload_if_changed()
+            except Exception:  # the loop must outlive a full disk: counted, logged, retried next window
+                self.telemetry_failures += 1
+                log.exception("telemetry window could not be recorded (%d so far)", self.telemetry_failures)
+
+    def close(self) -> None:
+        """Stop the background thread and queue the last window's record."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._close_window()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

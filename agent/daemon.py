@@ -1,0 +1,391 @@
+"""The agent's MQTT side: follow the signed desired state, fetch and install bundles, report.
+
+:class:`AgentDaemon` wraps an :class:`~edgekit.agent.Agent` (which keeps serving ``predict()``
+throughout) and one :class:`~edgekit.mqtt.MqttClient`:
+
+- It subscribes to its fleet's and its own desired-state topics. Each document is verified
+  (:func:`edgekit.desired.verify_desired_state`: trusted signer, this fleet/device, not
+  expired, a sequence number above the last one applied, kept on disk) before anything else;
+  a refused document is logged and recorded as an event, and the device keeps serving.
+- A new target bundle is fetched from the broker's retained chunks into ``state_dir/downloads``
+  (resumable across restarts and broker outages), verified, and installed by the agent's
+  crash-safe pipeline (health check included). A desired state may name an older bundle: that is
+  how an operator rolls back, so it is installed without the offline downgrade guard.
+- It publishes its state (retained; the MQTT will marks it ``offline``): serving, downloading
+  with progress, verifying, installing, or failed with the reason. Telemetry records and events
+  are taken from the agent's on-disk outboxes and published with QoS 1 in ``seq`` order; a
+  record is removed from disk only once the broker acknowledged it, so an outage loses nothing
+  (up to the outbox bound, beyond which the drop is counted in the next record).
+
+Threads: the MQTT client's dispatcher runs the handlers (cheap: verify, then hand over); one
+worker thread fetches and installs; one uploader thread drains the outboxes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from edgekit._version import __version__
+from edgekit.atomic import atomic_write
+from edgekit.desired import DesiredState, decode_desired_state, verify_desired_state
+from edgekit.errors import BrokerError, DesiredStateError, EdgekitError
+from edgekit.mqtt import Message, MqttClient, TlsConfig, Will
+from edgekit.reports import DeviceStateReport
+from edgekit.topics import Topics
+from edgekit.transfer import BUNDLE_FILE, fetch_bundle
+
+from .agent import Agent
+
+__all__ = ["AgentDaemon"]
+
+log = logging.getLogger(__name__)
+
+DESIRED_FILE = "desired.json"
+DOWNLOADS_DIR = "downloads"
+UPLOAD_BATCH = 200
+
+
+def _seq_of(envelope: bytes) -> Optional[int]:
+    try:
+        return decode_desired_state(envelope)[0].seq
+    except DesiredStateError:
+        return None
+
+
+class AgentDaemon:
+    """Connect an agent to its fleet. ``start()`` returns at once; ``stop()`` is clean."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        client: Optional[MqttClient] = None,
+        upload_interval: float = 5.0,
+        fetch_timeout: float = 3600.0,
+    ) -> None:
+        self.agent = agent
+        config = agent.config
+        self.device = config.device
+        self.fleet = config.fleet
+        self.topics = Topics(config.topic_prefix)
+        self.state_dir = Path(config.state_dir)
+        self.upload_interval = upload_interval
+        self.fetch_timeout = fetch_timeout
+        self.refused = 0  # desired states refused (forged, replayed, expired, ...)
+        #: Set each time the device starts serving what its desired state names.
+        self.installed = threading.Event()
+        self._trusted = config.trusted()
+        self._desired = self._load_desired()
+        self._lock = threading.Lock()
+        self._target: Optional[DesiredState] = None
+        self._wake_worker = threading.Event()
+        self._wake_uploader = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._status: dict[str, Any] = {}
+        self.client = client or self._new_client()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _new_client(self) -> MqttClient:
+        config = self.agent.config
+        if not config.broker:
+            raise EdgekitError(f'{config.source}: no broker configured; set broker = "mqtt://host:1883"')
+        tls = None
+        if config.mqtt_ca or config.mqtt_cert:
+            tls = TlsConfig(ca_file=config.mqtt_ca, cert_file=config.mqtt_cert, key_file=config.mqtt_key)
+        offline = DeviceStateReport(self.device, self.fleet, "offline", agent_version=__version__)
+        return MqttClient(
+            config.broker,
+            client_id=f"edgekit-{self.device}",
+            username=config.mqtt_username or None,
+            password=config.mqtt_password or None,
+            tls=tls,
+            will=Will(self.topics.device_state(self.device), offline.to_json(), qos=1, retain=True),
+        )
+
+    def start(self) -> AgentDaemon:
+        self.client.on_connection_change(self._on_connection)
+        self.client.connect(timeout=None)  # keep trying in the background; predict() never waits
+        for topic in (self.topics.fleet_desired(self.fleet), self.topics.device_desired(self.device)):
+            self.client.subscribe(topic, self._on_desired, qos=1, timeout=None)
+        for name, target in (("install", self._worker), ("upload", self._uploader)):
+            thread = threading.Thread(target=target, name=f"edgekit-{name}-{self.device}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker and uploader, publish a last ``offline`` state, disconnect."""
+        self._stop.set()
+        self._wake_worker.set()
+        self._wake_uploader.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        if self.client.connected:
+            self.publish_state("offline", wait=2.0)  # with what it serves, which the will cannot say
+        self.client.close()
+
+    def __enter__(self) -> AgentDaemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- desired state ------------------------------------------------------------------------
+
+    def _load_desired(self) -> dict[str, Any]:
+        try:
+            doc = json.loads((self.state_dir / DESIRED_FILE).read_bytes())
+            if isinstance(doc, dict) and isinstance(doc.get("seq"), int):
+                return doc
+        except (OSError, ValueError):
+            pass
+        return {}
+
+    @property
+    def last_seq(self) -> Optional[int]:
+        seq = self._desired.get("seq")
+        return seq if isinstance(seq, int) else None
+
+    def _on_desired(self, message: Message) -> None:
+        if not message.payload:
+            return  # a cleared retained document
+        try:
+            state = verify_desired_state(
+                message.payload, self._trusted, fleet=self.fleet, device=self.device, last_seq=self.last_seq
+            )
+        except DesiredStateError as exc:
+            if getattr(exc, "reason", None) == "replayed":
+                # The retained copy of the document applied last comes back on every reconnect:
+                # not news. An older one (a replay, or the fleet's document after a newer
+                # per-device one) is counted and logged, not reported as an event each time.
+                if _seq_of(message.payload) != self.last_seq:
+                    self.refused += 1
+                    log.info("device %s ignored a desired state on %s: %s", self.device, message.topic, exc)
+                else:
+                    self._resume(message.payload)
+                return
+            self.refused += 1
+            log.warning("device %s refused a desired state on %s: %s", self.device, message.topic, exc)
+            self.agent.record_event("desired_refused", str(exc), None)
+            self._wake_uploader.set()
+            return
+        self._desired = {"seq": state.seq, "bundle": state.bundle_sha256, "version": state.bundle_version}
+        atomic_write(self.state_dir / DESIRED_FILE, json.dumps(self._desired).encode())
+        log.info(
+            "device %s: desired state seq %d names %s@%s (%s)",
+            self.device,
+            state.seq,
+            state.bundle_name,
+            state.bundle_version,
+            state.scope,
+        )
+        with self._lock:
+            self._target = state
+        self._wake_worker.set()
+
+    def _resume(self, envelope: bytes) -> None:
+        """The document applied last, seen again (after a restart or a reconnect): if what it
+        names is not served yet and did not fail to install, go on with it (a download cut by
+        a restart resumes from the chunks already stored)."""
+        seq = self.last_seq
+        if seq is None or self._desired.get("bundle") in (self._serving_id(), self._desired.get("failed")):
+            return
+        try:  # the same checks as when it was applied: signature, fleet, device, expiry
+            state = verify_desired_state(
+                envelope, self._trusted, fleet=self.fleet, device=self.device, last_seq=seq - 1
+            )
+        except DesiredStateError as exc:
+            log.warning("device %s cannot resume its desired state: %s", self.device, exc)
+            return
+        if state.bundle_sha256 != self._desired.get("bundle"):
+            return  # the fleet's and the device's documents share numbers; not the one applied
+        log.info("device %s resumes installing %s@%s", self.device, state.bundle_name, state.bundle_version)
+        with self._lock:
+            self._target = state
+        self._wake_worker.set()
+
+    # -- install worker -----------------------------------------------------------------------
+
+    def _serving_id(self) -> Optional[str]:
+        status = self.agent.status()
+        return status.bundle_id if status.serving else None
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            self._wake_worker.wait()
+            self._wake_worker.clear()
+            with self._lock:
+                target, self._target = self._target, None
+            if target is None or self._stop.is_set():
+                continue
+            if target.bundle_sha256 == self._serving_id():
+                self.publish_state()
+                continue
+            try:
+                self._apply(target)
+            except BrokerError as exc:  # the transport, not the bundle: a reconnect resumes it
+                log.warning(
+                    "device %s: fetching %s@%s stopped: %s",
+                    self.device,
+                    target.bundle_name,
+                    target.bundle_version,
+                    exc,
+                )
+            except EdgekitError as exc:
+                self._desired["failed"] = target.bundle_sha256  # not retried until a new document
+                atomic_write(self.state_dir / DESIRED_FILE, json.dumps(self._desired).encode())
+                log.error(
+                    "device %s could not install %s@%s: %s",
+                    self.device,
+                    target.bundle_name,
+                    target.bundle_version,
+                    exc,
+                )
+                self.agent.record_event(
+                    "install_failed",
+                    str(exc),
+                    {
+                        "name": target.bundle_name,
+                        "version": target.bundle_version,
+                        "bundle_id": target.bundle_sha256,
+                    },
+                )
+                self.publish_state("failed", target=target, error=str(exc))
+            except Exception as exc:
+                log.exception(
+                    "device %s: unexpected error installing %s", self.device, target.bundle_sha256[:12]
+                )
+                self.publish_state("failed", target=target, error=f"{type(exc).__name__}: {exc}")
+            self._wake_uploader.set()
+
+    def _apply(self, target: DesiredState) -> None:
+        downloads = self.state_dir / DOWNLOADS_DIR
+        directory = downloads / target.bundle_sha256
+        last = [0.0, -1.0]  # when, and at what fraction, progress was last published
+
+        def progress(received: int, total: int) -> None:
+            fraction = received / total if total else 1.0
+            now = time.monotonic()
+            # Every whole percent (or half second) so the fleet sees where a download stands,
+            # also when it stalls because the broker went away.
+            if fraction - last[1] >= 0.01 or now - last[0] >= 0.5 or received == total:
+                last[0], last[1] = now, fraction
+                self.publish_state("downloading", target=target, progress=fraction)
+
+        self.publish_state("downloading", target=target, progress=0.0)
+        fetch_bundle(
+            self.client,
+            target.bundle_sha256,
+            self._trusted,
+            directory,
+            self.topics,
+            timeout=self.fetch_timeout,
+            max_size=self.agent.config.max_bundle_size,
+            progress=progress,
+        )
+        self.publish_state("installing", target=target)
+        # A signed, fresher desired state may name an older version: an operator's rollback.
+        result = self.agent.install(directory / BUNDLE_FILE, allow_downgrade=True)
+        log.info("device %s now serves %s@%s", self.device, result.name, result.version)
+        self.installed.set()
+        # Keep only the download of what is being served (a later rollback fetches again).
+        for old in downloads.iterdir():
+            if old.name != target.bundle_sha256:
+                shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
+        self.publish_state()
+
+    # -- state and uploads --------------------------------------------------------------------
+
+    def publish_state(
+        self,
+        status: Optional[str] = None,
+        *,
+        target: Optional[DesiredState] = None,
+        progress: Optional[float] = None,
+        error: Optional[str] = None,
+        wait: Optional[float] = None,
+    ) -> None:
+        """Publish this device's state (retained); ``wait`` seconds at most for the broker's ack."""
+        info = self.agent.status()
+        report = DeviceStateReport(
+            device=self.device,
+            fleet=self.fleet,
+            status=status or ("serving" if info.serving else "idle"),
+            bundle_id=info.bundle_id,
+            bundle_name=info.name,
+            bundle_version=info.version,
+            target_id=target.bundle_sha256 if target else None,
+            target_seq=target.seq if target else None,
+            progress=progress,
+            error=error,
+            agent_version=__version__,
+        )
+        if not self.client.connected:
+            return  # the connection listener publishes the current state on reconnect
+        try:
+            delivery = self.client.publish(
+                self.topics.device_state(self.device), report.to_json(), retain=True
+            )
+            if wait is not None:
+                delivery.wait(wait)
+        except BrokerError as exc:
+            log.warning("device %s could not publish its state: %s", self.device, exc)
+
+    def _on_connection(self, connected: bool, reason: str) -> None:
+        if connected:
+            log.info("device %s connected to the broker", self.device)
+            self.publish_state()
+            self._wake_uploader.set()
+        else:
+            log.warning("device %s lost the broker (%s); serving on, reports are queued", self.device, reason)
+
+    def _uploader(self) -> None:
+        while not self._stop.is_set():
+            self._wake_uploader.wait(self.upload_interval)
+            self._wake_uploader.clear()
+            if self.client.connected:
+                self.upload()
+
+    def upload(self) -> int:
+        """Publish queued events and telemetry in seq order; remove each from disk once the broker
+        has it. Returns how many were delivered. Stops at the first failure (kept for next time)."""
+        delivered = 0
+        for outbox, topic in (
+            (self.agent.events, self.topics.device_events(self.device)),
+            (self.agent.telemetry, self.topics.device_telemetry(self.device)),
+        ):
+            while True:
+                records = outbox.peek(UPLOAD_BATCH)
+                if not records:
+                    break
+                last = None
+                try:
+                    deliveries = [
+                        (
+                            self.client.publish(topic, json.dumps(r, separators=(",", ":")).encode(), qos=1),
+                            r["seq"],
+                        )
+                        for r in records
+                    ]
+                    for delivery, seq in deliveries:
+                        delivery.wait(30.0)
+                        last = seq
+                except BrokerError as exc:
+                    log.info("device %s: upload paused (%s); records stay queued", self.device, exc)
+                    if last is not None:
+                        outbox.ack(last)
+                    return delivered
+                if last is not None:
+                    delivered += outbox.ack(last)
+                if len(records) < UPLOAD_BATCH:
+                    break
+        return delivered

@@ -1,0 +1,432 @@
+"""The install pipeline and the on-disk bundle store: crash-safe at every step.
+
+Layout of ``state_dir``::
+
+    installed.json            the ONE pointer: {"current": DIR, "previous": DIR | null}
+    bundles/NAME-VERSION-ID/  manifest.json, manifest.sig, model.tflite, ...
+    bundles/.tmp-*            an extraction in progress (removed at the next start)
+    lock                      flock'ed by whoever changes the store (install, rollback, recovery)
+
+Install: verify the bundle file against the trusted keys (:func:`edgekit.bundle.read_bundle`),
+refuse a lower version of the installed bundle unless ``allow_downgrade``, extract it into
+``bundles/.tmp-…`` with every file and the directory fsync'ed, rename that to its versioned
+name, read it back from disk and verify it again (signature and every hash), load the model,
+run the bundle's health check, and only then commit by rewriting ``installed.json``
+atomically (the old current becomes ``previous``). Directories other than current and
+previous are garbage-collected. The pointer is flipped only after load and health check, so
+a health-check failure never has to be undone: the previous bundle never stopped being the
+committed one.
+
+Crash safety: before the commit nothing the pointer names has changed; the commit is one
+``rename``; after it, the pointer names a complete, fsync'ed, verified directory. At start,
+:meth:`BundleStore.recover` removes interrupted extractions, re-verifies the current directory
+against its manifest and signature (and re-runs its health check), falls back to the previous
+one if the current is incomplete or fails, and records what it did as an event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgekit._version import __version__
+from edgekit.atomic import atomic_write, fsync_dir
+from edgekit.baseline import Baseline
+from edgekit.bundle import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    Bundle,
+    check_members,
+    manifest_id,
+    read_bundle,
+    verify_manifest_signature,
+)
+from edgekit.errors import BundleError, EdgekitError, HealthCheckError, InstallError
+from edgekit.healthcheck import run_healthcheck
+from edgekit.manifest import Manifest, parse_version
+from edgekit.runtime import Model
+from edgekit.trust import TrustedKeys
+
+__all__ = ["BundleStore", "InstallResult", "InstalledBundle", "LoadedBundle"]
+
+log = logging.getLogger(__name__)
+
+POINTER_FILE = "installed.json"
+POINTER_SCHEMA = "edgekit.agent.installed"
+BUNDLES_DIR = "bundles"
+LOCK_FILE = "lock"
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class InstalledBundle:
+    """A bundle verified from its installed directory: signature by a trusted key, every member.
+
+    Its id (:attr:`bundle_id`) is the SHA-256 of its signed ``manifest.json``, the identity a
+    desired state and the fleet use.
+    """
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    signature: bytes
+    signer: str
+    members: Mapping[str, bytes]
+
+    @property
+    def bundle_id(self) -> str:
+        return manifest_id(self.manifest_bytes)
+
+    def member(self, role: str) -> bytes | None:
+        entry = self.manifest.file(role)
+        return None if entry is None else self.members.get(entry.name)
+
+    @property
+    def model(self) -> bytes:
+        return self.members[self.manifest.model_file.name]
+
+    def baseline(self) -> Baseline | None:
+        data = self.member("baseline")
+        return None if data is None else Baseline.from_json(data)
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """A verified bundle directory and its model, loaded and health-checked."""
+
+    directory: Path
+    bundle: InstalledBundle
+    model: Model
+    healthcheck_error: float | None  # the health check's largest output error; None if it has none
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    def identity(self) -> dict[str, str]:
+        m = self.bundle.manifest
+        return {"name": m.name, "version": m.version, "bundle_id": self.bundle.bundle_id}
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    name: str
+    version: str
+    bundle_id: str  # SHA-256 of the signed manifest
+    directory: str
+    previous: str | None  # version of the bundle it replaced
+    changed: bool  # False when that exact bundle was already installed
+    healthcheck_error: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+EventSink = Callable[[str, str, "dict[str, str] | None"], None]
+
+
+def _identity(bundle: Bundle) -> dict[str, str]:
+    return {"name": bundle.manifest.name, "version": bundle.manifest.version, "bundle_id": bundle.bundle_id}
+
+
+def _dir_name(bundle: Bundle) -> str:
+    return f"{bundle.manifest.name}-{bundle.manifest.version}-{bundle.bundle_id[:12]}"
+
+
+class BundleStore:
+    """The bundles installed under ``state_dir``; every change is made under a file lock."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        trusted: TrustedKeys,
+        *,
+        runtime: str = "auto",
+        threads: int | None = None,
+        max_bundle_size: int,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.bundles = self.state_dir / BUNDLES_DIR
+        self.trusted = trusted
+        self.runtime = runtime
+        self.threads = threads
+        self.max_bundle_size = max_bundle_size
+        self._on_event = on_event
+        try:
+            self.bundles.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InstallError(
+                f"cannot create the agent's state directory {self.state_dir}: {exc.strerror}; "
+                "set state_dir to a writable directory"
+            ) from None
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _event(self, kind: str, message: str, bundle: dict[str, str] | None = None) -> None:
+        log.info("%s: %s", kind, message, extra={"bundle": (bundle or {}).get("version")})
+        if self._on_event is not None:
+            self._on_event(kind, message, bundle)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's lock (released by the kernel if this process dies)."""
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def pointer(self) -> dict[str, str | None]:
+        """``{"current": DIR | None, "previous": DIR | None}`` as committed on disk."""
+        try:
+            doc = json.loads((self.state_dir / POINTER_FILE).read_bytes())
+        except FileNotFoundError:
+            return {"current": None, "previous": None}
+        except (OSError, ValueError) as exc:
+            self._event(
+                "store_damaged", f"{POINTER_FILE} is unreadable ({exc}); looking for bundles to serve"
+            )
+            return {"current": None, "previous": None, "damaged": "1"}
+        if not isinstance(doc, dict) or doc.get("schema") != POINTER_SCHEMA:
+            self._event(
+                "store_damaged", f"{POINTER_FILE} is not an edgekit pointer; looking for bundles to serve"
+            )
+            return {"current": None, "previous": None, "damaged": "1"}
+        current, previous = doc.get("current"), doc.get("previous")
+        return {
+            "current": current if isinstance(current, str) else None,
+            "previous": previous if isinstance(previous, str) else None,
+        }
+
+    def _commit(self, current: str | None, previous: str | None) -> None:
+        doc = {
+            "schema": POINTER_SCHEMA,
+            "schema_version": 1,
+            "current": current,
+            "previous": previous,
+            "updated_at": time.time(),
+        }
+        atomic_write(self.state_dir / POINTER_FILE, (json.dumps(doc, sort_keys=True) + "\n").encode())
+
+    def read_installed(self, name: str) -> InstalledBundle:
+        """Re-verify an installed directory from disk: signature by a trusted key, and every
+        member's size and SHA-256. Raises BundleError if anything is missing or wrong."""
+        directory = self.bundles / name
+        if not _safe_dir_name(name) or not directory.is_dir():
+            raise BundleError(f"installed bundle directory {directory} is missing")
+        try:
+            manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
+            signature = (directory / SIGNATURE_FILE).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"installed bundle {name} is incomplete ({exc.strerror})") from None
+        signer = verify_manifest_signature(manifest_bytes, signature, self.trusted)
+        manifest = Manifest.from_json(manifest_bytes)
+        members: dict[str, bytes] = {}
+        for entry in manifest.files:
+            try:
+                members[entry.name] = (directory / entry.name).read_bytes()
+            except OSError as exc:
+                raise BundleError(
+                    f"installed bundle {name} is missing {entry.name} ({exc.strerror})"
+                ) from None
+        try:
+            check_members(manifest, members)
+        except BundleError as exc:
+            raise BundleError(f"installed bundle {name}: {exc}") from None
+        return InstalledBundle(manifest, manifest_bytes, signature, signer, members)
+
+    def _load(self, name: str) -> LoadedBundle:
+        """Verify an installed directory, load its model and run its health check."""
+        bundle = self.read_installed(name)
+        model = Model(bundle.model, runtime=self.runtime, threads=self.threads)
+        worst = None
+        manifest = bundle.manifest
+        data = bundle.member("healthcheck")
+        if manifest.healthcheck is not None and data is not None:
+            worst = run_healthcheck(model, data, manifest.healthcheck, manifest.inputs, manifest.outputs)
+        return LoadedBundle(self.bundles / name, bundle, model, worst)
+
+    def _gc(self, keep: set[str | None]) -> None:
+        """Remove interrupted extractions and every bundle directory not in ``keep``."""
+        for entry in self.bundles.iterdir():
+            if entry.name in keep:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            log.debug("removed %s", entry)
+        fsync_dir(self.bundles)
+
+    # -- operations -------------------------------------------------------------------------
+
+    def recover(self) -> LoadedBundle | None:
+        """At start: serve the committed bundle if it is complete and healthy, else the
+        previous one (recorded as an event); clean up what an interrupted install left."""
+        with self.locked():
+            pointer = self.pointer()
+            current, previous = pointer["current"], pointer["previous"]
+            candidates = [c for c in (current, previous) if c]
+            if pointer.get("damaged"):
+                candidates = sorted(
+                    (e.name for e in self.bundles.iterdir() if not e.name.startswith(".")), reverse=True
+                )
+            for name in candidates:
+                try:
+                    loaded = self._load(name)
+                except (EdgekitError, OSError) as exc:
+                    self._event("verify_failed", f"installed bundle {name} cannot be served: {exc}")
+                    continue
+                if name != current:
+                    self._commit(name, None)
+                    self._event(
+                        "recovered",
+                        f"serving {loaded.manifest.label} instead of {current or 'nothing'}",
+                        loaded.identity(),
+                    )
+                    self._gc({name})
+                else:
+                    self._gc({current, previous})
+                return loaded
+            if candidates:
+                self._event("no_model", "no installed bundle can be served; install one")
+                self._commit(None, None)
+            self._gc(set())
+            return None
+
+    def install(
+        self, source: Path | bytes, *, allow_downgrade: bool = False
+    ) -> tuple[InstallResult, LoadedBundle]:
+        """Verify, extract, load, health-check and commit a bundle file (or its bytes)."""
+        label = str(source) if isinstance(source, Path) else "bundle"
+        try:
+            bundle = read_bundle(source, self.trusted, self.max_bundle_size)
+        except EdgekitError as exc:
+            self._event("install_refused", f"{label}: {exc}")
+            raise
+        ident = _identity(bundle)
+        manifest = bundle.manifest
+        with self.locked():
+            pointer = self.pointer()
+            current = pointer["current"]
+            installed = None
+            if current:
+                with contextlib.suppress(EdgekitError, OSError):
+                    installed = self.read_installed(current)
+            try:
+                self._check_versions(bundle, installed, allow_downgrade)
+            except InstallError as exc:
+                self._event("install_refused", str(exc), ident)
+                raise
+            name = _dir_name(bundle)
+            if installed is not None and current == name:
+                loaded = self._load(name)
+                return InstallResult(
+                    manifest.name,
+                    manifest.version,
+                    ident["bundle_id"],
+                    name,
+                    manifest.version,
+                    False,
+                    loaded.healthcheck_error,
+                ), loaded
+            try:
+                self._extract(bundle, name)
+                loaded = self._load(name)
+            except HealthCheckError as exc:
+                self._event("healthcheck_failed", f"{manifest.label}: {exc}", ident)
+                self._gc({current, pointer["previous"]})
+                raise
+            except (EdgekitError, OSError) as exc:
+                message = exc.strerror if isinstance(exc, OSError) else str(exc)
+                self._event("install_failed", f"{manifest.label}: {message}", ident)
+                self._gc({current, pointer["previous"]})
+                if isinstance(exc, OSError):
+                    hint = "free some space" if exc.errno == errno.ENOSPC else "check the state directory"
+                    raise InstallError(f"cannot install {manifest.label}: {message}; {hint}") from None
+                raise
+            previous = current if current != name else pointer["previous"]
+            self._commit(name, previous)
+            self._event("installed", f"installed {manifest.label} (id {ident['bundle_id'][:16]})", ident)
+            self._gc({name, previous})
+            previous_version = installed.manifest.version if installed is not None else None
+            return InstallResult(
+                manifest.name,
+                manifest.version,
+                ident["bundle_id"],
+                name,
+                previous_version,
+                True,
+                loaded.healthcheck_error,
+            ), loaded
+
+    def _check_versions(
+        self, bundle: Bundle, installed: InstalledBundle | None, allow_downgrade: bool
+    ) -> None:
+        manifest = bundle.manifest
+        try:
+            too_new = parse_version(manifest.min_agent_version) > parse_version(__version__)
+        except ValueError:
+            too_new = True
+        if too_new:
+            raise InstallError(
+                f"{manifest.label} needs edgekit agent {manifest.min_agent_version} or newer "
+                f"(this is {__version__}); upgrade the agent first"
+            )
+        if installed is None or allow_downgrade or installed.manifest.name != manifest.name:
+            return
+        have, want = parse_version(installed.manifest.version), parse_version(manifest.version)
+        if want < have:
+            raise InstallError(
+                f"refusing to install {manifest.label} over {installed.manifest.label}: it is a downgrade; "
+                "pass --allow-downgrade if you mean it"
+            )
+        if want == have and installed.bundle_id != bundle.bundle_id:
+            raise InstallError(
+                f"refusing to install {manifest.label}: a different bundle with the same version is "
+                "installed; bump the version, or pass --allow-downgrade to replace it"
+            )
+
+    def _extract(self, bundle: Bundle, name: str) -> None:
+        final = self.bundles / name
+        if final.is_dir():
+            try:
+                self.read_installed(name)
+                return  # already on disk and intact (e.g. the previous bundle again)
+            except BundleError:
+                shutil.rmtree(final, ignore_errors=True)
+        tmp = self.bundles / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        bundle.extract(tmp)  # every file and the directory fsync'ed
+        os.rename(tmp, final)
+        fsync_dir(self.bundles)
+
+    def rollback(self) -> LoadedBundle:
+        """Serve the previous bundle again (it becomes current, the current becomes previous)."""
+        with self.locked():
+            pointer = self.pointer()
+            current, previous = pointer["current"], pointer["previous"]
+            if not previous:
+                raise InstallError("there is no previous bundle to roll back to")
+            try:
+                loaded = self._load(previous)
+            except EdgekitError as exc:
+                self._event("rollback_failed", f"previous bundle {previous} cannot be served: {exc}")
+                raise InstallError(
+                    f"cannot roll back: the previous bundle {previous} is unusable ({exc})"
+                ) from None
+            self._commit(previous, current)
+            self._event("rolled_back", f"rolled back to {loaded.manifest.label}", loaded.identity())
+            return loaded
+
+
+def _safe_dir_name(name: str) -> bool:
+    return bool(name) and "/" not in name and name not in (".", "..") and not name.startswith(".")

@@ -1,0 +1,139 @@
+"""A bounded, on-disk, store-and-forward queue of JSON records (telemetry, events).
+
+Each record is one file, ``{seq:016d}.json``, written with :func:`edgekit.atomic.atomic_write`,
+so a crash leaves whole records only. ``seq`` only grows, across restarts too: the next
+number is kept in ``meta.json`` and never below the newest file's. When the queue holds
+``max_records``, the oldest records are deleted to make room, and the records put next carry
+the count: ``dropped`` (since the last record) and ``dropped_total`` (since the queue was
+created). Records are delivered oldest first and removed only when acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from edgekit.atomic import atomic_write
+
+__all__ = ["Outbox"]
+
+log = logging.getLogger(__name__)
+
+_META = "meta.json"
+_SUFFIX = ".json"
+
+
+class Outbox:
+    """A directory of queued records. Thread-safe within a process; one writer process at a time."""
+
+    def __init__(self, directory: Path, max_records: int) -> None:
+        if max_records < 1:
+            raise ValueError("an outbox holds at least one record")
+        self.directory = Path(directory)
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._seqs = sorted(self._scan())
+        meta = self._read_meta()
+        newest = self._seqs[-1] + 1 if self._seqs else 1
+        self._next_seq = max(int(meta.get("next_seq", 1)), newest)
+        self._dropped_total = int(meta.get("dropped_total", 0))
+        self._dropped_reported = int(meta.get("dropped_reported", 0))
+
+    def _scan(self) -> list[int]:
+        seqs = []
+        for entry in os.scandir(self.directory):
+            name = entry.name
+            if name.endswith(_SUFFIX) and name[: -len(_SUFFIX)].isdigit():
+                seqs.append(int(name[: -len(_SUFFIX)]))
+            elif name.startswith(".") and name.endswith(".tmp"):
+                # An atomic write interrupted by a crash: never a whole record, safe to remove.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+        return seqs
+
+    def _read_meta(self) -> dict[str, Any]:
+        try:
+            doc = json.loads((self.directory / _META).read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "outbox %s: unreadable %s (%s); counting from the newest record", self.directory, _META, exc
+            )
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _path(self, seq: int) -> Path:
+        return self.directory / f"{seq:016d}{_SUFFIX}"
+
+    def _write_meta(self) -> None:
+        doc = {
+            "next_seq": self._next_seq,
+            "dropped_total": self._dropped_total,
+            "dropped_reported": self._dropped_reported,
+        }
+        atomic_write(self.directory / _META, json.dumps(doc).encode())
+
+    def put(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Queue ``record`` (a JSON-able dict); returns it with ``seq``, ``dropped`` and
+        ``dropped_total`` filled in."""
+        with self._lock:
+            seq = self._next_seq
+            while len(self._seqs) >= self.max_records:
+                oldest = self._seqs.pop(0)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(oldest))
+                self._dropped_total += 1
+            dropped = self._dropped_total - self._dropped_reported
+            self._next_seq = seq + 1
+            self._dropped_reported = self._dropped_total
+            self._write_meta()
+            full = {**record, "seq": seq, "dropped": dropped, "dropped_total": self._dropped_total}
+            atomic_write(self._path(seq), json.dumps(full, sort_keys=True, allow_nan=False).encode())
+            self._seqs.append(seq)
+            if dropped:
+                log.warning("outbox %s was full: dropped the %d oldest records", self.directory.name, dropped)
+            return full
+
+    def peek(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Queued records, oldest first (at most ``limit``); unreadable files are skipped and logged."""
+        with self._lock:
+            seqs = list(self._seqs if limit is None else self._seqs[:limit])
+        records = []
+        for seq in seqs:
+            try:
+                records.append(json.loads(self._path(seq).read_bytes()))
+            except FileNotFoundError:
+                continue  # acknowledged or dropped meanwhile
+            except (OSError, ValueError) as exc:
+                log.error(
+                    "outbox %s: record %d is unreadable (%s); skipping it", self.directory.name, seq, exc
+                )
+        return records
+
+    def ack(self, up_to_seq: int) -> int:
+        """Remove every record with ``seq <= up_to_seq`` (delivered); returns how many."""
+        with self._lock:
+            done = [s for s in self._seqs if s <= up_to_seq]
+            self._seqs = [s for s in self._seqs if s > up_to_seq]
+        for seq in done:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(seq))
+        return len(done)
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def dropped_total(self) -> int:
+        return self._dropped_total
+
+    def __len__(self) -> int:
+        return len(self._seqs)

@@ -1,0 +1,419 @@
+"""Bundle transfer over MQTT vs a raw paho fan-out of the same bytes, measured in the same run.
+
+    .venv/bin/python benchmarks/bench_transfer.py --subscribers 6 [--subscribers 50] [--runs 3]
+
+Both paths use one local Mosquitto and the same payload: a real ~30 MB bundle (a dense Keras
+model converted to .tflite, built once with TensorFlow and cached in .cache/bench/), cut into
+its manifest's 128 KiB chunks, QoS 1.
+
+- raw: N plain paho subscribers on ``bench/raw/#`` count bytes; one paho publisher publishes
+  the chunks. Time: from the first publish until every subscriber has every byte.
+- edgekit: N devices (edgekit MqttClient) wait on their fleet's desired-state topic. The
+  workstation publishes the bundle as retained chunks (``publish_bundle``, waits for every
+  PUBACK), then a signed desired state naming it. Each device verifies the desired state,
+  fetches the manifest, verifies its signature and digest, then every chunk (SHA-256 against
+  the signed plan, stored to disk), rebuilds the bundle and verifies it in full
+  (``read_bundle``). Time: from the first publish until every device holds a verified bundle.
+
+Subscribers run in worker processes (``--processes``, default two per CPU) so one interpreter
+lock does not serialize them all; devices store bundles in a temporary directory
+(``BENCH_WORKDIR`` to choose where, e.g. /dev/shm). Two edgekit figures are printed: when every
+device had every chunk hash-checked and stored, and when every device had verified its rebuilt
+bundle with ``read_bundle``. The figure asked for by issue 5 is for ``edgekit push --wait`` (which also
+installs and health-checks on each agent); that command does not exist yet, so this measures
+the transport and trust part of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache" / "bench"
+RAW_PREFIX = "bench/raw"
+
+
+# -- fixtures: a 30 MB bundle and a broker --------------------------------------------------------
+
+
+def build_bundle(target_mb: int) -> tuple[Path, Path]:
+    """A real bundle of about ``target_mb`` MB and its signing key's public PEM (cached)."""
+    from edgekit import SigningKey
+    from edgekit.bundle import create_bundle
+    from edgekit.keys import load_signing_key
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    bundle = CACHE / f"dense-{target_mb}mb.ekb"
+    key_home = CACHE / "home"
+    public = key_home / "keys" / "default.pub.pem"
+    if bundle.exists() and public.exists():
+        return bundle, public
+    from edgekit.keys import init_key
+
+    if not public.exists():
+        init_key(key_home)
+    key: SigningKey = load_signing_key(key_home)
+    model_path = CACHE / f"dense-{target_mb}mb.tflite"
+    if not model_path.exists():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(0)
+        width = 2048
+        inputs = max(16, target_mb * 1024 * 1024 // 4 // width)
+        model = keras.Sequential(
+            [keras.Input(shape=(inputs,), batch_size=1), keras.layers.Dense(width), keras.layers.Dense(10)]
+        )
+        model_path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    create_bundle(model_path, name="dense", version="1.0.0", key=key, output=bundle)
+    return bundle, public
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_broker(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    conf = directory / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type error\n")
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"mqtt://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("mosquitto did not start")
+
+
+# -- worker processes ---------------------------------------------------------------------------
+
+
+def raw_worker(url: str, ids: list[str], total: int, ready: Any, results: Any) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = url[len("mqtt://") :].split(":")
+    clients = []
+    done = threading.Semaphore(0)
+    for ident in ids:
+        received = [0]
+
+        def on_message(
+            _c: Any, _u: Any, msg: Any, received: list[int] = received, ident: str = ident
+        ) -> None:
+            received[0] += len(msg.payload)
+            if received[0] == total:
+                now = time.monotonic()
+                results.put((ident, now, now))
+                done.release()
+
+        subscribed = threading.Event()
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=ident, protocol=paho.MQTTv5)
+        client.on_message = on_message
+        client.on_subscribe = lambda *_a, ev=subscribed: ev.set()
+        client.on_connect = lambda c, *_a: c.subscribe(f"{RAW_PREFIX}/#", qos=1)
+        client.connect(host, int(port))
+        client.loop_start()
+        subscribed.wait(30)
+        clients.append(client)
+    ready.put(len(ids))
+    for _ in ids:
+        done.acquire()
+    for client in clients:
+        client.disconnect()
+        client.loop_stop()
+
+
+def edgekit_worker(
+    url: str, ids: list[str], fleet: str, public_pem: bytes, workdir: str, ready: Any, results: Any
+) -> None:
+    from edgekit import DesiredStateError, TrustedKeys
+    from edgekit.desired import verify_desired_state
+    from edgekit.mqtt import Message, MqttClient
+    from edgekit.topics import Topics
+    from edgekit.transfer import fetch_bundle
+
+    trusted = TrustedKeys.from_pem(public_pem)
+    topics = Topics()
+    threads = []
+
+    def device(ident: str) -> None:
+        wanted: queue.Queue[str] = queue.Queue()
+
+        def on_desired(message: Message) -> None:
+            try:
+                state = verify_desired_state(message.payload, trusted, fleet=fleet, device=ident)
+            except DesiredStateError:
+                return
+            wanted.put(state.bundle_sha256)
+
+        with MqttClient(url, client_id=ident) as client:
+            client.subscribe(topics.fleet_desired(fleet), on_desired)
+            ready.put(1)
+            digest = wanted.get()
+            received: list[float] = []
+
+            def progress(got: int, total: int) -> None:
+                if got == total:
+                    received.append(time.monotonic())
+
+            fetch_bundle(
+                client, digest, trusted, Path(workdir) / ident, topics, timeout=600, progress=progress
+            )
+            results.put((ident, received[0], time.monotonic()))
+
+    for ident in ids:
+        thread = threading.Thread(target=device, args=(ident,))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+
+
+def agent_worker(
+    url: str, ids: list[str], fleet: str, public_pem: bytes, workdir: str, ready: Any, results: Any
+) -> None:
+    """Real device agents (Agent + AgentDaemon, one interpreter thread each) in this process."""
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)  # the agents' per-device connection notices are noise here
+    from edgekit.agent import Agent
+    from edgekit.agent.config import AgentConfig
+    from edgekit.agent.daemon import AgentDaemon
+
+    daemons = []
+    for ident in ids:
+        config = AgentConfig.load(
+            None,
+            device=ident,
+            fleet=fleet,
+            state_dir=Path(workdir) / ident,
+            trusted_keys=public_pem.decode(),
+            broker=url,
+            threads=1,
+            telemetry_interval=3600.0,
+        )
+        agent = Agent(config, background=False)
+        daemon = AgentDaemon(agent, upload_interval=60.0)
+        daemon.client.on_connection_change(lambda up, _r: up and ready.put(1))
+        daemons.append(daemon.start())
+    for daemon in daemons:  # every one waits for its install, then reports
+        while daemon.agent.status().bundle_id is None:
+            daemon.installed.wait(1.0)
+        results.put((daemon.device, time.monotonic(), time.monotonic()))
+    for daemon in daemons:
+        daemon.stop()
+        daemon.agent.close()
+
+
+# -- one measurement -----------------------------------------------------------------------------
+
+
+def spawn(target: Any, groups: list[list[str]], extra: tuple[Any, ...], ctx: Any) -> tuple[list[Any], Any]:
+    ready, results = ctx.Queue(), ctx.Queue()
+    procs = [
+        ctx.Process(target=target, args=(*extra[:1], group, *extra[1:], ready, results)) for group in groups
+    ]
+    for proc in procs:
+        proc.start()
+    expected = sum(len(g) for g in groups)
+    count = 0
+    while count < expected:
+        count += ready.get(timeout=120)
+    return procs, results
+
+
+def collect(procs: list[Any], results: Any, expected: int) -> tuple[float, float]:
+    """(when the last subscriber had every chunk, when the last one had a verified bundle)."""
+    found = [results.get(timeout=900) for _ in range(expected)]
+    for proc in procs:
+        proc.join(60)
+    return max(f[1] for f in found), max(f[2] for f in found)
+
+
+def run_raw(url: str, chunks: list[bytes], groups: list[list[str]], ctx: Any) -> float:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    total = sum(len(c) for c in chunks)
+    procs, results = spawn(raw_worker, groups, (url, total), ctx)
+    host, port = url[len("mqtt://") :].split(":")
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=paho.MQTTv5)
+    pub.connect(host, int(port))
+    pub.loop_start()
+    start = time.monotonic()
+    infos = [pub.publish(f"{RAW_PREFIX}/{i}", chunk, qos=1) for i, chunk in enumerate(chunks)]
+    for info in infos:
+        info.wait_for_publish(600)
+    _, end = collect(procs, results, sum(len(g) for g in groups))
+    pub.disconnect()
+    pub.loop_stop()
+    return end - start
+
+
+def run_edgekit(
+    url: str, bundle: Any, public_pem: bytes, key: Any, groups: list[list[str]], run: int, ctx: Any
+) -> tuple[float, float]:
+    from edgekit.desired import new_desired_state, sign_desired_state
+    from edgekit.mqtt import MqttClient
+    from edgekit.topics import Topics
+    from edgekit.transfer import clear_bundle, publish_bundle
+
+    fleet = f"bench-{run}"
+    workdir = tempfile.mkdtemp(prefix="edgekit-bench-", dir=os.environ.get("BENCH_WORKDIR"))
+    try:
+        procs, results = spawn(edgekit_worker, groups, (url, fleet, public_pem, workdir), ctx)
+        with MqttClient(url, client_id="workstation") as workstation:
+            start = time.monotonic()
+            digest = publish_bundle(workstation, bundle)
+            state = new_desired_state(
+                fleet,
+                bundle_sha256=digest,
+                bundle_name=bundle.manifest.name,
+                bundle_version=bundle.manifest.version,
+                seq=1,
+            )
+            workstation.publish(
+                Topics().fleet_desired(fleet), sign_desired_state(state, key), retain=True
+            ).wait(60)
+            received, verified = collect(procs, results, sum(len(g) for g in groups))
+            workstation.publish(Topics().fleet_desired(fleet), b"", retain=True).wait(60)
+            clear_bundle(workstation, bundle.bundle_id, len(bundle.manifest.chunks.sha256))
+        return received - start, verified - start
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_push(
+    url: str, bundle: Any, public_pem: bytes, key: Any, groups: list[list[str]], run: int, ctx: Any
+) -> float:
+    """What `edgekit push --wait` does, timed as it sees it: publish the bundle, tell the fleet,
+    follow every agent until it serves the bundle (fetched, verified, installed, health-checked)."""
+    from edgekit.fleet.push import FleetLink, begin_rollout, run_rollout
+    from edgekit.fleet.rollout import RolloutPolicy
+    from edgekit.mqtt import MqttClient
+
+    fleet = f"push-{run}"
+    workdir = tempfile.mkdtemp(prefix="edgekit-bench-", dir=os.environ.get("BENCH_WORKDIR"))
+    try:
+        procs, results = spawn(agent_worker, groups, (url, fleet, public_pem, workdir), ctx)
+        with MqttClient(url, client_id="workstation") as workstation:
+            link = FleetLink(workstation, fleet, key, Path(workdir) / "home")
+            expected = sum(len(g) for g in groups)
+            while len(link.devices()) < expected:
+                link.wait_change(10.0)
+            start = time.monotonic()
+            link.publish_bundle(bundle)
+            state_path = Path(workdir) / "home" / "rollout.json"
+            policy = RolloutPolicy(canary=0, install_timeout_s=1800)
+            rollout, labels = begin_rollout(link, bundle, policy, state_path)
+            rollout = run_rollout(link, rollout, policy, state_path, labels, timeout=1800)
+            end = time.monotonic()
+            if rollout.phase != "done" or rollout.failed:
+                raise SystemExit(f"push did not complete: {rollout.phase} {dict(rollout.failed)}")
+            collect(procs, results, expected)
+            workstation.publish(link.topics.fleet_desired(fleet), b"", retain=True).wait(60)
+            link.clear_bundle(bundle.bundle_id, len(bundle.manifest.chunks.sha256))
+        return end - start
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--subscribers", type=int, action="append", help="N (repeat for several); default 6")
+    parser.add_argument("--runs", type=int, default=3, help="Runs per path and N; the median is reported.")
+    parser.add_argument(
+        "--processes", type=int, default=0, help="Worker processes per path (default: 2 per CPU, at most N)."
+    )
+    parser.add_argument("--size-mb", type=int, default=30, help="Bundle size in MB.")
+    parser.add_argument(
+        "--push",
+        action="store_true",
+        help="Also time what `edgekit push --wait` does, to real agents (Agent + AgentDaemon) in worker processes.",
+    )
+    args = parser.parse_args()
+    sizes = args.subscribers or [6]
+
+    from edgekit import TrustedKeys, read_bundle
+    from edgekit.keys import load_signing_key
+    from edgekit.topics import Topics
+    from edgekit.transfer import bundle_messages
+
+    bundle_path, public = build_bundle(args.size_mb)
+    public_pem = public.read_bytes()
+    bundle = read_bundle(bundle_path, TrustedKeys.from_pem(public_pem))
+    key = load_signing_key(CACHE / "home")
+    chunks = [data for topic, data in bundle_messages(bundle, Topics()) if "/chunks/" in topic]
+    mb = bundle.manifest.chunks.total_size / 1e6
+    print(
+        f"bundle: {bundle_path.name}, {mb:.1f} MB payload in {len(chunks)} chunks of "
+        f"{bundle.manifest.chunks.chunk_size // 1024} KiB; {os.cpu_count()} CPUs; python {sys.version.split()[0]}"
+    )
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-broker-") as broker_dir:
+        broker, url = start_broker(Path(broker_dir))
+        try:
+            for n in sizes:
+                ids = [f"dev-{i}" for i in range(n)]
+                procs = min(n, args.processes or 2 * (os.cpu_count() or 1))
+                per = -(-n // procs)
+                groups = [ids[i : i + per] for i in range(0, n, per)]
+                raw_times, fetched, verified, pushed = [], [], [], []
+                for run in range(args.runs):  # alternate so drift in machine load hits both
+                    raw_times.append(run_raw(url, chunks, groups, ctx))
+                    got, done = run_edgekit(url, bundle, public_pem, key, groups, run, ctx)
+                    fetched.append(got)
+                    verified.append(done)
+                    if args.push:
+                        pushed.append(run_push(url, bundle, public_pem, key, groups, run, ctx))
+                raw = statistics.median(raw_times)
+                got, done = statistics.median(fetched), statistics.median(verified)
+                print(
+                    f"N={n} ({len(groups)} worker processes): raw paho fan-out {raw:.2f} s "
+                    f"({n * mb / raw:.0f} MB/s delivered); edgekit: every chunk hash-checked and stored "
+                    f"{got:.2f} s (ratio {got / raw:.2f}x), every bundle verified (read_bundle) "
+                    f"{done:.2f} s (ratio {done / raw:.2f}x)\n"
+                    f"    runs: raw {', '.join(f'{t:.2f}' for t in raw_times)}; "
+                    f"stored {', '.join(f'{t:.2f}' for t in fetched)}; "
+                    f"verified {', '.join(f'{t:.2f}' for t in verified)}",
+                    flush=True,
+                )
+                if pushed:
+                    wait = statistics.median(pushed)
+                    print(
+                        f"N={n}: push --wait to real agents (fetch, verify, install, health check) {wait:.2f} s "
+                        f"(ratio {wait / raw:.2f}x); runs: {', '.join(f'{t:.2f}' for t in pushed)}",
+                        flush=True,
+                    )
+        finally:
+            broker.kill()
+            broker.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Workstation-side model conversion (TensorFlow lives here and only here).
+
+``convert(ConvertOptions(...))`` turns a Keras or SavedModel model into a quantized, optionally
+pruned .tflite, measures it against its float reference, gates it on accuracy, and can write a
+signed bundle; see docs/convert.md. TensorFlow is imported on first use, not on import.
+"""
+
+from __future__ import annotations
+
+from .convert import ConversionReport, ConvertOptions, StepReporter, Steps, convert, parse_bundle_spec
+from .evaluate import LayerError, ModelMetrics
+from .load import ACCEPTED_FORMATS, SourceModel, load_model
+from .prune import PATTERNS, PruneResult, prune_model, two_four_mask, weight_sparsity
+from .quantize import MODES, quantize
+
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "MODES",
+    "PATTERNS",
+    "ConversionReport",
+    "ConvertOptions",
+    "LayerError",
+    "ModelMetrics",
+    "PruneResult",
+    "SourceModel",
+    "StepReporter",
+    "Steps",
+    "convert",
+    "load_model",
+    "parse_bundle_spec",
+    "prune_model",
+    "quantize",
+    "two_four_mask",
+    "weight_sparsity",
+]

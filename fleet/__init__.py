@@ -1,0 +1,5 @@
+"""The fleet registry, rollout control and dashboard."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,127 @@
+"""Registry tables (SQLAlchemy 2). The schema itself is created by the Alembic migrations in
+``migrations/``; these classes must match them (a test compares the two)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Fleet(Base):
+    __tablename__ = "fleets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fleet: Mapped[str] = mapped_column(ForeignKey("fleets.name"), index=True)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(32), default="unknown")
+    bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bundle_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bundle_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=-1)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drift_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drifted: Mapped[bool] = mapped_column(Boolean, default=False)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class BundleRecord(Base):
+    __tablename__ = "bundles"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    size: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[dict[str, object]] = mapped_column(JSON)
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(ForeignKey("fleets.name"), index=True)
+    bundle_id: Mapped[str] = mapped_column(ForeignKey("bundles.id"))
+    previous_bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(32))
+    canaries: Mapped[list[str]] = mapped_column(JSON, default=list)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Deployment(Base):
+    """One device's part of a rollout: what it was told to run and how that went."""
+
+    __tablename__ = "deployments"
+
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    device: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Telemetry(Base):
+    """One telemetry window of one device. (device, seq) is unique: QoS 1 redelivery of the same
+    record is ignored, never counted twice."""
+
+    __tablename__ = "telemetry"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_end: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    count: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[int] = mapped_column(Integer)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p99_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drift_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drifted: Mapped[bool] = mapped_column(Boolean, default=False)
+    bundle_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dropped: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    memory_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Rows older than the retention horizon are folded into coarser rows: resolution_s says
+    # how many seconds one row covers (0 for an original window).
+    resolution_s: Mapped[int] = mapped_column(Integer, default=0)
+
+
+Index("ix_telemetry_device_end", Telemetry.device, Telemetry.window_end)
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    message: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,328 @@
+"""The fleet registry: devices, fleets, bundles, rollouts, telemetry history and events, on
+SQLite or PostgreSQL (psycopg 3) through SQLAlchemy 2, with the schema kept by Alembic.
+
+Writers are idempotent where the wire can repeat itself: telemetry and events are keyed by
+(device, seq), so a QoS 1 redelivery, a replay after an outage or a second ingest worker seeing
+the same message never counts twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from edgekit.errors import ConfigError
+from sqlalchemy import Engine, create_engine, delete, event, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import Device, Event, Fleet, Telemetry
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``sqlite:///path``, a bare path, and ``postgresql://`` (meaning psycopg 3)."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser()}"
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+@dataclass(frozen=True)
+class TelemetryRow:
+    device: str
+    seq: int
+    window_start: datetime
+    window_end: datetime
+    count: int
+    errors: int
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    drift_score: float | None = None
+    drifted: bool = False
+    bundle_version: str | None = None
+    dropped: int = 0
+    cpu_percent: float | None = None
+    memory_mb: float | None = None
+    temperature_c: float | None = None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    device: str
+    seq: int
+    at: datetime
+    kind: str
+    message: str
+    bundle_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What a device last said about itself on its retained state topic (or its will)."""
+
+    device: str
+    fleet: str
+    online: bool
+    status: str
+    at: datetime
+    bundle_id: str | None = None
+    bundle_name: str | None = None
+    bundle_version: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    inserted: int
+    duplicates: int
+
+
+class Registry:
+    """One registry database. Thread-safe: each call opens its own session."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = normalize_url(url)
+        if not self.url.startswith(("sqlite:", "postgresql+psycopg:")):
+            raise ConfigError(
+                f"registry URL {url!r}: only SQLite and PostgreSQL are supported "
+                "(sqlite:///PATH or postgresql://USER@HOST/DB)"
+            )
+        try:
+            self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
+        except (ArgumentError, ImportError) as exc:
+            raise ConfigError(
+                f"invalid registry URL {url!r} ({exc}); use sqlite:///PATH or postgresql://..."
+            ) from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if migrate:
+            self.migrate()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        try:
+            with self.engine.begin() as connection:
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        except OperationalError as exc:
+            raise ConfigError(f"cannot open the registry at {self.url}: {exc.orig}") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _insert(self, model: Any) -> Any:
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(model)
+
+    def ensure_fleets(self, session: Session, names: Iterable[str], now: datetime) -> None:
+        rows = [{"name": name, "created_at": now} for name in set(names)]
+        if rows:
+            session.execute(self._insert(Fleet).on_conflict_do_nothing(index_elements=["name"]), rows)
+
+    def record_states(self, states: Sequence[DeviceState]) -> None:
+        """Upsert devices from their state messages; the newest message per device wins."""
+        if not states:
+            return
+        latest: dict[str, DeviceState] = {}
+        for state in states:
+            latest[state.device] = state
+        with self.session() as session, session.begin():
+            self.ensure_fleets(session, (s.fleet for s in latest.values()), _utc(states[-1].at))
+            for state in latest.values():
+                values = {
+                    "fleet": state.fleet,
+                    "online": state.online,
+                    "status": state.status,
+                    "last_seen": _utc(state.at),
+                    "detail": state.detail,
+                }
+                if state.bundle_id is not None:
+                    values.update(
+                        bundle_id=state.bundle_id,
+                        bundle_name=state.bundle_name,
+                        bundle_version=state.bundle_version,
+                    )
+                statement = (
+                    self._insert(Device)
+                    .values(id=state.device, last_seq=-1, drifted=False, **values)
+                    .on_conflict_do_update(index_elements=["id"], set_=values)
+                )
+                session.execute(statement)
+
+    def add_telemetry(
+        self, rows: Sequence[TelemetryRow], fleets: dict[str, str] | None = None
+    ) -> WriteResult:
+        """Insert telemetry windows; (device, seq) already present are skipped and counted."""
+        if not rows:
+            return WriteResult(0, 0)
+        values = [row.__dict__ | {"resolution_s": 0} for row in rows]
+        with self.session() as session, session.begin():
+            statement = (
+                self._insert(Telemetry)
+                .on_conflict_do_nothing(index_elements=["device", "seq"])
+                .returning(Telemetry.device, Telemetry.seq)
+            )
+            inserted = {(d, s) for d, s in session.execute(statement, values)}
+            newest: dict[str, TelemetryRow] = {}
+            for row in rows:
+                if (row.device, row.seq) in inserted and (
+                    row.device not in newest or row.seq > newest[row.device].seq
+                ):
+                    newest[row.device] = row
+            for device, row in newest.items():
+                found = session.get(Device, device)
+                if found is None:
+                    fleet = (fleets or {}).get(device)
+                    if fleet is None:
+                        continue  # telemetry before any state message: the state will create it
+                    self.ensure_fleets(session, [fleet], _utc(row.window_end))
+                    found = Device(
+                        id=device, fleet=fleet, online=True, status="serving", last_seq=-1, drifted=False
+                    )
+                    session.add(found)
+                if row.seq > found.last_seq:
+                    found.last_seq = row.seq
+                    found.latency_p95_ms = row.latency_p95_ms
+                    found.drift_score = row.drift_score
+                    found.drifted = row.drifted
+                    found.last_seen = _utc(row.window_end)
+        return WriteResult(len(inserted), len(rows) - len(inserted))
+
+    def add_events(self, rows: Sequence[EventRow]) -> WriteResult:
+        if not rows:
+            return WriteResult(0, 0)
+        with self.session() as session, session.begin():
+            statement = (
+                self._insert(Event)
+                .on_conflict_do_nothing(index_elements=["device", "seq"])
+                .returning(Event.seq)
+            )
+            inserted = len(session.execute(statement, [row.__dict__ for row in rows]).all())
+        return WriteResult(inserted, len(rows) - inserted)
+
+    def apply_retention(self, now: datetime, keep_raw: timedelta, bucket: timedelta) -> int:
+        """Fold raw telemetry older than ``keep_raw`` into one row per device and ``bucket``.
+
+        A folded row keeps the sum of counts and errors and the worst p95/p99 and drift of the
+        windows it replaces; its seq is the last of them, so later duplicates still dedupe.
+        Returns how many raw rows were folded.
+        """
+        horizon = _utc(now) - keep_raw
+        seconds = int(bucket.total_seconds())
+        with self.session() as session, session.begin():
+            old = (
+                session.execute(
+                    select(Telemetry).where(Telemetry.window_end < horizon, Telemetry.resolution_s == 0)
+                )
+                .scalars()
+                .all()
+            )
+            groups: dict[tuple[str, int], list[Telemetry]] = {}
+            for row in old:
+                start = int(_utc(row.window_start).timestamp()) // seconds * seconds
+                groups.setdefault((row.device, start), []).append(row)
+            for (device, start), rows in groups.items():
+                rows.sort(key=lambda r: r.seq)
+                folded = Telemetry(
+                    device=device,
+                    seq=rows[-1].seq,
+                    window_start=datetime.fromtimestamp(start, tz=timezone.utc),
+                    window_end=datetime.fromtimestamp(start + seconds, tz=timezone.utc),
+                    count=sum(r.count for r in rows),
+                    errors=sum(r.errors for r in rows),
+                    latency_p50_ms=_max(r.latency_p50_ms for r in rows),
+                    latency_p95_ms=_max(r.latency_p95_ms for r in rows),
+                    latency_p99_ms=_max(r.latency_p99_ms for r in rows),
+                    drift_score=_max(r.drift_score for r in rows),
+                    drifted=any(r.drifted for r in rows),
+                    bundle_version=rows[-1].bundle_version,
+                    dropped=sum(r.dropped for r in rows),
+                    cpu_percent=_max(r.cpu_percent for r in rows),
+                    memory_mb=_max(r.memory_mb for r in rows),
+                    temperature_c=_max(r.temperature_c for r in rows),
+                    resolution_s=seconds,
+                )
+                for row in rows:
+                    session.delete(row)
+                session.flush()
+                session.add(folded)
+        return len(old)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def devices(self, fleet: str | None = None) -> list[Device]:
+        with self.session() as session:
+            query = select(Device).order_by(Device.fleet, Device.id)
+            if fleet is not None:
+                query = query.where(Device.fleet == fleet)
+            return list(session.execute(query).scalars())
+
+    def telemetry(self, device: str, since: datetime | None = None, limit: int = 1000) -> list[Telemetry]:
+        with self.session() as session:
+            query = select(Telemetry).where(Telemetry.device == device)
+            if since is not None:
+                query = query.where(Telemetry.window_end >= _utc(since))
+            query = query.order_by(Telemetry.window_end.desc()).limit(limit)
+            return list(reversed(list(session.execute(query).scalars())))
+
+    def telemetry_count(self, device: str | None = None) -> int:
+        with self.session() as session:
+            query = select(func.count()).select_from(Telemetry)
+            if device is not None:
+                query = query.where(Telemetry.device == device)
+            return int(session.execute(query).scalar_one())
+
+    def events(self, device: str | None = None, limit: int = 100) -> list[Event]:
+        with self.session() as session:
+            query = select(Event).order_by(Event.at.desc(), Event.seq.desc()).limit(limit)
+            if device is not None:
+                query = query.where(Event.device == device)
+            return list(session.execute(query).scalars())
+
+    def delete_device(self, device: str) -> None:
+        with self.session() as session, session.begin():
+            for model in (Telemetry, Event):
+                session.execute(delete(model).where(model.device == device))
+            session.execute(delete(Device).where(Device.id == device))
+
+
+def _max(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,274 @@
+"""Canary rollouts as a pure state machine.
+
+A rollout moves one fleet to one bundle: first to a few canary devices, which then soak (serve
+real traffic for a while), then to the whole fleet. It aborts on a canary's failed install or
+health check, on a canary's error rate or p95-latency regression beyond the policy's bounds,
+on drift, or on a canary that does not install in time; an abort rolls the canaries back.
+
+The controller never talks to a broker. :func:`start` and :func:`advance` take what is known
+about the devices (:class:`DeviceReport`) and the time, and return the new :class:`Rollout`
+and the :class:`Action` s to carry out (publish a signed desired state for a device or for the
+fleet). The caller publishes them, saves the rollout (:meth:`Rollout.save`, atomic), and calls
+:func:`advance` again when something changes; so a rollout survives the workstation crashing
+or sleeping: load it and advance.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgekit.atomic import atomic_write
+from edgekit.errors import ConfigError
+
+__all__ = ["Action", "DeviceReport", "Rollout", "RolloutPolicy", "abort", "advance", "start"]
+
+ROLLOUT_SCHEMA = "edgekit.rollout"
+ROLLOUT_SCHEMA_VERSION = 1
+
+CANARY = "canary"  # waiting for the canaries to serve the new bundle
+SOAK = "soak"  # canaries serve it; watching them
+FLEET = "fleet"  # the whole fleet was told; waiting for every device
+DONE = "done"
+ABORTED = "aborted"
+FINISHED = (DONE, ABORTED)
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    canary: int = 1
+    soak_s: float = 60.0
+    install_timeout_s: float = 600.0
+    max_error_rate: float = 0.05
+    max_p95_regression: float = 0.5  # abort if a canary's p95 exceeds its pre-rollout p95 by 50 %
+    abort_on_drift: bool = True
+    min_samples: int = 20  # predictions a canary must serve before error rate and latency are judged
+
+    def __post_init__(self) -> None:
+        if self.canary < 0 or self.soak_s < 0 or self.install_timeout_s <= 0:
+            raise ConfigError("rollout policy: canary and soak must be >= 0 and the install timeout > 0")
+        if not 0 <= self.max_error_rate <= 1 or self.max_p95_regression < 0:
+            raise ConfigError(
+                "rollout policy: max error rate must be within 0..1 and the p95 regression >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """What is known of one device now. Counts cover the windows since it began serving
+    the rollout's bundle (the caller resets them when the device switches bundles)."""
+
+    device: str
+    online: bool = True
+    bundle_id: str | None = None  # the bundle it serves
+    failed_bundle_id: str | None = None  # a bundle whose install or health check failed
+    reason: str | None = None
+    count: int = 0
+    errors: int = 0
+    p95_ms: float | None = None
+    drifted: bool = False
+
+
+@dataclass(frozen=True)
+class Action:
+    """Publish a desired state naming ``bundle_id``, for one device or (``device`` None) the fleet."""
+
+    bundle_id: str
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    fleet: str
+    bundle_id: str
+    label: str  # name@version, for people
+    previous_bundle_id: str | None
+    devices: tuple[str, ...]
+    canaries: tuple[str, ...]
+    phase: str
+    phase_since: float
+    started_at: float
+    baseline_p95_ms: Mapping[str, float] = field(default_factory=dict)
+    failed: Mapping[str, str] = field(default_factory=dict)  # device -> why
+    reason: str | None = None
+    policy: Mapping[str, Any] = field(default_factory=dict)  # the RolloutPolicy it runs under
+
+    @property
+    def rollout_policy(self) -> RolloutPolicy:
+        return RolloutPolicy(**self.policy)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED
+
+    def to_json(self) -> bytes:
+        doc = {"schema": ROLLOUT_SCHEMA, "schema_version": ROLLOUT_SCHEMA_VERSION, **asdict(self)}
+        doc["baseline_p95_ms"] = dict(self.baseline_p95_ms)
+        doc["failed"] = dict(self.failed)
+        doc["policy"] = dict(self.policy)
+        return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, source: str = "rollout state") -> Rollout:
+        try:
+            doc: dict[str, Any] = json.loads(data)
+            if doc.pop("schema") != ROLLOUT_SCHEMA or doc.pop("schema_version") != ROLLOUT_SCHEMA_VERSION:
+                raise ValueError("not an edgekit rollout of a supported version")
+            doc["devices"] = tuple(doc["devices"])
+            doc["canaries"] = tuple(doc["canaries"])
+            rollout = cls(**doc)
+            if rollout.phase not in (CANARY, SOAK, FLEET, DONE, ABORTED):
+                raise ValueError(f"unknown phase {rollout.phase!r}")
+            return rollout
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ConfigError(f"{source} is corrupt ({exc}); `edgekit rollout abort` starts over") from None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> Rollout:
+        try:
+            return cls.from_json(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no rollout saved at {path}; start one with `edgekit push --canary N`"
+            ) from None
+
+
+def start(
+    fleet: str,
+    bundle_id: str,
+    label: str,
+    reports: Sequence[DeviceReport],
+    previous_bundle_id: str | None,
+    policy: RolloutPolicy,
+    now: float,
+) -> tuple[Rollout, list[Action]]:
+    """Begin a rollout: the canaries (online devices first, by name) are told first; with no
+    canary the whole fleet is told at once."""
+    ordered = sorted(reports, key=lambda r: (not r.online, r.device))
+    canaries = tuple(r.device for r in ordered[: policy.canary])
+    rollout = Rollout(
+        fleet=fleet,
+        bundle_id=bundle_id,
+        label=label,
+        previous_bundle_id=previous_bundle_id,
+        devices=tuple(sorted(r.device for r in reports)),
+        canaries=canaries,
+        phase=CANARY if canaries else FLEET,
+        phase_since=now,
+        started_at=now,
+        baseline_p95_ms={r.device: r.p95_ms for r in reports if r.p95_ms is not None},
+        policy=asdict(policy),
+    )
+    if not canaries:
+        return rollout, [Action(bundle_id)]
+    return rollout, [Action(bundle_id, device) for device in canaries]
+
+
+def abort(rollout: Rollout, reason: str, now: float) -> tuple[Rollout, list[Action]]:
+    """Stop the rollout and send the canaries back to the previous bundle (a new, higher-
+    numbered desired state each: a device never goes back to an older document)."""
+    if rollout.finished:
+        return rollout, []
+    previous = rollout.previous_bundle_id
+    if previous is None:  # a first rollout has nothing to go back to
+        actions = []
+    elif rollout.phase == FLEET:  # the fleet was told: tell it again, with a higher number
+        actions = [Action(previous)]
+    else:
+        actions = [Action(previous, device) for device in rollout.canaries]
+    return replace(rollout, phase=ABORTED, phase_since=now, reason=reason), actions
+
+
+def _canary_problem(rollout: Rollout, report: DeviceReport, policy: RolloutPolicy) -> str | None:
+    if report.failed_bundle_id == rollout.bundle_id:
+        return (
+            f"canary {report.device} failed to install {rollout.label}: {report.reason or 'no reason given'}"
+        )
+    if report.bundle_id != rollout.bundle_id:
+        return None
+    if policy.abort_on_drift and report.drifted:
+        return f"canary {report.device} reports input drift on {rollout.label}"
+    if report.count >= policy.min_samples:
+        rate = report.errors / report.count
+        if rate > policy.max_error_rate:
+            return (
+                f"canary {report.device} error rate {rate:.1%} exceeds {policy.max_error_rate:.1%} "
+                f"on {rollout.label}"
+            )
+        before = rollout.baseline_p95_ms.get(report.device)
+        if before and report.p95_ms is not None and report.p95_ms > before * (1 + policy.max_p95_regression):
+            return (
+                f"canary {report.device} p95 latency {report.p95_ms:.1f} ms is more than "
+                f"{policy.max_p95_regression:.0%} above its {before:.1f} ms before {rollout.label}"
+            )
+    return None
+
+
+def advance(
+    rollout: Rollout, reports: Sequence[DeviceReport], policy: RolloutPolicy, now: float
+) -> tuple[Rollout, list[Action]]:
+    """One step: look at the devices, move the rollout on, say what to publish."""
+    if rollout.finished:
+        return rollout, []
+    by_device = {r.device: r for r in reports}
+    if rollout.phase in (CANARY, SOAK):
+        for device in rollout.canaries:
+            report = by_device.get(device, DeviceReport(device, online=False))
+            problem = _canary_problem(rollout, report, policy)
+            if problem is None and rollout.phase == SOAK and report.bundle_id != rollout.bundle_id:
+                problem = f"canary {device} stopped serving {rollout.label} during the soak"
+            if problem:
+                return abort(rollout, problem, now)
+        serving = all(
+            by_device.get(d, DeviceReport(d)).bundle_id == rollout.bundle_id for d in rollout.canaries
+        )
+        if rollout.phase == CANARY:
+            if serving:
+                return replace(rollout, phase=SOAK, phase_since=now), []
+            if now - rollout.phase_since > policy.install_timeout_s:
+                late = [
+                    d
+                    for d in rollout.canaries
+                    if by_device.get(d, DeviceReport(d)).bundle_id != rollout.bundle_id
+                ]
+                return abort(
+                    rollout,
+                    f"canary {', '.join(late)} did not serve {rollout.label} within "
+                    f"{policy.install_timeout_s:.0f} s",
+                    now,
+                )
+            return rollout, []
+        if now - rollout.phase_since >= policy.soak_s:
+            return replace(rollout, phase=FLEET, phase_since=now), [Action(rollout.bundle_id)]
+        return rollout, []
+    # FLEET: every device was told; collect who serves, who failed, who is late.
+    failed = dict(rollout.failed)
+    for device in rollout.devices:
+        seen = by_device.get(device)
+        if seen is not None and seen.failed_bundle_id == rollout.bundle_id and device not in failed:
+            failed[device] = seen.reason or "install failed"
+    pending = [
+        d
+        for d in rollout.devices
+        if d not in failed and by_device.get(d, DeviceReport(d)).bundle_id != rollout.bundle_id
+    ]
+    if not pending:
+        reason = None if not failed else f"{len(failed)} device(s) failed: {', '.join(sorted(failed))}"
+        return replace(rollout, phase=DONE, phase_since=now, failed=failed, reason=reason), []
+    if now - rollout.phase_since > policy.install_timeout_s:
+        failed.update({d: "timed out" for d in pending})
+        return replace(
+            rollout,
+            phase=DONE,
+            phase_since=now,
+            failed=failed,
+            reason=f"{len(failed)} device(s) failed or timed out: {', '.join(sorted(failed))}",
+        ), []
+    return replace(rollout, failed=failed), []

@@ -1,0 +1,39 @@
+"""The ``edgekit`` command line (workstation side)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import typer
+
+from . import broker, bundle, convert, device, fleet, keys, push
+from ._app import new_app, run, setup_logging, version_callback
+
+__all__ = ["app", "main"]
+
+app = new_app("edgekit: take a trained model to a fleet of small Linux devices, and keep watching it there.")
+app.add_typer(keys.app, name="keys")
+app.add_typer(bundle.app, name="bundle")
+app.command("convert")(convert.convert)
+app.add_typer(device.app, name="device")
+app.add_typer(broker.app, name="broker")
+app.add_typer(fleet.app, name="fleet")
+app.add_typer(push.rollout_app, name="rollout")
+app.command("push")(push.push)
+fleet.app.command("rollback")(push.rollback)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+    ),
+    log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning or error."),
+    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines to stderr."),
+) -> None:
+    setup_logging(log_level, log_json)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run(app, argv, prog="edgekit")

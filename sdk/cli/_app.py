@@ -1,0 +1,91 @@
+"""The ``edgekit`` command: one typer app, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from .._version import __version__
+from ..config import edgekit_home
+from ..errors import EdgekitError
+from ..keys import SigningKey, key_needs_passphrase, load_signing_key
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    """Stable, scriptable output for ``--json``: one JSON document on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def signing_key(name: str = "default") -> SigningKey:
+    """The workstation's signing key; an encrypted one's passphrase comes from
+    ``$EDGEKIT_KEY_PASSPHRASE`` or, on a terminal, a prompt."""
+    home = edgekit_home()
+    passphrase = None
+    if key_needs_passphrase(home, name) and sys.stdin.isatty():
+        passphrase = typer.prompt(f"Passphrase for key {name}", hide_input=True).encode()
+    return load_signing_key(home, name, passphrase)
+
+
+def new_app(help_text: str) -> typer.Typer:
+    return typer.Typer(
+        help=help_text,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"edgekit {__version__}")
+        raise typer.Exit()
+
+
+def setup_logging(level: str, log_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for key in ("device", "bundle", "seq", "fleet"):
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
+        return json.dumps(doc)
+
+
+def run(app: typer.Typer, argv: Optional[Sequence[str]] = None, prog: str = "edgekit") -> None:
+    """Run ``app``; an EdgekitError becomes one line on stderr and its exit code, never a traceback."""
+    try:
+        code = app(args=list(argv) if argv is not None else None, prog_name=prog, standalone_mode=False)
+    except EdgekitError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted", highlight=False)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted", highlight=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

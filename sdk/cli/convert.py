@@ -1,0 +1,276 @@
+"""``edgekit convert``: a trained model to a quantized, measured, gated .tflite (and bundle).
+
+The converter (and TensorFlow) is imported inside the command, so ``import edgekit.cli`` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..config import edgekit_home
+from ..errors import AccuracyGateError, ConfigError
+from ._app import console, err_console, print_json
+
+if TYPE_CHECKING:
+    from edgekit.keys import SigningKey
+
+MODES_HELP = "fp32, fp16, dynamic, int8 or int16x8."
+
+
+class _RichSteps:
+    """Progress bars on stderr for the converter's slow steps (only on a terminal)."""
+
+    def __init__(self) -> None:
+        self._file = os.fdopen(os.dup(2), "w")
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            # A console of its own on a copy of stderr: the converter silences fd 2 while
+            # TensorFlow runs, and the bars must keep drawing meanwhile.
+            console=Console(file=self._file, force_terminal=err_console.is_terminal),
+            transient=True,
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> _RichSteps:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+        self._file.close()
+
+    def begin(self, description: str, total: Optional[int] = None) -> None:
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, amount: int = 1) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, amount)
+
+    def end(self) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+            self._task = None
+
+
+def _float(text: Optional[str], flag: str) -> Optional[float]:
+    if text is None:
+        return None
+    try:
+        value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag} {text!r} is not a finite number")
+    return value
+
+
+def _signing_key(key_name: str) -> SigningKey:
+    # Absolute: the key is handed to edgekit.converters, which names the class edgekit.keys.SigningKey.
+    from edgekit.keys import key_needs_passphrase, load_signing_key
+
+    home = edgekit_home()
+    passphrase = None
+    if key_needs_passphrase(home, key_name):
+        passphrase = typer.prompt(f"Passphrase for key {key_name}", hide_input=True).encode()
+    return load_signing_key(home, key_name, passphrase)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _num(value: Optional[float], fmt: str = ".4g") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _print_report(doc: dict[str, Any]) -> None:
+    ref, conv = doc["reference"], doc["converted"]
+    table = Table(
+        title=f"{doc['source']['path']} → {doc['output']['path']} ({doc['quantize']}, io {doc['io']})"
+    )
+    table.add_column("")
+    table.add_column("float reference", justify="right")
+    table.add_column(doc["quantize"], justify="right")
+    table.add_column("ratio", justify="right")
+
+    def ratio(a: Optional[float], b: Optional[float]) -> str:
+        return f"{b / a:.3f}x" if a and b is not None else "-"
+
+    table.add_row("file size (bytes)", str(ref["size"]), str(conv["size"]), ratio(ref["size"], conv["size"]))
+    table.add_row(
+        "gzip size (bytes)",
+        str(ref["gzip_size"]),
+        str(conv["gzip_size"]),
+        ratio(ref["gzip_size"], conv["gzip_size"]),
+    )
+    table.add_row(
+        "latency median (ms)",
+        _num(ref["latency_ms_median"], ".3f"),
+        _num(conv["latency_ms_median"], ".3f"),
+        ratio(ref["latency_ms_median"], conv["latency_ms_median"]),
+    )
+    table.add_row(
+        "latency p95 (ms)", _num(ref["latency_ms_p95"], ".3f"), _num(conv["latency_ms_p95"], ".3f"), ""
+    )
+    if ref["samples"]:
+        table.add_row("accuracy", _pct(ref["accuracy"]), _pct(conv["accuracy"]), "")
+        table.add_row("top-1 agreement", "", _pct(conv["agreement"]), "")
+        table.add_row("mean |output error|", "", _num(conv["mean_abs_error"]), "")
+        table.add_row("max |output error|", "", _num(conv["max_abs_error"]), "")
+    table.add_row("weight sparsity", _pct(ref["weight_sparsity"]), _pct(conv["weight_sparsity"]), "")
+    console.print(table)
+    console.print(f"latency measured on {doc['latency_machine']}", highlight=False)
+    if doc["accuracy_drop_points"] is not None:
+        console.print(f"accuracy drop: {doc['accuracy_drop_points']:.2f} points", highlight=False)
+    if doc["pruning"]:
+        p = doc["pruning"]
+        console.print(
+            f"pruning: {p['pattern']} {p['sparsity']:.1%} of {len(p['layers'])} layers' weights are zero "
+            f"({p['epochs']} epochs, {p['seconds']:.1f}s); dense: {', '.join(p['dense_layers']) or 'none'}",
+            highlight=False,
+        )
+    if doc["worst_layers"]:
+        worst = Table(title="largest int8 quantization error")
+        worst.add_column("op")
+        worst.add_column("tensor", overflow="fold")
+        worst.add_column("rmse/scale", justify="right")
+        worst.add_column("max |error|", justify="right")
+        for layer in doc["worst_layers"]:
+            worst.add_row(
+                layer["op"],
+                layer["tensor"],
+                f"{layer['rmse_over_scale']:.3f}",
+                f"{layer['max_abs_error']:.4g}",
+            )
+        console.print(worst)
+        console.print("keep a layer in float with --float-layers TENSOR[,TENSOR]", highlight=False)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in doc["timings_s"].items())
+    console.print(f"time: {timings}", highlight=False)
+    if doc["output"]["written"]:
+        console.print(f"[green]wrote[/] {doc['output']['path']} ({conv['size']} bytes)", highlight=False)
+    if doc["bundle"]:
+        b = doc["bundle"]
+        console.print(
+            f"[green]wrote[/] bundle {b['name']} {b['version']} at {b['path']} ({b['size']} bytes, "
+            f"sha256 {b['sha256'][:16]}, baseline {'yes' if b['baseline'] else 'no'})",
+            highlight=False,
+        )
+
+
+def convert(
+    model: Path = typer.Argument(
+        ..., help="The model: a Keras 3 .keras file, a legacy .h5 file, or a SavedModel directory."
+    ),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the .tflite model."),
+    quantize: str = typer.Option("fp32", "--quantize", "-q", help=f"Quantization mode: {MODES_HELP}"),
+    io: Optional[str] = typer.Option(
+        None,
+        "--io",
+        help="int8 or float input/output for --quantize int8 (default int8; other modes are float).",
+    ),
+    calibration: Optional[Path] = typer.Option(
+        None,
+        "--calibration",
+        help="DATA of typical inputs (.npy, .npz or image folder); needed by int8 and int16x8.",
+    ),
+    prune: Optional[str] = typer.Option(
+        None, "--prune", help="Target sparsity, a fraction (0.75) or percent (75%); needs --train."
+    ),
+    train: Optional[Path] = typer.Option(
+        None,
+        "--train",
+        help="Labelled DATA (.npz with x and y, or class folders) to fine-tune while pruning.",
+    ),
+    epochs: int = typer.Option(8, "--epochs", help="Fine-tuning epochs while pruning."),
+    sparsity_pattern: str = typer.Option(
+        "unstructured",
+        "--sparsity-pattern",
+        help="unstructured (magnitude) or 2:4 (2 of every 4 weights kept).",
+    ),
+    eval_data: Optional[Path] = typer.Option(
+        None,
+        "--eval",
+        help="DATA to compare the converted model with the float reference (labels give accuracy).",
+    ),
+    max_accuracy_drop: Optional[str] = typer.Option(
+        None,
+        "--max-accuracy-drop",
+        help="Refuse (exit 20, write nothing) if accuracy drops by more than PTS points.",
+    ),
+    float_layers: Optional[str] = typer.Option(
+        None, "--float-layers", help="Comma-separated tensors (or layer names) to keep in float with int8."
+    ),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write every figure to this JSON file."),
+    baseline: Optional[Path] = typer.Option(
+        None,
+        "--baseline",
+        help="DATA for the bundle's drift baseline (default: --calibration, else --train).",
+    ),
+    bundle: Optional[str] = typer.Option(
+        None, "--bundle", help="NAME:VERSION: also write a signed bundle OUT.ekb next to the .tflite."
+    ),
+    key_name: str = typer.Option(
+        "default", "--key-name", help="Which signing key under $EDGEKIT_HOME/keys signs --bundle."
+    ),
+    latency_runs: int = typer.Option(
+        100, "--latency-runs", help="Timed single-sample runs per model for latency."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Convert a trained model to TFLite: quantize, optionally prune, measure against the float reference."""
+    if output is None:
+        raise ConfigError("give the output file with -o OUT.tflite")
+    from edgekit.converters import ConvertOptions, Steps, parse_bundle_spec
+    from edgekit.converters import convert as run_convert
+
+    if bundle is not None:
+        parse_bundle_spec(bundle)  # a bad NAME:VERSION is reported before asking for a passphrase
+    signing_key = _signing_key(key_name) if bundle is not None else None
+
+    options = ConvertOptions(
+        model=model,
+        output=output,
+        quantize=quantize,
+        io=io,
+        calibration=calibration,
+        prune=_float(prune, "--prune"),
+        train=train,
+        epochs=epochs,
+        sparsity_pattern=sparsity_pattern,
+        eval=eval_data,
+        max_accuracy_drop=_float(max_accuracy_drop, "--max-accuracy-drop"),
+        float_layers=tuple(s.strip() for s in float_layers.split(",") if s.strip()) if float_layers else (),
+        report=report,
+        baseline=baseline,
+        bundle=bundle,
+        latency_runs=latency_runs,
+    )
+    interactive = sys.stderr.isatty() and not json_out
+    try:
+        if interactive:
+            with _RichSteps() as steps:
+                result = run_convert(options, steps, signing_key)
+        else:
+            result = run_convert(options, Steps(), signing_key)
+    except AccuracyGateError as exc:
+        if json_out and exc.report is not None:
+            print_json(exc.report.to_dict())  # type: ignore[attr-defined]
+        raise
+    doc = result.to_dict()
+    if json_out:
+        print_json(doc)
+    else:
+        _print_report(doc)

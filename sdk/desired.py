@@ -1,0 +1,344 @@
+"""The signed desired state: which bundle a fleet (or one device) should run.
+
+A :class:`DesiredState` names the bundle by its digest (the SHA-256 of its ``manifest.json``
+bytes), its name and version, and carries a sequence number that must only grow and an
+expiry. It travels in a signed envelope (one JSON object)::
+
+    {
+      "schema": "edgekit.signed", "schema_version": 1,
+      "payload_type": "edgekit.desired",
+      "payload": "<base64 of the canonical JSON bytes of the document>",
+      "signer": "<key id: SHA-256 hex of the Ed25519 public key>",
+      "signature": "<base64 of the raw 64-byte Ed25519 signature over the payload bytes>"
+    }
+
+The signature covers the exact payload bytes, so verifying never depends on re-serializing
+JSON; the payload names its own schema, so a signed manifest can never pass for a desired
+state. Canonical JSON: sorted keys, no spaces, ASCII only.
+
+Verification is pure (bytes and keys in, a verified :class:`DesiredState` out, or a
+:class:`~edgekit.errors.DesiredStateError` whose ``reason`` is one of ``unsigned``,
+``untrusted``, ``forged``, ``malformed``, ``other-fleet``, ``other-device``, ``expired``,
+``replayed``). A device keeps one sequence counter for its fleet's and its own documents
+(both are numbered from one counter per fleet) and applies only a document whose ``seq`` is
+higher than the last one it applied. A rollback is a new, higher-numbered document that
+points at an older bundle.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from .errors import BundleError, DesiredStateError, SignatureError, TopicError, UntrustedKeyError
+from .keys import SigningKey
+from .manifest import check_name, check_version
+from .topics import check_device_id, check_fleet_id
+from .trust import TrustedKeys
+
+__all__ = [
+    "DESIRED_SCHEMA_VERSION",
+    "DesiredState",
+    "decode_desired_state",
+    "new_desired_state",
+    "sign_desired_state",
+    "verify_desired_state",
+]
+
+ENVELOPE_SCHEMA = "edgekit.signed"
+ENVELOPE_SCHEMA_VERSION = 1
+DESIRED_SCHEMA = "edgekit.desired"
+DESIRED_SCHEMA_VERSION = 1
+#: Refuse envelopes larger than this before parsing anything.
+MAX_ENVELOPE_SIZE = 64 * 1024
+MAX_SEQ = 2**53 - 1
+DEFAULT_TTL = 30 * 24 * 3600
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+_ENVELOPE_KEYS = {"schema", "schema_version", "payload_type", "payload", "signer", "signature"}
+_DOC_KEYS = {
+    "schema",
+    "schema_version",
+    "fleet",
+    "device",
+    "bundle",
+    "seq",
+    "issued_at",
+    "expires_at",
+}
+
+
+def _refuse(reason: str, message: str) -> DesiredStateError:
+    error = DesiredStateError(message)
+    error.reason = reason
+    return error
+
+
+def _format_time(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime(_TIME_FORMAT)
+
+
+def _parse_time(value: object, what: str) -> int:
+    if not isinstance(value, str) or not _TIME.match(value):
+        raise _refuse("malformed", f"the desired state's {what} is not a UTC time like 2026-01-31T12:00:00Z")
+    try:
+        moment = datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise _refuse("malformed", f"the desired state's {what} {value!r} is not a valid date") from None
+    return int(moment.timestamp())
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """What a fleet, or with ``device`` set one device of it, should run.
+
+    ``issued_at`` and ``expires_at`` are UNIX seconds (UTC); in JSON they are ISO-8601 strings.
+    """
+
+    fleet: str
+    bundle_sha256: str
+    bundle_name: str
+    bundle_version: str
+    seq: int
+    issued_at: int
+    expires_at: int
+    device: Optional[str] = None
+    schema_version: int = DESIRED_SCHEMA_VERSION
+
+    @property
+    def scope(self) -> str:
+        """``fleet shop-cams`` or ``device cam-3 of fleet shop-cams``, for messages."""
+        return f"fleet {self.fleet}" if self.device is None else f"device {self.device} of fleet {self.fleet}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": DESIRED_SCHEMA,
+            "schema_version": self.schema_version,
+            "fleet": self.fleet,
+            "device": self.device,
+            "bundle": {
+                "sha256": self.bundle_sha256,
+                "name": self.bundle_name,
+                "version": self.bundle_version,
+            },
+            "seq": self.seq,
+            "issued_at": _format_time(self.issued_at),
+            "expires_at": _format_time(self.expires_at),
+        }
+
+    def to_json(self) -> bytes:
+        """Canonical bytes: sorted keys, no whitespace, ASCII. These bytes are what is signed."""
+        return json.dumps(
+            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        ).encode("ascii")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> DesiredState:
+        """Decode and validate a document (no signature check); DesiredStateError if malformed."""
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise _refuse("malformed", "the desired state is not valid JSON") from None
+        if not isinstance(doc, dict) or doc.get("schema") != DESIRED_SCHEMA:
+            raise _refuse("malformed", "the signed document is not an edgekit desired state")
+        if doc.get("schema_version") != DESIRED_SCHEMA_VERSION or isinstance(doc.get("schema_version"), bool):
+            raise _refuse(
+                "malformed",
+                f"desired state schema version {doc.get('schema_version')!r} is not supported "
+                f"(this edgekit reads {DESIRED_SCHEMA_VERSION}); upgrade edgekit",
+            )
+        if set(doc) != _DOC_KEYS:
+            raise _refuse("malformed", f"the desired state must have exactly the fields {sorted(_DOC_KEYS)}")
+        bundle = doc["bundle"]
+        if not isinstance(bundle, dict) or set(bundle) != {"sha256", "name", "version"}:
+            raise _refuse("malformed", "the desired state's bundle must have sha256, name and version")
+        seq = doc["seq"]
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= MAX_SEQ:
+            raise _refuse("malformed", f"the desired state's seq must be an integer from 1 to {MAX_SEQ}")
+        digest = bundle["sha256"]
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise _refuse("malformed", "the desired state's bundle sha256 is not 64 lowercase hex digits")
+        try:
+            fleet = check_fleet_id(doc["fleet"])
+            device = None if doc["device"] is None else check_device_id(doc["device"])
+        except TopicError as exc:
+            raise _refuse("malformed", f"the desired state has an {exc}") from None
+        name, version = bundle["name"], bundle["version"]
+        try:
+            check_name(name if isinstance(name, str) else "")
+            check_version(version if isinstance(version, str) else "")
+        except BundleError as exc:  # the name/version rules are shared with bundles
+            raise _refuse("malformed", f"the desired state names an {exc}") from None
+        issued = _parse_time(doc["issued_at"], "issued_at")
+        expires = _parse_time(doc["expires_at"], "expires_at")
+        if expires <= issued:
+            raise _refuse("malformed", "the desired state expires before it was issued")
+        return cls(
+            fleet=fleet,
+            bundle_sha256=digest,
+            bundle_name=name,
+            bundle_version=version,
+            seq=seq,
+            issued_at=issued,
+            expires_at=expires,
+            device=device,
+        )
+
+
+def new_desired_state(
+    fleet: str,
+    *,
+    bundle_sha256: str,
+    bundle_name: str,
+    bundle_version: str,
+    seq: int,
+    device: Optional[str] = None,
+    ttl: int = DEFAULT_TTL,
+    now: Optional[float] = None,
+) -> DesiredState:
+    """A desired state issued now (or at ``now``) that expires ``ttl`` seconds later."""
+    issued = int(time.time() if now is None else now)
+    state = DesiredState(
+        fleet=fleet,
+        bundle_sha256=bundle_sha256,
+        bundle_name=bundle_name,
+        bundle_version=bundle_version,
+        seq=seq,
+        issued_at=issued,
+        expires_at=issued + ttl,
+        device=device,
+    )
+    # Round-trip through the validator so a bad argument fails here, not on every device.
+    return DesiredState.from_json(state.to_json())
+
+
+def sign_desired_state(state: DesiredState, key: SigningKey) -> bytes:
+    """The signed envelope (JSON bytes) to publish, retained, on the desired-state topic."""
+    payload = state.to_json()
+    envelope = {
+        "schema": ENVELOPE_SCHEMA,
+        "schema_version": ENVELOPE_SCHEMA_VERSION,
+        "payload_type": DESIRED_SCHEMA,
+        "payload": base64.b64encode(payload).decode("ascii"),
+        "signer": key.key_id,
+        "signature": base64.b64encode(key.sign(payload)).decode("ascii"),
+    }
+    return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def _b64(value: object, what: str) -> bytes:
+    if not isinstance(value, str) or not _B64.match(value):
+        raise _refuse("malformed", f"the desired state envelope's {what} is not base64")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _refuse("malformed", f"the desired state envelope's {what} is not base64") from None
+
+
+def _open_envelope(data: bytes) -> tuple[bytes, str, bytes]:
+    if not isinstance(data, (bytes, bytearray)):
+        raise _refuse("malformed", "the desired state must be bytes")
+    if not data:
+        raise _refuse("unsigned", "the desired state message is empty (cleared); there is nothing to apply")
+    if len(data) > MAX_ENVELOPE_SIZE:
+        raise _refuse(
+            "malformed", f"the desired state message is over {MAX_ENVELOPE_SIZE} bytes; refusing it"
+        )
+    try:
+        envelope = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _refuse("malformed", "the desired state message is not JSON") from None
+    if not isinstance(envelope, dict):
+        raise _refuse("malformed", "the desired state message is not a signed envelope")
+    if envelope.get("schema") == DESIRED_SCHEMA:
+        raise _refuse(
+            "unsigned", "the desired state is unsigned; publish it with a signature (`edgekit push`)"
+        )
+    if envelope.get("schema") != ENVELOPE_SCHEMA or set(envelope) != _ENVELOPE_KEYS:
+        raise _refuse("malformed", "the desired state message is not an edgekit signed envelope")
+    if envelope["schema_version"] != ENVELOPE_SCHEMA_VERSION or isinstance(envelope["schema_version"], bool):
+        raise _refuse(
+            "malformed",
+            f"signed envelope version {envelope['schema_version']!r} is not supported; upgrade edgekit",
+        )
+    if envelope["payload_type"] != DESIRED_SCHEMA:
+        raise _refuse(
+            "malformed", f"the signed envelope holds {envelope['payload_type']!r}, not a desired state"
+        )
+    signer = envelope["signer"]
+    if not isinstance(signer, str) or not _SHA256.match(signer):
+        raise _refuse("unsigned", "the desired state names no valid signer key id")
+    signature = _b64(envelope["signature"], "signature")
+    if not signature:
+        raise _refuse("unsigned", "the desired state has an empty signature; it is unsigned")
+    payload = _b64(envelope["payload"], "payload")
+    return payload, signer, signature
+
+
+def decode_desired_state(data: bytes) -> tuple[DesiredState, str]:
+    """The document and its claimed signer, WITHOUT checking the signature (for display only)."""
+    payload, signer, _ = _open_envelope(data)
+    return DesiredState.from_json(payload), signer
+
+
+def verify_desired_state(
+    data: bytes,
+    trusted: TrustedKeys,
+    *,
+    fleet: str,
+    device: Optional[str] = None,
+    last_seq: Optional[int] = None,
+    now: Optional[float] = None,
+) -> DesiredState:
+    """Verify a signed desired-state envelope for a receiver and return the document.
+
+    ``fleet`` and ``device`` are who is asking: a fleet-wide document must be for ``fleet``;
+    a per-device document for ``device`` (of ``fleet``). ``last_seq`` is the highest sequence
+    number already applied (None: nothing yet); the document's must be higher. Refuses, with a
+    DesiredStateError saying why: unsigned, untrusted key, bad signature, malformed, other
+    fleet, other device, expired, replayed (lower or equal seq).
+    """
+    payload, signer, signature = _open_envelope(data)
+    try:
+        trusted.verify(payload, signature, signer, "the desired state")
+    except UntrustedKeyError:
+        raise _refuse(
+            "untrusted",
+            f"the desired state is signed by key {signer[:16]}, which this device does not trust; "
+            "sign it with a key in the device's trusted keys",
+        ) from None
+    except SignatureError:
+        raise _refuse(
+            "forged", "the desired state's signature does not verify: it was altered after signing, or forged"
+        ) from None
+    state = DesiredState.from_json(payload)
+    if state.fleet != fleet:
+        raise _refuse(
+            "other-fleet",
+            f"the desired state is for fleet {state.fleet!r}, not this device's fleet {fleet!r}",
+        )
+    if state.device is not None and state.device != device:
+        raise _refuse("other-device", f"the desired state is for device {state.device!r}, not {device!r}")
+    moment = time.time() if now is None else now
+    if state.expires_at <= moment:
+        raise _refuse(
+            "expired",
+            f"the desired state (seq {state.seq}) expired at {_format_time(state.expires_at)}; "
+            "the operator must publish a fresh one (or the device clock is wrong)",
+        )
+    if last_seq is not None and state.seq <= last_seq:
+        what = "is the one already applied" if state.seq == last_seq else "is older than the one applied"
+        raise _refuse(
+            "replayed",
+            f"the desired state has seq {state.seq}, which {what} (seq {last_seq}); "
+            "a replay or a stale retained message, ignoring it",
+        )
+    return state

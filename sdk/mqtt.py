@@ -1,0 +1,558 @@
+"""The one MQTT client of edgekit: a small wrapper over paho-mqtt 2.x.
+
+Nothing else in edgekit imports paho. :class:`MqttClient` hides paho's network thread and
+callback API versions behind connect / subscribe / publish / close:
+
+- ``mqtt://host[:port]`` (default port 1883) or ``mqtts://host[:port]`` (TLS, default 8883),
+  MQTT 5 (default) or 3.1.1, username/password, a CA and a client certificate, a last will.
+- Reconnects by itself after the connection drops, with exponential backoff between
+  ``reconnect_min`` and ``reconnect_max`` seconds, and re-subscribes every filter on each new
+  connection (sessions are clean, so the broker re-sends retained messages; that is how a
+  device resumes a bundle download after a broker outage). It reports itself connected
+  (:attr:`MqttClient.connected`, listeners) only once the broker acknowledged those renewed
+  subscriptions, so a message published after that point is not missed.
+- **Threading.** paho's network thread only moves bytes. Every callback this client calls
+  (message handlers given to :meth:`MqttClient.subscribe` and connection listeners given to
+  :meth:`MqttClient.on_connection_change`) runs on ONE dispatcher thread per client, named
+  ``edgekit-mqtt-<client id>``, in the order messages arrived. A handler may publish,
+  subscribe, and even wait for a delivery; a slow handler delays the next handler, never the
+  network. An exception in a handler is logged and counted (:attr:`MqttClient.handler_errors`),
+  and the loop goes on.
+- :meth:`MqttClient.publish` returns a :class:`Delivery`; ``Delivery.wait()`` blocks until the
+  broker acknowledged it (QoS 1/2; QoS 0: written to the socket), surviving reconnects (paho
+  re-sends unacknowledged QoS 1/2 messages), and raises if an MQTT 5 broker refused it.
+- :meth:`MqttClient.close` disconnects cleanly (the will is not sent), stops both threads.
+
+Errors are :class:`~edgekit.errors.BrokerError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .errors import BrokerError
+
+__all__ = [
+    "Delivery",
+    "Message",
+    "MqttClient",
+    "TlsConfig",
+    "Will",
+    "parse_broker_url",
+    "topic_matches",
+]
+
+log = logging.getLogger(__name__)
+_paho_log = logging.getLogger(f"{__name__}.paho")
+
+DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+_PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+
+Payload = Union[bytes, bytearray, str, None]
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message as delivered to a subscription handler."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True)
+class Will:
+    """The last will: what the broker publishes for this client if it vanishes without a
+    clean :meth:`MqttClient.close` (a device marks itself ``offline`` this way)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS settings for ``mqtts://``: a CA bundle to trust (None: the system's), and an
+    optional client certificate and key (PEM) for brokers that require one."""
+
+    ca_file: Optional[Path] = None
+    cert_file: Optional[Path] = None
+    key_file: Optional[Path] = None
+    check_hostname: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+            ctx.check_hostname = self.check_hostname
+            if self.cert_file is not None:
+                ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerError(
+                f"cannot load the TLS files ({exc}); check the CA, certificate and key paths"
+            ) from None
+        return ctx
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...``; BrokerError if malformed."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BrokerError(
+            f"invalid broker URL {url!r} ({exc}); use mqtt://host:1883 or mqtts://host:8883"
+        ) from None
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise BrokerError(f"invalid broker URL {url!r}; use mqtt://host:1883 or mqtts://host:8883")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise BrokerError(f"invalid broker URL {url!r}: it must not have a path or query")
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT),
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """True if ``topic`` matches ``topic_filter`` (``+`` and ``#`` wildcards, ``$share/g/``)."""
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
+    return bool(paho.topic_matches_sub(topic_filter, topic))
+
+
+class Delivery:
+    """A published message on its way to the broker."""
+
+    def __init__(self, client: MqttClient, info: paho.MQTTMessageInfo, qos: int, topic: str) -> None:
+        self._client = client
+        self._info = info
+        self.qos = qos
+        self.topic = topic
+
+    @property
+    def done(self) -> bool:
+        return bool(self._info._published)
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Block until the broker has the message; BrokerError on timeout or refusal.
+
+        A QoS 1/2 message published while disconnected is sent after the reconnect, so waiting
+        across a broker outage works. A QoS 0 message published while disconnected is lost.
+        """
+        rc = self._info.rc
+        if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise BrokerError(f"the outgoing queue is full; {self.topic} was not queued")
+        if self.qos == 0 and rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise BrokerError(f"not connected to the broker; the QoS 0 message to {self.topic} was dropped")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # paho's own wait_for_publish() gives up at once when the message was queued during an
+        # outage (rc NO_CONN) although paho re-sends it on reconnect, so wait on its condition.
+        condition = self._info._condition
+        with condition:
+            while not self._info._published:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise BrokerError(
+                        f"the broker did not acknowledge {self.topic} within {timeout:g}s; is it reachable?"
+                    )
+                condition.wait(0.5 if remaining is None else min(remaining, 0.5))
+        reason = self._client._take_publish_failure(self._info.mid)
+        if reason is not None:
+            raise BrokerError(
+                f"the broker refused the message to {self.topic} ({reason}); "
+                "check this account's ACL (topics it may publish to)"
+            )
+
+
+Handler = Callable[[Message], None]
+ConnectionListener = Callable[[bool, str], None]
+
+
+class MqttClient:
+    """A connection to one MQTT broker. See the module documentation for the threading rules.
+
+    ``url``: ``mqtt://host:port`` or ``mqtts://host:port`` (credentials in the URL are used when
+    ``username`` is not given). ``protocol``: ``"5"`` or ``"3.1.1"``. ``max_packet_size``
+    (MQTT 5) asks the broker never to send this client a larger packet.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: Optional[str] = None,
+        protocol: str = "5",
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+        tls: Optional[TlsConfig] = None,
+        will: Optional[Will] = None,
+        keepalive: int = 30,
+        reconnect_min: float = 0.5,
+        reconnect_max: float = 30.0,
+        max_inflight: int = 20,
+        max_packet_size: Optional[int] = None,
+    ) -> None:
+        if protocol not in _PROTOCOLS:
+            raise BrokerError(f"unknown MQTT protocol version {protocol!r}; use '5' or '3.1.1'")
+        self.address = parse_broker_url(url)
+        self.url = f"{'mqtts' if self.address.tls else 'mqtt'}://{self.address.host}:{self.address.port}"
+        self.client_id = client_id or f"edgekit-{uuid.uuid4().hex[:12]}"
+        self.protocol = protocol
+        self._v5 = protocol == "5"
+        self._keepalive = keepalive
+        self._max_packet_size = max_packet_size
+        self._paho = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=None if self._v5 else True,
+            protocol=_PROTOCOLS[protocol],
+            reconnect_on_failure=True,
+        )
+        self._paho.on_log = self._on_log
+        self._paho.reconnect_delay_set(reconnect_min, reconnect_max)  # type: ignore[arg-type]
+        self._paho.max_inflight_messages_set(max_inflight)
+        user = username if username is not None else self.address.username
+        secret = password if username is not None else self.address.password
+        if user is not None:
+            self._paho.username_pw_set(user, secret)
+        if self.address.tls:
+            self._paho.tls_set_context((tls or TlsConfig()).context())
+        elif tls is not None:
+            raise BrokerError(f"TLS settings were given but {url!r} is not mqtts://; use mqtts://")
+        if will is not None:
+            self._paho.will_set(will.topic, will.payload, will.qos, will.retain)
+
+        self._lock = threading.Lock()
+        self._subscriptions: dict[str, tuple[int, list[Handler]]] = {}
+        self._listeners: list[ConnectionListener] = []
+        self._connected = threading.Event()
+        # The transport is up (CONNACK received); `connected` waits for renewed subscriptions too.
+        self._link_up = False
+        self._renewing: dict[int, str] = {}
+        self._first_result: Optional[str] = None
+        self._first_done = threading.Event()
+        self._acks = threading.Condition()
+        self._suback: dict[int, list[ReasonCode]] = {}
+        self._publish_failures: dict[int, str] = {}
+        self._queue: queue.SimpleQueue[Optional[tuple[Callable[..., None], tuple[Any, ...]]]] = (
+            queue.SimpleQueue()
+        )
+        self._dispatcher: Optional[threading.Thread] = None
+        self._started = False
+        self._closed = False
+        #: Handler exceptions (logged, then ignored so the loop goes on).
+        self.handler_errors = 0
+        #: Messages that matched no subscription, or whose topic was not UTF-8.
+        self.unroutable = 0
+        #: How many times the connection was (re-)established.
+        self.connections = 0
+
+        self._paho.on_connect = self._on_connect
+        self._paho.on_disconnect = self._on_disconnect
+        self._paho.on_message = self._on_message
+        self._paho.on_subscribe = self._on_subscribe
+        self._paho.on_publish = self._on_publish
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def connect(self, timeout: Optional[float] = 10.0) -> MqttClient:
+        """Start the client. With a ``timeout``, wait for the first connection and raise
+        BrokerError if it is refused or not made in time (the client is then closed); with
+        ``timeout=None``, return at once and keep trying in the background."""
+        if self._started:
+            raise BrokerError("this client is already started; create a new MqttClient")
+        self._started = True
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name=f"edgekit-mqtt-{self.client_id}", daemon=True
+        )
+        self._dispatcher.start()
+        properties = None
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0
+            if self._max_packet_size:
+                properties.MaximumPacketSize = self._max_packet_size
+        self._paho.connect_async(
+            self.address.host,
+            self.address.port,
+            keepalive=self._keepalive,
+            clean_start=True,
+            properties=properties,
+        )
+        self._paho.loop_start()
+        if timeout is None:
+            return self
+        if not self._first_done.wait(timeout):
+            self.close()
+            raise BrokerError(
+                f"could not connect to the broker at {self.url} within {timeout:g}s; is it running and reachable?"
+            )
+        if self._first_result is not None:
+            self.close()
+            raise BrokerError(f"the broker at {self.url} refused the connection: {self._first_result}")
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (the will is not published), stop the network and dispatcher
+        threads. Messages still queued for handlers are delivered first. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self._paho.disconnect()
+            self._paho.loop_stop()
+            self._queue.put(None)
+            if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
+                self._dispatcher.join(timeout)
+        self._connected.clear()
+
+    def __enter__(self) -> MqttClient:
+        if not self._started:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: Optional[float] = None) -> bool:
+        """Block until connected (e.g. again after an outage); False on timeout."""
+        return self._connected.wait(timeout)
+
+    def on_connection_change(self, listener: ConnectionListener) -> None:
+        """Call ``listener(connected, reason)`` on the dispatcher thread at every (dis)connect."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    # -- subscribe / publish --------------------------------------------------------------------
+
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, timeout: Optional[float] = 10.0
+    ) -> None:
+        """Deliver messages matching ``topic_filter`` to ``handler`` (on the dispatcher thread).
+
+        Subscribing again to a filter adds the handler and asks the broker to re-send the
+        retained messages. With a ``timeout`` and a connection, waits for the broker's SUBACK
+        and raises BrokerError if it refused. The subscription is renewed on every reconnect.
+        """
+        if qos not in (0, 1, 2):
+            raise BrokerError(f"invalid QoS {qos}; use 0, 1 or 2")
+        with self._lock:
+            current = self._subscriptions.get(topic_filter)
+            handlers = [*current[1], handler] if current else [handler]
+            self._subscriptions[topic_filter] = (max(qos, current[0]) if current else qos, handlers)
+            link_up = self._link_up
+        if not link_up:
+            return  # sent with the others when the connection is (re-)established
+        rc, mid = self._paho.subscribe(topic_filter, qos)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None or timeout is None:
+            return  # sent again on reconnect
+        codes = self._wait_ack(self._suback, mid, timeout, f"SUBACK for {topic_filter}")
+        if codes and codes[0].is_failure:
+            with self._lock:
+                self._subscriptions.pop(topic_filter, None)
+            raise BrokerError(
+                f"the broker refused the subscription to {topic_filter} ({codes[0]}); "
+                "check this account's ACL (topics it may read)"
+            )
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop delivering ``topic_filter`` to any handler."""
+        with self._lock:
+            if self._subscriptions.pop(topic_filter, None) is None:
+                return
+            link_up = self._link_up
+        if link_up:
+            self._paho.unsubscribe(topic_filter)
+
+    def publish(self, topic: str, payload: Payload = b"", qos: int = 1, retain: bool = False) -> Delivery:
+        """Queue a message; returns a :class:`Delivery` to wait on. An empty retained payload
+        clears the retained message of ``topic``."""
+        if qos not in (0, 1, 2):
+            raise BrokerError(f"invalid QoS {qos}; use 0, 1 or 2")
+        if not self._started or self._closed:
+            raise BrokerError("the MQTT client is not started; call connect() first")
+        try:
+            info = self._paho.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            raise BrokerError(f"cannot publish to {topic!r}: {exc}") from None
+        return Delivery(self, info, qos, topic)
+
+    # -- paho callbacks (network thread): hand everything to the dispatcher -----------------------
+
+    def _on_connect(
+        self, _c: paho.Client, _u: Any, _flags: Any, reason: ReasonCode, _p: Optional[Properties]
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker %s refused the connection: %s", self.url, reason)
+            if not self._first_done.is_set():
+                self._first_result = str(reason)
+                self._first_done.set()
+            return
+        self.connections += 1
+        with self._lock:
+            self._link_up = True
+            subs = [(f, qos) for f, (qos, _) in self._subscriptions.items()]
+        # Sessions are clean: renew every subscription, and report "connected" only once the
+        # broker acknowledged them all, so nothing published after that is missed.
+        renewing = {}
+        for topic_filter, qos in subs:
+            rc, mid = self._paho.subscribe(topic_filter, qos)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                renewing[mid] = topic_filter
+        self._renewing = renewing  # paho calls _on_subscribe on this same thread, later
+        if not renewing:
+            self._mark_connected()
+
+    def _mark_connected(self) -> None:
+        self._connected.set()
+        self._first_done.set()
+        log.info("connected to %s as %s", self.url, self.client_id)
+        self._queue.put((self._notify, (True, "connected")))
+
+    def _on_disconnect(
+        self, _c: paho.Client, _u: Any, _flags: Any, reason: ReasonCode, _p: Optional[Properties]
+    ) -> None:
+        with self._lock:
+            self._link_up = False
+        self._renewing = {}
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            if not self._closed:
+                log.warning("lost the connection to %s (%s); reconnecting", self.url, reason)
+            self._queue.put((self._notify, (False, str(reason))))
+
+    def _on_log(self, _c: paho.Client, _u: Any, level: int, text: str) -> None:
+        # paho reports the socket it closed itself during close() as an error; that is noise.
+        if level == paho.MQTT_LOG_ERR and not self._closed:
+            _paho_log.warning("%s: %s", self.client_id, text)
+        elif level == paho.MQTT_LOG_WARNING and not self._closed:
+            _paho_log.info("%s: %s", self.client_id, text)
+        else:
+            _paho_log.debug("%s: %s", self.client_id, text)
+
+    def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            self.unroutable += 1
+            log.warning("dropped a message whose topic is not UTF-8")
+            return
+        msg = Message(
+            topic=topic, payload=bytes(message.payload), qos=message.qos, retain=bool(message.retain)
+        )
+        self._queue.put((self._route, (msg,)))
+
+    def _on_subscribe(
+        self, _c: paho.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Optional[Properties]
+    ) -> None:
+        renewed = self._renewing.pop(mid, None)
+        if renewed is not None:
+            if codes and codes[0].is_failure:
+                log.warning("the broker refused the renewed subscription to %s (%s)", renewed, codes[0])
+            if not self._renewing:
+                self._mark_connected()
+            return
+        with self._acks:
+            self._suback[mid] = list(codes)
+            _trim(self._suback)
+            self._acks.notify_all()
+
+    def _on_publish(
+        self, _c: paho.Client, _u: Any, mid: int, reason: ReasonCode, _p: Optional[Properties]
+    ) -> None:
+        # Runs before paho marks the message published, so Delivery.wait() sees the failure.
+        if reason.is_failure:
+            with self._acks:
+                self._publish_failures[mid] = str(reason)
+                _trim(self._publish_failures)
+
+    def _take_publish_failure(self, mid: int) -> Optional[str]:
+        with self._acks:
+            return self._publish_failures.pop(mid, None)
+
+    def _wait_ack(
+        self, table: dict[int, list[ReasonCode]], mid: int, timeout: float, what: str
+    ) -> list[ReasonCode]:
+        with self._acks:
+            if not self._acks.wait_for(lambda: mid in table, timeout):
+                raise BrokerError(f"no {what} from {self.url} within {timeout:g}s; is the broker reachable?")
+            return table.pop(mid)
+
+    # -- dispatcher thread ------------------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            function, args = item
+            function(*args)
+
+    def _route(self, message: Message) -> None:
+        with self._lock:
+            matching = [
+                h for f, (_, hs) in self._subscriptions.items() if topic_matches(f, message.topic) for h in hs
+            ]
+        # One call per handler even when several of its filters match (overlapping subscriptions).
+        handlers = list(dict.fromkeys(matching))
+        if not handlers:
+            self.unroutable += 1
+            return
+        for handler in handlers:
+            try:
+                handler(message)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("message handler for %s failed", message.topic)
+
+    def _notify(self, connected: bool, reason: str) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(connected, reason)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("connection listener failed")
+
+
+def _trim(table: dict[int, Any], limit: int = 4096) -> None:
+    """Acks nobody waits for (renewed subscriptions, unawaited deliveries) must not pile up."""
+    while len(table) > limit:
+        table.pop(next(iter(table)))

@@ -1,0 +1,557 @@
+"""Bundles over MQTT: retained chunks on the broker, and a resumable, verifying assembler.
+
+A bundle is published as retained messages, so a device that joins late or reboots fetches
+it from the broker alone:
+
+- ``{prefix}/bundles/{digest}/chunks/{i}``: the raw bytes of transport chunk ``i``. The
+  payload is the bundle's members (not the tar) concatenated in manifest order, cut every
+  ``transport.chunk_size`` bytes, exactly as the signed manifest's chunk plan lists them.
+- ``{prefix}/bundles/{digest}/manifest``: a JSON message holding ``manifest.json`` and
+  ``manifest.sig`` (base64), so the device checks the signature and the digest BEFORE it
+  fetches a single chunk. Published last: its presence means every chunk is there.
+
+``digest`` (:attr:`Bundle.bundle_id <edgekit.bundle.Bundle.bundle_id>`) is the SHA-256 of the exact ``manifest.json`` bytes. The
+signed desired state names it, the manifest lists every chunk's and member's SHA-256, so one
+trusted signature pins every byte.
+
+:class:`ChunkAssembler` is the device side, pure (no paho): it stores chunks in a directory as
+they arrive, straight into their place in the final ``.ekb`` (a restart resumes: stored
+chunks are re-hashed, the good ones kept), drops a
+chunk whose size or SHA-256 does not match the plan (reported for re-fetch), never writes more
+than the manifest declares, and rebuilds a bundle that :func:`edgekit.bundle.read_bundle`
+verifies. :func:`publish_bundle`, :func:`fetch_bundle` and :func:`clear_bundle` are the thin
+MQTT shells around it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from .atomic import atomic_write, fsync_dir
+from .bundle import (
+    MANIFEST_FILE,
+    MAX_BUNDLE_SIZE,
+    SIGNATURE_FILE,
+    Bundle,
+    manifest_id,
+    read_bundle,
+    verify_manifest_signature,
+)
+from .errors import BrokerError, BundleError
+from .manifest import Manifest
+from .mqtt import Message, MqttClient
+from .topics import Topics
+from .trust import TrustedKeys
+
+__all__ = [
+    "ChunkAssembler",
+    "ChunkResult",
+    "VerifiedManifest",
+    "bundle_messages",
+    "clear_bundle",
+    "fetch_bundle",
+    "manifest_message",
+    "publish_bundle",
+    "verify_manifest_message",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_MESSAGE_SCHEMA = "edgekit.bundle-manifest"
+MANIFEST_MESSAGE_VERSION = 1
+MAX_MANIFEST_MESSAGE = 2 * 1024 * 1024
+PART_FILE = "bundle.ekb.part"
+BUNDLE_FILE = "bundle.ekb"
+
+
+@dataclass(frozen=True)
+class VerifiedManifest:
+    """A manifest whose signature a trusted key made and whose digest is the one asked for."""
+
+    digest: str
+    manifest: Manifest
+    manifest_bytes: bytes
+    signature: bytes
+    signer: str
+
+
+def manifest_message(bundle: Bundle) -> bytes:
+    """The retained manifest message of a bundle (versioned JSON)."""
+    return json.dumps(
+        {
+            "schema": MANIFEST_MESSAGE_SCHEMA,
+            "schema_version": MANIFEST_MESSAGE_VERSION,
+            "manifest": base64.b64encode(bundle.manifest_bytes).decode("ascii"),
+            "signature": base64.b64encode(bundle.signature).decode("ascii"),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode("ascii")
+
+
+def verify_manifest_message(
+    data: bytes, trusted: TrustedKeys, digest: str, max_size: int = MAX_BUNDLE_SIZE
+) -> VerifiedManifest:
+    """Check a manifest message against the digest the signed desired state names, and the
+    signature against ``trusted``. BundleError (SignatureError, UntrustedKeyError) if not."""
+    if len(data) > MAX_MANIFEST_MESSAGE:
+        raise BundleError(
+            f"the manifest message of bundle {digest[:12]} is over {MAX_MANIFEST_MESSAGE} bytes"
+        )
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"))
+        if not isinstance(doc, dict) or doc.get("schema") != MANIFEST_MESSAGE_SCHEMA:
+            raise ValueError("not a manifest message")
+        if doc.get("schema_version") != MANIFEST_MESSAGE_VERSION:
+            raise ValueError(f"version {doc.get('schema_version')!r} is not supported; upgrade edgekit")
+        manifest_bytes = base64.b64decode(doc["manifest"], validate=True)
+        signature = base64.b64decode(doc["signature"], validate=True)
+    except (UnicodeDecodeError, ValueError, binascii.Error, KeyError, TypeError, RecursionError) as exc:
+        raise BundleError(f"the manifest message of bundle {digest[:12]} is malformed ({exc})") from None
+    if manifest_id(manifest_bytes) != digest:
+        raise BundleError(
+            f"the manifest published for bundle {digest[:12]} has another digest; "
+            "it is not the bundle the desired state names (mix-and-match), refusing it"
+        )
+    signer = verify_manifest_signature(manifest_bytes, signature, trusted)
+    manifest = Manifest.from_json(manifest_bytes)
+    if manifest.chunks.total_size > max_size:
+        raise BundleError(
+            f"bundle {manifest.label} is {manifest.chunks.total_size} bytes, over the {max_size}-byte limit"
+        )
+    return VerifiedManifest(digest, manifest, manifest_bytes, signature, signer)
+
+
+def _payload(bundle: Bundle) -> bytes:
+    return b"".join(bundle.members[entry.name] for entry in bundle.manifest.files)
+
+
+def bundle_messages(bundle: Bundle, topics: Topics) -> Iterator[tuple[str, bytes]]:
+    """(topic, payload) of every retained message of a bundle: chunks in order, manifest last."""
+    digest = bundle.bundle_id
+    payload = _payload(bundle)
+    size = bundle.manifest.chunks.chunk_size
+    for index in range(len(bundle.manifest.chunks.sha256)):
+        yield topics.bundle_chunk(digest, index), payload[index * size : (index + 1) * size]
+    yield topics.bundle_manifest(digest), manifest_message(bundle)
+
+
+def publish_bundle(
+    client: MqttClient,
+    bundle: Bundle,
+    topics: Optional[Topics] = None,
+    *,
+    qos: int = 1,
+    timeout: float = 300.0,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> str:
+    """Publish a bundle as retained messages and wait until the broker has them all.
+
+    Returns the bundle digest. ``progress(sent_bytes, total_bytes)`` is called as the broker
+    acknowledges chunks. BrokerError if the broker does not take them within ``timeout``.
+    """
+    topics = topics or Topics()
+    deadline = time.monotonic() + timeout
+    total = bundle.manifest.chunks.total_size
+    messages = list(bundle_messages(bundle, topics))
+    deliveries = [
+        (client.publish(topic, data, qos=qos, retain=True), len(data)) for topic, data in messages[:-1]
+    ]
+    sent = 0
+    for delivery, length in deliveries:
+        delivery.wait(max(0.0, deadline - time.monotonic()))
+        sent += length
+        if progress is not None:
+            progress(sent, total)
+    topic, data = messages[-1]
+    client.publish(topic, data, qos=qos, retain=True).wait(max(0.0, deadline - time.monotonic()))
+    log.info("published bundle %s (%s) in %d chunks", bundle.manifest.label, topic, len(deliveries))
+    return bundle.bundle_id
+
+
+def clear_bundle(
+    client: MqttClient, digest: str, chunk_count: int, topics: Optional[Topics] = None, timeout: float = 60.0
+) -> None:
+    """Remove a bundle's retained messages (empty retained publishes), manifest first so no
+    device starts fetching a bundle that is going away."""
+    topics = topics or Topics()
+    deliveries = [client.publish(topics.bundle_manifest(digest), b"", qos=1, retain=True)]
+    deliveries += [
+        client.publish(topics.bundle_chunk(digest, index), b"", qos=1, retain=True)
+        for index in range(chunk_count)
+    ]
+    deadline = time.monotonic() + timeout
+    for delivery in deliveries:
+        delivery.wait(max(0.0, deadline - time.monotonic()))
+    log.info("cleared bundle %s (%d chunks)", digest[:12], chunk_count)
+
+
+class ChunkResult:
+    """What :meth:`ChunkAssembler.add` did with a chunk."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    BAD_INDEX = "bad-index"
+    BAD_SIZE = "bad-size"
+    BAD_HASH = "bad-hash"
+    BAD = (BAD_INDEX, BAD_SIZE, BAD_HASH)
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One member's bytes inside the transport payload, and where they go in the .ekb file."""
+
+    payload_start: int
+    size: int
+    file_offset: int
+
+
+def _tar_layout(verified: VerifiedManifest) -> tuple[list[tuple[int, bytes]], list[_Segment], int]:
+    """The .ekb that ``create_bundle`` wrote, laid out in advance: the fixed blocks to write
+    (tar headers, manifest, signature) with their offsets, where each member's bytes go, and
+    the file size. Laid out the way :mod:`tarfile` writes a USTAR archive, so a bundle
+    rebuilt from chunks is byte-identical to the original."""
+    mtime = _epoch(verified.manifest.created_at)
+    fixed: list[tuple[int, bytes]] = []
+    segments: list[_Segment] = []
+    offset = 0
+
+    def header(name: str, size: int) -> None:
+        nonlocal offset
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, mtime, 0o644
+        fixed.append((offset, info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")))
+        offset += tarfile.BLOCKSIZE
+
+    def padded(size: int) -> int:
+        return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+    for name, data in ((MANIFEST_FILE, verified.manifest_bytes), (SIGNATURE_FILE, verified.signature)):
+        header(name, len(data))
+        fixed.append((offset, data))
+        offset += padded(len(data))
+    payload_start = 0
+    for entry in verified.manifest.files:
+        header(entry.name, entry.size)
+        segments.append(_Segment(payload_start, entry.size, offset))
+        payload_start += entry.size
+        offset += padded(entry.size)
+    offset += 2 * tarfile.BLOCKSIZE  # end-of-archive marker (zeros)
+    offset += -offset % tarfile.RECORDSIZE  # tarfile pads to whole records
+    return fixed, segments, offset
+
+
+class ChunkAssembler:
+    """Collects the chunks of one verified bundle in ``directory`` and rebuilds the bundle.
+
+    Chunks are written straight into their place in ``bundle.ekb.part``, laid out as the final
+    ``.ekb`` (tar headers, manifest and signature are written first), so finishing is a
+    rename, not a copy. Creating an assembler on a directory that already holds a partial
+    download of the same bundle resumes it: each chunk's bytes on disk are re-hashed and the
+    good ones kept (a chunk torn by a power loss is simply fetched again). Not thread-safe:
+    call it from one thread (the MQTT dispatcher thread, for instance).
+    """
+
+    def __init__(self, directory: Path, verified: VerifiedManifest) -> None:
+        self.directory = Path(directory)
+        self.verified = verified
+        plan = verified.manifest.chunks
+        self._plan = plan
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stored = self.directory / MANIFEST_FILE
+        if stored.exists() and stored.read_bytes() != verified.manifest_bytes:
+            raise BundleError(
+                f"{self.directory} holds a download of another bundle; use one directory per bundle digest"
+            )
+        if not stored.exists():
+            atomic_write(self.directory / SIGNATURE_FILE, verified.signature)
+            atomic_write(stored, verified.manifest_bytes)
+        fixed, self._segments, self._file_size = _tar_layout(verified)
+        self._fd = os.open(self.directory / PART_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        existing = os.fstat(self._fd).st_size
+        if existing != self._file_size:
+            os.ftruncate(self._fd, self._file_size)  # never more than the manifest declares
+        for offset, data in fixed:
+            os.pwrite(self._fd, data, offset)
+        self._have: set[int] = set()
+        self._received = 0
+        self.rejected = 0
+        #: Chunks that failed their check and still need a good copy.
+        self.bad: set[int] = set()
+        for index in range(len(plan.sha256) if existing else 0):  # a new file holds no chunk yet
+            if self._read(index) is not None:
+                self._have.add(index)
+                self._received += self._expected_size(index)
+        if self._have:
+            log.info(
+                "resuming bundle %s: %d of %d chunks already stored",
+                verified.manifest.label,
+                len(self._have),
+                len(plan.sha256),
+            )
+
+    @classmethod
+    def resume(cls, directory: Path, trusted: TrustedKeys, digest: str) -> ChunkAssembler:
+        """Reopen a download after a restart, re-verifying the stored manifest."""
+        directory = Path(directory)
+        try:
+            manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
+            signature = (directory / SIGNATURE_FILE).read_bytes()
+        except OSError:
+            raise BundleError(f"{directory} holds no download to resume") from None
+        if manifest_id(manifest_bytes) != digest:
+            raise BundleError(f"{directory} holds a download of another bundle than {digest[:12]}")
+        signer = verify_manifest_signature(manifest_bytes, signature, trusted)
+        manifest = Manifest.from_json(manifest_bytes)
+        return cls(directory, VerifiedManifest(digest, manifest, manifest_bytes, signature, signer))
+
+    def _expected_size(self, index: int) -> int:
+        size = self._plan.chunk_size
+        return min(size, self._plan.total_size - index * size)
+
+    def _spans(self, index: int) -> Iterator[tuple[int, int, int]]:
+        """(offset in chunk, offset in file, length) of each piece of chunk ``index``."""
+        start = index * self._plan.chunk_size
+        end = start + self._expected_size(index)
+        for seg in self._segments:
+            lo, hi = max(start, seg.payload_start), min(end, seg.payload_start + seg.size)
+            if lo < hi:
+                yield lo - start, seg.file_offset + lo - seg.payload_start, hi - lo
+
+    def _read(self, index: int) -> Optional[bytes]:
+        data = b"".join(os.pread(self._fd, length, at) for _, at, length in self._spans(index))
+        if (
+            len(data) == self._expected_size(index)
+            and hashlib.sha256(data).hexdigest() == self._plan.sha256[index]
+        ):
+            return data
+        return None
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._plan.sha256)
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i in range(self.chunk_count) if i not in self._have]
+
+    @property
+    def complete(self) -> bool:
+        return len(self._have) == self.chunk_count
+
+    @property
+    def received_bytes(self) -> int:
+        return self._received
+
+    @property
+    def total_bytes(self) -> int:
+        return self._plan.total_size
+
+    def add(self, index: int, data: bytes) -> str:
+        """Store chunk ``index`` if it is exactly what the signed plan says; returns a
+        :class:`ChunkResult`. A bad chunk is dropped, counted, and listed in :attr:`bad`."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.chunk_count:
+            self.rejected += 1
+            log.warning("dropped chunk %r of bundle %s: no such chunk", index, self.verified.manifest.label)
+            return ChunkResult.BAD_INDEX
+        if index in self._have:
+            return ChunkResult.DUPLICATE
+        expected = self._expected_size(index)
+        if len(data) != expected:
+            result = ChunkResult.BAD_SIZE
+        elif hashlib.sha256(data).hexdigest() != self._plan.sha256[index]:
+            result = ChunkResult.BAD_HASH
+        else:
+            view = memoryview(data)
+            for in_chunk, at, length in self._spans(index):
+                if os.pwrite(self._fd, view[in_chunk : in_chunk + length], at) != length:
+                    raise BundleError(f"short write storing chunk {index} in {self.directory} (disk full?)")
+            self._have.add(index)
+            self._received += expected
+            self.bad.discard(index)
+            return ChunkResult.STORED
+        self.rejected += 1
+        self.bad.add(index)
+        log.warning(
+            "dropped chunk %d of bundle %s (%s: %d bytes, expected %d); it must be fetched again",
+            index,
+            self.verified.manifest.label,
+            result,
+            len(data),
+            expected,
+        )
+        return result
+
+    def finish(self, trusted: TrustedKeys) -> Bundle:
+        """Make the download durable (fsync), rename it to ``bundle.ekb`` and verify it in
+        full with :func:`read_bundle` (signature, every member's SHA-256, the chunk plan).
+        A bundle that fails is deleted, never left to be trusted later."""
+        if not self.complete:
+            raise BundleError(
+                f"bundle {self.verified.manifest.label} is incomplete: {len(self.missing)} chunks missing"
+            )
+        os.fsync(self._fd)
+        self.close()
+        final = self.directory / BUNDLE_FILE
+        os.replace(self.directory / PART_FILE, final)
+        fsync_dir(self.directory)
+        try:
+            return read_bundle(final, trusted, max_size=self._file_size)
+        except BundleError:
+            final.unlink()
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _epoch(created_at: str) -> int:
+    try:
+        return int(
+            datetime.strptime(created_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+        )
+    except ValueError:
+        return 0
+
+
+def _finished_download(directory: Path, trusted: TrustedKeys, digest: str, max_size: int) -> Optional[Bundle]:
+    """The bundle an earlier fetch completed in ``directory``, re-verified; None if there is none."""
+    path = directory / BUNDLE_FILE
+    try:
+        stored = (directory / MANIFEST_FILE).read_bytes()
+    except OSError:
+        return None
+    if not path.exists() or hashlib.sha256(stored).hexdigest() != digest:
+        return None
+    try:
+        bundle = read_bundle(path, trusted, max_size)
+    except BundleError as exc:
+        log.warning("discarding the stored download of bundle %s: %s", digest[:12], exc)
+        path.unlink()
+        return None
+    return bundle if bundle.manifest_bytes == stored else None
+
+
+def fetch_bundle(
+    client: MqttClient,
+    digest: str,
+    trusted: TrustedKeys,
+    directory: Path,
+    topics: Optional[Topics] = None,
+    *,
+    timeout: float = 600.0,
+    max_refetch: int = 3,
+    max_size: int = MAX_BUNDLE_SIZE,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Bundle:
+    """Fetch bundle ``digest`` from the broker's retained messages into ``directory`` and
+    return it verified. Resumes a partial download in ``directory``; survives broker outages
+    (the client re-subscribes and the broker re-sends what is retained); returns a download
+    an earlier call completed in ``directory`` after re-verifying it; re-fetches a chunk
+    that fails its check up to ``max_refetch`` times. BundleError if the bundle is not
+    trusted or a chunk stays corrupt; BrokerError if it does not arrive within ``timeout``.
+    """
+    topics = topics or Topics()
+    finished = _finished_download(Path(directory), trusted, digest, max_size)
+    if finished is not None:
+        return finished
+    done = threading.Event()
+    state: dict[str, object] = {}
+    assembler_box: list[ChunkAssembler] = []
+    attempts: dict[int, int] = {}
+    refetching: set[int] = set()
+    chunk_prefix = topics.bundle_manifest(digest)[: -len("manifest")] + "chunks/"
+
+    def fail(error: Exception) -> None:
+        state.setdefault("error", error)
+        done.set()
+
+    def on_chunk(message: Message) -> None:
+        if done.is_set() or not assembler_box:
+            return
+        assembler = assembler_box[0]
+        try:
+            index = int(message.topic[len(chunk_prefix) :])
+        except ValueError:
+            return
+        if not message.payload:
+            return  # a cleared chunk
+        result = assembler.add(index, message.payload)
+        if index in refetching and result not in ChunkResult.BAD:
+            refetching.discard(index)
+            client.unsubscribe(topics.bundle_chunk(digest, index))
+        if result in ChunkResult.BAD and result != ChunkResult.BAD_INDEX:
+            attempts[index] = attempts.get(index, 0) + 1
+            if attempts[index] > max_refetch:
+                fail(
+                    BundleError(
+                        f"chunk {index} of bundle {assembler.verified.manifest.label} failed its SHA-256 check "
+                        f"{attempts[index]} times: the broker's retained copy is corrupt; publish the bundle again"
+                    )
+                )
+                return
+            # Subscribing to the chunk's own topic makes the broker re-send its retained copy.
+            refetching.add(index)
+            client.subscribe(topics.bundle_chunk(digest, index), on_chunk, timeout=None)
+        if progress is not None and result == ChunkResult.STORED:
+            progress(assembler.received_bytes, assembler.total_bytes)
+        if assembler.complete:
+            done.set()
+
+    def on_manifest(message: Message) -> None:
+        if assembler_box or done.is_set() or not message.payload:
+            return
+        try:
+            verified = verify_manifest_message(message.payload, trusted, digest, max_size)
+            assembler = ChunkAssembler(directory, verified)
+        except BundleError as exc:
+            fail(exc)
+            return
+        assembler_box.append(assembler)
+        if assembler.complete:
+            done.set()
+            return
+        if progress is not None:
+            progress(assembler.received_bytes, assembler.total_bytes)
+        client.subscribe(topics.bundle_chunks_filter(digest), on_chunk, timeout=None)
+
+    manifest_topic = topics.bundle_manifest(digest)
+    client.subscribe(manifest_topic, on_manifest, timeout=None)
+    try:
+        if not done.wait(timeout):
+            what = "its manifest" if not assembler_box else f"{len(assembler_box[0].missing)} chunks"
+            raise BrokerError(
+                f"bundle {digest[:12]} did not arrive within {timeout:g}s (waiting for {what}); "
+                "is it published, and is the broker reachable?"
+            )
+    finally:
+        client.unsubscribe(manifest_topic)
+        client.unsubscribe(topics.bundle_chunks_filter(digest))
+        for index in list(refetching):
+            client.unsubscribe(topics.bundle_chunk(digest, index))
+    error = state.get("error")
+    if isinstance(error, Exception):
+        if assembler_box:
+            assembler_box[0].close()
+        raise error
+    return assembler_box[0].finish(trusted)

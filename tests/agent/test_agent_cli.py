@@ -1,0 +1,181 @@
+"""`edgekit-agent` and `edgekit device add`: real processes, JSON output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from edgekit.agent import Agent, AgentConfig
+from edgekit.errors import ConfigError
+from edgekit.keys import init_key
+
+
+def agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgekit.agent.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def edgekit_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from edgekit.cli import main; main()", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_install_status_rollback_round_trip_with_json(config_path, bundles):
+    first = agent_cli("install", str(bundles.v1), "--config", str(config_path), "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["version"] == "1.0.0"
+    second = agent_cli("install", str(bundles.v2), "--config", str(config_path), "--json")
+    assert json.loads(second.stdout)["previous"] == "1.0.0"
+    status = json.loads(agent_cli("status", "--config", str(config_path), "--json").stdout)
+    assert (status["serving"], status["version"], status["device"]) == (True, "2.0.0", "pi-01")
+    assert status["runtime"] in ("ai_edge_litert", "tflite_runtime", "tensorflow")
+    back = agent_cli("rollback", "--config", str(config_path), "--json")
+    assert back.returncode == 0 and json.loads(back.stdout)["version"] == "1.0.0"
+    text = agent_cli("status", "--config", str(config_path))
+    assert "digits@1.0.0" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("which", "code", "words"),
+    [("untrusted", 5, "not trusted"), ("tampered", 4, "SHA-256"), ("unhealthy", 11, "health check failed")],
+)
+def test_refusals_are_one_line_with_their_exit_code(config_path, bundles, which, code, words):
+    assert agent_cli("install", str(bundles.v1), "--config", str(config_path)).returncode == 0
+    result = agent_cli("install", str(getattr(bundles, which)), "--config", str(config_path))
+    assert result.returncode == code
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_downgrade_needs_the_flag(config_path, bundles):
+    agent_cli("install", str(bundles.v2), "--config", str(config_path))
+    refused = agent_cli("install", str(bundles.v1), "--config", str(config_path))
+    assert refused.returncode == 10 and "--allow-downgrade" in refused.stderr
+    allowed = agent_cli(
+        "install", str(bundles.v1), "--config", str(config_path), "--allow-downgrade", "--json"
+    )
+    assert allowed.returncode == 0 and json.loads(allowed.stdout)["version"] == "1.0.0"
+
+
+def test_bad_config_names_the_key_and_the_file(tmp_path, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        f'device = "d"\nfleet = "f"\nstate_dir = "s"\nthreads = "many"\ntrusted_keys = """{key.public.pem().decode()}"""\n'
+    )
+    result = agent_cli("status", "--config", str(path))
+    assert result.returncode == 2 and "threads" in result.stderr and str(path) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_queues_telemetry_and_stops_cleanly_on_sigterm(config_path, bundles):
+    assert agent_cli("install", str(bundles.v1), "--config", str(config_path)).returncode == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgekit.agent.cli", "run", "--config", str(config_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:  # wait for the ready line: the agent has recovered and loaded
+        if "ready" in line:
+            assert "digits@1.0.0" in line
+            break
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 0, rest
+    assert "stopped" in rest
+    with Agent.from_config(config_path, background=False) as agent:
+        records = agent.telemetry.peek()
+    assert records and records[-1]["bundle"]["version"] == "1.0.0"
+
+
+def test_device_add_writes_a_config_the_agent_loads_with_our_key(tmp_path, edgekit_home):
+    info = init_key(edgekit_home)
+    out = tmp_path / "pi-07.toml"
+    result = edgekit_cli(
+        "device",
+        "add",
+        "pi-07",
+        "--fleet",
+        "cams",
+        "--broker",
+        "mqtt://broker:1883",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "-o",
+        str(out),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["trusted_key_ids"] == [info.key_id]
+    config = AgentConfig.load(out)
+    assert (config.device, config.fleet, config.broker) == ("pi-07", "cams", "mqtt://broker:1883")
+    assert [k.key_id for k in config.trusted()] == [info.key_id]
+    again = edgekit_cli("device", "add", "pi-07", "--fleet", "cams", "-o", str(out))
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_device_add_without_a_key_says_how_to_make_one(tmp_path):
+    result = edgekit_cli("device", "add", "pi-08", "--fleet", "cams", "-o", str(tmp_path / "x.toml"))
+    assert result.returncode == 3 and "edgekit keys init" in result.stderr
+
+
+def test_env_overrides_file_and_kwargs_override_env(config_path, monkeypatch):
+    monkeypatch.setenv("EDGEKIT_DRIFT_SAMPLE_RATE", "0.5")
+    monkeypatch.setenv("EDGEKIT_FLEET", "other")
+    assert AgentConfig.load(config_path).drift_sample_rate == 0.5
+    config = AgentConfig.load(config_path, fleet="third")
+    assert (config.fleet, config.drift_sample_rate) == ("third", 0.5)
+    monkeypatch.setenv("EDGEKIT_DRIFT_WINDOW", "lots")
+    with pytest.raises(ConfigError, match="EDGEKIT_DRIFT_WINDOW"):
+        AgentConfig.load(config_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('colour = "blue"\n', "unknown key 'colour'"),
+        ("[drift]\nsample_rate = 2.0\n", "drift.sample_rate"),
+        ("broker = 5\n", "broker must be a string"),
+        ("[telemetry]\nqueue_max = 0\n", "telemetry.queue_max"),
+    ],
+)
+def test_config_errors_name_key_and_file(config_path: Path, text, match):
+    content = config_path.read_text()
+    if text.startswith("["):
+        config_path.write_text(content + text)
+    else:
+        config_path.write_text(text + content)
+    with pytest.raises(ConfigError, match=match) as caught:
+        AgentConfig.load(config_path)
+    assert str(config_path) in str(caught.value)
+
+
+def test_unknown_runtime_is_refused(config_path):
+    with pytest.raises(ConfigError, match="unknown runtime 'onnx'"):
+        AgentConfig.load(config_path, runtime="onnx")
+
+
+def test_missing_and_broken_trusted_keys_are_config_errors(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text('device = "d"\nfleet = "f"\nstate_dir = "s"\n')
+    with pytest.raises(ConfigError, match="trusted_keys"):
+        AgentConfig.load(path)
+    path.write_text('device = "d"\nfleet = "f"\nstate_dir = "s"\ntrusted_keys = "nope"\n')
+    with pytest.raises(ConfigError, match="trusted_keys"):
+        AgentConfig.load(path)

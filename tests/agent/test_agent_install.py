@@ -1,0 +1,200 @@
+"""The install pipeline: what gets served, every refusal, rollback, GC, and boot recovery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgekit.agent import Agent, AgentConfig
+from edgekit.errors import BundleError, HealthCheckError, InstallError, UntrustedKeyError
+from edgekit.runtime import Model, dequantize, quantize
+from edgekit.tflite import inspect_tflite
+
+
+def events(agent: Agent) -> list[dict]:
+    return agent.events.peek()
+
+
+def bare_outputs(model_path: Path, x: np.ndarray) -> np.ndarray:
+    """What the model gives for real-valued ``x`` run by hand on a bare interpreter."""
+    model = Model(model_path.read_bytes(), threads=1)
+    info = inspect_tflite(model_path.read_bytes())
+    (spec,), (out,) = info.inputs, info.outputs
+    return dequantize(model.run([quantize(x.reshape(spec.shape), spec)])[0], out)
+
+
+@pytest.fixture
+def agent(config_path: Path):
+    a = Agent.from_config(config_path, background=False)
+    yield a
+    a.close()
+
+
+def test_a_fresh_device_serves_nothing_and_says_how_to_fix_it(agent):
+    assert not agent.status().serving
+    with pytest.raises(InstallError, match="edgekit-agent install"):
+        agent.predict(np.zeros((1, 8, 8, 1), np.float32))
+
+
+def test_installed_fp32_bundle_predicts_exactly_like_the_bare_interpreter(agent, bundles, models):
+    result = agent.install(bundles.v1)
+    assert (result.version, result.changed, result.previous) == ("1.0.0", True, None)
+    for x in models.x_test[:20]:
+        (out,) = agent.predict(x)  # per-sample shape, batch axis added
+        np.testing.assert_array_equal(out, bare_outputs(models.fp32, x))
+        assert out.shape == (1, 10)
+    named = agent.predict(models.x_test[0][None], as_dict=True)
+    (name,) = named
+    assert name == agent.status().outputs[0]["name"]
+    np.testing.assert_array_equal(named[name], bare_outputs(models.fp32, models.x_test[0]))
+    assert [e["kind"] for e in events(agent)] == ["installed"]
+
+
+def test_int8_model_takes_floats_and_returns_dequantized_scores_unless_raw(agent, bundles, models):
+    agent.install(bundles.v2)
+    info = inspect_tflite(models.int8.read_bytes())
+    (spec,), (out_spec,) = info.inputs, info.outputs
+    x = models.x_test[3]
+    (scores,) = agent.predict(x)
+    assert scores.dtype == np.float32
+    np.testing.assert_allclose(scores, bare_outputs(models.int8, x))
+    (raw,) = agent.predict(quantize(x[None], spec), raw=True)
+    assert raw.dtype == np.int8
+    np.testing.assert_allclose(dequantize(raw, out_spec), scores)
+    accuracy = np.mean(
+        [int(np.argmax(agent.predict(s)[0])) == int(t) for s, t in zip(models.x_test, models.y_test)]
+    )
+    assert accuracy > 0.8
+
+
+def test_bad_input_is_a_typed_error_and_counted(agent, bundles):
+    from edgekit.errors import DataError
+
+    agent.install(bundles.v1)
+    with pytest.raises(DataError, match=r"shape \[1, 8, 8, 1\]"):
+        agent.predict(np.zeros((3, 3), np.float32))
+    record = agent.flush_telemetry()
+    assert record is not None and record.errors == 1 and record.count == 0
+
+
+@pytest.mark.parametrize(
+    ("which", "error", "kind"),
+    [
+        ("untrusted", UntrustedKeyError, "install_refused"),
+        ("tampered", BundleError, "install_refused"),
+        ("unhealthy", HealthCheckError, "healthcheck_failed"),
+        ("v1_again_lower", InstallError, "install_refused"),
+    ],
+)
+def test_every_refusal_keeps_the_old_model_serving_and_records_an_event(
+    agent, bundles, models, which, error, kind
+):
+    agent.install(bundles.v1)
+    agent.install(bundles.v2)
+    before = agent.predict(models.x_test[0])
+    target = bundles.v1 if which == "v1_again_lower" else getattr(bundles, which)
+    with pytest.raises(error):
+        agent.install(target)
+    status = agent.status()
+    assert status.version == "2.0.0"
+    np.testing.assert_array_equal(agent.predict(models.x_test[0])[0], before[0])
+    last = events(agent)[-1]
+    assert last["kind"] == kind and last["message"]
+    # Nothing of the refused bundle is left on disk; the previous bundle is kept for rollback.
+    dirs = sorted(p.name for p in agent.store.bundles.iterdir())
+    assert len(dirs) == 2 and all(d.startswith(("digits-1.0.0-", "digits-2.0.0-")) for d in dirs)
+    # A fresh agent (a reboot) serves the same model.
+    again = Agent(agent.config, background=False)
+    assert again.status().version == "2.0.0"
+    again.close()
+
+
+def test_tampered_bundle_error_is_about_integrity(agent, bundles):
+    with pytest.raises(BundleError, match="SHA-256|does not verify"):
+        agent.install(bundles.tampered)
+
+
+def test_downgrade_is_allowed_when_asked_and_same_bundle_is_a_no_op(agent, bundles):
+    agent.install(bundles.v2)
+    assert not agent.install(bundles.v2).changed
+    result = agent.install(bundles.v1, allow_downgrade=True)
+    assert (result.version, result.previous) == ("1.0.0", "2.0.0")
+
+
+def test_rollback_swaps_current_and_previous_and_gc_keeps_two(agent, bundles, models):
+    with pytest.raises(InstallError, match="no previous bundle"):
+        agent.rollback()
+    agent.install(bundles.v1)
+    agent.install(bundles.v2)
+    agent.install(bundles.v3)
+    assert len(list(agent.store.bundles.iterdir())) == 2  # v1 was garbage-collected
+    loaded = agent.rollback()
+    assert loaded.manifest.version == "2.0.0" == agent.status().version
+    np.testing.assert_allclose(
+        agent.predict(models.x_test[1])[0], bare_outputs(models.int8, models.x_test[1])
+    )
+    assert agent.status().previous.startswith("digits-3.0.0-")
+    assert [e["kind"] for e in events(agent)][-1] == "rolled_back"
+
+
+def test_boot_falls_back_to_previous_when_current_is_incomplete(config_path, bundles, models):
+    with Agent.from_config(config_path, background=False) as agent:
+        agent.install(bundles.v1)
+        agent.install(bundles.v2)
+        current = agent.store.bundles / agent.store.pointer()["current"]
+    # Power loss on a disk that lied about fsync: the model file is cut short.
+    model_file = current / "model.tflite"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with Agent.from_config(config_path, background=False) as agent:
+        assert agent.status().version == "1.0.0"
+        np.testing.assert_array_equal(
+            agent.predict(models.x_test[0])[0], bare_outputs(models.fp32, models.x_test[0])
+        )
+        kinds = [e["kind"] for e in events(agent)]
+        assert kinds[-2:] == ["verify_failed", "recovered"]
+        assert not current.exists()
+
+
+def test_boot_with_no_servable_bundle_serves_nothing_and_says_so(config_path, bundles):
+    with Agent.from_config(config_path, background=False) as agent:
+        agent.install(bundles.v1)
+        current = agent.store.bundles / agent.store.pointer()["current"]
+    (current / "manifest.sig").write_bytes(b"\0" * 64)
+    with Agent.from_config(config_path, background=False) as agent:
+        assert not agent.status().serving
+        assert [e["kind"] for e in events(agent)][-1] == "no_model"
+
+
+def test_installed_state_is_plain_json_naming_two_directories(agent, bundles):
+    agent.install(bundles.v1)
+    agent.install(bundles.v2)
+    doc = json.loads((agent.store.state_dir / "installed.json").read_text())
+    assert doc["current"].startswith("digits-2.0.0-") and doc["previous"].startswith("digits-1.0.0-")
+
+
+def test_bundle_over_the_configured_size_limit_is_refused(make_config, bundles):
+    path = make_config("small", max_bundle_size=2048)
+    with Agent.from_config(path, background=False) as agent:
+        with pytest.raises(BundleError, match="limit"):
+            agent.install(bundles.v1)
+        assert agent.events.peek()[-1]["kind"] == "install_refused"
+
+
+def test_config_kwargs_override_file(config_path):
+    config = AgentConfig.load(config_path, threads=3, drift_window=50)
+    assert (config.threads, config.drift_window, config.device) == (3, 50, "pi-01")
+
+
+def test_a_running_agent_serves_what_another_process_committed(config_path, bundles, models):
+    with Agent.from_config(config_path, background=False) as daemon:
+        daemon.install(bundles.v1)
+        assert not daemon.reload_if_changed()
+        with Agent.from_config(config_path, background=False) as cli:  # e.g. `edgekit-agent install`
+            cli.install(bundles.v2)
+        assert daemon.reload_if_changed()
+        assert daemon.status().version == "2.0.0"
+        np.testing.assert_allclose(
+            daemon.predict(models.x_test[0])[0], bare_outputs(models.int8, models.x_test[0])
+        )

@@ -1,0 +1,290 @@
+"""The agent's MQTT side against a real Mosquitto: desired state in, bundles fetched, reports out."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from edgekit import SigningKey, TrustedKeys
+from edgekit.agent import Agent
+from edgekit.agent.daemon import AgentDaemon
+from edgekit.bundle import read_bundle
+from edgekit.desired import new_desired_state, sign_desired_state
+from edgekit.mqtt import Message, MqttClient
+from edgekit.reports import DeviceStateReport
+from edgekit.topics import Topics
+from edgekit.transfer import publish_bundle
+
+TOPICS = Topics()
+
+
+class Watcher:
+    """A workstation-side client that records every message under edgekit/# as it arrives."""
+
+    def __init__(self, url: str) -> None:
+        self.client = MqttClient(url, client_id="test-watcher").connect(timeout=10)
+        self.messages: list[Message] = []
+        self._changed = threading.Condition()
+        self.client.subscribe("edgekit/devices/#", self._on_message)
+
+    def _on_message(self, message: Message) -> None:
+        with self._changed:
+            self.messages.append(message)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[Message]], object], timeout: float = 30.0) -> object:
+        """Wait (on the condition, not a sleep) until ``predicate(messages)`` is truthy."""
+        with self._changed:
+            result = self._changed.wait_for(lambda: predicate(self.messages), timeout)
+        assert result, f"timed out; last messages: {[m.topic for m in self.messages[-5:]]}"
+        return result
+
+    def states(self, device: str = "pi-01") -> list[DeviceStateReport]:
+        topic = TOPICS.device_state(device)
+        return [
+            DeviceStateReport.from_json(m.payload) for m in self.messages if m.topic == topic and m.payload
+        ]
+
+    def serving(self, version: str, device: str = "pi-01") -> Callable[[list[Message]], bool]:
+        def check(_: list[Message]) -> bool:
+            states = self.states(device)
+            return bool(states) and states[-1].status == "serving" and states[-1].bundle_version == version
+
+        return check
+
+    def records(self, leaf: str, device: str = "pi-01") -> list[dict]:
+        topic = f"edgekit/devices/{device}/{leaf}"
+        return [json.loads(m.payload) for m in self.messages if m.topic == topic]
+
+    def publish_bundle(self, path: Path, key: SigningKey) -> str:
+        return publish_bundle(self.client, read_bundle(path, TrustedKeys([key.public])))
+
+    def desire(
+        self,
+        key: SigningKey,
+        path: Path,
+        seq: int,
+        fleet: str = "lab",
+        device: str | None = None,
+        **kwargs: object,
+    ) -> None:
+        bundle = read_bundle(path, TrustedKeys([key.public]))
+        state = new_desired_state(
+            fleet,
+            bundle_sha256=bundle.bundle_id,
+            bundle_name=bundle.manifest.name,
+            bundle_version=bundle.manifest.version,
+            seq=seq,
+            device=device,
+            **kwargs,
+        )
+        topic = TOPICS.device_desired(device) if device else TOPICS.fleet_desired(fleet)
+        self.client.publish(topic, sign_desired_state(state, key), retain=True).wait(10)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def watcher(mosquitto) -> Iterator[Watcher]:
+    w = Watcher(mosquitto.url)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def device(mosquitto, make_config) -> Iterator[AgentDaemon]:
+    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600)
+    agent = Agent.from_config(config, background=False)
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    yield daemon
+    daemon.stop()
+    agent.close()
+
+
+def test_a_signed_desired_state_installs_the_bundle_from_the_broker(watcher, device, bundles, key, models):
+    watcher.publish_bundle(bundles.v1, key)
+    watcher.desire(key, bundles.v1, seq=1)
+    watcher.wait_for(watcher.serving("1.0.0"))
+    statuses = [s.status for s in watcher.states()]
+    assert "downloading" in statuses and "installing" in statuses
+    assert device.agent.predict(models.x_test[:1])[0].shape == (1, 10)
+    events = watcher.wait_for(lambda _: [e for e in watcher.records("events") if e["kind"] == "installed"])
+    assert events[0]["device"] == "pi-01"
+
+
+def test_newer_documents_upgrade_and_roll_back_older_ones_are_ignored(watcher, device, bundles, key):
+    for path in (bundles.v1, bundles.v2):
+        watcher.publish_bundle(path, key)
+    watcher.desire(key, bundles.v1, seq=5)
+    watcher.wait_for(watcher.serving("1.0.0"))
+    watcher.desire(key, bundles.v2, seq=6)
+    watcher.wait_for(watcher.serving("2.0.0"))
+    # An operator's rollback: a newer document naming the older bundle.
+    watcher.desire(key, bundles.v1, seq=7)
+    watcher.wait_for(watcher.serving("1.0.0"))
+    # A replay of an old document changes nothing, and is counted as refused.
+    watcher.desire(key, bundles.v2, seq=6)
+    watcher.wait_for(lambda _: device.refused >= 1)
+    assert device.agent.status().version == "1.0.0"
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("untrusted", "does not trust"),
+        ("expired", "expired"),
+        ("other-fleet", "not this device's fleet"),
+        ("other-device", "for device"),
+    ],
+)
+def test_refused_desired_states_leave_the_device_serving(
+    watcher, device, bundles, key, other_key, how, reason
+):
+    watcher.publish_bundle(bundles.v1, key)
+    watcher.publish_bundle(bundles.v3, key)
+    watcher.desire(key, bundles.v1, seq=1)
+    watcher.wait_for(watcher.serving("1.0.0"))
+    if how == "untrusted":
+        state = new_desired_state(
+            "lab",
+            bundle_sha256=read_bundle(bundles.v3, TrustedKeys([key.public])).bundle_id,
+            bundle_name="digits",
+            bundle_version="3.0.0",
+            seq=2,
+        )
+        watcher.client.publish(
+            TOPICS.fleet_desired("lab"), sign_desired_state(state, other_key), retain=True
+        ).wait(10)
+    elif how == "expired":
+        watcher.desire(key, bundles.v3, seq=2, now=1_000_000, ttl=60)
+    elif how == "other-fleet":
+        # Published (by a compromised operator account) on this fleet's topic, for another fleet.
+        bundle = read_bundle(bundles.v3, TrustedKeys([key.public]))
+        state = new_desired_state(
+            "other", bundle_sha256=bundle.bundle_id, bundle_name="digits", bundle_version="3.0.0", seq=2
+        )
+        watcher.client.publish(TOPICS.fleet_desired("lab"), sign_desired_state(state, key), retain=True).wait(
+            10
+        )
+    else:
+        bundle = read_bundle(bundles.v3, TrustedKeys([key.public]))
+        state = new_desired_state(
+            "lab",
+            bundle_sha256=bundle.bundle_id,
+            bundle_name="digits",
+            bundle_version="3.0.0",
+            seq=2,
+            device="pi-99",
+        )
+        watcher.client.publish(
+            TOPICS.device_desired("pi-01"), sign_desired_state(state, key), retain=True
+        ).wait(10)
+    refused = watcher.wait_for(
+        lambda _: [e for e in watcher.records("events") if e["kind"] == "desired_refused"]
+    )
+    assert reason in refused[0]["message"]
+    assert device.agent.status().version == "1.0.0"
+
+
+def test_a_failed_health_check_is_reported_and_the_old_model_serves(watcher, device, bundles, key, models):
+    watcher.publish_bundle(bundles.v1, key)
+    watcher.publish_bundle(bundles.unhealthy, key)
+    watcher.desire(key, bundles.v1, seq=1)
+    watcher.wait_for(watcher.serving("1.0.0"))
+    watcher.desire(key, bundles.unhealthy, seq=2)
+    watcher.wait_for(lambda _: watcher.states() and watcher.states()[-1].status == "failed")
+    failed = watcher.states()[-1]
+    assert "health check failed" in (failed.error or "") and failed.bundle_version == "1.0.0"
+    assert device.agent.predict(models.x_test[:1])[0].shape == (1, 10)
+
+
+def test_telemetry_queued_during_an_outage_arrives_in_order_without_gaps(
+    mosquitto, watcher, device, bundles, key
+):
+    watcher.publish_bundle(bundles.v1, key)
+    watcher.desire(key, bundles.v1, seq=1)
+    watcher.wait_for(watcher.serving("1.0.0"))
+    device.agent.flush_telemetry()
+    watcher.wait_for(lambda _: watcher.records("telemetry"))
+    watcher.close()
+    mosquitto.stop()
+    for _ in range(5):
+        device.agent.flush_telemetry()
+    mosquitto.start()  # persistence is off: retained bundles are gone, queued reports are not
+    again = Watcher(mosquitto.url)
+    try:
+        got = again.wait_for(lambda _: len(again.records("telemetry")) >= 5)
+        seqs = [r["seq"] for r in again.records("telemetry")]
+        assert seqs == sorted(seqs) and seqs[-5:] == list(range(seqs[-5], seqs[-5] + 5))
+        assert got
+        # The device said it is back.
+        again.wait_for(lambda _: again.states() and again.states()[-1].status == "serving")
+    finally:
+        again.close()
+
+
+def test_a_download_cut_by_a_broker_restart_resumes_where_it_stopped(
+    mosquitto, watcher, device, key, models, tmp_path
+):
+    """Half of a bundle's chunks are on the broker when it dies (kill -9, no persistence); once
+    it is back and the bundle is published again, the device finishes from its stored half."""
+    from edgekit import create_bundle
+    from edgekit.transfer import bundle_messages
+
+    padded = tmp_path / "padded.tflite"  # bytes after the flatbuffer are ignored by the runtime
+    padded.write_bytes(models.fp32.read_bytes() + bytes(range(256)) * 4096)  # +1 MiB
+    path = tmp_path / "big.ekb"
+    create_bundle(padded, name="digits", version="4.0.0", key=key, output=path, chunk_size=16 * 1024)
+    bundle = read_bundle(path, TrustedKeys([key.public]))
+    messages = list(bundle_messages(bundle, TOPICS))
+    chunks, manifest = messages[:-1], messages[-1]
+    half = len(chunks) // 2
+    for topic, data in [*chunks[:half], manifest]:
+        watcher.client.publish(topic, data, retain=True).wait(10)
+    watcher.desire(key, path, seq=1)
+
+    def stored_half(_: list[Message]) -> bool:
+        states = [s for s in watcher.states() if s.status == "downloading" and s.progress]
+        return bool(states) and states[-1].progress >= (half - 1) / len(chunks)
+
+    watcher.wait_for(stored_half)
+    watcher.close()
+    mosquitto.stop()
+    mosquitto.start()
+    again = Watcher(mosquitto.url)
+    try:
+        again.publish_bundle(path, key)
+        again.desire(key, path, seq=1)  # the broker lost its retained messages with it
+        again.wait_for(again.serving("4.0.0"), timeout=60)
+        resumed = [s.progress for s in again.states() if s.status == "downloading" and s.progress is not None]
+        assert resumed and resumed[0] >= (half - 1) / len(chunks)  # it did not start over
+        assert device.agent.status().version == "4.0.0"
+    finally:
+        again.close()
+
+
+def test_an_install_cut_by_a_restart_goes_on_when_the_agent_starts_again(
+    mosquitto, watcher, make_config, bundles, key
+):
+    """The desired state was applied (its seq saved) but the bundle never arrived before the
+    agent stopped; started again, the agent sees the same document and carries on with it."""
+    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600)
+    watcher.desire(key, bundles.v1, seq=1)  # the bundle is not on the broker yet
+    agent = Agent.from_config(config, background=False)
+    first = AgentDaemon(agent, fetch_timeout=1.0).start()
+    watcher.wait_for(lambda _: any(s.status == "downloading" for s in watcher.states()))
+    first.stop()
+    agent.close()
+    watcher.publish_bundle(bundles.v1, key)
+    agent = Agent.from_config(config, background=False)
+    second = AgentDaemon(agent).start()
+    try:
+        watcher.wait_for(watcher.serving("1.0.0"))
+        assert second.refused == 0
+    finally:
+        second.stop()
+        agent.close()

@@ -1,0 +1,211 @@
+"""Shared fixtures: real servers, real models, a private EDGEKIT_HOME for every test.
+
+- ``mosquitto``: a real Mosquitto on a free port with its own config (never 1883), killed at
+  the end of the test; tests may rewrite its config (ACLs) and restart it.
+- ``digits_models``: tiny Keras CNNs trained on scikit-learn's digits and converted to fp32
+  and int8 .tflite, once per session (TensorFlow import and training cost seconds).
+- ``third_party_tflite``: a real .tflite model shipped inside a PyPI package (MediaPipe's
+  face detector), fetched by `make test` as a wheel; never downloaded at test time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+THIRD_PARTY_DIR = REPO / ".cache" / "third-party"
+THIRD_PARTY_WHEEL_GLOB = "mediapipe-0.10.14-*.whl"
+THIRD_PARTY_MEMBER = "mediapipe/modules/face_detection/face_detection_short_range.tflite"
+
+
+@pytest.fixture(autouse=True)
+def edgekit_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty EDGEKIT_HOME and no passphrase in the environment."""
+    home = tmp_path_factory.mktemp("edgekit-home")
+    monkeypatch.setenv("EDGEKIT_HOME", str(home))
+    monkeypatch.delenv("EDGEKIT_KEY_PASSPHRASE", raising=False)
+    return home
+
+
+# -- Mosquitto ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Mosquitto:
+    """A Mosquitto broker of the test's own, on a free loopback port."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
+    extra_config: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "mosquitto.conf"
+
+    def write_config(self) -> None:
+        base = (
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            f"log_dest file {self.directory / 'mosquitto.log'}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+        )
+        self.config_path.write_text(base + self.extra_config)
+
+    def start(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            if not self.config_path.exists():
+                self.write_config()
+            self.process = subprocess.Popen(
+                ["mosquitto", "-c", str(self.config_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {err}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                # Polling the port is the readiness signal Mosquitto offers; bounded by the deadline.
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+def _mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if not found:
+        pytest.fail(
+            "mosquitto is not installed; run `make test`, which installs it (apt-get install mosquitto)"
+        )
+    return found
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + str(Path(_mosquitto_binary()).parent)
+    broker = Mosquitto(port=free_port(), directory=tmp_path / "mosquitto")
+    broker.directory.mkdir()
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DigitsModels:
+    keras_path: Path
+    fp32: Path
+    int8: Path
+    x_test: np.ndarray  # (N, 8, 8, 1) float32 in [0, 1]
+    y_test: np.ndarray
+    data_npz: Path  # x_test / y_test as a DATA file
+
+
+def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[..., None]
+    return x, digits.target.astype(np.int64)
+
+
+def train_digits_cnn(x: np.ndarray, y: np.ndarray, epochs: int = 4) -> object:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(8, 8, 1), batch_size=1),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+def convert_to_tflite(model: object, representative: np.ndarray | None = None) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if representative is not None:
+
+        def samples() -> Iterator[list[np.ndarray]]:
+            for sample in representative[:200]:
+                yield [sample[None]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = samples
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return bytes(converter.convert())
+
+
+@pytest.fixture(scope="session")
+def digits_models(tmp_path_factory: pytest.TempPathFactory) -> DigitsModels:
+    x, y = load_digits_images()
+    x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
+    model = train_digits_cnn(x_train, y_train)
+    out = tmp_path_factory.mktemp("digits-models")
+    keras_path = out / "digits.keras"
+    model.save(keras_path)  # type: ignore[attr-defined]
+    fp32 = out / "digits_fp32.tflite"
+    fp32.write_bytes(convert_to_tflite(model))
+    int8 = out / "digits_int8.tflite"
+    int8.write_bytes(convert_to_tflite(model, x_train))
+    data = out / "digits_test.npz"
+    np.savez(data, x=x_test, y=y_test)
+    return DigitsModels(keras_path, fp32, int8, x_test, y_test, data)
+
+
+@pytest.fixture(scope="session")
+def third_party_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wheels = sorted(THIRD_PARTY_DIR.glob(THIRD_PARTY_WHEEL_GLOB))
+    if not wheels:
+        pytest.fail(
+            f"no {THIRD_PARTY_WHEEL_GLOB} in {THIRD_PARTY_DIR}; `make test` fetches it with pip download"
+        )
+    out = tmp_path_factory.mktemp("third-party") / Path(THIRD_PARTY_MEMBER).name
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        out.write_bytes(wheel.read(THIRD_PARTY_MEMBER))
+    return out

@@ -1,0 +1,88 @@
+"""Registry fixtures: every registry test runs on SQLite and on PostgreSQL.
+
+PostgreSQL is the server on this machine (127.0.0.1:5432, or $EDGEKIT_TEST_POSTGRES); each test
+gets a throwaway database that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from edgekit.fleet.registry import DeviceState, EventRow, Registry, TelemetryRow
+
+POSTGRES = os.environ.get("EDGEKIT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    import psycopg
+
+    name = f"edgekit_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {POSTGRES} ({exc}); start it or set EDGEKIT_TEST_POSTGRES"
+        )
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def populate(registry: Registry) -> None:
+    registry.record_states(
+        [
+            DeviceState("cam-1", "shop", True, "serving", NOW, "a" * 64, "digits", "1.1.0"),
+            DeviceState(
+                "cam-2", "shop", False, "offline", NOW - timedelta(hours=1), "b" * 64, "digits", "1.0.0"
+            ),
+            DeviceState("door-1", "lobby", True, "serving", NOW, "a" * 64, "digits", "1.1.0"),
+        ]
+    )
+    rows = []
+    for seq in range(30):
+        end = NOW - timedelta(minutes=30 - seq)
+        rows.append(
+            TelemetryRow(
+                "cam-1",
+                seq,
+                end - timedelta(minutes=1),
+                end,
+                50,
+                0,
+                1.5,
+                2.0 + seq / 10,
+                4.0,
+                drift_score=0.01 * seq,
+                drifted=seq == 29,
+                bundle_version="1.1.0",
+            )
+        )
+    registry.add_telemetry(rows)
+    registry.add_events([EventRow("cam-1", 1, NOW, "install", "installed digits@1.1.0")])
+
+
+@pytest.fixture
+def registry(registry_url: str) -> Iterator[Registry]:
+    reg = Registry(registry_url)
+    populate(reg)
+    yield reg
+    reg.close()

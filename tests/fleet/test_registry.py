@@ -1,0 +1,116 @@
+"""The registry on SQLite and PostgreSQL: schema, idempotent writes, retention, reads."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from edgekit import ConfigError
+from edgekit.fleet.registry import DeviceState, EventRow, Registry, TelemetryRow
+from edgekit.fleet.registry.models import Base
+from sqlalchemy import inspect
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def window(device: str, seq: int, minutes: int = 1, **extra) -> TelemetryRow:
+    start = T0 + timedelta(minutes=seq * minutes)
+    return TelemetryRow(
+        device=device,
+        seq=seq,
+        window_start=start,
+        window_end=start + timedelta(minutes=minutes),
+        count=100 + seq,
+        errors=seq % 3,
+        latency_p50_ms=2.0,
+        latency_p95_ms=3.0 + seq,
+        latency_p99_ms=9.0,
+        **extra,
+    )
+
+
+def test_migrations_create_exactly_the_model_schema(registry_url):
+    registry = Registry(registry_url)
+    inspector = inspect(registry.engine)
+    for table in Base.metadata.sorted_tables:
+        columns = {c["name"] for c in inspector.get_columns(table.name)}
+        assert columns == {c.name for c in table.columns}, table.name
+    registry.migrate()  # idempotent
+    registry.close()
+
+
+def test_state_messages_create_and_update_devices(registry_url):
+    registry = Registry(registry_url)
+    registry.record_states(
+        [
+            DeviceState("cam-1", "shop", True, "serving", T0, "a" * 64, "digits", "1.0.0"),
+            DeviceState("cam-2", "shop", True, "installing", T0),
+        ]
+    )
+    registry.record_states([DeviceState("cam-1", "shop", False, "offline", T0 + timedelta(minutes=5))])
+    devices = {d.id: d for d in registry.devices()}
+    assert set(devices) == {"cam-1", "cam-2"}
+    assert devices["cam-1"].online is False and devices["cam-1"].status == "offline"
+    # Going offline (the will) keeps what the device last ran.
+    assert devices["cam-1"].bundle_version == "1.0.0"
+    assert registry.devices(fleet="other") == []
+    registry.close()
+
+
+def test_redelivered_telemetry_is_never_counted_twice(registry_url):
+    registry = Registry(registry_url)
+    registry.record_states([DeviceState("cam-1", "shop", True, "serving", T0)])
+    first = registry.add_telemetry([window("cam-1", s) for s in range(10)])
+    assert (first.inserted, first.duplicates) == (10, 0)
+    again = registry.add_telemetry([window("cam-1", s) for s in range(5, 15)])
+    assert (again.inserted, again.duplicates) == (5, 5)
+    assert registry.telemetry_count("cam-1") == 15
+    rows = registry.telemetry("cam-1")
+    assert [r.seq for r in rows] == list(range(15))
+    (device,) = registry.devices()
+    assert device.last_seq == 14 and device.latency_p95_ms == 17.0
+    registry.close()
+
+
+def test_telemetry_of_an_unknown_device_needs_its_fleet(registry_url):
+    registry = Registry(registry_url)
+    registry.add_telemetry([window("cam-9", 0)])
+    assert registry.devices() == []  # kept, but no device row until a state or a fleet is known
+    assert registry.telemetry_count("cam-9") == 1
+    registry.add_telemetry([window("cam-9", 1, drifted=True, drift_score=0.4)], fleets={"cam-9": "shop"})
+    (device,) = registry.devices()
+    assert device.fleet == "shop" and device.drifted and device.drift_score == 0.4
+    registry.close()
+
+
+def test_events_dedupe_and_list_newest_first(registry_url):
+    registry = Registry(registry_url)
+    rows = [EventRow("cam-1", s, T0 + timedelta(seconds=s), "install", f"installed {s}") for s in range(5)]
+    assert registry.add_events(rows).inserted == 5
+    assert registry.add_events(rows[3:]).duplicates == 2
+    assert [e.seq for e in registry.events(device="cam-1", limit=3)] == [4, 3, 2]
+    registry.close()
+
+
+def test_retention_downsamples_old_telemetry(registry_url):
+    registry = Registry(registry_url)
+    registry.add_telemetry([window("cam-1", s) for s in range(120)])  # two hours of 1-minute windows
+    now = T0 + timedelta(minutes=121)
+    folded = registry.apply_retention(now, keep_raw=timedelta(minutes=30), bucket=timedelta(hours=1))
+    assert folded == 90
+    rows = registry.telemetry("cam-1")
+    coarse = [r for r in rows if r.resolution_s == 3600]
+    raw = [r for r in rows if r.resolution_s == 0]
+    assert len(raw) == 30 and len(coarse) == 2
+    assert sum(r.count for r in rows) == sum(100 + s for s in range(120))  # nothing lost
+    assert max(r.latency_p95_ms or 0 for r in coarse) == 3.0 + 89
+    # A late duplicate of a folded window is still recognised as seen.
+    assert registry.add_telemetry([window("cam-1", 59)]).duplicates in (0, 1)
+    registry.close()
+
+
+def test_bad_registry_urls_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="only SQLite and PostgreSQL"):
+        Registry("mysql://nobody@localhost/x")
+    with pytest.raises(ConfigError, match="cannot open the registry"):
+        Registry(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
