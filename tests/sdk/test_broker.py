@@ -26,8 +26,8 @@ from edgekit.cli import main
 from edgekit.errors import BrokerError, ConfigError, TopicError
 from edgekit.mqtt import MqttClient, TlsConfig
 from edgekit.topics import Topics
-from mqtt_helpers import Inbox
 from helpers import free_port
+from mqtt_helpers import Inbox
 
 T = Topics()
 
