@@ -20,8 +20,9 @@ import typer
 from edgekit.cli._app import console, new_app, print_json, run, setup_logging, version_callback
 
 from .agent import Agent
-from .config import AgentConfig
+from .config import AgentConfig, parse_listen
 from .daemon import AgentDaemon
+from .serve import InferenceServer
 
 app = new_app("edgekit-agent: verify, install and serve edgekit bundles on a device.")
 log = logging.getLogger("edgekit.agent")
@@ -131,13 +132,20 @@ def run_(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -
         log.info("agent %s ready: serving %s@%s", info.device, info.name, info.version)
     else:
         log.warning("agent %s ready: no model installed yet", info.device)
-    daemon = AgentDaemon(agent).start() if agent.config.broker else None
-    if daemon is None:
-        log.warning("agent %s: no broker configured; serving locally, reports stay queued", info.device)
+    server: Optional[InferenceServer] = None
+    daemon: Optional[AgentDaemon] = None
     try:
+        if agent.config.serve_listen:
+            host, port = parse_listen(agent.config.serve_listen, f"{config}: serve.listen")
+            server = InferenceServer(agent, host, port, agent.config.serve_token).start()
+        daemon = AgentDaemon(agent).start() if agent.config.broker else None
+        if daemon is None:
+            log.warning("agent %s: no broker configured; serving locally, reports stay queued", info.device)
         while not stop.wait(1.0):  # a timeout keeps the main thread responsive to signals
             pass
     finally:
+        if server is not None:
+            server.stop()
         if daemon is not None:
             daemon.stop()
         agent.close()

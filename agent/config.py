@@ -33,6 +33,10 @@ A device's ``agent.toml`` (written by ``edgekit device add``) looks like::
     key = "pi-01.key"
     topic_prefix = "edgekit"
 
+    [serve]              # local inference over HTTP (agent/serve.py); off unless set
+    listen = "127.0.0.1:8500"
+    token = ""           # required to listen beyond this machine
+
 Every key can be overridden by an environment variable ``EDGEKIT_<KEY>`` (section keys as
 ``EDGEKIT_<SECTION>_<KEY>``, e.g. ``EDGEKIT_DRIFT_SAMPLE_RATE``), and then by keyword arguments
 to :meth:`AgentConfig.load` named like the dataclass fields (``drift_sample_rate=0.1``).
@@ -54,7 +58,7 @@ from edgekit.errors import ConfigError, EdgekitError
 from edgekit.runtime import RUNTIMES
 from edgekit.trust import TrustedKeys
 
-__all__ = ["ENV_PREFIX", "AgentConfig", "config_keys"]
+__all__ = ["ENV_PREFIX", "AgentConfig", "config_keys", "parse_listen"]
 
 ENV_PREFIX = "EDGEKIT_"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -73,6 +77,8 @@ _SECTIONS: dict[str, tuple[str, str]] = {
     "mqtt_cert": ("mqtt", "cert"),
     "mqtt_key": ("mqtt", "key"),
     "topic_prefix": ("mqtt", "topic_prefix"),
+    "serve_listen": ("serve", "listen"),
+    "serve_token": ("serve", "token"),
 }
 
 
@@ -100,6 +106,8 @@ class AgentConfig:
     mqtt_cert: Optional[Path] = None  # TLS: this device's client certificate and key
     mqtt_key: Optional[Path] = None
     topic_prefix: str = "edgekit"
+    serve_listen: str = ""  # HOST:PORT of the local inference server; "" = none
+    serve_token: str = field(default="", repr=False)
     source: str = "<keywords>"  # where the config came from, for messages
 
     @property
@@ -230,11 +238,28 @@ def _build(values: dict[str, tuple[Any, str]], base: Path, source: str) -> Agent
         "mqtt_cert": lambda v, w: _path(v, w, base),
         "mqtt_key": lambda v, w: _path(v, w, base),
         "topic_prefix": _topic_prefix,
+        "serve_listen": lambda v, w: _listen(_as_str(v, w), w),
+        "serve_token": _as_str,
     }
     kwargs = {name: checks[name](value, where) for name, (value, where) in values.items()}
     config = AgentConfig(source=source, **kwargs)
     config.trusted()  # validate the keys now, naming the file
     return config
+
+
+def parse_listen(value: str, where: str = "serve.listen") -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port); a ConfigError names ``where``."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where} must be HOST:PORT such as 127.0.0.1:8500, not {value!r}")
+    return host, int(port_text)
+
+
+def _listen(value: str, where: str) -> str:
+    if value:
+        parse_listen(value, where)
+    return value
 
 
 def _ident(value: str, where: str) -> str:
