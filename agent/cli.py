@@ -23,6 +23,7 @@ from .agent import Agent
 from .config import AgentConfig, parse_listen
 from .daemon import AgentDaemon
 from .serve import InferenceServer
+from .systemd import Notifier
 
 app = new_app("edgekit-agent: verify, install and serve edgekit bundles on a device.")
 log = logging.getLogger("edgekit.agent")
@@ -117,7 +118,8 @@ def rollback(
 @app.command("run")
 def run_(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -> None:
     """Run the agent daemon: follow the fleet's signed desired state, install what it names,
-    report state, events and telemetry over MQTT; serve the installed bundle; stop on SIGTERM."""
+    report state, events and telemetry over MQTT; serve the installed bundle; stop on SIGTERM.
+    Under systemd (Type=notify) it sends READY=1, WATCHDOG=1 pings and STOPPING=1."""
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
@@ -126,12 +128,15 @@ def run_(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    notifier = Notifier()  # systemd (Type=notify): READY, WATCHDOG, STOPPING; else a no-op
     agent = Agent(AgentConfig.load(config), background=True)
     info = agent.status()
     if info.serving:
-        log.info("agent %s ready: serving %s@%s", info.device, info.name, info.version)
+        serving = f"serving {info.name}@{info.version}"
+        log.info("agent %s ready: %s", info.device, serving)
     else:
-        log.warning("agent %s ready: no model installed yet", info.device)
+        serving = "no model installed yet"
+        log.warning("agent %s ready: %s", info.device, serving)
     server: Optional[InferenceServer] = None
     daemon: Optional[AgentDaemon] = None
     try:
@@ -141,14 +146,27 @@ def run_(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -
         daemon = AgentDaemon(agent).start() if agent.config.broker else None
         if daemon is None:
             log.warning("agent %s: no broker configured; serving locally, reports stay queued", info.device)
-        while not stop.wait(1.0):  # a timeout keeps the main thread responsive to signals
-            pass
+        notifier.ready(f"{info.device}: {serving}")
+        # The watchdog is fed from this loop, and only while the daemon's threads are alive: a
+        # hung loop or a dead worker stops the pings, and systemd restarts the service.
+        tick = min(1.0, notifier.watchdog_interval or 1.0)  # short enough for signals and the watchdog
+        stalled = False
+        while not stop.wait(tick):
+            if not notifier.watchdog_due():
+                continue
+            if daemon is None or daemon.alive():
+                notifier.watchdog()
+            elif not stalled:
+                stalled = True
+                log.error("agent %s: a daemon thread died; no more watchdog pings", info.device)
     finally:
+        notifier.stopping(f"{info.device}: stopping")
         if server is not None:
             server.stop()
         if daemon is not None:
             daemon.stop()
         agent.close()
+        notifier.close()
     log.info("agent %s stopped; %d telemetry records queued", info.device, len(agent.telemetry))
 
 

@@ -132,6 +132,10 @@ class AgentDaemon:
             self.publish_state("offline", wait=2.0)  # with what it serves, which the will cannot say
         self.client.close()
 
+    def alive(self) -> bool:
+        """True while the install worker and the uploader run (what the systemd watchdog vouches for)."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+
     def __enter__(self) -> AgentDaemon:
         return self.start()
 
