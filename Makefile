@@ -7,10 +7,13 @@ STAMP := $(VENV)/.installed
 THIRD_PARTY := .cache/third-party
 # A real third-party .tflite shipped inside a PyPI package, used by the bundle round-trip tests.
 THIRD_PARTY_WHEEL := mediapipe==0.10.14
+# The device agent's dependencies as wheels, so tests can run examples/raspberry-pi/install.sh
+# offline (PIP_NO_INDEX=1 PIP_FIND_LINKS=$(WHEELHOUSE)); edgekit itself is built by the test.
+WHEELHOUSE := .cache/wheelhouse
 
-.PHONY: setup test lint typecheck pytest demo mosquitto chromium clean py39 test-agent-lean
+.PHONY: setup test lint typecheck pytest demo mosquitto chromium shellcheck clean py39 test-agent-lean check-examples docs
 
-setup: $(STAMP) mosquitto chromium $(THIRD_PARTY)/.fetched py39
+setup: $(STAMP) mosquitto chromium shellcheck $(THIRD_PARTY)/.fetched $(WHEELHOUSE)/.fetched py39
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +43,42 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: install it (e.g. sudo apt-get install chromium)"; exit 1; fi; }
 
+# shellcheck (Debian's package) for `make check-examples`; installed like Mosquitto.
+shellcheck:
+	@command -v shellcheck >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing shellcheck (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; \
+	  else echo "shellcheck is missing: install it (e.g. sudo apt-get install shellcheck)"; exit 1; fi; }
+
+$(WHEELHOUSE)/.fetched: $(STAMP)
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)/self
+	$(PIP) wheel --quiet --no-deps --no-build-isolation -w $(WHEELHOUSE)/self . >/dev/null 2>&1
+	for extra in agent agent-tflite; do \
+	  $(PIP) download --quiet --only-binary=:all: -d $(WHEELHOUSE) "$$(ls $(WHEELHOUSE)/self/edgekit-*.whl)[$$extra]" || exit 1; \
+	done
+	rm -rf $(WHEELHOUSE)/self $(WHEELHOUSE)/edgekit-*.whl
+	touch $@
+
+# Every shell script passes bash -n and shellcheck; the systemd unit passes systemd-analyze
+# verify (with ExecStart pointed at this venv's agent, which must exist for the check).
+EXAMPLE_SCRIPTS = $(shell find examples -name '*.sh' -type f | sort)
+UNIT := examples/raspberry-pi/edgekit-agent.service
+check-examples: shellcheck $(STAMP)
+	@for script in $(EXAMPLE_SCRIPTS); do bash -n "$$script" || exit 1; done
+	shellcheck $(EXAMPLE_SCRIPTS)
+	@if command -v systemd-analyze >/dev/null 2>&1; then \
+	  mkdir -p .cache/unit-check && \
+	  sed "s|/opt/edgekit/bin/|$(CURDIR)/$(VENV)/bin/|" $(UNIT) > .cache/unit-check/edgekit-agent.service && \
+	  out="$$(systemd-analyze verify .cache/unit-check/edgekit-agent.service 2>&1)"; \
+	  if [ -n "$$out" ]; then echo "$$out"; exit 1; fi; \
+	  echo "systemd-analyze verify: $(UNIT) OK"; \
+	else echo "SKIPPED: systemd-analyze is not installed (Debian package systemd); $(UNIT) not verified"; fi
+
+# docs/cli-reference.md is generated from the CLI itself; tests/docs fails when it is stale.
+docs: $(STAMP)
+	$(PY) docs/gen_cli.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -53,7 +92,7 @@ pytest: setup
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-test: setup lint typecheck pytest test-agent-lean
+test: setup lint typecheck check-examples pytest test-agent-lean
 
 # The device environment: tflite-runtime 2.14 with numpy<2 and NO TensorFlow, running the agent
 # tests. Models cannot be trained there, so the main venv exports the same digits models to
