@@ -42,6 +42,13 @@ def digits_bundle(digits_models, tmp_path_factory: pytest.TempPathFactory) -> tu
     return path, key
 
 
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion, capturing its text output; the caller checks the outcome."""
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
 def sample_images(folder: Path) -> list[str]:
     """scikit-image's sample images as files a camera folder would hold (PNG, and a .npy)."""
     from PIL import Image
@@ -64,15 +71,9 @@ def test_camera_app_runs_the_installed_model_on_a_folder_of_images(digits_bundle
     with Agent.from_config(config, background=False) as agent:
         agent.install(bundle)
     names = sample_images(tmp_path / "frames")
-    result = subprocess.run(
-        [
-            *(sys.executable, str(EXAMPLE / "camera_app.py"), "--config", str(config)),
-            *("--source", "auto", "--folder", str(tmp_path / "frames"), "--json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run(
+        *(sys.executable, str(EXAMPLE / "camera_app.py"), "--config", str(config)),
+        *("--source", "auto", "--folder", str(tmp_path / "frames"), "--json"),
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -93,12 +94,8 @@ def test_camera_app_without_a_model_says_what_to_do(tmp_path):
     config.write_text(
         agent_config_text("cam-02", "lab", "", str(tmp_path / "state"), key.public.pem().decode())
     )
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE / "camera_app.py"), "--config", str(config), "--source", "folder"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run(
+        sys.executable, str(EXAMPLE / "camera_app.py"), "--config", str(config), "--source", "folder"
     )
     assert result.returncode == 1 and "edgekit-agent install" in result.stderr
     assert "Traceback" not in result.stderr
@@ -107,14 +104,7 @@ def test_camera_app_without_a_model_says_what_to_do(tmp_path):
 def install_sh(*args: str, find_links: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(find_links)}
     env.pop("DESTDIR", None)
-    return subprocess.run(
-        ["bash", str(EXAMPLE / "install.sh"), "--python", sys.executable, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        check=False,
-    )
+    return run("bash", str(EXAMPLE / "install.sh"), "--python", sys.executable, *args, env=env, timeout=600)
 
 
 @pytest.mark.slow
@@ -124,29 +114,20 @@ def test_install_sh_falls_back_to_tflite_runtime_then_upgrades_in_place(
     if not (WHEELHOUSE / ".fetched").exists():
         pytest.fail(f"no wheelhouse in {WHEELHOUSE}; `make setup` fills it (pip download)")
     wheels = tmp_path / "dist"
-    subprocess.run(
-        [
-            *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"),
-            *("-w", str(wheels), str(REPO)),
-        ],
-        check=True,
-        capture_output=True,
+    built = run(
+        *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"),
+        *("-w", str(wheels), str(REPO)),
         timeout=300,
     )
+    assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("edgekit-*.whl")
     # A provisioned device with TLS: the config and the three files it names, as device add writes them.
     init_key(edgekit_home)
     root = tmp_path / "root"
-    add = subprocess.run(
-        [
-            *(sys.executable, "-c", "from edgekit.cli import main; main()", "device", "add", "pi-01"),
-            *("--fleet", "lab", "--broker", "mqtts://broker:8883", "--tls"),
-            *("--state-dir", str(root / "var/lib/edgekit"), "-o", str(tmp_path / "conf" / "pi-01.toml")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    add = run(
+        *(sys.executable, "-c", "from edgekit.cli import main; main()", "device", "add", "pi-01"),
+        *("--fleet", "lab", "--broker", "mqtts://broker:8883", "--tls"),
+        *("--state-dir", str(root / "var/lib/edgekit"), "-o", str(tmp_path / "conf" / "pi-01.toml")),
     )
     assert add.returncode == 0, add.stderr
     # No LiteRT wheel for this "device": [agent] cannot install, [agent-tflite] can.
@@ -174,12 +155,7 @@ def test_install_sh_falls_back_to_tflite_runtime_then_upgrades_in_place(
     if shutil.which("systemctl"):
         assert (root / "etc/systemd/system/multi-user.target.wants/edgekit-agent.service").is_symlink()
     if shutil.which("systemd-analyze"):
-        verify = subprocess.run(
-            ["systemd-analyze", "verify", str(root / "etc/systemd/system/edgekit-agent.service")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        verify = run("systemd-analyze", "verify", str(root / "etc/systemd/system/edgekit-agent.service"))
         assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
 
     # The installed agent (not this venv's) verifies, installs and serves a bundle.
@@ -189,20 +165,9 @@ def test_install_sh_falls_back_to_tflite_runtime_then_upgrades_in_place(
         "trusted_keys = '''\n", f"trusted_keys = '''\n{key.public.pem().decode()}"
     )
     config.write_text(trusting)
-    installed = subprocess.run(
-        [str(agent_bin), "install", str(bundle), "--config", str(config), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    installed = run(str(agent_bin), "install", str(bundle), "--config", str(config), "--json")
     assert installed.returncode == 0, installed.stderr
-    status = subprocess.run(
-        [str(agent_bin), "status", "--config", str(config), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    status = run(str(agent_bin), "status", "--config", str(config), "--json")
     assert (json.loads(status.stdout)["version"], json.loads(status.stdout)["runtime"]) == (
         "1.0.0",
         "tflite_runtime",
