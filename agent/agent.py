@@ -377,7 +377,10 @@ class Agent:
     def record_event(self, kind: str, message: str, bundle: dict[str, str] | None) -> None:
         """Queue an event for the fleet: its kind, a one-line message, the bundle it concerns."""
         event = Event(device=self.config.device, kind=kind, message=message, bundle=bundle)
-        self.events.put(event.to_dict())
+        try:
+            self.events.put(event.to_dict())
+        except OSError as exc:  # counted by the outbox as dropped; reporting must not fail the caller
+            log.error("could not queue the %s event (%s): %s", kind, exc.strerror or exc, message)
 
     def _close_window(self) -> TelemetryRecord | None:
         with self._lock:
@@ -415,7 +418,12 @@ class Agent:
             temperature_c=self._system.temperature_c(),
             runtime=served.loaded.model.runtime if served is not None else None,
         )
-        queued = self.telemetry.put(record.to_dict())
+        try:
+            queued = self.telemetry.put(record.to_dict())
+        except OSError as exc:  # counted by the outbox as dropped, reported with the next record
+            self.telemetry_failures += 1
+            log.error("could not queue a telemetry record (%s)", exc.strerror or exc)
+            return None
         _return_freed_memory()  # the window's summaries were transient: give their pages back
         return TelemetryRecord.from_dict(queued)
 

@@ -153,6 +153,13 @@ class AgentDaemon:
             pass
         return {}
 
+    def _save_desired(self) -> None:
+        """Keep what was applied on disk; on a full disk it is kept in memory only (logged)."""
+        try:
+            atomic_write(self.state_dir / DESIRED_FILE, json.dumps(self._desired).encode())
+        except OSError as exc:
+            log.error("device %s could not save %s: %s", self.device, DESIRED_FILE, exc.strerror or exc)
+
     @property
     def last_seq(self) -> Optional[int]:
         seq = self._desired.get("seq")
@@ -182,7 +189,7 @@ class AgentDaemon:
             self._wake_uploader.set()
             return
         self._desired = {"seq": state.seq, "bundle": state.bundle_sha256, "version": state.bundle_version}
-        atomic_write(self.state_dir / DESIRED_FILE, json.dumps(self._desired).encode())
+        self._save_desired()
         log.info(
             "device %s: desired state seq %d names %s@%s (%s)",
             self.device,
@@ -245,7 +252,9 @@ class AgentDaemon:
                 )
             except EdgekitError as exc:
                 self._desired["failed"] = target.bundle_sha256  # not retried until a new document
-                atomic_write(self.state_dir / DESIRED_FILE, json.dumps(self._desired).encode())
+                self._save_desired()
+                # A failed download is not resumed: give its space back (a full disk is a reason).
+                shutil.rmtree(self.state_dir / DOWNLOADS_DIR / target.bundle_sha256, ignore_errors=True)
                 log.error(
                     "device %s could not install %s@%s: %s",
                     self.device,

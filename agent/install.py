@@ -338,9 +338,11 @@ class BundleStore:
                     False,
                     loaded.healthcheck_error,
                 ), loaded
+            previous = current if current != name else pointer["previous"]
             try:
                 self._extract(bundle, name)
                 loaded = self._load(name)
+                self._commit(name, previous)  # a full disk can refuse even the pointer
             except HealthCheckError as exc:
                 self._event("healthcheck_failed", f"{manifest.label}: {exc}", ident)
                 self._gc({current, pointer["previous"]})
@@ -348,13 +350,13 @@ class BundleStore:
             except (EdgekitError, OSError) as exc:
                 message = exc.strerror if isinstance(exc, OSError) else str(exc)
                 self._event("install_failed", f"{manifest.label}: {message}", ident)
-                self._gc({current, pointer["previous"]})
+                # Keep whatever the pointer names now, should the failure have come after its rename.
+                committed = self.pointer()
+                self._gc({current, pointer["previous"], committed["current"], committed["previous"]})
                 if isinstance(exc, OSError):
                     hint = "free some space" if exc.errno == errno.ENOSPC else "check the state directory"
                     raise InstallError(f"cannot install {manifest.label}: {message}; {hint}") from None
                 raise
-            previous = current if current != name else pointer["previous"]
-            self._commit(name, previous)
             self._event("installed", f"installed {manifest.label} (id {ident['bundle_id'][:16]})", ident)
             self._gc({name, previous})
             previous_version = installed.manifest.version if installed is not None else None

@@ -82,7 +82,11 @@ class Outbox:
 
     def put(self, record: dict[str, Any]) -> dict[str, Any]:
         """Queue ``record`` (a JSON-able dict); returns it with ``seq``, ``dropped`` and
-        ``dropped_total`` filled in."""
+        ``dropped_total`` filled in.
+
+        OSError (a full disk, say) if the record cannot be stored: it is then counted as
+        dropped, like a record evicted by the bound, and its ``seq`` is not reused, so the
+        next stored record reports the gap."""
         with self._lock:
             seq = self._next_seq
             while len(self._seqs) >= self.max_records:
@@ -92,11 +96,28 @@ class Outbox:
                 self._dropped_total += 1
             dropped = self._dropped_total - self._dropped_reported
             self._next_seq = seq + 1
-            self._dropped_reported = self._dropped_total
-            self._write_meta()
             full = {**record, "seq": seq, "dropped": dropped, "dropped_total": self._dropped_total}
-            atomic_write(self._path(seq), json.dumps(full, sort_keys=True, allow_nan=False).encode())
+            try:
+                atomic_write(self._path(seq), json.dumps(full, sort_keys=True, allow_nan=False).encode())
+            except OSError as exc:
+                self._dropped_total += 1
+                log.warning(
+                    "outbox %s: could not store record %d (%s); counted as dropped",
+                    self.directory.name,
+                    seq,
+                    exc.strerror or exc,
+                )
+                with contextlib.suppress(OSError):
+                    self._write_meta()
+                raise
             self._seqs.append(seq)
+            self._dropped_reported = self._dropped_total
+            try:
+                # The record file is what counts (a restart numbers on from the newest one);
+                # the meta file keeps the drop counts, and may lag behind on a full disk.
+                self._write_meta()
+            except OSError as exc:
+                log.warning("outbox %s: could not update %s (%s)", self.directory.name, _META, exc.strerror)
             if dropped:
                 log.warning("outbox %s was full: dropped the %d oldest records", self.directory.name, dropped)
             return full

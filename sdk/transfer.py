@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ from .bundle import (
     read_bundle,
     verify_manifest_signature,
 )
-from .errors import BrokerError, BundleError
+from .errors import BrokerError, BundleError, InstallError
 from .manifest import Manifest
 from .mqtt import Message, MqttClient
 from .topics import Topics
@@ -452,6 +453,11 @@ def _finished_download(directory: Path, trusted: TrustedKeys, digest: str, max_s
     return bundle if bundle.manifest_bytes == stored else None
 
 
+def _storage_failed(exc: OSError, directory: Path) -> InstallError:
+    hint = "free some space" if exc.errno == errno.ENOSPC else "check the state directory"
+    return InstallError(f"cannot store the download in {directory}: {exc.strerror or exc}; {hint}")
+
+
 def fetch_bundle(
     client: MqttClient,
     digest: str,
@@ -469,7 +475,8 @@ def fetch_bundle(
     (the client re-subscribes and the broker re-sends what is retained); returns a download
     an earlier call completed in ``directory`` after re-verifying it; re-fetches a chunk
     that fails its check up to ``max_refetch`` times. BundleError if the bundle is not
-    trusted or a chunk stays corrupt; BrokerError if it does not arrive within ``timeout``.
+    trusted or a chunk stays corrupt; InstallError if it cannot be stored (a full disk);
+    BrokerError if it does not arrive within ``timeout``.
     """
     topics = topics or Topics()
     finished = _finished_download(Path(directory), trusted, digest, max_size)
@@ -496,7 +503,11 @@ def fetch_bundle(
             return
         if not message.payload:
             return  # a cleared chunk
-        result = assembler.add(index, message.payload)
+        try:
+            result = assembler.add(index, message.payload)
+        except OSError as exc:  # a full disk: no point fetching on
+            fail(_storage_failed(exc, Path(directory)))
+            return
         if index in refetching and result not in ChunkResult.BAD:
             refetching.discard(index)
             client.unsubscribe(topics.bundle_chunk(digest, index))
@@ -527,6 +538,9 @@ def fetch_bundle(
         except BundleError as exc:
             fail(exc)
             return
+        except OSError as exc:
+            fail(_storage_failed(exc, Path(directory)))
+            return
         assembler_box.append(assembler)
         if assembler.complete:
             done.set()
@@ -554,4 +568,7 @@ def fetch_bundle(
         if assembler_box:
             assembler_box[0].close()
         raise error
-    return assembler_box[0].finish(trusted)
+    try:
+        return assembler_box[0].finish(trusted)
+    except OSError as exc:
+        raise _storage_failed(exc, Path(directory)) from None
