@@ -23,6 +23,7 @@ worker thread fetches and installs; one uploader thread drains the outboxes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -145,12 +146,22 @@ class AgentDaemon:
     # -- desired state ------------------------------------------------------------------------
 
     def _load_desired(self) -> dict[str, Any]:
+        path = self.state_dir / DESIRED_FILE
         try:
-            doc = json.loads((self.state_dir / DESIRED_FILE).read_bytes())
-            if isinstance(doc, dict) and isinstance(doc.get("seq"), int):
+            doc = json.loads(path.read_bytes())
+            if isinstance(doc, dict) and isinstance(doc.get("seq"), int) and not isinstance(doc["seq"], bool):
                 return doc
+        except FileNotFoundError:
+            return {}
         except (OSError, ValueError):
             pass
+        # The floor below which documents are replays is lost: the next valid, unexpired document
+        # is accepted as new. Said out loud, so the fleet knows this device was damaged.
+        message = f"{DESIRED_FILE} is damaged; the next signed desired state is taken as new"
+        log.error("device %s: %s", self.device, message)
+        self.agent.record_event("store_damaged", message, None)
+        with contextlib.suppress(OSError):
+            path.unlink()
         return {}
 
     def _save_desired(self) -> None:

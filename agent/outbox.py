@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 _META = "meta.json"
 _SUFFIX = ".json"
+
+
+def _int(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
 class Outbox:
@@ -41,9 +46,15 @@ class Outbox:
         self._seqs = sorted(self._scan())
         meta = self._read_meta()
         newest = self._seqs[-1] + 1 if self._seqs else 1
-        self._next_seq = max(int(meta.get("next_seq", 1)), newest)
-        self._dropped_total = int(meta.get("dropped_total", 0))
-        self._dropped_reported = int(meta.get("dropped_reported", 0))
+        if meta is None:
+            # The counter is lost, and records already delivered may have used higher numbers:
+            # go on from the clock (milliseconds), above any number this outbox handed out
+            # unless it queued more than a thousand records a second, so seq still only grows.
+            newest = max(newest, int(time.time() * 1000))
+            meta = {}
+        self._next_seq = max(_int(meta.get("next_seq"), 1), newest)
+        self._dropped_total = _int(meta.get("dropped_total"), 0)
+        self._dropped_reported = min(_int(meta.get("dropped_reported"), 0), self._dropped_total)
 
     def _scan(self) -> list[int]:
         seqs = []
@@ -57,17 +68,18 @@ class Outbox:
                     os.unlink(entry.path)
         return seqs
 
-    def _read_meta(self) -> dict[str, Any]:
+    def _read_meta(self) -> dict[str, Any] | None:
+        """The counters; {} for a new outbox, None if the file is damaged."""
         try:
             doc = json.loads((self.directory / _META).read_bytes())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            log.warning(
-                "outbox %s: unreadable %s (%s); counting from the newest record", self.directory, _META, exc
-            )
-            return {}
-        return doc if isinstance(doc, dict) else {}
+            doc = exc
+        if isinstance(doc, dict) and isinstance(doc.get("next_seq"), int):
+            return doc
+        log.warning("outbox %s: %s is damaged (%s); numbering on from the clock", self.directory, _META, doc)
+        return None
 
     def _path(self, seq: int) -> Path:
         return self.directory / f"{seq:016d}{_SUFFIX}"
@@ -123,20 +135,35 @@ class Outbox:
             return full
 
     def peek(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Queued records, oldest first (at most ``limit``); unreadable files are skipped and logged."""
+        """Queued records, oldest first (at most ``limit``). A damaged record file (torn by a
+        disk that lied about fsync, say) is removed and counted as dropped."""
         with self._lock:
             seqs = list(self._seqs if limit is None else self._seqs[:limit])
         records = []
         for seq in seqs:
             try:
-                records.append(json.loads(self._path(seq).read_bytes()))
+                doc = json.loads(self._path(seq).read_bytes())
             except FileNotFoundError:
                 continue  # acknowledged or dropped meanwhile
             except (OSError, ValueError) as exc:
-                log.error(
-                    "outbox %s: record %d is unreadable (%s); skipping it", self.directory.name, seq, exc
-                )
+                self._discard(seq, exc)
+                continue
+            if isinstance(doc, dict) and doc.get("seq") == seq:
+                records.append(doc)
+            else:
+                self._discard(seq, "not a record of this number")
         return records
+
+    def _discard(self, seq: int, reason: object) -> None:
+        """Remove a damaged record for good, counted as dropped (reported with the next one)."""
+        log.error("outbox %s: record %d is damaged (%s); dropping it", self.directory.name, seq, reason)
+        with self._lock:
+            if seq not in self._seqs:
+                return
+            self._seqs.remove(seq)
+            self._dropped_total += 1
+        with contextlib.suppress(OSError):
+            os.unlink(self._path(seq))
 
     def ack(self, up_to_seq: int) -> int:
         """Remove every record with ``seq <= up_to_seq`` (delivered); returns how many."""

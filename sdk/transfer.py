@@ -458,6 +458,22 @@ def _storage_failed(exc: OSError, directory: Path) -> InstallError:
     return InstallError(f"cannot store the download in {directory}: {exc.strerror or exc}; {hint}")
 
 
+def _discard_damaged_download(directory: Path, digest: str) -> None:
+    """A download directory whose stored manifest is not bundle ``digest``'s (torn, or garbage)
+    cannot be resumed: start it over rather than refuse the bundle."""
+    try:
+        stored = (directory / MANIFEST_FILE).read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError:
+        stored = b""
+    if manifest_id(stored) != digest:
+        log.warning("discarding a damaged partial download of bundle %s in %s", digest[:12], directory)
+        for name in (MANIFEST_FILE, SIGNATURE_FILE, PART_FILE, BUNDLE_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (directory / name).unlink()
+
+
 def fetch_bundle(
     client: MqttClient,
     digest: str,
@@ -482,6 +498,7 @@ def fetch_bundle(
     finished = _finished_download(Path(directory), trusted, digest, max_size)
     if finished is not None:
         return finished
+    _discard_damaged_download(Path(directory), digest)
     done = threading.Event()
     state: dict[str, object] = {}
     assembler_box: list[ChunkAssembler] = []
