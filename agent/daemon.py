@@ -90,6 +90,7 @@ class AgentDaemon:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._status: dict[str, Any] = {}
+        self._uploaded = threading.Condition()  # notified after every upload pass
         self.client = client or self._new_client()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -379,9 +380,24 @@ class AgentDaemon:
             if self.client.connected:
                 self.upload()
 
+    def wait_drained(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the broker has acknowledged every queued event and telemetry record
+        (True), or ``timeout`` seconds pass (False)."""
+        with self._uploaded:
+            return self._uploaded.wait_for(
+                lambda: len(self.agent.events) == 0 and len(self.agent.telemetry) == 0, timeout
+            )
+
     def upload(self) -> int:
         """Publish queued events and telemetry in seq order; remove each from disk once the broker
         has it. Returns how many were delivered. Stops at the first failure (kept for next time)."""
+        try:
+            return self._upload()
+        finally:
+            with self._uploaded:
+                self._uploaded.notify_all()
+
+    def _upload(self) -> int:
         delivered = 0
         for outbox, topic in (
             (self.agent.events, self.topics.device_events(self.device)),
