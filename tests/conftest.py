@@ -65,7 +65,9 @@ class Mosquitto:
             f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
             "persistence false\n"
-            f"log_dest file {self.directory / 'mosquitto.log'}\n"
+            # Started as root, Mosquitto drops to user mosquitto, which cannot write its log here.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + f"log_dest file {self.directory / 'mosquitto.log'}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )
         self.config_path.write_text(base + self.extra_config)
@@ -96,9 +98,13 @@ class Mosquitto:
                 time.sleep(0.02)
         raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout}s")
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = False) -> None:
+        """kill -9 (default), or SIGTERM as `systemctl restart` does (persistence is saved)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+            if graceful:
+                self.process.terminate()
+            else:
+                self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
 

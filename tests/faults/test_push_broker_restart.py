@@ -1,0 +1,89 @@
+"""The broker restarts in the middle of `edgekit push --wait`: the rollout completes once it is
+back. Real agent processes (`edgekit-agent run`), the real CLI, a real Mosquitto that keeps its
+retained messages on disk (`persistence true`, as `edgekit broker mosquitto-config` writes it)
+and is restarted the way `systemctl restart` does it (SIGTERM, then start).
+
+(A broker killed with -9 loses what it received since its last autosave; see docs/security.md.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from edgekit import SigningKey, create_bundle
+from edgekit.keys import load_signing_key
+from watcher import Watcher
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fleet"))
+from test_push import BIN, Fleet, edgekit
+
+DEVICES = ["cam-1", "cam-2", "cam-3"]
+
+
+def test_a_broker_restart_in_the_middle_of_a_push_does_not_stop_the_rollout(
+    mosquitto, edgekit_home, tmp_path, models
+):
+    data = mosquitto.directory / "data"
+    data.mkdir()
+    mosquitto.extra_config = f"persistence true\npersistence_location {data}/\nautosave_interval 60\n"
+    mosquitto.write_config()
+    mosquitto.stop()
+    mosquitto.start()
+    assert edgekit("keys", "init").returncode == 0
+    key: SigningKey = load_signing_key(edgekit_home)
+    # A bundle of a few hundred chunks, so the restart lands in the middle of the downloads.
+    padded = tmp_path / "padded.tflite"
+    padded.write_bytes(models.fp32.read_bytes() + bytes(range(256)) * 8192)  # +2 MiB, ignored
+    bundle = tmp_path / "digits-1.0.0.ekb"
+    create_bundle(padded, name="digits", version="1.0.0", key=key, output=bundle, chunk_size=8 * 1024)
+    fleet = Fleet(tmp_path, mosquitto.url, edgekit_home)
+    watcher = Watcher(mosquitto.url)
+    push = None
+    try:
+        for device in DEVICES:
+            fleet.start(device)
+        watcher.wait_for(lambda _: all(watcher.states(d) for d in DEVICES))
+        push = subprocess.Popen(
+            [
+                str(BIN / "edgekit"),
+                "push",
+                str(bundle),
+                "--fleet",
+                "lab",
+                "--wait",
+                "--timeout",
+                "120",
+                "--broker",
+                mosquitto.url,
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        watcher.wait_for(
+            lambda _: any(
+                s.status == "downloading" and (s.progress or 0) > 0
+                for d in DEVICES
+                for s in watcher.states(d)
+            ),
+            timeout=60,
+        )
+        mosquitto.stop(graceful=True)
+        mosquitto.start()
+        out, err = push.communicate(timeout=180)
+        assert push.returncode == 0, err
+        outcome = json.loads(out)
+        assert outcome["phase"] == "done" and outcome["failed"] == {}
+        assert {d: s["version"] for d, s in outcome["devices"].items()} == dict.fromkeys(DEVICES, "1.0.0")
+        watcher.close()
+        watcher = Watcher(mosquitto.url)  # the old one reconnected; a new one sees the retained states
+        watcher.wait_for(lambda _: all(watcher.serving("1.0.0", d)(_) for d in DEVICES))
+    finally:
+        if push is not None and push.poll() is None:
+            push.kill()
+        watcher.close()
+        fleet.stop()
