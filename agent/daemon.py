@@ -36,6 +36,7 @@ from edgekit._version import __version__
 from edgekit.atomic import atomic_write
 from edgekit.desired import DesiredState, decode_desired_state, verify_desired_state
 from edgekit.errors import BrokerError, DesiredStateError, EdgekitError
+from edgekit.manifest import MAX_MESSAGE_SIZE
 from edgekit.mqtt import Message, MqttClient, TlsConfig, Will
 from edgekit.reports import DeviceStateReport
 from edgekit.topics import Topics
@@ -110,6 +111,7 @@ class AgentDaemon:
             password=config.mqtt_password or None,
             tls=tls,
             will=Will(self.topics.device_state(self.device), offline.to_json(), qos=1, retain=True),
+            max_packet_size=MAX_MESSAGE_SIZE,  # MQTT 5: the broker drops anything larger for us
         )
 
     def start(self) -> AgentDaemon:

@@ -41,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from .atomic import atomic_write
 from .config import edgekit_home
 from .errors import ConfigError
+from .manifest import MAX_MESSAGE_SIZE
 from .topics import DEFAULT_PREFIX, Topics, check_device_id, check_fleet_id
 
 __all__ = [
@@ -420,6 +421,8 @@ def write_mosquitto_config(
         "# and reload Mosquitto (kill -HUP) to pick up new devices.",
         "per_listener_settings false",
         "allow_anonymous false",
+        "# No client may send a larger packet (the largest chunk edgekit makes, with its topic).",
+        f"max_packet_size {MAX_MESSAGE_SIZE}",
         f"password_file {password_file}",
         f"acl_file {acl_file}",
     ]

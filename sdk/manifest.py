@@ -31,6 +31,11 @@ MANIFEST_SCHEMA = "edgekit.manifest"
 MANIFEST_SCHEMA_VERSION = 1
 DEFAULT_CHUNK_SIZE = 128 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
+#: The largest MQTT packet edgekit ever sends: a chunk of the largest chunk size, its topic and
+#: headers (manifest messages, desired states and reports are far smaller). Devices ask the
+#: broker never to send them more (MQTT 5 Maximum Packet Size), the generated Mosquitto config
+#: accepts no more from anyone: an endless message is cut off at the broker.
+MAX_MESSAGE_SIZE = MAX_CHUNK_SIZE + 64 * 1024
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _MEMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

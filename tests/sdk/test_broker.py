@@ -24,10 +24,11 @@ from edgekit.broker import (
 )
 from edgekit.cli import main
 from edgekit.errors import BrokerError, ConfigError, TopicError
+from edgekit.manifest import MAX_MESSAGE_SIZE
 from edgekit.mqtt import MqttClient, TlsConfig
 from edgekit.topics import Topics
 from helpers import free_port
-from mqtt_helpers import Inbox
+from mqtt_helpers import Events, Inbox
 
 T = Topics()
 
@@ -296,3 +297,170 @@ def test_cli_bad_device_id_is_one_line_error(edgekit_home: Path, capsys) -> None
     assert code.value.code == TopicError.exit_code
     err = capsys.readouterr().err
     assert "invalid device id" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# -- the whole ACL matrix: every topic x every principal, publish and subscribe ---------------------
+
+DIGEST = "d" * 64
+FLEET_OF = {"cam-1": "shop", "cam-2": "shop", "wh-1": "warehouse"}
+MATRIX_TOPICS = [
+    T.fleet_desired("shop"),
+    T.fleet_desired("warehouse"),
+    *[T.device_desired(d) for d in FLEET_OF],
+    *[getattr(T, f"device_{leaf}")(d) for d in FLEET_OF for leaf in ("state", "telemetry", "events")],
+    T.bundle_manifest(DIGEST),
+    T.bundle_chunk(DIGEST, 0),
+]
+WILDCARDS = ["#", f"{T.prefix}/#", f"{T.prefix}/+/+/+", f"{T.prefix}/devices/+/telemetry", "$SYS/#"]
+
+
+def may(principal: str, topic: str) -> tuple[bool, bool]:
+    """(read, write) as the generated ACL means it: docs/security.md, "MQTT"."""
+    if principal == OPERATOR_USERNAME:
+        return True, True
+    parts = T.parse(topic)
+    own = parts.device == principal
+    write = own and parts.kind in ("device_state", "device_telemetry", "device_events")
+    read = (
+        (parts.kind == "fleet_desired" and parts.fleet == FLEET_OF[principal])
+        or (own and parts.kind in ("device_desired", "device_state"))
+        or parts.kind in ("bundle_manifest", "bundle_chunk")
+    )
+    return read, write
+
+
+def connect_as(secured: Secured, principal: str) -> MqttClient:
+    if principal == OPERATOR_USERNAME:
+        op = operator_credentials()
+        return MqttClient(secured.url, client_id="matrix-op", username=op.username, password=op.password)
+    cred = secured.devices[principal]
+    if cred.cert_file is not None:  # wh-1: its identity is its client certificate's CN, over TLS
+        tls = TlsConfig(ca_file=cred.ca_file, cert_file=cred.cert_file, key_file=cred.key_file)
+        return MqttClient(secured.tls_url, client_id=f"matrix-{principal}", tls=tls)
+    return MqttClient(
+        secured.url, client_id=f"matrix-{principal}", username=principal, password=cred.password
+    )
+
+
+@pytest.mark.parametrize("principal", ["cam-1", "cam-2", "wh-1", OPERATOR_USERNAME])
+def test_acl_matrix_publish_every_topic(secured: Secured, principal: str) -> None:
+    """Each principal publishes (retained, so a refused message could also poison later
+    subscribers) on every topic: what the ACL forbids is refused to the publisher (MQTT 5) and
+    never reaches the operator's ``#`` subscription nor the retained store."""
+    seen = Inbox()
+    secured.operator.subscribe(f"{T.prefix}/#", seen)
+    control = T.device_events(principal) if principal in FLEET_OF else T.device_events("cam-9")
+    with connect_as(secured, principal).connect() as client:
+        for topic in MATRIX_TOPICS:
+            delivery = client.publish(topic, f"{principal}>{topic}".encode(), qos=1, retain=True)
+            if may(principal, topic)[1]:
+                delivery.wait(5)
+            else:
+                with pytest.raises(BrokerError, match="refused the message"):
+                    delivery.wait(5)
+        client.publish(control, f"{principal}>control".encode(), qos=1).wait(5)
+    # One publisher's messages arrive in order: the control closes the window (no sleep).
+    seen.wait_for(lambda ms: any(m.payload == f"{principal}>control".encode() for m in ms))
+    mine = {
+        m.topic
+        for m in seen.messages
+        if m.payload.startswith(f"{principal}>".encode()) and not m.payload.endswith(b">control")
+    }
+    assert mine == {t for t in MATRIX_TOPICS if may(principal, t)[1]}
+    # The retained store holds only what the principal was allowed to write.
+    retained = Inbox()
+    with connect_as(secured, OPERATOR_USERNAME).connect() as op:
+        op.subscribe(f"{T.prefix}/#", retained)
+        op.publish(T.device_events("cam-9"), b"end", qos=1).wait(5)
+        retained.wait_for(lambda ms: any(m.payload == b"end" for m in ms))
+    assert {m.topic for m in retained.messages if m.retain} == {
+        t for t in MATRIX_TOPICS if may(principal, t)[1]
+    }
+
+
+@pytest.mark.parametrize("principal", ["cam-1", "cam-2", "wh-1", OPERATOR_USERNAME])
+def test_acl_matrix_subscribe_every_topic_and_wildcard(secured: Secured, principal: str) -> None:
+    """Each principal subscribes to every topic by name and to the broadest wildcards it can
+    write; it gets (retained, then live) exactly what the ACL lets it read, nothing else.
+    The last subscription and the last live message are on a topic it may read: their arrival
+    closes the window, since a client's messages are delivered in order."""
+    op = secured.operator
+    for topic in MATRIX_TOPICS:
+        op.publish(topic, f"retained>{topic}".encode(), qos=1, retain=True).wait(5)
+    control = T.bundle_chunk(DIGEST, 0)
+    readable = {t for t in MATRIX_TOPICS if may(principal, t)[0]}
+    got = Inbox()
+    with connect_as(secured, principal).connect() as client:
+        for topic_filter in [*WILDCARDS, *MATRIX_TOPICS, control]:
+            with contextlib.suppress(BrokerError):  # a broker may refuse a subscription outright
+                client.subscribe(topic_filter, got)
+        got.wait_for(lambda ms: {m.topic for m in ms} >= readable)
+        for topic in MATRIX_TOPICS:
+            op.publish(topic, f"live>{topic}".encode(), qos=1).wait(5)
+        op.publish(control, b"live>end", qos=1).wait(5)
+        got.wait_for(lambda ms: any(m.payload == b"live>end" for m in ms))
+    ours = [m for m in got.messages if m.topic.startswith(f"{T.prefix}/")]
+    assert {m.topic for m in ours if m.payload.startswith(b"retained>")} == readable
+    assert {m.topic for m in ours if m.payload.startswith(b"live>") and m.payload != b"live>end"} == readable
+    assert not [m for m in got.messages if m.topic.startswith("$SYS")]
+
+
+def test_anonymous_clients_can_neither_publish_nor_subscribe(secured: Secured) -> None:
+    """Anonymous: no connection at all, on the plain listener and on TLS without a certificate."""
+    with pytest.raises(BrokerError, match="refused the connection"):
+        MqttClient(secured.url, protocol="3.1.1").connect(timeout=5)
+    ca = secured.devices["wh-1"].ca_file
+    with pytest.raises(BrokerError, match="could not connect"):
+        MqttClient(secured.tls_url, tls=TlsConfig(ca_file=ca), reconnect_min=0.2).connect(timeout=2)
+
+
+def test_a_device_using_another_devices_client_id_still_acts_only_as_itself(secured: Secured) -> None:
+    """Identity is the account (or certificate CN), never the client id: cam-2 connecting as
+    client id ``edgekit-cam-1`` may not speak for cam-1. (It does take over that session:
+    Mosquitto drops the older connection with the same client id; docs/security.md.)"""
+    cred = secured.devices["cam-2"]
+    seen = Inbox()
+    secured.operator.subscribe(T.all_devices_filter("state"), seen)
+    with MqttClient(
+        secured.url, client_id="edgekit-cam-1", username=cred.username, password=cred.password
+    ).connect() as spoof:
+        with pytest.raises(BrokerError, match="refused the message"):
+            spoof.publish(T.device_state("cam-1"), b"serving evil", qos=1).wait(5)
+        spoof.publish(T.device_state("cam-2"), b"mine", qos=1).wait(5)
+    seen.wait_topic(T.device_state("cam-2"))
+    assert seen.topics() == [T.device_state("cam-2")]
+
+
+# -- endless messages: cut off at the broker ------------------------------------------------------------
+
+
+def test_the_broker_refuses_a_packet_larger_than_any_edgekit_sends(secured: Secured) -> None:
+    """The generated config caps packets at MAX_MESSAGE_SIZE: a client that sends more is
+    disconnected and its message goes nowhere."""
+    assert f"max_packet_size {MAX_MESSAGE_SIZE}" in (secured.directory / "mosquitto.conf").read_text()
+    seen = Inbox()
+    secured.operator.subscribe(T.all_devices_filter("telemetry"), seen)
+    drops = Events()
+    with secured.device("cam-1") as cam:
+        cam.on_connection_change(drops)
+        cam.publish(T.device_telemetry("cam-1"), b"x" * (MAX_MESSAGE_SIZE + 1), qos=0)
+        drops.wait_count(False, 1)
+        cam.wait_connected(10)
+        cam.publish(T.device_telemetry("cam-1"), b"small", qos=1).wait(10)
+    seen.wait_topic(T.device_telemetry("cam-1"))
+    assert [m.payload for m in seen.messages] == [b"small"]
+
+
+def test_a_device_is_never_sent_a_packet_over_its_own_limit(mosquitto) -> None:
+    """Devices connect with an MQTT 5 Maximum Packet Size (MAX_MESSAGE_SIZE in the daemon):
+    the broker drops a larger message for them instead of delivering it. Shown with 64 KiB."""
+    got = Inbox()
+    with (
+        MqttClient(mosquitto.url, max_packet_size=64 * 1024) as device,
+        MqttClient(mosquitto.url) as other,
+    ):
+        device.subscribe(T.device_desired("cam-1"), got)
+        other.publish(T.device_desired("cam-1"), b"x" * (256 * 1024), qos=1).wait(5)
+        other.publish(T.device_desired("cam-1"), b"fits", qos=1).wait(5)
+        got.wait_for(lambda ms: any(m.payload == b"fits" for m in ms))
+    assert [m.payload for m in got.messages] == [b"fits"]

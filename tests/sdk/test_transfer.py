@@ -296,3 +296,62 @@ def test_cleared_bundle_is_gone_from_the_broker(mosquitto, bundle: Bundle) -> No
         late.subscribe("edgekit/marker", inbox)
         inbox.wait_topic("edgekit/marker")
     assert inbox.topics() == ["edgekit/marker"]
+
+
+# -- endless data: nothing a broker (or whoever publishes to it) sends grows a download --------------
+
+
+def test_a_manifest_declaring_more_than_the_device_accepts_is_refused_before_any_chunk(
+    mosquitto, bundle: Bundle, trusted: TrustedKeys, tmp_path: Path
+) -> None:
+    limit = bundle.manifest.chunks.total_size - 1
+    with pytest.raises(BundleError, match="over the .*-byte limit"):
+        verify_manifest_message(manifest_message(bundle), trusted, bundle.bundle_id, max_size=limit)
+    with MqttClient(mosquitto.url) as workstation:
+        digest = publish_bundle(workstation, bundle)
+    with MqttClient(mosquitto.url) as device, pytest.raises(BundleError, match="over the"):
+        fetch_bundle(device, digest, trusted, tmp_path, timeout=30, max_size=limit)
+    assert not (tmp_path / "bundle.ekb.part").exists()  # not one chunk was stored
+
+
+def test_endless_junk_on_the_chunk_topics_neither_grows_the_download_nor_stops_it(
+    mosquitto, bundle: Bundle, bundle_file: Path, trusted: TrustedKeys, tmp_path: Path
+) -> None:
+    """Retained junk on hundreds of chunk indexes the plan does not have, an oversized copy of a
+    real chunk, and duplicates: dropped and counted; the real bundle is still assembled, and
+    the download file never holds more than the signed plan declares."""
+    topics = Topics()
+    with MqttClient(mosquitto.url) as attacker:
+        digest = publish_bundle(attacker, bundle)
+        count = len(bundle.manifest.chunks.sha256)
+        junk = [
+            attacker.publish(topics.bundle_chunk(digest, count + i), b"x" * 4096, retain=True)
+            for i in range(300)
+        ]
+        for delivery in junk:
+            delivery.wait(10)
+    seen = Inbox()
+    with MqttClient(mosquitto.url) as device:
+        device.subscribe(topics.bundle_chunks_filter(digest), seen)
+        seen.wait_topic(topics.bundle_chunk(digest, count + 299))
+        fetched = fetch_bundle(device, digest, trusted, tmp_path, timeout=30)
+    assert fetched.members == bundle.members
+    assert (tmp_path / "bundle.ekb").read_bytes() == bundle_file.read_bytes()
+
+
+def test_an_oversized_retained_chunk_is_refused_a_bounded_number_of_times(
+    mosquitto, bundle: Bundle, bundle_file: Path, trusted: TrustedKeys, tmp_path: Path
+) -> None:
+    """A chunk replaced by an endless (here 1 MiB for 1 KiB) payload: never stored, re-fetched
+    at most max_refetch times, then the fetch fails with the reason; the partial download
+    stays exactly the size of the signed plan's file."""
+    topics = Topics()
+    with MqttClient(mosquitto.url) as attacker:
+        digest = publish_bundle(attacker, bundle)
+        attacker.publish(topics.bundle_chunk(digest, 2), b"\0" * (1024 * 1024), retain=True).wait(10)
+    with MqttClient(mosquitto.url) as device, pytest.raises(BundleError, match="chunk 2 .* 3 times"):
+        fetch_bundle(device, digest, trusted, tmp_path, timeout=30, max_refetch=2)
+    resumed = ChunkAssembler.resume(tmp_path, trusted, digest)
+    assert resumed.missing == [2]
+    resumed.close()
+    assert (tmp_path / "bundle.ekb.part").stat().st_size == bundle_file.stat().st_size
