@@ -11,14 +11,14 @@ THIRD_PARTY_WHEEL := mediapipe==0.10.14
 # offline (PIP_NO_INDEX=1 PIP_FIND_LINKS=$(WHEELHOUSE)); edgekit itself is built by the test.
 WHEELHOUSE := .cache/wheelhouse
 
-.PHONY: setup test lint typecheck pytest demo mosquitto chromium shellcheck clean py39 test-agent-lean check-examples docs
+.PHONY: setup test lint typecheck pytest demo mosquitto chromium shellcheck clean py39 test-agent-lean check-examples docs lock audit fuzz
 
 setup: $(STAMP) mosquitto chromium shellcheck $(THIRD_PARTY)/.fetched $(WHEELHOUSE)/.fetched py39
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
-	$(PIP) install --quiet -e ".[all,dev]" --config-settings editable_mode=strict
+	$(PIP) install --quiet -c requirements.lock -e ".[all,dev]" --config-settings editable_mode=strict
 	touch $@
 
 # Installs Mosquitto when it is missing and we can (root with apt); tests start their own brokers.
@@ -92,7 +92,25 @@ pytest: setup
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-test: setup lint typecheck check-examples pytest test-agent-lean
+test: setup lint typecheck audit check-examples pytest test-agent-lean
+test: AUDIT_ALLOW_UNREACHABLE = 1
+
+# The lock: every dependency of edgekit[all,dev] as pip resolves it, pinned (edgekit excluded).
+lock:
+	$(PIP) install --quiet --dry-run --ignore-installed --report .cache/lock-report.json -e ".[all,dev]"
+	$(PY) tests/audit_lock.py lock .cache/lock-report.json requirements.lock
+
+# pip-audit of the lock against PyPI's vulnerability data: fails on a known vulnerability (or
+# on data it could not fetch, unless AUDIT_ALLOW_UNREACHABLE=1, as `make test` sets it: this
+# machine's egress does not reach pypi.org's per-release JSON nor api.osv.dev).
+AUDIT_ALLOW_UNREACHABLE ?= 0
+audit: $(STAMP)
+	$(PIP) install --quiet "pip-audit>=2.7"
+	mkdir -p .cache
+	$(VENV)/bin/pip-audit -r requirements.lock --no-deps --disable-pip --progress-spinner off \
+	  -f json -o .cache/audit.json || true
+	AUDIT_ALLOW_UNREACHABLE=$(AUDIT_ALLOW_UNREACHABLE) $(PY) tests/audit_lock.py check .cache/audit.json
+
 
 # The device environment: tflite-runtime 2.14 with numpy<2 and NO TensorFlow, running the agent
 # tests. Models cannot be trained there, so the main venv exports the same digits models to
@@ -114,7 +132,8 @@ $(AGENT_MODELS)/.complete: $(STAMP) tests/conftest.py tests/agent/export_models.
 test-agent-lean: $(LEAN_STAMP) $(AGENT_MODELS)/.complete
 	$(LEAN)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	@$(LEAN)/bin/python -c "import importlib.util as u, sys; sys.exit('TensorFlow must not be in $(LEAN)' if u.find_spec('tensorflow') else 0)"
-	EDGEKIT_TEST_MODELS=$(AGENT_MODELS) $(LEAN)/bin/pytest -p no:cacheprovider tests/agent $(PYTEST_ARGS)
+	EDGEKIT_TEST_MODELS=$(AGENT_MODELS) $(LEAN)/bin/pytest -p no:cacheprovider tests/agent \
+	  $(wildcard tests/faults/test_agent_*.py) $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) examples/quickstart/demo.py
@@ -132,3 +151,12 @@ py39: .venv-py39/.installed
 	# current sources from a copy laid out like the package, ahead of this installed snapshot.
 	.venv-py39/bin/python -m pip install --quiet .
 	touch $@
+
+# Fuzz every wire decoder, the bundle reader and the agent's state files for FUZZ_SECONDS in all
+# (split over the targets) with atheris (libFuzzer); with hypothesis where atheris does not
+# install. Corpus and crashes in .cache/fuzz.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP) $(AGENT_MODELS)/.complete
+	$(PIP) install --quiet atheris || echo "atheris does not install here: fuzzing with hypothesis"
+	$(PY) tests/fuzz_run.py --seconds $(FUZZ_SECONDS) --model $(AGENT_MODELS)/digits_fp32.tflite \
+	  --data $(AGENT_MODELS)/digits_test.npz --out .cache/fuzz

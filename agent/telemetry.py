@@ -39,6 +39,77 @@ LATENCY_CAP = 8192
 _EDGES = np.exp(np.arange(math.log(1e-6), math.log(1e3), math.log(1.02)))
 
 
+_NUMBER = "number"
+_COUNT = "count"
+# What each field of a record may hold once decoded (None allowed where listed).
+_TELEMETRY_FIELDS: dict[str, tuple[object, ...]] = {
+    "device": (str,),
+    "fleet": (str,),
+    "window_start": (_NUMBER,),
+    "window_end": (_NUMBER,),
+    "count": (_COUNT,),
+    "errors": (_COUNT,),
+    "latency_ms": (dict,),
+    "throughput": (_NUMBER,),
+    "drift": (dict,),
+    "bundle": (dict, None),
+    "cpu_percent": (_NUMBER, None),
+    "memory_rss_bytes": (_COUNT, None),
+    "temperature_c": (_NUMBER, None),
+    "runtime": (str, None),
+    "seq": (_COUNT,),
+    "dropped": (_COUNT,),
+    "dropped_total": (_COUNT,),
+}
+_EVENT_FIELDS: dict[str, tuple[object, ...]] = {
+    "device": (str,),
+    "kind": (str,),
+    "message": (str,),
+    "bundle": (dict, None),
+    "time": (_NUMBER,),
+    "seq": (_COUNT,),
+}
+
+
+def _fits(value: object, kinds: tuple[object, ...]) -> bool:
+    for kind in kinds:
+        if kind is None and value is None:
+            return True
+        if isinstance(value, bool):
+            continue
+        if kind == _NUMBER and isinstance(value, (int, float)) and math.isfinite(value):
+            return True
+        if kind == _COUNT and isinstance(value, int) and value >= 0:
+            return True
+        if isinstance(kind, type) and isinstance(value, kind):
+            return True
+    return False
+
+
+def _finite(value: object, depth: int = 0) -> bool:
+    """No NaN or infinity anywhere inside (JSON from the wire may carry them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return all(_finite(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v, depth + 1) for v in value)
+    return True
+
+
+def _check_fields(doc: dict[str, Any], fields: dict[str, tuple[object, ...]], what: str) -> None:
+    if not _finite(doc):
+        raise DataError(f"malformed {what}: a number is not finite (NaN or infinity)")
+    for name, value in doc.items():
+        kinds = fields.get(name)
+        if kinds is None:
+            raise DataError(f"malformed {what}: unknown field {name!r}")
+        if not _fits(value, kinds):
+            raise DataError(f"malformed {what}: field {name!r} holds {type(value).__name__} {value!r:.40}")
+
+
 def _schema_check(doc: Any, schema: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("schema") != schema:
         raise DataError(f"not an {schema} record")
@@ -74,9 +145,13 @@ class TelemetryRecord:
 
     @classmethod
     def from_dict(cls, doc: Any) -> TelemetryRecord:
+        """Decode a record (``to_dict()``'s output, e.g. parsed from the wire); DataError for
+        anything else: wrong schema, unknown or missing fields, a field of the wrong type, a
+        count below zero, a number that is not finite."""
         doc = dict(_schema_check(doc, TELEMETRY_SCHEMA))
         doc.pop("schema")
         doc.pop("schema_version")
+        _check_fields(doc, _TELEMETRY_FIELDS, "telemetry record")
         try:
             return cls(**doc)
         except TypeError as exc:
@@ -104,6 +179,7 @@ class Event:
         doc.pop("schema_version")
         doc.pop("dropped", None)
         doc.pop("dropped_total", None)
+        _check_fields(doc, _EVENT_FIELDS, "event")
         try:
             return cls(**doc)
         except TypeError as exc:

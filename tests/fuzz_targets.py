@@ -1,0 +1,262 @@
+"""Fuzz targets: every decoder of the wire protocol, the bundle reader and the agent's state
+files, each a function of raw bytes that lets through only the error its decoder documents
+(and fails on anything else: a crash, another exception, a decoded value that breaks the
+decoder's promises).
+
+The same targets run under hypothesis in the normal suite (tests/sdk/test_fuzz.py, fast) and
+under atheris/libFuzzer for a set time (`make fuzz`, FUZZ_SECONDS; fuzz/run.py), seeded with the
+real messages :func:`seeds` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit import SigningKey, TrustedKeys
+from edgekit.agent.install import POINTER_FILE, BundleStore
+from edgekit.agent.outbox import Outbox
+from edgekit.agent.telemetry import Event, TelemetryRecord
+from edgekit.baseline import Baseline
+from edgekit.bundle import Bundle, create_bundle, read_bundle
+from edgekit.desired import new_desired_state, sign_desired_state, verify_desired_state
+from edgekit.errors import BundleError, DataError, DesiredStateError, MessageError, TopicError
+from edgekit.manifest import Manifest
+from edgekit.reports import DeviceStateReport, decode_json_message
+from edgekit.topics import Topics
+from edgekit.transfer import ChunkAssembler, ChunkResult, manifest_message, verify_manifest_message
+
+NOW = 1_800_000_000
+
+
+@dataclass
+class Context:
+    """What the targets decode against: a trusted key, a real signed bundle of many chunks."""
+
+    key: SigningKey
+    trusted: TrustedKeys
+    bundle: Bundle
+    bundle_bytes: bytes
+    workdir: Path
+
+    @classmethod
+    def create(cls, model: Path, data: Path | None, workdir: Path) -> Context:
+        """From a .tflite model and (for the drift baseline) a DATA file."""
+        key = SigningKey.generate()
+        path = workdir / "seed.ekb"
+        create_bundle(
+            model, name="digits", version="1.0.0", key=key, output=path, chunk_size=1024, baseline=data
+        )
+        trusted = TrustedKeys([key.public])
+        return cls(key, trusted, read_bundle(path, trusted), path.read_bytes(), workdir)
+
+    def chunks(self) -> list[bytes]:
+        payload = b"".join(self.bundle.members[f.name] for f in self.bundle.manifest.files)
+        size = self.bundle.manifest.chunks.chunk_size
+        return [payload[i : i + size] for i in range(0, len(payload), size)]
+
+
+# -- wire messages ----------------------------------------------------------------------------------
+
+
+def desired_envelope(ctx: Context, data: bytes) -> None:
+    try:
+        state = verify_desired_state(data, ctx.trusted, fleet="lab", now=NOW)
+    except DesiredStateError as exc:
+        assert getattr(exc, "reason", None), "every refusal names its reason"
+        return
+    assert state.fleet == "lab" and state.expires_at > NOW
+
+
+def state_report(ctx: Context, data: bytes) -> None:
+    try:
+        report = DeviceStateReport.from_json(data)
+    except MessageError:
+        return
+    assert DeviceStateReport.from_json(report.to_json()).status == report.status
+
+
+def _record(data: bytes, schema: str, decode: Callable[[object], object]) -> None:
+    try:
+        doc = decode_json_message(data, schema, 1, schema)
+        record = decode(doc)
+    except (MessageError, DataError):
+        return
+    # A decoded record is plain, finite JSON again.
+    json.dumps(record.to_dict(), allow_nan=False)  # type: ignore[attr-defined]
+
+
+def telemetry_record(ctx: Context, data: bytes) -> None:
+    _record(data, "edgekit.telemetry", TelemetryRecord.from_dict)
+
+
+def event_record(ctx: Context, data: bytes) -> None:
+    _record(data, "edgekit.event", Event.from_dict)
+
+
+def manifest(ctx: Context, data: bytes) -> None:
+    try:
+        decoded = Manifest.from_json(data)
+    except BundleError:
+        return
+    assert Manifest.from_json(decoded.to_json()) == decoded
+
+
+def manifest_msg(ctx: Context, data: bytes) -> None:
+    try:
+        verified = verify_manifest_message(data, ctx.trusted, ctx.bundle.bundle_id)
+    except BundleError:
+        return
+    assert verified.manifest_bytes == ctx.bundle.manifest_bytes  # only the real one passes
+
+
+def chunk_assembly(ctx: Context, data: bytes) -> None:
+    """Read ``data`` as a stream of (op, index, length) records: op even = the real chunk at
+    index, op odd = ``length`` junk bytes at index. The assembler must store only real chunks,
+    never change its file's size, and rebuild the exact bundle once it has them all."""
+    chunks = ctx.chunks()
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+        verified = verify_manifest_message(manifest_message(ctx.bundle), ctx.trusted, ctx.bundle.bundle_id)
+        assembler = ChunkAssembler(Path(tmp), verified)
+        part = Path(tmp) / "bundle.ekb.part"
+        size = part.stat().st_size
+        try:
+            for at in range(0, len(data) - 4, 5):
+                op, index, length = struct.unpack_from(">BHH", data, at)
+                index -= 16  # negative indexes too
+                if op % 2 == 0 and 0 <= index < len(chunks):
+                    payload = chunks[index]
+                else:
+                    payload = data[at : at + length % 2048] if op % 4 == 1 else bytes(length)
+                result = assembler.add(index, payload)
+                assert result in (ChunkResult.STORED, ChunkResult.DUPLICATE, *ChunkResult.BAD)
+                if result == ChunkResult.STORED:
+                    assert payload == chunks[index]
+            assert part.stat().st_size == size
+            if assembler.complete:
+                assert assembler.finish(ctx.trusted).bundle_id == ctx.bundle.bundle_id
+        finally:
+            assembler.close()
+
+
+def topic(ctx: Context, data: bytes) -> None:
+    text = data.decode("utf-8", "surrogateescape")
+    for prefix in ("edgekit", "acme/edgekit"):
+        try:
+            parts = Topics(prefix).parse(text)
+        except TopicError:
+            continue
+        assert parts.kind and text.startswith(prefix + "/")
+
+
+def bundle_file(ctx: Context, data: bytes) -> None:
+    try:
+        bundle = read_bundle(data, ctx.trusted)
+    except BundleError:
+        return
+    assert bundle.bundle_id == ctx.bundle.bundle_id  # nothing but the signed bundle reads
+
+
+def baseline(ctx: Context, data: bytes) -> None:
+    try:
+        Baseline.from_json(data)
+    except BundleError:
+        return
+
+
+# -- the agent's state files ---------------------------------------------------------------------------
+
+
+def pointer_file(ctx: Context, data: bytes) -> None:
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+        (Path(tmp) / POINTER_FILE).write_bytes(data)
+        store = BundleStore(Path(tmp), ctx.trusted, max_bundle_size=1 << 20)
+        pointer = store.pointer()
+        assert all(v is None or isinstance(v, str) for k, v in pointer.items() if k != "damaged")
+        assert store.recover() is None  # no bundle on disk: nothing to serve, and no crash
+
+
+def outbox_files(ctx: Context, data: bytes) -> None:
+    """``data`` split in two: the counter file and a queued record."""
+    half = len(data) // 2
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+        directory = Path(tmp) / "box"
+        directory.mkdir()
+        (directory / "meta.json").write_bytes(data[:half])
+        (directory / f"{1:016d}.json").write_bytes(data[half:])
+        box = Outbox(directory, 10)
+        records = box.peek()
+        assert all(isinstance(r, dict) and r.get("seq") == 1 for r in records)
+        assert box.put({"x": 1})["seq"] >= 2
+
+
+TARGETS: dict[str, Callable[[Context, bytes], None]] = {
+    "desired_envelope": desired_envelope,
+    "state_report": state_report,
+    "telemetry_record": telemetry_record,
+    "event_record": event_record,
+    "manifest": manifest,
+    "manifest_message": manifest_msg,
+    "chunk_assembly": chunk_assembly,
+    "topic": topic,
+    "bundle_file": bundle_file,
+    "baseline": baseline,
+    "pointer_file": pointer_file,
+    "outbox_files": outbox_files,
+}
+
+
+def seeds(ctx: Context) -> dict[str, list[bytes]]:
+    """Real inputs for every target: where a fuzzer starts mutating."""
+    b = ctx.bundle
+    state = new_desired_state(
+        "lab",
+        bundle_sha256=b.bundle_id,
+        bundle_name="digits",
+        bundle_version="1.0.0",
+        seq=3,
+        now=NOW - 10,
+    )
+    report = DeviceStateReport(
+        "cam-1", "lab", "downloading", bundle_id=b.bundle_id, target_seq=3, progress=0.5, time=NOW
+    )
+    record = TelemetryRecord(
+        device="cam-1",
+        fleet="lab",
+        window_start=NOW - 60.0,
+        window_end=float(NOW),
+        count=120,
+        errors=1,
+        latency_ms={"p50": 1.0, "p95": 2.0, "p99": 3.5},
+        throughput=2.0,
+        drift={"drifted": False, "complete": True, "samples": 12, "scores": {"x": {"psi": 0.1, "ks": 0.2}}},
+        bundle={"name": "digits", "version": "1.0.0", "bundle_id": b.bundle_id},
+        cpu_percent=3.5,
+        memory_rss_bytes=40_000_000,
+        temperature_c=51.2,
+        runtime="ai_edge_litert",
+        seq=7,
+    )
+    event = Event("cam-1", "installed", "installed digits@1.0.0", {"name": "digits"}, time=float(NOW), seq=2)
+    ops = b"".join(struct.pack(">BHH", 0, i + 16, 0) for i in range(len(ctx.chunks())))
+    pointer = {"schema": "edgekit.agent.installed", "schema_version": 1, "current": "a", "previous": None}
+    return {
+        "desired_envelope": [sign_desired_state(state, ctx.key)],
+        "state_report": [report.to_json()],
+        "telemetry_record": [json.dumps(record.to_dict()).encode()],
+        "event_record": [json.dumps(event.to_dict()).encode()],
+        "manifest": [b.manifest_bytes],
+        "manifest_message": [manifest_message(b)],
+        "chunk_assembly": [ops, ops[::-1]],
+        "topic": [
+            t.encode() for t in (Topics().bundle_chunk(b.bundle_id, 3), Topics().device_state("cam-1"))
+        ],
+        "bundle_file": [ctx.bundle_bytes],
+        "baseline": [b.members["baseline.json"]] if "baseline.json" in b.members else [b"{}"],
+        "pointer_file": [json.dumps(pointer).encode()],
+        "outbox_files": [b'{"next_seq": 2, "dropped_total": 0}' + json.dumps({"seq": 1}).encode()],
+    }
