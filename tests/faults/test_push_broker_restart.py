@@ -8,9 +8,8 @@ and is restarted the way `systemctl restart` does it (SIGTERM, then start).
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from edgekit import SigningKey, create_bundle
@@ -18,7 +17,7 @@ from edgekit.keys import load_signing_key
 from watcher import Watcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fleet"))
-from test_push import BIN, Fleet, edgekit
+from test_push import Fleet, edgekit, push_and_wait
 
 DEVICES = ["cam-1", "cam-2", "cam-3"]
 
@@ -41,29 +40,12 @@ def test_a_broker_restart_in_the_middle_of_a_push_does_not_stop_the_rollout(
     create_bundle(padded, name="digits", version="1.0.0", key=key, output=bundle, chunk_size=8 * 1024)
     fleet = Fleet(tmp_path, mosquitto.url, edgekit_home)
     watcher = Watcher(mosquitto.url)
-    push = None
+    pool = ThreadPoolExecutor(1)
     try:
         for device in DEVICES:
             fleet.start(device)
         watcher.wait_for(lambda _: all(watcher.states(d) for d in DEVICES))
-        push = subprocess.Popen(
-            [
-                str(BIN / "edgekit"),
-                "push",
-                str(bundle),
-                "--fleet",
-                "lab",
-                "--wait",
-                "--timeout",
-                "120",
-                "--broker",
-                mosquitto.url,
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        push = pool.submit(push_and_wait, bundle, mosquitto.url)  # --wait --json, in a thread
         watcher.wait_for(
             lambda _: any(
                 s.status == "downloading" and (s.progress or 0) > 0
@@ -74,16 +56,13 @@ def test_a_broker_restart_in_the_middle_of_a_push_does_not_stop_the_rollout(
         )
         mosquitto.stop(graceful=True)
         mosquitto.start()
-        out, err = push.communicate(timeout=180)
-        assert push.returncode == 0, err
-        outcome = json.loads(out)
+        outcome = push.result(timeout=180)  # asserts the push exited 0
         assert outcome["phase"] == "done" and outcome["failed"] == {}
         assert {d: s["version"] for d, s in outcome["devices"].items()} == dict.fromkeys(DEVICES, "1.0.0")
         watcher.close()
         watcher = Watcher(mosquitto.url)  # the old one reconnected; a new one sees the retained states
         watcher.wait_for(lambda _: all(watcher.serving("1.0.0", d)(_) for d in DEVICES))
     finally:
-        if push is not None and push.poll() is None:
-            push.kill()
+        pool.shutdown(wait=True)  # the push times out on its own (--timeout 120)
         watcher.close()
         fleet.stop()
