@@ -55,6 +55,9 @@ def run_one_atheris(args: argparse.Namespace) -> None:
         f"-artifact_prefix={crashes}/{args.one}-",
         "-print_final_stats=1",
     ]
+    dictionary = out / "dict" / f"{args.one}.dict"
+    if dictionary.exists():
+        argv.append(f"-dict={dictionary}")
     atheris.Setup(argv, test_one_input)
     atheris.Fuzz()
 
@@ -93,6 +96,34 @@ def _mutations(seed: bytes):  # type: ignore[no-untyped-def]
         return bytes(raw)
 
     return st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=8).map(mutate)
+
+
+def _write_dictionary(path: Path, seeds: list[bytes]) -> None:
+    """libFuzzer tokens for the JSON targets: punctuation, literals, and every key and short
+    string value of the seed documents, so mutations keep (and break) their structure."""
+    import json
+
+    tokens = {"{", "}", "[", "]", ":", ",", '""', "null", "true", "false", "-1", "0", "1e999", "NaN"}
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                tokens.add(json.dumps(key))
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+        elif isinstance(value, str) and len(value) <= 64:
+            tokens.add(json.dumps(value))
+
+    for seed in seeds:
+        try:
+            walk(json.loads(seed))
+        except ValueError:
+            return  # not a JSON target: no dictionary
+    path.parent.mkdir(parents=True, exist_ok=True)
+    escape = {ord("\\"): "\\\\", ord('"'): '\\"'}
+    path.write_text("".join(f'"{token.translate(escape)}"\n' for token in sorted(tokens)))
 
 
 def main() -> int:
@@ -135,6 +166,7 @@ def main() -> int:
         corpus.mkdir(parents=True, exist_ok=True)
         for i, data in enumerate(seeds[name]):
             (corpus / f"seed-{i}").write_bytes(data)
+        _write_dictionary(out / "dict" / f"{name}.dict", seeds[name])
         print(f"== {name}: {per:.0f} s with {engine}", flush=True)
         command = [sys.executable, __file__, "--one", name, "--seconds", str(per), "--engine", engine]
         command += ["--model", args.model, "--out", str(out)] + (["--data", args.data] if args.data else [])
