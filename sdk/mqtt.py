@@ -5,6 +5,10 @@ callback API versions behind connect / subscribe / publish / close:
 
 - ``mqtt://host[:port]`` (default port 1883) or ``mqtts://host[:port]`` (TLS, default 8883),
   MQTT 5 (default) or 3.1.1, username/password, a CA and a client certificate, a last will.
+  The protocol version can ride in the URL, ``mqtt://host:1883?protocol=3.1.1``, so every
+  client configured with that URL (agent config, ``--broker``, ``EDGEKIT_BROKER``) speaks
+  3.1.1 to a broker that knows nothing newer (the embedded broker of ``edgekit fleet up``).
+  A broker that drops an MQTT 5 CONNECT without answering gets an error saying so.
 - Reconnects by itself after the connection drops, with exponential backoff between
   ``reconnect_min`` and ``reconnect_max`` seconds, and re-subscribes every filter on each new
   connection (sessions are clean, so the broker re-sends retained messages; that is how a
@@ -38,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -119,10 +123,12 @@ class BrokerAddress:
     tls: bool
     username: Optional[str] = None
     password: Optional[str] = field(default=None, repr=False)
+    protocol: Optional[str] = None  # "5" or "3.1.1" when the URL says (``?protocol=3.1.1``)
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...``; BrokerError if malformed."""
+    """``mqtt://[user[:password]@]host[:port][?protocol=5|3.1.1]`` or ``mqtts://...``;
+    BrokerError if malformed."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -132,8 +138,9 @@ def parse_broker_url(url: str) -> BrokerAddress:
         ) from None
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise BrokerError(f"invalid broker URL {url!r}; use mqtt://host:1883 or mqtts://host:8883")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise BrokerError(f"invalid broker URL {url!r}: it must not have a path or query")
+    if parts.path not in ("", "/") or parts.fragment:
+        raise BrokerError(f"invalid broker URL {url!r}: it must not have a path")
+    protocol = _url_protocol(url, parts.query)
     tls = parts.scheme == "mqtts"
     return BrokerAddress(
         host=parts.hostname,
@@ -141,7 +148,25 @@ def parse_broker_url(url: str) -> BrokerAddress:
         tls=tls,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
+        protocol=protocol,
     )
+
+
+def _url_protocol(url: str, query: str) -> Optional[str]:
+    try:
+        params = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        params = [("", "")]
+    if any(key != "protocol" for key, _ in params) or len(params) > 1:
+        raise BrokerError(
+            f"invalid broker URL {url!r}: the only query it may have is ?protocol=5 or ?protocol=3.1.1"
+        )
+    if not params:
+        return None
+    value = params[0][1]
+    if value not in _PROTOCOLS:
+        raise BrokerError(f"invalid broker URL {url!r}: protocol must be 5 or 3.1.1, not {value!r}")
+    return value
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -203,7 +228,8 @@ class MqttClient:
     """A connection to one MQTT broker. See the module documentation for the threading rules.
 
     ``url``: ``mqtt://host:port`` or ``mqtts://host:port`` (credentials in the URL are used when
-    ``username`` is not given). ``protocol``: ``"5"`` or ``"3.1.1"``. ``max_packet_size``
+    ``username`` is not given). ``protocol``: ``"5"`` or ``"3.1.1"``; None (the default) takes
+    the URL's ``?protocol=``, else MQTT 5. ``max_packet_size``
     (MQTT 5) asks the broker never to send this client a larger packet.
     """
 
@@ -212,7 +238,7 @@ class MqttClient:
         url: str,
         *,
         client_id: Optional[str] = None,
-        protocol: str = "5",
+        protocol: Optional[str] = None,
         username: Optional[str] = None,
         password: Optional[str] = None,
         tls: Optional[TlsConfig] = None,
@@ -223,9 +249,10 @@ class MqttClient:
         max_inflight: int = 20,
         max_packet_size: Optional[int] = None,
     ) -> None:
+        self.address = parse_broker_url(url)
+        protocol = protocol or self.address.protocol or "5"
         if protocol not in _PROTOCOLS:
             raise BrokerError(f"unknown MQTT protocol version {protocol!r}; use '5' or '3.1.1'")
-        self.address = parse_broker_url(url)
         self.url = f"{'mqtts' if self.address.tls else 'mqtt'}://{self.address.host}:{self.address.port}"
         self.client_id = client_id or f"edgekit-{uuid.uuid4().hex[:12]}"
         self.protocol = protocol
@@ -262,6 +289,7 @@ class MqttClient:
         self._renewing: dict[int, str] = {}
         self._first_result: Optional[str] = None
         self._first_done = threading.Event()
+        self._dropped_unanswered = False  # the broker closed the socket before any CONNACK
         self._acks = threading.Condition()
         self._suback: dict[int, list[ReasonCode]] = {}
         self._publish_failures: dict[int, str] = {}
@@ -315,6 +343,12 @@ class MqttClient:
             return self
         if not self._first_done.wait(timeout):
             self.close()
+            if self._v5 and self._dropped_unanswered:
+                raise BrokerError(
+                    f"the broker at {self.url} closed the connection without accepting MQTT 5; if it "
+                    "speaks only MQTT 3.1.1 (like the embedded broker of `edgekit fleet up`), add "
+                    "?protocol=3.1.1 to the broker URL"
+                )
             raise BrokerError(
                 f"could not connect to the broker at {self.url} within {timeout:g}s; is it running and reachable?"
             )
@@ -450,6 +484,8 @@ class MqttClient:
         with self._lock:
             self._link_up = False
         self._renewing = {}
+        if not self._first_done.is_set():
+            self._dropped_unanswered = True
         was = self._connected.is_set()
         self._connected.clear()
         if was:

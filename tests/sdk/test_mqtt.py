@@ -117,7 +117,17 @@ def test_unreachable_broker_is_a_broker_error(mosquitto) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://host:1", "mqtt://", "mqtt://host:notaport", "mqtt://host/path", "mqtt://host:99999"]
+    "url",
+    [
+        "http://host:1",
+        "mqtt://",
+        "mqtt://host:notaport",
+        "mqtt://host/path",
+        "mqtt://host:99999",
+        "mqtt://host?protocol=4",
+        "mqtt://host?qos=1",
+        "mqtt://host?protocol=5&protocol=3.1.1",
+    ],
 )
 def test_malformed_broker_url_is_refused(url: str) -> None:
     with pytest.raises(BrokerError, match="invalid broker URL|path"):
@@ -129,6 +139,15 @@ def test_broker_url_parts() -> None:
     assert (plain.host, plain.port, plain.tls) == ("example.org", 1883, False)
     tls = parse_broker_url("mqtts://u%40x:p%3Aw@10.0.0.1")
     assert (tls.host, tls.port, tls.tls, tls.username, tls.password) == ("10.0.0.1", 8883, True, "u@x", "p:w")
+    assert plain.protocol is None and parse_broker_url("mqtt://h:1?protocol=3.1.1").protocol == "3.1.1"
+
+
+def test_the_protocol_version_comes_from_the_url_unless_given(mosquitto) -> None:
+    assert MqttClient("mqtt://h:1?protocol=3.1.1").protocol == "3.1.1"
+    assert MqttClient("mqtt://h:1").protocol == "5"
+    assert MqttClient("mqtt://h:1?protocol=3.1.1", protocol="5").protocol == "5"
+    with MqttClient(f"{mosquitto.url}?protocol=3.1.1") as client:
+        client.publish("v311", b"x").wait(10)
 
 
 def test_topic_matching_handles_wildcards_and_shared_subscriptions() -> None:
