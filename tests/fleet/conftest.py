@@ -13,7 +13,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from edgekit.fleet.embedded import EmbeddedBroker
 from edgekit.fleet.registry import DeviceState, EventRow, Registry, TelemetryRow
+from helpers import free_port
+from test_push import Fleet, edgekit
 
 POSTGRES = os.environ.get("EDGEKIT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -86,3 +89,22 @@ def registry(registry_url: str) -> Iterator[Registry]:
     populate(reg)
     yield reg
     reg.close()
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """The embedded broker of `edgekit fleet up` (amqtt, a child process) on a free port,
+    keeping retained messages in a data_dir."""
+    broker = EmbeddedBroker(port=free_port(), data_dir=tmp_path / "broker")
+    with broker:
+        yield broker
+
+
+@pytest.fixture
+def agents(embedded: EmbeddedBroker, edgekit_home: Path, tmp_path: Path) -> Iterator[Fleet]:
+    """`edgekit-agent run` processes of fleet "lab" on the embedded broker; a signing key."""
+    assert edgekit("keys", "init").returncode == 0
+    fleet = Fleet(tmp_path / "devices", embedded.url, edgekit_home)
+    fleet.root.mkdir()
+    yield fleet
+    fleet.stop()
