@@ -8,16 +8,27 @@ one saved under ``$EDGEKIT_HOME/fleets/`` and any number seen on the broker's re
 documents, so two workstations, or one that lost its home directory, never go backwards.
 
 :func:`run_rollout` runs the :mod:`edgekit.fleet.rollout` state machine against a live fleet,
-saving the rollout after every step so that ``edgekit rollout resume`` can pick it up.
+one :func:`step_rollout` at a time, saving the rollout after every step so that ``edgekit
+rollout resume`` or the rollout controller of ``edgekit fleet up`` can pick it up.
+
+:func:`driving` is the lock that keeps two drivers off one fleet's rollout: ``push``,
+``rollout resume|abort``, ``fleet rollback`` and the controller all take it before they change
+``rollouts/FLEET.json``. It is an ``flock`` on ``rollouts/FLEET.lock``: the kernel releases it
+when its holder exits or dies (kill -9, a crash, a laptop's power), so there is no stale lock to
+clean up, and no guessing whether a recorded pid is still alive or was reused. The file also
+names the holder's pid and command, for the error message of whoever is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -25,7 +36,7 @@ from typing import Optional
 from edgekit.atomic import atomic_write
 from edgekit.bundle import Bundle
 from edgekit.desired import decode_desired_state, new_desired_state, sign_desired_state
-from edgekit.errors import BrokerError, ConfigError, DesiredStateError, MessageError
+from edgekit.errors import BrokerError, ConfigError, DesiredStateError, MessageError, RolloutError
 from edgekit.keys import SigningKey
 from edgekit.mqtt import Message, MqttClient
 from edgekit.reports import DeviceStateReport
@@ -34,7 +45,7 @@ from edgekit.transfer import clear_bundle, publish_bundle
 
 from .rollout import Action, DeviceReport, Rollout, RolloutPolicy, advance, start
 
-__all__ = ["FleetLink", "FleetRecord", "run_rollout"]
+__all__ = ["FleetLink", "FleetRecord", "driving", "rollout_path", "run_rollout", "step_rollout"]
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +235,11 @@ class FleetLink:
         self._window_bundle = bundle_id
         self._windows = {}
 
+    @property
+    def watching(self) -> Optional[str]:
+        """The bundle whose telemetry is being counted, if any."""
+        return self._window_bundle
+
     # -- what the workstation says ---------------------------------------------------------------
 
     def publish_bundle(self, bundle: Bundle, progress: Optional[Callable[[int, int], None]] = None) -> str:
@@ -267,6 +283,50 @@ class FleetLink:
         clear_bundle(self.client, bundle_id, chunk_count, self.topics)
 
 
+def rollout_path(home: Path, fleet: str) -> Path:
+    """Where a fleet's current rollout is saved."""
+    return home / "rollouts" / f"{fleet}.json"
+
+
+@contextmanager
+def driving(home: Path, fleet: str, holder: str, wait: float = 0.0) -> Iterator[None]:
+    """Hold the lock on ``fleet``'s rollout; RolloutError naming the holder if another process
+    (or another driver in this one) has it for longer than ``wait`` seconds."""
+    path = rollout_path(home, fleet).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    held = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    raise RolloutError(
+                        f"the rollout of fleet {fleet} is being driven by {held}; wait for it to "
+                        "finish, or stop it first"
+                    ) from None
+                time.sleep(0.05)  # flock has no timed wait; the holders' steps are short
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({holder})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def step_rollout(
+    link: FleetLink, rollout: Rollout, policy: RolloutPolicy, state_path: Path, labels: dict[str, str]
+) -> Rollout:
+    """One step: advance with what the devices say now, publish what that asks for, save."""
+    rollout, actions = advance(rollout, link.reports(), policy, time.time())
+    if actions:
+        link.carry_out(actions, labels)
+    rollout.save(state_path)
+    return rollout
+
+
 def run_rollout(
     link: FleetLink,
     rollout: Rollout,
@@ -277,14 +337,12 @@ def run_rollout(
     timeout: float,
     on_change: Optional[Callable[[Rollout, FleetLink], None]] = None,
 ) -> Rollout:
-    """Advance ``rollout`` until it is finished or ``timeout`` seconds pass; saved after every step."""
+    """Advance ``rollout`` until it is finished or ``timeout`` seconds pass; saved after every
+    step. The caller holds :func:`driving` for the fleet."""
     deadline = time.monotonic() + timeout
     link.watch_telemetry_of(rollout.bundle_id)
     while not rollout.finished:
-        rollout, actions = advance(rollout, link.reports(), policy, time.time())
-        if actions:
-            link.carry_out(actions, labels)
-        rollout.save(state_path)
+        rollout = step_rollout(link, rollout, policy, state_path, labels)
         if on_change is not None:
             on_change(rollout, link)
         if rollout.finished or time.monotonic() >= deadline:
@@ -318,8 +376,24 @@ def labels_of(rollout: Rollout, record: FleetRecord) -> dict[str, str]:
 
 
 def connect_operator(
-    url: str, username: Optional[str] = None, password: Optional[str] = None, timeout: float = 10.0
+    url: str,
+    username: Optional[str] = None,
+    password: Optional[str] = None,
+    timeout: float = 10.0,
+    home: Optional[Path] = None,
 ) -> MqttClient:
+    """The operator's connection. Without credentials (in the URL or given), those of
+    ``home/broker/operator.json`` (written by ``edgekit broker mosquitto-config``) are used."""
+    if (
+        username is None
+        and home is not None
+        and "@" not in url
+        and (home / "broker" / "operator.json").exists()
+    ):
+        from edgekit.broker import operator_credentials
+
+        creds = operator_credentials(home)
+        username, password = creds.username, creds.password
     try:
         return MqttClient(
             url,

@@ -23,6 +23,9 @@ rollout_app = new_app("Follow, resume or abort a canary rollout (after a crash o
 
 BROKER_HELP = "Broker URL (mqtt://host:1883, mqtts://...); else $EDGEKIT_BROKER, else config."
 KEYS_FORMATS = (".keras", ".h5", ".hdf5")
+# Seconds to wait for a fleet's rollout lock: the rollout controller of `fleet up` holds it for
+# one step at a time; `push --wait` and `rollout resume` hold it until they are done.
+LOCK_WAIT = 15.0
 
 
 def _bundle_name(stem: str) -> str:
@@ -71,14 +74,7 @@ def resolve_target(
 def _connect(cfg: WorkstationConfig) -> Any:
     from edgekit.fleet.push import connect_operator
 
-    username = password = None
-    operator = cfg.home / "broker" / "operator.json"
-    if operator.exists() and "@" not in cfg.broker:
-        from ..broker import operator_credentials
-
-        creds = operator_credentials(cfg.home)
-        username, password = creds.username, creds.password
-    return connect_operator(cfg.broker, username, password)
+    return connect_operator(cfg.broker, home=cfg.home)
 
 
 def _device_table(link: Any, rollout: Any) -> Table:
@@ -227,7 +223,7 @@ def push(
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Ship a model to a fleet: publish the signed bundle, tell the devices, follow them."""
-    from edgekit.fleet.push import FleetLink, begin_rollout
+    from edgekit.fleet.push import FleetLink, FleetRecord, begin_rollout, driving, rollout_path
     from edgekit.fleet.rollout import RolloutPolicy
 
     cfg = WorkstationConfig.load(broker=broker)
@@ -257,33 +253,36 @@ def push(
         ) as bar:
             task = bar.add_task(bundle.manifest.label, total=total)
             link.publish_bundle(bundle, progress=lambda sent, _total: bar.update(task, completed=sent))
-        state_path = cfg.home / "rollouts" / f"{fleet}.json"
-        rollout, labels = begin_rollout(link, bundle, policy, state_path)
-        if not json_out:
-            console.print(
-                f"published {bundle.manifest.label} (id {bundle.bundle_id[:16]}) to fleet {fleet}: "
-                f"{len(devices)} device(s) known" + (f", {len(rollout.canaries)} canary" if canary else "")
-            )
-        if not wait:
-            if json_out:
-                print_json(_summary(rollout, link))
-            elif rollout.canaries:
-                console.print(
-                    f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` takes the "
-                    "rollout on to the fleet"
-                )
-            return
-        if not devices:
+        state_path = rollout_path(cfg.home, fleet)
+        with driving(cfg.home, fleet, "edgekit push --wait" if wait else "edgekit push", wait=LOCK_WAIT):
+            link.record = FleetRecord.load(cfg.home, fleet)  # as the last driver left it
+            rollout, labels = begin_rollout(link, bundle, policy, state_path)
             if not json_out:
                 console.print(
-                    f"no device of fleet {fleet} has reported yet; devices that join later fetch "
-                    f"{bundle.manifest.label} from the broker"
+                    f"published {bundle.manifest.label} (id {bundle.bundle_id[:16]}) to fleet {fleet}: "
+                    f"{len(devices)} device(s) known"
+                    + (f", {len(rollout.canaries)} canary" if canary else "")
                 )
-            else:
-                print_json(_summary(rollout, link))
-            return
-        _drive(link, rollout, labels, state_path, timeout, json_out)
-        _clear_superseded(link, catalog)
+            if not wait:
+                if json_out:
+                    print_json(_summary(rollout, link))
+                elif rollout.canaries:
+                    console.print(
+                        f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` (or the "
+                        "rollout controller of `edgekit fleet up`) takes the rollout on to the fleet"
+                    )
+                return
+            if not devices:
+                if not json_out:
+                    console.print(
+                        f"no device of fleet {fleet} has reported yet; devices that join later fetch "
+                        f"{bundle.manifest.label} from the broker"
+                    )
+                else:
+                    print_json(_summary(rollout, link))
+                return
+            _drive(link, rollout, labels, state_path, timeout, json_out)
+            _clear_superseded(link, catalog)
     finally:
         client.close()
 
@@ -294,9 +293,10 @@ def rollout_status(
     json_out: bool = typer.Option(False, "--json", help="Print the saved rollout as JSON."),
 ) -> None:
     """Show the fleet's last rollout as saved (no broker needed)."""
+    from edgekit.fleet.push import rollout_path
     from edgekit.fleet.rollout import Rollout
 
-    rollout = Rollout.load(WorkstationConfig.load().home / "rollouts" / f"{fleet}.json")
+    rollout = Rollout.load(rollout_path(WorkstationConfig.load().home, fleet))
     if json_out:
         print_json(
             {
@@ -329,20 +329,23 @@ def rollout_resume(
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Drive a saved rollout on to its end (after `push` without --wait, a crash or a sleep)."""
-    from edgekit.fleet.push import FleetLink, labels_of
+    from edgekit.fleet.push import FleetLink, driving, labels_of, rollout_path
     from edgekit.fleet.rollout import Rollout
 
     cfg = WorkstationConfig.load(broker=broker)
-    state_path = cfg.home / "rollouts" / f"{fleet}.json"
+    state_path = rollout_path(cfg.home, fleet)
     rollout = Rollout.load(state_path)
     if rollout.finished:
         console.print(f"the rollout of {rollout.label} is already {rollout.phase}")
         return
+    key = signing_key(key_name)
     client = _connect(cfg)
     try:
-        link = FleetLink(client, fleet, signing_key(key_name), cfg.home)
-        link.discover()
-        _drive(link, rollout, labels_of(rollout, link.record), state_path, timeout, json_out)
+        with driving(cfg.home, fleet, "edgekit rollout resume", wait=LOCK_WAIT):
+            rollout = Rollout.load(state_path)  # as the last driver left it
+            link = FleetLink(client, fleet, key, cfg.home)
+            link.discover()
+            _drive(link, rollout, labels_of(rollout, link.record), state_path, timeout, json_out)
     finally:
         client.close()
 
@@ -356,18 +359,21 @@ def rollout_abort(
     """Stop a rollout and send the devices it reached back to the previous bundle."""
     import time
 
-    from edgekit.fleet.push import FleetLink, labels_of
+    from edgekit.fleet.push import FleetLink, driving, labels_of, rollout_path
     from edgekit.fleet.rollout import Rollout, abort
 
     cfg = WorkstationConfig.load(broker=broker)
-    state_path = cfg.home / "rollouts" / f"{fleet}.json"
-    rollout = Rollout.load(state_path)
+    state_path = rollout_path(cfg.home, fleet)
+    Rollout.load(state_path)  # a missing or corrupt one is reported before connecting
+    key = signing_key(key_name)
     client = _connect(cfg)
     try:
-        link = FleetLink(client, fleet, signing_key(key_name), cfg.home)
-        rollout, actions = abort(rollout, "aborted by the operator", time.time())
-        link.carry_out(actions, labels_of(rollout, link.record))
-        rollout.save(state_path)
+        with driving(cfg.home, fleet, "edgekit rollout abort", wait=LOCK_WAIT):
+            rollout = Rollout.load(state_path)
+            link = FleetLink(client, fleet, key, cfg.home)
+            rollout, actions = abort(rollout, "aborted by the operator", time.time())
+            link.carry_out(actions, labels_of(rollout, link.record))
+            rollout.save(state_path)
     finally:
         client.close()
     console.print(f"rollout of {rollout.label} to fleet {fleet}: {rollout.phase}")
@@ -385,7 +391,7 @@ def rollback(
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Send the whole fleet back to an earlier bundle (a new, higher-numbered desired state)."""
-    from edgekit.fleet.push import FleetLink, FleetRecord, begin_rollout
+    from edgekit.fleet.push import FleetLink, FleetRecord, begin_rollout, driving, rollout_path
     from edgekit.fleet.rollout import RolloutPolicy
 
     cfg = WorkstationConfig.load(broker=broker)
@@ -412,15 +418,17 @@ def rollback(
         link = FleetLink(client, fleet, key, cfg.home)
         devices = link.discover()
         link.publish_bundle(bundle)  # it may have been cleared from the broker
-        state_path = cfg.home / "rollouts" / f"{fleet}.json"
-        rollout, labels = begin_rollout(
-            link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout), state_path
-        )
-        if not json_out:
-            console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
-        if wait and devices:
-            _drive(link, rollout, labels, state_path, timeout, json_out)
-        elif json_out:
-            print_json(_summary(rollout, link))
+        state_path = rollout_path(cfg.home, fleet)
+        with driving(cfg.home, fleet, "edgekit fleet rollback", wait=LOCK_WAIT):
+            link.record = FleetRecord.load(cfg.home, fleet)
+            rollout, labels = begin_rollout(
+                link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout), state_path
+            )
+            if not json_out:
+                console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
+            if wait and devices:
+                _drive(link, rollout, labels, state_path, timeout, json_out)
+            elif json_out:
+                print_json(_summary(rollout, link))
     finally:
         client.close()
