@@ -1,6 +1,7 @@
 """Bundle transfer over MQTT vs a raw paho fan-out of the same bytes, measured in the same run.
 
     .venv/bin/python benchmarks/bench_transfer.py --subscribers 6 [--subscribers 50] [--runs 3]
+        [--broker mosquitto|embedded|both]
 
 Both paths use one local Mosquitto and the same payload: a real ~30 MB bundle (a dense Keras
 model converted to .tflite, built once with TensorFlow and cached in .cache/bench/), cut into
@@ -14,6 +15,10 @@ its manifest's 128 KiB chunks, QoS 1.
   fetches the manifest, verifies its signature and digest, then every chunk (SHA-256 against
   the signed plan, stored to disk), rebuilds the bundle and verifies it in full
   (``read_bundle``). Time: from the first publish until every device holds a verified bundle.
+
+``--broker embedded`` runs the same paths through the embedded broker of ``edgekit fleet up``
+(amqtt in a child process, MQTT 3.1.1); ``both`` measures Mosquitto and it in the same run, and
+prints each one's ratio to Mosquitto's raw fan-out.
 
 Subscribers run in worker processes (``--processes``, default two per CPU) so one interpreter
 lock does not serialize them all; devices store bundles in a temporary directory
@@ -109,11 +114,20 @@ def start_broker(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
 # -- worker processes ---------------------------------------------------------------------------
 
 
+def paho_address(url: str) -> tuple[str, int, Any]:
+    """Host, port and paho protocol constant of a broker URL (``?protocol=3.1.1`` honoured)."""
+    import paho.mqtt.client as paho
+    from edgekit.mqtt import parse_broker_url
+
+    address = parse_broker_url(url)
+    return address.host, address.port, paho.MQTTv311 if address.protocol == "3.1.1" else paho.MQTTv5
+
+
 def raw_worker(url: str, ids: list[str], total: int, ready: Any, results: Any) -> None:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    host, port = url[len("mqtt://") :].split(":")
+    host, port, protocol = paho_address(url)
     clients = []
     done = threading.Semaphore(0)
     for ident in ids:
@@ -129,7 +143,7 @@ def raw_worker(url: str, ids: list[str], total: int, ready: Any, results: Any) -
                 done.release()
 
         subscribed = threading.Event()
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=ident, protocol=paho.MQTTv5)
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=ident, protocol=protocol)
         client.on_message = on_message
         client.on_subscribe = lambda *_a, ev=subscribed: ev.set()
         client.on_connect = lambda c, *_a: c.subscribe(f"{RAW_PREFIX}/#", qos=1)
@@ -258,8 +272,8 @@ def run_raw(url: str, chunks: list[bytes], groups: list[list[str]], ctx: Any) ->
 
     total = sum(len(c) for c in chunks)
     procs, results = spawn(raw_worker, groups, (url, total), ctx)
-    host, port = url[len("mqtt://") :].split(":")
-    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=paho.MQTTv5)
+    host, port, protocol = paho_address(url)
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=protocol)
     pub.connect(host, int(port))
     pub.loop_start()
     start = time.monotonic()
@@ -351,6 +365,12 @@ def main() -> None:
     )
     parser.add_argument("--size-mb", type=int, default=30, help="Bundle size in MB.")
     parser.add_argument(
+        "--broker",
+        choices=("mosquitto", "embedded", "both"),
+        default="mosquitto",
+        help="Which broker: Mosquitto, the embedded one of `fleet up` (amqtt), or both in one run.",
+    )
+    parser.add_argument(
         "--push",
         action="store_true",
         help="Also time what `edgekit push --wait` does, to real agents (Agent + AgentDaemon) in worker processes.",
@@ -375,44 +395,86 @@ def main() -> None:
     )
 
     ctx = mp.get_context("spawn")
+    names = ["mosquitto", "embedded"] if args.broker == "both" else [args.broker]
+    baseline: dict[int, float] = {}  # Mosquitto's raw fan-out per N, when measured in this run
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-broker-") as broker_dir:
-        broker, url = start_broker(Path(broker_dir))
-        try:
-            for n in sizes:
-                ids = [f"dev-{i}" for i in range(n)]
-                procs = min(n, args.processes or 2 * (os.cpu_count() or 1))
-                per = -(-n // procs)
-                groups = [ids[i : i + per] for i in range(0, n, per)]
-                raw_times, fetched, verified, pushed = [], [], [], []
-                for run in range(args.runs):  # alternate so drift in machine load hits both
-                    raw_times.append(run_raw(url, chunks, groups, ctx))
-                    got, done = run_edgekit(url, bundle, public_pem, key, groups, run, ctx)
-                    fetched.append(got)
-                    verified.append(done)
-                    if args.push:
-                        pushed.append(run_push(url, bundle, public_pem, key, groups, run, ctx))
-                raw = statistics.median(raw_times)
-                got, done = statistics.median(fetched), statistics.median(verified)
-                print(
-                    f"N={n} ({len(groups)} worker processes): raw paho fan-out {raw:.2f} s "
-                    f"({n * mb / raw:.0f} MB/s delivered); edgekit: every chunk hash-checked and stored "
-                    f"{got:.2f} s (ratio {got / raw:.2f}x), every bundle verified (read_bundle) "
-                    f"{done:.2f} s (ratio {done / raw:.2f}x)\n"
-                    f"    runs: raw {', '.join(f'{t:.2f}' for t in raw_times)}; "
-                    f"stored {', '.join(f'{t:.2f}' for t in fetched)}; "
-                    f"verified {', '.join(f'{t:.2f}' for t in verified)}",
-                    flush=True,
-                )
-                if pushed:
-                    wait = statistics.median(pushed)
-                    print(
-                        f"N={n}: push --wait to real agents (fetch, verify, install, health check) {wait:.2f} s "
-                        f"(ratio {wait / raw:.2f}x); runs: {', '.join(f'{t:.2f}' for t in pushed)}",
-                        flush=True,
-                    )
-        finally:
-            broker.kill()
-            broker.wait()
+        for name in names:
+            stop, url = start_named_broker(name, Path(broker_dir))
+            print(f"-- broker: {name} ({url})", flush=True)
+            try:
+                for n in sizes:
+                    measure(url, n, args, bundle, public_pem, key, chunks, mb, ctx, name, baseline)
+            finally:
+                stop()
+
+
+def start_named_broker(name: str, directory: Path) -> tuple[Any, str]:
+    if name == "mosquitto":
+        proc, url = start_broker(directory)
+
+        def stop() -> None:
+            proc.kill()
+            proc.wait()
+
+        return stop, url
+    from edgekit.fleet.embedded import EmbeddedBroker
+
+    embedded = EmbeddedBroker(port=free_port()).start()
+    return embedded.stop, embedded.url
+
+
+def measure(
+    url: str,
+    n: int,
+    args: Any,
+    bundle: Any,
+    public_pem: bytes,
+    key: Any,
+    chunks: list[bytes],
+    mb: float,
+    ctx: Any,
+    name: str,
+    baseline: dict[int, float],
+) -> None:
+    ids = [f"dev-{i}" for i in range(n)]
+    procs = min(n, args.processes or 2 * (os.cpu_count() or 1))
+    per = -(-n // procs)
+    groups = [ids[i : i + per] for i in range(0, n, per)]
+    raw_times, fetched, verified, pushed = [], [], [], []
+    for run in range(args.runs):  # alternate so drift in machine load hits both
+        raw_times.append(run_raw(url, chunks, groups, ctx))
+        got, done = run_edgekit(url, bundle, public_pem, key, groups, run, ctx)
+        fetched.append(got)
+        verified.append(done)
+        if args.push:
+            pushed.append(run_push(url, bundle, public_pem, key, groups, run, ctx))
+    raw = statistics.median(raw_times)
+    got, done = statistics.median(fetched), statistics.median(verified)
+    if name == "mosquitto":
+        baseline[n] = raw
+    print(
+        f"N={n} ({len(groups)} worker processes): raw paho fan-out {raw:.2f} s "
+        f"({n * mb / raw:.0f} MB/s delivered); edgekit: every chunk hash-checked and stored "
+        f"{got:.2f} s (ratio {got / raw:.2f}x), every bundle verified (read_bundle) "
+        f"{done:.2f} s (ratio {done / raw:.2f}x)\n"
+        f"    runs: raw {', '.join(f'{t:.2f}' for t in raw_times)}; "
+        f"stored {', '.join(f'{t:.2f}' for t in fetched)}; "
+        f"verified {', '.join(f'{t:.2f}' for t in verified)}",
+        flush=True,
+    )
+    if name != "mosquitto" and n in baseline:
+        print(
+            f"N={n} {name} vs Mosquitto's raw fan-out ({baseline[n]:.2f} s): raw {raw / baseline[n]:.2f}x, "
+            f"stored {got / baseline[n]:.2f}x, verified {done / baseline[n]:.2f}x",
+            flush=True,
+        )
+    if pushed:
+        wait = statistics.median(pushed)
+        print(
+            f"N={n}: push --wait to real agents (fetch, verify, install, health check) {wait:.2f} s "
+            f"(ratio {wait / raw:.2f}x); runs: {', '.join(f'{t:.2f}' for t in pushed)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
