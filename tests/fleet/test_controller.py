@@ -15,9 +15,7 @@ from edgekit.fleet.controller import RolloutController
 from edgekit.fleet.push import driving, rollout_path
 from edgekit.fleet.rollout import Rollout, RolloutPolicy, start
 from test_push import all_serving, edgekit, push_and_wait
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "agent"))
-from test_daemon import Watcher
+from watcher import Watcher
 
 DEVICES = ["cam-1", "cam-2", "cam-3"]
 

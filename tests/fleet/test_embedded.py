@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +19,9 @@ from edgekit.topics import Topics
 from edgekit.transfer import clear_bundle, publish_bundle
 from edgekit.trust import TrustedKeys
 from helpers import free_port
-from test_push import push_and_wait
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sdk"))
 from mqtt_helpers import Inbox
-from test_daemon import Watcher
+from test_push import push_and_wait
+from watcher import Watcher
 
 TOPICS = Topics()
 
