@@ -32,8 +32,12 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ logging to errors unless the user asked for more."""
+    """Keep TensorFlow's C++ logging to errors unless the user asked for more, and import it with
+    its output captured: TensorFlow 2.21 logs (oneDNN, absl) to stderr before its log level applies."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules:
+        with captured_stdout("tensorflow import"):
+            import tensorflow  # noqa: F401
 
 
 @contextlib.contextmanager

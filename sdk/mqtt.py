@@ -290,6 +290,7 @@ class MqttClient:
         self._first_result: Optional[str] = None
         self._first_done = threading.Event()
         self._dropped_unanswered = False  # the broker closed the socket before any CONNACK
+        self._tls_failure: Optional[str] = None  # why the TLS handshake failed, before any CONNACK
         self._acks = threading.Condition()
         self._suback: dict[int, list[ReasonCode]] = {}
         self._publish_failures: dict[int, str] = {}
@@ -343,6 +344,11 @@ class MqttClient:
             return self
         if not self._first_done.wait(timeout):
             self.close()
+            if self._tls_failure is not None:
+                raise BrokerError(
+                    f"could not connect to the broker at {self.url}: TLS failed ({self._tls_failure}); "
+                    "check the CA, the client certificate and its key in the config"
+                )
             if self._v5 and self._dropped_unanswered:
                 raise BrokerError(
                     f"the broker at {self.url} closed the connection without accepting MQTT 5; if it "
@@ -496,6 +502,8 @@ class MqttClient:
     def _on_log(self, _c: paho.Client, _u: Any, level: int, text: str) -> None:
         # paho reports the socket it closed itself during close() as an error; that is noise.
         if level == paho.MQTT_LOG_ERR and not self._closed:
+            if "[SSL" in text and not self._first_done.is_set():
+                self._tls_failure = text.split("[SSL", 1)[1].split("]", 1)[-1].split("(_ssl")[0].strip()
             _paho_log.warning("%s: %s", self.client_id, text)
         elif level == paho.MQTT_LOG_WARNING and not self._closed:
             _paho_log.info("%s: %s", self.client_id, text)

@@ -245,7 +245,7 @@ def test_device_with_a_fleet_ca_certificate_connects_over_tls_under_its_acl(secu
 
 def test_tls_without_a_client_certificate_is_refused(secured: Secured) -> None:
     ca = secured.devices["wh-1"].ca_file
-    with pytest.raises(BrokerError, match="could not connect"):
+    with pytest.raises(BrokerError, match="could not connect .*TLS failed .*certificate required"):
         MqttClient(secured.tls_url, tls=TlsConfig(ca_file=ca), reconnect_min=0.2).connect(timeout=2)
 
 
@@ -256,7 +256,7 @@ def test_tls_with_a_certificate_from_another_ca_is_refused(
     monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "rogue-home"))
     rogue = add_device("wh-1", "warehouse", tls=True)  # same name, signed by a different CA
     tls = TlsConfig(ca_file=ca, cert_file=rogue.cert_file, key_file=rogue.key_file)
-    with pytest.raises(BrokerError, match="could not connect"):
+    with pytest.raises(BrokerError, match="could not connect .*TLS failed .*unknown ca"):
         MqttClient(secured.tls_url, tls=tls, reconnect_min=0.2).connect(timeout=2)
 
 
