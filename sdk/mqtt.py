@@ -503,7 +503,8 @@ class MqttClient:
         # paho reports the socket it closed itself during close() as an error; that is noise.
         if level == paho.MQTT_LOG_ERR and not self._closed:
             if "[SSL" in text and not self._first_done.is_set():
-                self._tls_failure = text.split("[SSL", 1)[1].split("]", 1)[-1].split("(_ssl")[0].strip()
+                # "failed to receive on socket: [SSL: CODE] what went wrong (_ssl.c:2580)"
+                self._tls_failure = text.partition("]")[2].partition("(_ssl")[0].strip() or text
             _paho_log.warning("%s: %s", self.client_id, text)
         elif level == paho.MQTT_LOG_WARNING and not self._closed:
             _paho_log.info("%s: %s", self.client_id, text)
