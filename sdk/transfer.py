@@ -8,7 +8,9 @@ it from the broker alone:
   ``transport.chunk_size`` bytes, exactly as the signed manifest's chunk plan lists them.
 - ``{prefix}/bundles/{digest}/manifest``: a JSON message holding ``manifest.json`` and
   ``manifest.sig`` (base64), so the device checks the signature and the digest BEFORE it
-  fetches a single chunk. Published last: its presence means every chunk is there.
+  fetches a single chunk. Published first (:func:`start_upload`), so that devices told about
+  the bundle right away fetch its chunks while they are being published; a device waits for
+  chunks that are not on the broker yet.
 
 ``digest`` (:attr:`Bundle.bundle_id <edgekit.bundle.Bundle.bundle_id>`) is the SHA-256 of the exact ``manifest.json`` bytes. The
 signed desired state names it, the manifest lists every chunk's and member's SHA-256, so one
@@ -19,8 +21,8 @@ they arrive, straight into their place in the final ``.ekb`` (a restart resumes:
 chunks are re-hashed, the good ones kept), drops a
 chunk whose size or SHA-256 does not match the plan (reported for re-fetch), never writes more
 than the manifest declares, and rebuilds a bundle that :func:`edgekit.bundle.read_bundle`
-verifies. :func:`publish_bundle`, :func:`fetch_bundle` and :func:`clear_bundle` are the thin
-MQTT shells around it.
+verifies. :func:`start_upload` / :func:`publish_bundle`, :func:`fetch_bundle` and
+:func:`clear_bundle` are the thin MQTT shells around it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .atomic import atomic_write, fsync_dir
+from .atomic import atomic_write
 from .bundle import (
     MANIFEST_FILE,
     MAX_BUNDLE_SIZE,
@@ -61,12 +63,14 @@ from .trust import TrustedKeys
 __all__ = [
     "ChunkAssembler",
     "ChunkResult",
+    "Upload",
     "VerifiedManifest",
     "bundle_messages",
     "clear_bundle",
     "fetch_bundle",
     "manifest_message",
     "publish_bundle",
+    "start_upload",
     "verify_manifest_message",
 ]
 
@@ -151,6 +155,67 @@ def bundle_messages(bundle: Bundle, topics: Topics) -> Iterator[tuple[str, bytes
     yield topics.bundle_manifest(digest), manifest_message(bundle)
 
 
+class Upload:
+    """A bundle on its way to the broker, made by :func:`start_upload`: its manifest is there,
+    :meth:`finish` publishes the chunks."""
+
+    def __init__(self, client: MqttClient, bundle: Bundle, topics: Topics, qos: int) -> None:
+        self.client = client
+        self.bundle = bundle
+        self.topics = topics
+        self.qos = qos
+
+    @property
+    def digest(self) -> str:
+        return self.bundle.bundle_id
+
+    def finish(self, *, timeout: float = 300.0, progress: Optional[Callable[[int, int], None]] = None) -> str:
+        """Publish every chunk (retained) and wait until the broker has them all; returns the
+        digest. ``progress(sent_bytes, total_bytes)`` is called as the broker acknowledges
+        chunks. BrokerError if the broker does not take them within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        bundle = self.bundle
+        messages = list(bundle_messages(bundle, self.topics))[:-1]  # the manifest is there already
+        deliveries = [
+            (self.client.publish(topic, data, qos=self.qos, retain=True), len(data))
+            for topic, data in messages
+        ]
+        sent = 0
+        for delivery, length in deliveries:
+            delivery.wait(max(0.0, deadline - time.monotonic()))
+            sent += length
+            if progress is not None:
+                progress(sent, bundle.manifest.chunks.total_size)
+        log.info(
+            "published bundle %s (%s) in %d chunks", bundle.manifest.label, self.digest[:12], len(deliveries)
+        )
+        return self.digest
+
+
+def start_upload(
+    client: MqttClient,
+    bundle: Bundle,
+    topics: Optional[Topics] = None,
+    *,
+    qos: int = 1,
+    timeout: float = 30.0,
+) -> Upload:
+    """Publish a bundle's manifest (retained) and wait for the broker to have it; then
+    :meth:`Upload.finish` publishes the chunks.
+
+    Publish the desired state naming the bundle in between: devices then verify the manifest
+    and subscribe to the chunks while they are being published, so the fan-out to the fleet
+    overlaps the upload instead of following it. A device checks the manifest's signature
+    before it takes any chunk, and waits for chunks that are not on the broker yet (an upload
+    cut short is completed by publishing the bundle again).
+    """
+    topics = topics or Topics()
+    client.publish(
+        topics.bundle_manifest(bundle.bundle_id), manifest_message(bundle), qos=qos, retain=True
+    ).wait(timeout)
+    return Upload(client, bundle, topics, qos)
+
+
 def publish_bundle(
     client: MqttClient,
     bundle: Bundle,
@@ -160,28 +225,11 @@ def publish_bundle(
     timeout: float = 300.0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> str:
-    """Publish a bundle as retained messages and wait until the broker has them all.
-
-    Returns the bundle digest. ``progress(sent_bytes, total_bytes)`` is called as the broker
-    acknowledges chunks. BrokerError if the broker does not take them within ``timeout``.
-    """
-    topics = topics or Topics()
-    deadline = time.monotonic() + timeout
-    total = bundle.manifest.chunks.total_size
-    messages = list(bundle_messages(bundle, topics))
-    deliveries = [
-        (client.publish(topic, data, qos=qos, retain=True), len(data)) for topic, data in messages[:-1]
-    ]
-    sent = 0
-    for delivery, length in deliveries:
-        delivery.wait(max(0.0, deadline - time.monotonic()))
-        sent += length
-        if progress is not None:
-            progress(sent, total)
-    topic, data = messages[-1]
-    client.publish(topic, data, qos=qos, retain=True).wait(max(0.0, deadline - time.monotonic()))
-    log.info("published bundle %s (%s) in %d chunks", bundle.manifest.label, topic, len(deliveries))
-    return bundle.bundle_id
+    """Publish a bundle as retained messages (manifest, then chunks) and wait until the broker
+    has them all: :func:`start_upload` then :meth:`Upload.finish`. Returns the bundle digest."""
+    return start_upload(client, bundle, topics, qos=qos, timeout=timeout).finish(
+        timeout=timeout, progress=progress
+    )
 
 
 def clear_bundle(
@@ -398,18 +446,21 @@ class ChunkAssembler:
         return result
 
     def finish(self, trusted: TrustedKeys) -> Bundle:
-        """Make the download durable (fsync), rename it to ``bundle.ekb`` and verify it in
-        full with :func:`read_bundle` (signature, every member's SHA-256, the chunk plan).
-        A bundle that fails is deleted, never left to be trusted later."""
+        """Rename the download to ``bundle.ekb`` and verify it in full with :func:`read_bundle`
+        (signature, every member's SHA-256). A bundle that fails is deleted, never left to be
+        trusted later.
+
+        The file is not fsync'ed: it is a staging copy that an installer writes durably where
+        it belongs (the agent extracts and fsyncs it, then deletes the download, usually before
+        the kernel ever writes it back). After a power loss a torn ``bundle.ekb`` fails the
+        re-verification a later :func:`fetch_bundle` makes, and is fetched again."""
         if not self.complete:
             raise BundleError(
                 f"bundle {self.verified.manifest.label} is incomplete: {len(self.missing)} chunks missing"
             )
-        os.fsync(self._fd)
         self.close()
         final = self.directory / BUNDLE_FILE
         os.replace(self.directory / PART_FILE, final)
-        fsync_dir(self.directory)
         try:
             return read_bundle(final, trusted, max_size=self._file_size)
         except BundleError:
