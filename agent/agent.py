@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, DataError, InstallError
 from edgekit.runtime import dequantize, quantize
 from edgekit.tflite import TensorSpec
@@ -334,8 +335,10 @@ class Agent:
 
     # -- changing the installed bundle ---------------------------------------------------------
 
-    def install(self, source: Path | bytes, *, allow_downgrade: bool = False) -> InstallResult:
-        """Verify, install and start serving a bundle; on any failure the current one keeps serving."""
+    def install(self, source: Path | bytes | Bundle, *, allow_downgrade: bool = False) -> InstallResult:
+        """Verify, install and start serving a bundle (a ``.ekb`` path, its bytes, or a
+        :class:`~edgekit.bundle.Bundle` from :func:`~edgekit.bundle.read_bundle`); on any
+        failure the current one keeps serving."""
         result, loaded = self.store.install(source, allow_downgrade=allow_downgrade)
         if result.changed or self._served is None:
             self._close_window()

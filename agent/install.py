@@ -7,12 +7,16 @@ Layout of ``state_dir``::
     bundles/.tmp-*            an extraction in progress (removed at the next start)
     lock                      flock'ed by whoever changes the store (install, rollback, recovery)
 
-Install: verify the bundle file against the trusted keys (:func:`edgekit.bundle.read_bundle`),
-refuse a lower version of the installed bundle unless ``allow_downgrade``, extract it into
-``bundles/.tmp-…`` with every file and the directory fsync'ed, rename that to its versioned
-name, read it back from disk and verify it again (signature and every hash), load the model,
-run the bundle's health check, and only then commit by rewriting ``installed.json``
-atomically (the old current becomes ``previous``). Directories other than current and
+Install: verify the bundle file against the trusted keys (:func:`edgekit.bundle.read_bundle`;
+a :class:`~edgekit.bundle.Bundle` that ``read_bundle`` already verified, as a download is, has
+only its signature checked again against this store's keys), refuse a lower version of the
+installed bundle unless ``allow_downgrade`` (compared on the installed manifest, its signature
+checked), extract it into ``bundles/.tmp-…`` with every file and the directory fsync'ed,
+rename that to its versioned name, load the model from the verified bytes just written, run
+the bundle's health check, and only then commit by rewriting ``installed.json`` atomically
+(the old current becomes ``previous``). The extracted directory is not read back and hashed
+again: it was written from verified bytes and fsync'ed, and reading it back would come from the
+page cache, not the disk; every start re-verifies it from disk (:meth:`BundleStore.recover`). Directories other than current and
 previous are garbage-collected. The pointer is flipped only after load and health check, so
 a health-check failure never has to be undone: the previous bundle never stopped being the
 committed one.
@@ -35,7 +39,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -246,9 +250,24 @@ class BundleStore:
             raise BundleError(f"installed bundle {name}: {exc}") from None
         return InstalledBundle(manifest, manifest_bytes, signature, signer, members)
 
-    def _load(self, name: str) -> LoadedBundle:
-        """Verify an installed directory, load its model and run its health check."""
-        bundle = self.read_installed(name)
+    def _installed_manifest(self, name: str) -> InstalledBundle:
+        """An installed bundle's manifest, its signature checked (members are not read: enough to
+        compare versions with a bundle being installed)."""
+        directory = self.bundles / name
+        if not _safe_dir_name(name):
+            raise BundleError(f"installed bundle directory {directory} is missing")
+        try:
+            manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
+            signature = (directory / SIGNATURE_FILE).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"installed bundle {name} is incomplete ({exc.strerror})") from None
+        signer = verify_manifest_signature(manifest_bytes, signature, self.trusted)
+        return InstalledBundle(Manifest.from_json(manifest_bytes), manifest_bytes, signature, signer, {})
+
+    def _load(self, name: str, verified: InstalledBundle | None = None) -> LoadedBundle:
+        """Verify an installed directory (unless ``verified``: what was just written into it),
+        load its model and run its health check."""
+        bundle = verified if verified is not None else self.read_installed(name)
         model = Model(bundle.model, runtime=self.runtime, threads=self.threads)
         worst = None
         manifest = bundle.manifest
@@ -302,13 +321,26 @@ class BundleStore:
             self._gc(set())
             return None
 
+    def _verified(self, source: Path | bytes | Bundle) -> Bundle:
+        if not isinstance(source, Bundle):
+            return read_bundle(source, self.trusted, self.max_bundle_size)
+        # read_bundle checked every member when it made this object; the signature is checked
+        # again because the object may have been verified against other keys than this store's.
+        if source.size > self.max_bundle_size:
+            raise BundleError(
+                f"the bundle is {source.size} bytes, over the {self.max_bundle_size}-byte limit"
+            )
+        signer = verify_manifest_signature(source.manifest_bytes, source.signature, self.trusted)
+        return source if source.signer == signer else replace(source, signer=signer)
+
     def install(
-        self, source: Path | bytes, *, allow_downgrade: bool = False
+        self, source: Path | bytes | Bundle, *, allow_downgrade: bool = False
     ) -> tuple[InstallResult, LoadedBundle]:
-        """Verify, extract, load, health-check and commit a bundle file (or its bytes)."""
+        """Verify, extract, load, health-check and commit a bundle file (or its bytes, or a
+        :class:`~edgekit.bundle.Bundle` that :func:`~edgekit.bundle.read_bundle` verified)."""
         label = str(source) if isinstance(source, Path) else "bundle"
         try:
-            bundle = read_bundle(source, self.trusted, self.max_bundle_size)
+            bundle = self._verified(source)
         except EdgekitError as exc:
             self._event("install_refused", f"{label}: {exc}")
             raise
@@ -320,7 +352,7 @@ class BundleStore:
             installed = None
             if current:
                 with contextlib.suppress(EdgekitError, OSError):
-                    installed = self.read_installed(current)
+                    installed = self._installed_manifest(current)
             try:
                 self._check_versions(bundle, installed, allow_downgrade)
             except InstallError as exc:
@@ -328,20 +360,24 @@ class BundleStore:
                 raise
             name = _dir_name(bundle)
             if installed is not None and current == name:
-                loaded = self._load(name)
-                return InstallResult(
-                    manifest.name,
-                    manifest.version,
-                    ident["bundle_id"],
-                    name,
-                    manifest.version,
-                    False,
-                    loaded.healthcheck_error,
-                ), loaded
+                try:
+                    loaded = self._load(name)  # verified from disk: it may have been damaged since
+                except BundleError as exc:
+                    log.warning("installed bundle %s is damaged (%s); writing it again", name, exc)
+                else:
+                    return InstallResult(
+                        manifest.name,
+                        manifest.version,
+                        ident["bundle_id"],
+                        name,
+                        manifest.version,
+                        False,
+                        loaded.healthcheck_error,
+                    ), loaded
             previous = current if current != name else pointer["previous"]
             try:
-                self._extract(bundle, name)
-                loaded = self._load(name)
+                written = self._extract(bundle, name)
+                loaded = self._load(name, written)
                 self._commit(name, previous)  # a full disk can refuse even the pointer
             except HealthCheckError as exc:
                 self._event("healthcheck_failed", f"{manifest.label}: {exc}", ident)
@@ -397,19 +433,26 @@ class BundleStore:
                 "installed; bump the version, or pass --allow-downgrade to replace it"
             )
 
-    def _extract(self, bundle: Bundle, name: str) -> None:
+    def _extract(self, bundle: Bundle, name: str) -> InstalledBundle:
+        """Put ``bundle`` in ``bundles/name`` durably; returns it as installed (verified)."""
         final = self.bundles / name
         if final.is_dir():
             try:
-                self.read_installed(name)
-                return  # already on disk and intact (e.g. the previous bundle again)
+                return self.read_installed(
+                    name
+                )  # already on disk and intact (e.g. the previous bundle again)
             except BundleError:
                 shutil.rmtree(final, ignore_errors=True)
         tmp = self.bundles / f"{_TMP_PREFIX}{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        if bundle.signer is None:  # _verified() never returns one; a guard for future callers
+            raise InstallError(f"{bundle.manifest.label} was not verified against a trusted key")
         bundle.extract(tmp)  # every file and the directory fsync'ed
         os.rename(tmp, final)
         fsync_dir(self.bundles)
+        return InstalledBundle(
+            bundle.manifest, bundle.manifest_bytes, bundle.signature, bundle.signer, bundle.members
+        )
 
     def rollback(self) -> LoadedBundle:
         """Serve the previous bundle again (it becomes current, the current becomes previous)."""
