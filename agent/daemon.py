@@ -415,7 +415,7 @@ class AgentDaemon:
             log.info("device %s connected to the broker", self.device)
             self.publish_state()
             self._wake_uploader.set()
-        else:
+        elif not self._stop.is_set():  # not the clean disconnect of stop()
             log.warning("device %s lost the broker (%s); serving on, reports are queued", self.device, reason)
 
     def _uploader(self) -> None:
