@@ -208,18 +208,17 @@ def edgekit_worker(
 def agent_worker(
     url: str, ids: list[str], fleet: str, public_pem: bytes, workdir: str, ready: Any, results: Any
 ) -> None:
-    """Real device agents (Agent + AgentDaemon, one interpreter thread each) in this process."""
+    """Real device agents (Agent + AgentDaemon, one interpreter thread each) sharing this
+    process: what `edgekit fleet simulate` runs (``SimulatedFleet``)."""
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # the agents' per-device connection notices are noise here
-    from edgekit.agent import Agent
     from edgekit.agent.config import AgentConfig
-    from edgekit.agent.daemon import AgentDaemon
+    from edgekit.agent.simulate import SimulatedFleet
 
     marks = _mark_device_steps(Path(workdir))
-    daemons = []
-    for ident in ids:
-        config = AgentConfig.load(
+    configs = [
+        AgentConfig.load(
             None,
             device=ident,
             fleet=fleet,
@@ -229,17 +228,14 @@ def agent_worker(
             threads=1,
             telemetry_interval=3600.0,
         )
-        agent = Agent(config, background=False)
-        daemon = AgentDaemon(agent, upload_interval=60.0)
-        daemon.client.on_connection_change(lambda up, _r: up and ready.put(1))
-        daemons.append(daemon.start())
-    for daemon in daemons:  # every one waits for its install, then reports
-        while daemon.agent.status().bundle_id is None:
-            daemon.installed.wait(1.0)
-        results.put((daemon.device, time.monotonic(), time.monotonic(), marks.get(daemon.device, {})))
-    for daemon in daemons:
-        daemon.stop()
-        daemon.agent.close()
+        for ident in ids
+    ]
+    with SimulatedFleet(configs, upload_interval=60.0) as simulated:
+        simulated.wait_connected(60)
+        ready.put(len(ids))
+        simulated.wait_serving(timeout=900)
+        for ident in ids:
+            results.put((ident, time.monotonic(), time.monotonic(), marks.get(ident, {})))
 
 
 def _mark_device_steps(workdir: Path) -> dict[str, dict[str, float]]:
@@ -483,7 +479,8 @@ def main() -> None:
     parser.add_argument(
         "--push",
         action="store_true",
-        help="Also time what `edgekit push --wait` does, to real agents (Agent + AgentDaemon) in worker processes.",
+        help="Also time what `edgekit push --wait` does, to real agents (Agent + AgentDaemon, as "
+        "`edgekit fleet simulate` runs them) in worker processes.",
     )
     args = parser.parse_args()
     sizes = args.subscribers or [6]
