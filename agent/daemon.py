@@ -40,7 +40,7 @@ from edgekit.manifest import MAX_MESSAGE_SIZE
 from edgekit.mqtt import Message, MqttClient, TlsConfig, Will
 from edgekit.reports import DeviceStateReport
 from edgekit.topics import Topics
-from edgekit.transfer import fetch_bundle
+from edgekit.transfer import fetch_staged_bundle
 
 from .agent import Agent
 
@@ -350,7 +350,7 @@ class AgentDaemon:
         )
         reporter.update(0.0)
         try:
-            bundle = fetch_bundle(
+            bundle = fetch_staged_bundle(  # laid out as installed: the install moves it, no copy
                 self.client,
                 target.bundle_sha256,
                 self._trusted,
@@ -364,9 +364,8 @@ class AgentDaemon:
             reporter.close()
         self.publish_state("installing", target=target)
         # A signed, fresher desired state may name an older version: an operator's rollback.
-        # fetch_bundle verified it in full (read_bundle); the store checks its signature again.
+        # Every chunk and member was checked as it arrived; the store checks the signature again.
         result = self.agent.install(bundle, allow_downgrade=True)
-        del bundle  # the 30 MB of verified bytes: the agent keeps no copy of the members
         log.info("device %s now serves %s@%s", self.device, result.name, result.version)
         self.publish_state()  # say so first, clean up after
         self.installed.set()

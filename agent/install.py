@@ -37,11 +37,12 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgekit._version import __version__
 from edgekit.atomic import atomic_write, fsync_dir
@@ -60,6 +61,9 @@ from edgekit.healthcheck import run_healthcheck
 from edgekit.manifest import Manifest, parse_version
 from edgekit.runtime import Model
 from edgekit.trust import TrustedKeys
+
+if TYPE_CHECKING:  # importing edgekit.transfer loads paho, which an embedded Agent does not need
+    from edgekit.transfer import StagedBundle
 
 __all__ = ["BundleStore", "InstallResult", "InstalledBundle", "LoadedBundle"]
 
@@ -138,11 +142,11 @@ class InstallResult:
 EventSink = Callable[[str, str, "dict[str, str] | None"], None]
 
 
-def _identity(bundle: Bundle) -> dict[str, str]:
+def _identity(bundle: Bundle | StagedBundle) -> dict[str, str]:
     return {"name": bundle.manifest.name, "version": bundle.manifest.version, "bundle_id": bundle.bundle_id}
 
 
-def _dir_name(bundle: Bundle) -> str:
+def _dir_name(bundle: Bundle | StagedBundle) -> str:
     return f"{bundle.manifest.name}-{bundle.manifest.version}-{bundle.bundle_id[:12]}"
 
 
@@ -321,23 +325,34 @@ class BundleStore:
             self._gc(set())
             return None
 
-    def _verified(self, source: Path | bytes | Bundle) -> Bundle:
-        if not isinstance(source, Bundle):
+    def _verified(self, source: Path | bytes | Bundle | StagedBundle) -> Bundle | StagedBundle:
+        if isinstance(source, (Path, bytes, bytearray, memoryview)):
             return read_bundle(source, self.trusted, self.max_bundle_size)
-        # read_bundle checked every member when it made this object; the signature is checked
-        # again because the object may have been verified against other keys than this store's.
-        if source.size > self.max_bundle_size:
-            raise BundleError(
-                f"the bundle is {source.size} bytes, over the {self.max_bundle_size}-byte limit"
-            )
-        signer = verify_manifest_signature(source.manifest_bytes, source.signature, self.trusted)
-        return source if source.signer == signer else replace(source, signer=signer)
+        if isinstance(source, Bundle):
+            # read_bundle checked every member when it made this object; the signature is
+            # checked again: the object may have been verified against other keys than ours.
+            if source.size > self.max_bundle_size:
+                raise BundleError(
+                    f"the bundle is {source.size} bytes, over the {self.max_bundle_size}-byte limit"
+                )
+            signer = verify_manifest_signature(source.manifest_bytes, source.signature, self.trusted)
+            return source if source.signer == signer else replace(source, signer=signer)
+        if not _is_staged(source):
+            raise TypeError(f"cannot install a {type(source).__name__}")
+        # fetch_staged_bundle checked every chunk and member; the signature is checked again.
+        size = source.manifest.chunks.total_size
+        if size > self.max_bundle_size:
+            raise BundleError(f"the bundle is {size} bytes, over the {self.max_bundle_size}-byte limit")
+        verified = source.verified
+        verify_manifest_signature(verified.manifest_bytes, verified.signature, self.trusted)
+        return source
 
     def install(
-        self, source: Path | bytes | Bundle, *, allow_downgrade: bool = False
+        self, source: Path | bytes | Bundle | StagedBundle, *, allow_downgrade: bool = False
     ) -> tuple[InstallResult, LoadedBundle]:
-        """Verify, extract, load, health-check and commit a bundle file (or its bytes, or a
-        :class:`~edgekit.bundle.Bundle` that :func:`~edgekit.bundle.read_bundle` verified)."""
+        """Verify, extract (or move into place), load, health-check and commit a bundle file,
+        its bytes, a :class:`~edgekit.bundle.Bundle` that :func:`~edgekit.bundle.read_bundle`
+        verified, or a :class:`~edgekit.transfer.StagedBundle` downloaded as files."""
         label = str(source) if isinstance(source, Path) else "bundle"
         try:
             bundle = self._verified(source)
@@ -376,7 +391,10 @@ class BundleStore:
                     ), loaded
             previous = current if current != name else pointer["previous"]
             try:
-                written = self._extract(bundle, name)
+                if isinstance(bundle, Bundle):
+                    written = self._extract(bundle, name)
+                else:
+                    written = self._move_into_place(bundle, name)
                 loaded = self._load(name, written)
                 self._commit(name, previous)  # a full disk can refuse even the pointer
             except HealthCheckError as exc:
@@ -407,7 +425,7 @@ class BundleStore:
             ), loaded
 
     def _check_versions(
-        self, bundle: Bundle, installed: InstalledBundle | None, allow_downgrade: bool
+        self, bundle: Bundle | StagedBundle, installed: InstalledBundle | None, allow_downgrade: bool
     ) -> None:
         manifest = bundle.manifest
         try:
@@ -454,6 +472,35 @@ class BundleStore:
             bundle.manifest, bundle.manifest_bytes, bundle.signature, bundle.signer, bundle.members
         )
 
+    def _move_into_place(self, staged: StagedBundle, name: str) -> InstalledBundle:
+        """Make a staged download durable (every file and the directory fsync'ed) and rename it
+        to ``bundles/name``: the download already has the installed layout, so nothing is copied.
+        Returns it as installed; its members are read once, for the runtime."""
+        final = self.bundles / name
+        verified = staged.verified
+        if final.is_dir():
+            try:
+                installed = self.read_installed(name)  # already on disk and intact (e.g. the previous bundle)
+            except BundleError:
+                shutil.rmtree(final, ignore_errors=True)
+            else:
+                shutil.rmtree(staged.directory, ignore_errors=True)
+                return installed
+        names = [MANIFEST_FILE, SIGNATURE_FILE, *(entry.name for entry in verified.manifest.files)]
+        for file_name in names:
+            fd = os.open(staged.directory / file_name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(staged.directory)
+        os.rename(staged.directory, final)  # the downloads directory is under state_dir too
+        fsync_dir(self.bundles)
+        members = {entry.name: (final / entry.name).read_bytes() for entry in verified.manifest.files}
+        return InstalledBundle(
+            verified.manifest, verified.manifest_bytes, verified.signature, verified.signer, members
+        )
+
     def rollback(self) -> LoadedBundle:
         """Serve the previous bundle again (it becomes current, the current becomes previous)."""
         with self.locked():
@@ -471,6 +518,12 @@ class BundleStore:
             self._commit(previous, current)
             self._event("rolled_back", f"rolled back to {loaded.manifest.label}", loaded.identity())
             return loaded
+
+
+def _is_staged(source: object) -> bool:
+    """True for a :class:`~edgekit.transfer.StagedBundle` (only exists once transfer is imported)."""
+    transfer = sys.modules.get("edgekit.transfer")
+    return transfer is not None and isinstance(source, transfer.StagedBundle)
 
 
 def _safe_dir_name(name: str) -> bool:

@@ -253,7 +253,7 @@ def _mark_device_steps(workdir: Path) -> dict[str, dict[str, float]]:
         marks.setdefault(device, {}).setdefault(step, time.monotonic())
 
     fetch, init, add, install = (
-        daemon_module.fetch_bundle,
+        daemon_module.fetch_staged_bundle,
         ChunkAssembler.__init__,
         ChunkAssembler.add,
         BundleStore.install,
@@ -266,8 +266,8 @@ def _mark_device_steps(workdir: Path) -> dict[str, dict[str, float]]:
         finally:
             mark(directory, "fetched+verified")
 
-    def assembler_init(self: Any, directory: Path, verified: Any) -> None:
-        init(self, directory, verified)
+    def assembler_init(self: Any, directory: Path, *a: Any, **k: Any) -> None:
+        init(self, directory, *a, **k)
         mark(directory, "manifest verified")
 
     def assembler_add(self: Any, index: int, data: bytes) -> str:
@@ -284,7 +284,7 @@ def _mark_device_steps(workdir: Path) -> dict[str, dict[str, float]]:
         finally:
             mark(self.state_dir, "installed")
 
-    daemon_module.fetch_bundle = fetch_bundle  # type: ignore[assignment]
+    daemon_module.fetch_staged_bundle = fetch_bundle  # type: ignore[assignment]
     ChunkAssembler.__init__ = assembler_init  # type: ignore[method-assign]
     ChunkAssembler.add = assembler_add  # type: ignore[method-assign]
     BundleStore.install = store_install  # type: ignore[method-assign]
@@ -297,7 +297,9 @@ def _mark_device_steps(workdir: Path) -> dict[str, dict[str, float]]:
 def spawn(target: Any, groups: list[list[str]], extra: tuple[Any, ...], ctx: Any) -> tuple[list[Any], Any]:
     ready, results = ctx.Queue(), ctx.Queue()
     procs = [
-        ctx.Process(target=target, args=(*extra[:1], group, *extra[1:], ready, results)) for group in groups
+        # daemon: a failed run ends the benchmark without waiting for stuck workers
+        ctx.Process(target=target, args=(*extra[:1], group, *extra[1:], ready, results), daemon=True)
+        for group in groups
     ]
     for proc in procs:
         proc.start()
