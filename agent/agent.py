@@ -46,7 +46,7 @@ from .install import POINTER_FILE, BundleStore, InstallResult, LoadedBundle
 from .outbox import Outbox
 from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
 
-if TYPE_CHECKING:  # importing edgekit.transfer loads paho, which an embedded Agent does not need
+if TYPE_CHECKING:  # edgekit.transfer loads the MQTT library, which an embedded Agent does not need
     from edgekit.transfer import StagedBundle
 
 __all__ = ["Agent", "AgentStatus"]

@@ -62,7 +62,7 @@ from edgekit.manifest import Manifest, parse_version
 from edgekit.runtime import Model
 from edgekit.trust import TrustedKeys
 
-if TYPE_CHECKING:  # importing edgekit.transfer loads paho, which an embedded Agent does not need
+if TYPE_CHECKING:  # edgekit.transfer loads the MQTT library, which an embedded Agent does not need
     from edgekit.transfer import StagedBundle
 
 __all__ = ["BundleStore", "InstallResult", "InstalledBundle", "LoadedBundle"]
