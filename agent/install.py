@@ -8,11 +8,14 @@ Layout of ``state_dir``::
     lock                      flock'ed by whoever changes the store (install, rollback, recovery)
 
 Install: verify the bundle file against the trusted keys (:func:`edgekit.bundle.read_bundle`;
-a :class:`~edgekit.bundle.Bundle` that ``read_bundle`` already verified, as a download is, has
-only its signature checked again against this store's keys), refuse a lower version of the
-installed bundle unless ``allow_downgrade`` (compared on the installed manifest, its signature
-checked), extract it into ``bundles/.tmp-…`` with every file and the directory fsync'ed,
-rename that to its versioned name, load the model from the verified bytes just written, run
+a :class:`~edgekit.bundle.Bundle` that ``read_bundle`` already verified, or a
+:class:`~edgekit.transfer.StagedBundle` downloaded as files, has only its size and signature
+checked again against this store's keys), refuse a lower version of the installed bundle
+unless ``allow_downgrade`` (compared on the installed manifest, its signature checked),
+extract it into ``bundles/.tmp-…`` with every file and the directory fsync'ed and rename that
+to its versioned name (a staged download already has that layout: its files and directory are
+fsync'ed and the directory is renamed into ``bundles/``), load the model from the verified
+bytes just written, run
 the bundle's health check, and only then commit by rewriting ``installed.json`` atomically
 (the old current becomes ``previous``). The extracted directory is not read back and hashed
 again: it was written from verified bytes and fsync'ed, and reading it back would come from the
@@ -230,18 +233,10 @@ class BundleStore:
     def read_installed(self, name: str) -> InstalledBundle:
         """Re-verify an installed directory from disk: signature by a trusted key, and every
         member's size and SHA-256. Raises BundleError if anything is missing or wrong."""
+        signed = self._installed_manifest(name)
         directory = self.bundles / name
-        if not _safe_dir_name(name) or not directory.is_dir():
-            raise BundleError(f"installed bundle directory {directory} is missing")
-        try:
-            manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
-            signature = (directory / SIGNATURE_FILE).read_bytes()
-        except OSError as exc:
-            raise BundleError(f"installed bundle {name} is incomplete ({exc.strerror})") from None
-        signer = verify_manifest_signature(manifest_bytes, signature, self.trusted)
-        manifest = Manifest.from_json(manifest_bytes)
         members: dict[str, bytes] = {}
-        for entry in manifest.files:
+        for entry in signed.manifest.files:
             try:
                 members[entry.name] = (directory / entry.name).read_bytes()
             except OSError as exc:
@@ -249,16 +244,16 @@ class BundleStore:
                     f"installed bundle {name} is missing {entry.name} ({exc.strerror})"
                 ) from None
         try:
-            check_members(manifest, members)
+            check_members(signed.manifest, members)
         except BundleError as exc:
             raise BundleError(f"installed bundle {name}: {exc}") from None
-        return InstalledBundle(manifest, manifest_bytes, signature, signer, members)
+        return replace(signed, members=members)
 
     def _installed_manifest(self, name: str) -> InstalledBundle:
-        """An installed bundle's manifest, its signature checked (members are not read: enough to
-        compare versions with a bundle being installed)."""
+        """An installed bundle's manifest, its signature checked, without its members (enough to
+        compare versions with a bundle being installed); BundleError if missing or wrong."""
         directory = self.bundles / name
-        if not _safe_dir_name(name):
+        if not _safe_dir_name(name) or not directory.is_dir():
             raise BundleError(f"installed bundle directory {directory} is missing")
         try:
             manifest_bytes = (directory / MANIFEST_FILE).read_bytes()

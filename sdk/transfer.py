@@ -17,12 +17,13 @@ signed desired state names it, the manifest lists every chunk's and member's SHA
 trusted signature pins every byte.
 
 :class:`ChunkAssembler` is the device side, pure (no paho): it stores chunks in a directory as
-they arrive, straight into their place in the final ``.ekb`` (a restart resumes: stored
-chunks are re-hashed, the good ones kept), drops a
-chunk whose size or SHA-256 does not match the plan (reported for re-fetch), never writes more
-than the manifest declares, and rebuilds a bundle that :func:`edgekit.bundle.read_bundle`
-verifies. :func:`start_upload` / :func:`publish_bundle`, :func:`fetch_bundle` and
-:func:`clear_bundle` are the thin MQTT shells around it.
+they arrive, straight into their place in the final ``.ekb``, or (the agent's choice) in the
+layout of an installed bundle, one file per member, hashing members as it goes (a restart
+resumes: stored chunks are re-hashed, the good ones kept), drops a chunk whose size or SHA-256
+does not match the plan (reported for re-fetch), never writes more than the manifest declares,
+and yields a bundle that :func:`edgekit.bundle.read_bundle` verifies, or a
+:class:`StagedBundle` whose every member matched its signed hash. :func:`start_upload` / :func:`publish_bundle`, :func:`fetch_bundle` /
+:func:`fetch_staged_bundle` and :func:`clear_bundle` are the thin MQTT shells around it.
 """
 
 from __future__ import annotations
