@@ -32,9 +32,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
+from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, DataError, InstallError
 from edgekit.runtime import dequantize, quantize
 from edgekit.tflite import TensorSpec
@@ -44,6 +45,9 @@ from .drift import DriftMonitor, DriftReport
 from .install import POINTER_FILE, BundleStore, InstallResult, LoadedBundle
 from .outbox import Outbox
 from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
+
+if TYPE_CHECKING:  # edgekit.transfer loads the MQTT library, which an embedded Agent does not need
+    from edgekit.transfer import StagedBundle
 
 __all__ = ["Agent", "AgentStatus"]
 
@@ -334,8 +338,14 @@ class Agent:
 
     # -- changing the installed bundle ---------------------------------------------------------
 
-    def install(self, source: Path | bytes, *, allow_downgrade: bool = False) -> InstallResult:
-        """Verify, install and start serving a bundle; on any failure the current one keeps serving."""
+    def install(
+        self, source: Path | bytes | Bundle | StagedBundle, *, allow_downgrade: bool = False
+    ) -> InstallResult:
+        """Verify, install and start serving a bundle (a ``.ekb`` path, its bytes, a
+        :class:`~edgekit.bundle.Bundle` from :func:`~edgekit.bundle.read_bundle`, or a
+        :class:`~edgekit.transfer.StagedBundle` from
+        :func:`~edgekit.transfer.fetch_staged_bundle`); on any failure the current one keeps
+        serving."""
         result, loaded = self.store.install(source, allow_downgrade=allow_downgrade)
         if result.changed or self._served is None:
             self._close_window()

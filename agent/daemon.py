@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from edgekit._version import __version__
 from edgekit.atomic import atomic_write
@@ -40,7 +40,7 @@ from edgekit.manifest import MAX_MESSAGE_SIZE
 from edgekit.mqtt import Message, MqttClient, TlsConfig, Will
 from edgekit.reports import DeviceStateReport
 from edgekit.topics import Topics
-from edgekit.transfer import BUNDLE_FILE, fetch_bundle
+from edgekit.transfer import fetch_staged_bundle
 
 from .agent import Agent
 
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 DESIRED_FILE = "desired.json"
 DOWNLOADS_DIR = "downloads"
 UPLOAD_BATCH = 200
+#: Seconds between two download progress reports of a device, at most.
+PROGRESS_INTERVAL = 0.25
 
 
 def _seq_of(envelope: bytes) -> Optional[int]:
@@ -58,6 +60,49 @@ def _seq_of(envelope: bytes) -> Optional[int]:
         return decode_desired_state(envelope)[0].seq
     except DesiredStateError:
         return None
+
+
+class _Throttle:
+    """Calls ``publish(value)`` with the latest value at most once per ``interval`` seconds, and
+    once more ``interval`` after an update it held back (a trailing call), until :meth:`close`."""
+
+    def __init__(self, publish: Callable[[float], None], interval: float) -> None:
+        self._publish = publish
+        self._interval = interval
+        self._lock = threading.Lock()  # held while publishing: nothing is published after close()
+        self._latest = 0.0
+        self._last = float("-inf")
+        self._timer: Optional[threading.Timer] = None
+        self._closed = False
+
+    def update(self, value: float) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._latest = value
+            wait = self._last + self._interval - time.monotonic()
+            if wait > 0:
+                if self._timer is None:
+                    self._timer = threading.Timer(wait, self._flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+            self._last = time.monotonic()
+            self._publish(value)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            if not self._closed:
+                self._last = time.monotonic()
+                self._publish(self._latest)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
 
 class AgentDaemon:
@@ -296,39 +341,36 @@ class AgentDaemon:
     def _apply(self, target: DesiredState) -> None:
         downloads = self.state_dir / DOWNLOADS_DIR
         directory = downloads / target.bundle_sha256
-        last = [0.0, -1.0]  # when, and at what fraction, progress was last published
-
-        def progress(received: int, total: int) -> None:
-            fraction = received / total if total else 1.0
-            now = time.monotonic()
-            # Every whole percent (or half second) so the fleet sees where a download stands,
-            # also when it stalls because the broker went away.
-            if fraction - last[1] >= 0.01 or now - last[0] >= 0.5 or received == total:
-                last[0], last[1] = now, fraction
-                self.publish_state("downloading", target=target, progress=fraction)
-
-        self.publish_state("downloading", target=target, progress=0.0)
-        fetch_bundle(
-            self.client,
-            target.bundle_sha256,
-            self._trusted,
-            directory,
-            self.topics,
-            timeout=self.fetch_timeout,
-            max_size=self.agent.config.max_bundle_size,
-            progress=progress,
+        # Where the download stands, a few times a second at most (not per chunk: every report
+        # costs the device, the broker and every watching workstation), and once more soon after
+        # the last chunk that arrived, so the fleet also sees where a stalled download stopped.
+        reporter = _Throttle(
+            lambda fraction: self.publish_state("downloading", target=target, progress=fraction),
+            PROGRESS_INTERVAL,
         )
+        reporter.update(0.0)
+        try:
+            bundle = fetch_staged_bundle(  # laid out as installed: the install moves it, no copy
+                self.client,
+                target.bundle_sha256,
+                self._trusted,
+                directory,
+                self.topics,
+                timeout=self.fetch_timeout,
+                max_size=self.agent.config.max_bundle_size,
+                progress=lambda received, total: reporter.update(received / total if total else 1.0),
+            )
+        finally:
+            reporter.close()
         self.publish_state("installing", target=target)
         # A signed, fresher desired state may name an older version: an operator's rollback.
-        result = self.agent.install(directory / BUNDLE_FILE, allow_downgrade=True)
+        # Every chunk and member was checked as it arrived; the store checks the signature again.
+        result = self.agent.install(bundle, allow_downgrade=True)
         log.info("device %s now serves %s@%s", self.device, result.name, result.version)
+        self.publish_state()  # say so first, clean up after
         self.installed.set()
-        # Keep only the download of what is being served (a later rollback fetches again).
-        for old in downloads.iterdir():
-            if old.name != target.bundle_sha256:
-                shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(directory, ignore_errors=True)
-        self.publish_state()
+        # Keep no download: what is served is installed (a later rollback fetches again).
+        shutil.rmtree(downloads, ignore_errors=True)
 
     # -- state and uploads --------------------------------------------------------------------
 
@@ -372,7 +414,7 @@ class AgentDaemon:
             log.info("device %s connected to the broker", self.device)
             self.publish_state()
             self._wake_uploader.set()
-        else:
+        elif not self._stop.is_set():  # not the clean disconnect of stop()
             log.warning("device %s lost the broker (%s); serving on, reports are queued", self.device, reason)
 
     def _uploader(self) -> None:

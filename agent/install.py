@@ -7,12 +7,19 @@ Layout of ``state_dir``::
     bundles/.tmp-*            an extraction in progress (removed at the next start)
     lock                      flock'ed by whoever changes the store (install, rollback, recovery)
 
-Install: verify the bundle file against the trusted keys (:func:`edgekit.bundle.read_bundle`),
-refuse a lower version of the installed bundle unless ``allow_downgrade``, extract it into
-``bundles/.tmp-…`` with every file and the directory fsync'ed, rename that to its versioned
-name, read it back from disk and verify it again (signature and every hash), load the model,
-run the bundle's health check, and only then commit by rewriting ``installed.json``
-atomically (the old current becomes ``previous``). Directories other than current and
+Install: verify the bundle file against the trusted keys (:func:`edgekit.bundle.read_bundle`;
+a :class:`~edgekit.bundle.Bundle` that ``read_bundle`` already verified, or a
+:class:`~edgekit.transfer.StagedBundle` downloaded as files, has only its size and signature
+checked again against this store's keys), refuse a lower version of the installed bundle
+unless ``allow_downgrade`` (compared on the installed manifest, its signature checked),
+extract it into ``bundles/.tmp-…`` with every file and the directory fsync'ed and rename that
+to its versioned name (a staged download already has that layout: its files and directory are
+fsync'ed and the directory is renamed into ``bundles/``), load the model from the verified
+bytes just written, run
+the bundle's health check, and only then commit by rewriting ``installed.json`` atomically
+(the old current becomes ``previous``). The extracted directory is not read back and hashed
+again: it was written from verified bytes and fsync'ed, and reading it back would come from the
+page cache, not the disk; every start re-verifies it from disk (:meth:`BundleStore.recover`). Directories other than current and
 previous are garbage-collected. The pointer is flipped only after load and health check, so
 a health-check failure never has to be undone: the previous bundle never stopped being the
 committed one.
@@ -33,11 +40,12 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgekit._version import __version__
 from edgekit.atomic import atomic_write, fsync_dir
@@ -56,6 +64,9 @@ from edgekit.healthcheck import run_healthcheck
 from edgekit.manifest import Manifest, parse_version
 from edgekit.runtime import Model
 from edgekit.trust import TrustedKeys
+
+if TYPE_CHECKING:  # edgekit.transfer loads the MQTT library, which an embedded Agent does not need
+    from edgekit.transfer import StagedBundle
 
 __all__ = ["BundleStore", "InstallResult", "InstalledBundle", "LoadedBundle"]
 
@@ -134,11 +145,11 @@ class InstallResult:
 EventSink = Callable[[str, str, "dict[str, str] | None"], None]
 
 
-def _identity(bundle: Bundle) -> dict[str, str]:
+def _identity(bundle: Bundle | StagedBundle) -> dict[str, str]:
     return {"name": bundle.manifest.name, "version": bundle.manifest.version, "bundle_id": bundle.bundle_id}
 
 
-def _dir_name(bundle: Bundle) -> str:
+def _dir_name(bundle: Bundle | StagedBundle) -> str:
     return f"{bundle.manifest.name}-{bundle.manifest.version}-{bundle.bundle_id[:12]}"
 
 
@@ -222,6 +233,25 @@ class BundleStore:
     def read_installed(self, name: str) -> InstalledBundle:
         """Re-verify an installed directory from disk: signature by a trusted key, and every
         member's size and SHA-256. Raises BundleError if anything is missing or wrong."""
+        signed = self._installed_manifest(name)
+        directory = self.bundles / name
+        members: dict[str, bytes] = {}
+        for entry in signed.manifest.files:
+            try:
+                members[entry.name] = (directory / entry.name).read_bytes()
+            except OSError as exc:
+                raise BundleError(
+                    f"installed bundle {name} is missing {entry.name} ({exc.strerror})"
+                ) from None
+        try:
+            check_members(signed.manifest, members)
+        except BundleError as exc:
+            raise BundleError(f"installed bundle {name}: {exc}") from None
+        return replace(signed, members=members)
+
+    def _installed_manifest(self, name: str) -> InstalledBundle:
+        """An installed bundle's manifest, its signature checked, without its members (enough to
+        compare versions with a bundle being installed); BundleError if missing or wrong."""
         directory = self.bundles / name
         if not _safe_dir_name(name) or not directory.is_dir():
             raise BundleError(f"installed bundle directory {directory} is missing")
@@ -231,24 +261,12 @@ class BundleStore:
         except OSError as exc:
             raise BundleError(f"installed bundle {name} is incomplete ({exc.strerror})") from None
         signer = verify_manifest_signature(manifest_bytes, signature, self.trusted)
-        manifest = Manifest.from_json(manifest_bytes)
-        members: dict[str, bytes] = {}
-        for entry in manifest.files:
-            try:
-                members[entry.name] = (directory / entry.name).read_bytes()
-            except OSError as exc:
-                raise BundleError(
-                    f"installed bundle {name} is missing {entry.name} ({exc.strerror})"
-                ) from None
-        try:
-            check_members(manifest, members)
-        except BundleError as exc:
-            raise BundleError(f"installed bundle {name}: {exc}") from None
-        return InstalledBundle(manifest, manifest_bytes, signature, signer, members)
+        return InstalledBundle(Manifest.from_json(manifest_bytes), manifest_bytes, signature, signer, {})
 
-    def _load(self, name: str) -> LoadedBundle:
-        """Verify an installed directory, load its model and run its health check."""
-        bundle = self.read_installed(name)
+    def _load(self, name: str, verified: InstalledBundle | None = None) -> LoadedBundle:
+        """Verify an installed directory (unless ``verified``: what was just written into it),
+        load its model and run its health check."""
+        bundle = verified if verified is not None else self.read_installed(name)
         model = Model(bundle.model, runtime=self.runtime, threads=self.threads)
         worst = None
         manifest = bundle.manifest
@@ -302,13 +320,37 @@ class BundleStore:
             self._gc(set())
             return None
 
+    def _verified(self, source: Path | bytes | Bundle | StagedBundle) -> Bundle | StagedBundle:
+        if isinstance(source, (Path, bytes, bytearray, memoryview)):
+            return read_bundle(source, self.trusted, self.max_bundle_size)
+        if isinstance(source, Bundle):
+            # read_bundle checked every member when it made this object; the signature is
+            # checked again: the object may have been verified against other keys than ours.
+            if source.size > self.max_bundle_size:
+                raise BundleError(
+                    f"the bundle is {source.size} bytes, over the {self.max_bundle_size}-byte limit"
+                )
+            signer = verify_manifest_signature(source.manifest_bytes, source.signature, self.trusted)
+            return source if source.signer == signer else replace(source, signer=signer)
+        if not _is_staged(source):
+            raise TypeError(f"cannot install a {type(source).__name__}")
+        # fetch_staged_bundle checked every chunk and member; the signature is checked again.
+        size = source.manifest.chunks.total_size
+        if size > self.max_bundle_size:
+            raise BundleError(f"the bundle is {size} bytes, over the {self.max_bundle_size}-byte limit")
+        verified = source.verified
+        verify_manifest_signature(verified.manifest_bytes, verified.signature, self.trusted)
+        return source
+
     def install(
-        self, source: Path | bytes, *, allow_downgrade: bool = False
+        self, source: Path | bytes | Bundle | StagedBundle, *, allow_downgrade: bool = False
     ) -> tuple[InstallResult, LoadedBundle]:
-        """Verify, extract, load, health-check and commit a bundle file (or its bytes)."""
+        """Verify, extract (or move into place), load, health-check and commit a bundle file,
+        its bytes, a :class:`~edgekit.bundle.Bundle` that :func:`~edgekit.bundle.read_bundle`
+        verified, or a :class:`~edgekit.transfer.StagedBundle` downloaded as files."""
         label = str(source) if isinstance(source, Path) else "bundle"
         try:
-            bundle = read_bundle(source, self.trusted, self.max_bundle_size)
+            bundle = self._verified(source)
         except EdgekitError as exc:
             self._event("install_refused", f"{label}: {exc}")
             raise
@@ -320,7 +362,7 @@ class BundleStore:
             installed = None
             if current:
                 with contextlib.suppress(EdgekitError, OSError):
-                    installed = self.read_installed(current)
+                    installed = self._installed_manifest(current)
             try:
                 self._check_versions(bundle, installed, allow_downgrade)
             except InstallError as exc:
@@ -328,20 +370,27 @@ class BundleStore:
                 raise
             name = _dir_name(bundle)
             if installed is not None and current == name:
-                loaded = self._load(name)
-                return InstallResult(
-                    manifest.name,
-                    manifest.version,
-                    ident["bundle_id"],
-                    name,
-                    manifest.version,
-                    False,
-                    loaded.healthcheck_error,
-                ), loaded
+                try:
+                    loaded = self._load(name)  # verified from disk: it may have been damaged since
+                except BundleError as exc:
+                    log.warning("installed bundle %s is damaged (%s); writing it again", name, exc)
+                else:
+                    return InstallResult(
+                        manifest.name,
+                        manifest.version,
+                        ident["bundle_id"],
+                        name,
+                        manifest.version,
+                        False,
+                        loaded.healthcheck_error,
+                    ), loaded
             previous = current if current != name else pointer["previous"]
             try:
-                self._extract(bundle, name)
-                loaded = self._load(name)
+                if isinstance(bundle, Bundle):
+                    written = self._extract(bundle, name)
+                else:
+                    written = self._move_into_place(bundle, name)
+                loaded = self._load(name, written)
                 self._commit(name, previous)  # a full disk can refuse even the pointer
             except HealthCheckError as exc:
                 self._event("healthcheck_failed", f"{manifest.label}: {exc}", ident)
@@ -371,7 +420,7 @@ class BundleStore:
             ), loaded
 
     def _check_versions(
-        self, bundle: Bundle, installed: InstalledBundle | None, allow_downgrade: bool
+        self, bundle: Bundle | StagedBundle, installed: InstalledBundle | None, allow_downgrade: bool
     ) -> None:
         manifest = bundle.manifest
         try:
@@ -397,19 +446,55 @@ class BundleStore:
                 "installed; bump the version, or pass --allow-downgrade to replace it"
             )
 
-    def _extract(self, bundle: Bundle, name: str) -> None:
+    def _extract(self, bundle: Bundle, name: str) -> InstalledBundle:
+        """Put ``bundle`` in ``bundles/name`` durably; returns it as installed (verified)."""
         final = self.bundles / name
         if final.is_dir():
             try:
-                self.read_installed(name)
-                return  # already on disk and intact (e.g. the previous bundle again)
+                return self.read_installed(
+                    name
+                )  # already on disk and intact (e.g. the previous bundle again)
             except BundleError:
                 shutil.rmtree(final, ignore_errors=True)
         tmp = self.bundles / f"{_TMP_PREFIX}{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        if bundle.signer is None:  # _verified() never returns one; a guard for future callers
+            raise InstallError(f"{bundle.manifest.label} was not verified against a trusted key")
         bundle.extract(tmp)  # every file and the directory fsync'ed
         os.rename(tmp, final)
         fsync_dir(self.bundles)
+        return InstalledBundle(
+            bundle.manifest, bundle.manifest_bytes, bundle.signature, bundle.signer, bundle.members
+        )
+
+    def _move_into_place(self, staged: StagedBundle, name: str) -> InstalledBundle:
+        """Make a staged download durable (every file and the directory fsync'ed) and rename it
+        to ``bundles/name``: the download already has the installed layout, so nothing is copied.
+        Returns it as installed; its members are read once, for the runtime."""
+        final = self.bundles / name
+        verified = staged.verified
+        if final.is_dir():
+            try:
+                installed = self.read_installed(name)  # already on disk and intact (e.g. the previous bundle)
+            except BundleError:
+                shutil.rmtree(final, ignore_errors=True)
+            else:
+                shutil.rmtree(staged.directory, ignore_errors=True)
+                return installed
+        names = [MANIFEST_FILE, SIGNATURE_FILE, *(entry.name for entry in verified.manifest.files)]
+        for file_name in names:
+            fd = os.open(staged.directory / file_name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(staged.directory)
+        os.rename(staged.directory, final)  # the downloads directory is under state_dir too
+        fsync_dir(self.bundles)
+        members = {entry.name: (final / entry.name).read_bytes() for entry in verified.manifest.files}
+        return InstalledBundle(
+            verified.manifest, verified.manifest_bytes, verified.signature, verified.signer, members
+        )
 
     def rollback(self) -> LoadedBundle:
         """Serve the previous bundle again (it becomes current, the current becomes previous)."""
@@ -428,6 +513,12 @@ class BundleStore:
             self._commit(previous, current)
             self._event("rolled_back", f"rolled back to {loaded.manifest.label}", loaded.identity())
             return loaded
+
+
+def _is_staged(source: object) -> bool:
+    """True for a :class:`~edgekit.transfer.StagedBundle` (only exists once transfer is imported)."""
+    transfer = sys.modules.get("edgekit.transfer")
+    return transfer is not None and isinstance(source, transfer.StagedBundle)
 
 
 def _safe_dir_name(name: str) -> bool:

@@ -208,17 +208,17 @@ def edgekit_worker(
 def agent_worker(
     url: str, ids: list[str], fleet: str, public_pem: bytes, workdir: str, ready: Any, results: Any
 ) -> None:
-    """Real device agents (Agent + AgentDaemon, one interpreter thread each) in this process."""
+    """Real device agents (Agent + AgentDaemon, one interpreter thread each) sharing this
+    process: what `edgekit fleet simulate` runs (``SimulatedFleet``)."""
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # the agents' per-device connection notices are noise here
-    from edgekit.agent import Agent
     from edgekit.agent.config import AgentConfig
-    from edgekit.agent.daemon import AgentDaemon
+    from edgekit.agent.simulate import SimulatedFleet
 
-    daemons = []
-    for ident in ids:
-        config = AgentConfig.load(
+    marks = _mark_device_steps(Path(workdir))
+    configs = [
+        AgentConfig.load(
             None,
             device=ident,
             fleet=fleet,
@@ -228,17 +228,67 @@ def agent_worker(
             threads=1,
             telemetry_interval=3600.0,
         )
-        agent = Agent(config, background=False)
-        daemon = AgentDaemon(agent, upload_interval=60.0)
-        daemon.client.on_connection_change(lambda up, _r: up and ready.put(1))
-        daemons.append(daemon.start())
-    for daemon in daemons:  # every one waits for its install, then reports
-        while daemon.agent.status().bundle_id is None:
-            daemon.installed.wait(1.0)
-        results.put((daemon.device, time.monotonic(), time.monotonic()))
-    for daemon in daemons:
-        daemon.stop()
-        daemon.agent.close()
+        for ident in ids
+    ]
+    with SimulatedFleet(configs, upload_interval=60.0) as simulated:
+        simulated.wait_connected(60)
+        ready.put(len(ids))
+        simulated.wait_serving(timeout=900)
+        for ident in ids:
+            results.put((ident, time.monotonic(), time.monotonic(), marks.get(ident, {})))
+
+
+def _mark_device_steps(workdir: Path) -> dict[str, dict[str, float]]:
+    """When each device reached each step of an install ({device: {step: monotonic time}}),
+    recorded by wrapping the agent's functions in this benchmark process (CLOCK_MONOTONIC is
+    system-wide, so the times compare with the workstation's)."""
+    import edgekit.agent.daemon as daemon_module
+    from edgekit.agent.install import BundleStore
+    from edgekit.transfer import ChunkAssembler
+
+    marks: dict[str, dict[str, float]] = {}
+
+    def mark(path: Path, step: str) -> None:
+        device = Path(path).relative_to(workdir).parts[0]
+        marks.setdefault(device, {}).setdefault(step, time.monotonic())
+
+    fetch, init, add, install = (
+        daemon_module.fetch_staged_bundle,
+        ChunkAssembler.__init__,
+        ChunkAssembler.add,
+        BundleStore.install,
+    )
+
+    def fetch_bundle(client: Any, digest: str, trusted: Any, directory: Path, *a: Any, **k: Any) -> Any:
+        mark(directory, "fetch")
+        try:
+            return fetch(client, digest, trusted, directory, *a, **k)
+        finally:
+            mark(directory, "fetched+verified")
+
+    def assembler_init(self: Any, directory: Path, *a: Any, **k: Any) -> None:
+        init(self, directory, *a, **k)
+        mark(directory, "manifest verified")
+
+    def assembler_add(self: Any, index: int, data: bytes) -> str:
+        mark(self.directory, "first chunk")
+        result = add(self, index, data)
+        if self.complete:
+            mark(self.directory, "last chunk")
+        return result
+
+    def store_install(self: Any, source: Any, **k: Any) -> Any:
+        mark(self.state_dir, "install")
+        try:
+            return install(self, source, **k)
+        finally:
+            mark(self.state_dir, "installed")
+
+    daemon_module.fetch_staged_bundle = fetch_bundle  # type: ignore[assignment]
+    ChunkAssembler.__init__ = assembler_init  # type: ignore[method-assign]
+    ChunkAssembler.add = assembler_add  # type: ignore[method-assign]
+    BundleStore.install = store_install  # type: ignore[method-assign]
+    return marks
 
 
 # -- one measurement -----------------------------------------------------------------------------
@@ -247,7 +297,9 @@ def agent_worker(
 def spawn(target: Any, groups: list[list[str]], extra: tuple[Any, ...], ctx: Any) -> tuple[list[Any], Any]:
     ready, results = ctx.Queue(), ctx.Queue()
     procs = [
-        ctx.Process(target=target, args=(*extra[:1], group, *extra[1:], ready, results)) for group in groups
+        # daemon: a failed run ends the benchmark without waiting for stuck workers
+        ctx.Process(target=target, args=(*extra[:1], group, *extra[1:], ready, results), daemon=True)
+        for group in groups
     ]
     for proc in procs:
         proc.start()
@@ -292,7 +344,7 @@ def run_edgekit(
     from edgekit.desired import new_desired_state, sign_desired_state
     from edgekit.mqtt import MqttClient
     from edgekit.topics import Topics
-    from edgekit.transfer import clear_bundle, publish_bundle
+    from edgekit.transfer import clear_bundle, start_upload
 
     fleet = f"bench-{run}"
     workdir = tempfile.mkdtemp(prefix="edgekit-bench-", dir=os.environ.get("BENCH_WORKDIR"))
@@ -300,7 +352,8 @@ def run_edgekit(
         procs, results = spawn(edgekit_worker, groups, (url, fleet, public_pem, workdir), ctx)
         with MqttClient(url, client_id="workstation") as workstation:
             start = time.monotonic()
-            digest = publish_bundle(workstation, bundle)
+            upload = start_upload(workstation, bundle)  # manifest, desired state, chunks: as push does
+            digest = upload.digest
             state = new_desired_state(
                 fleet,
                 bundle_sha256=digest,
@@ -311,6 +364,7 @@ def run_edgekit(
             workstation.publish(
                 Topics().fleet_desired(fleet), sign_desired_state(state, key), retain=True
             ).wait(60)
+            upload.finish()
             received, verified = collect(procs, results, sum(len(g) for g in groups))
             workstation.publish(Topics().fleet_desired(fleet), b"", retain=True).wait(60)
             clear_bundle(workstation, bundle.bundle_id, len(bundle.manifest.chunks.sha256))
@@ -320,13 +374,22 @@ def run_edgekit(
 
 
 def run_push(
-    url: str, bundle: Any, public_pem: bytes, key: Any, groups: list[list[str]], run: int, ctx: Any
+    url: str,
+    bundle: Any,
+    public_pem: bytes,
+    key: Any,
+    groups: list[list[str]],
+    run: int,
+    ctx: Any,
+    phases: list[dict[str, Any]],
 ) -> float:
     """What `edgekit push --wait` does, timed as it sees it: publish the bundle, tell the fleet,
     follow every agent until it serves the bundle (fetched, verified, installed, health-checked)."""
+    from edgekit.errors import EdgekitError
     from edgekit.fleet.push import FleetLink, begin_rollout, run_rollout
     from edgekit.fleet.rollout import RolloutPolicy
-    from edgekit.mqtt import MqttClient
+    from edgekit.mqtt import Message, MqttClient
+    from edgekit.reports import DeviceStateReport
 
     fleet = f"push-{run}"
     workdir = tempfile.mkdtemp(prefix="edgekit-bench-", dir=os.environ.get("BENCH_WORKDIR"))
@@ -337,21 +400,66 @@ def run_push(
             expected = sum(len(g) for g in groups)
             while len(link.devices()) < expected:
                 link.wait_change(10.0)
+            seen: dict[str, dict[str, float]] = {}  # status -> device -> when it first said it
+
+            def on_state(message: Message) -> None:
+                try:
+                    report = DeviceStateReport.from_json(message.payload)
+                except EdgekitError:
+                    return
+                if bundle.bundle_id in (report.target_id, report.bundle_id):
+                    status = report.status
+                    if status == "downloading" and report.progress:
+                        status = "receiving"  # the first chunk is stored
+                    seen.setdefault(status, {}).setdefault(report.device, time.monotonic())
+
+            workstation.subscribe(link.topics.all_devices_filter("state"), on_state)
             start = time.monotonic()
-            link.publish_bundle(bundle)
+            upload = link.start_upload(bundle)  # as `edgekit push` does it
             state_path = Path(workdir) / "home" / "rollout.json"
             policy = RolloutPolicy(canary=0, install_timeout_s=1800)
             rollout, labels = begin_rollout(link, bundle, policy, state_path)
+            told = time.monotonic()
+            upload.finish()
+            uploaded = time.monotonic()
             rollout = run_rollout(link, rollout, policy, state_path, labels, timeout=1800)
             end = time.monotonic()
+            phases.append(
+                {
+                    "told": told - start,
+                    "uploaded": uploaded - start,
+                    **{
+                        f"{status} (first/last)": (
+                            min(firsts.values()) - start,
+                            max(firsts.values()) - start,
+                        )
+                        for status, firsts in seen.items()
+                    },
+                    "done": end - start,
+                }
+            )
             if rollout.phase != "done" or rollout.failed:
                 raise SystemExit(f"push did not complete: {rollout.phase} {dict(rollout.failed)}")
-            collect(procs, results, expected)
+            found = [results.get(timeout=900) for _ in range(expected)]
+            for proc in procs:
+                proc.join(60)
+            steps: dict[str, list[float]] = {}
+            for *_, marks in found:
+                for step, when in marks.items():
+                    steps.setdefault(step, []).append(when - start)
+            phases[-1].update({f"[{step}]": (min(ts), max(ts)) for step, ts in steps.items()})
             workstation.publish(link.topics.fleet_desired(fleet), b"", retain=True).wait(60)
             link.clear_bundle(bundle.bundle_id, len(bundle.manifest.chunks.sha256))
         return end - start
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _phases(phase: dict[str, Any]) -> str:
+    def fmt(value: Any) -> str:
+        return f"{value[0]:.2f}-{value[1]:.2f}" if isinstance(value, tuple) else f"{value:.2f}"
+
+    return ", ".join(f"{name} {fmt(value)}" for name, value in phase.items())
 
 
 def main() -> None:
@@ -373,7 +481,8 @@ def main() -> None:
     parser.add_argument(
         "--push",
         action="store_true",
-        help="Also time what `edgekit push --wait` does, to real agents (Agent + AgentDaemon) in worker processes.",
+        help="Also time what `edgekit push --wait` does, to real agents (Agent + AgentDaemon, as "
+        "`edgekit fleet simulate` runs them) in worker processes.",
     )
     args = parser.parse_args()
     sizes = args.subscribers or [6]
@@ -441,13 +550,14 @@ def measure(
     per = -(-n // procs)
     groups = [ids[i : i + per] for i in range(0, n, per)]
     raw_times, fetched, verified, pushed = [], [], [], []
+    phases: list[dict[str, Any]] = []
     for run in range(args.runs):  # alternate so drift in machine load hits both
         raw_times.append(run_raw(url, chunks, groups, ctx))
         got, done = run_edgekit(url, bundle, public_pem, key, groups, run, ctx)
         fetched.append(got)
         verified.append(done)
         if args.push:
-            pushed.append(run_push(url, bundle, public_pem, key, groups, run, ctx))
+            pushed.append(run_push(url, bundle, public_pem, key, groups, run, ctx, phases))
     raw = statistics.median(raw_times)
     got, done = statistics.median(fetched), statistics.median(verified)
     if name == "mosquitto":
@@ -475,6 +585,8 @@ def measure(
             f"(ratio {wait / raw:.2f}x); runs: {', '.join(f'{t:.2f}' for t in pushed)}",
             flush=True,
         )
+        for index, phase in enumerate(phases):
+            print(f"    run {index} phases (s from the first publish): {_phases(phase)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from edgekit.keys import SigningKey
 from edgekit.mqtt import Message, MqttClient
 from edgekit.reports import DeviceStateReport
 from edgekit.topics import Topics
-from edgekit.transfer import clear_bundle, publish_bundle
+from edgekit.transfer import Upload, clear_bundle, publish_bundle, start_upload
 
 from .rollout import Action, DeviceReport, Rollout, RolloutPolicy, advance, start
 
@@ -245,6 +245,11 @@ class FleetLink:
     def publish_bundle(self, bundle: Bundle, progress: Optional[Callable[[int, int], None]] = None) -> str:
         return publish_bundle(self.client, bundle, self.topics, progress=progress)
 
+    def start_upload(self, bundle: Bundle) -> Upload:
+        """Publish the bundle's manifest; tell the devices, then ``finish()`` publishes the chunks
+        while they already fetch them (:func:`edgekit.transfer.start_upload`)."""
+        return start_upload(self.client, bundle, self.topics)
+
     def desire(self, bundle_id: str, name: str, version: str, device: Optional[str] = None) -> int:
         """Sign and publish (retained) a desired state; returns its sequence number."""
         seq = max(self.record.seq, self._seen_seq) + 1
@@ -319,12 +324,15 @@ def driving(home: Path, fleet: str, holder: str, wait: float = 0.0) -> Iterator[
 def step_rollout(
     link: FleetLink, rollout: Rollout, policy: RolloutPolicy, state_path: Path, labels: dict[str, str]
 ) -> Rollout:
-    """One step: advance with what the devices say now, publish what that asks for, save."""
-    rollout, actions = advance(rollout, link.reports(), policy, time.time())
+    """One step: advance with what the devices say now, publish what that asks for, save (when
+    the rollout changed: devices report often, download progress included; each save is two
+    fsyncs, and ``rollout`` as given is the one saved last)."""
+    new, actions = advance(rollout, link.reports(), policy, time.time())
     if actions:
         link.carry_out(actions, labels)
-    rollout.save(state_path)
-    return rollout
+    if new != rollout or actions:
+        new.save(state_path)
+    return new
 
 
 def run_rollout(

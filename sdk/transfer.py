@@ -8,19 +8,22 @@ it from the broker alone:
   ``transport.chunk_size`` bytes, exactly as the signed manifest's chunk plan lists them.
 - ``{prefix}/bundles/{digest}/manifest``: a JSON message holding ``manifest.json`` and
   ``manifest.sig`` (base64), so the device checks the signature and the digest BEFORE it
-  fetches a single chunk. Published last: its presence means every chunk is there.
+  fetches a single chunk. Published first (:func:`start_upload`), so that devices told about
+  the bundle right away fetch its chunks while they are being published; a device waits for
+  chunks that are not on the broker yet.
 
 ``digest`` (:attr:`Bundle.bundle_id <edgekit.bundle.Bundle.bundle_id>`) is the SHA-256 of the exact ``manifest.json`` bytes. The
 signed desired state names it, the manifest lists every chunk's and member's SHA-256, so one
 trusted signature pins every byte.
 
 :class:`ChunkAssembler` is the device side, pure (no paho): it stores chunks in a directory as
-they arrive, straight into their place in the final ``.ekb`` (a restart resumes: stored
-chunks are re-hashed, the good ones kept), drops a
-chunk whose size or SHA-256 does not match the plan (reported for re-fetch), never writes more
-than the manifest declares, and rebuilds a bundle that :func:`edgekit.bundle.read_bundle`
-verifies. :func:`publish_bundle`, :func:`fetch_bundle` and :func:`clear_bundle` are the thin
-MQTT shells around it.
+they arrive, straight into their place in the final ``.ekb``, or (the agent's choice) in the
+layout of an installed bundle, one file per member, hashing members as it goes (a restart
+resumes: stored chunks are re-hashed, the good ones kept), drops a chunk whose size or SHA-256
+does not match the plan (reported for re-fetch), never writes more than the manifest declares,
+and yields a bundle that :func:`edgekit.bundle.read_bundle` verifies, or a
+:class:`StagedBundle` whose every member matched its signed hash. :func:`start_upload` / :func:`publish_bundle`, :func:`fetch_bundle` /
+:func:`fetch_staged_bundle` and :func:`clear_bundle` are the thin MQTT shells around it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tarfile
 import threading
 import time
@@ -42,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .atomic import atomic_write, fsync_dir
+from .atomic import atomic_write
 from .bundle import (
     MANIFEST_FILE,
     MAX_BUNDLE_SIZE,
@@ -61,12 +65,16 @@ from .trust import TrustedKeys
 __all__ = [
     "ChunkAssembler",
     "ChunkResult",
+    "StagedBundle",
+    "Upload",
     "VerifiedManifest",
     "bundle_messages",
     "clear_bundle",
     "fetch_bundle",
+    "fetch_staged_bundle",
     "manifest_message",
     "publish_bundle",
+    "start_upload",
     "verify_manifest_message",
 ]
 
@@ -151,6 +159,67 @@ def bundle_messages(bundle: Bundle, topics: Topics) -> Iterator[tuple[str, bytes
     yield topics.bundle_manifest(digest), manifest_message(bundle)
 
 
+class Upload:
+    """A bundle on its way to the broker, made by :func:`start_upload`: its manifest is there,
+    :meth:`finish` publishes the chunks."""
+
+    def __init__(self, client: MqttClient, bundle: Bundle, topics: Topics, qos: int) -> None:
+        self.client = client
+        self.bundle = bundle
+        self.topics = topics
+        self.qos = qos
+
+    @property
+    def digest(self) -> str:
+        return self.bundle.bundle_id
+
+    def finish(self, *, timeout: float = 300.0, progress: Optional[Callable[[int, int], None]] = None) -> str:
+        """Publish every chunk (retained) and wait until the broker has them all; returns the
+        digest. ``progress(sent_bytes, total_bytes)`` is called as the broker acknowledges
+        chunks. BrokerError if the broker does not take them within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        bundle = self.bundle
+        messages = list(bundle_messages(bundle, self.topics))[:-1]  # the manifest is there already
+        deliveries = [
+            (self.client.publish(topic, data, qos=self.qos, retain=True), len(data))
+            for topic, data in messages
+        ]
+        sent = 0
+        for delivery, length in deliveries:
+            delivery.wait(max(0.0, deadline - time.monotonic()))
+            sent += length
+            if progress is not None:
+                progress(sent, bundle.manifest.chunks.total_size)
+        log.info(
+            "published bundle %s (%s) in %d chunks", bundle.manifest.label, self.digest[:12], len(deliveries)
+        )
+        return self.digest
+
+
+def start_upload(
+    client: MqttClient,
+    bundle: Bundle,
+    topics: Optional[Topics] = None,
+    *,
+    qos: int = 1,
+    timeout: float = 30.0,
+) -> Upload:
+    """Publish a bundle's manifest (retained) and wait for the broker to have it; then
+    :meth:`Upload.finish` publishes the chunks.
+
+    Publish the desired state naming the bundle in between: devices then verify the manifest
+    and subscribe to the chunks while they are being published, so the fan-out to the fleet
+    overlaps the upload instead of following it. A device checks the manifest's signature
+    before it takes any chunk, and waits for chunks that are not on the broker yet (an upload
+    cut short is completed by publishing the bundle again).
+    """
+    topics = topics or Topics()
+    client.publish(
+        topics.bundle_manifest(bundle.bundle_id), manifest_message(bundle), qos=qos, retain=True
+    ).wait(timeout)
+    return Upload(client, bundle, topics, qos)
+
+
 def publish_bundle(
     client: MqttClient,
     bundle: Bundle,
@@ -160,28 +229,11 @@ def publish_bundle(
     timeout: float = 300.0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> str:
-    """Publish a bundle as retained messages and wait until the broker has them all.
-
-    Returns the bundle digest. ``progress(sent_bytes, total_bytes)`` is called as the broker
-    acknowledges chunks. BrokerError if the broker does not take them within ``timeout``.
-    """
-    topics = topics or Topics()
-    deadline = time.monotonic() + timeout
-    total = bundle.manifest.chunks.total_size
-    messages = list(bundle_messages(bundle, topics))
-    deliveries = [
-        (client.publish(topic, data, qos=qos, retain=True), len(data)) for topic, data in messages[:-1]
-    ]
-    sent = 0
-    for delivery, length in deliveries:
-        delivery.wait(max(0.0, deadline - time.monotonic()))
-        sent += length
-        if progress is not None:
-            progress(sent, total)
-    topic, data = messages[-1]
-    client.publish(topic, data, qos=qos, retain=True).wait(max(0.0, deadline - time.monotonic()))
-    log.info("published bundle %s (%s) in %d chunks", bundle.manifest.label, topic, len(deliveries))
-    return bundle.bundle_id
+    """Publish a bundle as retained messages (manifest, then chunks) and wait until the broker
+    has them all: :func:`start_upload` then :meth:`Upload.finish`. Returns the bundle digest."""
+    return start_upload(client, bundle, topics, qos=qos, timeout=timeout).finish(
+        timeout=timeout, progress=progress
+    )
 
 
 def clear_bundle(
@@ -214,11 +266,13 @@ class ChunkResult:
 
 @dataclass(frozen=True)
 class _Segment:
-    """One member's bytes inside the transport payload, and where they go in the .ekb file."""
+    """One member's bytes inside the transport payload, and where they go: file ``slot`` of
+    the assembler, at ``file_offset``."""
 
     payload_start: int
     size: int
     file_offset: int
+    slot: int = 0
 
 
 def _tar_layout(verified: VerifiedManifest) -> tuple[list[tuple[int, bytes]], list[_Segment], int]:
@@ -256,20 +310,52 @@ def _tar_layout(verified: VerifiedManifest) -> tuple[list[tuple[int, bytes]], li
     return fixed, segments, offset
 
 
+@dataclass(frozen=True)
+class StagedBundle:
+    """A bundle downloaded as files (:func:`fetch_staged_bundle`): ``directory`` holds
+    ``manifest.json``, ``manifest.sig`` and every member under its own name, exactly the layout
+    of an installed bundle. Every chunk matched the signed plan and every member its signed
+    SHA-256 (hashed as the chunks arrived). The files are not fsync'ed: whoever moves the
+    directory into place makes it durable."""
+
+    directory: Path
+    verified: VerifiedManifest
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.verified.manifest
+
+    @property
+    def bundle_id(self) -> str:
+        return self.verified.digest
+
+
 class ChunkAssembler:
     """Collects the chunks of one verified bundle in ``directory`` and rebuilds the bundle.
 
-    Chunks are written straight into their place in ``bundle.ekb.part``, laid out as the final
-    ``.ekb`` (tar headers, manifest and signature are written first), so finishing is a
-    rename, not a copy. Creating an assembler on a directory that already holds a partial
-    download of the same bundle resumes it: each chunk's bytes on disk are re-hashed and the
-    good ones kept (a chunk torn by a power loss is simply fetched again). Not thread-safe:
-    call it from one thread (the MQTT dispatcher thread, for instance).
+    ``layout="ekb"`` (the default): chunks are written straight into their place in
+    ``bundle.ekb.part``, laid out as the final ``.ekb`` (tar headers, manifest and signature are
+    written first), so finishing (:meth:`finish`) is a rename, not a copy.
+    ``layout="files"``: each member is its own file in ``directory`` beside ``manifest.json``
+    and ``manifest.sig`` (the layout of an installed bundle), and members are hashed as their
+    chunks arrive, so :meth:`finish_staged` reads nothing back; an installer then moves the
+    directory into place instead of extracting a copy.
+
+    Creating an assembler on a directory that already holds a partial download of the same
+    bundle resumes it: each chunk's bytes on disk are re-hashed and the good ones kept (a chunk
+    torn by a power loss is simply fetched again). Not thread-safe: call it from one thread
+    (the MQTT dispatcher thread, for instance).
     """
 
-    def __init__(self, directory: Path, verified: VerifiedManifest) -> None:
+    EKB = "ekb"
+    FILES = "files"
+
+    def __init__(self, directory: Path, verified: VerifiedManifest, layout: str = EKB) -> None:
+        if layout not in (self.EKB, self.FILES):
+            raise ValueError(f"unknown layout {layout!r}")
         self.directory = Path(directory)
         self.verified = verified
+        self.layout = layout
         plan = verified.manifest.chunks
         self._plan = plan
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -281,22 +367,37 @@ class ChunkAssembler:
         if not stored.exists():
             atomic_write(self.directory / SIGNATURE_FILE, verified.signature)
             atomic_write(stored, verified.manifest_bytes)
-        fixed, self._segments, self._file_size = _tar_layout(verified)
-        self._fd = os.open(self.directory / PART_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        existing = os.fstat(self._fd).st_size
-        if existing != self._file_size:
-            os.ftruncate(self._fd, self._file_size)  # never more than the manifest declares
-        for offset, data in fixed:
-            os.pwrite(self._fd, data, offset)
+        self._fds: list[int] = []
+        existing = 0
+        if layout == self.EKB:
+            fixed, self._segments, file_size = _tar_layout(verified)
+            self._file_size = file_size
+            existing = self._open(self.directory / PART_FILE, file_size)
+            for offset, data in fixed:
+                os.pwrite(self._fds[0], data, offset)
+        else:
+            self._segments = []
+            start = 0
+            for slot, entry in enumerate(verified.manifest.files):
+                self._segments.append(_Segment(start, entry.size, 0, slot))
+                start += entry.size
+                existing += self._open(self.directory / entry.name, entry.size)
+            self._file_size = start
+        # Members are hashed in payload order as chunks arrive (files layout): a chunk that
+        # arrives early is hashed from disk once the ones before it are there.
+        self._hashers = [hashlib.sha256() for _ in self._segments] if layout == self.FILES else []
+        self._hashed = 0  # chunks fed to the member hashes, in order
         self._have: set[int] = set()
         self._received = 0
         self.rejected = 0
         #: Chunks that failed their check and still need a good copy.
         self.bad: set[int] = set()
         for index in range(len(plan.sha256) if existing else 0):  # a new file holds no chunk yet
-            if self._read(index) is not None:
+            chunk = self._read(index)
+            if chunk is not None:
                 self._have.add(index)
                 self._received += self._expected_size(index)
+                self._hash_members(index, chunk)
         if self._have:
             log.info(
                 "resuming bundle %s: %d of %d chunks already stored",
@@ -305,8 +406,17 @@ class ChunkAssembler:
                 len(plan.sha256),
             )
 
+    def _open(self, path: Path, size: int) -> int:
+        """Open (create) one file of the layout at exactly ``size`` bytes; returns the size it had."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fds.append(fd)
+        existing = os.fstat(fd).st_size
+        if existing != size:
+            os.ftruncate(fd, size)  # never more than the manifest declares
+        return existing
+
     @classmethod
-    def resume(cls, directory: Path, trusted: TrustedKeys, digest: str) -> ChunkAssembler:
+    def resume(cls, directory: Path, trusted: TrustedKeys, digest: str, layout: str = EKB) -> ChunkAssembler:
         """Reopen a download after a restart, re-verifying the stored manifest."""
         directory = Path(directory)
         try:
@@ -318,29 +428,48 @@ class ChunkAssembler:
             raise BundleError(f"{directory} holds a download of another bundle than {digest[:12]}")
         signer = verify_manifest_signature(manifest_bytes, signature, trusted)
         manifest = Manifest.from_json(manifest_bytes)
-        return cls(directory, VerifiedManifest(digest, manifest, manifest_bytes, signature, signer))
+        return cls(directory, VerifiedManifest(digest, manifest, manifest_bytes, signature, signer), layout)
 
     def _expected_size(self, index: int) -> int:
         size = self._plan.chunk_size
         return min(size, self._plan.total_size - index * size)
 
-    def _spans(self, index: int) -> Iterator[tuple[int, int, int]]:
-        """(offset in chunk, offset in file, length) of each piece of chunk ``index``."""
+    def _spans(self, index: int) -> Iterator[tuple[int, _Segment, int, int]]:
+        """(offset in chunk, segment, offset in its file, length) of each piece of chunk ``index``."""
         start = index * self._plan.chunk_size
         end = start + self._expected_size(index)
         for seg in self._segments:
             lo, hi = max(start, seg.payload_start), min(end, seg.payload_start + seg.size)
             if lo < hi:
-                yield lo - start, seg.file_offset + lo - seg.payload_start, hi - lo
+                yield lo - start, seg, seg.file_offset + lo - seg.payload_start, hi - lo
+
+    def _pread(self, index: int) -> bytes:
+        return b"".join(
+            os.pread(self._fds[seg.slot], length, at) for _, seg, at, length in self._spans(index)
+        )
 
     def _read(self, index: int) -> Optional[bytes]:
-        data = b"".join(os.pread(self._fd, length, at) for _, at, length in self._spans(index))
+        data = self._pread(index)
         if (
             len(data) == self._expected_size(index)
             and hashlib.sha256(data).hexdigest() == self._plan.sha256[index]
         ):
             return data
         return None
+
+    def _hash_members(self, index: int, data: bytes) -> None:
+        """Feed chunk ``index`` (just stored) to the member hashes if it is the next one in
+        payload order, then every stored chunk that follows it."""
+        if not self._hashers or index != self._hashed:
+            return
+        while True:
+            view = memoryview(data)
+            for in_chunk, seg, _, length in self._spans(self._hashed):
+                self._hashers[seg.slot].update(view[in_chunk : in_chunk + length])
+            self._hashed += 1
+            if self._hashed not in self._have:
+                return
+            data = self._pread(self._hashed)  # arrived early; checked when it was stored
 
     @property
     def chunk_count(self) -> int:
@@ -378,12 +507,13 @@ class ChunkAssembler:
             result = ChunkResult.BAD_HASH
         else:
             view = memoryview(data)
-            for in_chunk, at, length in self._spans(index):
-                if os.pwrite(self._fd, view[in_chunk : in_chunk + length], at) != length:
+            for in_chunk, seg, at, length in self._spans(index):
+                if os.pwrite(self._fds[seg.slot], view[in_chunk : in_chunk + length], at) != length:
                     raise BundleError(f"short write storing chunk {index} in {self.directory} (disk full?)")
             self._have.add(index)
             self._received += expected
             self.bad.discard(index)
+            self._hash_members(index, data)
             return ChunkResult.STORED
         self.rejected += 1
         self.bad.add(index)
@@ -397,29 +527,54 @@ class ChunkAssembler:
         )
         return result
 
-    def finish(self, trusted: TrustedKeys) -> Bundle:
-        """Make the download durable (fsync), rename it to ``bundle.ekb`` and verify it in
-        full with :func:`read_bundle` (signature, every member's SHA-256, the chunk plan).
-        A bundle that fails is deleted, never left to be trusted later."""
+    def _check_complete(self) -> None:
         if not self.complete:
             raise BundleError(
                 f"bundle {self.verified.manifest.label} is incomplete: {len(self.missing)} chunks missing"
             )
-        os.fsync(self._fd)
+
+    def finish(self, trusted: TrustedKeys) -> Bundle:
+        """Rename the download to ``bundle.ekb`` and verify it in full with :func:`read_bundle`
+        (signature, every member's SHA-256). A bundle that fails is deleted, never left to be
+        trusted later.
+
+        The file is not fsync'ed: it is a staging copy that an installer writes durably where
+        it belongs. After a power loss a torn ``bundle.ekb`` fails the re-verification a later
+        :func:`fetch_bundle` makes, and is fetched again."""
+        if self.layout != self.EKB:
+            raise ValueError("finish() rebuilds an .ekb; use finish_staged() for the files layout")
+        self._check_complete()
         self.close()
         final = self.directory / BUNDLE_FILE
         os.replace(self.directory / PART_FILE, final)
-        fsync_dir(self.directory)
         try:
             return read_bundle(final, trusted, max_size=self._file_size)
         except BundleError:
             final.unlink()
             raise
 
+    def finish_staged(self) -> StagedBundle:
+        """The download as files (``layout="files"``), every member's SHA-256 checked against
+        the signed manifest (hashed as the chunks arrived). BundleError if one does not match:
+        the download is deleted, never left to be trusted later."""
+        if self.layout != self.FILES:
+            raise ValueError("finish_staged() needs the files layout; use finish() for an .ekb")
+        self._check_complete()
+        self.close()
+        for entry, hasher in zip(self.verified.manifest.files, self._hashers):
+            if hasher.hexdigest() != entry.sha256:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                raise BundleError(
+                    f"{entry.name!r} of bundle {self.verified.manifest.label} does not match its SHA-256 "
+                    "in the signed manifest although every chunk matched the signed plan: the bundle was "
+                    "built wrong; create it again"
+                )
+        return StagedBundle(self.directory, self.verified)
+
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -494,10 +649,75 @@ def fetch_bundle(
     trusted or a chunk stays corrupt; InstallError if it cannot be stored (a full disk);
     BrokerError if it does not arrive within ``timeout``.
     """
-    topics = topics or Topics()
     finished = _finished_download(Path(directory), trusted, digest, max_size)
     if finished is not None:
         return finished
+    assembler = _fetch(
+        client,
+        digest,
+        trusted,
+        directory,
+        topics,
+        timeout,
+        max_refetch,
+        max_size,
+        progress,
+        ChunkAssembler.EKB,
+    )
+    try:
+        return assembler.finish(trusted)
+    except OSError as exc:
+        raise _storage_failed(exc, Path(directory)) from None
+
+
+def fetch_staged_bundle(
+    client: MqttClient,
+    digest: str,
+    trusted: TrustedKeys,
+    directory: Path,
+    topics: Optional[Topics] = None,
+    *,
+    timeout: float = 600.0,
+    max_refetch: int = 3,
+    max_size: int = MAX_BUNDLE_SIZE,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> StagedBundle:
+    """Like :func:`fetch_bundle`, but the bundle is laid out as files in ``directory``
+    (:class:`StagedBundle`: the layout of an installed bundle, members hashed as they arrive),
+    so a device installs it by moving the directory, without reading it back or copying it.
+    A download completed earlier in ``directory`` is re-hashed from disk, not fetched again."""
+    assembler = _fetch(
+        client,
+        digest,
+        trusted,
+        directory,
+        topics,
+        timeout,
+        max_refetch,
+        max_size,
+        progress,
+        ChunkAssembler.FILES,
+    )
+    try:
+        return assembler.finish_staged()
+    except OSError as exc:
+        raise _storage_failed(exc, Path(directory)) from None
+
+
+def _fetch(
+    client: MqttClient,
+    digest: str,
+    trusted: TrustedKeys,
+    directory: Path,
+    topics: Optional[Topics],
+    timeout: float,
+    max_refetch: int,
+    max_size: int,
+    progress: Optional[Callable[[int, int], None]],
+    layout: str,
+) -> ChunkAssembler:
+    """Collect every chunk of ``digest`` into a complete assembler (not finished yet)."""
+    topics = topics or Topics()
     _discard_damaged_download(Path(directory), digest)
     done = threading.Event()
     state: dict[str, object] = {}
@@ -551,7 +771,7 @@ def fetch_bundle(
             return
         try:
             verified = verify_manifest_message(message.payload, trusted, digest, max_size)
-            assembler = ChunkAssembler(directory, verified)
+            assembler = ChunkAssembler(directory, verified, layout)
         except BundleError as exc:
             fail(exc)
             return
@@ -585,7 +805,4 @@ def fetch_bundle(
         if assembler_box:
             assembler_box[0].close()
         raise error
-    try:
-        return assembler_box[0].finish(trusted)
-    except OSError as exc:
-        raise _storage_failed(exc, Path(directory)) from None
+    return assembler_box[0]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -81,3 +84,142 @@ def events(
     for e in rows:
         table.add_row(event_json(e)["at"], e.device, e.kind, e.message)
     console.print(table)
+
+
+@app.command("simulate")
+def simulate(
+    devices: int = typer.Option(..., "--devices", min=1, max=10000, help="How many devices to simulate."),
+    fleet: str = typer.Option(..., "--fleet", help="The fleet they belong to."),
+    broker: Optional[str] = typer.Option(
+        None,
+        "--broker",
+        help="Broker URL (mqtt://host:1883, mqtts://...); else $EDGEKIT_BROKER, else config.",
+    ),
+    state_dir: Optional[Path] = typer.Option(
+        None,
+        "--state-dir",
+        help="Where the devices' configs (DEVICE.toml) and state directories go; default "
+        "$EDGEKIT_HOME/simulate/FLEET. Devices found there are reused (they reboot).",
+    ),
+    processes: int = typer.Option(
+        1, "--processes", min=1, max=256, help="Spread the devices over P processes (one runtime each)."
+    ),
+    predict_rate: float = typer.Option(
+        0.0,
+        "--predict-rate",
+        min=0.0,
+        help="predict() calls per device and second, so telemetry flows (0: none).",
+    ),
+    inputs: Optional[Path] = typer.Option(
+        None,
+        "--inputs",
+        help="DATA (.npy, or .npz with x) to feed; default: the serving bundle's health-check inputs.",
+    ),
+    drift_device: Optional[list[str]] = typer.Option(
+        None, "--drift-device", help="Feed this device shifted inputs, so it reports drift (repeatable)."
+    ),
+    drift_shift: float = typer.Option(
+        0.3,
+        "--drift-shift",
+        help="How far a drifting device's inputs move, as a fraction of their value range.",
+    ),
+    telemetry_interval: Optional[float] = typer.Option(
+        None,
+        "--telemetry-interval",
+        min=0.1,
+        help="Seconds per telemetry window (default: the config's, 60).",
+    ),
+    duration: Optional[float] = typer.Option(
+        None, "--duration", min=0.0, help="Stop after S seconds (default: run until Ctrl-C)."
+    ),
+    json_out: bool = typer.Option(
+        False,
+        "--json",
+        help="Print JSON lines: one when every device has started, one with each device at the end.",
+    ),
+) -> None:
+    """Run N real device agents (Agent + AgentDaemon) in few processes, for trying a fleet of
+    hundreds on one machine. Each device is provisioned like `edgekit device add` does it (its
+    own config, state directory, broker account and device id); they share the interpreter and
+    the runtime. Ctrl-C stops them cleanly (each reports itself offline)."""
+    import signal
+    import threading
+
+    from ..config import edgekit_home
+    from ..data import load_data
+    from ..provision import provision_device
+
+    cfg = WorkstationConfig.load(broker=broker)
+    root = state_dir or edgekit_home() / "simulate" / fleet
+    width = max(3, len(str(devices - 1)))
+    names = [f"{fleet}-sim-{i:0{width}d}" for i in range(devices)]
+    paths = []
+    created = 0
+    for name in names:
+        path = root / f"{name}.toml"
+        if not path.exists():
+            provision_device(
+                name, fleet, path, broker=cfg.broker, state_dir=name
+            )  # relative: beside the config
+            created += 1
+        paths.append(path)
+    samples = load_data(inputs).x if inputs is not None else None
+    overrides: dict[str, Any] = {"threads": 1, "broker": cfg.broker}
+    if telemetry_interval is not None:
+        overrides["telemetry_interval"] = telemetry_interval
+
+    from edgekit.agent.simulate import run_simulation  # the agent extra is needed only here
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if duration is not None:
+        timer = threading.Timer(duration, stop.set)
+        timer.daemon = True
+        timer.start()
+
+    def ready(connected: int) -> None:
+        if json_out:
+            _json_line(
+                {
+                    "event": "ready",
+                    "fleet": fleet,
+                    "broker": cfg.broker,
+                    "state_dir": str(root),
+                    "processes": processes,
+                    "devices": names,
+                    "connected": connected,
+                    "provisioned": created,
+                }
+            )
+        else:
+            console.print(
+                f"simulating {devices} device(s) of fleet [bold]{fleet}[/] in {processes} process(es) "
+                f"({created} provisioned now), {connected} connected to {cfg.broker}; state in {root}. "
+                "Ctrl-C stops."
+            )
+
+    summaries = run_simulation(
+        paths,
+        processes=processes,
+        predict_rate=predict_rate,
+        inputs=samples,
+        drift_devices=drift_device or (),
+        drift_shift=drift_shift,
+        overrides=overrides,
+        stop=stop,
+        on_ready=ready,
+    )
+    if json_out:
+        _json_line({"event": "stopped", "devices": [s.to_dict() for s in summaries]})
+        return
+    versions: dict[str, int] = {}
+    for s in summaries:
+        versions[s.version or "nothing"] = versions.get(s.version or "nothing", 0) + 1
+    served = ", ".join(f"{n} on {v}" for v, n in sorted(versions.items()))
+    console.print(f"stopped {len(summaries)} device(s): {served}")
+
+
+def _json_line(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+    sys.stdout.flush()

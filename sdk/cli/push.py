@@ -243,20 +243,22 @@ def push(
         link = FleetLink(client, fleet, key, cfg.home)
         devices = link.discover()
         total = bundle.manifest.chunks.total_size
-        with Progress(
-            TextColumn("publishing {task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=console,
-            disable=not console.is_terminal or json_out,
-        ) as bar:
-            task = bar.add_task(bundle.manifest.label, total=total)
-            link.publish_bundle(bundle, progress=lambda sent, _total: bar.update(task, completed=sent))
         state_path = rollout_path(cfg.home, fleet)
         with driving(cfg.home, fleet, "edgekit push --wait" if wait else "edgekit push", wait=LOCK_WAIT):
             link.record = FleetRecord.load(cfg.home, fleet)  # as the last driver left it
+            # Manifest, desired state, then the chunks: devices fetch while the upload goes on.
+            upload = link.start_upload(bundle)
             rollout, labels = begin_rollout(link, bundle, policy, state_path)
+            with Progress(
+                TextColumn("publishing {task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=console,
+                disable=not console.is_terminal or json_out,
+            ) as bar:
+                task = bar.add_task(bundle.manifest.label, total=total)
+                upload.finish(progress=lambda sent, _total: bar.update(task, completed=sent))
             if not json_out:
                 console.print(
                     f"published {bundle.manifest.label} (id {bundle.bundle_id[:16]}) to fleet {fleet}: "
@@ -417,13 +419,14 @@ def rollback(
     try:
         link = FleetLink(client, fleet, key, cfg.home)
         devices = link.discover()
-        link.publish_bundle(bundle)  # it may have been cleared from the broker
         state_path = rollout_path(cfg.home, fleet)
         with driving(cfg.home, fleet, "edgekit fleet rollback", wait=LOCK_WAIT):
             link.record = FleetRecord.load(cfg.home, fleet)
+            upload = link.start_upload(bundle)  # again: it may have been cleared from the broker
             rollout, labels = begin_rollout(
                 link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout), state_path
             )
+            upload.finish()
             if not json_out:
                 console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
             if wait and devices:

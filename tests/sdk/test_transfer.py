@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import threading
 from pathlib import Path
 
 import pytest
 from edgekit import BundleError, SignatureError, SigningKey, TrustedKeys, UntrustedKeyError, read_bundle
-from edgekit.bundle import Bundle, create_bundle
+from edgekit.bundle import Bundle, create_bundle, manifest_id
 from edgekit.errors import BrokerError
+from edgekit.manifest import Manifest
 from edgekit.mqtt import MqttClient
 from edgekit.topics import Topics
 from edgekit.transfer import (
     ChunkAssembler,
     ChunkResult,
+    VerifiedManifest,
     bundle_messages,
     clear_bundle,
     fetch_bundle,
@@ -131,6 +134,64 @@ def test_assembler_never_stores_more_than_the_manifest_declares(
     last = len(chunks_of(bundle)) - 1
     assert assembler.add(last, chunks_of(bundle)[last] + b"x" * CHUNK) == ChunkResult.BAD_SIZE
     assert part.stat().st_size == bundle_file.stat().st_size
+
+
+def test_files_layout_is_the_installed_layout_and_hashes_members_in_any_chunk_order(
+    bundle: Bundle, trusted: TrustedKeys, tmp_path: Path
+) -> None:
+    chunks = chunks_of(bundle)
+    order = list(range(len(chunks)))
+    random.Random(7).shuffle(order)
+    assembler = ChunkAssembler(tmp_path / "dl", verified(bundle, trusted), ChunkAssembler.FILES)
+    for index in order:
+        assert assembler.add(index, chunks[index]) == ChunkResult.STORED
+    staged = assembler.finish_staged()
+    assert staged.bundle_id == bundle.bundle_id and staged.directory == tmp_path / "dl"
+    files = {p.name: p.read_bytes() for p in staged.directory.iterdir()}
+    assert files == {
+        "manifest.json": bundle.manifest_bytes,
+        "manifest.sig": bundle.signature,
+        **bundle.members,
+    }
+
+
+def test_files_layout_resumes_after_a_restart_and_still_hashes_every_member(
+    bundle: Bundle, trusted: TrustedKeys, tmp_path: Path
+) -> None:
+    chunks = chunks_of(bundle)
+    first = ChunkAssembler(tmp_path, verified(bundle, trusted), ChunkAssembler.FILES)
+    for index in range(1, len(chunks), 2):
+        first.add(index, chunks[index])
+    first.close()  # the device reboots
+    again = ChunkAssembler.resume(tmp_path, trusted, bundle.bundle_id, ChunkAssembler.FILES)
+    assert again.missing == list(range(0, len(chunks), 2))
+    for index in reversed(again.missing):
+        assert again.add(index, chunks[index]) == ChunkResult.STORED
+    staged = again.finish_staged()
+    assert {e.name: (staged.directory / e.name).read_bytes() for e in bundle.manifest.files} == bundle.members
+
+
+def test_a_member_contradicting_its_signed_hash_is_refused_although_every_chunk_matches(
+    bundle: Bundle, key: SigningKey, trusted: TrustedKeys, tmp_path: Path
+) -> None:
+    # A signer's bug, not an attack: the signed chunk plan covers the payload, a member hash does not.
+    doc = json.loads(bundle.manifest_bytes)
+    doc["files"][0]["sha256"] = "0" * 64
+    manifest_bytes = json.dumps(doc).encode()
+    signature = key.sign(manifest_bytes)
+    wrong = VerifiedManifest(
+        manifest_id(manifest_bytes),
+        Manifest.from_json(manifest_bytes),
+        manifest_bytes,
+        signature,
+        key.public.key_id,
+    )
+    assembler = ChunkAssembler(tmp_path / "dl", wrong, ChunkAssembler.FILES)
+    for index, data in enumerate(chunks_of(bundle)):
+        assert assembler.add(index, data) == ChunkResult.STORED
+    with pytest.raises(BundleError, match="does not match its SHA-256"):
+        assembler.finish_staged()
+    assert not (tmp_path / "dl").exists()  # never left to be trusted later
 
 
 def test_manifest_message_for_another_digest_is_refused(bundle: Bundle, trusted: TrustedKeys) -> None:
