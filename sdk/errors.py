@@ -132,6 +132,9 @@ class MessageError(EdgekitError):
     Receivers count and drop such messages; they never stop a loop."""
 
     exit_code = 14
+    #: Why, as a stable word for metrics: oversized, not_json, wrong_schema, wrong_version,
+    #: bad_field, device_mismatch (see ``edgekit.reports``).
+    reason: str = "bad_field"
 
 
 class RolloutError(EdgekitError):

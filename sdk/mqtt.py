@@ -11,7 +11,7 @@ callback API versions behind connect / subscribe / publish / close:
   A broker that drops an MQTT 5 CONNECT without answering gets an error saying so.
 - Reconnects by itself after the connection drops, with exponential backoff between
   ``reconnect_min`` and ``reconnect_max`` seconds, and re-subscribes every filter on each new
-  connection (sessions are clean, so the broker re-sends retained messages; that is how a
+  connection (sessions are clean by default, and a renewed subscription gets the retained messages again; that is how a
   device resumes a bundle download after a broker outage). It reports itself connected
   (:attr:`MqttClient.connected`, listeners) only once the broker acknowledged those renewed
   subscriptions, so a message published after that point is not missed.
@@ -26,12 +26,19 @@ callback API versions behind connect / subscribe / publish / close:
   broker acknowledged it (QoS 1/2; QoS 0: written to the socket), surviving reconnects (paho
   re-sends unacknowledged QoS 1/2 messages), and raises if an MQTT 5 broker refused it.
 - :meth:`MqttClient.close` disconnects cleanly (the will is not sent), stops both threads.
+- **Acknowledging later.** With ``manual_ack=True`` a QoS 1 message is acknowledged to the
+  broker only when the application calls :meth:`MqttClient.ack` (e.g. once it is committed to
+  a database); until then the broker counts it against the client's ``receive_maximum``
+  (MQTT 5) and stops sending more, which is the backpressure. An ack only goes out on the
+  connection that delivered the message: after a reconnect, a persistent session
+  (``session_expiry`` > 0) gets the unacknowledged messages again, a clean one never does.
 
 Errors are :class:`~edgekit.errors.BrokerError`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import ssl
@@ -80,6 +87,10 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+    #: The packet id (QoS 1/2), for :meth:`MqttClient.ack`.
+    mid: int = 0
+    #: Which connection (:attr:`MqttClient.connections`) delivered it.
+    connection: int = 0
 
 
 @dataclass(frozen=True)
@@ -169,8 +180,12 @@ def _url_protocol(url: str, query: str) -> Optional[str]:
     return value
 
 
+@functools.lru_cache(maxsize=65536)
 def topic_matches(topic_filter: str, topic: str) -> bool:
-    """True if ``topic`` matches ``topic_filter`` (``+`` and ``#`` wildcards, ``$share/g/``)."""
+    """True if ``topic`` matches ``topic_filter`` (``+`` and ``#`` wildcards, ``$share/g/``).
+
+    Cached: the dispatcher asks this for every message and every subscription, and a fleet
+    publishes on the same few topics again and again (paho builds a matcher per call)."""
     if topic_filter.startswith("$share/"):
         topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
     return bool(paho.topic_matches_sub(topic_filter, topic))
@@ -230,7 +245,12 @@ class MqttClient:
     ``url``: ``mqtt://host:port`` or ``mqtts://host:port`` (credentials in the URL are used when
     ``username`` is not given). ``protocol``: ``"5"`` or ``"3.1.1"``; None (the default) takes
     the URL's ``?protocol=``, else MQTT 5. ``max_packet_size``
-    (MQTT 5) asks the broker never to send this client a larger packet.
+    (MQTT 5) asks the broker never to send this client a larger packet. ``manual_ack``: QoS 1
+    messages are acknowledged by :meth:`ack`, not on delivery. ``session_expiry`` > 0 keeps the
+    broker-side session (subscriptions, unacknowledged and queued messages) that many seconds
+    after a disconnect, for a client that reconnects with the same ``client_id``; 0 (default)
+    means a clean session. ``receive_maximum`` (MQTT 5): how many unacknowledged QoS 1/2
+    messages the broker may have in flight to this client (default: the broker's choice).
     """
 
     def __init__(
@@ -248,6 +268,9 @@ class MqttClient:
         reconnect_max: float = 30.0,
         max_inflight: int = 20,
         max_packet_size: Optional[int] = None,
+        manual_ack: bool = False,
+        session_expiry: int = 0,
+        receive_maximum: Optional[int] = None,
     ) -> None:
         self.address = parse_broker_url(url)
         protocol = protocol or self.address.protocol or "5"
@@ -259,12 +282,18 @@ class MqttClient:
         self._v5 = protocol == "5"
         self._keepalive = keepalive
         self._max_packet_size = max_packet_size
+        if session_expiry < 0 or (receive_maximum is not None and not 0 < receive_maximum <= 65535):
+            raise BrokerError("session_expiry must be >= 0 and receive_maximum from 1 to 65535")
+        self._session_expiry = session_expiry
+        self._receive_maximum = receive_maximum
+        self.manual_ack = manual_ack
         self._paho = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            clean_session=None if self._v5 else True,
+            clean_session=None if self._v5 else session_expiry == 0,
             protocol=_PROTOCOLS[protocol],
             reconnect_on_failure=True,
+            manual_ack=manual_ack,
         )
         self._paho.on_log = self._on_log
         self._paho.reconnect_delay_set(reconnect_min, reconnect_max)  # type: ignore[arg-type]
@@ -329,14 +358,16 @@ class MqttClient:
         properties = None
         if self._v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = 0
+            properties.SessionExpiryInterval = self._session_expiry
             if self._max_packet_size:
                 properties.MaximumPacketSize = self._max_packet_size
+            if self._receive_maximum:
+                properties.ReceiveMaximum = self._receive_maximum
         self._paho.connect_async(
             self.address.host,
             self.address.port,
             keepalive=self._keepalive,
-            clean_start=True,
+            clean_start=self._session_expiry == 0,
             properties=properties,
         )
         self._paho.loop_start()
@@ -439,6 +470,17 @@ class MqttClient:
         if link_up:
             self._paho.unsubscribe(topic_filter)
 
+    def ack(self, message: Message) -> bool:
+        """Acknowledge ``message`` to the broker (``manual_ack`` clients; QoS 1/2 only).
+
+        Thread-safe. Returns False, sending nothing, when the connection that delivered it is
+        gone: a persistent session re-delivers such a message, a clean one dropped it."""
+        if not self.manual_ack or message.qos == 0:
+            return True
+        if message.connection != self.connections or not self._link_up:
+            return False
+        return self._paho.ack(message.mid, message.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def publish(self, topic: str, payload: Payload = b"", qos: int = 1, retain: bool = False) -> Delivery:
         """Queue a message; returns a :class:`Delivery` to wait on. An empty retained payload
         clears the retained message of ``topic``."""
@@ -467,7 +509,7 @@ class MqttClient:
         with self._lock:
             self._link_up = True
             subs = [(f, qos) for f, (qos, _) in self._subscriptions.items()]
-        # Sessions are clean: renew every subscription, and report "connected" only once the
+        # Renew every subscription (a clean session has none), and report "connected" only once the
         # broker acknowledged them all, so nothing published after that is missed.
         renewing = {}
         for topic_filter, qos in subs:
@@ -519,7 +561,12 @@ class MqttClient:
             log.warning("dropped a message whose topic is not UTF-8")
             return
         msg = Message(
-            topic=topic, payload=bytes(message.payload), qos=message.qos, retain=bool(message.retain)
+            topic=topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            retain=bool(message.retain),
+            mid=message.mid,
+            connection=self.connections,
         )
         self._queue.put((self._route, (msg,)))
 
