@@ -75,6 +75,19 @@ class FleetMetrics:
             "Telemetry records seen again and ignored.",
             registry=self.prometheus,
         )
+        self.events = Counter(
+            "edgekit_events_ingested", "Device events stored (duplicates excluded).", registry=self.prometheus
+        )
+        self.states = Counter(
+            "edgekit_states_ingested",
+            "Device state messages applied to the registry.",
+            registry=self.prometheus,
+        )
+        self.db_errors = Counter(
+            "edgekit_ingest_db_errors",
+            "Registry writes that failed and were retried (or isolated row by row).",
+            registry=self.prometheus,
+        )
         self.rejected = Counter(
             "edgekit_messages_rejected",
             "Messages dropped as malformed or oversized.",

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
-from .store import DeviceState, EventRow, Registry, TelemetryRow, WriteResult, normalize_url
+from .store import BatchResult, DeviceState, EventRow, Registry, TelemetryRow, WriteResult, normalize_url
 
-__all__ = ["DeviceState", "EventRow", "Registry", "TelemetryRow", "WriteResult", "normalize_url"]
+__all__ = [
+    "BatchResult",
+    "DeviceState",
+    "EventRow",
+    "Registry",
+    "TelemetryRow",
+    "WriteResult",
+    "normalize_url",
+]

@@ -42,6 +42,7 @@ class Device(Base):
     bundle_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
     bundle_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    first_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_seq: Mapped[int] = mapped_column(BigInteger, default=-1)
     latency_p95_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     drift_score: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -13,12 +13,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from alembic import command
 from alembic.config import Config
 from edgekit.errors import ConfigError
-from sqlalchemy import Engine, create_engine, delete, event, func, select
+from sqlalchemy import Engine, case, create_engine, delete, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,8 +43,9 @@ def normalize_url(url: str) -> str:
     return url
 
 
-@dataclass(frozen=True)
-class TelemetryRow:
+class TelemetryRow(NamedTuple):
+    """One telemetry window (a named tuple: ingest builds thousands a second)."""
+
     device: str
     seq: int
     window_start: datetime
@@ -63,8 +64,7 @@ class TelemetryRow:
     temperature_c: float | None = None
 
 
-@dataclass(frozen=True)
-class EventRow:
+class EventRow(NamedTuple):
     device: str
     seq: int
     at: datetime
@@ -94,6 +94,15 @@ class WriteResult:
     duplicates: int
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    """What :meth:`Registry.write_batch` stored: states applied, telemetry and events written."""
+
+    states: int
+    telemetry: WriteResult
+    events: WriteResult
+
+
 class Registry:
     """One registry database. Thread-safe: each call opens its own session."""
 
@@ -113,6 +122,7 @@ class Registry:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._bulk: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         if migrate:
             self.migrate()
 
@@ -142,6 +152,61 @@ class Registry:
     def _insert(self, model: Any) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(model)
 
+    def _bulk_insert(
+        self,
+        session: Session,
+        model: Any,
+        fields: Sequence[str],
+        rows: Sequence[tuple[Any, ...]],
+        **fixed: Any,
+    ) -> int:
+        """INSERT .. ON CONFLICT (device, seq) DO NOTHING for many rows with the driver's
+        executemany: no RETURNING, no per-row ORM or Core work (ingest's hot path). Values go
+        through each column's bind processor, so they are stored exactly as SQLAlchemy would
+        store them. Returns how many rows were new (the driver's row count)."""
+        key = (model.__tablename__, tuple(fields), tuple(sorted(fixed)))
+        prepared = self._bulk.get(key)
+        if prepared is None:
+            columns = [*fields, *sorted(fixed)]
+            table = model.__table__
+            mark = "?" if self.dialect == "sqlite" else "%s"
+            one = f"({', '.join([mark] * len(columns))})"
+            head = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
+            tail = " ON CONFLICT (device, seq) DO NOTHING"
+            dialect = self.engine.dialect
+            processors = [table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in columns]
+            prepared = (head, one, tail, processors)
+            self._bulk[key] = prepared
+        head, one, tail, processors = prepared
+        extra = tuple(fixed[c] for c in sorted(fixed))
+        params = [
+            tuple(v if p is None or v is None else p(v) for p, v in zip(processors, (*row, *extra)))
+            for row in rows
+        ]
+        connection = session.connection()
+        if self.dialect == "sqlite":  # sqlite3's executemany is a loop in C: the fastest there is
+            return int(connection.exec_driver_sql(head + one + tail, params).rowcount)
+        # PostgreSQL: COPY into a session-local temporary table, then one INSERT .. SELECT ..
+        # ON CONFLICT DO NOTHING (a duplicate within the batch is skipped like any other).
+        table = model.__tablename__
+        names = ", ".join([*fields, *sorted(fixed)])
+        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS _ingest_{table} "
+                f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            with cursor.copy(f"COPY _ingest_{table} ({names}) FROM STDIN") as copy:
+                for row in params:
+                    copy.write_row(row)
+            cursor.execute(
+                f"INSERT INTO {table} ({names}) SELECT {names} FROM _ingest_{table} "
+                "ON CONFLICT (device, seq) DO NOTHING"
+            )
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
     def ensure_fleets(self, session: Session, names: Iterable[str], now: datetime) -> None:
         rows = [{"name": name, "created_at": now} for name in set(names)]
         if rows:
@@ -151,61 +216,86 @@ class Registry:
         """Upsert devices from their state messages; the newest message per device wins."""
         if not states:
             return
+        with self.session() as session, session.begin():
+            self._record_states(session, states)
+
+    def _record_states(self, session: Session, states: Sequence[DeviceState]) -> int:
         latest: dict[str, DeviceState] = {}
         for state in states:
             latest[state.device] = state
-        with self.session() as session, session.begin():
-            self.ensure_fleets(session, (s.fleet for s in latest.values()), _utc(states[-1].at))
-            for state in latest.values():
-                values = {
-                    "fleet": state.fleet,
-                    "online": state.online,
-                    "status": state.status,
-                    "last_seen": _utc(state.at),
-                    "detail": state.detail,
-                }
-                if state.bundle_id is not None:
-                    values.update(
-                        bundle_id=state.bundle_id,
-                        bundle_name=state.bundle_name,
-                        bundle_version=state.bundle_version,
-                    )
-                statement = (
-                    self._insert(Device)
-                    .values(id=state.device, last_seq=-1, drifted=False, **values)
-                    .on_conflict_do_update(index_elements=["id"], set_=values)
+        if not latest:
+            return 0
+        self.ensure_fleets(session, (s.fleet for s in latest.values()), _utc(states[-1].at))
+        for state in latest.values():
+            at = _utc(state.at)
+            values: dict[str, Any] = {
+                "fleet": state.fleet,
+                "online": state.online,
+                "status": state.status,
+                "detail": state.detail,
+            }
+            if state.bundle_id is not None:
+                values.update(
+                    bundle_id=state.bundle_id,
+                    bundle_name=state.bundle_name,
+                    bundle_version=state.bundle_version,
                 )
-                session.execute(statement)
+            statement = self._insert(Device).values(
+                id=state.device, last_seq=-1, drifted=False, last_seen=at, first_seen=at, **values
+            )
+            # last_seen never goes back: an MQTT will carries the time its device connected.
+            newer = case(
+                (Device.last_seen.is_(None), statement.excluded.last_seen),
+                (Device.last_seen < statement.excluded.last_seen, statement.excluded.last_seen),
+                else_=Device.last_seen,
+            )
+            session.execute(
+                statement.on_conflict_do_update(index_elements=["id"], set_={**values, "last_seen": newer})
+            )
+        return len(latest)
 
     def add_telemetry(
         self, rows: Sequence[TelemetryRow], fleets: dict[str, str] | None = None
     ) -> WriteResult:
-        """Insert telemetry windows; (device, seq) already present are skipped and counted."""
+        """Insert telemetry windows; (device, seq) already present are skipped and counted.
+
+        ``fleets`` maps a device to its fleet, so telemetry of a device never seen before
+        (its state not yet received) registers it."""
         if not rows:
             return WriteResult(0, 0)
-        values = [row.__dict__ | {"resolution_s": 0} for row in rows]
         with self.session() as session, session.begin():
-            statement = (
-                self._insert(Telemetry)
-                .on_conflict_do_nothing(index_elements=["device", "seq"])
-                .returning(Telemetry.device, Telemetry.seq)
-            )
-            inserted = {(d, s) for d, s in session.execute(statement, values)}
-            newest: dict[str, TelemetryRow] = {}
-            for row in rows:
-                if (row.device, row.seq) in inserted and (
-                    row.device not in newest or row.seq > newest[row.device].seq
-                ):
-                    newest[row.device] = row
+            return self._add_telemetry(session, rows, fleets)
+
+    def _add_telemetry(
+        self, session: Session, rows: Sequence[TelemetryRow], fleets: dict[str, str] | None
+    ) -> WriteResult:
+        if not rows:
+            return WriteResult(0, 0)
+        # The newest window per device may be a duplicate; then the device has it already.
+        inserted = self._bulk_insert(session, Telemetry, TelemetryRow._fields, rows, resolution_s=0)
+        newest: dict[str, TelemetryRow] = {}
+        for row in rows:
+            if row.device not in newest or row.seq > newest[row.device].seq:
+                newest[row.device] = row
+        if newest:
+            known = {
+                d.id: d for d in session.execute(select(Device).where(Device.id.in_(list(newest)))).scalars()
+            }
             for device, row in newest.items():
-                found = session.get(Device, device)
+                found = known.get(device)
                 if found is None:
                     fleet = (fleets or {}).get(device)
                     if fleet is None:
                         continue  # telemetry before any state message: the state will create it
                     self.ensure_fleets(session, [fleet], _utc(row.window_end))
                     found = Device(
-                        id=device, fleet=fleet, online=True, status="serving", last_seq=-1, drifted=False
+                        id=device,
+                        fleet=fleet,
+                        online=True,
+                        status="serving",
+                        last_seq=-1,
+                        drifted=False,
+                        first_seen=_utc(row.window_end),
                     )
                     session.add(found)
                 if row.seq > found.last_seq:
@@ -213,20 +303,39 @@ class Registry:
                     found.latency_p95_ms = row.latency_p95_ms
                     found.drift_score = row.drift_score
                     found.drifted = row.drifted
-                    found.last_seen = _utc(row.window_end)
-        return WriteResult(len(inserted), len(rows) - len(inserted))
+                    seen = _utc(row.window_end)
+                    if found.last_seen is None or _utc(found.last_seen) < seen:
+                        found.last_seen = seen
+        return WriteResult(inserted, len(rows) - inserted)
 
     def add_events(self, rows: Sequence[EventRow]) -> WriteResult:
         if not rows:
             return WriteResult(0, 0)
         with self.session() as session, session.begin():
-            statement = (
-                self._insert(Event)
-                .on_conflict_do_nothing(index_elements=["device", "seq"])
-                .returning(Event.seq)
-            )
-            inserted = len(session.execute(statement, [row.__dict__ for row in rows]).all())
+            return self._add_events(session, rows)
+
+    def _add_events(self, session: Session, rows: Sequence[EventRow]) -> WriteResult:
+        if not rows:
+            return WriteResult(0, 0)
+        inserted = self._bulk_insert(session, Event, EventRow._fields, rows)
         return WriteResult(inserted, len(rows) - inserted)
+
+    def write_batch(
+        self,
+        states: Sequence[DeviceState] = (),
+        telemetry: Sequence[TelemetryRow] = (),
+        events: Sequence[EventRow] = (),
+        fleets: dict[str, str] | None = None,
+    ) -> BatchResult:
+        """States, then telemetry, then events, in ONE transaction: all of it or none.
+
+        Idempotent, so a batch whose commit failed (or whose outcome is unknown) may be written
+        again: rows already present count as duplicates, never twice."""
+        with self.session() as session, session.begin():
+            applied = self._record_states(session, states)
+            written = self._add_telemetry(session, telemetry, fleets)
+            logged = self._add_events(session, events)
+        return BatchResult(applied, written, logged)
 
     def apply_retention(self, now: datetime, keep_raw: timedelta, bucket: timedelta) -> int:
         """Fold raw telemetry older than ``keep_raw`` into one row per device and ``bucket``.

@@ -1,0 +1,288 @@
+"""The fleet service: ingest worker processes + the dashboard + metrics, started and stopped as one.
+
+:class:`FleetService` is what ``edgekit fleet serve`` (and ``edgekit fleet up``) run:
+
+- the registry is opened (and migrated) once, in this process, before anything else starts;
+- ``workers`` ingest processes (:mod:`edgekit.fleet.ingest`), started with ``spawn``. With more
+  than one they join the MQTT 5 shared subscription group ``group`` for telemetry and events,
+  so the broker splits those messages between them; worker 0 alone follows device state (which
+  is retained, and retained messages never reach a shared subscription). A worker that dies is
+  restarted (with backoff) until the service stops;
+- the dashboard (:func:`edgekit.fleet.dashboard.create_app`) under uvicorn, on a socket this
+  process binds itself, so a busy port is a one-line error, not a traceback;
+- **metrics across processes**: each worker sends the increase of its counters (telemetry
+  ingested and duplicates, events, states, rejections by kind and reason, database errors)
+  every ``report_interval`` seconds, and once more after its final flush, over a
+  ``multiprocessing`` queue. This process adds them to the one :class:`FleetMetrics` that
+  ``/metrics`` renders, so counters are totals over all workers and survive a worker restart.
+
+:meth:`FleetService.stop` (the CLI calls it on Ctrl-C or SIGTERM) stops the dashboard, then
+asks every worker to stop: each disconnects, writes what it holds (the final flush), reports
+its last counts and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as ProcessEvent
+from typing import Any, Optional
+
+from edgekit.errors import ConfigError
+from edgekit.mqtt import MqttClient
+from edgekit.topics import DEFAULT_PREFIX, Topics
+
+from .dashboard import FleetMetrics, check_bind, create_app
+from .ingest import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DELAY, Ingest, IngestStats, ingest_client
+from .registry import Registry
+
+__all__ = ["FleetService", "ServiceConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What ``edgekit fleet serve`` takes. ``http_port=0`` picks a free port."""
+
+    broker: str
+    registry: str
+    workers: int = 1
+    host: str = "127.0.0.1"
+    http_port: int = 8765
+    token: Optional[str] = field(default=None, repr=False)
+    group: str = "edgekit-ingest"
+    prefix: str = DEFAULT_PREFIX
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_delay: float = DEFAULT_MAX_DELAY
+    session_expiry: int = 0
+    report_interval: float = 1.0
+    log_level: str = "WARNING"
+    dashboard: bool = True
+
+    def validate(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ConfigError(f"--workers {self.workers}: use 1 to 64 ingest processes")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(
+                f"--http-port {self.http_port}: use a TCP port from 1 to 65535 (0: any free port)"
+            )
+        Topics(self.prefix)
+        if self.dashboard:
+            check_bind(self.host, self.token)
+
+
+def _worker_main(
+    config: ServiceConfig, index: int, stop: ProcessEvent, reports: multiprocessing.Queue[Any]
+) -> None:
+    """One ingest process: runs until ``stop`` is set (or it gets SIGTERM), then flushes."""
+    logging.basicConfig(level=config.log_level, format=f"%(levelname)s ingest-{index} %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the service, which stops us in order
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    registry = Registry(config.registry, migrate=False)
+    shared = config.workers > 1
+    # A persistent session must be found again under the same id; a clean one gets a unique id so
+    # two services (or a restarted worker) never take each other's connection.
+    suffix = str(index) if config.session_expiry else f"{index}-{uuid.uuid4().hex[:8]}"
+    client = ingest_client(
+        config.broker, client_id=f"{config.group}-{suffix}", session_expiry=config.session_expiry
+    )
+    ingest = Ingest(
+        registry,
+        client,
+        topics=Topics(config.prefix),
+        shared_group=config.group if shared else None,
+        owns_state=index == 0,
+        batch_size=config.batch_size,
+        max_delay=config.max_delay,
+    )
+    reported = IngestStats()
+
+    def report() -> None:
+        nonlocal reported
+        now = ingest.snapshot()
+        delta, reported = now.minus(reported), now
+        if delta != IngestStats():
+            reports.put((index, delta))
+
+    ingest.start()
+    try:
+        while not stop.wait(config.report_interval):
+            report()
+    finally:
+        ingest.stop()
+        report()
+        reports.put((index, None))  # this worker is done
+        registry.close()
+
+
+class FleetService:
+    """Ingest workers + dashboard + metrics. ``start()`` returns once all are up."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        config.validate()
+        self.config = config
+        self.registry = Registry(config.registry)  # migrated here, once, before the workers start
+        self.metrics = FleetMetrics(self.registry)
+        #: Counts over every worker, as reported so far.
+        self.totals = IngestStats()
+        self.url: Optional[str] = None
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
+        self._reports: multiprocessing.Queue[Any] = self._context.Queue()
+        self._workers: dict[int, multiprocessing.process.BaseProcess] = {}
+        self._done: set[int] = set()
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._server: Any = None
+        self._socket: Optional[socket.socket] = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, connect_timeout: float = 10.0) -> FleetService:
+        # Fail fast, with one line, on a broker that is not there or refuses us.
+        MqttClient(self.config.broker, client_id=f"edgekit-check-{uuid.uuid4().hex[:8]}").connect(
+            connect_timeout
+        ).close()
+        if self.config.dashboard:
+            self._socket = self._listen()
+        for index in range(self.config.workers):
+            self._spawn(index)
+        for target, name in ((self._pump, "metrics"), (self._supervise, "supervisor")):
+            thread = threading.Thread(target=target, name=f"edgekit-service-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self._socket is not None:
+            self._serve_dashboard(self._socket)
+        return self
+
+    def _listen(self) -> socket.socket:
+        host, port = self.config.host, self.config.http_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"the dashboard cannot listen on {host}:{port} ({exc.strerror}); choose another --http-port or --host"
+            ) from None
+        sock.listen(128)
+        sock.set_inheritable(True)
+        bound = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{bound}/"
+        return sock
+
+    def _serve_dashboard(self, sock: socket.socket) -> None:
+        import uvicorn
+
+        app = create_app(self.registry, self.metrics, token=self.config.token)
+        config = uvicorn.Config(app, log_level=self.config.log_level.lower(), access_log=False)
+        self._server = uvicorn.Server(config)
+        thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="edgekit-dashboard", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+        while not self._server.started and thread.is_alive():
+            time.sleep(0.02)  # uvicorn offers no event for "listening"; bounded by its startup
+
+    def _spawn(self, index: int) -> None:
+        process = self._context.Process(
+            target=_worker_main,
+            args=(self.config, index, self._stop, self._reports),
+            name=f"edgekit-ingest-{index}",
+        )
+        process.start()
+        self._workers[index] = process
+        log.info("ingest worker %d started (pid %s)", index, process.pid)
+
+    def stop(self, timeout: float = 60.0) -> IngestStats:
+        """Stop the dashboard, then the workers after their final flush; return the totals."""
+        with self._lock:
+            if self._stopping:
+                return self.totals
+            self._stopping = True
+        if self._server is not None:
+            self._server.should_exit = True
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for process in self._workers.values():
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("ingest worker %s did not stop in time; terminating it", process.name)
+                process.terminate()
+                process.join(5)
+        with self._lock:  # every worker's last report is in once its "done" marker arrived
+            self._lock.wait_for(
+                lambda: self._done >= set(self._workers), max(0.1, deadline - time.monotonic())
+            )
+        self._reports.put(None)
+        for thread in self._threads:
+            thread.join(10)
+        if self._socket is not None:
+            self._socket.close()
+        self.registry.close()
+        return self.totals
+
+    # -- threads ------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Add every worker's counter increases to the service's metrics and totals."""
+        metrics = self.metrics
+        while True:
+            item = self._reports.get()
+            if item is None:
+                return
+            index, delta = item
+            if delta is None:
+                with self._lock:
+                    self._done.add(index)
+                    self._lock.notify_all()
+                continue
+            metrics.ingested.inc(delta.telemetry)
+            metrics.duplicates.inc(delta.telemetry_duplicates)
+            metrics.events.inc(delta.events)
+            metrics.states.inc(delta.states)
+            metrics.db_errors.inc(delta.db_errors)
+            for (kind, reason), n in delta.rejected.items():
+                metrics.rejected.labels(kind=kind, reason=reason).inc(n)
+            with self._lock:
+                self.totals.add(delta)
+                self._lock.notify_all()
+
+    def _supervise(self) -> None:
+        backoff: dict[int, float] = {}
+        while not self._stop.wait(1.0):
+            for index, process in list(self._workers.items()):
+                if process.is_alive() or self._stop.is_set():
+                    continue
+                delay = backoff.get(index, 1.0)
+                log.error(
+                    "ingest worker %d exited (code %s); restarting it in %.0fs",
+                    index,
+                    process.exitcode,
+                    delay,
+                )
+                if self._stop.wait(delay):
+                    return
+                backoff[index] = min(delay * 2, 60.0)
+                self._spawn(index)
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> bool:
+        """Block until ``predicate(totals)`` holds; False on timeout (tests use it)."""
+        with self._lock:
+            return bool(self._lock.wait_for(lambda: predicate(self.totals), timeout))
+
+    @property
+    def worker_pids(self) -> list[Optional[int]]:
+        return [p.pid for p in self._workers.values()]
