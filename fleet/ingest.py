@@ -300,10 +300,12 @@ class Ingest:
             self._reject(message, kind, exc.reason, str(exc))
             return
         with self._lock:
-            if not self._pending:
+            pending = self._pending
+            pending.append((item, message, fleet))
+            if len(pending) == 1:  # the writer starts the batch's clock
                 self._first_at = time.monotonic()
-            self._pending.append((item, message, fleet))
-            if len(self._pending) >= self.batch_size:
+                self._lock.notify_all()
+            elif len(pending) >= self.batch_size:
                 self._lock.notify_all()
 
     # -- writing (writer thread) --------------------------------------------------------------

@@ -64,6 +64,7 @@ class ServiceConfig:
     session_expiry: int = 0
     report_interval: float = 1.0
     log_level: str = "WARNING"
+    ready_timeout: float = 60.0
     dashboard: bool = True
 
     def validate(self) -> None:
@@ -109,9 +110,12 @@ def _worker_main(
         now = ingest.snapshot()
         delta, reported = now.minus(reported), now
         if delta != IngestStats():
+            log.debug("ingest worker %d: %s", index, now)
             reports.put((index, delta))
 
     ingest.start()
+    if ingest.client.wait_connected(config.ready_timeout):
+        reports.put((index, "ready"))
     try:
         while not stop.wait(config.report_interval):
             report()
@@ -138,6 +142,7 @@ class FleetService:
         self._reports: multiprocessing.Queue[Any] = self._context.Queue()
         self._workers: dict[int, multiprocessing.process.BaseProcess] = {}
         self._done: set[int] = set()
+        self._ready: set[int] = set()
         self._lock = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -159,6 +164,18 @@ class FleetService:
             thread = threading.Thread(target=target, name=f"edgekit-service-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        # Return (and let the CLI print the URLs) only once every worker is connected and
+        # subscribed: nothing published after that is missed.
+        with self._lock:
+            ready = self._lock.wait_for(
+                lambda: len(self._ready) == self.config.workers, self.config.ready_timeout
+            )
+        if not ready:
+            self.stop()
+            raise ConfigError(
+                f"the ingest workers did not connect to {self.config.broker} within "
+                f"{self.config.ready_timeout:g}s; see the log above"
+            )
         if self._socket is not None:
             self._serve_dashboard(self._socket)
         return self
@@ -244,9 +261,9 @@ class FleetService:
             if item is None:
                 return
             index, delta = item
-            if delta is None:
+            if delta is None or delta == "ready":
                 with self._lock:
-                    self._done.add(index)
+                    (self._done if delta is None else self._ready).add(index)
                     self._lock.notify_all()
                 continue
             metrics.ingested.inc(delta.telemetry)

@@ -50,7 +50,7 @@ class TelemetryRow(NamedTuple):
     seq: int
     window_start: datetime
     window_end: datetime
-    count: int
+    count: int  # type: ignore[assignment]  # a column, shadowing tuple.count
     errors: int
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None

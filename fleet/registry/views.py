@@ -26,6 +26,7 @@ def device_json(d: Device) -> dict[str, Any]:
         "bundle_id": d.bundle_id,
         "bundle": d.bundle_name,
         "version": d.bundle_version,
+        "first_seen": _iso(d.first_seen),
         "last_seen": _iso(d.last_seen),
         "latency_p95_ms": d.latency_p95_ms,
         "drift_score": d.drift_score,

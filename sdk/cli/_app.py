@@ -26,6 +26,12 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def print_json_line(data: Any) -> None:
+    """One compact JSON document per line, flushed (for long-running commands' ``--json``)."""
+    sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
 def signing_key(name: str = "default") -> SigningKey:
     """The workstation's signing key; an encrypted one's passphrase comes from
     ``$EDGEKIT_KEY_PASSPHRASE`` or, on a terminal, a prompt."""

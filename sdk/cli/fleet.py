@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,11 +12,12 @@ import typer
 from rich.table import Table
 
 from ..config import WorkstationConfig
-from ._app import console, new_app, print_json
+from ._app import console, new_app, print_json, print_json_line
 
 app = new_app("Watch the fleet: device status, versions, latency, drift and events.")
 
 REGISTRY_HELP = "Registry URL (sqlite:///PATH or postgresql://...); else $EDGEKIT_REGISTRY, else config."
+BROKER_HELP = "Broker URL (mqtt://host:1883 or mqtts://...); else $EDGEKIT_BROKER, else config."
 
 
 def _registry(url: Optional[str]) -> Any:
@@ -180,7 +181,7 @@ def simulate(
 
     def ready(connected: int) -> None:
         if json_out:
-            _json_line(
+            print_json_line(
                 {
                     "event": "ready",
                     "fleet": fleet,
@@ -211,7 +212,7 @@ def simulate(
         on_ready=ready,
     )
     if json_out:
-        _json_line({"event": "stopped", "devices": [s.to_dict() for s in summaries]})
+        print_json_line({"event": "stopped", "devices": [s.to_dict() for s in summaries]})
         return
     versions: dict[str, int] = {}
     for s in summaries:
@@ -220,6 +221,144 @@ def simulate(
     console.print(f"stopped {len(summaries)} device(s): {served}")
 
 
-def _json_line(doc: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+@app.command("devices")
+def devices(
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="Only this fleet."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the inventory as JSON."),
+) -> None:
+    """The inventory: every device, its fleet, the bundle it runs, first and last seen, online."""
+    from edgekit.fleet.registry.views import device_json
+
+    reg = _registry(registry)
+    found = reg.devices(fleet)
+    reg.close()
+    keys = ("device", "fleet", "bundle", "version", "bundle_id", "first_seen", "last_seen", "online")
+    if json_out:
+        print_json([{k: device_json(d)[k] for k in keys} for d in found])
+        return
+    if not found:
+        console.print("No devices have reported yet." + (f" (fleet {fleet})" if fleet else ""))
+        return
+    table = Table("device", "fleet", "bundle", "version", "bundle id", "first seen", "last seen", "online")
+    for d in found:
+        row = device_json(d)
+        table.add_row(
+            d.id,
+            d.fleet,
+            d.bundle_name or "-",
+            d.bundle_version or "-",
+            (d.bundle_id or "-")[:12],
+            row["first_seen"] or "-",
+            _ago(d.last_seen),
+            "[green]yes[/]" if d.online else "[bold red]no[/]",
+        )
+    console.print(table)
+
+
+@app.command("serve")
+def serve(
+    broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        max=64,
+        help="Ingest processes; above 1 they split the load with MQTT 5 shared subscriptions.",
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Dashboard address; anything but localhost needs --token."
+    ),
+    http_port: int = typer.Option(8765, "--http-port", help="Dashboard port (0: any free port)."),
+    token: Optional[str] = typer.Option(
+        None, "--token", envvar="EDGEKIT_DASHBOARD_TOKEN", help="Dashboard token ($EDGEKIT_DASHBOARD_TOKEN)."
+    ),
+    group: str = typer.Option("edgekit-ingest", "--group", help="Shared subscription group of the workers."),
+    batch_size: int = typer.Option(
+        2000, "--batch-size", min=1, help="Messages per database transaction, at most."
+    ),
+    batch_delay: float = typer.Option(
+        0.2, "--batch-delay", min=0.001, help="Seconds a message waits for its batch to fill, at most."
+    ),
+    session_expiry: int = typer.Option(
+        0,
+        "--session-expiry",
+        min=0,
+        help="Keep each worker's MQTT session this many seconds across disconnects (fixed client ids), "
+        "so the broker holds messages for a worker that restarts; 0: clean sessions.",
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the URLs, then the final counts, as JSON lines."
+    ),
+) -> None:
+    """Run the fleet service: ingest (MQTT -> registry) and the dashboard, until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from edgekit.fleet.service import FleetService, ServiceConfig
+
+    ws = WorkstationConfig.load(broker=broker, registry=registry)
+    config = ServiceConfig(
+        broker=ws.broker,
+        registry=ws.registry,
+        workers=workers,
+        host=host,
+        http_port=http_port,
+        token=token,
+        group=group,
+        batch_size=batch_size,
+        max_delay=batch_delay,
+        session_expiry=session_expiry,
+        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    service = FleetService(config).start()
+    info = {
+        "dashboard": service.url,
+        "metrics": f"{service.url}metrics",
+        "api": f"{service.url}api/",
+        "broker": _safe_url(config.broker),
+        "registry": _safe_url(service.registry.url),
+        "workers": workers,
+    }
+    if json_out:
+        print_json_line(info)
+    else:
+        console.print(
+            f"edgekit fleet service: {workers} ingest worker(s) on {info['broker']} -> {info['registry']}"
+        )
+        console.print(
+            f"  dashboard  {info['dashboard']}\n  metrics    {info['metrics']}\n  api        {info['api']}"
+        )
+        console.print("Ctrl-C stops it.")
     sys.stdout.flush()
+    stop.wait()
+    totals = service.stop()
+    final = {
+        "stopped": True,
+        "telemetry": totals.telemetry,
+        "duplicates": totals.telemetry_duplicates,
+        "events": totals.events,
+        "states": totals.states,
+        "rejected": totals.rejected_total,
+    }
+    if json_out:
+        print_json_line(final)
+    else:
+        console.print(
+            f"stopped: {totals.telemetry} telemetry records, {totals.events} events, {totals.states} states "
+            f"stored; {totals.telemetry_duplicates} duplicates and {totals.rejected_total} rejected messages dropped"
+        )
+
+
+def _safe_url(url: str) -> str:
+    """A URL without its password, fit to print."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
