@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from edgekit.fleet.embedded import EmbeddedBroker
@@ -108,3 +109,111 @@ def agents(embedded: EmbeddedBroker, edgekit_home: Path, tmp_path: Path) -> Iter
     fleet.root.mkdir()
     yield fleet
     fleet.stop()
+
+
+# -- ingest ------------------------------------------------------------------------------------
+
+
+def telemetry_doc(device: str, seq: int, fleet: str = "lab", **overrides: object) -> dict:
+    """A valid edgekit.telemetry v1 record, as an agent publishes it."""
+    end = NOW.timestamp() + seq
+    doc = {
+        "schema": "edgekit.telemetry",
+        "schema_version": 1,
+        "device": device,
+        "fleet": fleet,
+        "window_start": end - 1.0,
+        "window_end": end,
+        "count": 10,
+        "errors": 0,
+        "latency_ms": {"p50": 1.0, "p95": 2.0 + seq, "p99": 3.0},
+        "throughput": 10.0,
+        "drift": {"drifted": False, "complete": True, "samples": 5, "scores": {"x": {"psi": 0.1, "ks": 0.2}}},
+        "bundle": {"name": "digits", "version": "1.0.0", "bundle_id": "a" * 64},
+        "cpu_percent": 1.5,
+        "memory_rss_bytes": 50 * 2**20,
+        "temperature_c": None,
+        "runtime": "litert",
+        "seq": seq,
+        "dropped": 0,
+        "dropped_total": 0,
+    }
+    doc.update(overrides)
+    return doc
+
+
+def event_doc(device: str, seq: int, **overrides: object) -> dict:
+    doc = {
+        "schema": "edgekit.event",
+        "schema_version": 1,
+        "device": device,
+        "kind": "installed",
+        "message": f"installed digits@1.0.0 ({seq})",
+        "bundle": {"name": "digits", "version": "1.0.0", "bundle_id": "a" * 64},
+        "time": NOW.timestamp() + seq,
+        "seq": seq,
+    }
+    doc.update(overrides)
+    return doc
+
+
+def state_doc(device: str, status: str = "serving", fleet: str = "lab", **overrides: object) -> dict:
+    doc = {
+        "schema": "edgekit.state",
+        "schema_version": 1,
+        "device": device,
+        "fleet": fleet,
+        "status": status,
+        "bundle_id": "a" * 64,
+        "bundle_name": "digits",
+        "bundle_version": "1.0.0",
+        "time": NOW.timestamp(),
+    }
+    doc.update(overrides)
+    return doc
+
+
+@pytest.fixture
+def publisher(mosquitto) -> Iterator[Any]:
+    """A connected MqttClient; `publisher.send(topic, doc_or_bytes, retain=False)` waits for the ack."""
+    import json
+
+    from edgekit.mqtt import MqttClient
+
+    client = MqttClient(mosquitto.url, max_inflight=1000).connect()
+
+    def send(topic: str, payload: object, retain: bool = False) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        client.publish(topic, data, qos=1, retain=retain).wait(30)
+
+    def send_many(items: list[tuple[str, object]]) -> None:
+        deliveries = [
+            client.publish(t, p if isinstance(p, bytes) else json.dumps(p).encode(), qos=1) for t, p in items
+        ]
+        for delivery in deliveries:
+            delivery.wait(60)
+
+    client.send = send  # type: ignore[attr-defined]
+    client.send_many = send_many  # type: ignore[attr-defined]
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def start_ingest(mosquitto) -> Iterator[Any]:
+    """`start_ingest(registry, **options)`: a started in-process Ingest, stopped at the end."""
+    from edgekit.fleet.ingest import Ingest, ingest_client
+
+    started: list[Ingest] = []
+
+    def start(
+        registry: Registry, client_id: str | None = None, session_expiry: int = 0, **options: Any
+    ) -> Ingest:
+        client = ingest_client(mosquitto.url, client_id=client_id, session_expiry=session_expiry)
+        ingest = Ingest(registry, client, **{"max_delay": 0.05, **options}).start(connect_timeout=10)
+        started.append(ingest)
+        return ingest
+
+    yield start
+    for ingest in started:
+        ingest.stop()
