@@ -114,8 +114,13 @@ def _worker_main(
             reports.put((index, delta))
 
     ingest.start()
-    if ingest.client.wait_connected(config.ready_timeout):
-        reports.put((index, "ready"))
+    # Ready once connected, or once messages flow: a persistent session's backlog arrives before
+    # the broker acknowledges the renewed subscriptions (which "connected" waits for).
+    deadline = time.monotonic() + config.ready_timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        if ingest.client.wait_connected(0.2) or ingest.snapshot().received:
+            reports.put((index, "ready"))
+            break
     try:
         while not stop.wait(config.report_interval):
             report()

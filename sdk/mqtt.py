@@ -295,7 +295,7 @@ class MqttClient:
             reconnect_on_failure=True,
             manual_ack=manual_ack,
         )
-        self._paho.on_log = self._on_log
+        self._paho.enable_logger(_PahoLogger(self))  # type: ignore[arg-type]  # paho calls only .log()
         self._paho.reconnect_delay_set(reconnect_min, reconnect_max)  # type: ignore[arg-type]
         self._paho.max_inflight_messages_set(max_inflight)
         user = username if username is not None else self.address.username
@@ -541,18 +541,6 @@ class MqttClient:
                 log.warning("lost the connection to %s (%s); reconnecting", self.url, reason)
             self._queue.put((self._notify, (False, str(reason))))
 
-    def _on_log(self, _c: paho.Client, _u: Any, level: int, text: str) -> None:
-        # paho reports the socket it closed itself during close() as an error; that is noise.
-        if level == paho.MQTT_LOG_ERR and not self._closed:
-            if "[SSL" in text and not self._first_done.is_set():
-                # "failed to receive on socket: [SSL: CODE] what went wrong (_ssl.c:2580)"
-                self._tls_failure = text.partition("]")[2].partition("(_ssl")[0].strip() or text
-            _paho_log.warning("%s: %s", self.client_id, text)
-        elif level == paho.MQTT_LOG_WARNING and not self._closed:
-            _paho_log.info("%s: %s", self.client_id, text)
-        else:
-            _paho_log.debug("%s: %s", self.client_id, text)
-
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         try:
             topic = message.topic
@@ -642,6 +630,33 @@ class MqttClient:
             except Exception:
                 self.handler_errors += 1
                 log.exception("connection listener failed")
+
+
+class _PahoLogger:
+    """paho's logger hook (``enable_logger``): paho formats nothing unless the level is on.
+
+    (An ``on_log`` callback would make paho format a debug line, properties and all, for every
+    packet: a third of the cost of receiving a message.) paho's errors become warnings and its
+    warnings info; the socket it closes itself during close() is noise (debug)."""
+
+    def __init__(self, client: MqttClient) -> None:
+        self._client = client
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        client = self._client
+        closed = client._closed
+        if level >= logging.ERROR and not closed:
+            target = logging.WARNING
+            text = fmt % args if args else fmt
+            if "[SSL" in text and not client._first_done.is_set():
+                # "failed to receive on socket: [SSL: CODE] what went wrong (_ssl.c:2580)"
+                client._tls_failure = text.partition("]")[2].partition("(_ssl")[0].strip() or text
+        elif level >= logging.WARNING and not closed:
+            target = logging.INFO
+        else:
+            target = logging.DEBUG
+        if _paho_log.isEnabledFor(target):
+            _paho_log.log(target, f"%s: {fmt}", self._client.client_id, *args)
 
 
 def _trim(table: dict[int, Any], limit: int = 4096) -> None:

@@ -126,13 +126,14 @@ def _int(
     doc: dict[str, Any], key: str, what: str, default: Optional[int] = None, top: int = _MAX_COUNT
 ) -> int:
     value = doc.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+    # type() is: JSON gives exact ints (a bool is not one), and this runs per field per message.
+    if type(value) is not int or not 0 <= value <= top:
         raise _bad(what, key, f"an integer from 0 to {top}")
     return value
 
 
 def _number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
+    return type(value) is float or type(value) is int
 
 
 def _opt_float(doc: dict[str, Any], key: str, what: str) -> Optional[float]:

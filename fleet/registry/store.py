@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from alembic import command
 from alembic.config import Config
 from edgekit.errors import ConfigError
-from sqlalchemy import Engine, case, create_engine, delete, event, func, select
+from sqlalchemy import Engine, bindparam, case, create_engine, delete, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -278,35 +278,64 @@ class Registry:
             if row.device not in newest or row.seq > newest[row.device].seq:
                 newest[row.device] = row
         if newest:
-            known = {
-                d.id: d for d in session.execute(select(Device).where(Device.id.in_(list(newest)))).scalars()
-            }
-            for device, row in newest.items():
-                found = known.get(device)
-                if found is None:
-                    fleet = (fleets or {}).get(device)
-                    if fleet is None:
-                        continue  # telemetry before any state message: the state will create it
-                    self.ensure_fleets(session, [fleet], _utc(row.window_end))
-                    found = Device(
-                        id=device,
-                        fleet=fleet,
-                        online=True,
-                        status="serving",
-                        last_seq=-1,
-                        drifted=False,
-                        first_seen=_utc(row.window_end),
-                    )
-                    session.add(found)
-                if row.seq > found.last_seq:
-                    found.last_seq = row.seq
-                    found.latency_p95_ms = row.latency_p95_ms
-                    found.drift_score = row.drift_score
-                    found.drifted = row.drifted
-                    seen = _utc(row.window_end)
-                    if found.last_seen is None or _utc(found.last_seen) < seen:
-                        found.last_seen = seen
+            self._advance_devices(session, newest, fleets)
         return WriteResult(inserted, len(rows) - inserted)
+
+    def _advance_devices(
+        self, session: Session, newest: dict[str, TelemetryRow], fleets: dict[str, str] | None
+    ) -> None:
+        """Point each device at its newest telemetry window: one executemany UPDATE that only
+        moves forward (seq above last_seq; last_seen never back); unknown devices are created
+        first when their fleet is known."""
+        known = set(session.execute(select(Device.id).where(Device.id.in_(list(newest)))).scalars())
+        for device, row in newest.items():
+            if device in known:
+                continue
+            fleet = (fleets or {}).get(device)
+            if fleet is None:
+                continue  # telemetry before any state message: the state will create it
+            self.ensure_fleets(session, [fleet], _utc(row.window_end))
+            session.add(
+                Device(
+                    id=device,
+                    fleet=fleet,
+                    online=True,
+                    status="serving",
+                    last_seq=-1,
+                    drifted=False,
+                    first_seen=_utc(row.window_end),
+                )
+            )
+            known.add(device)
+        session.flush()
+        seen = bindparam("_seen", type_=Device.last_seen.type)
+        statement = (
+            update(Device)
+            .where(Device.id == bindparam("_id"), Device.last_seq < bindparam("_seq"))
+            .values(
+                last_seq=bindparam("_seq"),
+                latency_p95_ms=bindparam("_p95"),
+                drift_score=bindparam("_drift"),
+                drifted=bindparam("_drifted"),
+                last_seen=case(
+                    (or_(Device.last_seen.is_(None), Device.last_seen < seen), seen), else_=Device.last_seen
+                ),
+            )
+        )
+        params = [
+            {
+                "_id": device,
+                "_seq": row.seq,
+                "_p95": row.latency_p95_ms,
+                "_drift": row.drift_score,
+                "_drifted": row.drifted,
+                "_seen": _utc(row.window_end),
+            }
+            for device, row in newest.items()
+            if device in known
+        ]
+        if params:
+            session.connection().execute(statement, params)
 
     def add_events(self, rows: Sequence[EventRow]) -> WriteResult:
         if not rows:

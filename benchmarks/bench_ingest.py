@@ -1,0 +1,339 @@
+"""Telemetry ingest throughput: a replay publisher -> real Mosquitto -> ingest -> registry.
+
+    .venv/bin/python benchmarks/bench_ingest.py [--messages 50000] [--devices 100]
+
+A publisher process sends M telemetry records (QoS 1, as agents do, 100 devices) to a Mosquitto
+of the benchmark's own. Measured from the first publish until the last record is committed (the
+registry's row count reaches M), for: the ingest service on SQLite with 1 worker, and on
+PostgreSQL (a throwaway database) with 1 and 2 workers (MQTT 5 shared subscription). Each
+run then checks the database: exactly M rows (zero lost), zero duplicates, zero rejected.
+
+The baseline, measured in the same run with the same publisher: a raw paho subscriber that
+only counts (QoS 1, acknowledges on receipt). Ratios are ingest rate / baseline rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+POSTGRES = os.environ.get("EDGEKIT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    config = directory / "mosquitto.conf"
+    # No per-client queue cap: a burst faster than a subscriber must queue, not be dropped.
+    config.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"
+        f"log_dest file {directory / 'mosquitto.log'}\n"
+    )
+    process = subprocess.Popen(["mosquitto", "-c", str(config)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process, f"mqtt://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit("mosquitto did not start")
+
+
+def payloads(messages: int, devices: int, run: str) -> list[tuple[str, bytes]]:
+    now = time.time()
+    out = []
+    for i in range(messages):
+        device = f"{run}-{i % devices}"
+        seq = i // devices + 1
+        doc = {
+            "schema": "edgekit.telemetry",
+            "schema_version": 1,
+            "device": device,
+            "fleet": "bench",
+            "window_start": now - 60 + seq,
+            "window_end": now + seq,
+            "count": 600,
+            "errors": 0,
+            "latency_ms": {"p50": 1.2, "p95": 2.5, "p99": 4.0},
+            "throughput": 10.0,
+            "drift": {
+                "drifted": False,
+                "complete": True,
+                "samples": 60,
+                "scores": {"pixels": {"psi": 0.02, "ks": 0.05}},
+            },
+            "bundle": {"name": "digits", "version": "1.0.0", "bundle_id": "a" * 64},
+            "cpu_percent": 12.5,
+            "memory_rss_bytes": 60_000_000,
+            "temperature_c": 48.2,
+            "runtime": "ai_edge_litert",
+            "seq": seq,
+            "dropped": 0,
+            "dropped_total": 0,
+        }
+        out.append((f"edgekit/devices/{device}/telemetry", json.dumps(doc, separators=(",", ":")).encode()))
+    return out
+
+
+def publish(broker: str, items: list[tuple[str, bytes]], started: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    from edgekit.mqtt import MqttClient
+
+    client = MqttClient(broker, max_inflight=1000).connect()
+    started.put(time.perf_counter())
+    deliveries = [client.publish(topic, payload, qos=1) for topic, payload in items]
+    for delivery in deliveries:
+        delivery.wait(600)
+    started.put(time.perf_counter())
+    client.close()
+
+
+def run_publisher(
+    broker: str, items: list[tuple[str, bytes]]
+) -> tuple[multiprocessing.Process, float, multiprocessing.Queue]:  # type: ignore[type-arg]
+    ctx = multiprocessing.get_context("spawn")
+    marks = ctx.Queue()
+    process = ctx.Process(target=publish, args=(broker, items, marks))
+    process.start()
+    return process, marks.get(timeout=120), marks
+
+
+def baseline(broker: str, messages: int, devices: int) -> float:
+    """A raw paho subscriber that only counts: the ceiling this machine and publisher allow."""
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    done = threading.Event()
+    subscribed = threading.Event()
+    count = [0, 0.0]
+
+    def on_message(_c, _u, _m) -> None:  # type: ignore[no-untyped-def]
+        count[0] += 1
+        if count[0] == messages:
+            count[1] = time.perf_counter()
+            done.set()
+
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: subscribed.set()
+    host, port = broker.removeprefix("mqtt://").split(":")
+    client.connect(host, int(port))
+    client.subscribe("edgekit/devices/+/telemetry", qos=1)
+    client.loop_start()
+    subscribed.wait(10)
+    process, start, _ = run_publisher(broker, payloads(messages, devices, "base"))
+    done.wait(600)
+    process.join()
+    client.loop_stop()
+    client.disconnect()
+    assert count[0] == messages, f"baseline got {count[0]} of {messages}"
+    return messages / (count[1] - start)
+
+
+def publish_all(broker: str, items: list[tuple[str, bytes]]) -> None:
+    process, _, marks = run_publisher(broker, items)
+    marks.get(timeout=600)
+    process.join()
+
+
+def baseline_backlog(broker: str, messages: int, devices: int) -> float:
+    """The raw paho subscriber draining a backlog the broker queued for its persistent session."""
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    host, port = broker.removeprefix("mqtt://").split(":")
+    stamps: list[float] = []
+    done = threading.Event()
+
+    def on_message(_c, _u, _m) -> None:  # type: ignore[no-untyped-def]
+        stamps.append(time.perf_counter())
+        if len(stamps) == messages:
+            done.set()
+
+    def session(subscribe: bool) -> paho.Client:
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-base", protocol=paho.MQTTv5
+        )
+        client.on_message = on_message
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 600
+        props.ReceiveMaximum = 20000
+        client.connect(host, int(port), clean_start=False, properties=props)
+        client.loop_start()
+        if subscribe:
+            client.subscribe("edgekit/devices/+/telemetry", qos=1)[1]
+            time.sleep(0.5)
+        return client
+
+    first = session(True)
+    first.loop_stop()
+    first.disconnect()
+    publish_all(broker, payloads(messages, devices, "bbase"))
+    again = session(False)
+    done.wait(600)
+    again.loop_stop()
+    again.disconnect()
+    assert len(stamps) == messages, f"backlog baseline got {len(stamps)} of {messages}"
+    return (messages - 1) / (stamps[-1] - stamps[0])
+
+
+def ingest_backlog(
+    broker: str, registry_url: str, workers: int, messages: int, devices: int, run: str
+) -> dict:
+    """Ingest with persistent sessions: stop it, let the broker queue M records, start it again
+    and time the drain into the registry (first row to last)."""
+    from edgekit.fleet.registry import Registry
+    from edgekit.fleet.service import FleetService, ServiceConfig
+
+    config = ServiceConfig(
+        broker=broker,
+        registry=registry_url,
+        workers=workers,
+        group=f"bench-{run}",
+        dashboard=False,
+        report_interval=0.2,
+        session_expiry=600,
+    )
+    FleetService(config).start().stop()  # the sessions (and subscriptions) stay on the broker
+    publish_all(broker, payloads(messages, devices, run))
+    reader = Registry(registry_url)
+    service = FleetService(config).start()
+    first = None
+    while True:
+        count = reader.telemetry_count()
+        now = time.perf_counter()
+        if first is None and count > 0:
+            first = (now, count)
+        if count >= messages:
+            break
+        time.sleep(0.02)  # polling the database is the end-to-end signal here
+    totals = service.stop()
+    stored = reader.telemetry_count()
+    reader.close()
+    assert stored == messages, f"{messages - stored} records lost"
+    assert totals.telemetry_duplicates == 0 and totals.rejected_total == 0, totals
+    assert first is not None
+    return {"rate": (messages - first[1]) / (now - first[0]), "stored": stored, "duplicates": 0}
+
+
+def ingest_run(broker: str, registry_url: str, workers: int, messages: int, devices: int, run: str) -> dict:
+    from edgekit.fleet.registry import Registry
+    from edgekit.fleet.service import FleetService, ServiceConfig
+
+    service = FleetService(
+        ServiceConfig(
+            broker=broker,
+            registry=registry_url,
+            workers=workers,
+            group=f"bench-{run}",
+            dashboard=False,
+            report_interval=0.2,
+        )
+    ).start()
+    reader = Registry(registry_url, migrate=False)
+    process, start, marks = run_publisher(broker, payloads(messages, devices, run))
+    while reader.telemetry_count() < messages:
+        time.sleep(0.02)  # polling the database is the end-to-end signal here
+    end = time.perf_counter()
+    published = marks.get(timeout=600)
+    process.join()
+    totals = service.stop()
+    stored = reader.telemetry_count()
+    reader.close()
+    lost = messages - stored
+    assert lost == 0, f"{lost} records lost"
+    assert totals.telemetry == messages and totals.telemetry_duplicates == 0, totals
+    assert totals.rejected_total == 0 and totals.db_errors == 0, totals
+    return {
+        "rate": messages / (end - start),
+        "publish_rate": messages / (published - start),
+        "stored": stored,
+        "duplicates": totals.telemetry_duplicates,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--skip-postgres", action="store_true")
+    args = parser.parse_args()
+    if not shutil.which("mosquitto"):
+        raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    broker_process, broker = start_mosquitto(tmp)
+    results: list[tuple[str, dict]] = []
+    try:
+        base = baseline(broker, args.messages, args.devices)
+        backlog_base = baseline_backlog(broker, args.messages, args.devices)
+        print(f"baseline, live (raw paho subscriber, counts only):     {base:>9,.0f} msg/s", flush=True)
+        print(
+            f"baseline, backlog (raw paho, persistent session drain): {backlog_base:>9,.0f} msg/s", flush=True
+        )
+        runs = [("SQLite, 1 worker", lambda: f"sqlite:///{tmp / uuid.uuid4().hex}.db", 1)]
+        databases: list[str] = []
+        if not args.skip_postgres:
+            import psycopg
+
+            def pg() -> str:
+                name = f"edgekit_bench_{uuid.uuid4().hex[:8]}"
+                with psycopg.connect(POSTGRES, autocommit=True) as admin:
+                    admin.execute(f'CREATE DATABASE "{name}"')
+                databases.append(name)
+                return f"{POSTGRES.rsplit('/', 1)[0]}/{name}"
+
+            runs += [("PostgreSQL, 1 worker", pg, 1), ("PostgreSQL, 2 workers", pg, 2)]
+        try:
+            for index, (label, url, workers) in enumerate(runs):
+                live = ingest_run(broker, url(), workers, args.messages, args.devices, f"r{index}")
+                print(
+                    f"live    {label:22s} {live['rate']:>9,.0f} msg/s  ({live['rate'] / base:.2f}x live baseline; "
+                    f"publisher {live['publish_rate']:,.0f} msg/s; stored {live['stored']:,} of "
+                    f"{args.messages:,}, duplicates {live['duplicates']})",
+                    flush=True,
+                )
+                drain = ingest_backlog(broker, url(), workers, args.messages, args.devices, f"b{index}")
+                print(
+                    f"backlog {label:22s} {drain['rate']:>9,.0f} msg/s  ({drain['rate'] / backlog_base:.2f}x backlog "
+                    f"baseline; stored {drain['stored']:,} of {args.messages:,}, duplicates {drain['duplicates']})",
+                    flush=True,
+                )
+        finally:
+            if databases:
+                import psycopg
+
+                with psycopg.connect(POSTGRES, autocommit=True) as admin:
+                    for name in databases:
+                        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        broker_process.kill()
+        broker_process.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"messages {args.messages:,} over {args.devices} devices; python {sys.version.split()[0]}; cores {os.cpu_count()}"
+    )
+
+
+if __name__ == "__main__":
+    main()
