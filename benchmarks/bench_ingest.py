@@ -283,7 +283,6 @@ def main() -> None:
         raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     broker_process, broker = start_mosquitto(tmp)
-    results: list[tuple[str, dict]] = []
     try:
         base = baseline(broker, args.messages, args.devices)
         backlog_base = baseline_backlog(broker, args.messages, args.devices)

@@ -79,6 +79,10 @@ def decode_json_message(payload: bytes, schema: str, version: int, what: str) ->
         doc = json.loads(payload)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _refuse("not_json", f"{what} is not JSON ({exc})") from None
+    return _check_schema(doc, schema, version, what)
+
+
+def _check_schema(doc: Any, schema: str, version: int, what: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("schema") != schema:
         raise _refuse("wrong_schema", f"{what} is not an {schema} message")
     if doc.get("schema_version") != version:
@@ -266,12 +270,7 @@ class TelemetryRecord:
     @classmethod
     def from_dict(cls, doc: Any) -> TelemetryRecord:
         what = "telemetry"
-        if not isinstance(doc, dict) or doc.get("schema") != TELEMETRY_SCHEMA:
-            raise _refuse("wrong_schema", f"not an {TELEMETRY_SCHEMA} record")
-        if doc.get("schema_version") != SCHEMA_VERSION:
-            raise _refuse(
-                "wrong_version", f"telemetry has unsupported schema_version {doc.get('schema_version')!r}"
-            )
+        doc = _check_schema(doc, TELEMETRY_SCHEMA, SCHEMA_VERSION, what)
         latency = doc.get("latency_ms")
         if not isinstance(latency, dict) or not all(
             latency.get(k) is None or (_number(latency[k]) and math.isfinite(latency[k]))
@@ -337,12 +336,7 @@ class Event:
     @classmethod
     def from_dict(cls, doc: Any) -> Event:
         what = "event"
-        if not isinstance(doc, dict) or doc.get("schema") != EVENT_SCHEMA:
-            raise _refuse("wrong_schema", f"not an {EVENT_SCHEMA} record")
-        if doc.get("schema_version") != SCHEMA_VERSION:
-            raise _refuse(
-                "wrong_version", f"event has unsupported schema_version {doc.get('schema_version')!r}"
-            )
+        doc = _check_schema(doc, EVENT_SCHEMA, SCHEMA_VERSION, what)
         kind = doc.get("kind")
         if not isinstance(kind, str) or not _ID.match(kind) or len(kind) > MAX_KIND:
             raise _bad(what, "kind", f"a word of at most {MAX_KIND} letters, digits, '.', '_', '-'")
