@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from conftest import POSTGRES, event_doc, state_doc, telemetry_doc
 from edgekit.fleet.registry import Registry
 from edgekit.reports import MAX_REPORT_SIZE
 from edgekit.topics import Topics
+from fleet_messages import POSTGRES, event_doc, state_doc, telemetry_doc
 
 T = Topics()
 
