@@ -116,18 +116,23 @@ def ingest_client(
     client_id: Optional[str] = None,
     session_expiry: int = 0,
     receive_maximum: int = DEFAULT_RECEIVE_MAXIMUM,
-    protocol: str = "5",
+    protocol: Optional[str] = None,
+    username: Optional[str] = None,
+    password: Optional[str] = None,
 ) -> MqttClient:
-    """The MQTT client ingest needs: manual acknowledgements, a wide in-flight window."""
+    """The MQTT client ingest needs: manual acknowledgements, a wide in-flight window (MQTT 5;
+    ``protocol`` None follows the URL's ``?protocol=``, else 5)."""
     if session_expiry and not client_id:
         raise ConfigError("a persistent ingest session (session_expiry > 0) needs a fixed client_id")
     return MqttClient(
         broker,
         client_id=client_id,
         protocol=protocol,
+        username=username,
+        password=password,
         manual_ack=True,
         session_expiry=session_expiry,
-        receive_maximum=receive_maximum if protocol == "5" else None,
+        receive_maximum=receive_maximum,
     )
 
 

@@ -383,15 +383,11 @@ def labels_of(rollout: Rollout, record: FleetRecord) -> dict[str, str]:
     return labels
 
 
-def connect_operator(
-    url: str,
-    username: Optional[str] = None,
-    password: Optional[str] = None,
-    timeout: float = 10.0,
-    home: Optional[Path] = None,
-) -> MqttClient:
-    """The operator's connection. Without credentials (in the URL or given), those of
-    ``home/broker/operator.json`` (written by ``edgekit broker mosquitto-config``) are used."""
+def operator_login(
+    url: str, username: Optional[str], password: Optional[str], home: Optional[Path]
+) -> tuple[Optional[str], Optional[str]]:
+    """The account the workstation's services use on ``url``: the one given, else the URL's
+    own, else the operator account of ``home/broker/operator.json`` if there is one."""
     if (
         username is None
         and home is not None
@@ -401,7 +397,20 @@ def connect_operator(
         from edgekit.broker import operator_credentials
 
         creds = operator_credentials(home)
-        username, password = creds.username, creds.password
+        return creds.username, creds.password
+    return username, password
+
+
+def connect_operator(
+    url: str,
+    username: Optional[str] = None,
+    password: Optional[str] = None,
+    timeout: float = 10.0,
+    home: Optional[Path] = None,
+) -> MqttClient:
+    """The operator's connection. Without credentials (in the URL or given), those of
+    ``home/broker/operator.json`` (written by ``edgekit broker mosquitto-config``) are used."""
+    username, password = operator_login(url, username, password, home)
     try:
         return MqttClient(
             url,

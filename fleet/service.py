@@ -10,6 +10,9 @@
   restarted (with backoff) until the service stops;
 - the dashboard (:func:`edgekit.fleet.dashboard.create_app`) under uvicorn, on a socket this
   process binds itself, so a busy port is a one-line error, not a traceback;
+- the rollout controller (:class:`edgekit.fleet.controller.RolloutController`), which drives
+  saved rollouts that nobody drives (``controller=True``, with ``home``);
+- every MQTT connection uses the URL's account, else the operator account under ``home``;
 - **metrics across processes**: each worker sends the increase of its counters (telemetry
   ingested and duplicates, events, states, rejections by kind and reason, database errors)
   every ``report_interval`` seconds, and once more after its final flush, over a
@@ -32,14 +35,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as ProcessEvent
+from pathlib import Path
 from typing import Any, Optional
 
 from edgekit.errors import ConfigError
-from edgekit.mqtt import MqttClient
+from edgekit.mqtt import MqttClient, parse_broker_url
 from edgekit.topics import DEFAULT_PREFIX, Topics
 
 from .dashboard import FleetMetrics, check_bind, create_app
 from .ingest import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DELAY, Ingest, IngestStats, ingest_client
+from .push import operator_login
 from .registry import Registry
 
 __all__ = ["FleetService", "ServiceConfig"]
@@ -66,10 +71,19 @@ class ServiceConfig:
     log_level: str = "WARNING"
     ready_timeout: float = 60.0
     dashboard: bool = True
+    #: Run the rollout controller (:mod:`edgekit.fleet.controller`) in the service process.
+    controller: bool = True
+    #: EDGEKIT_HOME: the operator account (``broker/operator.json``), keys and saved rollouts.
+    home: Optional[str] = None
 
     def validate(self) -> None:
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"--workers {self.workers}: use 1 to 64 ingest processes")
+        if self.workers > 1 and parse_broker_url(self.broker).protocol == "3.1.1":
+            raise ConfigError(
+                "--workers above 1 needs MQTT 5 shared subscriptions, and the broker URL says "
+                "?protocol=3.1.1; use one worker, or an MQTT 5 broker (Mosquitto, EMQX)"
+            )
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(
                 f"--http-port {self.http_port}: use a TCP port from 1 to 65535 (0: any free port)"
@@ -91,8 +105,13 @@ def _worker_main(
     # A persistent session must be found again under the same id; a clean one gets a unique id so
     # two services (or a restarted worker) never take each other's connection.
     suffix = str(index) if config.session_expiry else f"{index}-{uuid.uuid4().hex[:8]}"
+    username, password = operator_login(config.broker, None, None, Path(config.home) if config.home else None)
     client = ingest_client(
-        config.broker, client_id=f"{config.group}-{suffix}", session_expiry=config.session_expiry
+        config.broker,
+        client_id=f"{config.group}-{suffix}",
+        session_expiry=config.session_expiry,
+        username=username,
+        password=password,
     )
     ingest = Ingest(
         registry,
@@ -152,15 +171,21 @@ class FleetService:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._server: Any = None
+        self._controller: Any = None
         self._socket: Optional[socket.socket] = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self, connect_timeout: float = 10.0) -> FleetService:
         # Fail fast, with one line, on a broker that is not there or refuses us.
-        MqttClient(self.config.broker, client_id=f"edgekit-check-{uuid.uuid4().hex[:8]}").connect(
-            connect_timeout
-        ).close()
+        home = Path(self.config.home) if self.config.home else None
+        username, password = operator_login(self.config.broker, None, None, home)
+        MqttClient(
+            self.config.broker,
+            client_id=f"edgekit-check-{uuid.uuid4().hex[:8]}",
+            username=username,
+            password=password,
+        ).connect(connect_timeout).close()
         if self.config.dashboard:
             self._socket = self._listen()
         for index in range(self.config.workers):
@@ -181,6 +206,10 @@ class FleetService:
                 f"the ingest workers did not connect to {self.config.broker} within "
                 f"{self.config.ready_timeout:g}s; see the log above"
             )
+        if self.config.controller and home is not None:
+            from .controller import RolloutController
+
+            self._controller = RolloutController(self.config.broker, home).start()
         if self._socket is not None:
             self._serve_dashboard(self._socket)
         return self
@@ -236,6 +265,8 @@ class FleetService:
             self._stopping = True
         if self._server is not None:
             self._server.should_exit = True
+        if self._controller is not None:
+            self._controller.stop()  # finishes the step under way; the rollouts stay saved
         self._stop.set()
         deadline = time.monotonic() + timeout
         for process in self._workers.values():

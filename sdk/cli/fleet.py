@@ -292,10 +292,8 @@ def serve(
         False, "--json", help="Print the URLs, then the final counts, as JSON lines."
     ),
 ) -> None:
-    """Run the fleet service: ingest (MQTT -> registry) and the dashboard, until Ctrl-C or SIGTERM."""
-    import signal
-    import threading
-
+    """Run the fleet service: ingest (MQTT -> registry), the rollout controller and the
+    dashboard, until Ctrl-C or SIGTERM."""
     from edgekit.fleet.service import FleetService, ServiceConfig
 
     ws = WorkstationConfig.load(broker=broker, registry=registry)
@@ -311,28 +309,102 @@ def serve(
         max_delay=batch_delay,
         session_expiry=session_expiry,
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        home=str(ws.home),
     )
+    _run_service(FleetService(config), json_out)
+
+
+def _safe_url(url: str) -> str:
+    """A URL without its password, fit to print."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+@app.command("up")
+def up(
+    port: int = typer.Option(1883, "--port", min=1, max=65535, help="Port of the embedded MQTT broker."),
+    http_port: int = typer.Option(8765, "--http-port", help="Dashboard port (0: any free port)."),
+    registry: Optional[str] = typer.Option(
+        None, "--registry", help=REGISTRY_HELP + " Default: SQLite under $EDGEKIT_HOME."
+    ),
+    broker: Optional[str] = typer.Option(
+        None, "--broker", help="Use this broker instead of starting the embedded one (mqtt://host:1883)."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Dashboard address; anything but localhost needs --token."
+    ),
+    token: Optional[str] = typer.Option(
+        None, "--token", envvar="EDGEKIT_DASHBOARD_TOKEN", help="Dashboard token ($EDGEKIT_DASHBOARD_TOKEN)."
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the URLs, then the final counts, as JSON lines."
+    ),
+) -> None:
+    """One command on a laptop: an embedded MQTT broker (unless --broker), the registry (SQLite
+    under $EDGEKIT_HOME by default), ingest, the rollout controller and the dashboard. Prints the
+    URLs; Ctrl-C stops everything, the broker last."""
+    from edgekit.fleet.service import FleetService, ServiceConfig
+
+    ws = WorkstationConfig.load(registry=registry)
+    embedded = None
+    url = broker
+    if url is None:
+        from edgekit.fleet.embedded import EmbeddedBroker
+
+        embedded = EmbeddedBroker("127.0.0.1", port, data_dir=ws.home / "embedded-broker").start()
+        url = embedded.url
+    try:
+        config = ServiceConfig(
+            broker=url,
+            registry=ws.registry,
+            workers=1,
+            host=host,
+            http_port=http_port,
+            token=token,
+            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+            home=str(ws.home),
+        )
+        _run_service(FleetService(config), json_out, embedded=embedded is not None)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _run_service(service: Any, json_out: bool, embedded: bool = False) -> None:
+    """Start ``service``, print its URLs, wait for Ctrl-C or SIGTERM, stop it, print the totals."""
+    import signal
+    import threading
+
+    config = service.config
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    service = FleetService(config).start()
+    service.start()
     info = {
         "dashboard": service.url,
         "metrics": f"{service.url}metrics",
         "api": f"{service.url}api/",
         "broker": _safe_url(config.broker),
+        "embedded_broker": embedded,
         "registry": _safe_url(service.registry.url),
-        "workers": workers,
+        "workers": config.workers,
     }
     if json_out:
         print_json_line(info)
     else:
+        where = "embedded broker" if embedded else "broker"
         console.print(
-            f"edgekit fleet service: {workers} ingest worker(s) on {info['broker']} -> {info['registry']}"
+            f"edgekit fleet: {config.workers} ingest worker(s) on the {where} {info['broker']} -> {info['registry']}"
         )
         console.print(
             f"  dashboard  {info['dashboard']}\n  metrics    {info['metrics']}\n  api        {info['api']}"
         )
+        if embedded:
+            console.print(f"  devices and commands: --broker {info['broker']}")
         console.print("Ctrl-C stops it.")
     sys.stdout.flush()
     stop.wait()
@@ -352,13 +424,3 @@ def serve(
             f"stopped: {totals.telemetry} telemetry records, {totals.events} events, {totals.states} states "
             f"stored; {totals.telemetry_duplicates} duplicates and {totals.rejected_total} rejected messages dropped"
         )
-
-
-def _safe_url(url: str) -> str:
-    """A URL without its password, fit to print."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url

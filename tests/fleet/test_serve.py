@@ -16,9 +16,10 @@ from test_push import Fleet, fleet, push_and_wait  # noqa: F401 - fleet is a fix
 
 
 class Served:
-    """A running `edgekit fleet serve --json`: its URLs, and its final counts once stopped."""
+    """A running `edgekit fleet serve --json` (or `fleet up`): its URLs, and its final counts
+    once stopped."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, command: str = "serve") -> None:
         self.log = log
         self.process = subprocess.Popen(
             [
@@ -26,7 +27,7 @@ class Served:
                 "--log-level",
                 "info",
                 "fleet",
-                "serve",
+                command,
                 "--http-port",
                 "0",
                 "--json",
@@ -130,3 +131,33 @@ def test_serve_refuses_bad_setups_with_one_line(mosquitto, tmp_path):
     assert wide.returncode == 2 and "set a token" in wide.stderr and "Traceback" not in wide.stderr
     gone = edgekit("fleet", "serve", "--broker", "mqtt://127.0.0.1:1", "--registry", registry)
     assert gone.returncode == 12 and "could not connect" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_fleet_up_runs_broker_ingest_controller_and_dashboard_from_one_command(
+    fleet: Fleet,  # noqa: F811 - the fixture imported above
+    edgekit_home,
+    tmp_path,
+    digits_models,
+):
+    from helpers import free_port
+
+    up = Served(["--port", str(free_port())], tmp_path / "up.log", command="up")
+    try:
+        assert up.urls["embedded_broker"] is True and up.urls["broker"].endswith("?protocol=3.1.1")
+        assert up.urls["registry"] == f"sqlite:///{edgekit_home / 'registry.db'}"  # the default
+        fleet.broker = up.urls["broker"]  # the agent talks to the embedded broker
+        fleet.start("cam-1")
+        push_and_wait(digits_models.fp32, up.urls["broker"], "--version", "1.0.0")
+
+        def serving_with_telemetry():
+            devices = json.loads(up.get("api/devices"))
+            if not devices or devices[0]["version"] != "1.0.0":
+                return False
+            return json.loads(up.get("api/devices/cam-1/telemetry"))
+
+        wait_until(serving_with_telemetry, up, "cam-1 serving 1.0.0 with telemetry, through fleet up")
+        assert status(up.urls["registry"])[0]["online"] is True
+    finally:
+        fleet.stop()
+        final = up.stop()
+    assert final["stopped"] and final["telemetry"] >= 1 and final["rejected"] == 0
