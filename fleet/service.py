@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -98,6 +99,7 @@ def _worker_main(
 ) -> None:
     """One ingest process: runs until ``stop`` is set (or it gets SIGTERM), then flushes."""
     logging.basicConfig(level=config.log_level, format=f"%(levelname)s ingest-{index} %(name)s: %(message)s")
+    parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the service, which stops us in order
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     registry = Registry(config.registry, migrate=False)
@@ -143,6 +145,9 @@ def _worker_main(
     try:
         while not stop.wait(config.report_interval):
             report()
+            if os.getppid() != parent:  # the service was killed (-9): flush and go, not linger
+                log.warning("ingest worker %d: the service process is gone; stopping", index)
+                break
     finally:
         ingest.stop()
         report()
