@@ -150,6 +150,8 @@ def _worker_main(
                 break
     finally:
         ingest.stop()
+        if os.getppid() != parent:
+            reports.cancel_join_thread()  # nobody reads the counts any more: do not wait on them
         report()
         reports.put((index, None))  # this worker is done
         registry.close()
