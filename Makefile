@@ -135,7 +135,7 @@ test-agent-lean: $(LEAN_STAMP) $(AGENT_MODELS)/.complete
 	EDGEKIT_TEST_MODELS=$(AGENT_MODELS) $(LEAN)/bin/pytest -p no:cacheprovider tests/agent \
 	  $(wildcard tests/faults/test_agent_*.py) $(PYTEST_ARGS)
 
-demo: setup
+demo: $(STAMP)
 	$(PY) examples/quickstart/demo.py
 
 clean:

@@ -314,7 +314,10 @@ class Registry:
             .where(Device.id == bindparam("_id"), Device.last_seq < bindparam("_seq"))
             .values(
                 last_seq=bindparam("_seq"),
-                latency_p95_ms=bindparam("_p95"),
+                # A window without predictions has no latency: keep the last one measured.
+                latency_p95_ms=func.coalesce(
+                    bindparam("_p95", type_=Device.latency_p95_ms.type), Device.latency_p95_ms
+                ),
                 drift_score=bindparam("_drift"),
                 drifted=bindparam("_drifted"),
                 last_seen=case(

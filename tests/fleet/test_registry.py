@@ -72,6 +72,17 @@ def test_redelivered_telemetry_is_never_counted_twice(registry_url):
     registry.close()
 
 
+def test_an_idle_window_keeps_the_last_measured_latency(registry_url):
+    registry = Registry(registry_url)
+    registry.record_states([DeviceState("cam-1", "shop", True, "serving", T0)])
+    registry.add_telemetry([window("cam-1", 0)])
+    idle = window("cam-1", 1)._replace(count=0, latency_p50_ms=None, latency_p95_ms=None)
+    registry.add_telemetry([idle])
+    (device,) = registry.devices()
+    assert device.last_seq == 1 and device.latency_p95_ms == 3.0
+    registry.close()
+
+
 def test_telemetry_of_an_unknown_device_needs_its_fleet(registry_url):
     registry = Registry(registry_url)
     registry.add_telemetry([window("cam-9", 0)])
