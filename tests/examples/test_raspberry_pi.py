@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from edgekit import SigningKey, create_bundle
 from edgekit.agent import Agent
-from edgekit.cli.device import agent_config_text
 from edgekit.keys import init_key
+from edgekit.provision import agent_config_text
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "raspberry-pi"
