@@ -144,17 +144,33 @@ def verify_manifest_message(
     return VerifiedManifest(digest, manifest, manifest_bytes, signature, signer)
 
 
-def _payload(bundle: Bundle) -> bytes:
-    return b"".join(bundle.members[entry.name] for entry in bundle.manifest.files)
+def _chunks(bundle: Bundle) -> Iterator[bytes]:
+    """The transport chunks: the members concatenated in manifest order, cut every
+    ``chunk_size`` bytes. Sliced from the members (one copy of each byte), not from a joined
+    copy of the whole payload: this runs on the workstation while devices wait for chunks."""
+    size = bundle.manifest.chunks.chunk_size
+    pieces: list[bytes] = []
+    pending = 0
+    for entry in bundle.manifest.files:
+        data = bundle.members[entry.name]
+        pos = 0
+        while pos < len(data):
+            take = min(size - pending, len(data) - pos)
+            pieces.append(data[pos : pos + take])
+            pos += take
+            pending += take
+            if pending == size:
+                yield b"".join(pieces)  # a single piece is returned as is, not copied
+                pieces, pending = [], 0
+    if pieces:
+        yield b"".join(pieces)
 
 
 def bundle_messages(bundle: Bundle, topics: Topics) -> Iterator[tuple[str, bytes]]:
     """(topic, payload) of every retained message of a bundle: chunks in order, manifest last."""
     digest = bundle.bundle_id
-    payload = _payload(bundle)
-    size = bundle.manifest.chunks.chunk_size
-    for index in range(len(bundle.manifest.chunks.sha256)):
-        yield topics.bundle_chunk(digest, index), payload[index * size : (index + 1) * size]
+    for index, chunk in enumerate(_chunks(bundle)):
+        yield topics.bundle_chunk(digest, index), chunk
     yield topics.bundle_manifest(digest), manifest_message(bundle)
 
 
