@@ -91,6 +91,8 @@ class InstalledBundle:
     manifest_bytes: bytes
     signature: bytes
     signer: str
+    #: Member bytes by name. A bundle just moved into place has every member but the model
+    #: (the runtime maps its file instead of a copy in memory).
     members: Mapping[str, bytes]
 
     @property
@@ -100,10 +102,6 @@ class InstalledBundle:
     def member(self, role: str) -> bytes | None:
         entry = self.manifest.file(role)
         return None if entry is None else self.members.get(entry.name)
-
-    @property
-    def model(self) -> bytes:
-        return self.members[self.manifest.model_file.name]
 
     def baseline(self) -> Baseline | None:
         data = self.member("baseline")
@@ -267,7 +265,12 @@ class BundleStore:
         """Verify an installed directory (unless ``verified``: what was just written into it),
         load its model and run its health check."""
         bundle = verified if verified is not None else self.read_installed(name)
-        model = Model(bundle.model, runtime=self.runtime, threads=self.threads)
+        model_name = bundle.manifest.model_file.name
+        content = bundle.members.get(model_name)
+        # A model just moved into place was not read back: the runtime maps the file it was
+        # written to from checked chunks (installed files are never rewritten).
+        source = content if content is not None else self.bundles / name / model_name
+        model = Model(source, runtime=self.runtime, threads=self.threads)
         worst = None
         manifest = bundle.manifest
         data = bundle.member("healthcheck")
@@ -470,7 +473,8 @@ class BundleStore:
     def _move_into_place(self, staged: StagedBundle, name: str) -> InstalledBundle:
         """Make a staged download durable (every file and the directory fsync'ed) and rename it
         to ``bundles/name``: the download already has the installed layout, so nothing is copied.
-        Returns it as installed; its members are read once, for the runtime."""
+        Returns it as installed, with its small members read (not the model: the runtime maps
+        its file)."""
         final = self.bundles / name
         verified = staged.verified
         if final.is_dir():
@@ -491,7 +495,12 @@ class BundleStore:
         fsync_dir(staged.directory)
         os.rename(staged.directory, final)  # the downloads directory is under state_dir too
         fsync_dir(self.bundles)
-        members = {entry.name: (final / entry.name).read_bytes() for entry in verified.manifest.files}
+        model_name = verified.manifest.model_file.name
+        members = {
+            entry.name: (final / entry.name).read_bytes()
+            for entry in verified.manifest.files
+            if entry.name != model_name
+        }
         return InstalledBundle(
             verified.manifest, verified.manifest_bytes, verified.signature, verified.signer, members
         )

@@ -69,6 +69,7 @@ class FleetRecord:
     bundle_id: Optional[str] = None  # what the fleet was last told to run
     label: Optional[str] = None
     history: list[dict[str, str]] = field(default_factory=list)  # [{id, label}] newest last
+    devices: list[str] = field(default_factory=list)  # heard from when it was last told something
 
     @classmethod
     def load(cls, home: Path, fleet: str) -> FleetRecord:
@@ -81,6 +82,7 @@ class FleetRecord:
                 bundle_id=doc.get("bundle_id"),
                 label=doc.get("label"),
                 history=list(doc.get("history", [])),
+                devices=[str(d) for d in doc.get("devices", [])],
             )
         except FileNotFoundError:
             return cls(fleet=fleet)
@@ -97,6 +99,7 @@ class FleetRecord:
             "bundle_id": self.bundle_id,
             "label": self.label,
             "history": self.history[-20:],
+            "devices": sorted(self.devices),
         }
         atomic_write(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
@@ -202,11 +205,17 @@ class FleetLink:
             version = self._version
             return self._changed.wait_for(lambda: self._version != version, timeout)
 
-    def discover(self, settle: float = 1.0, limit: float = 10.0) -> list[str]:
-        """Collect the devices' retained states until none arrived for ``settle`` seconds."""
+    def discover(self, settle: float = 1.0, limit: float = 10.0, known_settle: float = 0.1) -> list[str]:
+        """Collect the devices' retained states until none arrived for ``settle`` seconds, or
+        for ``known_settle`` seconds once every device the fleet record knows has been heard
+        from (the broker sends retained states in one burst after the subscription; the short
+        wait still takes in devices the record does not know yet, sent in the same burst)."""
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline and self.wait_change(settle):
-            pass
+        known = set(self.record.devices)
+        while time.monotonic() < deadline:
+            quiet = known_settle if known and known <= self.states.keys() else settle
+            if not self.wait_change(min(quiet, max(0.0, deadline - time.monotonic()))):
+                break
         return self.devices()
 
     def reports(self) -> list[DeviceReport]:
@@ -269,6 +278,7 @@ class FleetLink:
             self.record.label = f"{name}@{version}"
             self.record.history = [h for h in self.record.history if h["id"] != bundle_id]
             self.record.history.append({"id": bundle_id, "label": self.record.label})
+        self.record.devices = sorted(self.states)  # what the next discovery expects to hear
         self.record.save(self.home)
         log.info(
             "published desired state seq %d: %s@%s for %s",

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,12 +102,18 @@ def _native_stderr_to_log() -> Iterator[None]:
 class Model:
     """A loaded TFLite model. Not thread-safe: callers that share one serialize ``run``."""
 
-    def __init__(self, content: bytes, runtime: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, content: bytes | Path, runtime: str = "auto", threads: int | None = None) -> None:
+        """``content``: the model's bytes, or the path of a model file that nothing rewrites
+        while it is served (the runtime maps it instead of holding a copy in memory)."""
         self.runtime, interpreter_class = _select(runtime)
-        self._content = bytes(content)  # the interpreter reads from this buffer; keep it alive
+        self._content: bytes | None = None
         try:
             with _native_stderr_to_log():
-                self._interpreter = interpreter_class(model_content=self._content, num_threads=threads)
+                if isinstance(content, Path):
+                    self._interpreter = interpreter_class(model_path=str(content), num_threads=threads)
+                else:
+                    self._content = bytes(content)  # the interpreter reads from this buffer; keep it alive
+                    self._interpreter = interpreter_class(model_content=self._content, num_threads=threads)
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelFormatError(f"the runtime {self.runtime} cannot load the model: {exc}") from None

@@ -18,11 +18,11 @@ trusted signature pins every byte.
 
 :class:`ChunkAssembler` is the device side, pure (no paho): it stores chunks in a directory as
 they arrive, straight into their place in the final ``.ekb``, or (the agent's choice) in the
-layout of an installed bundle, one file per member, hashing members as it goes (a restart
-resumes: stored chunks are re-hashed, the good ones kept), drops a chunk whose size or SHA-256
-does not match the plan (reported for re-fetch), never writes more than the manifest declares,
-and yields a bundle that :func:`edgekit.bundle.read_bundle` verifies, or a
-:class:`StagedBundle` whose every member matched its signed hash. :func:`start_upload` / :func:`publish_bundle`, :func:`fetch_bundle` /
+layout of an installed bundle, one file per member (a restart resumes: stored chunks are
+re-hashed, the good ones kept), drops a chunk whose size or SHA-256 does not match the plan
+(reported for re-fetch), never writes more than the manifest declares, and yields a bundle that
+:func:`edgekit.bundle.read_bundle` verifies, or a :class:`StagedBundle` whose every byte matched
+the signed chunk plan. :func:`start_upload` / :func:`publish_bundle`, :func:`fetch_bundle` /
 :func:`fetch_staged_bundle` and :func:`clear_bundle` are the thin MQTT shells around it.
 """
 
@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tarfile
 import threading
 import time
@@ -145,17 +144,33 @@ def verify_manifest_message(
     return VerifiedManifest(digest, manifest, manifest_bytes, signature, signer)
 
 
-def _payload(bundle: Bundle) -> bytes:
-    return b"".join(bundle.members[entry.name] for entry in bundle.manifest.files)
+def _chunks(bundle: Bundle) -> Iterator[bytes]:
+    """The transport chunks: the members concatenated in manifest order, cut every
+    ``chunk_size`` bytes. Sliced from the members (one copy of each byte), not from a joined
+    copy of the whole payload: this runs on the workstation while devices wait for chunks."""
+    size = bundle.manifest.chunks.chunk_size
+    pieces: list[bytes] = []
+    pending = 0
+    for entry in bundle.manifest.files:
+        data = bundle.members[entry.name]
+        pos = 0
+        while pos < len(data):
+            take = min(size - pending, len(data) - pos)
+            pieces.append(data[pos : pos + take])
+            pos += take
+            pending += take
+            if pending == size:
+                yield b"".join(pieces)  # a single piece is returned as is, not copied
+                pieces, pending = [], 0
+    if pieces:
+        yield b"".join(pieces)
 
 
 def bundle_messages(bundle: Bundle, topics: Topics) -> Iterator[tuple[str, bytes]]:
     """(topic, payload) of every retained message of a bundle: chunks in order, manifest last."""
     digest = bundle.bundle_id
-    payload = _payload(bundle)
-    size = bundle.manifest.chunks.chunk_size
-    for index in range(len(bundle.manifest.chunks.sha256)):
-        yield topics.bundle_chunk(digest, index), payload[index * size : (index + 1) * size]
+    for index, chunk in enumerate(_chunks(bundle)):
+        yield topics.bundle_chunk(digest, index), chunk
     yield topics.bundle_manifest(digest), manifest_message(bundle)
 
 
@@ -314,9 +329,10 @@ def _tar_layout(verified: VerifiedManifest) -> tuple[list[tuple[int, bytes]], li
 class StagedBundle:
     """A bundle downloaded as files (:func:`fetch_staged_bundle`): ``directory`` holds
     ``manifest.json``, ``manifest.sig`` and every member under its own name, exactly the layout
-    of an installed bundle. Every chunk matched the signed plan and every member its signed
-    SHA-256 (hashed as the chunks arrived). The files are not fsync'ed: whoever moves the
-    directory into place makes it durable."""
+    of an installed bundle. Every chunk matched the signed plan, and the members are exactly
+    the payload those chunks cut, at the sizes the signed manifest gives, so every member equals
+    what the signer hashed (the member SHA-256s are not computed again; see docs/security.md).
+    The files are not fsync'ed: whoever moves the directory into place makes it durable."""
 
     directory: Path
     verified: VerifiedManifest
@@ -337,9 +353,9 @@ class ChunkAssembler:
     ``bundle.ekb.part``, laid out as the final ``.ekb`` (tar headers, manifest and signature are
     written first), so finishing (:meth:`finish`) is a rename, not a copy.
     ``layout="files"``: each member is its own file in ``directory`` beside ``manifest.json``
-    and ``manifest.sig`` (the layout of an installed bundle), and members are hashed as their
-    chunks arrive, so :meth:`finish_staged` reads nothing back; an installer then moves the
-    directory into place instead of extracting a copy.
+    and ``manifest.sig`` (the layout of an installed bundle), so :meth:`finish_staged` reads
+    nothing back; an installer then moves the directory into place instead of extracting a
+    copy.
 
     Creating an assembler on a directory that already holds a partial download of the same
     bundle resumes it: each chunk's bytes on disk are re-hashed and the good ones kept (a chunk
@@ -383,10 +399,6 @@ class ChunkAssembler:
                 start += entry.size
                 existing += self._open(self.directory / entry.name, entry.size)
             self._file_size = start
-        # Members are hashed in payload order as chunks arrive (files layout): a chunk that
-        # arrives early is hashed from disk once the ones before it are there.
-        self._hashers = [hashlib.sha256() for _ in self._segments] if layout == self.FILES else []
-        self._hashed = 0  # chunks fed to the member hashes, in order
         self._have: set[int] = set()
         self._received = 0
         self.rejected = 0
@@ -397,7 +409,6 @@ class ChunkAssembler:
             if chunk is not None:
                 self._have.add(index)
                 self._received += self._expected_size(index)
-                self._hash_members(index, chunk)
         if self._have:
             log.info(
                 "resuming bundle %s: %d of %d chunks already stored",
@@ -457,20 +468,6 @@ class ChunkAssembler:
             return data
         return None
 
-    def _hash_members(self, index: int, data: bytes) -> None:
-        """Feed chunk ``index`` (just stored) to the member hashes if it is the next one in
-        payload order, then every stored chunk that follows it."""
-        if not self._hashers or index != self._hashed:
-            return
-        while True:
-            view = memoryview(data)
-            for in_chunk, seg, _, length in self._spans(self._hashed):
-                self._hashers[seg.slot].update(view[in_chunk : in_chunk + length])
-            self._hashed += 1
-            if self._hashed not in self._have:
-                return
-            data = self._pread(self._hashed)  # arrived early; checked when it was stored
-
     @property
     def chunk_count(self) -> int:
         return len(self._plan.sha256)
@@ -513,7 +510,6 @@ class ChunkAssembler:
             self._have.add(index)
             self._received += expected
             self.bad.discard(index)
-            self._hash_members(index, data)
             return ChunkResult.STORED
         self.rejected += 1
         self.bad.add(index)
@@ -554,21 +550,17 @@ class ChunkAssembler:
             raise
 
     def finish_staged(self) -> StagedBundle:
-        """The download as files (``layout="files"``), every member's SHA-256 checked against
-        the signed manifest (hashed as the chunks arrived). BundleError if one does not match:
-        the download is deleted, never left to be trusted later."""
+        """The download as files (``layout="files"``): every chunk matched the signed plan and
+        landed at the offset the signed member sizes give, so each member holds exactly the
+        payload bytes the signer cut into those chunks. Member SHA-256s are not computed again
+        (a second pass over every byte that only a signer's own inconsistency could fail; the
+        workstation's :func:`~edgekit.bundle.read_bundle` checks them before publishing, and
+        :meth:`BundleStore.read_installed <edgekit.agent.install.BundleStore.read_installed>`
+        at every restart)."""
         if self.layout != self.FILES:
             raise ValueError("finish_staged() needs the files layout; use finish() for an .ekb")
         self._check_complete()
         self.close()
-        for entry, hasher in zip(self.verified.manifest.files, self._hashers):
-            if hasher.hexdigest() != entry.sha256:
-                shutil.rmtree(self.directory, ignore_errors=True)
-                raise BundleError(
-                    f"{entry.name!r} of bundle {self.verified.manifest.label} does not match its SHA-256 "
-                    "in the signed manifest although every chunk matched the signed plan: the bundle was "
-                    "built wrong; create it again"
-                )
         return StagedBundle(self.directory, self.verified)
 
     def close(self) -> None:
@@ -683,7 +675,7 @@ def fetch_staged_bundle(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> StagedBundle:
     """Like :func:`fetch_bundle`, but the bundle is laid out as files in ``directory``
-    (:class:`StagedBundle`: the layout of an installed bundle, members hashed as they arrive),
+    (:class:`StagedBundle`: the layout of an installed bundle, every chunk checked),
     so a device installs it by moving the directory, without reading it back or copying it.
     A download completed earlier in ``directory`` is re-hashed from disk, not fetched again."""
     assembler = _fetch(

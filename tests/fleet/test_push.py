@@ -394,6 +394,29 @@ def test_a_will_saying_only_offline_keeps_what_the_device_served(mosquitto, edge
         assert report.online is False and report.bundle_id == "a" * 64
 
 
+def test_discovery_ends_once_the_devices_the_fleet_record_knows_have_reported(mosquitto, edgekit_home):
+    """push collects retained device states before it starts; when the fleet record names the
+    devices, hearing from all of them ends the wait (here a 60 s settle never elapses)."""
+    from edgekit import SigningKey
+    from edgekit.fleet.push import FleetLink, FleetRecord
+    from edgekit.mqtt import MqttClient
+    from edgekit.reports import DeviceStateReport
+
+    key = SigningKey.generate()
+    names = [f"cam-{i}" for i in range(3)]
+    with MqttClient(mosquitto.url, client_id="op").connect(timeout=10) as client:
+        for name in names:
+            report = DeviceStateReport(name, "lab", "idle")
+            client.publish(f"edgekit/devices/{name}/state", report.to_json(), retain=True).wait(10)
+        link = FleetLink(client, "lab", key, edgekit_home)
+        assert link.discover() == names  # no record yet: until a second passes without news
+        link.desire("b" * 64, "digits", "1.0.0")  # the record now names the devices heard from
+        assert FleetRecord.load(edgekit_home, "lab").devices == names
+    with MqttClient(mosquitto.url, client_id="op2").connect(timeout=10) as client:
+        link = FleetLink(client, "lab", key, edgekit_home)
+        assert link.discover(settle=60, limit=120) == names
+
+
 def test_canary_telemetry_in_the_agents_own_format_is_counted(mosquitto, edgekit_home):
     """The rollout judges canaries on the telemetry they send: records exactly as the agent
     writes them must be counted for the bundle being rolled out, and others ignored."""

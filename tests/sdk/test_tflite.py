@@ -38,6 +38,18 @@ def test_reader_matches_the_interpreter_on_a_third_party_model(third_party_tflit
     _agrees_with_interpreter(third_party_tflite.read_bytes())
 
 
+def test_a_model_loaded_from_its_file_runs_as_the_same_model_loaded_from_bytes(digits_models):
+    path = digits_models.int8
+    from_file, from_bytes = Model(path), Model(path.read_bytes())
+    inputs = [np.ones(d["shape"], d["dtype"]) for d in from_bytes.input_details]
+    assert [o.tolist() for o in from_file.run(inputs)] == [o.tolist() for o in from_bytes.run(inputs)]
+
+
+def test_a_missing_model_file_is_a_model_format_error(tmp_path):
+    with pytest.raises(ModelFormatError, match="cannot load the model"):
+        Model(tmp_path / "gone.tflite")
+
+
 def test_op_list_and_constants_of_the_int8_model(digits_models):
     data = digits_models.int8.read_bytes()
     info = inspect_tflite(data)

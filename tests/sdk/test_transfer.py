@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
+import tarfile
 import threading
 from pathlib import Path
 
 import pytest
 from edgekit import BundleError, SignatureError, SigningKey, TrustedKeys, UntrustedKeyError, read_bundle
-from edgekit.bundle import Bundle, create_bundle, manifest_id
+from edgekit.bundle import Bundle, create_bundle
 from edgekit.errors import BrokerError
-from edgekit.manifest import Manifest
 from edgekit.mqtt import MqttClient
 from edgekit.topics import Topics
 from edgekit.transfer import (
     ChunkAssembler,
     ChunkResult,
-    VerifiedManifest,
     bundle_messages,
     clear_bundle,
     fetch_bundle,
@@ -136,7 +136,7 @@ def test_assembler_never_stores_more_than_the_manifest_declares(
     assert part.stat().st_size == bundle_file.stat().st_size
 
 
-def test_files_layout_is_the_installed_layout_and_hashes_members_in_any_chunk_order(
+def test_files_layout_is_the_installed_layout_in_any_chunk_order(
     bundle: Bundle, trusted: TrustedKeys, tmp_path: Path
 ) -> None:
     chunks = chunks_of(bundle)
@@ -155,7 +155,7 @@ def test_files_layout_is_the_installed_layout_and_hashes_members_in_any_chunk_or
     }
 
 
-def test_files_layout_resumes_after_a_restart_and_still_hashes_every_member(
+def test_files_layout_resumes_after_a_restart_and_holds_every_member(
     bundle: Bundle, trusted: TrustedKeys, tmp_path: Path
 ) -> None:
     chunks = chunks_of(bundle)
@@ -171,27 +171,27 @@ def test_files_layout_resumes_after_a_restart_and_still_hashes_every_member(
     assert {e.name: (staged.directory / e.name).read_bytes() for e in bundle.manifest.files} == bundle.members
 
 
-def test_a_member_contradicting_its_signed_hash_is_refused_although_every_chunk_matches(
-    bundle: Bundle, key: SigningKey, trusted: TrustedKeys, tmp_path: Path
+def test_a_member_contradicting_its_signed_hash_is_refused_before_it_can_be_published(
+    bundle: Bundle, key: SigningKey, trusted: TrustedKeys
 ) -> None:
-    # A signer's bug, not an attack: the signed chunk plan covers the payload, a member hash does not.
+    # A signer's bug, not an attack: the signed chunk plan covers the payload, a member hash
+    # does not. Devices check chunks only (the members are the payload those chunks cut), so
+    # the workstation refuses such a bundle: every push target goes through read_bundle.
     doc = json.loads(bundle.manifest_bytes)
     doc["files"][0]["sha256"] = "0" * 64
     manifest_bytes = json.dumps(doc).encode()
-    signature = key.sign(manifest_bytes)
-    wrong = VerifiedManifest(
-        manifest_id(manifest_bytes),
-        Manifest.from_json(manifest_bytes),
-        manifest_bytes,
-        signature,
-        key.public.key_id,
-    )
-    assembler = ChunkAssembler(tmp_path / "dl", wrong, ChunkAssembler.FILES)
-    for index, data in enumerate(chunks_of(bundle)):
-        assert assembler.add(index, data) == ChunkResult.STORED
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in (
+            ("manifest.json", manifest_bytes),
+            ("manifest.sig", key.sign(manifest_bytes)),
+            *bundle.members.items(),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
     with pytest.raises(BundleError, match="does not match its SHA-256"):
-        assembler.finish_staged()
-    assert not (tmp_path / "dl").exists()  # never left to be trusted later
+        read_bundle(buffer.getvalue(), trusted)
 
 
 def test_manifest_message_for_another_digest_is_refused(bundle: Bundle, trusted: TrustedKeys) -> None:
