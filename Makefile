@@ -11,7 +11,7 @@ THIRD_PARTY_WHEEL := mediapipe==0.10.14
 # offline (PIP_NO_INDEX=1 PIP_FIND_LINKS=$(WHEELHOUSE)); edgekit itself is built by the test.
 WHEELHOUSE := .cache/wheelhouse
 
-.PHONY: setup test lint typecheck pytest demo mosquitto chromium shellcheck clean py39 test-agent-lean check-examples docs lock audit fuzz
+.PHONY: setup test lint typecheck pytest demo mosquitto chromium shellcheck clean py39 test-agent-lean check-examples docs lock audit fuzz soak
 
 setup: $(STAMP) mosquitto chromium shellcheck $(THIRD_PARTY)/.fetched $(WHEELHOUSE)/.fetched py39
 
@@ -160,3 +160,11 @@ fuzz: $(STAMP) $(AGENT_MODELS)/.complete
 	$(PIP) install --quiet atheris || echo "atheris does not install here: fuzzing with hypothesis"
 	$(PY) tests/fuzz_run.py --seconds $(FUZZ_SECONDS) --model $(AGENT_MODELS)/digits_fp32.tflite \
 	  --data $(AGENT_MODELS)/digits_test.npz --out .cache/fuzz
+
+# Soak (not part of `make test`): 50 real agents in 5 processes, `edgekit fleet serve` and a
+# Mosquitto of its own for SOAK_SECONDS, with pushes, rollbacks and canary aborts; fails unless
+# nothing was lost or stored twice and every process's memory stayed flat. Report in .cache/soak.json.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	$(PY) benchmarks/soak.py --seconds $(SOAK_SECONDS) --out .cache/soak.json $(SOAK_ARGS)

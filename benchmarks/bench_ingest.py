@@ -19,40 +19,16 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import Mosquitto, free_port
+
 POSTGRES = os.environ.get("EDGEKIT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    config = directory / "mosquitto.conf"
-    # No per-client queue cap: a burst faster than a subscriber must queue, not be dropped.
-    config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"
-        f"log_dest file {directory / 'mosquitto.log'}\n"
-    )
-    process = subprocess.Popen(["mosquitto", "-c", str(config)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit("mosquitto did not start")
 
 
 def payloads(messages: int, devices: int, run: str) -> list[tuple[str, bytes]]:
@@ -282,7 +258,10 @@ def main() -> None:
     if not shutil.which("mosquitto"):
         raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    broker_process, broker = start_mosquitto(tmp)
+    # No per-client queue cap: a burst faster than a subscriber must queue, not be dropped.
+    mosquitto = Mosquitto(port=free_port(), directory=tmp, extra_config="max_queued_messages 0\n")
+    mosquitto.start()
+    broker = mosquitto.url
     try:
         base = baseline(broker, args.messages, args.devices)
         backlog_base = baseline_backlog(broker, args.messages, args.devices)
@@ -326,8 +305,7 @@ def main() -> None:
                     for name in databases:
                         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
-        broker_process.kill()
-        broker_process.wait()
+        mosquitto.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"messages {args.messages:,} over {args.devices} devices; python {sys.version.split()[0]}; cores {os.cpu_count()}"

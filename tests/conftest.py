@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import Mosquitto, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 THIRD_PARTY_DIR = REPO / ".cache" / "third-party"
@@ -40,73 +37,6 @@ def edgekit_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 
 # -- Mosquitto ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Mosquitto:
-    """A Mosquitto broker of the test's own, on a free loopback port."""
-
-    port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
-    host: str = "127.0.0.1"
-    extra_config: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    @property
-    def config_path(self) -> Path:
-        return self.directory / "mosquitto.conf"
-
-    def write_config(self) -> None:
-        base = (
-            f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            # Started as root, Mosquitto drops to user mosquitto, which cannot write its log here.
-            + ("user root\n" if os.geteuid() == 0 else "")
-            + f"log_dest file {self.directory / 'mosquitto.log'}\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
-        )
-        self.config_path.write_text(base + self.extra_config)
-
-    def start(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            if not self.config_path.exists():
-                self.write_config()
-            self.process = subprocess.Popen(
-                ["mosquitto", "-c", str(self.config_path)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {err}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                # Polling the port is the readiness signal Mosquitto offers; bounded by the deadline.
-                time.sleep(0.02)
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout}s")
-
-    def stop(self, graceful: bool = False) -> None:
-        """kill -9 (default), or SIGTERM as `systemctl restart` does (persistence is saved)."""
-        if self.process is not None and self.process.poll() is None:
-            if graceful:
-                self.process.terminate()
-            else:
-                self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
 
 
 def _mosquitto_binary() -> str:

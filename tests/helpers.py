@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import socket
+import subprocess
 import tarfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,73 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass
+class Mosquitto:
+    """A Mosquitto broker of the caller's own (a test, the soak), on a free loopback port."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
+    extra_config: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "mosquitto.conf"
+
+    def write_config(self) -> None:
+        base = (
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            # Started as root, Mosquitto drops to user mosquitto, which cannot write its log here.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + f"log_dest file {self.directory / 'mosquitto.log'}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+        )
+        self.config_path.write_text(base + self.extra_config)
+
+    def start(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            if not self.config_path.exists():
+                self.write_config()
+            self.process = subprocess.Popen(
+                ["mosquitto", "-c", str(self.config_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {err}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                # Polling the port is the readiness signal Mosquitto offers; bounded by the deadline.
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout}s")
+
+    def stop(self, graceful: bool = False) -> None:
+        """kill -9 (default), or SIGTERM as `systemctl restart` does (persistence is saved)."""
+        if self.process is not None and self.process.poll() is None:
+            if graceful:
+                self.process.terminate()
+            else:
+                self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
 
 
 def tar_members(data: bytes) -> list[tuple[str, bytes]]:
@@ -37,8 +108,8 @@ def retar(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def make_unhealthy(source: Path, key: SigningKey, out: Path) -> None:
-    """Re-sign ``source`` with its health check's recorded outputs shifted by 1.0.
+def make_unhealthy(source: Path, key: SigningKey, out: Path, version: str = "9.0.0") -> None:
+    """Re-sign ``source`` as ``version`` with its health check's recorded outputs shifted by 1.0.
 
     The model is untouched and the bundle is signed by a trusted key, so only the health check
     can catch it: the model cannot reproduce outputs its author never got from it.
@@ -60,7 +131,7 @@ def make_unhealthy(source: Path, key: SigningKey, out: Path) -> None:
     payload = b"".join(members[f.name] for f in files)
     manifest = dataclasses.replace(
         bundle.manifest,
-        version="9.0.0",
+        version=version,
         files=files,
         chunks=chunk_plan(payload, bundle.manifest.chunks.chunk_size),
     )

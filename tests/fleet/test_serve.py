@@ -19,7 +19,8 @@ class Served:
     """A running `edgekit fleet serve --json` (or `fleet up`): its URLs, and its final counts
     once stopped."""
 
-    def __init__(self, args: list[str], log: Path, command: str = "serve") -> None:
+    def __init__(self, args: list[str], log: Path, command: str = "serve", new_session: bool = False) -> None:
+        """``new_session``: in a process group of its own, so a test can kill it with its workers."""
         self.log = log
         self.process = subprocess.Popen(
             [
@@ -36,6 +37,7 @@ class Served:
             stdout=subprocess.PIPE,
             stderr=log.open("wb"),
             text=True,
+            start_new_session=new_session,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()  # printed once every worker is connected
