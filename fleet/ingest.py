@@ -242,7 +242,8 @@ class Ingest:
             return self.stats.copy()
 
     def wait_for(self, predicate: Callable[[IngestStats], bool], timeout: float = 30.0) -> bool:
-        """Block until ``predicate(stats)`` holds after a commit; False on timeout."""
+        """Block until ``predicate(stats)`` holds after a commit or a database error; False on
+        timeout."""
         deadline = time.monotonic() + timeout
         with self.committed:
             while not predicate(self.stats):
@@ -337,7 +338,7 @@ class Ingest:
             try:
                 self._write(batch)
             except Exception:  # counted and logged; the loop must outlive any one batch
-                self.stats.db_errors += 1
+                self._db_error()
                 log.exception("ingest lost a batch of %d messages to an unexpected error", len(batch))
 
     def _write(self, batch: list[Pending]) -> None:
@@ -352,7 +353,7 @@ class Ingest:
                 break
             except (OperationalError, InterfaceError) as exc:
                 # The database is away (restarting, unreachable, locked): keep the batch, retry.
-                self.stats.db_errors += 1
+                self._db_error()
                 if self._stopping and delay >= self.retry_max:
                     log.error("ingest gives up on %d messages at stop: the database is away", len(batch))
                     return
@@ -361,13 +362,19 @@ class Ingest:
                 delay = min(delay * 2, self.retry_max)
             except (DBAPIError, SQLAlchemyError) as exc:
                 # A row the database refuses (should not pass the decoders): isolate it.
-                self.stats.db_errors += 1
+                self._db_error()
                 log.warning("registry refused a batch (%s); writing it row by row", _short(exc))
                 result = self._write_one_by_one(batch, fleets)
                 break
         for _, message, _ in batch:
             self.client.ack(message)
         self._count(result)
+
+    def _db_error(self) -> None:
+        with self._lock:
+            self.stats.db_errors += 1
+        with self.committed:  # waiters watch errors too (tests, the service's health)
+            self.committed.notify_all()
 
     def _write_one_by_one(self, batch: list[Pending], fleets: dict[str, str]) -> BatchResult:
         total = BatchResult(0, WriteResult(0, 0), WriteResult(0, 0))

@@ -196,7 +196,7 @@ def test_a_database_outage_keeps_the_batch_and_loses_nothing(postgres_url, start
     set_connections(postgres_url, False)
     try:
         publisher.send_many([(tele("cam-1"), telemetry_doc("cam-1", seq)) for seq in range(1, 51)])
-        assert ingest.wait_for(lambda s: s.db_errors >= 2, timeout=30) or ingest.snapshot().db_errors >= 2
+        assert ingest.wait_for(lambda s: s.db_errors >= 2, timeout=30)
     finally:
         set_connections(postgres_url, True)
     assert ingest.wait_for(lambda s: s.telemetry == 50)
@@ -213,9 +213,7 @@ def test_unacknowledged_messages_come_back_to_a_persistent_session(postgres_url,
     set_connections(postgres_url, False)
     try:
         publisher.send_many([(tele("cam-1"), telemetry_doc("cam-1", seq)) for seq in range(1, 21)])
-        assert crashed.wait_for(lambda s: s.db_errors >= 1 and s.received == 20, timeout=30) or (
-            crashed.snapshot().received == 20
-        )
+        assert crashed.wait_for(lambda s: s.db_errors >= 1 and s.received == 20, timeout=30)
         crashed.stop()  # gives up on the batch: the database is still away
         assert crashed.snapshot().telemetry == 0
     finally:
