@@ -165,6 +165,8 @@ class InferenceServer:
                     route = (method, self.path.split("?", 1)[0])
                     if route == ("POST", "/v1/predict"):
                         length = int(self.headers.get("Content-Length") or 0)
+                        if length < 0:
+                            raise _Refused(400, "bad request: a negative Content-Length")
                         if length > MAX_BODY:
                             raise _Refused(413, f"the body is over {MAX_BODY} bytes")
                         body = self.rfile.read(length)

@@ -306,6 +306,9 @@ def _worker(paths: list[str], options: _Options, index: int, parent: int, stop: 
     except EdgekitError as exc:
         ready.put((index, str(exc)))
         return
+    except Exception as exc:  # the parent waits for an answer: never leave it without one
+        ready.put((index, f"simulate worker {index} failed to start: {type(exc).__name__}: {exc}"))
+        raise
     ready.put((index, fleet.wait_connected(options.connect_timeout)))
     while not stop.wait(ORPHAN_CHECK_S):
         if os.getppid() != parent:  # the parent was killed: do not run on as an orphan
@@ -382,8 +385,20 @@ def run_simulation(
     summaries: list[DeviceSummary] = []
     try:
         failures, connected = [], 0
-        for _ in workers:
-            _, answer = ready.get()
+        answered: set[int] = set()
+        while len(answered) < len(workers):
+            try:
+                index, answer = ready.get(timeout=1.0)
+            except queue.Empty:
+                if stop.is_set():
+                    break
+                dead = [i for i, w in enumerate(workers) if i not in answered and w.exitcode is not None]
+                if dead:
+                    raise EdgekitError(
+                        f"simulate worker {dead[0]} exited with {workers[dead[0]].exitcode} before it started"
+                    ) from None
+                continue
+            answered.add(index)
             if isinstance(answer, str):
                 failures.append(answer)
             else:

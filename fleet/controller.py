@@ -108,7 +108,11 @@ class RolloutController:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # counted and logged: the controller must outlive any one rollout
+                self.errors += 1
+                log.exception("the rollout controller failed a round; trying again")
             self._stop.wait(self.interval)
 
     def tick(self) -> None:

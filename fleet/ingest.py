@@ -143,10 +143,9 @@ def _utc(seconds: float) -> datetime:
 class Ingest:
     """One ingest worker: ``start()`` subscribes and returns; ``stop()`` flushes and returns.
 
-    ``client`` is an unconnected :func:`ingest_client`. ``metrics`` (a
-    :class:`~edgekit.fleet.dashboard.FleetMetrics`) is fed in-process; ``on_batch`` is called
-    on the writer thread after every committed batch (the service sends counts to the process
-    that serves ``/metrics`` this way).
+    ``client`` is an unconnected :func:`ingest_client`. Counts are in :meth:`snapshot`; the
+    service (:mod:`edgekit.fleet.service`) sends their increases to the process that serves
+    ``/metrics``.
     """
 
     def __init__(
@@ -159,8 +158,6 @@ class Ingest:
         owns_state: bool = True,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_delay: float = DEFAULT_MAX_DELAY,
-        metrics: Optional[object] = None,
-        on_batch: Optional[Callable[[IngestStats], None]] = None,
         retry_min: float = 0.2,
         retry_max: float = 10.0,
     ) -> None:
@@ -180,8 +177,6 @@ class Ingest:
         self.owns_state = owns_state
         self.batch_size = batch_size
         self.max_delay = max_delay
-        self.metrics = metrics
-        self.on_batch = on_batch
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.stats = IngestStats()
@@ -191,7 +186,6 @@ class Ingest:
         self._first_at = 0.0
         self._stopping = False
         self._writer: Optional[threading.Thread] = None
-        self._reported = IngestStats()
         #: Set after each committed batch (tests and benchmarks wait on it).
         self.committed = threading.Condition()
 
@@ -258,8 +252,6 @@ class Ingest:
     def _reject(self, message: Message, kind: str, reason: str, why: str) -> None:
         with self._lock:
             self.stats.rejected[(kind, reason)] = self.stats.rejected.get((kind, reason), 0) + 1
-        if self.metrics is not None:
-            self.metrics.rejected.labels(kind=kind, reason=reason).inc()  # type: ignore[attr-defined]
         log.warning("dropped a %s message on %s (%s): %s", kind, message.topic, reason, why)
         self.client.ack(message)
 
@@ -405,16 +397,6 @@ class Ingest:
             stats.telemetry_duplicates += result.telemetry.duplicates
             stats.events += result.events.inserted
             stats.event_duplicates += result.events.duplicates
-            snapshot = stats.copy()
-        if self.metrics is not None:
-            self.metrics.ingested.inc(result.telemetry.inserted)  # type: ignore[attr-defined]
-            self.metrics.duplicates.inc(result.telemetry.duplicates)  # type: ignore[attr-defined]
-        if self.on_batch is not None:
-            delta, self._reported = snapshot.minus(self._reported), snapshot
-            try:
-                self.on_batch(delta)
-            except Exception:
-                log.exception("ingest on_batch callback failed")
         with self.committed:
             self.committed.notify_all()
 

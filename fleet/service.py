@@ -282,10 +282,11 @@ class FleetService:
                 log.error("ingest worker %s did not stop in time; terminating it", process.name)
                 process.terminate()
                 process.join(5)
-        with self._lock:  # every worker's last report is in once its "done" marker arrived
-            self._lock.wait_for(
-                lambda: self._done >= set(self._workers), max(0.1, deadline - time.monotonic())
-            )
+        # Every worker's last report is in once its "done" marker arrived; a worker that crashed
+        # or was terminated sends none, so only those that exited cleanly are waited for.
+        clean = {i for i, process in self._workers.items() if process.exitcode == 0}
+        with self._lock:
+            self._lock.wait_for(lambda: self._done >= clean, max(0.1, deadline - time.monotonic()))
         self._reports.put(None)
         for thread in self._threads:
             thread.join(10)

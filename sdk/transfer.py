@@ -737,6 +737,9 @@ def _fetch(
         except OSError as exc:  # a full disk: no point fetching on
             fail(_storage_failed(exc, Path(directory)))
             return
+        except BundleError as exc:  # a short write: the disk filled up under us
+            fail(exc)
+            return
         if index in refetching and result not in ChunkResult.BAD:
             refetching.discard(index)
             client.unsubscribe(topics.bundle_chunk(digest, index))
