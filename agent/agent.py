@@ -314,6 +314,12 @@ class Agent:
         served = self._served
         return None if served is None or served.drift is None else served.drift.report()
 
+    def served_bundle(self) -> LoadedBundle | None:
+        """The bundle being served (manifest, directory, model), or None: cheap, for hot paths
+        that need only what is served (``status()`` also reads the store and the drift report)."""
+        served = self._served
+        return served.loaded if served is not None else None
+
     def status(self) -> AgentStatus:
         served = self._served
         loaded = served.loaded if served is not None else None

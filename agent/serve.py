@@ -124,15 +124,17 @@ class InferenceServer:
             if not isinstance(request, dict) or ("inputs" in request) == ("instances" in request):
                 raise _Refused(400, 'send a JSON object with either "inputs" or "instances"')
         raw = request.get("raw", False) is True
-        status = self.agent.status()
-        single = len(status.inputs) == 1
+        loaded = self.agent.served_bundle()
+        single = loaded is None or len(loaded.manifest.inputs) == 1
 
         def run(x: Any) -> Any:
             # JSON has no arrays: for a one-input model a nested list is that one array.
             value = np.asarray(x) if single and isinstance(x, list) else x
             return _jsonable(self.agent.predict(value, as_dict=True, raw=raw))
 
-        reply: dict[str, Any] = {"bundle": {"name": status.name, "version": status.version}}
+        reply: dict[str, Any] = {
+            "bundle": {"name": loaded.manifest.name, "version": loaded.manifest.version} if loaded else None
+        }
         if "instances" in request:
             instances = request["instances"]
             if not isinstance(instances, list):
