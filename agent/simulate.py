@@ -36,12 +36,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 from edgekit.errors import EdgekitError
 from edgekit.healthcheck import load_healthcheck
-from edgekit.manifest import Manifest
 from edgekit.runtime import dequantize
 
 from .agent import Agent
 from .config import AgentConfig
 from .daemon import AgentDaemon
+from .install import LoadedBundle
 
 __all__ = ["DEFAULT_DRIFT_SHIFT", "DeviceSummary", "SimulatedFleet", "run_simulation"]
 
@@ -219,11 +219,12 @@ class SimulatedFleet:
             )
         return result
 
-    def _inputs_for(self, agent: Agent, bundle_id: str) -> Optional[_Inputs]:
+    def _inputs_for(self, loaded: LoadedBundle) -> Optional[_Inputs]:
         if self._given is not None:
             return self._given
+        bundle_id = loaded.bundle.bundle_id
         if bundle_id not in self._by_bundle:
-            self._by_bundle[bundle_id] = _healthcheck_inputs(agent, self.drift_shift)
+            self._by_bundle[bundle_id] = _healthcheck_inputs(loaded, self.drift_shift)
         return self._by_bundle[bundle_id]
 
     def _feed(self) -> None:
@@ -233,10 +234,10 @@ class SimulatedFleet:
         while not self._stop.is_set():
             for daemon in list(self.daemons):
                 agent = daemon.agent
-                status = agent.status()
-                if not status.serving or status.bundle_id is None:
+                loaded = agent.served_bundle()
+                if loaded is None:
                     continue
-                inputs = self._inputs_for(agent, status.bundle_id)
+                inputs = self._inputs_for(loaded)
                 if inputs is None:
                     continue
                 try:
@@ -262,20 +263,16 @@ def _stop_device(daemon: AgentDaemon) -> None:
         daemon.agent.close()
 
 
-def _healthcheck_inputs(agent: Agent, shift: float) -> Optional[_Inputs]:
-    """The serving bundle's health-check inputs (first input), as real values; None if it has none."""
-    current = agent.store.pointer()["current"]
-    if current is None:
-        return None
-    directory = agent.store.bundles / current
+def _healthcheck_inputs(loaded: LoadedBundle, shift: float) -> Optional[_Inputs]:
+    """The served bundle's health-check inputs (first input), as real values; None if it has none."""
+    manifest, directory = loaded.manifest, loaded.directory
     try:
-        manifest = Manifest.from_json((directory / "manifest.json").read_bytes())
         entry = manifest.file("healthcheck")
         if entry is None or not manifest.inputs:
             return None
         feeds, _ = load_healthcheck((directory / entry.name).read_bytes(), len(manifest.inputs), 0)
     except (OSError, EdgekitError) as exc:
-        log.warning("no simulated inputs for bundle %s: %s", current, exc)
+        log.warning("no simulated inputs for bundle %s: %s", directory.name, exc)
         return None
     spec = manifest.inputs[0]
     values = dequantize(feeds[0], spec) if spec.quantized else feeds[0]
