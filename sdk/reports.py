@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
+import orjson
+
 from .errors import MessageError
 
 __all__ = [
@@ -72,12 +74,14 @@ def _refuse(reason: str, message: str) -> MessageError:
 
 def decode_json_message(payload: bytes, schema: str, version: int, what: str) -> dict[str, Any]:
     """A JSON object of ``schema`` at ``version``, or MessageError: the one defensive decoder
-    every device-to-fleet message goes through."""
+    every device-to-fleet message goes through. Strict JSON in UTF-8 (RFC 8259, parsed by
+    orjson): NaN, Infinity, numbers too large for a double and lone surrogates are refused as
+    ``not_json``, so every float of a decoded message is finite without walking it again."""
     if len(payload) > MAX_REPORT_SIZE:
         raise _refuse("oversized", f"{what} is {len(payload)} bytes, over the {MAX_REPORT_SIZE}-byte limit")
     try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
         raise _refuse("not_json", f"{what} is not JSON ({exc})") from None
     return _check_schema(doc, schema, version, what)
 
@@ -160,12 +164,13 @@ def _bundle(doc: dict[str, Any], what: str) -> Optional[Dict[str, str]]:
     value = doc.get("bundle")
     if value is None:
         return None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and len(v) <= MAX_NAME and "\0" not in v
-        for k, v in value.items()
-    ):
-        raise _bad(what, "bundle", f"an object of strings of at most {MAX_NAME} characters, or null")
-    return value
+    if type(value) is dict:
+        for key, text in value.items():  # a plain loop: this runs for every telemetry record
+            if type(key) is not str or type(text) is not str or len(text) > MAX_NAME or "\0" in text:
+                break
+        else:
+            return value
+    raise _bad(what, "bundle", f"an object of strings of at most {MAX_NAME} characters, or null")
 
 
 # -- state ----------------------------------------------------------------------------------------
@@ -265,26 +270,32 @@ class TelemetryRecord:
     @classmethod
     def from_json(cls, payload: bytes) -> TelemetryRecord:
         """Decode and validate the bytes of one telemetry message; MessageError if bad."""
-        return cls.from_dict(decode_json_message(payload, TELEMETRY_SCHEMA, SCHEMA_VERSION, "telemetry"))
+        doc = decode_json_message(payload, TELEMETRY_SCHEMA, SCHEMA_VERSION, "telemetry")
+        return cls._from_doc(doc, finite=True)  # the strict decoder let no NaN or infinity in
 
     @classmethod
     def from_dict(cls, doc: Any) -> TelemetryRecord:
+        """Validate a telemetry record given as a dict (from anywhere); MessageError if bad."""
+        return cls._from_doc(_check_schema(doc, TELEMETRY_SCHEMA, SCHEMA_VERSION, "telemetry"), finite=False)
+
+    @classmethod
+    def _from_doc(cls, doc: dict[str, Any], finite: bool) -> TelemetryRecord:
         what = "telemetry"
-        doc = _check_schema(doc, TELEMETRY_SCHEMA, SCHEMA_VERSION, what)
         latency = doc.get("latency_ms")
-        if not isinstance(latency, dict) or not all(
-            latency.get(k) is None or (_number(latency[k]) and math.isfinite(latency[k]))
-            for k in ("p50", "p95", "p99")
-        ):
+        if type(latency) is not dict:
             raise _bad(what, "latency_ms", "an object of p50, p95, p99 numbers or nulls")
+        latency = {k: latency.get(k) for k in ("p50", "p95", "p99")}
+        for value in latency.values():
+            if value is not None and (not _number(value) or not math.isfinite(value)):
+                raise _bad(what, "latency_ms", "an object of p50, p95, p99 numbers or nulls")
         drift = doc.get("drift")
         if (
-            not isinstance(drift, dict)
-            or not isinstance(drift.get("drifted", False), bool)
-            or not isinstance(drift.get("scores", {}), dict)
+            type(drift) is not dict
+            or type(drift.get("drifted", False)) is not bool
+            or type(drift.get("scores", {})) is not dict
         ):
             raise _bad(what, "drift", "an object with a boolean 'drifted' and an object 'scores'")
-        if not _finite(drift):
+        if not finite and not _finite(drift):
             raise _bad(what, "drift", "finite numbers (no NaN or infinity)")
         throughput: Any = doc.get("throughput", 0.0)
         if not _number(throughput) or not math.isfinite(throughput) or throughput < 0:
@@ -297,7 +308,7 @@ class TelemetryRecord:
             window_end=_time(doc, "window_end", what),
             count=_int(doc, "count", what),
             errors=_int(doc, "errors", what),
-            latency_ms={k: latency.get(k) for k in ("p50", "p95", "p99")},
+            latency_ms=latency,
             throughput=float(throughput),
             drift=drift,
             bundle=_bundle(doc, what),

@@ -62,6 +62,11 @@ def bad_messages(kind: str, good: dict) -> list[tuple[str, bytes | dict]]:
     cases: list[tuple[str, bytes | dict]] = [
         ("not_json", b"{not json"),
         ("not_json", b"\xff\xfe binary"),
+        # Strict JSON: no NaN or Infinity, no number that overflows a double, no lone surrogate.
+        ("not_json", b'{"schema": "x", "count": NaN}'),
+        ("not_json", b'{"schema": "x", "count": -Infinity}'),
+        ("not_json", b'{"schema": "x", "count": 1e400}'),
+        ("not_json", b'{"schema": "x", "device": "\\ud800"}'),
         ("wrong_schema", {**good, "schema": "edgekit.other"}),
         ("wrong_schema", b"[1, 2, 3]"),
         ("wrong_version", {**good, "schema_version": 2}),

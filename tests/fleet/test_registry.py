@@ -8,7 +8,11 @@ import pytest
 from edgekit import ConfigError
 from edgekit.fleet.registry import DeviceState, EventRow, Registry, TelemetryRow
 from edgekit.fleet.registry.models import Base
-from sqlalchemy import inspect
+from edgekit.fleet.registry.store import _bind_processor
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Boolean, DateTime, Float, inspect
+from sqlalchemy.dialects import sqlite
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -125,3 +129,34 @@ def test_bad_registry_urls_are_config_errors(tmp_path):
         Registry("mysql://nobody@localhost/x")
     with pytest.raises(ConfigError, match="cannot open the registry"):
         Registry(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.one_of(
+        st.datetimes(min_value=datetime(1000, 1, 1), timezones=st.just(timezone.utc)),
+        st.datetimes(
+            min_value=datetime(1000, 1, 2), timezones=st.sampled_from([None, timezone(timedelta(hours=-5))])
+        ),
+        st.booleans(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(-(2**40), 2**40),
+    )
+)
+def test_sqlite_bulk_writes_store_what_sqlalchemy_would(value) -> None:
+    """Ingest's SQLite fast path converts values itself (store._bind_processor): the stored
+    value must be exactly SQLAlchemy's own, or reads through the ORM would differ."""
+    dialect = sqlite.dialect()
+    column = (
+        DateTime(timezone=True)
+        if isinstance(value, datetime)
+        else Boolean()
+        if isinstance(value, bool)
+        else Float()
+    )
+    if isinstance(value, int) and not isinstance(value, bool):
+        column = Float()
+    ours = _bind_processor(column, dialect)
+    theirs = column.dialect_impl(dialect).bind_processor(dialect)
+    expected = theirs(value) if theirs else value
+    assert (ours(value) if ours else value) == expected
