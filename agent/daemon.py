@@ -285,8 +285,8 @@ class AgentDaemon:
     # -- install worker -----------------------------------------------------------------------
 
     def _serving_id(self) -> Optional[str]:
-        status = self.agent.status()
-        return status.bundle_id if status.serving else None
+        served = self.agent.served_bundle()
+        return served.bundle.bundle_id if served is not None else None
 
     def _worker(self) -> None:
         while not self._stop.is_set():
@@ -384,14 +384,14 @@ class AgentDaemon:
         wait: Optional[float] = None,
     ) -> None:
         """Publish this device's state (retained); ``wait`` seconds at most for the broker's ack."""
-        info = self.agent.status()
+        served = self.agent.served_bundle()  # not status(): no disk read, no drift report
         report = DeviceStateReport(
             device=self.device,
             fleet=self.fleet,
-            status=status or ("serving" if info.serving else "idle"),
-            bundle_id=info.bundle_id,
-            bundle_name=info.name,
-            bundle_version=info.version,
+            status=status or ("serving" if served is not None else "idle"),
+            bundle_id=served.bundle.bundle_id if served else None,
+            bundle_name=served.manifest.name if served else None,
+            bundle_version=served.manifest.version if served else None,
             target_id=target.bundle_sha256 if target else None,
             target_seq=target.seq if target else None,
             progress=progress,

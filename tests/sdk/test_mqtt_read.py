@@ -11,7 +11,7 @@ import threading
 import uuid
 
 import pytest
-from edgekit.mqtt import MalformedPacketError, MqttClient, _PacketReader
+from edgekit.mqtt import MalformedPacketError, MqttClient, _PacketReader, topic_matches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mqtt_helpers import Inbox
@@ -192,3 +192,23 @@ def test_a_non_utf8_topic_is_counted_dropped_and_still_acknowledged(scripted) ->
         scripted.wait(lambda b: b"\x40" + struct.pack("!H", 41) in b.received)
         assert client.unroutable == 1
         assert b"\x40" + struct.pack("!H", 42) not in scripted.received  # that one is the app's
+
+
+_LEVELS = st.sampled_from(["a", "b", "", "$x", "+", "#"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    filter_levels=st.lists(_LEVELS, min_size=1, max_size=4),
+    topic_levels=st.lists(st.sampled_from(["a", "b", "", "$x"]), min_size=1, max_size=4),
+)
+def test_topic_matching_agrees_with_paho(filter_levels: list[str], topic_levels: list[str]) -> None:
+    """edgekit matches topics itself (paho's matcher costs ~100 µs a call); the rules must be
+    the same as paho's for every valid filter ('#' last only)."""
+    from paho.mqtt.client import topic_matches_sub
+
+    if "#" in filter_levels[:-1]:
+        return  # not a valid filter
+    topic_filter, topic = "/".join(filter_levels), "/".join(topic_levels)
+    assert topic_matches(topic_filter, topic) == topic_matches_sub(topic_filter, topic)
+    assert topic_matches(f"$share/g/{topic_filter}", topic) == topic_matches_sub(topic_filter, topic)
