@@ -723,10 +723,7 @@ def _fetch(
         done.set()
 
     def on_chunk(message: Message) -> None:
-        if done.is_set():
-            return
-        if not assembler_box:  # before the manifest was verified: dropped unread, asked for again
-            early.append(True)
+        if done.is_set() or not assembler_box:
             return
         assembler = assembler_box[0]
         try:
@@ -782,17 +779,10 @@ def _fetch(
             return
         if progress is not None:
             progress(assembler.received_bytes, assembler.total_bytes)
-        if early:  # subscribing again makes the broker send its retained chunks again
-            client.subscribe(topics.bundle_chunks_filter(digest), on_chunk, timeout=None)
+        client.subscribe(topics.bundle_chunks_filter(digest), on_chunk, timeout=None)
 
-    # Both subscriptions at once, manifest first: the broker sends the retained manifest before
-    # any chunk (one connection keeps its order), so the chunks stream in right behind it
-    # instead of a round trip later. A chunk is only ever stored once the signed manifest that
-    # lists its hash was verified; one that came first is dropped and asked for again.
     manifest_topic = topics.bundle_manifest(digest)
-    early: list[bool] = []
     client.subscribe(manifest_topic, on_manifest, timeout=None)
-    client.subscribe(topics.bundle_chunks_filter(digest), on_chunk, timeout=None)
     try:
         if not done.wait(timeout):
             what = "its manifest" if not assembler_box else f"{len(assembler_box[0].missing)} chunks"
