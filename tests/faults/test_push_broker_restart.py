@@ -14,12 +14,25 @@ from pathlib import Path
 
 from edgekit import SigningKey, create_bundle
 from edgekit.keys import load_signing_key
+from edgekit.reports import DeviceStateReport
 from watcher import Watcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fleet"))
 from test_push import Fleet, edgekit, push_and_wait
 
 DEVICES = ["cam-1", "cam-2", "cam-3"]
+
+
+def downloaded(watcher: Watcher, device: str, since: int = 0) -> float:
+    """The furthest download progress ``device`` reported in the messages from ``since`` on."""
+    topic = f"edgekit/devices/{device}/state"
+    progress = [0.0]
+    for message in watcher.messages[since:]:
+        if message.topic == topic and message.payload:
+            state = DeviceStateReport.from_json(message.payload)
+            if state.status == "downloading":
+                progress.append(state.progress or 0.0)
+    return max(progress)
 
 
 def test_a_broker_restart_in_the_middle_of_a_push_does_not_stop_the_rollout(
@@ -33,11 +46,12 @@ def test_a_broker_restart_in_the_middle_of_a_push_does_not_stop_the_rollout(
     mosquitto.start()
     assert edgekit("keys", "init").returncode == 0
     key: SigningKey = load_signing_key(edgekit_home)
-    # A bundle of a few hundred chunks, so the restart lands in the middle of the downloads.
+    # A bundle of a few hundred chunks, big enough that three devices on two cores take most of
+    # a second to fetch it, so the restart lands in the middle of the downloads.
     padded = tmp_path / "padded.tflite"
-    padded.write_bytes(models.fp32.read_bytes() + bytes(range(256)) * 8192)  # +2 MiB, ignored
+    padded.write_bytes(models.fp32.read_bytes() + bytes(range(256)) * 96 * 1024)  # +24 MiB, ignored
     bundle = tmp_path / "digits-1.0.0.ekb"
-    create_bundle(padded, name="digits", version="1.0.0", key=key, output=bundle, chunk_size=8 * 1024)
+    create_bundle(padded, name="digits", version="1.0.0", key=key, output=bundle, chunk_size=64 * 1024)
     fleet = Fleet(tmp_path, mosquitto.url, edgekit_home)
     watcher = Watcher(mosquitto.url)
     pool = ThreadPoolExecutor(1)
@@ -47,16 +61,17 @@ def test_a_broker_restart_in_the_middle_of_a_push_does_not_stop_the_rollout(
         watcher.wait_for(lambda _: all(watcher.states(d) for d in DEVICES))
         push = pool.submit(push_and_wait, bundle, mosquitto.url)  # --wait --json, in a thread
         watcher.wait_for(
-            lambda _: any(
-                s.status == "downloading" and (s.progress or 0) > 0
-                for d in DEVICES
-                for s in watcher.states(d)
-            ),
+            lambda _: any(s.status == "downloading" for d in DEVICES for s in watcher.states(d)),
             timeout=60,
         )
         mosquitto.stop(graceful=True)
+        before = {d: downloaded(watcher, d) for d in DEVICES}
+        seen = len(watcher.messages)
         mosquitto.start()
         outcome = push.result(timeout=180)  # asserts the push exited 0
+        # The downloads went on after the restart: some device stored chunks it did not have.
+        after = {d: downloaded(watcher, d, since=seen) for d in DEVICES}
+        assert any(after[d] > before[d] for d in DEVICES), (before, after)
         assert outcome["phase"] == "done" and outcome["failed"] == {}
         assert {d: s["version"] for d, s in outcome["devices"].items()} == dict.fromkeys(DEVICES, "1.0.0")
         watcher.close()
