@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from mqtt_helpers import mqtt_packet
+
 __all__ = ["ReplayResult", "replay"]
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value % 128, value // 128
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def _string(value: str) -> bytes:
@@ -45,12 +41,12 @@ def _connect_packet(client_id: str, username: Optional[str], password: Optional[
         body += _string(username)
     if password is not None:
         body += _string(password)
-    return b"\x10" + _varint(len(body)) + body
+    return mqtt_packet(0x10, body)
 
 
 def _publish_packet(topic: str, payload: bytes, mid: int) -> bytes:
     body = _string(topic) + struct.pack("!H", mid) + payload
-    return b"\x32" + _varint(len(body)) + body
+    return mqtt_packet(0x32, body)
 
 
 @dataclass(frozen=True)

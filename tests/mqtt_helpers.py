@@ -53,3 +53,18 @@ class Events:
         with self._cond:
             if not self._cond.wait_for(lambda: self.events.count(value) >= count, timeout):
                 raise AssertionError(f"timed out waiting for {count}x connected={value}: {self.events}")
+
+
+def varint(value: int) -> bytes:
+    """An MQTT variable byte integer (a remaining length)."""
+    out = bytearray()
+    while True:
+        byte, value = value % 128, value // 128
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def mqtt_packet(header: int, body: bytes) -> bytes:
+    """A control packet: its first byte, the remaining length, the rest."""
+    return bytes([header]) + varint(len(body)) + body

@@ -46,7 +46,13 @@ class NetCut:
                 continue
             upstream.settimeout(None)
             with self._lock:
-                self._open += [client, upstream]
+                down = self._down or self._closed
+                if not down:  # a cut() while we connected upstream must take this pair too
+                    self._open += [client, upstream]
+            if down:
+                client.close()
+                upstream.close()
+                continue
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 

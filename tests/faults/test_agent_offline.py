@@ -119,13 +119,18 @@ def test_telemetry_of_an_outage_is_replayed_without_gap_or_duplicate_and_drops_a
         assert last is not None
         midway = last.seq - BOUND // 2
 
+        cut_done = threading.Event()
+
         def cut_midway(message) -> None:
-            if json.loads(message.payload)["seq"] == midway:
+            if json.loads(message.payload)["seq"] == midway and not cut_done.is_set():
                 link.cut()
+                cut_done.set()
 
         checker.subscribe(Topics().device_telemetry("pi-01"), cut_midway, qos=1)
         link.restore()
         got.wait_for(lambda ms: any(json.loads(m.payload)["seq"] == midway for m in ms[before:]))
+        # Restore only after the cut (it runs on the checker's thread, after `got` saw the record).
+        assert cut_done.wait(30)
         links.wait_count(False, 4)
         link.restore()
         arrived(last.seq)

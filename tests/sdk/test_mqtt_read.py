@@ -14,20 +14,7 @@ import pytest
 from edgekit.mqtt import MalformedPacketError, MqttClient, _PacketReader, topic_matches
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mqtt_helpers import Inbox
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value % 128, value // 128
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _packet(header: int, body: bytes) -> bytes:
-    return bytes([header]) + _varint(len(body)) + body
+from mqtt_helpers import Inbox, mqtt_packet
 
 
 def _read_all(reader: _PacketReader, pieces: list[bytes]) -> list[tuple[int, bytes]]:
@@ -47,7 +34,7 @@ bodies = st.one_of(st.binary(max_size=300), st.binary(min_size=16_380, max_size=
     cuts=st.lists(st.integers(0, 40_000), max_size=30),
 )
 def test_the_packet_reader_returns_every_packet_whatever_the_reads_cut(packets, cuts) -> None:
-    stream = b"".join(_packet(header, body) for header, body in packets)
+    stream = b"".join(mqtt_packet(header, body) for header, body in packets)
     points = sorted({c for c in cuts if 0 < c < len(stream)})
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
     assert _read_all(_PacketReader(), pieces) == packets
@@ -165,7 +152,7 @@ def scripted():
 
 
 def _publish(topic: bytes, payload: bytes, mid: int) -> bytes:
-    return _packet(0x32, struct.pack("!H", len(topic)) + topic + struct.pack("!H", mid) + payload)
+    return mqtt_packet(0x32, struct.pack("!H", len(topic)) + topic + struct.pack("!H", mid) + payload)
 
 
 def test_a_malformed_packet_drops_the_connection_and_the_client_connects_again(scripted) -> None:
@@ -173,7 +160,7 @@ def test_a_malformed_packet_drops_the_connection_and_the_client_connects_again(s
     with MqttClient(f"mqtt://127.0.0.1:{scripted.port}?protocol=3.1.1", reconnect_min=0.05) as client:
         client.subscribe("t/#", inbox)
         # A topic length running past the end of its packet.
-        scripted.connections[0].sendall(_packet(0x32, b"\x00\x50t/x\x00\x01"))
+        scripted.connections[0].sendall(mqtt_packet(0x32, b"\x00\x50t/x\x00\x01"))
         scripted.wait(lambda b: sum(p[:1] == b"\x82" for p in b.received) == 2)  # subscribed again
         scripted.connections[1].sendall(_publish(b"t/ok", b"fine", 7))
         assert inbox.wait_topic("t/ok").payload == b"fine"
