@@ -263,8 +263,6 @@ class MalformedPacketError(ValueError):
     """The broker sent bytes that are not a well-formed MQTT packet (the connection is dropped)."""
 
 
-#: The largest MQTT remaining length (four bytes of variable-length integer).
-_MAX_REMAINING = 268_435_455
 _PUBLISH = 0x30
 _PUBACK = struct.Struct("!BBH")
 #: Bytes asked of the socket per read: many telemetry messages, or a whole bundle chunk.
@@ -375,7 +373,7 @@ class _PahoClient(paho.Client):
             except (MalformedPacketError, MQTTException, struct.error, IndexError, ValueError) as exc:
                 self._easy_log(paho.MQTT_LOG_ERR, "received a malformed packet: %s", exc)
                 rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-            if rc:
+            if rc > 0:  # as paho's own loop_read: MQTT_ERR_AGAIN (-1) is not an error
                 return self._loop_rc_handle(rc)
             if len(data) < _RECV_SIZE and not getattr(sock, "pending", lambda: 0)():
                 return MQTTErrorCode.MQTT_ERR_SUCCESS  # drained: let paho write and keep alive
@@ -396,7 +394,7 @@ class _PahoClient(paho.Client):
                     self._flush(messages, acks)
                     messages, acks = [], []
                 rc = self._paho_handle(header, buffer[start:end])
-                if rc or self._sock is None:
+                if rc > 0 or self._sock is None:  # an error, or paho closed the connection
                     return rc
                 continue
             if qos == 3:

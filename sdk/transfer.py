@@ -428,8 +428,8 @@ class ChunkAssembler:
 
     def reserve(self) -> None:
         """Allocate the download's whole size on disk now (``posix_fallocate``): a disk without
-        room fails here, before a byte is fetched, and the chunk writes that follow only copy.
-        A device calls it while the broker starts sending, so it costs no time on the way.
+        room fails here, before any chunk is stored, and the chunk writes that follow only copy.
+        The fetch calls it right after asking for the chunks, while they are on their way.
         OSError (ENOSPC) if there is no room; nothing where the file system cannot preallocate."""
         for fd in self._fds:
             size = os.fstat(fd).st_size
