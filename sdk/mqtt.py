@@ -433,29 +433,25 @@ class _PahoClient(paho.Client):
         self._packet_queue(paho.PUBACK, b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]), 0, 0)
 
     def _paho_handle(self, header: int, body: bytes) -> MQTTErrorCode:
-        self._in_packet = {
-            "command": header,
-            "have_remaining": 1,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": len(body),
-            "packet": bytearray(body),
-            "to_process": 0,
-            "pos": 0,
-        }
+        self._in_packet = _in_packet(header, body)
         try:
             return self._packet_handle()
         finally:
-            self._in_packet = {
-                "command": 0,
-                "have_remaining": 0,
-                "remaining_count": [],
-                "remaining_mult": 1,
-                "remaining_length": 0,
-                "packet": bytearray(b""),
-                "to_process": 0,
-                "pos": 0,
-            }
+            self._in_packet = _in_packet(0, b"")  # as paho leaves it between packets
+
+
+def _in_packet(header: int, body: bytes) -> Any:
+    """paho's ``_in_packet`` for a whole packet read here (``header`` 0: no packet)."""
+    return {
+        "command": header,
+        "have_remaining": 1 if header else 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": len(body),
+        "packet": bytearray(body),
+        "to_process": 0,
+        "pos": 0,
+    }
 
 
 class MqttClient:
