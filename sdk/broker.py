@@ -423,6 +423,9 @@ def write_mosquitto_config(
         "allow_anonymous false",
         "# No client may send a larger packet (the largest chunk edgekit makes, with its topic).",
         f"max_packet_size {MAX_MESSAGE_SIZE}",
+        "# Send every packet at once: MQTT answers small packets with small packets (a SUBACK, then",
+        "# the retained manifest), which Nagle's algorithm would hold up to 40 ms each.",
+        "set_tcp_nodelay true",
         f"password_file {password_file}",
         f"acl_file {acl_file}",
     ]

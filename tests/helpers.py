@@ -49,6 +49,7 @@ class Mosquitto:
             f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
             "persistence false\n"
+            "set_tcp_nodelay true\n"  # as `edgekit broker mosquitto-config` writes it
             # Started as root, Mosquitto drops to user mosquitto, which cannot write its log here.
             + ("user root\n" if os.geteuid() == 0 else "")
             + f"log_dest file {self.directory / 'mosquitto.log'}\n"

@@ -437,7 +437,9 @@ def test_a_device_using_another_devices_client_id_still_acts_only_as_itself(secu
 def test_the_broker_refuses_a_packet_larger_than_any_edgekit_sends(secured: Secured) -> None:
     """The generated config caps packets at MAX_MESSAGE_SIZE: a client that sends more is
     disconnected and its message goes nowhere."""
-    assert f"max_packet_size {MAX_MESSAGE_SIZE}" in (secured.directory / "mosquitto.conf").read_text()
+    config = (secured.directory / "mosquitto.conf").read_text()
+    assert f"max_packet_size {MAX_MESSAGE_SIZE}" in config
+    assert "set_tcp_nodelay true" in config  # small packets (SUBACK, then the manifest) go out at once
     seen = Inbox()
     secured.operator.subscribe(T.all_devices_filter("telemetry"), seen)
     drops = Events()

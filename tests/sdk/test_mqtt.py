@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,27 @@ def test_client_reconnects_and_resubscribes_after_broker_restart(mosquitto) -> N
         pub.publish("re/after", b"3", qos=1).wait(20)
         inbox.wait_for(lambda ms: {"re/during", "re/after"} <= {m.topic for m in ms}, timeout=20)
         assert sub.connections >= 2
+
+
+def test_every_connection_sends_small_packets_at_once(mosquitto) -> None:
+    """Nagle's algorithm is off on the client's socket, also on the one of a reconnect: a
+    SUBSCRIBE right after a PUBLISH would otherwise wait for the broker's delayed ACK."""
+    events = Events()
+    client = MqttClient(mosquitto.url, reconnect_min=0.1, reconnect_max=0.5)
+    client.on_connection_change(events)
+
+    def nodelay() -> int:
+        sock = client._paho.socket()
+        assert sock is not None
+        return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    with client.connect():
+        assert nodelay() == 1
+        mosquitto.stop()
+        events.wait_count(False, 1)
+        mosquitto.start()
+        events.wait_count(True, 2)
+        assert nodelay() == 1
 
 
 def test_qos0_message_while_disconnected_is_reported_dropped(mosquitto) -> None:
