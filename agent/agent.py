@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from edgekit.bundle import Bundle
-from edgekit.errors import BundleError, DataError, InstallError
-from edgekit.runtime import dequantize, quantize
+from edgekit.errors import BundleError, DataError, InstallError, RuntimeUnavailableError
+from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
 from .config import AgentConfig
@@ -72,6 +72,7 @@ class AgentStatus:
     bundle_id: str | None  # SHA-256 of the signed manifest
     previous: str | None  # directory name of the previous bundle, kept for rollback
     runtime: str | None
+    xnnpack: bool  # the runtime's XNNPACK delegate (else its built-in kernels)
     threads: int
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
@@ -194,6 +195,7 @@ class Agent:
             config.trusted(),
             runtime=config.runtime,
             threads=config.interpreter_threads,
+            xnnpack=config.xnnpack,
             max_bundle_size=config.max_bundle_size,
             on_event=self.record_event,
         )
@@ -207,6 +209,8 @@ class Agent:
         self._served: _Served | None = None
         self._pointer_mtime = 0.0
         self._serve(self.store.recover())
+        if self._served is None:
+            self._import_runtime()
         self._stop = threading.Event()
         self.telemetry_failures = 0  # background windows that could not be recorded
         self._thread: threading.Thread | None = None
@@ -222,6 +226,14 @@ class Agent:
     ) -> Agent:
         """Load ``path`` (TOML) with ``EDGEKIT_*`` and keyword overrides, then start the agent."""
         return cls(AgentConfig.load(path, **overrides), background=background)
+
+    def _import_runtime(self) -> None:
+        """Import the runtime at start rather than in the middle of the first install (on a
+        small board that takes a while), and say now if there is none."""
+        try:
+            resolve_runtime(self.config.runtime)
+        except RuntimeUnavailableError as exc:
+            log.warning("device %s cannot run a model: %s", self.config.device, exc)
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -334,6 +346,7 @@ class Agent:
             bundle_id=loaded.bundle.bundle_id if loaded else None,
             previous=self.store.pointer()["previous"],
             runtime=loaded.model.runtime if loaded else None,
+            xnnpack=self.config.xnnpack,
             threads=self.config.interpreter_threads,
             inputs=[s.to_dict() for s in loaded.manifest.inputs] if loaded else [],
             outputs=[s.to_dict() for s in loaded.manifest.outputs] if loaded else [],

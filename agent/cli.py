@@ -91,7 +91,8 @@ def status(
             f"device {info.device} (fleet {info.fleet}): serving [bold]{info.name}@{info.version}[/]"
         )
         console.print(f"  id       {info.bundle_id}")
-        console.print(f"  runtime  {info.runtime}, {info.threads} thread(s)")
+        kernels = "XNNPACK" if info.xnnpack else "built-in kernels"
+        console.print(f"  runtime  {info.runtime} ({kernels}), {info.threads} thread(s)")
     else:
         console.print(f"device {info.device} (fleet {info.fleet}): [yellow]no model installed[/]")
     console.print(f"  previous {info.previous or '-'}")

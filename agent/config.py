@@ -8,6 +8,7 @@ A device's ``agent.toml`` (written by ``edgekit device add``) looks like::
     broker = "mqtt://broker.local:1883"  # used by the MQTT side (a later component)
     runtime = "auto"                     # auto | ai_edge_litert | tflite_runtime | tensorflow
     threads = 4                          # interpreter threads; 0 = one per CPU core
+    xnnpack = true                       # false: the runtime's built-in kernels (see docs/agent.md)
     max_bundle_size = 268435456
     trusted_keys = '''
     -----BEGIN PUBLIC KEY-----
@@ -92,6 +93,7 @@ class AgentConfig:
     trusted_keys: str  # PEM text: one or more ``BEGIN PUBLIC KEY`` blocks
     runtime: str = "auto"
     threads: int = 0  # 0: one interpreter thread per CPU core
+    xnnpack: bool = True  # False: built-in kernels, no packed copy of the weights
     max_bundle_size: int = 256 * 1024 * 1024
     broker: str = ""
     drift_sample_rate: float = 0.05
@@ -203,6 +205,17 @@ def _as_float(value: Any, where: str, low: float, high: float, low_open: bool = 
     return number
 
 
+def _as_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None  # from an environment variable
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{where} must be true or false, not {value!r}")
+
+
 def _as_str(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, not {value!r}")
@@ -224,6 +237,7 @@ def _build(values: dict[str, tuple[Any, str]], base: Path, source: str) -> Agent
         "trusted_keys": _as_str,
         "runtime": _runtime,
         "threads": lambda v, w: _as_int(v, w, 0),
+        "xnnpack": _as_bool,
         "max_bundle_size": lambda v, w: _max_size(_as_int(v, w, 1024), w),
         "broker": _as_str,
         "drift_sample_rate": lambda v, w: _as_float(v, w, 0.0, 1.0),

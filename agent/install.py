@@ -161,6 +161,7 @@ class BundleStore:
         *,
         runtime: str = "auto",
         threads: int | None = None,
+        xnnpack: bool = True,
         max_bundle_size: int,
         on_event: EventSink | None = None,
     ) -> None:
@@ -169,6 +170,7 @@ class BundleStore:
         self.trusted = trusted
         self.runtime = runtime
         self.threads = threads
+        self.xnnpack = xnnpack
         self.max_bundle_size = max_bundle_size
         self._on_event = on_event
         try:
@@ -270,7 +272,7 @@ class BundleStore:
         # A model just moved into place was not read back: the runtime maps the file it was
         # written to from checked chunks (installed files are never rewritten).
         source = content if content is not None else self.bundles / name / model_name
-        model = Model(source, runtime=self.runtime, threads=self.threads)
+        model = Model(source, runtime=self.runtime, threads=self.threads, xnnpack=self.xnnpack)
         worst = None
         manifest = bundle.manifest
         data = bundle.member("healthcheck")

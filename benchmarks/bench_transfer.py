@@ -1,7 +1,7 @@
 """Bundle transfer over MQTT vs a raw paho fan-out of the same bytes, measured in the same run.
 
     .venv/bin/python benchmarks/bench_transfer.py --subscribers 6 [--subscribers 50] [--runs 3]
-        [--broker mosquitto|embedded|both]
+        [--broker mosquitto|embedded|both] [--push [--xnnpack]]
 
 Both paths use one local Mosquitto and the same payload: a real ~30 MB bundle (a dense Keras
 model converted to .tflite, built once with TensorFlow and cached in .cache/bench/), cut into
@@ -22,7 +22,11 @@ prints each one's ratio to Mosquitto's raw fan-out.
 
 Subscribers run in worker processes (``--processes``): by default up to 8 devices each is a
 process of its own, as on a real fleet (and each raw subscriber likewise); beyond 8 they are
-lightweight agents sharing two processes per CPU, as ``edgekit fleet simulate`` runs them.
+sharing two processes per CPU. The ``--push`` agents are lightweight agents, as ``edgekit fleet
+simulate`` runs them: the model runs on the runtime's built-in kernels, not XNNPACK
+(``--xnnpack`` to load it as a device does by default), since every XNNPACK load packs its own
+copy of the weights (30 MB here) into fresh memory, N times over on the same 2 CPUs. The broker
+has ``set_tcp_nodelay`` on, as ``edgekit broker mosquitto-config`` writes it.
 Devices store bundles in a temporary directory (``BENCH_WORKDIR`` to choose where, e.g.
 /dev/shm). Two transport figures are printed: when every device had every chunk hash-checked
 and stored, and when every device had verified its rebuilt bundle with ``read_bundle``. Issue
@@ -98,7 +102,10 @@ def free_port() -> int:
 def start_broker(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     conf = directory / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type error\n")
+    # set_tcp_nodelay as `edgekit broker mosquitto-config` writes it (both paths run on this broker)
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_type error\n"
+    )
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -207,10 +214,17 @@ def edgekit_worker(
 
 
 def agent_worker(
-    url: str, ids: list[str], fleet: str, public_pem: bytes, workdir: str, ready: Any, results: Any
+    url: str,
+    ids: list[str],
+    fleet: str,
+    public_pem: bytes,
+    workdir: str,
+    xnnpack: bool,
+    ready: Any,
+    results: Any,
 ) -> None:
-    """Real device agents (Agent + AgentDaemon, one interpreter thread each) sharing this
-    process: what `edgekit fleet simulate` runs (``SimulatedFleet``)."""
+    """Real device agents (Agent + AgentDaemon, one interpreter thread each) in this process:
+    what `edgekit fleet simulate` runs (``SimulatedFleet``)."""
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # the agents' per-device connection notices are noise here
@@ -227,6 +241,7 @@ def agent_worker(
             trusted_keys=public_pem.decode(),
             broker=url,
             threads=1,
+            xnnpack=xnnpack,
             telemetry_interval=3600.0,
         )
         for ident in ids
@@ -248,10 +263,15 @@ def _mark_device_steps(workdir: Path) -> dict[str, dict[str, float]]:
     from edgekit.transfer import ChunkAssembler
 
     marks: dict[str, dict[str, float]] = {}
+    devices: dict[str, str] = {}  # directory -> device: marking runs for every chunk, keep it cheap
 
     def mark(path: Path, step: str) -> None:
-        device = Path(path).relative_to(workdir).parts[0]
-        marks.setdefault(device, {}).setdefault(step, time.monotonic())
+        device = devices.get(str(path))
+        if device is None:
+            device = devices[str(path)] = Path(path).relative_to(workdir).parts[0]
+        steps = marks.setdefault(device, {})
+        if step not in steps:
+            steps[step] = time.monotonic()
 
     fetch, init, add, install = (
         daemon_module.fetch_staged_bundle,
@@ -383,6 +403,7 @@ def run_push(
     run: int,
     ctx: Any,
     phases: list[dict[str, Any]],
+    xnnpack: bool,
 ) -> float:
     """What `edgekit push --wait` does, timed as it sees it: publish the bundle, tell the fleet,
     follow every agent until it serves the bundle (fetched, verified, installed, health-checked)."""
@@ -395,7 +416,7 @@ def run_push(
     fleet = f"push-{run}"
     workdir = tempfile.mkdtemp(prefix="edgekit-bench-", dir=os.environ.get("BENCH_WORKDIR"))
     try:
-        procs, results = spawn(agent_worker, groups, (url, fleet, public_pem, workdir), ctx)
+        procs, results = spawn(agent_worker, groups, (url, fleet, public_pem, workdir, xnnpack), ctx)
         with MqttClient(url, client_id="workstation") as workstation:
             link = FleetLink(workstation, fleet, key, Path(workdir) / "home")
             expected = sum(len(g) for g in groups)
@@ -488,6 +509,12 @@ def main() -> None:
         help="Also time what `edgekit push --wait` does, to real agents (Agent + AgentDaemon, as "
         "`edgekit fleet simulate` runs them) in worker processes.",
     )
+    parser.add_argument(
+        "--xnnpack",
+        action="store_true",
+        help="With --push: the agents load the model through XNNPACK, as devices do by default "
+        "(`fleet simulate --xnnpack`); else on the built-in kernels, as `fleet simulate` does.",
+    )
     args = parser.parse_args()
     sizes = args.subscribers or [6]
 
@@ -553,6 +580,7 @@ def measure(
     procs = min(n, args.processes or (n if n <= 8 else 2 * (os.cpu_count() or 1)))
     per = -(-n // procs)
     groups = [ids[i : i + per] for i in range(0, n, per)]
+    xnnpack = args.xnnpack  # lightweight agents run as `edgekit fleet simulate` runs them
     raw_times, fetched, verified, pushed = [], [], [], []
     phases: list[dict[str, Any]] = []
     for run in range(args.runs):  # alternate so drift in machine load hits both
@@ -563,7 +591,7 @@ def measure(
         # the machine is shared, so each push gets the baseline measured in the same minute.
         raw_times.append(run_raw(url, chunks, groups, ctx))
         if args.push:
-            pushed.append(run_push(url, bundle, public_pem, key, groups, run, ctx, phases))
+            pushed.append(run_push(url, bundle, public_pem, key, groups, run, ctx, phases, xnnpack))
     raw = statistics.median(raw_times)
     got, done = statistics.median(fetched), statistics.median(verified)
     if name == "mosquitto":
@@ -587,8 +615,9 @@ def measure(
     if pushed:
         wait = statistics.median(pushed)
         paired = [p / r for p, r in zip(pushed, raw_times)]
+        kernels = "XNNPACK" if xnnpack else "built-in kernels"
         print(
-            f"N={n}: push --wait to real agents (fetch, verify, install, health check) {wait:.2f} s "
+            f"N={n}: push --wait to real agents (fetch, verify, install, health check; {kernels}) {wait:.2f} s "
             f"(ratio {wait / raw:.2f}x; median of each run's push / its raw: "
             f"{statistics.median(paired):.2f}x); runs: {', '.join(f'{t:.2f}' for t in pushed)} "
             f"(ratios {', '.join(f'{q:.2f}' for q in paired)})",

@@ -2,7 +2,7 @@
 
 Preference order: ``ai_edge_litert`` (LiteRT, works with numpy 2), ``tflite_runtime`` (2.14,
 needs numpy<2), ``tensorflow.lite`` (last resort, heavy). XNNPACK is the default CPU delegate
-of all three. Also the quantize/dequantize rules edgekit applies to a model's I/O.
+of all three; ``Model(..., xnnpack=False)`` runs the built-in kernels instead. Also the quantize/dequantize rules edgekit applies to a model's I/O.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from .errors import ModelFormatError, RuntimeUnavailableError
 from .tflite import TensorSpec
 
-__all__ = ["RUNTIMES", "Model", "available_runtimes", "dequantize", "quantize"]
+__all__ = ["RUNTIMES", "Model", "available_runtimes", "dequantize", "quantize", "resolve_runtime"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ def _select(runtime: str) -> tuple[str, Any]:
     )
 
 
+def resolve_runtime(runtime: str = "auto") -> str:
+    """The runtime ``Model(..., runtime=runtime)`` would use, imported now (it stays imported);
+    RuntimeUnavailableError if there is none."""
+    return _select(runtime)[0]
+
+
 @contextlib.contextmanager
 def _native_stderr_to_log() -> Iterator[None]:
     """Send what the runtime's C++ code writes to fd 2 (e.g. "INFO: Created TensorFlow Lite
@@ -102,18 +108,28 @@ def _native_stderr_to_log() -> Iterator[None]:
 class Model:
     """A loaded TFLite model. Not thread-safe: callers that share one serialize ``run``."""
 
-    def __init__(self, content: bytes | Path, runtime: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self, content: bytes | Path, runtime: str = "auto", threads: int | None = None, xnnpack: bool = True
+    ) -> None:
         """``content``: the model's bytes, or the path of a model file that nothing rewrites
-        while it is served (the runtime maps it instead of holding a copy in memory)."""
+        while it is served (the runtime maps it instead of holding a copy in memory).
+        ``xnnpack``: run through the runtime's default XNNPACK delegate (faster float models; it
+        packs its own copy of the weights when the model loads); False: TFLite's built-in
+        kernels, which use the weights where they are (nothing to pack, no second copy)."""
         self.runtime, interpreter_class = _select(runtime)
+        self.xnnpack = xnnpack
         self._content: bytes | None = None
+        options: dict[str, Any] = {"num_threads": threads}
+        if not xnnpack:
+            resolver = importlib.import_module(interpreter_class.__module__).OpResolverType
+            options["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             with _native_stderr_to_log():
                 if isinstance(content, Path):
-                    self._interpreter = interpreter_class(model_path=str(content), num_threads=threads)
+                    self._interpreter = interpreter_class(model_path=str(content), **options)
                 else:
                     self._content = bytes(content)  # the interpreter reads from this buffer; keep it alive
-                    self._interpreter = interpreter_class(model_content=self._content, num_threads=threads)
+                    self._interpreter = interpreter_class(model_content=self._content, **options)
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelFormatError(f"the runtime {self.runtime} cannot load the model: {exc}") from None

@@ -130,6 +130,12 @@ def simulate(
         min=0.1,
         help="Seconds per telemetry window (default: the config's, 60).",
     ),
+    xnnpack: bool = typer.Option(
+        False,
+        "--xnnpack/--no-xnnpack",
+        help="Run models through XNNPACK, as devices do by default. Off: the built-in kernels, "
+        "which keep no packed copy of the weights per device (lighter for hundreds of devices).",
+    ),
     duration: Optional[float] = typer.Option(
         None, "--duration", min=0.0, help="Stop after S seconds (default: run until Ctrl-C)."
     ),
@@ -142,7 +148,8 @@ def simulate(
     """Run N real device agents (Agent + AgentDaemon) in few processes, for trying a fleet of
     hundreds on one machine. Each device is provisioned like `edgekit device add` does it (its
     own config, state directory, broker account and device id); they share the interpreter and
-    the runtime. Ctrl-C stops them cleanly (each reports itself offline)."""
+    the runtime, and run models with the runtime's built-in kernels unless --xnnpack. Ctrl-C
+    stops them cleanly (each reports itself offline)."""
     import signal
     import threading
 
@@ -165,7 +172,7 @@ def simulate(
             created += 1
         paths.append(path)
     samples = load_data(inputs).x if inputs is not None else None
-    overrides: dict[str, Any] = {"threads": 1, "broker": cfg.broker}
+    overrides: dict[str, Any] = {"threads": 1, "broker": cfg.broker, "xnnpack": xnnpack}
     if telemetry_interval is not None:
         overrides["telemetry_interval"] = telemetry_interval
 

@@ -153,6 +153,7 @@ def test_env_overrides_file_and_kwargs_override_env(config_path, monkeypatch):
         ("[drift]\nsample_rate = 2.0\n", "drift.sample_rate"),
         ("broker = 5\n", "broker must be a string"),
         ("[telemetry]\nqueue_max = 0\n", "telemetry.queue_max"),
+        ('xnnpack = "maybe"\n', "xnnpack must be true or false"),
     ],
 )
 def test_config_errors_name_key_and_file(config_path: Path, text, match):
@@ -164,6 +165,17 @@ def test_config_errors_name_key_and_file(config_path: Path, text, match):
     with pytest.raises(ConfigError, match=match) as caught:
         AgentConfig.load(config_path)
     assert str(config_path) in str(caught.value)
+
+
+def test_xnnpack_is_on_unless_the_file_or_env_turns_it_off(config_path, monkeypatch):
+    assert AgentConfig.load(config_path).xnnpack is True
+    config_path.write_text("xnnpack = false\n" + config_path.read_text())
+    assert AgentConfig.load(config_path).xnnpack is False
+    monkeypatch.setenv("EDGEKIT_XNNPACK", "true")
+    assert AgentConfig.load(config_path).xnnpack is True
+    monkeypatch.setenv("EDGEKIT_XNNPACK", "sometimes")
+    with pytest.raises(ConfigError, match="EDGEKIT_XNNPACK must be true or false"):
+        AgentConfig.load(config_path)
 
 
 def test_unknown_runtime_is_refused(config_path):

@@ -52,6 +52,22 @@ def test_installed_fp32_bundle_predicts_exactly_like_the_bare_interpreter(agent,
     assert [e["kind"] for e in events(agent)] == ["installed"]
 
 
+def test_without_xnnpack_the_built_in_kernels_serve_the_same_predictions(config_path, bundles, models):
+    """xnnpack=False: no XNNPACK delegate in the interpreter (nothing packed at load), the health
+    check passes on the built-in kernels, and predictions match the XNNPACK agent's."""
+    outputs = {}
+    for xnnpack in (True, False):
+        with Agent.from_config(config_path, background=False, xnnpack=xnnpack) as agent:
+            agent.install(bundles.v1, allow_downgrade=True)
+            assert agent.status().xnnpack is xnnpack
+            served = agent.served_bundle()
+            assert served is not None
+            ops = {op["op_name"] for op in served.model.interpreter._get_ops_details()}
+            assert ("DELEGATE" in ops) is xnnpack, ops
+            outputs[xnnpack] = np.concatenate([agent.predict(x)[0] for x in models.x_test[:32]])
+    np.testing.assert_allclose(outputs[False], outputs[True], rtol=1e-4, atol=1e-5)
+
+
 def test_int8_model_takes_floats_and_returns_dequantized_scores_unless_raw(agent, bundles, models):
     agent.install(bundles.v2)
     info = inspect_tflite(models.int8.read_bytes())
