@@ -65,6 +65,7 @@ class DeviceSummary:
     connected: bool
     predictions: int
     drifting_inputs: bool
+    xnnpack: bool  # the model runs through XNNPACK (else the runtime's built-in kernels)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -215,6 +216,7 @@ class SimulatedFleet:
                     connected=daemon.client.connected,
                     predictions=self.predictions[daemon.device],
                     drifting_inputs=daemon.device in self.drift_devices,
+                    xnnpack=status.xnnpack,
                 )
             )
         return result

@@ -62,7 +62,19 @@ def test_twenty_simulated_devices_serve_a_push_and_stop_cleanly(
     stopped = json.loads(out.splitlines()[-1])
     assert stopped["event"] == "stopped"
     assert {s["device"]: s["version"] for s in stopped["devices"]} == dict.fromkeys(devices, "1.0.0")
+    assert not any(s["xnnpack"] for s in stopped["devices"])  # lightweight: the built-in kernels
     assert "Traceback" not in err
+
+
+def test_simulated_devices_run_xnnpack_when_asked(mosquitto, edgekit_home, tmp_path):
+    assert edgekit("keys", "init").returncode == 0
+    result = edgekit(
+        "fleet", "simulate", "--devices", "2", "--fleet", "lab", "--broker", mosquitto.url,
+        "--state-dir", str(tmp_path / "sim"), "--duration", "0", "--xnnpack", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    stopped = json.loads(result.stdout.splitlines()[-1])
+    assert [s["xnnpack"] for s in stopped["devices"]] == [True, True]
 
 
 def test_simulate_refuses_an_unknown_drift_device_with_one_line(mosquitto, edgekit_home, tmp_path):
