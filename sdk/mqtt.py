@@ -353,6 +353,7 @@ class _PahoClient(paho.Client):
         self._edgekit = owner
         self._reader = _PacketReader()
         self._reader_sock: Any = None
+        self._acks_queued = False
 
     def _create_socket_connection(self) -> socket.socket:
         sock = super()._create_socket_connection()
@@ -364,6 +365,14 @@ class _PahoClient(paho.Client):
         return sock
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = self._read_blocks()
+        if self._acks_queued:  # the PUBACKs of what was just read: written now, on this thread
+            self._acks_queued = False
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None:
+                return self.loop_write()
+        return rc
+
+    def _read_blocks(self) -> MQTTErrorCode:
         for _ in range(_READS_PER_WAKE):
             sock = self._sock
             if sock is None:
@@ -439,11 +448,15 @@ class _PahoClient(paho.Client):
         if messages:
             self._edgekit._deliver(messages)
         if acks:
-            self.send_pubacks(acks)
+            # On the network thread: queued for the write at the end of loop_read. paho's
+            # _packet_queue would also wake its own loop through the socket pair, for one more
+            # select() round per read just to send them.
+            self._out_packet.append(_out_packet(paho.PUBACK, _pubacks(acks)))
+            self._acks_queued = True
 
     def send_pubacks(self, mids: list[int]) -> None:
         """Acknowledge QoS 1 messages by packet id, in one write (thread-safe)."""
-        self._packet_queue(paho.PUBACK, b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]), 0, 0)
+        self._packet_queue(paho.PUBACK, _pubacks(mids), 0, 0)
 
     def _paho_handle(self, header: int, body: bytes) -> MQTTErrorCode:
         self._in_packet = _in_packet(header, body)
@@ -451,6 +464,23 @@ class _PahoClient(paho.Client):
             return self._packet_handle()
         finally:
             self._in_packet = _in_packet(0, b"")  # as paho leaves it between packets
+
+
+def _pubacks(mids: list[int]) -> bytes:
+    return b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids])
+
+
+def _out_packet(command: int, packet: bytes) -> Any:
+    """An entry of paho's outgoing queue (``_out_packet``), as its ``_packet_queue`` makes it."""
+    return {
+        "command": command,
+        "mid": 0,
+        "qos": 0,
+        "pos": 0,
+        "to_process": len(packet),
+        "packet": packet,
+        "info": None,
+    }
 
 
 def _in_packet(header: int, body: bytes) -> Any:
