@@ -66,23 +66,24 @@ def test_twenty_simulated_devices_serve_a_push_and_stop_cleanly(
     assert "Traceback" not in err
 
 
-def test_simulated_devices_run_xnnpack_when_asked(mosquitto, edgekit_home, tmp_path):
+def simulate_two_and_stop(broker: str, state_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`fleet simulate` of two devices that stop as soon as they started."""
     assert edgekit("keys", "init").returncode == 0
-    result = edgekit(
-        "fleet", "simulate", "--devices", "2", "--fleet", "lab", "--broker", mosquitto.url,
-        "--state-dir", str(tmp_path / "sim"), "--duration", "0", "--xnnpack", "--json",
+    return edgekit(
+        "fleet", "simulate", "--devices", "2", "--fleet", "lab", "--broker", broker,
+        "--state-dir", str(state_dir), "--duration", "0", *extra,
     )  # fmt: skip
+
+
+def test_simulated_devices_run_xnnpack_when_asked(mosquitto, edgekit_home, tmp_path):
+    result = simulate_two_and_stop(mosquitto.url, tmp_path / "sim", "--xnnpack", "--json")
     assert result.returncode == 0, result.stderr
     stopped = json.loads(result.stdout.splitlines()[-1])
     assert [s["xnnpack"] for s in stopped["devices"]] == [True, True]
 
 
 def test_simulate_refuses_an_unknown_drift_device_with_one_line(mosquitto, edgekit_home, tmp_path):
-    assert edgekit("keys", "init").returncode == 0
-    result = edgekit(
-        "fleet", "simulate", "--devices", "2", "--fleet", "lab", "--broker", mosquitto.url,
-        "--state-dir", str(tmp_path / "sim"), "--drift-device", "nobody", "--duration", "0",
-    )  # fmt: skip
+    result = simulate_two_and_stop(mosquitto.url, tmp_path / "sim", "--drift-device", "nobody")
     assert result.returncode != 0
     assert "--drift-device nobody is not one of the simulated devices" in result.stderr
     assert "Traceback" not in result.stderr
