@@ -72,7 +72,7 @@ class AgentStatus:
     bundle_id: str | None  # SHA-256 of the signed manifest
     previous: str | None  # directory name of the previous bundle, kept for rollback
     runtime: str | None
-    xnnpack: bool  # the runtime's XNNPACK delegate (else its built-in kernels)
+    xnnpack: bool  # the served model runs through XNNPACK (else built-in kernels); none served: the config's
     threads: int
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
@@ -346,7 +346,7 @@ class Agent:
             bundle_id=loaded.bundle.bundle_id if loaded else None,
             previous=self.store.pointer()["previous"],
             runtime=loaded.model.runtime if loaded else None,
-            xnnpack=self.config.xnnpack,
+            xnnpack=loaded.model.xnnpack if loaded else self.config.xnnpack,
             threads=self.config.interpreter_threads,
             inputs=[s.to_dict() for s in loaded.manifest.inputs] if loaded else [],
             outputs=[s.to_dict() for s in loaded.manifest.outputs] if loaded else [],

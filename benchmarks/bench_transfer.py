@@ -21,8 +21,8 @@ its manifest's 128 KiB chunks, QoS 1.
 prints each one's ratio to Mosquitto's raw fan-out.
 
 Subscribers run in worker processes (``--processes``): by default up to 8 devices each is a
-process of its own, as on a real fleet (and each raw subscriber likewise); beyond 8 they are
-sharing two processes per CPU. The ``--push`` agents are lightweight agents, as ``edgekit fleet
+process of its own, as on a real fleet (and each raw subscriber likewise); beyond 8 they share
+two processes per CPU. The ``--push`` agents are lightweight agents, as ``edgekit fleet
 simulate`` runs them: the model runs on the runtime's built-in kernels, not XNNPACK
 (``--xnnpack`` to load it as a device does by default), since every XNNPACK load packs its own
 copy of the weights (30 MB here) into fresh memory, N times over on the same 2 CPUs. The broker

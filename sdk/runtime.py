@@ -2,7 +2,8 @@
 
 Preference order: ``ai_edge_litert`` (LiteRT, works with numpy 2), ``tflite_runtime`` (2.14,
 needs numpy<2), ``tensorflow.lite`` (last resort, heavy). XNNPACK is the default CPU delegate
-of all three; ``Model(..., xnnpack=False)`` runs the built-in kernels instead. Also the quantize/dequantize rules edgekit applies to a model's I/O.
+of all three; ``Model(..., xnnpack=False)`` runs the built-in kernels instead. Also the
+quantize/dequantize rules edgekit applies to a model's I/O.
 """
 
 from __future__ import annotations
