@@ -4,10 +4,11 @@
 
 A replay publisher (benchmarks/replay.py: pre-encoded PUBLISH packets, tens of thousands a
 second, so it never limits what is measured) sends M telemetry records (QoS 1, as agents do,
-100 devices) from a process of its own to a Mosquitto of the benchmark's own. Measured from the first publish until the last record is committed (the
-registry's row count reaches M), for: the ingest service on SQLite with 1 worker, and on
-PostgreSQL (a throwaway database) with 1 and 2 workers (MQTT 5 shared subscription). Each
-run then checks the database: exactly M rows (zero lost), zero duplicates, zero rejected.
+100 devices) from a process of its own to a Mosquitto of the benchmark's own. Measured from
+the first publish until the last record is committed (the registry's row count reaches M),
+for: the ingest service on SQLite with 1 worker, and on PostgreSQL (a throwaway database) with
+1 and 2 workers (MQTT 5 shared subscription). Each run then checks the database: exactly M
+rows (zero lost), zero duplicates, zero rejected.
 
 The baseline, measured in the same run with the same publisher: a raw paho subscriber that
 only counts (QoS 1, acknowledges on receipt), live and draining a backlog. Ratios are ingest
