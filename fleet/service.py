@@ -214,9 +214,12 @@ class FleetService:
                 f"{self.config.ready_timeout:g}s; see the log above"
             )
         if self.config.controller and home is not None:
+            from .control import ControlPlane, operator_name
             from .controller import RolloutController
 
-            self._controller = RolloutController(self.config.broker, home).start()
+            # The controller reads rollouts and fleet records, never the catalog: no keys to trust.
+            control = ControlPlane(self.registry, actor=f"fleet serve ({operator_name()})")
+            self._controller = RolloutController(self.config.broker, home, control).start()
         if self._socket is not None:
             self._serve_dashboard(self._socket)
         return self

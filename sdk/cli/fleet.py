@@ -87,6 +87,35 @@ def events(
     console.print(table)
 
 
+@app.command("audit")
+def audit(
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="Only this fleet."),
+    limit: int = typer.Option(50, "--limit", min=1, max=1000, help="How many, newest first."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the entries as JSON."),
+) -> None:
+    """Who pushed, rolled back, resumed or aborted what, when, and how it went, newest first."""
+    from edgekit.fleet.control import ControlPlane
+    from edgekit.fleet.registry.views import audit_json
+
+    reg = _registry(registry)
+    rows = [audit_json(entry) for entry in ControlPlane(reg).audit_log(fleet, limit)]
+    reg.close()
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("Nothing has been done to " + (f"fleet {fleet}" if fleet else "any fleet") + " yet.")
+        return
+    table = Table("when", "who", "what", "fleet", "bundle", "result")
+    for row in rows:
+        result = row["result"] if row["result"] == "ok" else f"[bold red]{row['result']}[/]: {row['detail']}"
+        table.add_row(
+            row["at"], row["actor"], row["action"], row["fleet"] or "-", row["target"] or "-", result
+        )
+    console.print(table)
+
+
 @app.command("simulate")
 def simulate(
     devices: int = typer.Option(..., "--devices", min=1, max=10000, help="How many devices to simulate."),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,9 +14,8 @@ from rich.live import Live
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..catalog import Catalog
 from ..config import WorkstationConfig
-from ..errors import ModelFormatError, RolloutError
+from ..errors import ConfigError, EdgekitError, ModelFormatError, RolloutError
 from ..keys import SigningKey
 from ..trust import TrustedKeys
 from ._app import console, new_app, print_json, signing_key
@@ -22,6 +23,10 @@ from ._app import console, new_app, print_json, signing_key
 rollout_app = new_app("Follow, resume or abort a canary rollout (after a crash or a sleep, too).")
 
 BROKER_HELP = "Broker URL (mqtt://host:1883, mqtts://...); else $EDGEKIT_BROKER, else config."
+REGISTRY_HELP = (
+    "Registry database holding the catalog and rollouts (sqlite:///PATH, postgresql://...); "
+    "else $EDGEKIT_REGISTRY, else config, else SQLite under $EDGEKIT_HOME."
+)
 KEYS_FORMATS = (".keras", ".h5", ".hdf5")
 # Seconds to wait for a fleet's rollout lock: the rollout controller of `fleet up` holds it for
 # one step at a time; `push --wait` and `rollout resume` hold it until they are done.
@@ -34,8 +39,8 @@ def _bundle_name(stem: str) -> str:
 
 
 def resolve_target(
-    target: str, catalog: Catalog, key: SigningKey, version: Optional[str], name: Optional[str] = None
-) -> tuple[Path, Any]:
+    target: str, catalog: Any, key: SigningKey, version: Optional[str], name: Optional[str] = None
+) -> Any:
     """A bundle file, a .tflite (bundled with defaults), a Keras model (converted with defaults)
     or a name in the catalog (its newest version); the result is verified and catalogued."""
     from ..bundle import create_bundle
@@ -75,6 +80,16 @@ def _connect(cfg: WorkstationConfig) -> Any:
     from edgekit.fleet.push import connect_operator
 
     return connect_operator(cfg.broker, home=cfg.home)
+
+
+def open_control(cfg: WorkstationConfig, key: Optional[SigningKey]) -> Any:
+    """The control plane in the registry database (what ``$EDGEKIT_HOME`` kept in files before
+    is brought in on first use)."""
+    from edgekit.fleet.control import ControlPlane
+
+    trusted = TrustedKeys([key.public]) if key is not None else None
+    cfg.home.mkdir(parents=True, exist_ok=True)  # the default registry lives there
+    return ControlPlane.open(cfg.registry, trusted, home=cfg.home)
 
 
 def _device_table(link: Any, rollout: Any) -> Table:
@@ -119,9 +134,7 @@ def _summary(rollout: Any, link: Any) -> dict[str, Any]:
     }
 
 
-def _drive(
-    link: Any, rollout: Any, labels: dict[str, str], state_path: Path, timeout: float, json_out: bool
-) -> Any:
+def _drive(link: Any, rollout: Any, labels: dict[str, str], timeout: float, json_out: bool) -> Any:
     """Run the rollout to its end with a live view on a terminal; raise RolloutError if it failed."""
     from edgekit.fleet.push import run_rollout
 
@@ -137,7 +150,6 @@ def _drive(
             link,
             rollout,
             rollout.rollout_policy,
-            state_path,
             labels,
             timeout=timeout,
             on_change=(lambda r, lk: live.update(_device_table(lk, r))) if live is not None else None,
@@ -170,7 +182,7 @@ def _drive(
     return rollout
 
 
-def _clear_superseded(link: Any, catalog: Catalog) -> None:
+def _clear_superseded(link: Any, catalog: Any) -> None:
     """Clear the retained chunks of bundles the fleet no longer needs (all but current and previous)."""
     keep = {link.record.bundle_id}
     previous = link.record.previous()
@@ -181,9 +193,9 @@ def _clear_superseded(link: Any, catalog: Catalog) -> None:
             continue
         found = catalog.find(entry["id"])
         if found is not None:
-            link.clear_bundle(entry["id"], len(found[1].manifest.chunks.sha256))
+            link.clear_bundle(entry["id"], len(found.manifest.chunks.sha256))
         link.record.history.remove(entry)
-    link.record.save(link.home)
+    link.control.save_record(link.record)
 
 
 def push(
@@ -220,16 +232,15 @@ def push(
     ),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Ship a model to a fleet: publish the signed bundle, tell the devices, follow them."""
-    from edgekit.fleet.push import FleetLink, FleetRecord, begin_rollout, driving, rollout_path
+    from edgekit.fleet.push import FleetLink, begin_rollout
     from edgekit.fleet.rollout import RolloutPolicy
 
-    cfg = WorkstationConfig.load(broker=broker)
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
-    catalog = Catalog(cfg.home, TrustedKeys([key.public]))
-    _, bundle = resolve_target(target, catalog, key, version, name)
     policy = RolloutPolicy(
         canary=canary,
         soak_s=soak,
@@ -238,67 +249,90 @@ def push(
         max_p95_regression=max_p95_regression,
         abort_on_drift=not ignore_drift,
     )
-    client = _connect(cfg)
-    try:
-        link = FleetLink(client, fleet, key, cfg.home)
-        devices = link.discover()
-        total = bundle.manifest.chunks.total_size
-        state_path = rollout_path(cfg.home, fleet)
-        with driving(cfg.home, fleet, "edgekit push --wait" if wait else "edgekit push", wait=LOCK_WAIT):
-            link.record = FleetRecord.load(cfg.home, fleet)  # as the last driver left it
-            # Manifest, desired state, then the chunks: devices fetch while the upload goes on.
-            upload = link.start_upload(bundle)
-            rollout, labels = begin_rollout(link, bundle, policy, state_path)
-            with Progress(
-                TextColumn("publishing {task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                console=console,
-                disable=not console.is_terminal or json_out,
-            ) as bar:
-                task = bar.add_task(bundle.manifest.label, total=total)
-                upload.finish(progress=lambda sent, _total: bar.update(task, completed=sent))
-            if not json_out:
-                console.print(
-                    f"published {bundle.manifest.label} (id {bundle.bundle_id[:16]}) to fleet {fleet}: "
-                    f"{len(devices)} device(s) known"
-                    + (f", {len(rollout.canaries)} canary" if canary else "")
-                )
-            if not wait:
-                if json_out:
-                    print_json(_summary(rollout, link))
-                elif rollout.canaries:
-                    console.print(
-                        f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` (or the "
-                        "rollout controller of `edgekit fleet up`) takes the rollout on to the fleet"
-                    )
-                return
-            if not devices:
+    with open_control(cfg, key) as control:
+        bundle = resolve_target(target, control.catalog, key, version, name)
+        client = _connect(cfg)
+        try:
+            link = FleetLink(client, fleet, key, control)
+            devices = link.discover()
+            total = bundle.manifest.chunks.total_size
+            holder = "edgekit push --wait" if wait else "edgekit push"
+            with (
+                audited(control, "push", fleet, bundle.manifest.label),
+                control.driving(fleet, holder, wait=LOCK_WAIT),
+            ):
+                control.refuse_if_busy(fleet)
+                link.record = control.record(fleet)  # as the last driver left it
+                # Manifest, desired state, then the chunks: devices fetch while the upload goes on.
+                upload = link.start_upload(bundle)
+                rollout, labels = begin_rollout(link, bundle, policy)
+                with Progress(
+                    TextColumn("publishing {task.description}"),
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    console=console,
+                    disable=not console.is_terminal or json_out,
+                ) as bar:
+                    task = bar.add_task(bundle.manifest.label, total=total)
+                    upload.finish(progress=lambda sent, _total: bar.update(task, completed=sent))
                 if not json_out:
                     console.print(
-                        f"no device of fleet {fleet} has reported yet; devices that join later fetch "
-                        f"{bundle.manifest.label} from the broker"
+                        f"published {bundle.manifest.label} (id {bundle.bundle_id[:16]}) to fleet {fleet}: "
+                        f"{len(devices)} device(s) known"
+                        + (f", {len(rollout.canaries)} canary" if canary else "")
                     )
-                else:
-                    print_json(_summary(rollout, link))
-                return
-            _drive(link, rollout, labels, state_path, timeout, json_out)
-            _clear_superseded(link, catalog)
-    finally:
-        client.close()
+                if not wait:
+                    if json_out:
+                        print_json(_summary(rollout, link))
+                    elif rollout.canaries:
+                        console.print(
+                            f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` (or the "
+                            "rollout controller of `edgekit fleet up`) takes the rollout on to the fleet"
+                        )
+                    return
+                if not devices:
+                    if not json_out:
+                        console.print(
+                            f"no device of fleet {fleet} has reported yet; devices that join later fetch "
+                            f"{bundle.manifest.label} from the broker"
+                        )
+                    else:
+                        print_json(_summary(rollout, link))
+                    return
+                _drive(link, rollout, labels, timeout, json_out)
+                _clear_superseded(link, control.catalog)
+        finally:
+            client.close()
+
+
+@contextmanager
+def audited(control: Any, action: str, fleet: str, target: Optional[str] = None) -> Iterator[None]:
+    """Record ``action`` in the control plane's audit log with how it ended (one line of why,
+    when it failed)."""
+    try:
+        yield
+    except EdgekitError as exc:
+        control.audit(action, fleet=fleet, target=target, result="failed", detail=str(exc))
+        raise
+    except BaseException:
+        control.audit(action, fleet=fleet, target=target, result="interrupted")
+        raise
+    control.audit(action, fleet=fleet, target=target)
 
 
 @rollout_app.command("status")
 def rollout_status(
     fleet: str = typer.Option(..., "--fleet", help="Whose rollout."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the saved rollout as JSON."),
 ) -> None:
-    """Show the fleet's last rollout as saved (no broker needed)."""
-    from edgekit.fleet.push import rollout_path
-    from edgekit.fleet.rollout import Rollout
-
-    rollout = Rollout.load(rollout_path(WorkstationConfig.load().home, fleet))
+    """Show the fleet's current rollout as saved (no broker needed)."""
+    with open_control(WorkstationConfig.load(registry=registry), None) as control:
+        info = control.rollout_info(fleet)
+    if info is None:
+        raise ConfigError(f"fleet {fleet} has no rollout yet; start one with `edgekit push --canary N`")
+    rollout = info.rollout
     if json_out:
         print_json(
             {
@@ -310,6 +344,8 @@ def rollout_status(
                 "devices": list(rollout.devices),
                 "failed": dict(rollout.failed),
                 "reason": rollout.reason,
+                "started_by": info.started_by,
+                "started_at": info.started_at.isoformat(),
             }
         )
         return
@@ -317,6 +353,7 @@ def rollout_status(
         f"{rollout.label} → fleet {rollout.fleet}: [bold]{rollout.phase}[/]"
         + (f" ({rollout.reason})" if rollout.reason else "")
     )
+    console.print(f"started by {info.started_by} at {info.started_at.astimezone():%Y-%m-%d %H:%M}")
     console.print(f"canaries: {', '.join(rollout.canaries) or '-'}; devices: {len(rollout.devices)}")
     for device, why in sorted(rollout.failed.items()):
         console.print(f"  failed: {device}: {why}")
@@ -328,28 +365,31 @@ def rollout_resume(
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="Seconds to wait before giving up."),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Drive a saved rollout on to its end (after `push` without --wait, a crash or a sleep)."""
-    from edgekit.fleet.push import FleetLink, driving, labels_of, rollout_path
-    from edgekit.fleet.rollout import Rollout
+    from edgekit.fleet.push import FleetLink, labels_of
 
-    cfg = WorkstationConfig.load(broker=broker)
-    state_path = rollout_path(cfg.home, fleet)
-    rollout = Rollout.load(state_path)
-    if rollout.finished:
-        console.print(f"the rollout of {rollout.label} is already {rollout.phase}")
-        return
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
-    client = _connect(cfg)
-    try:
-        with driving(cfg.home, fleet, "edgekit rollout resume", wait=LOCK_WAIT):
-            rollout = Rollout.load(state_path)  # as the last driver left it
-            link = FleetLink(client, fleet, key, cfg.home)
-            link.discover()
-            _drive(link, rollout, labels_of(rollout, link.record), state_path, timeout, json_out)
-    finally:
-        client.close()
+    with open_control(cfg, key) as control:
+        rollout = control.rollout(fleet)
+        if rollout.finished:
+            console.print(f"the rollout of {rollout.label} is already {rollout.phase}")
+            return
+        client = _connect(cfg)
+        try:
+            with (
+                audited(control, "rollout-resume", fleet, rollout.label),
+                control.driving(fleet, "edgekit rollout resume", wait=LOCK_WAIT),
+            ):
+                rollout = control.rollout(fleet)  # as the last driver left it
+                link = FleetLink(client, fleet, key, control)
+                link.discover()
+                _drive(link, rollout, labels_of(rollout, link.record), timeout, json_out)
+        finally:
+            client.close()
 
 
 @rollout_app.command("abort")
@@ -357,27 +397,31 @@ def rollout_abort(
     fleet: str = typer.Option(..., "--fleet", help="Whose rollout."),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
 ) -> None:
     """Stop a rollout and send the devices it reached back to the previous bundle."""
     import time
 
-    from edgekit.fleet.push import FleetLink, driving, labels_of, rollout_path
-    from edgekit.fleet.rollout import Rollout, abort
+    from edgekit.fleet.push import FleetLink, labels_of
+    from edgekit.fleet.rollout import abort
 
-    cfg = WorkstationConfig.load(broker=broker)
-    state_path = rollout_path(cfg.home, fleet)
-    Rollout.load(state_path)  # a missing or corrupt one is reported before connecting
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
-    client = _connect(cfg)
-    try:
-        with driving(cfg.home, fleet, "edgekit rollout abort", wait=LOCK_WAIT):
-            rollout = Rollout.load(state_path)
-            link = FleetLink(client, fleet, key, cfg.home)
-            rollout, actions = abort(rollout, "aborted by the operator", time.time())
-            link.carry_out(actions, labels_of(rollout, link.record))
-            rollout.save(state_path)
-    finally:
-        client.close()
+    with open_control(cfg, key) as control:
+        rollout = control.rollout(fleet)  # a missing or corrupt one is reported before connecting
+        client = _connect(cfg)
+        try:
+            with (
+                audited(control, "rollout-abort", fleet, rollout.label),
+                control.driving(fleet, "edgekit rollout abort", wait=LOCK_WAIT),
+            ):
+                rollout = control.rollout(fleet)
+                link = FleetLink(client, fleet, key, control)
+                rollout, actions = abort(rollout, f"aborted by {control.actor}", time.time())
+                link.carry_out(actions, labels_of(rollout, link.record))
+                control.save_rollout(rollout)
+        finally:
+            client.close()
     console.print(f"rollout of {rollout.label} to fleet {fleet}: {rollout.phase}")
 
 
@@ -390,48 +434,53 @@ def rollback(
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="Seconds to wait with --wait."),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Send the whole fleet back to an earlier bundle (a new, higher-numbered desired state)."""
-    from edgekit.fleet.push import FleetLink, FleetRecord, begin_rollout, driving, rollout_path
+    from edgekit.fleet.push import FleetLink, begin_rollout
     from edgekit.fleet.rollout import RolloutPolicy
 
-    cfg = WorkstationConfig.load(broker=broker)
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
-    catalog = Catalog(cfg.home, TrustedKeys([key.public]))
-    record = FleetRecord.load(cfg.home, fleet)
-    if to is None:
-        previous = record.previous()
-        if previous is None:
-            raise RolloutError(f"fleet {fleet} has no earlier bundle on record; name one with --to VERSION")
-        found = catalog.find(previous["id"])
-        if found is None:
-            raise RolloutError(
-                f"{previous['label']} is not in the catalog any more; name a version with --to"
-            )
-        bundle = found[1]
-    else:
-        if not record.label:
-            raise RolloutError(f"nothing was pushed to fleet {fleet} from here; push a bundle first")
-        name, _, version = to.rpartition("@")
-        bundle = catalog.read(name or record.label.partition("@")[0], version)[1]
-    client = _connect(cfg)
-    try:
-        link = FleetLink(client, fleet, key, cfg.home)
-        devices = link.discover()
-        state_path = rollout_path(cfg.home, fleet)
-        with driving(cfg.home, fleet, "edgekit fleet rollback", wait=LOCK_WAIT):
-            link.record = FleetRecord.load(cfg.home, fleet)
-            upload = link.start_upload(bundle)  # again: it may have been cleared from the broker
-            rollout, labels = begin_rollout(
-                link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout), state_path
-            )
-            upload.finish()
-            if not json_out:
-                console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
-            if wait and devices:
-                _drive(link, rollout, labels, state_path, timeout, json_out)
-            elif json_out:
-                print_json(_summary(rollout, link))
-    finally:
-        client.close()
+    with open_control(cfg, key) as control:
+        catalog = control.catalog
+        record = control.record(fleet)
+        if to is None:
+            previous = record.previous()
+            if previous is None:
+                raise RolloutError(
+                    f"fleet {fleet} has no earlier bundle on record; name one with --to VERSION"
+                )
+            bundle = catalog.find(previous["id"])
+            if bundle is None:
+                raise RolloutError(
+                    f"{previous['label']} is not in the catalog any more; name a version with --to"
+                )
+        else:
+            if not record.label:
+                raise RolloutError(f"nothing was pushed to fleet {fleet} yet; push a bundle first")
+            name, _, version = to.rpartition("@")
+            bundle = catalog.read(name or record.label.partition("@")[0], version)
+        client = _connect(cfg)
+        try:
+            link = FleetLink(client, fleet, key, control)
+            devices = link.discover()
+            with (
+                audited(control, "rollback", fleet, bundle.manifest.label),
+                control.driving(fleet, "edgekit fleet rollback", wait=LOCK_WAIT),
+            ):
+                link.record = control.record(fleet)
+                upload = link.start_upload(bundle)  # again: it may have been cleared from the broker
+                rollout, labels = begin_rollout(
+                    link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout)
+                )
+                upload.finish()
+                if not json_out:
+                    console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
+                if wait and devices:
+                    _drive(link, rollout, labels, timeout, json_out)
+                elif json_out:
+                    print_json(_summary(rollout, link))
+        finally:
+            client.close()
