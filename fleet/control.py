@@ -412,7 +412,7 @@ class ControlPlane:
         try:
             while not lock.try_acquire():
                 if time.monotonic() >= deadline:
-                    yield self._holder(name) or "another process"
+                    yield self.lock_holder(name) or "another process"
                     return
                 time.sleep(0.05)  # neither lock has a timed wait; holders' steps are short
             self._set_holder(name, label)
@@ -420,7 +420,8 @@ class ControlPlane:
         finally:
             lock.release()
 
-    def _holder(self, name: str) -> Optional[str]:
+    def lock_holder(self, name: str) -> Optional[str]:
+        """Who took the lock ``name`` (``fleet:FLEET`` or ``role:ROLE``) last, as written then."""
         with self.registry.session() as session:
             row = session.get(FleetDriver, name)
             return None if row is None else row.holder

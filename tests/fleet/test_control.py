@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +19,9 @@ from edgekit.errors import BundleError
 from edgekit.fleet.control import ControlPlane
 from edgekit.fleet.rollout import RolloutPolicy, start
 from edgekit.keys import load_signing_key
-from test_push import BIN, edgekit
+from test_push import BIN, Fleet, all_serving, edgekit, fleet, push_and_wait  # noqa: F401 - fleet is a fixture
+from test_serve import serve, wait_until  # noqa: F401 - serve is a fixture
+from watcher import Watcher
 
 
 def operator_env(name: str, registry_url: str) -> dict[str, str]:
@@ -186,3 +190,57 @@ def test_commands_say_what_is_missing_in_one_line(edgekit_home):
     )
     nothing = edgekit("fleet", "audit")
     assert nothing.returncode == 0 and "Nothing has been done" in nothing.stdout
+
+
+def leader_pid(control: ControlPlane) -> int | None:
+    """The pid of the process holding the rollout-controller role, as it wrote it."""
+    holder = control.lock_holder("role:rollout-controller") or ""
+    found = re.search(r"pid (\d+)\)$", holder)
+    return int(found.group(1)) if found else None
+
+
+def test_killing_the_leading_fleet_serve_mid_canary_hands_the_rollout_to_the_other(
+    serve,  # noqa: F811 - the fixture imported above
+    fleet: Fleet,  # noqa: F811 - the fixture imported above
+    mosquitto,
+    postgres_url,
+    digits_models,
+    monkeypatch,
+):
+    """Two `fleet serve` on one PostgreSQL registry: one leads the rollout controller. kill -9 of
+    the leader (with its workers) while a canary soaks: the other leads within 15 s, finishes the
+    rollout, and no step is done twice (one desired state per step: the counter says so)."""
+    monkeypatch.setenv("EDGEKIT_REGISTRY", postgres_url)
+    devices = ["cam-1", "cam-2", "cam-3"]
+    watcher = Watcher(mosquitto.url)
+    try:
+        for device in devices:
+            fleet.start(device)
+        push_and_wait(digits_models.fp32, mosquitto.url, "--name", "digits", "--version", "1.0.0")  # seq 1
+        first = serve("--registry", postgres_url, new_session=True)
+        second = serve("--registry", postgres_url, "--group", "second")
+        control = ControlPlane.open(postgres_url)
+        wait_until(lambda: leader_pid(control) in (first.process.pid, second.process.pid), first, "a leader")
+        leader, other = (first, second) if leader_pid(control) == first.process.pid else (second, first)
+        assert leader is first, "the first to start leads"
+
+        canary = edgekit(
+            "push", str(digits_models.int8), "--fleet", "lab", "--canary", "1", "--soak", "5",
+            "--name", "digits", "--version", "2.0.0", "--broker", mosquitto.url,
+        )  # fmt: skip
+        assert canary.returncode == 0, canary.stderr  # seq 2: cam-1's own desired state
+        watcher.wait_for(watcher.serving("2.0.0", "cam-1"), timeout=60)
+        assert control.rollout("lab").phase in ("canary", "soak")
+
+        os.killpg(leader.process.pid, signal.SIGKILL)  # the leader's machine is gone
+        leader.process.wait(10)
+        wait_until(lambda: leader_pid(control) == other.process.pid, other, "the other leading", timeout=15)
+
+        watcher.wait_for(all_serving(watcher, devices, "2.0.0"), timeout=120)  # seq 3: the fleet's
+        wait_until(lambda: control.rollout("lab").finished, other, "the rollout finished", timeout=30)
+        assert control.rollout("lab").phase == "done"
+        assert control.record("lab").seq == 3  # no step was done twice
+        control.close()
+        assert other.stop()["stopped"]
+    finally:
+        watcher.close()
