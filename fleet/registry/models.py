@@ -123,6 +123,28 @@ class AuditEntry(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class Account(Base):
+    """An operator (may act) or viewer (may look) of the fleet service's API and dashboard."""
+
+    __tablename__ = "accounts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiSession(Base):
+    """A signed-in session: the SHA-256 of its bearer token (the token itself is never stored)."""
+
+    __tablename__ = "api_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class ControlMeta(Base):
     __tablename__ = "control_meta"
 

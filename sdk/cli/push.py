@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,10 +15,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from ..config import WorkstationConfig
-from ..errors import ConfigError, EdgekitError, ModelFormatError, RolloutError
+from ..errors import ModelFormatError, RolloutError
 from ..keys import SigningKey
 from ..trust import TrustedKeys
 from ._app import console, new_app, print_json, signing_key
+from .server import SERVER_HELP, ServerClient, server_client
 
 rollout_app = new_app("Follow, resume or abort a canary rollout (after a crash or a sleep, too).")
 
@@ -28,9 +29,6 @@ REGISTRY_HELP = (
     "else $EDGEKIT_REGISTRY, else config, else SQLite under $EDGEKIT_HOME."
 )
 KEYS_FORMATS = (".keras", ".h5", ".hdf5")
-# Seconds to wait for a fleet's rollout lock: the rollout controller of `fleet up` holds it for
-# one step at a time; `push --wait` and `rollout resume` hold it until they are done.
-LOCK_WAIT = 15.0
 
 
 def _bundle_name(stem: str) -> str:
@@ -118,24 +116,33 @@ def _device_table(link: Any, rollout: Any) -> Table:
     return table
 
 
-def _summary(rollout: Any, link: Any) -> dict[str, Any]:
-    return {
-        "fleet": rollout.fleet,
-        "bundle_id": rollout.bundle_id,
-        "bundle": rollout.label,
-        "phase": rollout.phase,
-        "reason": rollout.reason,
-        "canaries": list(rollout.canaries),
-        "failed": dict(rollout.failed),
-        "devices": {
-            d: {"status": s.status, "version": s.bundle_version, "bundle_id": s.bundle_id, "error": s.error}
-            for d, s in sorted(link.states.items())
-        },
-    }
+def _judge(outcome: dict[str, Any], timeout: float, waiting: list[str], json_out: bool) -> None:
+    """Print the outcome of a driven rollout; RolloutError (one line) unless it is done everywhere."""
+    if json_out:
+        print_json(outcome)
+    fleet, label, phase = outcome["fleet"], outcome["bundle"], outcome["phase"]
+    if phase == "aborted":
+        raise RolloutError(
+            f"rollout of {label} to fleet {fleet} aborted: {outcome['reason']}; "
+            "the canaries were sent back to the previous bundle"
+        )
+    if phase != "done":
+        raise RolloutError(
+            f"timed out after {timeout:g}s in phase {phase}; still waiting for "
+            f"{', '.join(waiting) or 'no device'}; `edgekit rollout resume --fleet {fleet}` goes on"
+        )
+    if outcome["failed"]:
+        named = ", ".join(f"{d} ({why})" for d, why in sorted(outcome["failed"].items()))
+        raise RolloutError(
+            f"{label} reached fleet {fleet} but {len(outcome['failed'])} device(s) failed: {named}"
+        )
+    if not json_out:
+        console.print(f"[green]done[/]: every device of fleet {fleet} serves {label}")
 
 
 def _drive(link: Any, rollout: Any, labels: dict[str, str], timeout: float, json_out: bool) -> Any:
     """Run the rollout to its end with a live view on a terminal; raise RolloutError if it failed."""
+    from edgekit.fleet.api import outcome_json
     from edgekit.fleet.push import run_rollout
 
     live = (
@@ -157,29 +164,21 @@ def _drive(link: Any, rollout: Any, labels: dict[str, str], timeout: float, json
     finally:
         if live is not None:
             live.stop()
-    if json_out:
-        print_json(_summary(rollout, link))
-    if rollout.phase == "aborted":
-        raise RolloutError(
-            f"rollout of {rollout.label} to fleet {rollout.fleet} aborted: {rollout.reason}; "
-            "the canaries were sent back to the previous bundle"
-        )
-    if not rollout.finished:
-        waiting = [d for d in link.devices() if link.states[d].bundle_id != rollout.bundle_id]
-        raise RolloutError(
-            f"timed out after {timeout:g}s in phase {rollout.phase}; still waiting for "
-            f"{', '.join(waiting) or 'no device'}; `edgekit rollout resume --fleet {rollout.fleet}` "
-            "goes on"
-        )
-    if rollout.failed:
-        named = ", ".join(f"{d} ({why})" for d, why in sorted(rollout.failed.items()))
-        raise RolloutError(
-            f"{rollout.label} reached fleet {rollout.fleet} but {len(rollout.failed)} device(s) "
-            f"failed: {named}"
-        )
-    if not json_out:
-        console.print(f"[green]done[/]: every device of fleet {rollout.fleet} serves {rollout.label}")
+    waiting = [d for d in link.devices() if link.states[d].bundle_id != rollout.bundle_id]
+    _judge(outcome_json(rollout, link), timeout, waiting, json_out)
     return rollout
+
+
+def _follow(server: ServerClient, fleet: str, timeout: float, json_out: bool) -> None:
+    """``--wait`` through a fleet service: its rollout controller drives; watch until the end."""
+    deadline = time.monotonic() + timeout
+    doc = server.request("GET", f"api/v1/fleets/{fleet}/rollout")
+    with console.status(f"{doc['bundle']} → fleet {fleet}: {doc['phase']}", spinner="dots") as status:
+        while doc["phase"] not in ("done", "aborted") and time.monotonic() < deadline:
+            time.sleep(1.0)  # polling a remote API: no event reaches us from the service
+            doc = server.request("GET", f"api/v1/fleets/{fleet}/rollout")
+            status.update(f"{doc['bundle']} → fleet {fleet}: {doc['phase']}")
+    _judge(doc, timeout, [], json_out)
 
 
 def _clear_superseded(link: Any, catalog: Any) -> None:
@@ -196,6 +195,48 @@ def _clear_superseded(link: Any, catalog: Any) -> None:
             link.clear_bundle(entry["id"], len(found.manifest.chunks.sha256))
         link.record.history.remove(entry)
     link.control.save_record(link.record)
+
+
+def _push_through(
+    server: ServerClient,
+    target: str,
+    fleet: str,
+    query: dict[str, Any],
+    name: Optional[str],
+    version: Optional[str],
+) -> dict[str, Any]:
+    """Upload (or name) what to push to the fleet service; it starts the rollout."""
+    path = Path(target)
+    if path.suffix == ".ekb" and path.is_file():
+        kind, body = "bundle", path.read_bytes()
+    elif (path.suffix == ".tflite" and path.is_file()) or path.suffix in KEYS_FORMATS or path.is_dir():
+        if not path.exists():
+            raise ModelFormatError(f"model file {path} does not exist")
+        name = name or _bundle_name(path.stem if path.is_file() else path.name)
+        if path.suffix == ".tflite":
+            body = path.read_bytes()
+        else:
+            from edgekit.converters import ConvertOptions, convert  # needs edgekit[convert]
+
+            with tempfile.TemporaryDirectory() as tmp:
+                model = Path(tmp) / f"{name}.tflite"
+                convert(ConvertOptions(model=path, output=model))
+                body = model.read_bytes()
+        kind = "tflite"  # the service bundles and signs it
+    elif path.exists():
+        raise ModelFormatError(
+            f"cannot push {path}: give a .ekb bundle, a .tflite model, a Keras model (.keras, .h5, "
+            "a SavedModel folder) or the name of a bundle in the catalog"
+        )
+    else:
+        kind, body, name = "catalog", b"", target
+    doc: dict[str, Any] = server.request(
+        "POST",
+        f"api/v1/fleets/{fleet}/push",
+        query={**query, "kind": kind, "name": name, "version": version},
+        body=body,
+    )
+    return doc
 
 
 def push(
@@ -233,14 +274,15 @@ def push(
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Ship a model to a fleet: publish the signed bundle, tell the devices, follow them."""
-    from edgekit.fleet.push import FleetLink, begin_rollout
+    from edgekit.fleet.actions import pushing
+    from edgekit.fleet.api import outcome_json
+    from edgekit.fleet.push import FleetLink
     from edgekit.fleet.rollout import RolloutPolicy
 
-    cfg = WorkstationConfig.load(broker=broker, registry=registry)
-    key = signing_key(key_name)
     policy = RolloutPolicy(
         canary=canary,
         soak_s=soak,
@@ -249,6 +291,26 @@ def push(
         max_p95_regression=max_p95_regression,
         abort_on_drift=not ignore_drift,
     )
+    remote = server_client(server)
+    if remote is not None:
+        query = {
+            "canary": canary,
+            "soak": soak,
+            "timeout": timeout,
+            "max_error_rate": max_error_rate,
+            "max_p95_regression": max_p95_regression,
+            "ignore_drift": str(ignore_drift).lower(),
+        }
+        started = _push_through(remote, target, fleet, query, name, version)
+        if not json_out:
+            console.print(f"{remote.url} started {started['bundle']} → fleet {fleet} ({started['phase']})")
+        if wait and started["devices"]:
+            _follow(remote, fleet, timeout, json_out)
+        elif json_out:
+            print_json(started)
+        return
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
+    key = signing_key(key_name)
     with open_control(cfg, key) as control:
         bundle = resolve_target(target, control.catalog, key, version, name)
         client = _connect(cfg)
@@ -257,15 +319,7 @@ def push(
             devices = link.discover()
             total = bundle.manifest.chunks.total_size
             holder = "edgekit push --wait" if wait else "edgekit push"
-            with (
-                audited(control, "push", fleet, bundle.manifest.label),
-                control.driving(fleet, holder, wait=LOCK_WAIT),
-            ):
-                control.refuse_if_busy(fleet)
-                link.record = control.record(fleet)  # as the last driver left it
-                # Manifest, desired state, then the chunks: devices fetch while the upload goes on.
-                upload = link.start_upload(bundle)
-                rollout, labels = begin_rollout(link, bundle, policy)
+            with ExitStack() as held:  # the fleet's driving lock, from the start to the end of the drive
                 with Progress(
                     TextColumn("publishing {task.description}"),
                     BarColumn(),
@@ -275,88 +329,72 @@ def push(
                     disable=not console.is_terminal or json_out,
                 ) as bar:
                     task = bar.add_task(bundle.manifest.label, total=total)
-                    upload.finish(progress=lambda sent, _total: bar.update(task, completed=sent))
+                    rollout, labels = held.enter_context(
+                        pushing(
+                            control,
+                            link,
+                            bundle,
+                            policy,
+                            holder,
+                            lambda sent, _: bar.update(task, completed=sent),
+                        )
+                    )
                 if not json_out:
                     console.print(
                         f"published {bundle.manifest.label} (id {bundle.bundle_id[:16]}) to fleet {fleet}: "
                         f"{len(devices)} device(s) known"
                         + (f", {len(rollout.canaries)} canary" if canary else "")
                     )
-                if not wait:
-                    if json_out:
-                        print_json(_summary(rollout, link))
-                    elif rollout.canaries:
-                        console.print(
-                            f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` (or the "
-                            "rollout controller of `edgekit fleet up`) takes the rollout on to the fleet"
-                        )
-                    return
-                if not devices:
-                    if not json_out:
-                        console.print(
-                            f"no device of fleet {fleet} has reported yet; devices that join later fetch "
-                            f"{bundle.manifest.label} from the broker"
-                        )
-                    else:
-                        print_json(_summary(rollout, link))
-                    return
-                _drive(link, rollout, labels, timeout, json_out)
-                _clear_superseded(link, control.catalog)
+                if wait and devices:
+                    _drive(link, rollout, labels, timeout, json_out)
+                    _clear_superseded(link, control.catalog)
+                elif json_out:
+                    print_json(outcome_json(rollout, link))
+                elif not devices:
+                    console.print(
+                        f"no device of fleet {fleet} has reported yet; devices that join later fetch "
+                        f"{bundle.manifest.label} from the broker"
+                    )
+                elif rollout.canaries:
+                    console.print(
+                        f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` (or the "
+                        "rollout controller of `edgekit fleet up`) takes the rollout on to the fleet"
+                    )
         finally:
             client.close()
 
 
-@contextmanager
-def audited(control: Any, action: str, fleet: str, target: Optional[str] = None) -> Iterator[None]:
-    """Record ``action`` in the control plane's audit log with how it ended (one line of why,
-    when it failed)."""
-    try:
-        yield
-    except EdgekitError as exc:
-        control.audit(action, fleet=fleet, target=target, result="failed", detail=str(exc))
-        raise
-    except BaseException:
-        control.audit(action, fleet=fleet, target=target, result="interrupted")
-        raise
-    control.audit(action, fleet=fleet, target=target)
+def _print_rollout(doc: dict[str, Any]) -> None:
+    console.print(
+        f"{doc['bundle']} → fleet {doc['fleet']}: [bold]{doc['phase']}[/]"
+        + (f" ({doc['reason']})" if doc["reason"] else "")
+    )
+    console.print(f"started by {doc['started_by']} at {doc['started_at'][:16].replace('T', ' ')} UTC")
+    console.print(f"canaries: {', '.join(doc['canaries']) or '-'}; devices: {len(doc['devices'])}")
+    for device, why in sorted(doc["failed"].items()):
+        console.print(f"  failed: {device}: {why}")
 
 
 @rollout_app.command("status")
 def rollout_status(
     fleet: str = typer.Option(..., "--fleet", help="Whose rollout."),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the saved rollout as JSON."),
 ) -> None:
     """Show the fleet's current rollout as saved (no broker needed)."""
-    with open_control(WorkstationConfig.load(registry=registry), None) as control:
-        info = control.rollout_info(fleet)
-    if info is None:
-        raise ConfigError(f"fleet {fleet} has no rollout yet; start one with `edgekit push --canary N`")
-    rollout = info.rollout
+    from edgekit.fleet.api import rollout_json
+
+    remote = server_client(server)
+    if remote is not None:
+        doc = remote.request("GET", f"api/v1/fleets/{fleet}/rollout")
+    else:
+        with open_control(WorkstationConfig.load(registry=registry), None) as control:
+            doc = rollout_json(control, fleet)
     if json_out:
-        print_json(
-            {
-                "fleet": rollout.fleet,
-                "bundle": rollout.label,
-                "bundle_id": rollout.bundle_id,
-                "phase": rollout.phase,
-                "canaries": list(rollout.canaries),
-                "devices": list(rollout.devices),
-                "failed": dict(rollout.failed),
-                "reason": rollout.reason,
-                "started_by": info.started_by,
-                "started_at": info.started_at.isoformat(),
-            }
-        )
-        return
-    console.print(
-        f"{rollout.label} → fleet {rollout.fleet}: [bold]{rollout.phase}[/]"
-        + (f" ({rollout.reason})" if rollout.reason else "")
-    )
-    console.print(f"started by {info.started_by} at {info.started_at.astimezone():%Y-%m-%d %H:%M}")
-    console.print(f"canaries: {', '.join(rollout.canaries) or '-'}; devices: {len(rollout.devices)}")
-    for device, why in sorted(rollout.failed.items()):
-        console.print(f"  failed: {device}: {why}")
+        print_json(doc)
+    else:
+        _print_rollout(doc)
 
 
 @rollout_app.command("resume")
@@ -366,11 +404,18 @@ def rollout_resume(
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
-    """Drive a saved rollout on to its end (after `push` without --wait, a crash or a sleep)."""
+    """Drive a saved rollout on to its end (after `push` without --wait, a crash or a sleep).
+    With --server the service's rollout controller drives it; this follows it to the end."""
+    from edgekit.fleet.actions import LOCK_WAIT, audited
     from edgekit.fleet.push import FleetLink, labels_of
 
+    remote = server_client(server)
+    if remote is not None:
+        _follow(remote, fleet, timeout, json_out)
+        return
     cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
     with open_control(cfg, key) as control:
@@ -398,28 +443,24 @@ def rollout_abort(
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
 ) -> None:
     """Stop a rollout and send the devices it reached back to the previous bundle."""
-    import time
+    from edgekit.fleet.actions import abort_rollout
+    from edgekit.fleet.push import FleetLink
 
-    from edgekit.fleet.push import FleetLink, labels_of
-    from edgekit.fleet.rollout import abort
-
+    remote = server_client(server)
+    if remote is not None:
+        doc = remote.request("POST", f"api/v1/fleets/{fleet}/abort")
+        console.print(f"rollout of {doc['bundle']} to fleet {fleet}: {doc['phase']}")
+        return
     cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
     with open_control(cfg, key) as control:
-        rollout = control.rollout(fleet)  # a missing or corrupt one is reported before connecting
+        control.rollout(fleet)  # a missing or corrupt one is reported before connecting
         client = _connect(cfg)
         try:
-            with (
-                audited(control, "rollout-abort", fleet, rollout.label),
-                control.driving(fleet, "edgekit rollout abort", wait=LOCK_WAIT),
-            ):
-                rollout = control.rollout(fleet)
-                link = FleetLink(client, fleet, key, control)
-                rollout, actions = abort(rollout, f"aborted by {control.actor}", time.time())
-                link.carry_out(actions, labels_of(rollout, link.record))
-                control.save_rollout(rollout)
+            rollout = abort_rollout(control, FleetLink(client, fleet, key, control), "edgekit rollout abort")
         finally:
             client.close()
     console.print(f"rollout of {rollout.label} to fleet {fleet}: {rollout.phase}")
@@ -435,52 +476,38 @@ def rollback(
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Send the whole fleet back to an earlier bundle (a new, higher-numbered desired state)."""
-    from edgekit.fleet.push import FleetLink, begin_rollout
-    from edgekit.fleet.rollout import RolloutPolicy
+    from edgekit.fleet.actions import previous_bundle, rolling_back
+    from edgekit.fleet.api import outcome_json
+    from edgekit.fleet.push import FleetLink
 
+    remote = server_client(server)
+    if remote is not None:
+        doc = remote.request("POST", f"api/v1/fleets/{fleet}/rollback", query={"to": to, "timeout": timeout})
+        if not json_out:
+            console.print(f"fleet {fleet} told to go back to {doc['bundle']}")
+        if wait and doc["devices"]:
+            _follow(remote, fleet, timeout, json_out)
+        elif json_out:
+            print_json(doc)
+        return
     cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
     with open_control(cfg, key) as control:
-        catalog = control.catalog
-        record = control.record(fleet)
-        if to is None:
-            previous = record.previous()
-            if previous is None:
-                raise RolloutError(
-                    f"fleet {fleet} has no earlier bundle on record; name one with --to VERSION"
-                )
-            bundle = catalog.find(previous["id"])
-            if bundle is None:
-                raise RolloutError(
-                    f"{previous['label']} is not in the catalog any more; name a version with --to"
-                )
-        else:
-            if not record.label:
-                raise RolloutError(f"nothing was pushed to fleet {fleet} yet; push a bundle first")
-            name, _, version = to.rpartition("@")
-            bundle = catalog.read(name or record.label.partition("@")[0], version)
+        bundle = previous_bundle(control, fleet, to)
         client = _connect(cfg)
         try:
             link = FleetLink(client, fleet, key, control)
             devices = link.discover()
-            with (
-                audited(control, "rollback", fleet, bundle.manifest.label),
-                control.driving(fleet, "edgekit fleet rollback", wait=LOCK_WAIT),
-            ):
-                link.record = control.record(fleet)
-                upload = link.start_upload(bundle)  # again: it may have been cleared from the broker
-                rollout, labels = begin_rollout(
-                    link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout)
-                )
-                upload.finish()
+            with rolling_back(control, link, bundle, timeout, "edgekit fleet rollback") as (rollout, labels):
                 if not json_out:
                     console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
                 if wait and devices:
                     _drive(link, rollout, labels, timeout, json_out)
                 elif json_out:
-                    print_json(_summary(rollout, link))
+                    print_json(outcome_json(rollout, link))
         finally:
             client.close()

@@ -1,5 +1,6 @@
 """The control plane moves into the registry: the bundle catalog, each fleet's record (desired-
-state sequence counter, what it was last told to run), rollouts, who drives a fleet, an audit log.
+state sequence counter, what it was last told to run), rollouts, who drives a fleet, an audit log,
+and the operators' accounts and API sessions.
 
 Until this revision those lived in files under one operator's ``$EDGEKIT_HOME``
 (``bundles/``, ``fleets/``, ``rollouts/``); :meth:`edgekit.fleet.control.ControlPlane.import_home`
@@ -80,6 +81,21 @@ def upgrade() -> None:
     )
     op.create_index("ix_audit_log_at", "audit_log", ["at"])
     op.create_table(
+        "accounts",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("password_hash", sa.String(200), nullable=False),
+        sa.Column("created_at", TZ, nullable=False),
+    )
+    op.create_table(
+        "api_sessions",
+        sa.Column("token_hash", sa.String(64), primary_key=True),
+        sa.Column("account", sa.String(64), nullable=False),
+        sa.Column("created_at", TZ, nullable=False),
+        sa.Column("expires_at", TZ, nullable=False),
+    )
+    op.create_index("ix_api_sessions_account", "api_sessions", ["account"])
+    op.create_table(
         "control_meta",
         sa.Column("key", sa.String(200), primary_key=True),
         sa.Column("value", sa.Text, nullable=False),
@@ -87,5 +103,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("control_meta", "audit_log", "fleet_drivers", "rollouts", "fleet_records", "catalog"):
+    for table in (
+        "control_meta",
+        "api_sessions",
+        "accounts",
+        "audit_log",
+        "fleet_drivers",
+        "rollouts",
+        "fleet_records",
+        "catalog",
+    ):
         op.drop_table(table)
