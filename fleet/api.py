@@ -25,6 +25,7 @@ from typing import Any, Optional
 from edgekit.bundle import Bundle, create_bundle
 from edgekit.errors import AuthError, BrokerError, BundleError, ConfigError, EdgekitError, RolloutError
 from edgekit.keys import SigningKey, load_signing_key
+from edgekit.provision import DEFAULT_STATE_DIR, provision_device
 from edgekit.trust import TrustedKeys
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -264,7 +265,20 @@ def api_routes(ctx: ApiContext) -> list[Route]:
 
         return JSONResponse(await run_in_threadpool(with_link, who, fleet, work))
 
+    async def device_add(request: Request, who: Identity) -> JSONResponse:
+        try:
+            doc = await request.json()
+            device, fleet = str(doc["device"]), str(doc["fleet"])
+            broker, state_dir = str(doc.get("broker") or ""), str(doc.get("state_dir") or DEFAULT_STATE_DIR)
+            tls, force = bool(doc.get("tls", False)), bool(doc.get("force", False))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError("send {device, fleet[, broker, state_dir, tls, force]} as JSON") from None
+        return JSONResponse(
+            await run_in_threadpool(provision_through, ctx, who, device, fleet, broker, state_dir, tls, force)
+        )
+
     return [
+        Route("/api/v1/devices", guarded(device_add, act=True), methods=["POST"]),
         Route("/api/v1/login", login, methods=["POST"]),
         Route("/api/v1/logout", guarded(logout), methods=["POST"]),
         Route("/api/v1/whoami", guarded(whoami)),
@@ -274,6 +288,42 @@ def api_routes(ctx: ApiContext) -> list[Route]:
         Route("/api/v1/fleets/{fleet}/abort", guarded(abort, act=True), methods=["POST"]),
         Route("/api/v1/fleets/{fleet}/rollback", guarded(rollback, act=True), methods=["POST"]),
     ]
+
+
+def provision_through(
+    ctx: ApiContext,
+    who: Identity,
+    device: str,
+    fleet: str,
+    broker: str,
+    state_dir: str,
+    tls: bool,
+    force: bool,
+) -> dict[str, Any]:
+    """``edgekit device add --server``: the service provisions the device with its keys and its
+    broker accounts, records it, and returns the config (and TLS files) for the operator to
+    write. (The broker must be told again: ``edgekit broker mosquitto-config`` on the service.)"""
+    if ctx.home is None:
+        raise ConfigError("this fleet service has no EDGEKIT_HOME to keep broker accounts in")
+    with tempfile.TemporaryDirectory() as tmp:
+        output = Path(tmp) / f"{device}.toml"
+        done = provision_device(
+            device, fleet, output, broker=broker, state_dir=state_dir, tls=tls, force=force, home=ctx.home
+        )
+        files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p != output}
+        config = output.read_text()
+    ControlPlane(ctx.registry, actor=who.name).record_provisioned(device, fleet, done.username, tls)
+    return {
+        "device": device,
+        "fleet": fleet,
+        "broker": broker,
+        "state_dir": state_dir,
+        "trusted_key_ids": list(done.trusted_key_ids),
+        "username": done.username,
+        "tls": tls,
+        "config": config,
+        "files": files,
+    }
 
 
 def _resolve(

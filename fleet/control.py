@@ -48,7 +48,15 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .registry import Registry
-from .registry.models import AuditEntry, CatalogEntry, ControlMeta, FleetDriver, FleetRecordRow, RolloutRow
+from .registry.models import (
+    AuditEntry,
+    CatalogEntry,
+    ControlMeta,
+    FleetDriver,
+    FleetRecordRow,
+    ProvisionedDevice,
+    RolloutRow,
+)
 from .rollout import Rollout
 
 __all__ = ["AuditEntry", "Catalog", "ControlPlane", "FleetRecord", "operator_name"]
@@ -431,6 +439,32 @@ class ControlPlane:
             session.execute(delete(FleetDriver).where(FleetDriver.fleet == name))
             session.add(FleetDriver(fleet=name, holder=label, since=_now()))
             session.commit()
+
+    # -- provisioning ---------------------------------------------------------------------------
+
+    def record_provisioned(self, device: str, fleet: str, username: str, tls: bool) -> None:
+        """Note that this actor provisioned ``device`` (again: the newest record wins)."""
+        with self.registry.session() as session:
+            session.execute(delete(ProvisionedDevice).where(ProvisionedDevice.device == device))
+            session.add(
+                ProvisionedDevice(
+                    device=device,
+                    fleet=fleet,
+                    username=username,
+                    tls=tls,
+                    added_by=self.actor,
+                    added_at=_now(),
+                )
+            )
+            session.commit()
+        self.audit("device-add", fleet=fleet, target=device)
+
+    def provisioned(self, fleet: Optional[str] = None) -> list[ProvisionedDevice]:
+        query = select(ProvisionedDevice).order_by(ProvisionedDevice.device)
+        if fleet is not None:
+            query = query.where(ProvisionedDevice.fleet == fleet)
+        with self.registry.session() as session:
+            return list(session.scalars(query))
 
     # -- audit ----------------------------------------------------------------------------------
 

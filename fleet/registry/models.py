@@ -123,6 +123,20 @@ class AuditEntry(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class ProvisionedDevice(Base):
+    """A device someone provisioned (``edgekit device add``): who, when, for which fleet. Its
+    broker password stays in the provisioning machine's ``$EDGEKIT_HOME/broker`` (0600)."""
+
+    __tablename__ = "provisioned_devices"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64))
+    username: Mapped[str] = mapped_column(String(64))
+    tls: Mapped[bool] = mapped_column(Boolean)
+    added_by: Mapped[str] = mapped_column(String(128))
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class Account(Base):
     """An operator (may act) or viewer (may look) of the fleet service's API and dashboard."""
 

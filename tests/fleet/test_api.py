@@ -9,8 +9,10 @@ import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from edgekit.agent.config import AgentConfig
 from edgekit.fleet.registry import Registry
 from edgekit.fleet.registry.models import ApiSession
+from edgekit.keys import load_own_public_key
 from sqlalchemy import update
 from test_push import BIN, Fleet, fleet  # noqa: F401 - fleet is a fixture
 from test_serve import serve  # noqa: F401 - serve is a fixture
@@ -94,17 +96,30 @@ def test_an_operator_without_a_key_pushes_through_the_service_and_a_viewer_canno
     status = laptop(alice, url, "rollout", "status", "--fleet", "lab", "--json")
     assert '"started_by": "alice"' in status.stdout and '"phase": "done"' in status.stdout
 
-    assert (
-        laptop(vic, url, "login", "--account", "vic", "--password-stdin", stdin="vic-secret\n").returncode
-        == 0
+    # Provisioning through the service: its key, its broker account; the laptop writes the config.
+    config = tmp_path / "cam-9.toml"
+    added = laptop(
+        alice, url, "device", "add", "cam-9", "--fleet", "lab", "-o", str(config), "--broker", mosquitto.url
     )
+    assert added.returncode == 0, added.stderr
+    assert config.stat().st_mode & 0o777 == 0o600 and 'device = "cam-9"' in config.read_text()
+    assert load_own_public_key(edgekit_home).pem().decode().strip() in config.read_text()
+    assert AgentConfig.load(config).device == "cam-9"
+
+    signed = laptop(vic, url, "login", "--account", "vic", "--password-stdin", stdin="vic-secret\n")
+    assert signed.returncode == 0, signed.stderr
     assert laptop(vic, url, "rollout", "status", "--fleet", "lab").returncode == 0  # a viewer may look
     one_line(laptop(vic, url, "push", "digits", "--fleet", "lab"), 16, "vic is a viewer")
     one_line(laptop(vic, url, "fleet", "rollback", "--fleet", "lab", "--to", "1.0.0"), 16, "vic is a viewer")
+    refused = laptop(
+        vic, url, "device", "add", "cam-10", "--fleet", "lab", "-o", str(tmp_path / "cam-10.toml")
+    )
+    one_line(refused, 16, "vic is a viewer")
     audit = subprocess.run(
         [str(BIN / "edgekit"), "fleet", "audit", "--json"], capture_output=True, text=True, check=True
     ).stdout
     assert '"actor": "vic"' in audit and '"result": "refused"' in audit and '"actor": "alice"' in audit
+    assert '"action": "device-add"' in audit
 
     # An expired session is refused, and says how to sign in again.
     reg = Registry(registry)

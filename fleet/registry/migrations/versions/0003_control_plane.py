@@ -1,6 +1,6 @@
 """The control plane moves into the registry: the bundle catalog, each fleet's record (desired-
 state sequence counter, what it was last told to run), rollouts, who drives a fleet, an audit log,
-and the operators' accounts and API sessions.
+the operators' accounts and API sessions, and a record of every device provisioned.
 
 Until this revision those lived in files under one operator's ``$EDGEKIT_HOME``
 (``bundles/``, ``fleets/``, ``rollouts/``); :meth:`edgekit.fleet.control.ControlPlane.import_home`
@@ -81,6 +81,15 @@ def upgrade() -> None:
     )
     op.create_index("ix_audit_log_at", "audit_log", ["at"])
     op.create_table(
+        "provisioned_devices",
+        sa.Column("device", sa.String(64), primary_key=True),
+        sa.Column("fleet", sa.String(64), nullable=False),
+        sa.Column("username", sa.String(64), nullable=False),
+        sa.Column("tls", sa.Boolean, nullable=False),
+        sa.Column("added_by", sa.String(128), nullable=False),
+        sa.Column("added_at", TZ, nullable=False),
+    )
+    op.create_table(
         "accounts",
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("role", sa.String(16), nullable=False),
@@ -107,6 +116,7 @@ def downgrade() -> None:
         "control_meta",
         "api_sessions",
         "accounts",
+        "provisioned_devices",
         "audit_log",
         "fleet_drivers",
         "rollouts",
