@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -54,8 +53,7 @@ def serve(broker: str, registry: str, home: Path, log: Path) -> subprocess.Popen
 
 
 def leader_pid(control: Any) -> Optional[int]:
-    found = re.search(r"pid (\d+)\)$", control.lock_holder("role:rollout-controller") or "")
-    return int(found.group(1)) if found else None
+    return control.lock_pid("role:rollout-controller")
 
 
 def wait_leader(control: Any, pid: int, timeout: float = 60.0) -> float:

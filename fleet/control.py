@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -433,6 +434,11 @@ class ControlPlane:
         with self.registry.session() as session:
             row = session.get(FleetDriver, name)
             return None if row is None else row.holder
+
+    def lock_pid(self, name: str) -> Optional[int]:
+        """The process id of whoever took the lock ``name`` last (on its own machine)."""
+        found = re.search(r"pid (\d+)\)$", self.lock_holder(name) or "")
+        return int(found.group(1)) if found else None
 
     def _set_holder(self, name: str, label: str) -> None:
         with self.registry.session() as session:

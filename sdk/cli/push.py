@@ -181,6 +181,18 @@ def _follow(server: ServerClient, fleet: str, timeout: float, json_out: bool) ->
     _judge(doc, timeout, [], json_out)
 
 
+def _started_remotely(
+    server: ServerClient, started: dict[str, Any], said: str, wait: bool, timeout: float, json_out: bool
+) -> None:
+    """After the service started a rollout: say so, and with ``wait`` follow it to the end."""
+    if not json_out:
+        console.print(said)
+    if wait and started["devices"]:
+        _follow(server, started["fleet"], timeout, json_out)
+    elif json_out:
+        print_json(started)
+
+
 def _clear_superseded(link: Any, catalog: Any) -> None:
     """Clear the retained chunks of bundles the fleet no longer needs (all but current and previous)."""
     keep = {link.record.bundle_id}
@@ -302,12 +314,8 @@ def push(
             "ignore_drift": str(ignore_drift).lower(),
         }
         started = _push_through(remote, target, fleet, query, name, version)
-        if not json_out:
-            console.print(f"{remote.url} started {started['bundle']} → fleet {fleet} ({started['phase']})")
-        if wait and started["devices"]:
-            _follow(remote, fleet, timeout, json_out)
-        elif json_out:
-            print_json(started)
+        said = f"{remote.url} started {started['bundle']} → fleet {fleet} ({started['phase']})"
+        _started_remotely(remote, started, said, wait, timeout, json_out)
         return
     cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
@@ -487,12 +495,9 @@ def rollback(
     remote = server_client(server)
     if remote is not None:
         doc = remote.request("POST", f"api/v1/fleets/{fleet}/rollback", query={"to": to, "timeout": timeout})
-        if not json_out:
-            console.print(f"fleet {fleet} told to go back to {doc['bundle']}")
-        if wait and doc["devices"]:
-            _follow(remote, fleet, timeout, json_out)
-        elif json_out:
-            print_json(doc)
+        _started_remotely(
+            remote, doc, f"fleet {fleet} told to go back to {doc['bundle']}", wait, timeout, json_out
+        )
         return
     cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)

@@ -14,7 +14,7 @@ from edgekit.fleet.registry import Registry
 from edgekit.fleet.registry.models import ApiSession
 from edgekit.keys import load_own_public_key
 from sqlalchemy import update
-from test_push import BIN, Fleet, fleet  # noqa: F401 - fleet is a fixture
+from test_push import BIN, Fleet, edgekit, fleet  # noqa: F401 - fleet is a fixture
 from test_serve import serve  # noqa: F401 - serve is a fixture
 from watcher import Watcher
 
@@ -23,15 +23,7 @@ def laptop(home: Path, server: str, *args: str, stdin: str | None = None) -> sub
     """`edgekit ARGS` on an operator's laptop: its own EDGEKIT_HOME (no keys), the service's URL."""
     env = {**os.environ, "EDGEKIT_HOME": str(home), "EDGEKIT_SERVER": server, "COLUMNS": "200"}
     env.pop("EDGEKIT_REGISTRY", None)
-    return subprocess.run(
-        [str(BIN / "edgekit"), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=300,
-    )
+    return edgekit(*args, env=env, stdin=stdin)
 
 
 def one_line(result: subprocess.CompletedProcess[str], code: int, *words: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -193,10 +192,7 @@ def test_commands_say_what_is_missing_in_one_line(edgekit_home):
 
 
 def leader_pid(control: ControlPlane) -> int | None:
-    """The pid of the process holding the rollout-controller role, as it wrote it."""
-    holder = control.lock_holder("role:rollout-controller") or ""
-    found = re.search(r"pid (\d+)\)$", holder)
-    return int(found.group(1)) if found else None
+    return control.lock_pid("role:rollout-controller")
 
 
 def test_killing_the_leading_fleet_serve_mid_canary_hands_the_rollout_to_the_other(

@@ -22,14 +22,17 @@ BIN = Path(sys.executable).parent
 DEVICES = [f"cam-{i}" for i in range(1, 6)]
 
 
-def edgekit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def edgekit(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "edgekit"), *args],
+        input=stdin,
         capture_output=True,
         text=True,
         check=False,
         timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200"} if env is None else env,
     )
 
 
