@@ -1,5 +1,9 @@
-"""An amqtt broker plugin that keeps retained messages in a SQLite file (the embedded broker's
-``data_dir``), so signed desired states, bundle chunks and device states survive a restart.
+"""Retained messages in the embedded broker (amqtt 0.11): kept in a SQLite file, and sent only
+to the clients that subscribed to them.
+
+:class:`RetainedStore` is an amqtt broker plugin that keeps retained messages in a SQLite file
+(the embedded broker's ``data_dir``), so signed desired states, bundle chunks and device states
+survive a restart. :class:`Broker` is amqtt's broker with one bug fixed (below).
 
 Loaded only inside the embedded broker's own process (it imports amqtt). amqtt's own
 ``SessionDBPlugin`` (contrib) also stores sessions, needs aiosqlite and async SQLAlchemy, and
@@ -17,10 +21,33 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from amqtt.broker import Broker as _AmqttBroker
 from amqtt.broker import BrokerContext, RetainedApplicationMessage
+from amqtt.session import Session
 from amqtt.plugins.base import BasePlugin
 
 log = logging.getLogger(__name__)
+
+
+class Broker(_AmqttBroker):  # type: ignore[misc]  # amqtt ships no types
+    """amqtt's broker, without its leak of retained messages across topics.
+
+    On every new connection amqtt 0.11.4 (``Broker._client_connected``) means to re-send the
+    retained messages of a reconnecting session's own subscriptions, but it loops over the
+    filters of *every* session (``for topic in self._subscriptions``) and sends the matches to
+    the new client. So once ``fleet up``'s ingest subscribed to ``edgekit/devices/+/state``, any
+    client that connected got every retained device state, whatever it subscribed to (and a
+    ``.../#`` subscriber got each one twice). Here a filter's retained messages go to a session
+    only if that session holds the filter, which leaves the subscribe path as it was (the
+    session has just been added) and restricts the connect path to the session's own filters.
+    """
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        holders = self._subscriptions.get(subscription[0], ())
+        if any(holder is session for holder, _ in holders):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER)"
 

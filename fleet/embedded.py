@@ -187,9 +187,10 @@ async def _serve(host: str, port: int, data_dir: Optional[Path]) -> int:
     import threading
 
     try:
-        from amqtt.broker import Broker
         from amqtt.errors import AMQTTError, PluginError
         from amqtt.errors import BrokerError as AmqttBrokerError
+
+        from ._retained_store import Broker  # amqtt's, without its leak of retained messages
     except ImportError:
         _say(
             f"{_ERROR}: amqtt is not installed; install edgekit[fleet], or run your own broker and pass --broker"

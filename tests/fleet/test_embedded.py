@@ -139,3 +139,30 @@ def test_a_taken_port_is_one_line_and_stop_and_start_again_work(embedded, tmp_pa
     memory_only.stop()  # idempotent
     with memory_only:  # no data_dir: nothing survives a restart
         assert retained_under(memory_only.url, "edgekit/t/#", "edgekit/t/probe") == []
+
+
+def test_retained_messages_reach_only_the_clients_that_subscribed_to_them(embedded):
+    """amqtt 0.11.4 sent every new client the retained messages matching anybody's filters (here
+    the ingest's ``edgekit/devices/+/state``): a ``nothing/here`` subscriber got device states."""
+    ingest = MqttClient(embedded.url).connect()
+    try:
+        ingest.subscribe(TOPICS.all_devices_filter("state"), Inbox())
+        with MqttClient(embedded.url) as device:
+            device.publish(TOPICS.device_state("z"), b'{"status": "online"}', retain=True).wait(10)
+        for topic_filter in ("nothing/here", TOPICS.device_telemetry("z"), "edgekit/fleets/#"):
+            with MqttClient(embedded.url) as client:
+                inbox = Inbox()
+                client.subscribe(topic_filter, inbox)
+                # Retained messages (and any leak) are sent before the broker routes this probe back.
+                probe = f"probe/{len(topic_filter)}"
+                client.subscribe(probe, inbox)
+                client.publish(probe, b"probe", qos=1).wait(10)
+                inbox.wait_topic(probe)
+                assert inbox.topics() == [probe], topic_filter
+                assert client.unroutable == 0, topic_filter
+        # A subscriber to the device's own topics gets its state once, not twice.
+        assert retained_under(embedded.url, "edgekit/devices/z/#", "edgekit/devices/z/probe") == [
+            TOPICS.device_state("z")
+        ]
+    finally:
+        ingest.close()
