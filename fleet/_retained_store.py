@@ -23,8 +23,8 @@ from typing import Any
 
 from amqtt.broker import Broker as _AmqttBroker
 from amqtt.broker import BrokerContext, RetainedApplicationMessage
-from amqtt.session import Session
 from amqtt.plugins.base import BasePlugin
+from amqtt.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Broker(_AmqttBroker):  # type: ignore[misc]  # amqtt ships no types
         holders = self._subscriptions.get(subscription[0], ())
         if any(holder is session for holder, _ in holders):
             await super()._publish_retained_messages_for_subscription(subscription, session)
+
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER)"
 
