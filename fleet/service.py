@@ -110,6 +110,7 @@ def _worker_main(
     username, password = operator_login(config.broker, None, None, Path(config.home) if config.home else None)
     client = ingest_client(
         config.broker,
+        protocol="5" if shared else None,  # start() found that the broker speaks it
         client_id=f"{config.group}-{suffix}",
         session_expiry=config.session_expiry,
         username=username,
@@ -187,12 +188,19 @@ class FleetService:
         # Fail fast, with one line, on a broker that is not there or refuses us.
         home = Path(self.config.home) if self.config.home else None
         username, password = operator_login(self.config.broker, None, None, home)
-        MqttClient(
+        probe = MqttClient(
             self.config.broker,
             client_id=f"edgekit-check-{uuid.uuid4().hex[:8]}",
             username=username,
             password=password,
-        ).connect(connect_timeout).close()
+        ).connect(connect_timeout)
+        probe.close()
+        if self.config.workers > 1 and probe.protocol != "5":
+            raise ConfigError(
+                f"--workers above 1 needs MQTT 5 shared subscriptions, and the broker at "
+                f"{probe.url} speaks only MQTT {probe.protocol}; use one worker, or an MQTT 5 "
+                "broker (Mosquitto, EMQX)"
+            )
         if self.config.dashboard:
             self._socket = self._listen()
         for index in range(self.config.workers):

@@ -1,9 +1,11 @@
-"""Retained messages in the embedded broker (amqtt 0.11): kept in a SQLite file, and sent only
-to the clients that subscribed to them.
+"""The amqtt broker that ``fleet up`` embeds: amqtt 0.11 with two faults fixed, and retained
+messages kept in a SQLite file.
 
-:class:`RetainedStore` is an amqtt broker plugin that keeps retained messages in a SQLite file
-(the embedded broker's ``data_dir``), so signed desired states, bundle chunks and device states
-survive a restart. :class:`Broker` is amqtt's broker with one bug fixed (below).
+:class:`Broker` is amqtt's broker, sending retained messages only to the clients that
+subscribed to them, and answering an MQTT 5 CONNECT with "unacceptable protocol version" (so
+clients fall back to 3.1.1 at once) instead of hanging. :class:`RetainedStore` is an amqtt
+broker plugin that keeps retained messages in a SQLite file (the embedded broker's
+``data_dir``), so signed desired states, bundle chunks and device states survive a restart.
 
 Loaded only inside the embedded broker's own process (it imports amqtt). amqtt's own
 ``SessionDBPlugin`` (contrib) also stores sessions, needs aiosqlite and async SQLAlchemy, and
@@ -16,17 +18,48 @@ loses at most the change being written; a power loss at most the last few.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker as _AmqttBroker
 from amqtt.broker import BrokerContext, RetainedApplicationMessage
+from amqtt.errors import MQTTError, NoDataError
 from amqtt.plugins.base import BasePlugin
 from amqtt.session import Session
 
 log = logging.getLogger(__name__)
+
+#: A CONNECT's variable header starts with the protocol name "MQTT", then the protocol level.
+_MQTT_NAME = b"\x00\x04MQTT"
+_LEVEL_3_1_1 = 4
+#: CONNACK: session present 0, return code 1 ("unacceptable protocol version", MQTT-3.2.2-4).
+_REFUSE_VERSION = b"\x20\x02\x00\x01"
+
+
+class _Replay(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no types
+    """A reader that first returns ``head`` (bytes already read from the stream), then the rest."""
+
+    def __init__(self, head: bytes, reader: ReaderAdapter) -> None:
+        self._head = head
+        self._reader = reader
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return await self._reader.read(n)
+        if n == -1:
+            data, self._head = self._head + await self._reader.read(-1), b""
+            return data
+        data, self._head = self._head[:n], self._head[n:]
+        if len(data) < n:
+            data += await self._reader.read(n - len(data))
+        return data
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
 
 
 class Broker(_AmqttBroker):  # type: ignore[misc]  # amqtt ships no types
@@ -41,6 +74,39 @@ class Broker(_AmqttBroker):  # type: ignore[misc]  # amqtt ships no types
     only if that session holds the filter, which leaves the subscribe path as it was (the
     session has just been added) and restricts the connect path to the session's own filters.
     """
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> Any:
+        """amqtt 0.11.4 parses an MQTT 5 CONNECT as a 3.1.1 one before it looks at the protocol
+        level: the properties read as a client id length of a thousand bytes or more, and it
+        waits for them until the client gives up. Here the first bytes of the CONNECT are read
+        first: a level other than 3.1.1's is answered "unacceptable protocol version" (what the
+        3.1.1 standard asks) and the connection closed; anything else goes to amqtt as it came."""
+        try:
+            head = await reader.read(1)
+            length, shift = 0, 0
+            for _ in range(4):  # the remaining length: a variable byte integer
+                byte = (await reader.read(1))[0]
+                head += bytes([byte])
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            start = await reader.read(min(length, len(_MQTT_NAME) + 1))
+        except (asyncio.IncompleteReadError, IndexError, OSError) as exc:
+            raise NoDataError(f"{remote_address}:{remote_port} closed before its CONNECT") from exc
+        if start[: len(_MQTT_NAME)] == _MQTT_NAME and start[len(_MQTT_NAME) :] != bytes([_LEVEL_3_1_1]):
+            writer.write(_REFUSE_VERSION)
+            await writer.drain()
+            await writer.close()
+            raise MQTTError(
+                f"{remote_address}:{remote_port} asked for MQTT protocol level "
+                f"{start[len(_MQTT_NAME) :].hex()}; refused (this broker speaks 3.1.1 only)"
+            )
+        return await super()._initialize_client_session(
+            _Replay(head + start, reader), writer, remote_address, remote_port
+        )
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
