@@ -49,13 +49,13 @@ class _Replay(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no types
 
     async def read(self, n: int = -1) -> bytes:
         if not self._head:
-            return await self._reader.read(n)
+            return bytes(await self._reader.read(n))
         if n == -1:
-            data, self._head = self._head + await self._reader.read(-1), b""
+            data, self._head = self._head + bytes(await self._reader.read(-1)), b""
             return data
         data, self._head = self._head[:n], self._head[n:]
         if len(data) < n:
-            data += await self._reader.read(n - len(data))
+            data += bytes(await self._reader.read(n - len(data)))
         return data
 
     def feed_eof(self) -> None:

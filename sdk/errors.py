@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DesiredStateError",
+    "DownloadStalledError",
     "EdgekitError",
     "HealthCheckError",
     "InstallError",
@@ -118,6 +119,11 @@ class BrokerError(EdgekitError):
     """The MQTT broker is unreachable, refused a connection, or refused a message or subscription."""
 
     exit_code = 12
+
+
+class DownloadStalledError(BrokerError):
+    """A bundle download got nothing from the broker for longer than its inactivity timeout
+    (the broker does not hold the chunks, or does not deliver them)."""
 
 
 class TopicError(EdgekitError):

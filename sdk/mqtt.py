@@ -881,7 +881,9 @@ class MqttClient:
         self.protocol = "3.1.1" if self._v5 else "5"
         self._v5 = self.protocol == "5"
         self._paho.speak(self.protocol, clean_session=self._session_expiry == 0)
-        log.debug("the broker at %s closed the connection unanswered; trying MQTT %s", self.url, self.protocol)
+        log.debug(
+            "the broker at %s closed the connection unanswered; trying MQTT %s", self.url, self.protocol
+        )
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         try:
