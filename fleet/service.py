@@ -101,7 +101,11 @@ def _worker_main(
     logging.basicConfig(level=config.log_level, format=f"%(levelname)s ingest-{index} %(name)s: %(message)s")
     parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the service, which stops us in order
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM (systemd, `timeout` and the like signal the whole process group) only raises a
+    # flag: Event.set() in the handler would wait for the lock that the interrupted
+    # stop.wait() holds, for ever.
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     registry = Registry(config.registry, migrate=False)
     shared = config.workers > 1
     # A persistent session must be found again under the same id; a clean one gets a unique id so
@@ -139,12 +143,12 @@ def _worker_main(
     # Ready once connected, or once messages flow: a persistent session's backlog arrives before
     # the broker acknowledges the renewed subscriptions (which "connected" waits for).
     deadline = time.monotonic() + config.ready_timeout
-    while time.monotonic() < deadline and not stop.is_set():
+    while time.monotonic() < deadline and not stop.is_set() and not terminated.is_set():
         if ingest.client.wait_connected(0.2) or ingest.snapshot().received:
             reports.put((index, "ready"))
             break
     try:
-        while not stop.wait(config.report_interval):
+        while not stop.wait(config.report_interval) and not terminated.is_set():
             report()
             if os.getppid() != parent:  # the service was killed (-9): flush and go, not linger
                 log.warning("ingest worker %d: the service process is gone; stopping", index)
