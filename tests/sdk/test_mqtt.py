@@ -222,7 +222,9 @@ def test_something_that_closes_every_connection_is_not_taken_for_an_mqtt_broker(
         threading.Thread(target=close_all, daemon=True).start()
         try:
             with pytest.raises(BrokerError, match="without accepting MQTT 5 or MQTT 3.1.1; is this"):
-                MqttClient(f"mqtt://127.0.0.1:{port}", reconnect_min=0.05, reconnect_max=0.1).connect(timeout=2)
+                MqttClient(f"mqtt://127.0.0.1:{port}", reconnect_min=0.05, reconnect_max=0.1).connect(
+                    timeout=2
+                )
         finally:
             stop.set()
 
