@@ -11,9 +11,9 @@ THIRD_PARTY_WHEEL := mediapipe==0.10.14
 # offline (PIP_NO_INDEX=1 PIP_FIND_LINKS=$(WHEELHOUSE)); edgekit itself is built by the test.
 WHEELHOUSE := .cache/wheelhouse
 
-.PHONY: setup test lint typecheck pytest demo mosquitto chromium shellcheck clean py39 test-agent-lean check-examples docs lock audit fuzz soak
+.PHONY: setup test lint typecheck pytest demo mosquitto rabbitmq chromium shellcheck clean py39 test-agent-lean check-examples docs lock audit fuzz soak
 
-setup: $(STAMP) mosquitto chromium shellcheck $(THIRD_PARTY)/.fetched $(WHEELHOUSE)/.fetched py39
+setup: $(STAMP) mosquitto rabbitmq chromium shellcheck $(THIRD_PARTY)/.fetched $(WHEELHOUSE)/.fetched py39
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,18 @@ mosquitto:
 	    echo "installing mosquitto (apt-get)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
 	  else echo "mosquitto is missing: install it (e.g. sudo apt-get install mosquitto)"; exit 1; fi; }
+
+# RabbitMQ (Debian's rabbitmq-server) for the broker matrix (tests/fleet/test_broker_matrix.py):
+# installed like Mosquitto, and started when it is not running. The tests enable its MQTT plugin
+# on a free port of their own and disable it again; they leave the rest of the node alone.
+rabbitmq:
+	@command -v rabbitmqctl >/dev/null 2>&1 || test -x /usr/sbin/rabbitmqctl || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing rabbitmq-server (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null; \
+	  else echo "rabbitmq-server is missing: install it (e.g. sudo apt-get install rabbitmq-server)"; exit 1; fi; }
+	@PATH="$$PATH:/usr/sbin"; rabbitmqctl -q status >/dev/null 2>&1 || { \
+	  echo "starting rabbitmq-server"; rabbitmq-server -detached && rabbitmqctl -q await_startup; }
 
 $(THIRD_PARTY)/.fetched:
 	mkdir -p $(THIRD_PARTY)

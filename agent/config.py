@@ -96,6 +96,8 @@ class AgentConfig:
     xnnpack: bool = True  # False: built-in kernels, no packed copy of the weights
     max_bundle_size: int = 256 * 1024 * 1024
     broker: str = ""
+    #: Seconds without a chunk from the broker (while connected) before a download is reported stalled.
+    download_stall_timeout: float = 120.0
     drift_sample_rate: float = 0.05
     drift_window: int = 200
     drift_psi_threshold: float = 0.1
@@ -240,6 +242,7 @@ def _build(values: dict[str, tuple[Any, str]], base: Path, source: str) -> Agent
         "xnnpack": _as_bool,
         "max_bundle_size": lambda v, w: _max_size(_as_int(v, w, 1024), w),
         "broker": _as_str,
+        "download_stall_timeout": lambda v, w: _as_float(v, w, 0.0, 86400.0, low_open=True),
         "drift_sample_rate": lambda v, w: _as_float(v, w, 0.0, 1.0),
         "drift_window": lambda v, w: _as_int(v, w, 10),
         "drift_psi_threshold": lambda v, w: _as_float(v, w, 0.0, 100.0, low_open=True),

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 from edgekit._version import __version__
 from edgekit.atomic import atomic_write
 from edgekit.desired import DesiredState, decode_desired_state, verify_desired_state
-from edgekit.errors import BrokerError, DesiredStateError, EdgekitError
+from edgekit.errors import BrokerError, DesiredStateError, DownloadStalledError, EdgekitError
 from edgekit.manifest import MAX_MESSAGE_SIZE
 from edgekit.mqtt import Message, MqttClient, TlsConfig, Will
 from edgekit.reports import DeviceStateReport
@@ -301,6 +301,20 @@ class AgentDaemon:
                 continue
             try:
                 self._apply(target)
+            except DownloadStalledError as exc:  # the broker does not hold or send the chunks
+                # Not marked failed: a reconnect, or the bundle published again, resumes it.
+                message = f"device {self.device}: {exc}"
+                log.error("%s", message)
+                self.agent.record_event(
+                    "download_stalled",
+                    message,
+                    {
+                        "name": target.bundle_name,
+                        "version": target.bundle_version,
+                        "bundle_id": target.bundle_sha256,
+                    },
+                )
+                self.publish_state("failed", target=target, error=message)
             except BrokerError as exc:  # the transport, not the bundle: a reconnect resumes it
                 log.warning(
                     "device %s: fetching %s@%s stopped: %s",
@@ -357,6 +371,7 @@ class AgentDaemon:
                 directory,
                 self.topics,
                 timeout=self.fetch_timeout,
+                stall_timeout=self.agent.config.download_stall_timeout,
                 max_size=self.agent.config.max_bundle_size,
                 progress=lambda received, total: reporter.update(received / total if total else 1.0),
             )

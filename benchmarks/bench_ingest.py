@@ -1,6 +1,7 @@
 """Telemetry ingest throughput: a replay publisher -> real Mosquitto -> ingest -> registry.
 
     .venv/bin/python benchmarks/bench_ingest.py [--messages 50000] [--devices 100]
+    .venv/bin/python benchmarks/bench_ingest.py --fleet-up [--messages 20000]
 
 A replay publisher (benchmarks/replay.py: pre-encoded PUBLISH packets, tens of thousands a
 second, so it never limits what is measured) sends M telemetry records (QoS 1, as agents do,
@@ -14,6 +15,11 @@ The baseline, measured in the same run with the same publisher: a raw paho subsc
 only counts (QoS 1, acknowledges on receipt), live and draining a backlog. Ratios are ingest
 rate / baseline rate. For reference, edgekit's MqttClient subscribed as ingest is (manual acks
 in batches), counting only: the ceiling of ingest's MQTT side.
+
+``--fleet-up``: ingest through `edgekit fleet up` as a user starts it (its own Mosquitto with
+accounts, the publisher logged in as the operator; then `fleet up --embedded`, the amqtt
+broker), each checked for zero lost, duplicated or rejected from `fleet up`'s own final counts;
+the baseline, in the same run, is the ingest service (SQLite, 1 worker) on a bare Mosquitto.
 """
 
 from __future__ import annotations
@@ -73,23 +79,36 @@ def payloads(messages: int, devices: int, run: str) -> list[tuple[str, bytes]]:
     return out
 
 
-def publish(broker: str, items: list[tuple[str, bytes]], marks: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def publish(
+    broker: str,
+    items: list[tuple[str, bytes]],
+    marks: multiprocessing.Queue,  # type: ignore[type-arg]
+    login: tuple[str, str] | None = None,
+) -> None:
     from edgekit.mqtt import parse_broker_url
     from replay import replay
 
     address = parse_broker_url(broker)
-    result = replay(address.host, address.port, items, client_id=f"replay-{uuid.uuid4().hex[:8]}")
+    username, password = login or (None, None)
+    result = replay(
+        address.host,
+        address.port,
+        items,
+        client_id=f"replay-{uuid.uuid4().hex[:8]}",
+        username=username,
+        password=password,
+    )
     marks.put((result.started, result.acknowledged))
 
 
 def run_publisher(
-    broker: str, items: list[tuple[str, bytes]]
+    broker: str, items: list[tuple[str, bytes]], login: tuple[str, str] | None = None
 ) -> tuple[multiprocessing.Process, multiprocessing.Queue]:  # type: ignore[type-arg]
     """The replay publisher (benchmarks/replay.py) in a process of its own; its queue gets
     (first byte written, every message acknowledged by the broker) in perf_counter time."""
     ctx = multiprocessing.get_context("spawn")
     marks = ctx.Queue()
-    process = ctx.Process(target=publish, args=(broker, items, marks))
+    process = ctx.Process(target=publish, args=(broker, items, marks, login))
     process.start()
     return process, marks
 
@@ -299,14 +318,104 @@ def ingest_run(broker: str, registry_url: str, workers: int, messages: int, devi
     }
 
 
+def fleet_up_run(tmp: Path, messages: int, devices: int, run: str, embedded: bool) -> dict:
+    """`edgekit fleet up` as a user starts it (its own broker: Mosquitto, or with ``embedded``
+    the amqtt one; SQLite; one ingest worker), fed by the replay publisher with the operator
+    account; from the first publish until the registry holds every record. Then `fleet up` is
+    stopped (SIGINT, as Ctrl-C) and its final counts checked: all stored, none twice, none
+    rejected."""
+    import signal
+    import subprocess
+
+    from edgekit.fleet.registry import Registry
+
+    home = tmp / f"home-{run}"
+    home.mkdir()
+    env = {**os.environ, "EDGEKIT_HOME": str(home)}
+    registry_url = f"sqlite:///{home / 'registry.db'}"
+    command = [str(Path(sys.executable).with_name("edgekit")), "fleet", "up", "--port", str(free_port())]
+    command += ["--http-port", "0", "--registry", registry_url, "--json"] + (
+        ["--embedded"] if embedded else []
+    )
+    up = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert up.stdout is not None
+        info = json.loads(up.stdout.readline())
+        assert info["broker_kind"] == ("embedded" if embedded else "mosquitto"), info
+        login = None
+        if (home / "broker" / "operator.json").exists():
+            doc = json.loads((home / "broker" / "operator.json").read_text())
+            login = (doc["username"], doc["password"])
+        reader = Registry(registry_url, migrate=False)
+        process, marks = run_publisher(info["broker"], payloads(messages, devices, run), login)
+        end = wait_stored(reader, messages, devices, run)
+        start, published = marks.get(timeout=600)
+        process.join()
+        stored = reader.telemetry_count()
+        reader.close()
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=120)
+        final = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+    assert stored == messages, f"{messages - stored} records lost"
+    assert final["telemetry"] == messages and final["duplicates"] == 0 and final["rejected"] == 0, final
+    return {
+        "rate": messages / (end - start),
+        "publish_rate": messages / (published - start),
+        "stored": stored,
+        "duplicates": final["duplicates"],
+    }
+
+
+def main_fleet_up(messages: int, devices: int) -> None:
+    """Ingest through `fleet up`, with Mosquitto and with the embedded amqtt broker; the baseline
+    in the same run is the ingest service on a bare Mosquitto of the benchmark's own."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-up-"))
+    mosquitto = Mosquitto(port=free_port(), directory=tmp, extra_config="max_queued_messages 0\n")
+    mosquitto.start()
+    try:
+        base = ingest_run(mosquitto.url, f"sqlite:///{tmp / 'base.db'}", 1, messages, devices, "base")
+        mosquitto.stop()
+        print(
+            f"baseline: fleet serve on a bare Mosquitto, SQLite, 1 worker  {base['rate']:>9,.0f} msg/s  "
+            f"(stored {base['stored']:,} of {messages:,}, duplicates {base['duplicates']})",
+            flush=True,
+        )
+        for label, embedded in (("fleet up (Mosquitto)", False), ("fleet up --embedded (amqtt)", True)):
+            got = fleet_up_run(tmp, messages, devices, "amqtt" if embedded else "mosq", embedded)
+            print(
+                f"{label:58s} {got['rate']:>9,.0f} msg/s  ({got['rate'] / base['rate']:.2f}x baseline; "
+                f"publisher {got['publish_rate']:,.0f} msg/s; stored {got['stored']:,} of {messages:,}, "
+                f"duplicates {got['duplicates']})",
+                flush=True,
+            )
+    finally:
+        mosquitto.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"messages {messages:,} over {devices} devices; python {sys.version.split()[0]}; cores {os.cpu_count()}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument(
+        "--fleet-up",
+        action="store_true",
+        help="Measure ingest through `edgekit fleet up` (Mosquitto, then --embedded amqtt) instead.",
+    )
     args = parser.parse_args()
     if not shutil.which("mosquitto"):
         raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
+    if args.fleet_up:
+        main_fleet_up(args.messages, args.devices)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     # No per-client queue cap: a burst faster than a subscriber must queue, not be dropped.
     mosquitto = Mosquitto(port=free_port(), directory=tmp, extra_config="max_queued_messages 0\n")

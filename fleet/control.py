@@ -510,14 +510,15 @@ class ControlPlane:
     # -- one-shot import of a $EDGEKIT_HOME -----------------------------------------------------
 
     def import_home(self, home: Path) -> dict[str, int]:
-        """Bring in the bundles, fleet records and rollouts ``home`` kept in files (edgekit
-        before the control plane moved to the database); once per home and database. Returns
-        how many of each were taken. The files stay where they are, unread from now on."""
+        """Bring in the bundles, fleet records, rollouts and provisioned devices ``home`` kept
+        in files (edgekit before the control plane moved to the database); once per home and
+        database. Returns how many of each were taken. The files stay where they are, unread
+        from now on (but the broker accounts, which stay the home's secrets)."""
         marker = f"imported-home:{Path(home).expanduser().resolve()}"
         with self.registry.session() as session:
             if session.get(ControlMeta, marker) is not None:
                 return {}
-        counts = {"bundles": 0, "fleets": 0, "rollouts": 0, "skipped": 0}
+        counts = {"bundles": 0, "fleets": 0, "rollouts": 0, "devices": 0, "skipped": 0}
         for path in sorted((home / "bundles").glob("*/*.ekb")):
             try:
                 self.catalog.add(path)
@@ -532,6 +533,16 @@ class ControlPlane:
             except (ValueError, KeyError, TypeError, OSError) as exc:
                 counts["skipped"] += 1
                 log.warning("not imported: fleet record %s: %s", path, exc)
+        if (home / "broker" / "devices").is_dir():
+            from edgekit.broker import list_devices
+
+            known = {p.device for p in self.provisioned()}
+            for creds in list_devices(home):
+                if creds.device not in known:
+                    self.record_provisioned(
+                        creds.device, creds.fleet, creds.username, creds.cert_file is not None
+                    )
+                    counts["devices"] += 1
         for path in sorted((home / "rollouts").glob("*.json")):
             try:
                 rollout = Rollout.from_json(path.read_bytes(), str(path))

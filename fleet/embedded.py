@@ -9,10 +9,11 @@ in its own process; a broker thread would share their one GIL, and a broker bug 
 exception, a stuck shutdown) would take them down with it. A child process gets its own core,
 can always be killed, and exits by itself when the parent dies (it watches its stdin).
 
-What it is for: a laptop, a demo, a first few devices on a LAN. It speaks MQTT 3.1.1 only, so
-clients are told with ``?protocol=3.1.1`` in :attr:`EmbeddedBroker.url`; it has no accounts and
-no topic ACLs (anyone who reaches the port may publish), so it binds to 127.0.0.1 unless told
-otherwise; it has no MQTT 5 shared subscriptions, so one ingest worker. Production is Mosquitto
+What it is for: a laptop, a demo, a first few devices on a LAN. It speaks MQTT 3.1.1 only (it
+answers an MQTT 5 CONNECT with "unacceptable protocol version", and edgekit's clients fall back
+to 3.1.1 by themselves); it has no accounts and no topic ACLs (anyone who reaches the port may
+publish), so it binds to 127.0.0.1 unless told otherwise; it has no MQTT 5 shared
+subscriptions, so one ingest worker. Production is Mosquitto
 with per-device accounts and ACLs (``edgekit broker mosquitto-config``, docs/broker.md).
 
 With a ``data_dir``, retained messages (signed desired states, bundle chunks, device states)
@@ -37,7 +38,6 @@ __all__ = ["EmbeddedBroker"]
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "3.1.1"
 _READY = "ready"
 _ERROR = "error"
 
@@ -71,10 +71,10 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        """The URL clients use; it tells them to speak MQTT 3.1.1 (``?protocol=3.1.1``)."""
+        """The URL clients use (they find out by themselves that it speaks MQTT 3.1.1)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        return f"mqtt://{host}:{self.port}?protocol={PROTOCOL}"
+        return f"mqtt://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -173,7 +173,7 @@ def _broker_config(host: str, port: int, data_dir: Optional[Path]) -> dict[str, 
         "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
     }
     if data_dir is not None:
-        plugins["edgekit.fleet._retained_store.RetainedStore"] = {"path": str(data_dir / "retained.sqlite")}
+        plugins["edgekit.fleet._amqtt.RetainedStore"] = {"path": str(data_dir / "retained.sqlite")}
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         # Without the packet and event loggers and $SYS: they cost time on every message.
@@ -187,9 +187,10 @@ async def _serve(host: str, port: int, data_dir: Optional[Path]) -> int:
     import threading
 
     try:
-        from amqtt.broker import Broker
         from amqtt.errors import AMQTTError, PluginError
         from amqtt.errors import BrokerError as AmqttBrokerError
+
+        from ._amqtt import Broker  # amqtt's, without its leak of retained messages
     except ImportError:
         _say(
             f"{_ERROR}: amqtt is not installed; install edgekit[fleet], or run your own broker and pass --broker"

@@ -122,7 +122,7 @@ def ingest_client(
     password: Optional[str] = None,
 ) -> MqttClient:
     """The MQTT client ingest needs: manual acknowledgements, a wide in-flight window (MQTT 5;
-    ``protocol`` None follows the URL's ``?protocol=``, else 5)."""
+    ``protocol`` None follows the URL's ``?protocol=``, else negotiates)."""
     if session_expiry and not client_id:
         raise ConfigError("a persistent ingest session (session_expiry > 0) needs a fixed client_id")
     return MqttClient(

@@ -160,12 +160,27 @@ class FleetLink:
         from (the broker sends retained states in one burst after the subscription; the short
         wait still takes in devices the record does not know yet, sent in the same burst)."""
         deadline = time.monotonic() + limit
-        known = set(self.record.devices)
+        known = set(self.record.devices) | self._provisioned()
         while time.monotonic() < deadline:
             quiet = known_settle if known and known <= self.states.keys() else settle
             if not self.wait_change(min(quiet, max(0.0, deadline - time.monotonic()))):
                 break
+        unheard = sorted(known - self.states.keys())
+        if unheard and time.monotonic() < deadline:
+            # Some brokers (RabbitMQ's MQTT plugin, some cloud services) send retained messages
+            # to exact-topic subscriptions only: ask for the known devices' states by name.
+            for device in unheard:
+                self.client.subscribe(self.topics.device_state(device), self._on_state, timeout=10)
+            while not known <= self.states.keys() and time.monotonic() < deadline:
+                if not self.wait_change(min(settle, max(0.0, deadline - time.monotonic()))):
+                    break
+            for device in unheard:
+                self.client.unsubscribe(self.topics.device_state(device))
         return self.devices()
+
+    def _provisioned(self) -> set[str]:
+        """Devices provisioned for this fleet (``edgekit device add``, in the control plane)."""
+        return {p.device for p in self.control.provisioned(self.fleet)}
 
     def reports(self) -> list[DeviceReport]:
         """The rollout controller's view of every known device of the fleet."""

@@ -101,7 +101,11 @@ def _worker_main(
     logging.basicConfig(level=config.log_level, format=f"%(levelname)s ingest-{index} %(name)s: %(message)s")
     parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the service, which stops us in order
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM (systemd, `timeout` and the like signal the whole process group) only raises a
+    # flag: Event.set() in the handler would wait for the lock that the interrupted
+    # stop.wait() holds, for ever.
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     registry = Registry(config.registry, migrate=False)
     shared = config.workers > 1
     # A persistent session must be found again under the same id; a clean one gets a unique id so
@@ -110,6 +114,7 @@ def _worker_main(
     username, password = operator_login(config.broker, None, None, Path(config.home) if config.home else None)
     client = ingest_client(
         config.broker,
+        protocol="5" if shared else None,  # start() found that the broker speaks it
         client_id=f"{config.group}-{suffix}",
         session_expiry=config.session_expiry,
         username=username,
@@ -138,12 +143,12 @@ def _worker_main(
     # Ready once connected, or once messages flow: a persistent session's backlog arrives before
     # the broker acknowledges the renewed subscriptions (which "connected" waits for).
     deadline = time.monotonic() + config.ready_timeout
-    while time.monotonic() < deadline and not stop.is_set():
+    while time.monotonic() < deadline and not stop.is_set() and not terminated.is_set():
         if ingest.client.wait_connected(0.2) or ingest.snapshot().received:
             reports.put((index, "ready"))
             break
     try:
-        while not stop.wait(config.report_interval):
+        while not stop.wait(config.report_interval) and not terminated.is_set():
             report()
             if os.getppid() != parent:  # the service was killed (-9): flush and go, not linger
                 log.warning("ingest worker %d: the service process is gone; stopping", index)
@@ -187,12 +192,19 @@ class FleetService:
         # Fail fast, with one line, on a broker that is not there or refuses us.
         home = Path(self.config.home) if self.config.home else None
         username, password = operator_login(self.config.broker, None, None, home)
-        MqttClient(
+        probe = MqttClient(
             self.config.broker,
             client_id=f"edgekit-check-{uuid.uuid4().hex[:8]}",
             username=username,
             password=password,
-        ).connect(connect_timeout).close()
+        ).connect(connect_timeout)
+        probe.close()
+        if self.config.workers > 1 and probe.protocol != "5":
+            raise ConfigError(
+                f"--workers above 1 needs MQTT 5 shared subscriptions, and the broker at "
+                f"{probe.url} speaks only MQTT {probe.protocol}; use one worker, or an MQTT 5 "
+                "broker (Mosquitto, EMQX)"
+            )
         if self.config.dashboard:
             self._socket = self._listen()
         for index in range(self.config.workers):

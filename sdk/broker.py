@@ -28,10 +28,11 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -43,6 +44,9 @@ from .config import edgekit_home
 from .errors import ConfigError
 from .manifest import MAX_MESSAGE_SIZE
 from .topics import DEFAULT_PREFIX, Topics, check_device_id, check_fleet_id
+
+if TYPE_CHECKING:
+    import pwd
 
 __all__ = [
     "OPERATOR_USERNAME",
@@ -382,6 +386,41 @@ def list_devices(home: Optional[Path] = None) -> list[DeviceCredentials]:
 # -- mosquitto.conf -----------------------------------------------------------------------------
 
 
+def _mosquitto_account(run_as: Optional[str], output: Path) -> Optional[pwd.struct_passwd]:
+    """The account Mosquitto will drop to when it is started by root (this process is root),
+    checked: it exists and can reach ``output``. None when not root (Mosquitto stays who it is)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd  # POSIX only, and only root gets here
+
+    name = run_as or "mosquitto"
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(
+            f"Mosquitto, started as root, runs as user {name}, and there is no such account; "
+            "pass --user with an account that exists (--user root keeps it root)"
+        ) from None
+    if account.pw_uid == 0:
+        return account
+    for parent in reversed(output.parents):
+        try:
+            info = parent.stat()
+        except FileNotFoundError:
+            break  # created below by root, 0755 (the umask permitting): reachable
+        if not (
+            info.st_mode & stat.S_IXOTH
+            or (info.st_gid == account.pw_gid and info.st_mode & stat.S_IXGRP)
+            or (info.st_uid == account.pw_uid and info.st_mode & stat.S_IXUSR)
+        ):
+            raise ConfigError(
+                f"Mosquitto, started as root, runs as user {name}, which cannot open {output} "
+                f"({parent} is closed to it); write the config where it can (e.g. -o "
+                "/etc/mosquitto/edgekit), or pass --user root"
+            )
+    return account
+
+
 def write_mosquitto_config(
     output: Path,
     port: int,
@@ -398,9 +437,12 @@ def write_mosquitto_config(
 ) -> MosquittoConfig:
     """Write ``mosquitto.conf``, ``passwd`` and ``acl`` into ``output`` for every device in
     the store. ``tls_port`` adds a TLS listener that requires a client certificate signed by
-    the fleet CA (CN = username). ``run_as`` sets Mosquitto's ``user`` (when started as root,
-    Mosquitto drops to that account, which must be able to read the files). ``hasher``:
-    ``auto`` (mosquitto_passwd if installed), ``mosquitto_passwd`` or ``python``."""
+    the fleet CA (CN = username). ``run_as`` sets Mosquitto's ``user``: started as root,
+    Mosquitto drops to that account (default ``mosquitto``) before it reads the password file
+    and ACL. So when this runs as root, ``output`` and what is in it are given to that account,
+    and a ConfigError says so if the account cannot reach ``output`` (a parent directory closed
+    to it, such as ``/root``): ``mosquitto -c output/mosquitto.conf`` then works as root too.
+    ``hasher``: ``auto`` (mosquitto_passwd if installed), ``mosquitto_passwd`` or ``python``."""
     if not 1 <= port <= 65535 or (tls_port is not None and not 1 <= tls_port <= 65535):
         raise ConfigError("ports must be between 1 and 65535")
     if tls_port == port:
@@ -408,6 +450,9 @@ def write_mosquitto_config(
     if hasher not in ("auto", "mosquitto_passwd", "python"):
         raise ConfigError(f"unknown hasher {hasher!r}; use auto, mosquitto_passwd or python")
     output = Path(output).resolve()
+    owner = _mosquitto_account(run_as, output)
+    if owner is not None:
+        run_as = owner.pw_name
     output.mkdir(parents=True, exist_ok=True)
     devices = list_devices(home)
     operator = operator_credentials(home)
@@ -456,6 +501,9 @@ def write_mosquitto_config(
             "use_identity_as_username true",
         ]
     atomic_write(config, ("\n".join(lines) + "\n").encode(), mode=0o600)
+    if owner is not None and owner.pw_uid != 0:
+        for path in (output, password_file, acl_file, config, *([output / "data"] if persistence else [])):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
     return MosquittoConfig(
         config, password_file, acl_file, port, tls_port, len(devices), used, _store(home) / "operator.json"
     )

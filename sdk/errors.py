@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DesiredStateError",
+    "DownloadStalledError",
     "EdgekitError",
     "HealthCheckError",
     "InstallError",
@@ -119,6 +120,11 @@ class BrokerError(EdgekitError):
     """The MQTT broker is unreachable, refused a connection, or refused a message or subscription."""
 
     exit_code = 12
+
+
+class DownloadStalledError(BrokerError):
+    """A bundle download got nothing from the broker for longer than its inactivity timeout
+    (the broker does not hold the chunks, or does not deliver them)."""
 
 
 class TopicError(EdgekitError):

@@ -4,11 +4,16 @@ Nothing else in edgekit imports paho. :class:`MqttClient` hides paho's network t
 callback API versions behind connect / subscribe / publish / close:
 
 - ``mqtt://host[:port]`` (default port 1883) or ``mqtts://host[:port]`` (TLS, default 8883),
-  MQTT 5 (default) or 3.1.1, username/password, a CA and a client certificate, a last will.
-  The protocol version can ride in the URL, ``mqtt://host:1883?protocol=3.1.1``, so every
-  client configured with that URL (agent config, ``--broker``, ``EDGEKIT_BROKER``) speaks
-  3.1.1 to a broker that knows nothing newer (the embedded broker of ``edgekit fleet up``).
-  A broker that drops an MQTT 5 CONNECT without answering gets an error saying so.
+  username/password, a CA and a client certificate, a last will.
+- **Protocol version, negotiated.** A client tries MQTT 5 first; when the broker closes the
+  connection without a CONNACK, or refuses the protocol version (a 3.1.1 CONNACK with return
+  code 1, or MQTT 5's 0x84), it tries MQTT 3.1.1 at once, and back, until one is accepted
+  (the embedded broker of ``edgekit fleet up`` and RabbitMQ 3.x's MQTT plugin speak 3.1.1
+  only). The version that worked is remembered by that client, for every reconnect; a new
+  client (a new process) asks again, which costs one refused connection (about a
+  millisecond on a LAN), so a broker upgraded in place (amqtt, then Mosquitto, on the same
+  port) is spoken to in MQTT 5 at once. ``protocol="5"`` / ``"3.1.1"``, or
+  ``?protocol=5|3.1.1`` in the URL, pins the version instead (no fallback).
 - Reconnects by itself after the connection drops, with exponential backoff between
   ``reconnect_min`` and ``reconnect_max`` seconds, and re-subscribes every filter on each new
   connection (sessions are clean by default, and a renewed subscription gets the retained messages again; that is how a
@@ -268,6 +273,10 @@ class MalformedPacketError(ValueError):
 
 
 _PUBLISH = 0x30
+_CONNACK = 0x20
+#: The CONNACK return codes meaning "not this protocol version": 3.1.1's 1, MQTT 5's 0x84.
+_WRONG_VERSION = (0x01, 0x84)
+_UNPIN = "leave the protocol out of the broker URL and edgekit will use the version the broker speaks"
 _PUBACK = struct.Struct("!BBH")
 #: Bytes asked of the socket per read: many telemetry messages, or a whole bundle chunk.
 _RECV_SIZE = 256 * 1024
@@ -354,6 +363,20 @@ class _PahoClient(paho.Client):
         self._reader = _PacketReader()
         self._reader_sock: Any = None
         self._acks_queued = False
+        #: Reconnect at once (not after the backoff): the next attempt tries another protocol.
+        self.retry_now = False
+
+    def _reconnect_wait(self) -> None:
+        if self.retry_now:
+            self.retry_now = False
+            return
+        super()._reconnect_wait()
+
+    def speak(self, protocol: str, clean_session: bool) -> None:
+        """Use ``protocol`` from the next CONNECT on (the connection is not open)."""
+        self._protocol = _PROTOCOLS[protocol]
+        self._clean_session = clean_session  # read by paho for 3.1.1 only
+        self.retry_now = True
 
     def _create_socket_connection(self) -> socket.socket:
         sock = super()._create_socket_connection()
@@ -459,6 +482,16 @@ class _PahoClient(paho.Client):
         self._packet_queue(paho.PUBACK, _pubacks(mids), 0, 0)
 
     def _paho_handle(self, header: int, body: bytes) -> MQTTErrorCode:
+        if (
+            header == _CONNACK
+            and self._protocol == paho.MQTTv5
+            and self._edgekit._negotiating
+            and len(body) >= 2
+            and body[1] in _WRONG_VERSION
+        ):
+            # A 3.1.1 broker's answer to an MQTT 5 CONNECT (paho would misread its 2 bytes):
+            # close, and the owner's disconnect handler tries 3.1.1.
+            return MQTTErrorCode.MQTT_ERR_CONN_REFUSED
         self._in_packet = _in_packet(header, body)
         try:
             return self._packet_handle()
@@ -502,7 +535,8 @@ class MqttClient:
 
     ``url``: ``mqtt://host:port`` or ``mqtts://host:port`` (credentials in the URL are used when
     ``username`` is not given). ``protocol``: ``"5"`` or ``"3.1.1"``; None (the default) takes
-    the URL's ``?protocol=``, else MQTT 5. ``max_packet_size``
+    the URL's ``?protocol=``, else negotiates (MQTT 5, else 3.1.1; :attr:`protocol` says which
+    once connected). ``max_packet_size``
     (MQTT 5) asks the broker never to send this client a larger packet. ``manual_ack``: QoS 1
     messages are acknowledged by :meth:`ack`, not on delivery. ``session_expiry`` > 0 keeps the
     broker-side session (subscriptions, unacknowledged and queued messages) that many seconds
@@ -531,6 +565,8 @@ class MqttClient:
         receive_maximum: Optional[int] = None,
     ) -> None:
         self.address = parse_broker_url(url)
+        #: No version given: fall back between 5 and 3.1.1 until the broker accepts one.
+        self._negotiating = protocol is None and self.address.protocol is None
         protocol = protocol or self.address.protocol or "5"
         if protocol not in _PROTOCOLS:
             raise BrokerError(f"unknown MQTT protocol version {protocol!r}; use '5' or '3.1.1'")
@@ -580,6 +616,7 @@ class MqttClient:
         self._first_result: Optional[str] = None
         self._first_done = threading.Event()
         self._dropped_unanswered = False  # the broker closed the socket before any CONNACK
+        self._connack = False  # a CONNACK came on the current connection
         self._tls_failure: Optional[str] = None  # why the TLS handshake failed, before any CONNACK
         self._acks = threading.Condition()
         self._suback: dict[int, list[ReasonCode]] = {}
@@ -641,18 +678,24 @@ class MqttClient:
                     f"could not connect to the broker at {self.url}: TLS failed ({self._tls_failure}); "
                     "check the CA, the client certificate and its key in the config"
                 )
-            if self._v5 and self._dropped_unanswered:
+            if self._dropped_unanswered:
                 raise BrokerError(
-                    f"the broker at {self.url} closed the connection without accepting MQTT 5; if it "
-                    "speaks only MQTT 3.1.1 (like the embedded broker of `edgekit fleet up`), add "
-                    "?protocol=3.1.1 to the broker URL"
+                    f"the broker at {self.url} closed the connection without accepting "
+                    + (
+                        "MQTT 5 or MQTT 3.1.1; is this the broker's MQTT port?"
+                        if self._negotiating
+                        else f"MQTT {self.protocol}; {_UNPIN}"
+                    )
                 )
             raise BrokerError(
                 f"could not connect to the broker at {self.url} within {timeout:g}s; is it running and reachable?"
             )
         if self._first_result is not None:
             self.close()
-            raise BrokerError(f"the broker at {self.url} refused the connection: {self._first_result}")
+            reason = self._first_result
+            if "protocol version" in reason.lower():
+                reason += f" (MQTT {self.protocol}); {_UNPIN}"
+            raise BrokerError(f"the broker at {self.url} refused the connection: {reason}")
         return self
 
     def close(self, timeout: float = 5.0) -> None:
@@ -783,6 +826,7 @@ class MqttClient:
     def _on_connect(
         self, _c: paho.Client, _u: Any, _flags: Any, reason: ReasonCode, _p: Optional[Properties]
     ) -> None:
+        self._connack = True
         if reason.is_failure:
             log.warning("broker %s refused the connection: %s", self.url, reason)
             if not self._first_done.is_set():
@@ -790,6 +834,9 @@ class MqttClient:
                 self._first_done.set()
             return
         self.connections += 1
+        if self._negotiating:
+            self._negotiating = False  # this client speaks this version from now on
+            log.info("the broker at %s speaks MQTT %s", self.url, self.protocol)
         with self._lock:
             self._link_up = True
             subs = [(f, qos) for f, (qos, _) in self._subscriptions.items()]
@@ -816,14 +863,27 @@ class MqttClient:
         with self._lock:
             self._link_up = False
         self._renewing = {}
-        if not self._first_done.is_set():
+        answered, self._connack = self._connack, False
+        if not self._first_done.is_set() and not answered:
             self._dropped_unanswered = True
+            if self._negotiating and not self._closed:
+                self._fall_back()
         was = self._connected.is_set()
         self._connected.clear()
         if was:
             if not self._closed:
                 log.warning("lost the connection to %s (%s); reconnecting", self.url, reason)
             self._queue.put((self._notify, (False, str(reason))))
+
+    def _fall_back(self) -> None:
+        """The broker closed the connection before accepting this protocol version: try the
+        other one, at once (network thread, between two connections)."""
+        self.protocol = "3.1.1" if self._v5 else "5"
+        self._v5 = self.protocol == "5"
+        self._paho.speak(self.protocol, clean_session=self._session_expiry == 0)
+        log.debug(
+            "the broker at %s closed the connection unanswered; trying MQTT %s", self.url, self.protocol
+        )
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         try:

@@ -55,7 +55,7 @@ from .bundle import (
     read_bundle,
     verify_manifest_signature,
 )
-from .errors import BrokerError, BundleError, InstallError
+from .errors import BrokerError, BundleError, DownloadStalledError, InstallError
 from .manifest import Manifest
 from .mqtt import Message, MqttClient
 from .topics import Topics
@@ -84,6 +84,15 @@ MANIFEST_MESSAGE_VERSION = 1
 MAX_MANIFEST_MESSAGE = 2 * 1024 * 1024
 PART_FILE = "bundle.ekb.part"
 BUNDLE_FILE = "bundle.ekb"
+#: Seconds without anything of the bundle from the broker (while connected) before a download
+#: fails with DownloadStalledError.
+STALL_TIMEOUT = 120.0
+#: Seconds without a chunk through the ``chunks/+`` subscription before the device also asks
+#: for chunks by their exact topics (brokers that send retained messages to those only).
+WILDCARD_WAIT = 3.0
+#: Exact-topic chunk subscriptions held at once in that case.
+EXACT_WINDOW = 16
+_TICK = 0.2  # how often the fetch looks at its clocks
 
 
 @dataclass(frozen=True)
@@ -486,6 +495,10 @@ class ChunkAssembler:
     def chunk_count(self) -> int:
         return len(self._plan.sha256)
 
+    def has(self, index: int) -> bool:
+        """Whether chunk ``index`` is stored (and matched the plan)."""
+        return index in self._have
+
     @property
     def missing(self) -> list[int]:
         return [i for i in range(self.chunk_count) if i not in self._have]
@@ -646,14 +659,19 @@ def fetch_bundle(
     max_refetch: int = 3,
     max_size: int = MAX_BUNDLE_SIZE,
     progress: Optional[Callable[[int, int], None]] = None,
+    stall_timeout: float = STALL_TIMEOUT,
 ) -> Bundle:
     """Fetch bundle ``digest`` from the broker's retained messages into ``directory`` and
     return it verified. Resumes a partial download in ``directory``; survives broker outages
     (the client re-subscribes and the broker re-sends what is retained); returns a download
     an earlier call completed in ``directory`` after re-verifying it; re-fetches a chunk
-    that fails its check up to ``max_refetch`` times. BundleError if the bundle is not
-    trusted or a chunk stays corrupt; InstallError if it cannot be stored (a full disk);
-    BrokerError if it does not arrive within ``timeout``.
+    that fails its check up to ``max_refetch`` times. When ``chunks/+`` brings nothing for
+    ``WILDCARD_WAIT`` seconds, it also asks for missing chunks by their exact topics,
+    ``EXACT_WINDOW`` at a time (brokers that send retained messages to exact-topic
+    subscriptions only). BundleError if the bundle is not trusted or a chunk stays corrupt;
+    InstallError if it cannot be stored (a full disk); DownloadStalledError if nothing of the
+    bundle arrives for ``stall_timeout`` seconds while connected; BrokerError if it does not
+    all arrive within ``timeout``.
     """
     finished = _finished_download(Path(directory), trusted, digest, max_size)
     if finished is not None:
@@ -669,6 +687,7 @@ def fetch_bundle(
         max_size,
         progress,
         ChunkAssembler.EKB,
+        stall_timeout,
     )
     try:
         return assembler.finish(trusted)
@@ -687,6 +706,7 @@ def fetch_staged_bundle(
     max_refetch: int = 3,
     max_size: int = MAX_BUNDLE_SIZE,
     progress: Optional[Callable[[int, int], None]] = None,
+    stall_timeout: float = STALL_TIMEOUT,
 ) -> StagedBundle:
     """Like :func:`fetch_bundle`, but the bundle is laid out as files in ``directory``
     (:class:`StagedBundle`: the layout of an installed bundle, every chunk checked),
@@ -703,11 +723,59 @@ def fetch_staged_bundle(
         max_size,
         progress,
         ChunkAssembler.FILES,
+        stall_timeout,
     )
     try:
         return assembler.finish_staged()
     except OSError as exc:
         raise _storage_failed(exc, Path(directory)) from None
+
+
+class _ExactWindow:
+    """Exact-topic subscriptions to missing chunks, at most ``size`` at a time, for a broker
+    that sends retained messages to exact-topic subscriptions only (RabbitMQ's MQTT plugin,
+    some cloud services): subscribing to ``.../chunks/+`` gets nothing there, ``.../chunks/0``
+    gets chunk 0. A stored chunk's subscription is dropped and the next missing chunk's taken,
+    so the device never holds hundreds of subscriptions. Thread-safe (the fetch's thread
+    opens it, the dispatcher thread moves it)."""
+
+    def __init__(self, client: MqttClient, topics: Topics, digest: str, size: int) -> None:
+        self.client = client
+        self.topics = topics
+        self.digest = digest
+        self.size = size
+        self.open = False
+        self.subscribed: set[int] = set()
+        self._cursor = 0
+        self._lock = threading.Lock()
+
+    def fill(self, assembler: ChunkAssembler, handler: Callable[[Message], None]) -> None:
+        """Subscribe to missing chunks, in order (wrapping around), until ``size`` are held."""
+        with self._lock:
+            self.open = True
+            count = assembler.chunk_count
+            for _ in range(count):
+                if len(self.subscribed) >= self.size:
+                    break
+                index, self._cursor = self._cursor, (self._cursor + 1) % count
+                if index not in self.subscribed and not assembler.has(index):
+                    self.subscribed.add(index)
+                    self.client.subscribe(self.topics.bundle_chunk(self.digest, index), handler, timeout=None)
+
+    def release(self, index: int) -> bool:
+        """Drop chunk ``index``'s subscription; False if it held none."""
+        with self._lock:
+            if index not in self.subscribed:
+                return False
+            self.subscribed.discard(index)
+        self.client.unsubscribe(self.topics.bundle_chunk(self.digest, index))
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            held, self.subscribed = self.subscribed, set()
+        for index in held:
+            self.client.unsubscribe(self.topics.bundle_chunk(self.digest, index))
 
 
 def _fetch(
@@ -721,6 +789,7 @@ def _fetch(
     max_size: int,
     progress: Optional[Callable[[int, int], None]],
     layout: str,
+    stall_timeout: float,
 ) -> ChunkAssembler:
     """Collect every chunk of ``digest`` into a complete assembler (not finished yet)."""
     topics = topics or Topics()
@@ -731,6 +800,9 @@ def _fetch(
     attempts: dict[int, int] = {}
     refetching: set[int] = set()
     chunk_prefix = topics.bundle_manifest(digest)[: -len("manifest")] + "chunks/"
+    window = _ExactWindow(client, topics, digest, EXACT_WINDOW)
+    #: When the broker last sent something of this bundle (monotonic seconds).
+    last_arrival = [time.monotonic()]
 
     def fail(error: Exception) -> None:
         state.setdefault("error", error)
@@ -754,6 +826,8 @@ def _fetch(
         except BundleError as exc:  # a short write: the disk filled up under us
             fail(exc)
             return
+        if result == ChunkResult.STORED:
+            last_arrival[0] = time.monotonic()
         if index in refetching and result not in ChunkResult.BAD:
             refetching.discard(index)
             client.unsubscribe(topics.bundle_chunk(digest, index))
@@ -768,8 +842,13 @@ def _fetch(
                 )
                 return
             # Subscribing to the chunk's own topic makes the broker re-send its retained copy.
-            refetching.add(index)
-            client.subscribe(topics.bundle_chunk(digest, index), on_chunk, timeout=None)
+            if not window.release(index):
+                refetching.add(index)
+                client.subscribe(topics.bundle_chunk(digest, index), on_chunk, timeout=None)
+            else:
+                window.fill(assembler, on_chunk)  # the window takes it again, at its turn
+        elif window.release(index):
+            window.fill(assembler, on_chunk)
         if progress is not None and result == ChunkResult.STORED:
             progress(assembler.received_bytes, assembler.total_bytes)
         if assembler.complete:
@@ -778,6 +857,7 @@ def _fetch(
     def on_manifest(message: Message) -> None:
         if assembler_box or done.is_set() or not message.payload:
             return
+        last_arrival[0] = time.monotonic()
         try:
             verified = verify_manifest_message(message.payload, trusted, digest, max_size)
             assembler = ChunkAssembler(directory, verified, layout)
@@ -799,18 +879,45 @@ def _fetch(
         except OSError as exc:
             fail(_storage_failed(exc, Path(directory)))
 
+    def what() -> tuple[str, str]:
+        """The bundle's name for messages, and what of it is still missing."""
+        if not assembler_box:
+            return f"bundle {digest[:12]}", "its manifest"
+        assembler = assembler_box[0]
+        missing = f"{len(assembler.missing)} of {assembler.chunk_count} chunks"
+        return f"bundle {assembler.verified.manifest.label} ({digest[:12]})", missing
+
     manifest_topic = topics.bundle_manifest(digest)
     client.subscribe(manifest_topic, on_manifest, timeout=None)
+    deadline = time.monotonic() + timeout
     try:
-        if not done.wait(timeout):
-            what = "its manifest" if not assembler_box else f"{len(assembler_box[0].missing)} chunks"
-            raise BrokerError(
-                f"bundle {digest[:12]} did not arrive within {timeout:g}s (waiting for {what}); "
-                "is it published, and is the broker reachable?"
-            )
+        while not done.wait(_TICK):
+            now = time.monotonic()
+            if now >= deadline:
+                name, missing = what()
+                raise BrokerError(
+                    f"{name} did not arrive within {timeout:g}s ({missing} missing); "
+                    "is it published, and is the broker reachable?"
+                )
+            if not client.connected:
+                last_arrival[0] = now  # an outage is not a stall: the clock starts again on reconnect
+                continue
+            quiet = now - last_arrival[0]
+            if quiet >= stall_timeout:
+                name, missing = what()
+                raise DownloadStalledError(
+                    f"the download of {name} stalled: {missing} still missing, and nothing came "
+                    f"from the broker for {stall_timeout:g}s; publish the bundle again (edgekit push) "
+                    "and check that the broker keeps retained messages"
+                )
+            if assembler_box and not window.open and quiet >= WILDCARD_WAIT:
+                # The wildcard brought nothing: ask for the chunks by their exact topics as well.
+                log.info("%s: no chunk came through chunks/+; asking chunk by chunk", what()[0])
+                window.fill(assembler_box[0], on_chunk)
     finally:
         client.unsubscribe(manifest_topic)
         client.unsubscribe(topics.bundle_chunks_filter(digest))
+        window.close()
         for index in list(refetching):
             client.unsubscribe(topics.bundle_chunk(digest, index))
     error = state.get("error")

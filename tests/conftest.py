@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Mosquitto, free_port
+from helpers import Mosquitto, RabbitMq, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 THIRD_PARTY_DIR = REPO / ".cache" / "third-party"
@@ -145,3 +146,22 @@ def third_party_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with zipfile.ZipFile(wheels[0]) as wheel:
         out.write_bytes(wheel.read(THIRD_PARTY_MEMBER))
     return out
+
+
+# -- RabbitMQ -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMq]:
+    """RabbitMQ's MQTT plugin on a free port of the node running here (`make rabbitmq`
+    installs and starts it). Without RabbitMQ the tests using it are SKIPPED, and say so."""
+    ctl = shutil.which("rabbitmqctl") or (
+        "/usr/sbin/rabbitmqctl" if Path("/usr/sbin/rabbitmqctl").exists() else None
+    )
+    if ctl is None:
+        pytest.skip("SKIPPED: RabbitMQ is not installed; `make rabbitmq` installs rabbitmq-server")
+    if subprocess.run([ctl, "-q", "status"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("SKIPPED: RabbitMQ is installed but not running; `make rabbitmq` starts it")
+    broker = RabbitMq(ctl).start()
+    yield broker
+    broker.close()

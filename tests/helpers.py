@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 import socket
 import subprocess
 import tarfile
@@ -143,3 +144,85 @@ def make_unhealthy(source: Path, key: SigningKey, out: Path, version: str = "9.0
             + [(f.name, members[f.name]) for f in files]
         )
     )
+
+
+class RabbitMq:
+    """RabbitMQ's MQTT plugin (RabbitMQ 3.x, Debian's rabbitmq-server) on a free loopback port of
+    our own, on the node already running on this machine (started by `make rabbitmq`).
+
+    The plugin is enabled with its listener on that port, and disabled again by :meth:`close`
+    (only if it was not enabled before); broker accounts made by :meth:`add_user` are deleted
+    there too. AMQP users of the node are not touched. RabbitMQ 3.x speaks MQTT 3.1.1 only and
+    sends retained messages to exact-topic subscriptions only."""
+
+    def __init__(self, ctl: str) -> None:
+        self.ctl = ctl
+        self.plugins = str(Path(ctl).with_name("rabbitmq-plugins"))
+        self.users: list[str] = []
+        self.port = 0
+        self._enabled_here = False
+
+    def _run(self, *args: str, tool: str = "") -> str:
+        result = subprocess.run(
+            [tool or self.ctl, *args], capture_output=True, text=True, timeout=120, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
+        return result.stdout
+
+    def _listeners(self) -> str:
+        return self._run("eval", "application:get_env(rabbitmq_mqtt, tcp_listeners).")
+
+    def start(self) -> RabbitMq:
+        enabled = "[E" in self._run("-q", "list", "-e", "rabbitmq_mqtt", tool=self.plugins)
+        if enabled:  # someone else's: use the port it listens on
+            found = re.search(r"(\d{2,5})\}?\]", self._listeners())
+            if not found:
+                raise RuntimeError(f"rabbitmq_mqtt is enabled but its port is unknown: {self._listeners()}")
+            self.port = int(found.group(1))
+        else:
+            self.port = free_port()
+            self._run(
+                "eval",
+                "application:load(rabbitmq_mqtt), "
+                f'application:set_env(rabbitmq_mqtt, tcp_listeners, [{{"127.0.0.1", {self.port}}}]).',
+            )
+            self._run("enable", "rabbitmq_mqtt", tool=self.plugins)
+            self._enabled_here = True
+        self._wait_listening()
+        return self
+
+    def _wait_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)  # the plugin's listener comes up a moment after `enable` returns
+        raise RuntimeError(f"RabbitMQ's MQTT plugin did not listen on {self.port} within {timeout:g}s")
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def add_user(self, name: str, password: str) -> None:
+        """A broker account (MQTT username/password) with every permission on vhost /."""
+        self._run("add_user", name, password)
+        self.users.append(name)
+        self._run("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+
+    def restart_mqtt(self) -> None:
+        """Stop and start the MQTT plugin: every MQTT connection drops, retained messages stay
+        (RabbitMQ keeps them on disk), the node and its AMQP users carry on."""
+        self._run("eval", "application:stop(rabbitmq_mqtt).")
+        self._run("eval", "application:start(rabbitmq_mqtt).")
+        self._wait_listening()
+
+    def close(self) -> None:
+        for name in self.users:
+            subprocess.run([self.ctl, "-q", "delete_user", name], capture_output=True, check=False)
+        self.users = []
+        if self._enabled_here:
+            subprocess.run([self.plugins, "-q", "disable", "rabbitmq_mqtt"], capture_output=True, check=False)
+            self._enabled_here = False

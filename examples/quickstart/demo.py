@@ -122,8 +122,8 @@ class Demo:
         self.processes: list[tuple[str, subprocess.Popen[Any]]] = []
         self.broker_port = free_port()
         self.http_port = free_port()
-        # The embedded broker (amqtt) speaks MQTT 3.1.1 only; the URL tells every client so.
-        self.broker = f"mqtt://127.0.0.1:{self.broker_port}?protocol=3.1.1"
+        # The broker of `fleet up`; clients find out which MQTT version it speaks by themselves.
+        self.broker = f"mqtt://127.0.0.1:{self.broker_port}"
         self.registry = f"sqlite:///{OUT / 'registry.db'}"
         self.dashboard = f"http://127.0.0.1:{self.http_port}"
         self.serve_ports: dict[str, int] = {}

@@ -434,13 +434,18 @@ def _safe_url(url: str) -> str:
 
 @app.command("up")
 def up(
-    port: int = typer.Option(1883, "--port", min=1, max=65535, help="Port of the embedded MQTT broker."),
+    port: int = typer.Option(1883, "--port", min=1, max=65535, help="Port of the broker `fleet up` starts."),
     http_port: int = typer.Option(8765, "--http-port", help="Dashboard port (0: any free port)."),
     registry: Optional[str] = typer.Option(
         None, "--registry", help=REGISTRY_HELP + " Default: SQLite under $EDGEKIT_HOME."
     ),
     broker: Optional[str] = typer.Option(
-        None, "--broker", help="Use this broker instead of starting the embedded one (mqtt://host:1883)."
+        None, "--broker", help="Use this broker instead of starting one (mqtt://host:1883)."
+    ),
+    embedded: bool = typer.Option(
+        False,
+        "--embedded",
+        help="Start the embedded broker (amqtt: no accounts, no ACLs) even when Mosquitto is installed.",
     ),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Dashboard address; anything but localhost needs --token."
@@ -452,19 +457,28 @@ def up(
         False, "--json", help="Print the URLs, then the final counts, as JSON lines."
     ),
 ) -> None:
-    """One command on a laptop: an embedded MQTT broker (unless --broker), the registry (SQLite
-    under $EDGEKIT_HOME by default), ingest, the rollout controller and the dashboard. Prints the
-    URLs; Ctrl-C stops everything, the broker last."""
+    """One command on a laptop: a broker (unless --broker), the registry (SQLite under
+    $EDGEKIT_HOME by default), ingest, the rollout controller and the dashboard. The broker is
+    Mosquitto when it is installed (an account and ACL per device, MQTT 5, retained messages
+    kept in $EDGEKIT_HOME/mosquitto), else the embedded amqtt broker (no accounts, no ACLs).
+    Prints the URLs; Ctrl-C stops everything, the broker last."""
     from edgekit.fleet.service import FleetService, ServiceConfig
 
     ws = WorkstationConfig.load(registry=registry)
-    embedded = None
+    started: Any = None
+    kind = "external"
     url = broker
     if url is None:
-        from edgekit.fleet.embedded import EmbeddedBroker
+        from edgekit.fleet.mosquitto import FleetMosquitto, mosquitto_binary
 
-        embedded = EmbeddedBroker("127.0.0.1", port, data_dir=ws.home / "embedded-broker").start()
-        url = embedded.url
+        if mosquitto_binary() is not None and not embedded:
+            started, kind = FleetMosquitto(ws.home, ws.home / "mosquitto", "127.0.0.1", port), "mosquitto"
+        else:
+            from edgekit.fleet.embedded import EmbeddedBroker
+
+            started = EmbeddedBroker("127.0.0.1", port, data_dir=ws.home / "embedded-broker")
+            kind = "embedded"
+        url = started.start().url
     try:
         config = ServiceConfig(
             broker=url,
@@ -476,13 +490,21 @@ def up(
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             home=str(ws.home),
         )
-        _run_service(FleetService(config), json_out, embedded=embedded is not None)
+        _run_service(FleetService(config), json_out, broker_kind=kind)
     finally:
-        if embedded is not None:
-            embedded.stop()
+        if started is not None:
+            started.stop()
 
 
-def _run_service(service: Any, json_out: bool, embedded: bool = False) -> None:
+#: What `fleet up` says about the broker it started (or not).
+_BROKER_WORDS = {
+    "mosquitto": "Mosquitto (an account and ACL per device)",
+    "embedded": "embedded broker (amqtt: NO accounts, NO ACLs: anyone who reaches it may publish)",
+    "external": "broker",
+}
+
+
+def _run_service(service: Any, json_out: bool, broker_kind: str = "external") -> None:
     """Start ``service``, print its URLs, wait for Ctrl-C or SIGTERM, stop it, print the totals."""
     import signal
     import threading
@@ -497,22 +519,27 @@ def _run_service(service: Any, json_out: bool, embedded: bool = False) -> None:
         "metrics": f"{service.url}metrics",
         "api": f"{service.url}api/",
         "broker": _safe_url(config.broker),
-        "embedded_broker": embedded,
+        "embedded_broker": broker_kind != "external",  # started by `fleet up`
+        "broker_kind": broker_kind,
+        "broker_acl": broker_kind != "embedded" if broker_kind != "external" else None,
         "registry": _safe_url(service.registry.url),
         "workers": config.workers,
     }
     if json_out:
         print_json_line(info)
     else:
-        where = "embedded broker" if embedded else "broker"
         console.print(
-            f"edgekit fleet: {config.workers} ingest worker(s) on the {where} {info['broker']} -> {info['registry']}"
+            f"edgekit fleet: {config.workers} ingest worker(s) on the {_BROKER_WORDS[broker_kind]} "
+            f"{info['broker']} -> {info['registry']}",
+            soft_wrap=True,
         )
         console.print(
             f"  dashboard  {info['dashboard']}\n  metrics    {info['metrics']}\n  api        {info['api']}"
         )
-        if embedded:
+        if broker_kind != "external":
             console.print(f"  devices and commands: --broker {info['broker']}")
+        if broker_kind == "mosquitto":
+            console.print("  new devices (edgekit device add) get their broker account within a second")
         console.print("Ctrl-C stops it.")
     sys.stdout.flush()
     stop.wait()

@@ -209,3 +209,34 @@ def test_an_install_cut_by_a_restart_goes_on_when_the_agent_starts_again(
     finally:
         second.stop()
         agent.close()
+
+
+def test_a_download_that_stalls_is_reported_failed_naming_the_device_and_the_bundle(
+    mosquitto, watcher, make_config, bundles, key
+):
+    """Only the manifest is on the broker (an upload cut short): after the inactivity timeout
+    the device says so in its state and events, and a push of the whole bundle gets it going."""
+    from edgekit.transfer import start_upload
+
+    bundle = read_bundle(bundles.v1, TrustedKeys([key.public]))
+    start_upload(watcher.client, bundle)
+    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600, download_stall_timeout=1)
+    agent = Agent.from_config(config, background=False)
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    try:
+        watcher.desire(key, bundles.v1, seq=1)
+        failed = watcher.wait_for(lambda _: [s for s in watcher.states() if s.status == "failed"])
+        error = failed[0].error  # type: ignore[index]
+        assert error.startswith(
+            f"device pi-01: the download of bundle digits@1.0.0 ({bundle.bundle_id[:12]}) stalled"
+        )
+        stalled = watcher.wait_for(
+            lambda _: [e for e in watcher.records("events") if e["kind"] == "download_stalled"]
+        )
+        assert stalled[0]["bundle"]["bundle_id"] == bundle.bundle_id  # type: ignore[index]
+        watcher.publish_bundle(bundles.v1, key)
+        watcher.desire(key, bundles.v1, seq=2)
+        watcher.wait_for(watcher.serving("1.0.0"))
+    finally:
+        daemon.stop()
+        agent.close()

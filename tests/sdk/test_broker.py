@@ -282,7 +282,19 @@ def test_cli_writes_config_and_never_prints_passwords(edgekit_home: Path, tmp_pa
     assert code.value.code == 0
     added = json.loads(capsys.readouterr().out)
     with pytest.raises(SystemExit) as code:
-        main(["broker", "mosquitto-config", "--port", "18883", "-o", str(tmp_path / "conf"), "--json"])
+        main(
+            [
+                "broker",
+                "mosquitto-config",
+                "--port",
+                "18883",
+                "-o",
+                str(tmp_path / "conf"),
+                "--user",
+                "root",
+                "--json",
+            ]
+        )
     assert code.value.code == 0
     written = json.loads(capsys.readouterr().out)
     assert written["devices"] == 1 and Path(written["config"]).exists()
@@ -466,3 +478,76 @@ def test_a_device_is_never_sent_a_packet_over_its_own_limit(mosquitto) -> None:
         other.publish(T.device_desired("cam-1"), b"fits", qos=1).wait(5)
         got.wait_for(lambda ms: any(m.payload == b"fits" for m in ms))
     assert [m.payload for m in got.messages] == [b"fits"]
+
+
+# -- run as root ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="what root gets: run the tests as root (CI does)")
+def test_run_as_root_the_printed_start_command_works_as_printed(edgekit_home: Path) -> None:
+    """Started as root, Mosquitto drops to user mosquitto before reading the password file:
+    the files are given to that account, and the command printed starts a working broker."""
+    import pwd
+    import shlex
+    import sys
+    import tempfile
+
+    account = pwd.getpwnam("mosquitto")
+    cam = add_device("cam-1", "shop")
+    parent = Path(tempfile.mkdtemp(prefix="edgekit-broker-"))  # under /tmp, so reachable by all
+    os.chmod(parent, 0o755)
+    port = free_port()
+    mosquitto = None
+    try:
+        edgekit = Path(sys.executable).with_name("edgekit")
+        out = subprocess.run(
+            [
+                str(edgekit),
+                "broker",
+                "mosquitto-config",
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "-o",
+                str(parent / "conf"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        command = next(line for line in out.splitlines() if line.startswith("Start the broker with: "))
+        argv = shlex.split(command.removeprefix("Start the broker with: "))
+        assert argv[0] == "mosquitto"
+        argv[0] = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        assert (parent / "conf" / "passwd").stat().st_uid == account.pw_uid
+        mosquitto = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        operator = operator_credentials()
+        with MqttClient(
+            f"mqtt://127.0.0.1:{port}", username=operator.username, password=operator.password
+        ) as op:
+            op.publish(T.fleet_desired("shop"), b"kept", retain=True).wait(10)
+        inbox = Inbox()
+        with MqttClient(f"mqtt://127.0.0.1:{port}", username=cam.username, password=cam.password) as device:
+            device.subscribe(T.fleet_desired("shop"), inbox)
+            assert inbox.wait_topic(T.fleet_desired("shop")).payload == b"kept"
+        assert mosquitto.poll() is None
+    finally:
+        if mosquitto is not None:
+            mosquitto.terminate()
+            mosquitto.wait(10)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="what root gets: run the tests as root (CI does)")
+def test_run_as_root_a_directory_mosquitto_cannot_reach_is_one_line_naming_the_fix(
+    edgekit_home: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    with pytest.raises(SystemExit) as code:
+        main(["broker", "mosquitto-config", "-o", str(closed / "conf")])
+    assert code.value.code == ConfigError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert "runs as user mosquitto, which cannot open" in err and "--user root" in err
+    assert len(err.splitlines()) == 1 and not (closed / "conf").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import threading
 import pytest
 from edgekit.errors import BrokerError
 from edgekit.mqtt import MqttClient, Will, parse_broker_url, topic_matches
-from mqtt_helpers import Events, Inbox
+from mqtt_helpers import Events, Inbox, Mqtt5Gate
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -170,6 +171,62 @@ def test_the_protocol_version_comes_from_the_url_unless_given(mosquitto) -> None
     assert MqttClient("mqtt://h:1?protocol=3.1.1", protocol="5").protocol == "5"
     with MqttClient(f"{mosquitto.url}?protocol=3.1.1") as client:
         client.publish("v311", b"x").wait(10)
+
+
+def test_a_client_told_nothing_speaks_mqtt5_to_mosquitto_at_the_first_attempt(mosquitto) -> None:
+    gate = Mqtt5Gate(mosquitto.port)
+    try:
+        with MqttClient(mosquitto.url) as direct:
+            assert direct.protocol == "5" and direct.connections == 1
+        # Through a gate that lets MQTT 5 through, as long as nobody asks for it... it is asked.
+        with MqttClient(f"{gate.url}?protocol=3.1.1") as pinned:
+            assert pinned.protocol == "3.1.1"
+        assert (gate.refused, gate.forwarded) == (0, 1)
+    finally:
+        gate.close()
+
+
+def test_a_broker_that_drops_mqtt5_connects_gets_3_1_1_and_the_client_remembers_it(mosquitto) -> None:
+    gate = Mqtt5Gate(mosquitto.port)
+    inbox, events = Inbox(), Events()
+    try:
+        client = MqttClient(gate.url, reconnect_min=0.05, reconnect_max=0.2)
+        client.on_connection_change(events)
+        with client.connect():
+            assert client.protocol == "3.1.1" and (gate.refused, gate.forwarded) == (1, 1)
+            client.subscribe("neg/#", inbox)
+            client.publish("neg/a", b"over 3.1.1", qos=1).wait(10)
+            assert inbox.wait_topic("neg/a").payload == b"over 3.1.1"
+            gate.drop_connections()
+            events.wait_count(True, 2)
+            # The reconnect spoke 3.1.1 straight away: no second MQTT 5 attempt.
+            assert (gate.refused, gate.forwarded) == (1, 2) and client.protocol == "3.1.1"
+        # A client pinned to MQTT 5 is told, in one line, what to change.
+        with pytest.raises(BrokerError, match=r"without accepting MQTT 5; leave the protocol out") as info:
+            MqttClient(f"{gate.url}?protocol=5", reconnect_min=0.05, reconnect_max=0.1).connect(timeout=2)
+        assert "\n" not in str(info.value)
+    finally:
+        gate.close()
+
+
+def test_something_that_closes_every_connection_is_not_taken_for_an_mqtt_broker() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        stop = threading.Event()
+
+        def close_all() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    server.accept()[0].close()
+
+        threading.Thread(target=close_all, daemon=True).start()
+        try:
+            with pytest.raises(BrokerError, match="without accepting MQTT 5 or MQTT 3.1.1; is this"):
+                MqttClient(f"mqtt://127.0.0.1:{port}", reconnect_min=0.05, reconnect_max=0.1).connect(
+                    timeout=2
+                )
+        finally:
+            stop.set()
 
 
 def test_topic_matching_handles_wildcards_and_shared_subscriptions() -> None:

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from edgekit import BundleError, SignatureError, SigningKey, TrustedKeys, UntrustedKeyError, read_bundle
 from edgekit.bundle import Bundle, create_bundle
-from edgekit.errors import BrokerError
+from edgekit.errors import BrokerError, DownloadStalledError
 from edgekit.mqtt import MqttClient
 from edgekit.topics import Topics
 from edgekit.transfer import (
+    EXACT_WINDOW,
     ChunkAssembler,
     ChunkResult,
     bundle_messages,
@@ -24,6 +25,7 @@ from edgekit.transfer import (
     fetch_bundle,
     manifest_message,
     publish_bundle,
+    start_upload,
     verify_manifest_message,
 )
 from mqtt_helpers import Inbox
@@ -291,8 +293,58 @@ def test_unknown_bundle_times_out_with_a_broker_error(
     mosquitto, trusted: TrustedKeys, tmp_path: Path
 ) -> None:
     missing = hashlib.sha256(b"never published").hexdigest()
-    with MqttClient(mosquitto.url) as device, pytest.raises(BrokerError, match="waiting for its manifest"):
+    with MqttClient(mosquitto.url) as device, pytest.raises(BrokerError, match="its manifest missing"):
         fetch_bundle(device, missing, trusted, tmp_path, timeout=0.5)
+
+
+def test_a_download_whose_chunks_never_come_stalls_after_the_inactivity_timeout(
+    mosquitto, bundle: Bundle, trusted: TrustedKeys, tmp_path: Path
+) -> None:
+    with MqttClient(mosquitto.url) as workstation:
+        start_upload(workstation, bundle)  # the manifest only: an upload cut short
+    count = len(bundle.manifest.chunks.sha256)
+    with MqttClient(mosquitto.url) as device, pytest.raises(DownloadStalledError) as info:
+        fetch_bundle(device, bundle.bundle_id, trusted, tmp_path, timeout=600, stall_timeout=1.0)
+    message = str(info.value)
+    assert f"the download of bundle digits@1.0.0 ({bundle.bundle_id[:12]}) stalled" in message
+    assert f"{count} of {count} chunks still missing" in message and "publish the bundle again" in message
+
+
+def test_a_broker_that_sends_retained_messages_to_exact_topics_only_still_delivers(
+    rabbitmq, digits_models, key: SigningKey, trusted: TrustedKeys, tmp_path: Path
+) -> None:
+    """RabbitMQ's MQTT plugin sends no retained message to `.../chunks/+`: the device asks
+    for the chunks by their exact topics, never holding more than EXACT_WINDOW of them."""
+    card = tmp_path / "card.md"
+    card.write_bytes(random.Random(7).randbytes(64 * 1024).hex().encode())
+    path = tmp_path / "carded.ekb"
+    create_bundle(
+        digits_models.fp32,
+        name="digits",
+        version="1.0.0",
+        key=key,
+        output=path,
+        model_card=card,
+        chunk_size=CHUNK,
+    )
+    bundle = read_bundle(path, trusted)
+    count = len(bundle.manifest.chunks.sha256)
+    assert count > 2 * EXACT_WINDOW, "the window must move for this test to mean anything"
+    with MqttClient(rabbitmq.url) as workstation:
+        publish_bundle(workstation, bundle)
+    held: list[int] = []
+    with MqttClient(rabbitmq.url) as device:
+
+        def progress(_received: int, _total: int) -> None:
+            held.append(sum("/chunks/" in f and "+" not in f for f in device._subscriptions))
+
+        fetched = fetch_bundle(
+            device, bundle.bundle_id, trusted, tmp_path / "dl", timeout=120, progress=progress
+        )
+        assert fetched.members == bundle.members
+        assert [f for f in device._subscriptions if bundle.bundle_id in f] == []  # all let go
+        clear_bundle(device, bundle.bundle_id, count)  # RabbitMQ keeps retained messages on disk
+    assert 0 < max(held) <= EXACT_WINDOW
 
 
 def test_download_survives_a_broker_restart(
