@@ -29,6 +29,7 @@ from edgekit.baseline import (
     CONFIDENCE_BINS,
     Baseline,
     FeatureBaseline,
+    bin_counts,
     ks_distance,
     output_counts,
     psi,
@@ -234,6 +235,9 @@ class _Window:
         self.confidence = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
         self.calibrated_sum = 0.0  # of the calibrated top probability, for the accuracy estimate
         self.calibrated_var = 0.0  # sum of c (1 - c): the Poisson-binomial variance of the hits
+        self.output_values = np.zeros(0, dtype=np.int64)  # a regressor's output-value bins
+        self.output_total = 0.0
+        self.outputs = 0  # samples with an output
 
 
 class DriftMonitor:
@@ -272,6 +276,8 @@ class DriftMonitor:
             if calibration is not None and self._classes and calibration.classes == self._classes
             else None
         )
+        # A regressor's single output value, binned like an input feature.
+        self._values = baseline.output_values if not self._classes else None
         self._offsets = np.arange(len(baseline.features), dtype=np.int64) * self._bins
         self._positions: np.ndarray | None = None
         self._lock = threading.Lock()
@@ -283,7 +289,10 @@ class DriftMonitor:
         self.sampled = 0
 
     def _new_window(self) -> _Window:
-        return _Window(len(self.baseline.features), self._bins, self._classes)
+        win = _Window(len(self.baseline.features), self._bins, self._classes)
+        if self._values is not None:
+            win.output_values = np.zeros(len(self._values.cuts) + 1, dtype=np.int64)
+        return win
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -320,7 +329,7 @@ class DriftMonitor:
         flush = False
         with self._lock:
             self._pending_in.append(values)
-            if output is not None and self._classes:
+            if output is not None and (self._classes or self._values is not None):
                 self._pending_out.append(output)
             self.sampled += 1
             flush = len(self._pending_in) >= BATCH
@@ -353,7 +362,12 @@ class DriftMonitor:
         win.total += values.sum(axis=0)
         win.values += values.shape[0]
         win.samples += len(inputs)
-        if outputs:
+        if outputs and self._values is not None:
+            column = np.array([float(np.asarray(o).reshape(-1)[0]) for o in outputs])
+            win.output_values += bin_counts(column, np.asarray(self._values.cuts))
+            win.output_total += float(column.sum())
+            win.outputs += column.size
+        elif outputs:
             probabilities = to_probabilities(
                 np.stack([np.asarray(o, dtype=np.float64).reshape(-1) for o in outputs])
             )
@@ -418,16 +432,23 @@ class DriftMonitor:
         distribution moved), ``confidence`` (the confidence distribution moved) and
         ``accuracy`` (the mean calibrated confidence fell below what the held-out set gives)."""
         by_name = {f.name: f for f in features}
+        alpha = SEVERITY_ALPHA / _SEVERITY_TESTS
         signals = {
             "inputs": any(f.drifted for f in features if not f.name.startswith("output.")),
             "answers": False,
             "confidence": False,
             "accuracy": False,
         }
+        value = by_name.get("output.value")
+        if value is not None and win.outputs:
+            # A regressor: its answers are its output values.
+            psi_limit, ks_limit = noise_limits(
+                len(win.output_values), win.outputs, self.baseline.samples, alpha
+            )
+            signals["answers"] = value.psi > psi_limit or (value.ks or 0.0) > ks_limit
         outputs = int(win.classes.sum()) if self._classes else 0
         if not outputs or self.baseline.outputs is None:
             return signals
-        alpha = SEVERITY_ALPHA / _SEVERITY_TESTS
         reference = self.baseline.samples
         answers, confidence = by_name.get("output.class"), by_name.get("output.confidence")
         if answers is not None:
@@ -489,7 +510,12 @@ class DriftMonitor:
         if severity == OK:
             text = "ok: inputs and answers look like the baseline data"
         elif severity == INPUTS_CHANGED:
-            if signals["answers"] and not signals["inputs"]:
+            if signals["answers"] and not signals["inputs"] and self._values is not None:
+                text = (
+                    "inputs changed: the model's output values moved while its inputs still look like the "
+                    "baseline data; what the device measures changed, not necessarily how well the model works"
+                )
+            elif signals["answers"] and not signals["inputs"]:
                 text = (
                     "inputs changed: the mix of answers changed (more of class "
                     f"{self._most_increased(win)}) while the inputs still look like the baseline data; "
@@ -507,6 +533,11 @@ class DriftMonitor:
             text = (
                 f"model affected: estimated accuracy {accuracy.estimate:.0%} "
                 f"({accuracy.low:.0%}-{accuracy.high:.0%}), {accuracy.reference:.0%} when tested"
+            )
+        elif self._values is not None:
+            text = (
+                "model affected: its output values moved along with its inputs (no accuracy estimate: "
+                "edgekit estimates accuracy for classifiers only)"
             )
         else:
             text = (
@@ -549,7 +580,7 @@ class DriftMonitor:
         if win.samples == 0:
             return out
         reference = self.baseline.outputs if self._classes else None
-        tests = len(self.baseline.features) + (2 if reference is not None else 0)
+        tests = len(self.baseline.features) + (2 if reference is not None else 0) + (self._values is not None)
         alpha = ALPHA / tests
         for i, feature in enumerate(self._features):
             counts = win.counts[i, : len(feature.cuts) + 1]
@@ -569,5 +600,12 @@ class DriftMonitor:
                 self._feature(
                     "output.confidence", np.asarray(reference.confidence_counts), win.confidence, judge, alpha
                 )
+            )
+        values = self._values
+        if values is not None and win.outputs:
+            mean = win.output_total / win.outputs
+            counts = np.asarray(values.counts)
+            out.append(
+                self._feature(values.name, counts, win.output_values, judge, alpha, True, mean, values.mean)
             )
         return out
