@@ -532,7 +532,7 @@ class DriftMonitor:
         elif accuracy is not None:
             text = (
                 f"model affected: estimated accuracy {accuracy.estimate:.0%} "
-                f"({accuracy.low:.0%}-{accuracy.high:.0%}), {accuracy.reference:.0%} when tested"
+                f"({accuracy.low * 100:.0f}-{accuracy.high:.0%}), {accuracy.reference:.0%} when tested"
             )
         elif self._values is not None:
             text = (

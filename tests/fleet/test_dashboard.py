@@ -24,12 +24,21 @@ def test_json_api(registry):
         "online": 1,
         "offline": 1,
         "drifted": 1,
+        "model_affected": 0,
+        "inputs_changed": 0,
         "versions": {"1.1.0": 1, "1.0.0": 1},
     }
+    assert fleets["lobby"]["model_affected"] == 1
     devices = {d["device"]: d for d in client.get("/api/devices?fleet=shop").json()}
     assert set(devices) == {"cam-1", "cam-2"}
     assert devices["cam-1"]["drifted"] is True and devices["cam-1"]["latency_p95_ms"] == pytest.approx(4.9)
     assert devices["cam-2"]["online"] is False
+    door = client.get("/api/devices/door-1").json()
+    assert door["drift_severity"] == "model affected"
+    assert door["accuracy"] == {"estimate": 0.61, "low": 0.52, "high": 0.7}
+    assert door["drift_text"] == "model affected: estimated accuracy 61% (52-70%)"
+    (window,) = client.get("/api/devices/door-1/telemetry?hours=1").json()
+    assert window["drift_severity"] == "model affected" and window["accuracy"]["estimate"] == 0.61
     one = client.get("/api/devices/cam-1").json()
     assert one["events"][0]["message"] == "installed digits@1.1.0"
     series = client.get("/api/devices/cam-1/telemetry?hours=1").json()
@@ -120,9 +129,14 @@ def test_pages_render_in_headless_chromium(served):
     overview = chromium_dom(served + "/")
     assert 'data-device="cam-1"' in overview and 'data-device="door-1"' in overview
     assert 'class="is-offline"' in overview  # the offline device stands out
-    assert "is-drifted" in overview and "drifted 0.29" in overview
+    assert "is-drifted" in overview and "drifted 0.29" in overview  # an agent without severities
+    assert "is-affected" in overview and "model affected: estimated accuracy 61% (52-70%)" in overview
+    assert "1 model affected" in overview
     assert "installed digits@1.1.0" in overview
     device = chromium_dom(served + "/devices/cam-1")
     assert "cam-1 (shop)" in device
     # uPlot drew both charts: a canvas each, with the series legend.
     assert device.count("<canvas") >= 2 and "p95" in device and "drift score" in device
+    door = chromium_dom(served + "/devices/door-1")
+    assert "model affected: estimated accuracy 61% (52-70%)" in door
+    assert door.count("<canvas") >= 3 and "estimated accuracy" in door
