@@ -55,9 +55,11 @@ MAX_CLASSES = 1000
 #: False-alarm level of the sampling-noise floor, shared by all features of a report.
 ALPHA = 1e-3
 #: False-alarm level of ``model affected`` on data like the baseline's, per window, shared
-#: (Bonferroni) by the tests that can raise it: answers, confidence, estimated accuracy.
+#: (Bonferroni) by the two output-side tests that can raise it: with a calibration, estimated
+#: accuracy and answers (the latter only with the inputs); without, answers and confidence (each
+#: only with the inputs). The same level is used for each output-side test in both modes.
 SEVERITY_ALPHA = 0.01
-_SEVERITY_TESTS = 3
+_SEVERITY_TESTS = 2
 #: Two-sided coverage of the accuracy interval reported.
 INTERVAL = 0.9
 #: A window's severity, in the words an owner sees (None: no complete window judged yet).
@@ -427,7 +429,7 @@ class DriftMonitor:
     # -- severity ---------------------------------------------------------------------------
 
     def _signals(self, win: _Window, features: list[FeatureDrift]) -> dict[str, bool]:
-        """The tests behind a severity, each at ``SEVERITY_ALPHA / 3`` on the output side:
+        """The tests behind a severity, each at ``SEVERITY_ALPHA / 2`` on the output side:
         ``inputs`` (any input feature drifted, as reported), ``answers`` (the predicted-class
         distribution moved), ``confidence`` (the confidence distribution moved) and
         ``accuracy`` (the mean calibrated confidence fell below what the held-out set gives)."""
