@@ -70,11 +70,16 @@ REFERENCE_P = 1e-3
 _CORNER = (np.arange(8)[:, None] < 4) & (np.arange(8)[None, :] < 4)
 SEVERITY_SHIFTS: dict[str, Shift] = {
     "clean": lambda x, rng: x,
-    "brightness +0.03": lambda x, rng: np.clip(x + 0.03, 0, 1),
-    "brightness +0.1": lambda x, rng: np.clip(x + 0.1, 0, 1),
-    "brightness +0.3": lambda x, rng: np.clip(x + 0.3, 0, 1),
-    "noise sigma 0.05": lambda x, rng: np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1),
-    "noise sigma 0.2": lambda x, rng: np.clip(x + rng.normal(0, 0.2, x.shape), 0, 1),
+    **{
+        name: SHIFTS[name]
+        for name in (
+            "brightness +0.03",
+            "brightness +0.1",
+            "brightness +0.3",
+            "noise sigma 0.05",
+            "noise sigma 0.2",
+        )
+    },
     "contrast x0.85": lambda x, rng: x * 0.85,
     "contrast x0.7": lambda x, rng: x * 0.7,
     "rotation 15 deg": lambda x, rng: np.clip(rotate(x, 15, axes=(1, 2), reshape=False, order=1), 0, 1),
