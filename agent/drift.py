@@ -523,8 +523,13 @@ class DriftMonitor:
                     f"{self._most_increased(win)}) while the inputs still look like the baseline data; "
                     "what the device sees changed, not how well the model works"
                 )
-            else:
+            elif signals["inputs"]:
                 text = "inputs changed: they no longer look like the baseline data, but the model's answers did not change"
+            else:
+                text = (
+                    "inputs changed: the model is more or less sure of its answers than on the baseline data, "
+                    "though its inputs and answers look the same"
+                )
         elif accuracy is not None and accuracy.method == "answer shift":
             text = (
                 "model affected: its answers shifted along with its inputs; at most "
@@ -543,7 +548,7 @@ class DriftMonitor:
             )
         else:
             text = (
-                "model affected: its answers changed along with its inputs "
+                "model affected: its answers or its confidence changed along with its inputs "
                 "(the bundle has no calibration, so no accuracy estimate)"
             )
         if accuracy is not None and severity != MODEL_AFFECTED:

@@ -345,6 +345,11 @@ def _check_drift_verdict(drift: dict[str, Any], what: str) -> None:
     summary = drift.get("summary")
     if summary is not None and (type(summary) is not str or len(summary) > MAX_TEXT):
         raise _bad(what, "drift.summary", f"a string of at most {MAX_TEXT} characters")
+    signals = drift.get("signals", {})
+    if type(signals) is not dict or any(type(v) is not bool for v in signals.values()):
+        raise _bad(what, "drift.signals", "an object of booleans")
+    if type(drift.get("calibrated", False)) is not bool:
+        raise _bad(what, "drift.calibrated", "a boolean")
     accuracy = drift.get("accuracy")
     if accuracy is None:
         return
