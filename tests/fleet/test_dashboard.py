@@ -56,10 +56,15 @@ def test_prometheus_metrics_with_a_cardinality_cap(registry):
     assert 'edgekit_messages_rejected_total{kind="telemetry",reason="malformed"} 1.0' in text
     assert 'edgekit_devices{fleet="shop",state="offline"} 1.0' in text
     assert 'edgekit_devices{fleet="shop",state="drifted"} 1.0' in text
-    # Only one device keeps per-device series, and the drifted one is kept.
+    # Only one device keeps per-device series: the one whose model is affected comes first.
     assert text.count("edgekit_device_drift_score{") == 1
-    assert 'edgekit_device_drift_score{device="cam-1",fleet="shop"}' in text
+    assert 'edgekit_device_drift_score{device="door-1",fleet="lobby"}' in text
+    assert 'edgekit_device_estimated_accuracy{device="door-1",fleet="lobby"} 0.61' in text
+    # Without it, the drifted one (an agent without severities) is kept before a calm one.
+    two = TestClient(create_app(registry, FleetMetrics(registry, device_series_cap=2))).get("/metrics").text
+    assert 'edgekit_device_drift_score{device="cam-1",fleet="shop"}' in two
     assert "edgekit_device_series_capped 2.0" in text
+    assert 'edgekit_devices{fleet="lobby",state="model_affected"} 1.0' in text
 
 
 def test_a_token_is_required_when_set(registry):
