@@ -120,6 +120,7 @@ class _Served:
         self.in_names = [str(d["name"]) for d in model.input_details]
         baseline = loaded.bundle.baseline()
         calibration = loaded.bundle.calibration()
+        labels = loaded.bundle.member("labels")
         # Serving needs the model (the runtime holds its own copy) and the manifest, not the
         # member bytes: drop them so a device does not keep a second copy of the bundle in memory.
         self.loaded = dataclasses.replace(loaded, bundle=dataclasses.replace(loaded.bundle, members={}))
@@ -132,6 +133,7 @@ class _Served:
                 config.drift_ks_threshold,
                 input_spec=self.in_specs[0],
                 calibration=calibration,
+                labels=labels.decode("utf-8").splitlines() if labels is not None else None,
             )
         self.rate = config.drift_sample_rate if self.drift is not None else 0.0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,11 +254,12 @@ class DriftMonitor:
         ks_threshold: float,
         input_spec: TensorSpec | None = None,
         calibration: Calibration | None = None,
+        labels: Sequence[str] | None = None,
     ) -> None:
         """``input_spec``: the model input the samples are fed to; when it is quantized,
         :meth:`add` accepts its integer values and dequantizes the few it keeps.
         ``calibration``: the bundle's, for the accuracy estimate (ignored unless it matches
-        the baseline's classes)."""
+        the baseline's classes). ``labels``: class names, for the summary's words."""
         if not baseline.features:
             raise ValueError("the baseline has no features")
         self.baseline = baseline
@@ -278,6 +280,7 @@ class DriftMonitor:
             if calibration is not None and self._classes and calibration.classes == self._classes
             else None
         )
+        self._labels = tuple(labels) if labels is not None and len(labels) == self._classes else None
         # A regressor's single output value, binned like an input feature.
         self._values = baseline.output_values if not self._classes else None
         self._offsets = np.arange(len(baseline.features), dtype=np.int64) * self._bins
@@ -519,8 +522,8 @@ class DriftMonitor:
                 )
             elif signals["answers"] and not signals["inputs"]:
                 text = (
-                    "inputs changed: the mix of answers changed (more of class "
-                    f"{self._most_increased(win)}) while the inputs still look like the baseline data; "
+                    f"inputs changed: the mix of answers changed (more {self._most_increased(win)}) "
+                    "while the inputs still look like the baseline data; "
                     "what the device sees changed, not how well the model works"
                 )
             elif signals["inputs"]:
@@ -555,11 +558,13 @@ class DriftMonitor:
             text += f"; estimated accuracy {accuracy.estimate:.0%} ({accuracy.reference:.0%} when tested)"
         return text
 
-    def _most_increased(self, win: _Window) -> int:
+    def _most_increased(self, win: _Window) -> str:
+        """The class whose share of the answers grew most, by name when the bundle has labels."""
         assert self.baseline.outputs is not None
         expected = np.asarray(self.baseline.outputs.class_counts, dtype=np.float64)
         seen = win.classes.astype(np.float64)
-        return int(np.argmax(seen / max(seen.sum(), 1.0) - expected / max(expected.sum(), 1.0)))
+        grown = int(np.argmax(seen / max(seen.sum(), 1.0) - expected / max(expected.sum(), 1.0)))
+        return f"'{self._labels[grown]}'" if self._labels is not None else f"of class {grown}"
 
     def _feature(
         self,

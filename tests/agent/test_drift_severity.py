@@ -85,7 +85,9 @@ class Digits:
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
         return float(np.mean(self.outputs(x).argmax(axis=1) == y))
 
-    def severities(self, x: np.ndarray, seed: int, calibrated: bool = True) -> tuple[Counter[str], list]:
+    def severities(
+        self, x: np.ndarray, seed: int, calibrated: bool = True, labels: list[str] | None = None
+    ) -> tuple[Counter[str], list]:
         """Severity counts over WINDOWS windows drawn from ``x``, and the last window's report."""
         outputs = self.outputs(x)
         rng = np.random.default_rng(seed)
@@ -93,7 +95,12 @@ class Digits:
         report = None
         for _ in range(WINDOWS):
             monitor = DriftMonitor(
-                self.baseline, WINDOW, 0.1, 0.1, calibration=self.calibration if calibrated else None
+                self.baseline,
+                WINDOW,
+                0.1,
+                0.1,
+                calibration=self.calibration if calibrated else None,
+                labels=labels,
             )
             for i in rng.choice(len(x), WINDOW, replace=False):
                 monitor.add(x[i], outputs[i])
@@ -174,10 +181,13 @@ def test_confidently_wrong_inversion_is_caught_by_the_answer_shift(digits):
 def test_a_class_mix_change_alone_is_reported_as_such(digits):
     """Only digits 0-6 in front of the camera: the answers move, the inputs do not."""
     keep = digits.y < 7
-    counts, (report,) = digits.severities(digits.x[keep], seed=50)
+    names = [f"digit {i}" for i in range(10)]
+    counts, (report,) = digits.severities(digits.x[keep], seed=50, labels=names)
     assert counts["inputs changed"] / WINDOWS >= 0.9
     assert report.signals["answers"] and not report.signals["inputs"]
-    assert "mix of answers changed" in report.summary
+    assert "mix of answers changed (more 'digit " in report.summary
+    grown = report.summary.split("more 'digit ")[1][0]
+    assert int(grown) < 7  # a digit that is still shown, by the name labels.txt gives it
 
 
 def test_without_calibration_severity_uses_input_and_output_drift(digits):
