@@ -4,7 +4,8 @@ A rollout moves one fleet to one bundle: first to a few canary devices, which th
 real traffic for a while), then to the whole fleet. It aborts on a canary's failed install or
 health check, on a canary's error rate or p95-latency regression beyond the policy's bounds,
 on drift that affects the model (severity ``model affected``; ``inputs changed`` does not
-abort; an agent without severities aborts on any drift), or on a canary that does not install in time; an abort rolls the canaries back.
+abort; an agent without severities aborts on any drift), or on a canary that does not install
+in time; an abort rolls the canaries back.
 
 The controller never talks to a broker. :func:`start` and :func:`advance` take what is known
 about the devices (:class:`DeviceReport`) and the time, and return the new :class:`Rollout`

@@ -1,7 +1,7 @@
 """Drift severity and the label-free accuracy estimate, per telemetry window and per device.
 
-Revision ID: 0003_drift_severity
-Revises: 0002_first_seen
+Revision ID: 0004_drift_severity
+Revises: 0003_control_plane
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_drift_severity"
-down_revision = "0002_first_seen"
+revision = "0004_drift_severity"
+down_revision = "0003_control_plane"
 branch_labels = None
 depends_on = None
 
