@@ -445,6 +445,7 @@ class Agent:
                 "samples": report.samples,
                 "scores": {f.name: {"psi": f.psi, "ks": f.ks} for f in report.features},
                 "severity": report.severity,
+                "windows": report.windows,  # a new verdict when this grows; else the last one again
                 "summary": report.summary,
                 "signals": dict(report.signals),
                 "calibrated": report.calibrated,

@@ -248,7 +248,8 @@ class TelemetryRecord:
     latency_ms: Dict[str, Optional[float]]  # p50, p95, p99
     throughput: float  # predictions per second over the window
     # {"drifted": bool, "complete": bool, "samples": n, "scores": {feature: {psi, ks}},
-    #  "severity": one of DRIFT_SEVERITIES or null, "summary": str, "signals": {name: bool},
+    #  "severity": one of DRIFT_SEVERITIES or null, "windows": drift windows completed (the
+    #  verdict is new when it grows), "summary": str, "signals": {name: bool},
     #  "calibrated": bool, "accuracy": {estimate, low, high, reference, method} or null}
     # (severity and after: since edgekit 0.2; records of older agents lack them)
     drift: Dict[str, Any]

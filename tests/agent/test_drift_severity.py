@@ -211,6 +211,9 @@ def test_severity_reaches_status_and_telemetry(make_config, calibrated_bundle, b
             agent.predict(1.0 - models.x_test[i])
         record = agent.flush_telemetry()
         assert record is not None and record.drift_severity == "model affected"
+        assert record.drift["windows"] == 1
+        again = agent.flush_telemetry()  # no new window: the same verdict, the same count
+        assert again is not None and again.drift_severity == "model affected" and again.drift["windows"] == 1
         assert record.drift["accuracy"]["reference"] == pytest.approx(digits_reference(agent))
         assert TelemetryRecord.from_dict(record.to_dict()).drift_severity == "model affected"
         agent.install(bundles.v3)  # baseline, no calibration
