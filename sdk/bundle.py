@@ -467,6 +467,11 @@ def create_bundle(
         files.append((BASELINE_FILE, "baseline", stats.to_json()))
         real_samples = x
     if calibration_eval is not None:
+        if baseline is None:
+            raise DataError(
+                "--calibration-eval needs --baseline DATA as well: a device estimates accuracy in its "
+                "drift windows, which need a baseline (the same held-out data can serve as both)"
+            )
         calibration = _calibrate(model, calibration_eval, info.inputs, info.outputs)
         files.append((CALIBRATION_FILE, "calibration", calibration.to_json()))
 

@@ -51,7 +51,8 @@ def create(
         None,
         "--calibration-eval",
         help="Labeled held-out DATA (.npz with x= and y=, or a folder of class sub-folders) to calibrate "
-        "the model's confidence on, so devices can estimate their accuracy without labels (classifiers only).",
+        "the model's confidence on, so devices can estimate their accuracy without labels (classifiers only; "
+        "needs --baseline).",
     ),
     model_card: Optional[Path] = typer.Option(None, "--model-card", help="A Markdown model card to include."),
     key: str = typer.Option(

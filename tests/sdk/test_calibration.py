@@ -68,7 +68,7 @@ def test_a_calibration_set_with_labels_of_the_wrong_range_is_refused_by_bundle_c
     out = tmp_path / "digits.ekb"
     result = edgekit(
         "bundle", "create", str(digits_models.fp32), "--name", "digits", "--version", "1.0.0",
-        "--calibration-eval", str(bad), "-o", str(out),
+        "--baseline", str(bad), "--calibration-eval", str(bad), "-o", str(out),
     )  # fmt: skip
     assert_one_line_error(result, 7, "labels run from 1 to 10 but the model has 10 classes")
     assert not out.exists()
@@ -76,7 +76,7 @@ def test_a_calibration_set_with_labels_of_the_wrong_range_is_refused_by_bundle_c
     np.savez(unlabeled, x=digits_models.x_test[:50])
     result = edgekit(
         "bundle", "create", str(digits_models.fp32), "--name", "digits", "--version", "1.0.0",
-        "--calibration-eval", str(unlabeled), "-o", str(out),
+        "--baseline", str(unlabeled), "--calibration-eval", str(unlabeled), "-o", str(out),
     )  # fmt: skip
     assert_one_line_error(result, 7, "has no labels")
 
@@ -86,15 +86,25 @@ def test_calibration_is_a_signed_member_checked_like_the_others(digits_models, t
     data = tmp_path / "eval.npz"
     np.savez(data, x=digits_models.x_test[:100], y=digits_models.y_test[:100])
     path = tmp_path / "digits.ekb"
+    with pytest.raises(DataError, match="needs --baseline DATA as well"):
+        create_bundle(
+            digits_models.fp32, name="digits", version="1.0.0", key=key, output=path, calibration_eval=data
+        )
     manifest = create_bundle(
-        digits_models.fp32, name="digits", version="1.0.0", key=key, output=path, calibration_eval=data
+        digits_models.fp32,
+        name="digits",
+        version="1.0.0",
+        key=key,
+        output=path,
+        baseline=data,
+        calibration_eval=data,
     )
     entry = manifest.file("calibration")
     assert entry is not None and entry.name == "calibration.json"
     bundle = read_bundle(path, TrustedKeys([key.public]))
     calibration = bundle.calibration()
     assert calibration is not None and calibration.samples == 100 and calibration.classes == 10
-    assert bundle.baseline() is None  # independent of --baseline
+    assert bundle.baseline() is not None
     members = tar_members(path.read_bytes())
     doc = json.loads(dict(members)["calibration.json"])
     doc["accuracy"] = 0.99  # a device would report a rosier estimate
@@ -124,6 +134,7 @@ def test_a_regressor_gets_output_drift_and_no_accuracy_estimate(diabetes_regress
             version="1.0.0",
             key=key,
             output=tmp_path / "x.ekb",
+            baseline=reg.data_npz,
             calibration_eval=labeled,
         )
 
