@@ -79,6 +79,9 @@ class AgentStatus:
     telemetry_queued: int
     events_queued: int
     drift: dict[str, Any] | None
+    #: What the drift monitor checks: ``off`` (no baseline in the bundle), ``inputs and outputs``
+    #: (no calibration in the bundle: no accuracy estimate), ``inputs, outputs and accuracy``.
+    drift_checks: str = "off"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -116,6 +119,8 @@ class _Served:
         self.out_names = [str(d["name"]) for d in model.output_details]
         self.in_names = [str(d["name"]) for d in model.input_details]
         baseline = loaded.bundle.baseline()
+        calibration = loaded.bundle.calibration()
+        labels = loaded.bundle.member("labels")
         # Serving needs the model (the runtime holds its own copy) and the manifest, not the
         # member bytes: drop them so a device does not keep a second copy of the bundle in memory.
         self.loaded = dataclasses.replace(loaded, bundle=dataclasses.replace(loaded.bundle, members={}))
@@ -127,6 +132,8 @@ class _Served:
                 config.drift_psi_threshold,
                 config.drift_ks_threshold,
                 input_spec=self.in_specs[0],
+                calibration=calibration,
+                labels=labels.decode("utf-8").splitlines() if labels is not None else None,
             )
         self.rate = config.drift_sample_rate if self.drift is not None else 0.0
 
@@ -168,6 +175,12 @@ class _Served:
     def real_output(self, out: np.ndarray) -> np.ndarray:
         spec = self.out_specs[0]
         return dequantize(out, spec) if spec.quantized else out
+
+
+def _drift_checks(served: _Served | None) -> str:
+    if served is None or served.drift is None:
+        return "off"
+    return "inputs, outputs and accuracy" if served.drift.calibration is not None else "inputs and outputs"
 
 
 def _return_freed_memory() -> None:
@@ -353,6 +366,7 @@ class Agent:
             telemetry_queued=len(self.telemetry),
             events_queued=len(self.events),
             drift=report.to_dict() if report is not None else None,
+            drift_checks=_drift_checks(served),
         )
 
     # -- changing the installed bundle ---------------------------------------------------------
@@ -430,6 +444,12 @@ class Agent:
                 "complete": report.complete,
                 "samples": report.samples,
                 "scores": {f.name: {"psi": f.psi, "ks": f.ks} for f in report.features},
+                "severity": report.severity,
+                "windows": report.windows,  # a new verdict when this grows; else the last one again
+                "summary": report.summary,
+                "signals": dict(report.signals),
+                "calibrated": report.calibrated,
+                "accuracy": report.accuracy.to_dict() if report.accuracy is not None else None,
             }
         record = TelemetryRecord(
             device=self.config.device,

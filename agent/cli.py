@@ -72,6 +72,14 @@ def install(
         console.print(f"Installed [bold]{result.name}@{result.version}[/]{was}; id {result.bundle_id[:16]}")
 
 
+_DRIFT_CHECKS = {
+    "off": "not watched (the bundle has no baseline; create it with --baseline DATA)",
+    "inputs and outputs": "inputs and outputs watched; no accuracy estimate "
+    "(the bundle has no calibration; create it with --calibration-eval DATA)",
+    "inputs, outputs and accuracy": "inputs and outputs watched, accuracy estimated from calibrated confidence",
+}
+
+
 @app.command("status")
 def status(
     config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
@@ -93,6 +101,7 @@ def status(
         console.print(f"  id       {info.bundle_id}")
         kernels = "XNNPACK" if info.xnnpack else "built-in kernels"
         console.print(f"  runtime  {info.runtime} ({kernels}), {info.threads} thread(s)")
+        console.print(f"  drift    {_DRIFT_CHECKS[info.drift_checks]}")
     else:
         console.print(f"device {info.device} (fleet {info.fleet}): [yellow]no model installed[/]")
     console.print(f"  previous {info.previous or '-'}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,15 +30,18 @@ from edgekit.baseline import (
     CONFIDENCE_BINS,
     Baseline,
     FeatureBaseline,
+    bin_counts,
     ks_distance,
     output_counts,
     psi,
     to_probabilities,
 )
+from edgekit.calibration import Calibration, calibrated_confidence
+from edgekit.reports import DRIFT_SEVERITIES
 from edgekit.runtime import dequantize, quantize
 from edgekit.tflite import TensorSpec
 
-__all__ = ["DriftMonitor", "DriftReport", "FeatureDrift"]
+__all__ = ["SEVERITIES", "AccuracyEstimate", "DriftMonitor", "DriftReport", "FeatureDrift"]
 
 #: Sampled inputs buffered before they are binned together (one vectorized pass).
 BATCH = 128
@@ -51,6 +55,17 @@ _SMALL_FEATURES = 8
 MAX_CLASSES = 1000
 #: False-alarm level of the sampling-noise floor, shared by all features of a report.
 ALPHA = 1e-3
+#: False-alarm level of ``model affected`` on data like the baseline's, per window, shared
+#: (Bonferroni) by the two output-side tests that can raise it: with a calibration, estimated
+#: accuracy and answers (the latter only with the inputs); without, answers and confidence (each
+#: only with the inputs). The same level is used for each output-side test in both modes.
+SEVERITY_ALPHA = 0.01
+_SEVERITY_TESTS = 2
+#: Two-sided coverage of the accuracy interval reported.
+INTERVAL = 0.9
+#: A window's severity, in the words an owner sees (None: no complete window judged yet).
+SEVERITIES = DRIFT_SEVERITIES
+OK, INPUTS_CHANGED, MODEL_AFFECTED = DRIFT_SEVERITIES
 
 
 def _normal_quantile(p: float) -> float:
@@ -108,6 +123,27 @@ class FeatureDrift:
 
 
 @dataclass(frozen=True)
+class AccuracyEstimate:
+    """The window's accuracy estimated without labels, from the bundle's calibration.
+
+    ``method`` is ``confidence`` (held-out accuracy minus the drop of mean calibrated
+    confidence) or ``answer shift`` (the answers moved in a way the class mix does not explain:
+    then at most ``1 - TV`` of them can still be right, TV the total-variation distance between
+    the window's and the baseline's predicted-class distributions; a confidently wrong model
+    hides from the confidence estimate but not from this bound). ``low``..``high`` is a
+    ``INTERVAL`` interval for the sampling noise of the window and of the held-out set."""
+
+    estimate: float
+    low: float
+    high: float
+    reference: float  # accuracy on the labeled held-out set at bundle time
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
 class DriftReport:
     """The current drift verdict. ``samples`` is how many sampled inputs the scored window
     holds; ``complete`` is False while the first window is still filling (then ``drifted`` is
@@ -121,6 +157,13 @@ class DriftReport:
     ks_threshold: float
     features: tuple[FeatureDrift, ...]
     drifted: bool
+    #: ``ok``, ``inputs changed`` or ``model affected``; None until a window is complete.
+    severity: str | None = None
+    #: The tests behind ``severity``: inputs, answers (predicted classes), confidence, accuracy.
+    signals: dict[str, bool] = dataclasses.field(default_factory=dict)
+    accuracy: AccuracyEstimate | None = None
+    calibrated: bool = False  # the bundle carries a calibration (else no accuracy estimate)
+    summary: str = ""  # one line for an owner
 
     @property
     def scores(self) -> dict[str, float]:
@@ -138,6 +181,11 @@ class DriftReport:
             "psi_threshold": self.psi_threshold,
             "ks_threshold": self.ks_threshold,
             "drifted": self.drifted,
+            "severity": self.severity,
+            "summary": self.summary,
+            "signals": dict(self.signals),
+            "calibrated": self.calibrated,
+            "accuracy": self.accuracy.to_dict() if self.accuracy is not None else None,
             "features": [f.to_dict() for f in self.features],
         }
 
@@ -188,6 +236,11 @@ class _Window:
         self.values = 0  # values per feature seen (pixels x samples for images)
         self.classes = np.zeros(max(classes, 1), dtype=np.int64)
         self.confidence = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
+        self.calibrated_sum = 0.0  # of the calibrated top probability, for the accuracy estimate
+        self.calibrated_var = 0.0  # sum of c (1 - c): the Poisson-binomial variance of the hits
+        self.output_values = np.zeros(0, dtype=np.int64)  # a regressor's output-value bins
+        self.output_total = 0.0
+        self.outputs = 0  # samples with an output
 
 
 class DriftMonitor:
@@ -200,9 +253,13 @@ class DriftMonitor:
         psi_threshold: float,
         ks_threshold: float,
         input_spec: TensorSpec | None = None,
+        calibration: Calibration | None = None,
+        labels: Sequence[str] | None = None,
     ) -> None:
         """``input_spec``: the model input the samples are fed to; when it is quantized,
-        :meth:`add` accepts its integer values and dequantizes the few it keeps."""
+        :meth:`add` accepts its integer values and dequantizes the few it keeps.
+        ``calibration``: the bundle's, for the accuracy estimate (ignored unless it matches
+        the baseline's classes). ``labels``: class names, for the summary's words."""
         if not baseline.features:
             raise ValueError("the baseline has no features")
         self.baseline = baseline
@@ -218,6 +275,14 @@ class DriftMonitor:
         self._bins = self._cuts.shape[1] + 1
         outputs = baseline.outputs
         self._classes = outputs.classes if outputs is not None and outputs.classes <= MAX_CLASSES else 0
+        self.calibration = (
+            calibration
+            if calibration is not None and self._classes and calibration.classes == self._classes
+            else None
+        )
+        self._labels = tuple(labels) if labels is not None and len(labels) == self._classes else None
+        # A regressor's single output value, binned like an input feature.
+        self._values = baseline.output_values if not self._classes else None
         self._offsets = np.arange(len(baseline.features), dtype=np.int64) * self._bins
         self._positions: np.ndarray | None = None
         self._lock = threading.Lock()
@@ -229,7 +294,10 @@ class DriftMonitor:
         self.sampled = 0
 
     def _new_window(self) -> _Window:
-        return _Window(len(self.baseline.features), self._bins, self._classes)
+        win = _Window(len(self.baseline.features), self._bins, self._classes)
+        if self._values is not None:
+            win.output_values = np.zeros(len(self._values.cuts) + 1, dtype=np.int64)
+        return win
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -266,7 +334,7 @@ class DriftMonitor:
         flush = False
         with self._lock:
             self._pending_in.append(values)
-            if output is not None and self._classes:
+            if output is not None and (self._classes or self._values is not None):
                 self._pending_out.append(output)
             self.sampled += 1
             flush = len(self._pending_in) >= BATCH
@@ -299,7 +367,12 @@ class DriftMonitor:
         win.total += values.sum(axis=0)
         win.values += values.shape[0]
         win.samples += len(inputs)
-        if outputs:
+        if outputs and self._values is not None:
+            column = np.array([float(np.asarray(o).reshape(-1)[0]) for o in outputs])
+            win.output_values += bin_counts(column, np.asarray(self._values.cuts))
+            win.output_total += float(column.sum())
+            win.outputs += column.size
+        elif outputs:
             probabilities = to_probabilities(
                 np.stack([np.asarray(o, dtype=np.float64).reshape(-1) for o in outputs])
             )
@@ -307,6 +380,10 @@ class DriftMonitor:
                 predicted, confidence = output_counts(probabilities)
                 win.classes += predicted
                 win.confidence += confidence
+                if self.calibration is not None:
+                    top = calibrated_confidence(probabilities, self.calibration.temperature)
+                    win.calibrated_sum += float(top.sum())
+                    win.calibrated_var += float((top * (1.0 - top)).sum())
 
     def _bin(self, values: np.ndarray) -> np.ndarray:
         """Counts per (feature, bin) of a (rows, features) matrix, in one vectorized pass."""
@@ -333,6 +410,9 @@ class DriftMonitor:
             complete = self._last is not None
             win = self._last if self._last is not None else self._current
             features = self._score(win, judge=complete)
+            signals = self._signals(win, features)
+            accuracy = self._accuracy(win, signals)
+            severity = self._severity(signals) if complete and win.samples else None
             return DriftReport(
                 window=self.window,
                 samples=win.samples,
@@ -342,7 +422,149 @@ class DriftMonitor:
                 ks_threshold=self.ks_threshold,
                 features=tuple(features),
                 drifted=complete and any(f.drifted for f in features),
+                severity=severity,
+                signals=signals,
+                accuracy=accuracy,
+                calibrated=self.calibration is not None,
+                summary=self._summary(severity, signals, accuracy, win),
             )
+
+    # -- severity ---------------------------------------------------------------------------
+
+    def _signals(self, win: _Window, features: list[FeatureDrift]) -> dict[str, bool]:
+        """The tests behind a severity, each at ``SEVERITY_ALPHA / 2`` on the output side:
+        ``inputs`` (any input feature drifted, as reported), ``answers`` (the predicted-class
+        distribution moved), ``confidence`` (the confidence distribution moved) and
+        ``accuracy`` (the mean calibrated confidence fell below what the held-out set gives)."""
+        by_name = {f.name: f for f in features}
+        alpha = SEVERITY_ALPHA / _SEVERITY_TESTS
+        signals = {
+            "inputs": any(f.drifted for f in features if not f.name.startswith("output.")),
+            "answers": False,
+            "confidence": False,
+            "accuracy": False,
+        }
+        value = by_name.get("output.value")
+        if value is not None and win.outputs:
+            # A regressor: its answers are its output values.
+            psi_limit, ks_limit = noise_limits(
+                len(win.output_values), win.outputs, self.baseline.samples, alpha
+            )
+            signals["answers"] = value.psi > psi_limit or (value.ks or 0.0) > ks_limit
+        outputs = int(win.classes.sum()) if self._classes else 0
+        if not outputs or self.baseline.outputs is None:
+            return signals
+        reference = self.baseline.samples
+        answers, confidence = by_name.get("output.class"), by_name.get("output.confidence")
+        if answers is not None:
+            signals["answers"] = answers.psi > noise_limits(self._classes, outputs, reference, alpha)[0]
+        if confidence is not None:
+            psi_limit, ks_limit = noise_limits(CONFIDENCE_BINS, outputs, reference, alpha)
+            signals["confidence"] = confidence.psi > psi_limit or (confidence.ks or 0.0) > ks_limit
+        cal = self.calibration
+        if cal is not None:
+            noise = cal.confidence_std * math.sqrt(1.0 / outputs + 1.0 / cal.samples)
+            mean = win.calibrated_sum / outputs
+            signals["accuracy"] = mean < cal.confidence_mean - _normal_quantile(1.0 - alpha) * noise
+        return signals
+
+    def _accuracy(self, win: _Window, signals: dict[str, bool]) -> AccuracyEstimate | None:
+        cal = self.calibration
+        outputs = int(win.classes.sum()) if self._classes else 0
+        if cal is None or not outputs or self.baseline.outputs is None:
+            return None
+        # Difference of confidences: the held-out accuracy, moved by as much as the mean
+        # calibrated confidence moved (on held-out-like data the two agree by construction).
+        estimate = cal.accuracy - (cal.confidence_mean - win.calibrated_sum / outputs)
+        method = "confidence"
+        if signals["answers"] and signals["inputs"]:
+            expected = np.asarray(self.baseline.outputs.class_counts, dtype=np.float64)
+            seen = win.classes.astype(np.float64)
+            bound = 1.0 - 0.5 * float(np.abs(expected / expected.sum() - seen / seen.sum()).sum())
+            if bound < estimate:
+                estimate, method = bound, "answer shift"
+        z = _normal_quantile(0.5 + INTERVAL / 2.0)
+        half = z * math.sqrt(
+            win.calibrated_var / outputs**2 + cal.accuracy * (1.0 - cal.accuracy) / cal.samples
+        )
+        estimate = min(max(estimate, 0.0), 1.0)
+        return AccuracyEstimate(
+            estimate=estimate,
+            low=max(estimate - half, 0.0),
+            high=min(estimate + half, 1.0),
+            reference=cal.accuracy,
+            method=method,
+        )
+
+    def _severity(self, signals: dict[str, bool]) -> str:
+        if self.calibration is not None:
+            # The estimate fell, or the answers moved together with the inputs (a class mix
+            # alone moves the answers, not the inputs; a confidently wrong model moves both).
+            affected = signals["accuracy"] or (signals["answers"] and signals["inputs"])
+        else:
+            affected = signals["inputs"] and (signals["answers"] or signals["confidence"])
+        if affected:
+            return MODEL_AFFECTED
+        return INPUTS_CHANGED if any(signals.values()) else OK
+
+    def _summary(
+        self, severity: str | None, signals: dict[str, bool], accuracy: AccuracyEstimate | None, win: _Window
+    ) -> str:
+        if severity is None:
+            return f"not judged yet: {win.samples} of {self.window} sampled inputs seen"
+        if severity == OK:
+            text = "ok: inputs and answers look like the baseline data"
+        elif severity == INPUTS_CHANGED:
+            if signals["answers"] and not signals["inputs"] and self._values is not None:
+                text = (
+                    "inputs changed: the model's output values moved while its inputs still look like the "
+                    "baseline data; what the device measures changed, not necessarily how well the model works"
+                )
+            elif signals["answers"] and not signals["inputs"]:
+                text = (
+                    f"inputs changed: the mix of answers changed (more {self._most_increased(win)}) "
+                    "while the inputs still look like the baseline data; "
+                    "what the device sees changed, not how well the model works"
+                )
+            elif signals["inputs"]:
+                text = "inputs changed: they no longer look like the baseline data, but the model's answers did not change"
+            else:
+                text = (
+                    "inputs changed: the model is more or less sure of its answers than on the baseline data, "
+                    "though its inputs and answers look the same"
+                )
+        elif accuracy is not None and accuracy.method == "answer shift":
+            text = (
+                "model affected: its answers shifted along with its inputs; at most "
+                f"{accuracy.estimate:.0%} of them can still be right (tested at {accuracy.reference:.0%}; "
+                "its confidence cannot be trusted here)"
+            )
+        elif accuracy is not None:
+            text = (
+                f"model affected: estimated accuracy {accuracy.estimate:.0%} "
+                f"({accuracy.low * 100:.0f}-{accuracy.high:.0%}), {accuracy.reference:.0%} when tested"
+            )
+        elif self._values is not None:
+            text = (
+                "model affected: its output values moved along with its inputs (no accuracy estimate: "
+                "edgekit estimates accuracy for classifiers only)"
+            )
+        else:
+            text = (
+                "model affected: its answers or its confidence changed along with its inputs "
+                "(the bundle has no calibration, so no accuracy estimate)"
+            )
+        if accuracy is not None and severity != MODEL_AFFECTED:
+            text += f"; estimated accuracy {accuracy.estimate:.0%} ({accuracy.reference:.0%} when tested)"
+        return text
+
+    def _most_increased(self, win: _Window) -> str:
+        """The class whose share of the answers grew most, by name when the bundle has labels."""
+        assert self.baseline.outputs is not None
+        expected = np.asarray(self.baseline.outputs.class_counts, dtype=np.float64)
+        seen = win.classes.astype(np.float64)
+        grown = int(np.argmax(seen / max(seen.sum(), 1.0) - expected / max(expected.sum(), 1.0)))
+        return f"'{self._labels[grown]}'" if self._labels is not None else f"of class {grown}"
 
     def _feature(
         self,
@@ -370,7 +592,7 @@ class DriftMonitor:
         if win.samples == 0:
             return out
         reference = self.baseline.outputs if self._classes else None
-        tests = len(self.baseline.features) + (2 if reference is not None else 0)
+        tests = len(self.baseline.features) + (2 if reference is not None else 0) + (self._values is not None)
         alpha = ALPHA / tests
         for i, feature in enumerate(self._features):
             counts = win.counts[i, : len(feature.cuts) + 1]
@@ -390,5 +612,12 @@ class DriftMonitor:
                 self._feature(
                     "output.confidence", np.asarray(reference.confidence_counts), win.confidence, judge, alpha
                 )
+            )
+        values = self._values
+        if values is not None and win.outputs:
+            mean = win.output_total / win.outputs
+            counts = np.asarray(values.counts)
+            out.append(
+                self._feature(values.name, counts, win.output_values, judge, alpha, True, mean, values.mean)
             )
         return out

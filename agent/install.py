@@ -59,6 +59,7 @@ from edgekit.bundle import (
     read_bundle,
     verify_manifest_signature,
 )
+from edgekit.calibration import Calibration
 from edgekit.errors import BundleError, EdgekitError, HealthCheckError, InstallError
 from edgekit.healthcheck import run_healthcheck
 from edgekit.manifest import Manifest, parse_version
@@ -106,6 +107,10 @@ class InstalledBundle:
     def baseline(self) -> Baseline | None:
         data = self.member("baseline")
         return None if data is None else Baseline.from_json(data)
+
+    def calibration(self) -> Calibration | None:
+        data = self.member("calibration")
+        return None if data is None else Calibration.from_json(data)
 
 
 @dataclass(frozen=True)

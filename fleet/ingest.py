@@ -423,10 +423,14 @@ def _sum(a: WriteResult, b: WriteResult) -> WriteResult:
     return WriteResult(a.inserted + b.inserted, a.duplicates + b.duplicates)
 
 
+_NO_ACCURACY: dict[str, float] = {}
+
+
 def _telemetry_row(record: TelemetryRecord) -> TelemetryRow:
     latency = record.latency_ms
     memory = record.memory_rss_bytes
     bundle = record.bundle
+    accuracy = record.drift.get("accuracy") or _NO_ACCURACY  # checked by the decoder
     return TelemetryRow(  # positional, in TelemetryRow's order: thousands a second
         record.device,
         record.seq,
@@ -444,6 +448,10 @@ def _telemetry_row(record: TelemetryRecord) -> TelemetryRow:
         record.cpu_percent,
         None if memory is None else round(memory / 2**20, 3),
         record.temperature_c,
+        record.drift_severity,
+        accuracy.get("estimate"),
+        accuracy.get("low"),
+        accuracy.get("high"),
     )
 
 

@@ -31,7 +31,7 @@ from edgekit.desired import decode_desired_state, new_desired_state, sign_desire
 from edgekit.errors import BrokerError, DesiredStateError, MessageError
 from edgekit.keys import SigningKey
 from edgekit.mqtt import Message, MqttClient
-from edgekit.reports import DeviceStateReport
+from edgekit.reports import DRIFT_SEVERITIES, DeviceStateReport
 from edgekit.topics import Topics
 from edgekit.transfer import Upload, clear_bundle, publish_bundle, start_upload
 
@@ -51,6 +51,7 @@ class _Window:
     errors: int = 0
     p95_ms: Optional[float] = None
     drifted: bool = False
+    drift_severity: Optional[str] = None  # the worst reported (None: no agent judged one)
 
 
 class FleetLink:
@@ -121,6 +122,8 @@ class FleetLink:
             count, errors = int(doc["count"]), int(doc["errors"])
             p95 = (doc.get("latency_ms") or {}).get("p95")
             drifted = bool((doc.get("drift") or {}).get("drifted"))
+            severity = (doc.get("drift") or {}).get("severity")
+            rank = DRIFT_SEVERITIES.index(severity) if severity is not None else -1
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self.rejected += 1
             log.warning("dropped malformed telemetry on %s: %s", message.topic, exc)
@@ -133,6 +136,8 @@ class FleetLink:
         if p95 is not None:
             window.p95_ms = max(window.p95_ms or 0.0, float(p95))
         window.drifted = window.drifted or drifted
+        if rank > (DRIFT_SEVERITIES.index(window.drift_severity) if window.drift_severity else -1):
+            window.drift_severity = severity
         self._bump()
 
     def _on_desired(self, message: Message) -> None:
@@ -199,6 +204,7 @@ class FleetLink:
                     errors=window.errors,
                     p95_ms=window.p95_ms,
                     drifted=window.drifted,
+                    drift_severity=window.drift_severity,
                 )
             )
         return result

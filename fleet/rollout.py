@@ -3,7 +3,9 @@
 A rollout moves one fleet to one bundle: first to a few canary devices, which then soak (serve
 real traffic for a while), then to the whole fleet. It aborts on a canary's failed install or
 health check, on a canary's error rate or p95-latency regression beyond the policy's bounds,
-on drift, or on a canary that does not install in time; an abort rolls the canaries back.
+on drift that affects the model (severity ``model affected``; ``inputs changed`` does not
+abort; an agent without severities aborts on any drift), or on a canary that does not install
+in time; an abort rolls the canaries back.
 
 The controller never talks to a broker. :func:`start` and :func:`advance` take what is known
 about the devices (:class:`DeviceReport`) and the time, and return the new :class:`Rollout`
@@ -70,6 +72,9 @@ class DeviceReport:
     errors: int = 0
     p95_ms: float | None = None
     drifted: bool = False
+    #: The worst drift severity reported (ok / inputs changed / model affected); None when the
+    #: device's agent does not judge severity (then ``drifted`` decides).
+    drift_severity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,10 @@ def _canary_problem(rollout: Rollout, report: DeviceReport, policy: RolloutPolic
         )
     if report.bundle_id != rollout.bundle_id:
         return None
-    if policy.abort_on_drift and report.drifted:
+    if policy.abort_on_drift and report.drift_severity == "model affected":
+        return f"canary {report.device}: drift has affected the model on {rollout.label}"
+    if policy.abort_on_drift and report.drift_severity is None and report.drifted:
+        # An agent that does not judge severity: any drift counts.
         return f"canary {report.device} reports input drift on {rollout.label}"
     if report.count >= policy.min_samples:
         rate = report.errors / report.count

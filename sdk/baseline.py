@@ -5,7 +5,9 @@ all of that channel's pixel values; for vector inputs one feature per element. E
 keeps quantile cut points, the baseline's counts in the bins they define, its mean and std.
 Bin ``i`` holds values in ``[cuts[i-1], cuts[i])``; bin 0 is everything below ``cuts[0]`` and
 the last bin everything from ``cuts[-1]`` up, so shifts outside the baseline's range land in
-the outer bins. The reference output distribution (predicted class, confidence) is kept too.
+the outer bins. The reference output distribution is kept too: for a classifier (a first
+output of several class scores) the predicted-class and confidence histograms; for a
+regressor (a first output of one value) the histogram of that value, as ``output_values``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Baseline:
     samples: int
     features: tuple[FeatureBaseline, ...]
     outputs: OutputBaseline | None = None
+    #: A regressor's output value (one feature named ``output.value``); None for classifiers.
+    output_values: FeatureBaseline | None = None
 
     def to_json(self) -> bytes:
         doc: dict[str, Any] = {
@@ -67,10 +71,7 @@ class Baseline:
             "schema_version": BASELINE_SCHEMA_VERSION,
             "kind": self.kind,
             "samples": self.samples,
-            "features": [
-                {"name": f.name, "cuts": list(f.cuts), "counts": list(f.counts), "mean": f.mean, "std": f.std}
-                for f in self.features
-            ],
+            "features": [_feature_doc(f) for f in self.features],
             "outputs": None
             if self.outputs is None
             else {
@@ -79,6 +80,8 @@ class Baseline:
                 "confidence_counts": list(self.outputs.confidence_counts),
             },
         }
+        if self.output_values is not None:  # absent otherwise: older agents read this file unchanged
+            doc["output_values"] = _feature_doc(self.output_values)
         return (json.dumps(doc, sort_keys=True, allow_nan=False) + "\n").encode()
 
     @classmethod
@@ -89,15 +92,8 @@ class Baseline:
                 raise BundleError("baseline.json has an unsupported schema; upgrade edgekit")
             if doc["kind"] not in ("image", "vector"):
                 raise BundleError(f"baseline.json has an unknown kind {doc['kind']!r}")
-            features = []
-            for f in doc["features"]:
-                cuts = tuple(float(c) for c in f["cuts"])
-                counts = tuple(int(c) for c in f["counts"])
-                if len(counts) != len(cuts) + 1 or list(cuts) != sorted(cuts):
-                    raise BundleError(f"baseline.json feature {f['name']!r} has inconsistent bins")
-                features.append(
-                    FeatureBaseline(str(f["name"]), cuts, counts, float(f["mean"]), float(f["std"]))
-                )
+            features = [_feature(f) for f in doc["features"]]
+            values = doc.get("output_values")
             out = doc.get("outputs")
             outputs = None
             if out is not None:
@@ -107,12 +103,39 @@ class Baseline:
                     confidence_counts=tuple(int(c) for c in out["confidence_counts"]),
                 )
             return cls(
-                kind=doc["kind"], samples=int(doc["samples"]), features=tuple(features), outputs=outputs
+                kind=doc["kind"],
+                samples=int(doc["samples"]),
+                features=tuple(features),
+                outputs=outputs,
+                output_values=None if values is None else _feature(values),
             )
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
             raise BundleError(f"baseline.json is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _feature_doc(f: FeatureBaseline) -> dict[str, Any]:
+    return {"name": f.name, "cuts": list(f.cuts), "counts": list(f.counts), "mean": f.mean, "std": f.std}
+
+
+def _feature(doc: dict[str, Any]) -> FeatureBaseline:
+    cuts = tuple(float(c) for c in doc["cuts"])
+    counts = tuple(int(c) for c in doc["counts"])
+    if len(counts) != len(cuts) + 1 or list(cuts) != sorted(cuts):
+        raise BundleError(f"baseline.json feature {doc['name']!r} has inconsistent bins")
+    return FeatureBaseline(str(doc["name"]), cuts, counts, float(doc["mean"]), float(doc["std"]))
+
+
+def _column_baseline(name: str, column: np.ndarray, bins: int) -> FeatureBaseline:
+    cuts = _cuts(column, bins)
+    return FeatureBaseline(
+        name=name,
+        cuts=tuple(float(c) for c in cuts),
+        counts=tuple(int(c) for c in bin_counts(column, cuts)),
+        mean=float(column.mean()),
+        std=float(column.std()),
+    )
 
 
 def input_kind(sample_shape: tuple[int, ...]) -> str:
@@ -178,7 +201,7 @@ def output_counts(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def compute_baseline(x: np.ndarray, outputs: np.ndarray | None = None, bins: int = DEFAULT_BINS) -> Baseline:
     """Reference statistics of real-valued model inputs ``x`` (N samples) and, optionally,
-    of the model's outputs on them (N rows of class scores)."""
+    of the model's first output on them (N rows of class scores, or N single values)."""
     if x.shape[0] < 2:
         raise DataError("a drift baseline needs at least 2 samples")
     kind = input_kind(tuple(x.shape[1:]))
@@ -189,28 +212,26 @@ def compute_baseline(x: np.ndarray, outputs: np.ndarray | None = None, bins: int
         )
     if not np.all(np.isfinite(values)):
         raise DataError("the baseline data holds NaN or infinite values")
-    features = []
-    for i in range(values.shape[1]):
-        column = values[:, i]
-        cuts = _cuts(column, bins)
-        features.append(
-            FeatureBaseline(
-                name=f"channel{i}" if kind == "image" else f"feature{i}",
-                cuts=tuple(float(c) for c in cuts),
-                counts=tuple(int(c) for c in bin_counts(column, cuts)),
-                mean=float(column.mean()),
-                std=float(column.std()),
-            )
-        )
-    out = None
-    if outputs is not None and outputs.ndim >= 2 and int(np.prod(outputs.shape[1:])) > 1:
+    features = [
+        _column_baseline(f"channel{i}" if kind == "image" else f"feature{i}", values[:, i], bins)
+        for i in range(values.shape[1])
+    ]
+    out = regression = None
+    size = int(np.prod(outputs.shape[1:])) if outputs is not None and outputs.ndim >= 1 else 0
+    if outputs is not None and size > 1:
         predicted, confidence = output_counts(to_probabilities(outputs))
         out = OutputBaseline(
             classes=int(predicted.size),
             class_counts=tuple(int(c) for c in predicted),
             confidence_counts=tuple(int(c) for c in confidence),
         )
-    return Baseline(kind=kind, samples=int(x.shape[0]), features=tuple(features), outputs=out)
+    elif outputs is not None and size == 1:
+        column = np.asarray(outputs, dtype=np.float64).reshape(-1)
+        if np.all(np.isfinite(column)):
+            regression = _column_baseline("output.value", column, bins)
+    return Baseline(
+        kind=kind, samples=int(x.shape[0]), features=tuple(features), outputs=out, output_values=regression
+    )
 
 
 def psi(expected: np.ndarray, actual: np.ndarray, eps: float = 1e-4) -> float:

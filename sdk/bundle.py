@@ -2,7 +2,7 @@
 
 A bundle is an uncompressed POSIX tar holding ``manifest.json``, ``manifest.sig`` (the raw
 64-byte Ed25519 signature over the manifest's exact bytes), the model and optional members
-(``labels.txt``, ``baseline.json``, ``healthcheck.npz``, ``model_card.md``).
+(``labels.txt``, ``baseline.json``, ``calibration.json``, ``healthcheck.npz``, ``model_card.md``).
 
 Reading is defensive. Sizes are checked before anything is read; the tar parser here accepts
 regular files with plain names only (no directories, links, devices, paths, long-name or pax
@@ -27,6 +27,7 @@ import numpy as np
 
 from .atomic import atomic_write, fsync_dir
 from .baseline import Baseline, compute_baseline
+from .calibration import Calibration, fit_calibration
 from .data import fit_to_input, load_data
 from .errors import BundleError, DataError, ModelFormatError, SignatureError, UntrustedKeyError
 from .healthcheck import HEALTHCHECK_FILE, make_healthcheck
@@ -61,6 +62,7 @@ SIGNATURE_FILE = "manifest.sig"
 MODEL_FILE = "model.tflite"
 LABELS_FILE = "labels.txt"
 BASELINE_FILE = "baseline.json"
+CALIBRATION_FILE = "calibration.json"
 MODEL_CARD_FILE = "model_card.md"
 
 #: Largest bundle read by default (the agent's config can lower it).
@@ -68,6 +70,7 @@ MAX_BUNDLE_SIZE = 1024 * 1024 * 1024
 MAX_MANIFEST_SIZE = 1024 * 1024
 MAX_MEMBERS = 16
 BASELINE_MODEL_SAMPLES = 1000
+CALIBRATION_MAX_SAMPLES = 20000
 _BLOCK = 512
 _MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _TYPE_NAMES = {
@@ -122,6 +125,10 @@ class Bundle:
     def baseline(self) -> Baseline | None:
         data = self.member("baseline")
         return None if data is None else Baseline.from_json(data)
+
+    def calibration(self) -> Calibration | None:
+        data = self.member("calibration")
+        return None if data is None else Calibration.from_json(data)
 
     def extract(self, directory: Path) -> None:
         """Write the manifest, signature and members into ``directory``, durably (fsync)."""
@@ -364,15 +371,38 @@ def _read_input_file(path: Path, what: str) -> bytes:
 
 
 def _model_outputs(
-    model: Model, inputs: np.ndarray, manifest_inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]
+    model: Model,
+    inputs: np.ndarray,
+    manifest_inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    limit: int = BASELINE_MODEL_SAMPLES,
 ) -> np.ndarray:
-    """The model's first output (real values) for each sample of its first input."""
+    """The model's first output (real values) for each sample of its first input (at most
+    ``limit`` samples)."""
     spec = manifest_inputs[0]
     rows = []
-    for sample in inputs[:BASELINE_MODEL_SAMPLES]:
+    for sample in inputs[:limit]:
         raw = model.run([quantize(sample.reshape(spec.shape), spec)])
         rows.append(dequantize(raw[0], outputs[0]).reshape(-1))
     return np.stack(rows)
+
+
+def _calibrate(
+    model: Model, path: Path, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]
+) -> Calibration:
+    """Temperature scaling fitted on the model's outputs for labeled held-out DATA."""
+    dataset = load_data(path, image_shape=tuple(inputs[0].shape[1:]))
+    if dataset.y is None:
+        raise DataError(
+            f"{dataset.source} has no labels; --calibration-eval needs labeled held-out data "
+            "(a .npz with x= and y=, or a folder of class sub-folders)"
+        )
+    x = fit_to_input(dataset.x, inputs[0], dataset.source).astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{dataset.source} holds NaN or infinite values")
+    scores = _model_outputs(model, x, inputs, outputs, limit=CALIBRATION_MAX_SAMPLES)
+    labels = dataset.y[:CALIBRATION_MAX_SAMPLES]
+    return fit_calibration(scores, labels, dataset.source)
 
 
 def create_bundle(
@@ -384,6 +414,7 @@ def create_bundle(
     output: Path,
     labels: Path | None = None,
     baseline: Path | None = None,
+    calibration_eval: Path | None = None,
     model_card: Path | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     runtime: str = "auto",
@@ -391,7 +422,8 @@ def create_bundle(
     """Build, sign and atomically write a bundle; returns its manifest.
 
     Runs the model once per health-check sample (and on the baseline data, to record the
-    reference output distribution), so a TFLite runtime must be installed.
+    reference output distribution, and on the labeled ``calibration_eval`` data, to calibrate
+    its confidence), so a TFLite runtime must be installed.
     """
     check_name(name)
     check_version(version)
@@ -434,6 +466,14 @@ def create_bundle(
         stats = compute_baseline(x, outputs)
         files.append((BASELINE_FILE, "baseline", stats.to_json()))
         real_samples = x
+    if calibration_eval is not None:
+        if baseline is None:
+            raise DataError(
+                "--calibration-eval needs --baseline DATA as well: a device estimates accuracy in its "
+                "drift windows, which need a baseline (the same held-out data can serve as both)"
+            )
+        calibration = _calibrate(model, calibration_eval, info.inputs, info.outputs)
+        files.append((CALIBRATION_FILE, "calibration", calibration.to_json()))
 
     healthcheck, hc_spec = make_healthcheck(model, info.inputs, info.outputs, real_samples)
     files.append((HEALTHCHECK_FILE, "healthcheck", healthcheck))

@@ -45,7 +45,7 @@ _SEMVER = re.compile(
     r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
     r"(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
 )
-ROLES = ("model", "labels", "baseline", "healthcheck", "model_card")
+ROLES = ("model", "labels", "baseline", "calibration", "healthcheck", "model_card")
 
 
 def parse_version(text: str) -> tuple[int, int, int, tuple[tuple[int, int | str], ...]]:
@@ -128,7 +128,7 @@ class Manifest:
     tflite_schema_version: int = 3
 
     def file(self, role: str) -> FileEntry | None:
-        """The member with ``role`` (model, labels, baseline, healthcheck, model_card), if any."""
+        """The member with ``role`` (model, labels, baseline, calibration, healthcheck, model_card), if any."""
         for entry in self.files:
             if entry.role == role:
                 return entry

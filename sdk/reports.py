@@ -36,6 +36,7 @@ import orjson
 from .errors import MessageError
 
 __all__ = [
+    "DRIFT_SEVERITIES",
     "EVENT_SCHEMA",
     "MAX_REPORT_SIZE",
     "STATE_SCHEMA",
@@ -52,6 +53,8 @@ STATE_SCHEMA_VERSION = 1
 TELEMETRY_SCHEMA = "edgekit.telemetry"
 EVENT_SCHEMA = "edgekit.event"
 SCHEMA_VERSION = 1  # of telemetry records and events
+#: A telemetry window's drift severity, in the words an owner sees (see docs/agent.md, "Drift").
+DRIFT_SEVERITIES = ("ok", "inputs changed", "model affected")
 STATUSES = ("serving", "idle", "downloading", "verifying", "installing", "failed", "offline")
 #: Device messages larger than this are refused before parsing.
 MAX_REPORT_SIZE = 256 * 1024
@@ -244,7 +247,12 @@ class TelemetryRecord:
     errors: int
     latency_ms: Dict[str, Optional[float]]  # p50, p95, p99
     throughput: float  # predictions per second over the window
-    drift: Dict[str, Any]  # {"drifted": bool, "complete": bool, "samples": n, "scores": {feature: {psi, ks}}}
+    # {"drifted": bool, "complete": bool, "samples": n, "scores": {feature: {psi, ks}},
+    #  "severity": one of DRIFT_SEVERITIES or null, "windows": drift windows completed (the
+    #  verdict is new when it grows), "summary": str, "signals": {name: bool},
+    #  "calibrated": bool, "accuracy": {estimate, low, high, reference, method} or null}
+    # (severity and after: since edgekit 0.2; records of older agents lack them)
+    drift: Dict[str, Any]
     bundle: Optional[Dict[str, str]]  # name, version, bundle_id of the serving bundle
     cpu_percent: Optional[float]  # this process, over the window (100 = one core)
     memory_rss_bytes: Optional[int]
@@ -266,6 +274,13 @@ class TelemetryRecord:
             if _number(psi) and math.isfinite(psi) and (worst is None or psi > worst):
                 worst = float(psi)
         return worst
+
+    @property
+    def drift_severity(self) -> Optional[str]:
+        """The window's drift severity (one of :data:`DRIFT_SEVERITIES`), or None when the
+        window was not judged (first window still filling, no baseline, an older agent)."""
+        severity: Optional[str] = self.drift.get("severity")
+        return severity
 
     @classmethod
     def from_json(cls, payload: bytes) -> TelemetryRecord:
@@ -297,6 +312,7 @@ class TelemetryRecord:
             raise _bad(what, "drift", "an object with a boolean 'drifted' and an object 'scores'")
         if not finite and not _finite(drift):
             raise _bad(what, "drift", "finite numbers (no NaN or infinity)")
+        _check_drift_verdict(drift, what)
         throughput: Any = doc.get("throughput", 0.0)
         if not _number(throughput) or not math.isfinite(throughput) or throughput < 0:
             raise _bad(what, "throughput", "a non-negative number")
@@ -320,6 +336,28 @@ class TelemetryRecord:
             dropped=_int(doc, "dropped", what, 0),
             dropped_total=_int(doc, "dropped_total", what, 0, top=_MAX_SEQ),
         )
+
+
+def _check_drift_verdict(drift: dict[str, Any], what: str) -> None:
+    """The severity fields of a record's ``drift``, when present (older agents send none)."""
+    severity = drift.get("severity")
+    if severity is not None and severity not in DRIFT_SEVERITIES:
+        raise _bad(what, "drift.severity", f"one of {', '.join(DRIFT_SEVERITIES)}, or null")
+    summary = drift.get("summary")
+    if summary is not None and (type(summary) is not str or len(summary) > MAX_TEXT):
+        raise _bad(what, "drift.summary", f"a string of at most {MAX_TEXT} characters")
+    signals = drift.get("signals", {})
+    if type(signals) is not dict or any(type(v) is not bool for v in signals.values()):
+        raise _bad(what, "drift.signals", "an object of booleans")
+    if type(drift.get("calibrated", False)) is not bool:
+        raise _bad(what, "drift.calibrated", "a boolean")
+    accuracy = drift.get("accuracy")
+    if accuracy is None:
+        return
+    if type(accuracy) is not dict or not all(
+        _number(accuracy.get(k)) and 0 <= accuracy[k] <= 1 for k in ("estimate", "low", "high", "reference")
+    ):
+        raise _bad(what, "drift.accuracy", "an object of estimate, low, high, reference from 0 to 1, or null")
 
 
 # -- events ---------------------------------------------------------------------------------------

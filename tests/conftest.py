@@ -4,6 +4,7 @@
   the end of the test; tests may rewrite its config (ACLs) and restart it.
 - ``digits_models``: tiny Keras CNNs trained on scikit-learn's digits and converted to fp32
   and int8 .tflite, once per session (TensorFlow import and training cost seconds).
+- ``diabetes_regressor``: a tiny Keras regressor on scikit-learn's diabetes data, as .tflite.
 - ``third_party_tflite``: a real .tflite model shipped inside a PyPI package (MediaPipe's
   face detector), fetched by `make test` as a wheel; never downloaded at test time.
 """
@@ -133,6 +134,42 @@ def digits_models(tmp_path_factory: pytest.TempPathFactory) -> DigitsModels:
     data = out / "digits_test.npz"
     np.savez(data, x=x_test, y=y_test)
     return DigitsModels(keras_path, fp32, int8, x_test, y_test, data)
+
+
+@dataclass(frozen=True)
+class Regressor:
+    fp32: Path
+    x: np.ndarray  # (N, 10) float32, standardised
+    y: np.ndarray  # (N,) the disease-progression target, standardised
+    data_npz: Path  # x only, for a baseline
+
+
+@pytest.fixture(scope="session")
+def diabetes_regressor(tmp_path_factory: pytest.TempPathFactory) -> Regressor:
+    """A tiny Keras regressor (one output value) on scikit-learn's diabetes data, as fp32 .tflite."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    x = ((data.data - data.data.mean(axis=0)) / data.data.std(axis=0)).astype(np.float32)
+    y = ((data.target - data.target.mean()) / data.target.std()).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(10,), batch_size=1),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x[:300], y[:300], epochs=10, batch_size=16, verbose=0)
+    out = tmp_path_factory.mktemp("diabetes")
+    fp32 = out / "diabetes_fp32.tflite"
+    fp32.write_bytes(convert_to_tflite(model))
+    data_npz = out / "diabetes.npz"
+    np.savez(data_npz, x=x[:300])
+    return Regressor(fp32, x, y, data_npz)
 
 
 @pytest.fixture(scope="session")

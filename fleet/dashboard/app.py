@@ -77,11 +77,22 @@ def create_app(
         for d in registry.devices():
             f = summary.setdefault(
                 d.fleet,
-                {"fleet": d.fleet, "devices": 0, "online": 0, "offline": 0, "drifted": 0, "versions": {}},
+                {
+                    "fleet": d.fleet,
+                    "devices": 0,
+                    "online": 0,
+                    "offline": 0,
+                    "drifted": 0,
+                    "model_affected": 0,
+                    "inputs_changed": 0,
+                    "versions": {},
+                },
             )
             f["devices"] += 1
             f["online" if d.online else "offline"] += 1
             f["drifted"] += int(d.drifted)
+            f["model_affected"] += d.drift_severity == "model affected"
+            f["inputs_changed"] += d.drift_severity == "inputs changed"
             if d.bundle_version:
                 f["versions"][d.bundle_version] = f["versions"].get(d.bundle_version, 0) + 1
         return JSONResponse(sorted(summary.values(), key=lambda f: f["fleet"]))

@@ -29,7 +29,12 @@ class _RegistryCollector(Collector):
         )
         counts: dict[tuple[str, str], int] = {}
         for d in devices:
-            for state in ("online" if d.online else "offline", *(("drifted",) if d.drifted else ())):
+            severity = () if d.drift_severity in (None, "ok") else (d.drift_severity.replace(" ", "_"),)
+            for state in (
+                "online" if d.online else "offline",
+                *(("drifted",) if d.drifted else ()),
+                *severity,
+            ):
                 counts[(d.fleet, state)] = counts.get((d.fleet, state), 0) + 1
         for (fleet, state), n in sorted(counts.items()):
             states.add_metric([fleet, state], n)
@@ -44,15 +49,31 @@ class _RegistryCollector(Collector):
             "Last reported drift score per device (capped).",
             labels=["fleet", "device"],
         )
-        # Drifted and slowest devices first, so the cap keeps the series worth watching.
-        ranked = sorted(devices, key=lambda d: (not d.drifted, -(d.latency_p95_ms or 0.0), d.id))
+        accuracy = GaugeMetricFamily(
+            "edgekit_device_estimated_accuracy",
+            "Last accuracy a device estimated without labels, 0..1 (calibrated bundles; capped).",
+            labels=["fleet", "device"],
+        )
+        # Affected, drifted and slowest devices first, so the cap keeps the series worth watching.
+        ranked = sorted(
+            devices,
+            key=lambda d: (
+                d.drift_severity != "model affected",
+                not d.drifted,
+                -(d.latency_p95_ms or 0.0),
+                d.id,
+            ),
+        )
         for d in ranked[: self.cap]:
             if d.latency_p95_ms is not None:
                 latency.add_metric([d.fleet, d.id], d.latency_p95_ms)
             if d.drift_score is not None:
                 drift.add_metric([d.fleet, d.id], d.drift_score)
+            if d.accuracy_estimate is not None:
+                accuracy.add_metric([d.fleet, d.id], d.accuracy_estimate)
         yield latency
         yield drift
+        yield accuracy
         dropped = GaugeMetricFamily(
             "edgekit_device_series_capped", "Devices left out of per-device gauges by the cardinality cap."
         )

@@ -50,6 +50,12 @@ class Device(Base):
     drift_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     drifted: Mapped[bool] = mapped_column(Boolean, default=False)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The newest judged window's drift severity (ok / inputs changed / model affected; None
+    # before any) and the accuracy the device estimated without labels (None if uncalibrated).
+    drift_severity: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    accuracy_estimate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accuracy_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accuracy_high: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class CatalogEntry(Base):
@@ -188,6 +194,10 @@ class Telemetry(Base):
     cpu_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
     memory_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
     temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drift_severity: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    accuracy_estimate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accuracy_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accuracy_high: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Rows older than the retention horizon are folded into coarser rows: resolution_s says
     # how many seconds one row covers (0 for an original window).
     resolution_s: Mapped[int] = mapped_column(Integer, default=0)

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from alembic import command
 from alembic.config import Config
 from edgekit.errors import ConfigError
+from edgekit.reports import DRIFT_SEVERITIES
 from sqlalchemy import (
     Boolean,
     DateTime,
@@ -82,6 +83,10 @@ class TelemetryRow(NamedTuple):
     cpu_percent: float | None = None
     memory_mb: float | None = None
     temperature_c: float | None = None
+    drift_severity: str | None = None  # ok / inputs changed / model affected; None: not judged
+    accuracy_estimate: float | None = None
+    accuracy_low: float | None = None
+    accuracy_high: float | None = None
 
 
 class EventRow(NamedTuple):
@@ -369,6 +374,10 @@ class Registry:
                 ),
                 drift_score=bindparam("_drift"),
                 drifted=bindparam("_drifted"),
+                drift_severity=bindparam("_severity"),
+                accuracy_estimate=bindparam("_accuracy"),
+                accuracy_low=bindparam("_accuracy_low"),
+                accuracy_high=bindparam("_accuracy_high"),
                 last_seen=case(
                     (or_(Device.last_seen.is_(None), Device.last_seen < seen), seen), else_=Device.last_seen
                 ),
@@ -381,6 +390,10 @@ class Registry:
                 "_p95": row.latency_p95_ms,
                 "_drift": row.drift_score,
                 "_drifted": row.drifted,
+                "_severity": row.drift_severity,
+                "_accuracy": row.accuracy_estimate,
+                "_accuracy_low": row.accuracy_low,
+                "_accuracy_high": row.accuracy_high,
                 "_seen": _utc(row.window_end),
             }
             for device, row in newest.items()
@@ -421,8 +434,8 @@ class Registry:
     def apply_retention(self, now: datetime, keep_raw: timedelta, bucket: timedelta) -> int:
         """Fold raw telemetry older than ``keep_raw`` into one row per device and ``bucket``.
 
-        A folded row keeps the sum of counts and errors and the worst p95/p99 and drift of the
-        windows it replaces; its seq is the last of them, so later duplicates still dedupe.
+        A folded row keeps the sum of counts and errors and the worst p95/p99, drift, drift
+        severity and estimated accuracy of the windows it replaces; its seq is the last of them, so later duplicates still dedupe.
         Returns how many raw rows were folded.
         """
         horizon = _utc(now) - keep_raw
@@ -458,6 +471,10 @@ class Registry:
                     cpu_percent=_max(r.cpu_percent for r in rows),
                     memory_mb=_max(r.memory_mb for r in rows),
                     temperature_c=_max(r.temperature_c for r in rows),
+                    drift_severity=_worst_severity(r.drift_severity for r in rows),
+                    accuracy_estimate=_min(r.accuracy_estimate for r in rows),
+                    accuracy_low=_min(r.accuracy_low for r in rows),
+                    accuracy_high=_min(r.accuracy_high for r in rows),
                     resolution_s=seconds,
                 )
                 for row in rows:
@@ -507,6 +524,16 @@ class Registry:
 def _max(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return max(present) if present else None
+
+
+def _min(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _worst_severity(values: Iterable[str | None]) -> str | None:
+    present = [v for v in values if v in DRIFT_SEVERITIES]
+    return max(present, key=DRIFT_SEVERITIES.index) if present else None
 
 
 def _sqlite_datetime(value: datetime) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 from .models import AuditEntry, Device, Event, Telemetry
 
-__all__ = ["audit_json", "device_json", "event_json", "telemetry_json"]
+__all__ = ["audit_json", "device_json", "drift_text", "event_json", "telemetry_json"]
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -15,6 +15,28 @@ def _iso(value: datetime | None) -> str | None:
         return None
     value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _accuracy(estimate: float | None, low: float | None, high: float | None) -> dict[str, Any] | None:
+    return None if estimate is None else {"estimate": estimate, "low": low, "high": high}
+
+
+def drift_text(d: Device) -> str:
+    """A device's drift in an owner's words, the same in ``fleet status`` and the dashboard:
+    ``ok``, ``inputs changed``, ``model affected: estimated accuracy 66% (59-74%)``; a device
+    whose agent predates severities shows ``drifted 0.29`` (its score) / ``ok``; nothing
+    judged yet, ``-``."""
+    severity = d.drift_severity
+    if severity is None:
+        if d.drifted:
+            return "drifted" if d.drift_score is None else f"drifted {d.drift_score:.2f}"
+        return "ok" if d.drift_score is not None else "-"
+    if d.accuracy_estimate is None:
+        return severity
+    text = f"{severity}: estimated accuracy {d.accuracy_estimate:.0%}"
+    if d.accuracy_low is not None and d.accuracy_high is not None:
+        text += f" ({d.accuracy_low * 100:.0f}-{d.accuracy_high:.0%})"
+    return text if severity == "model affected" else f"{severity} ({d.accuracy_estimate:.0%} est.)"
 
 
 def device_json(d: Device) -> dict[str, Any]:
@@ -31,6 +53,9 @@ def device_json(d: Device) -> dict[str, Any]:
         "latency_p95_ms": d.latency_p95_ms,
         "drift_score": d.drift_score,
         "drifted": d.drifted,
+        "drift_severity": d.drift_severity,
+        "accuracy": _accuracy(d.accuracy_estimate, d.accuracy_low, d.accuracy_high),
+        "drift_text": drift_text(d),
         "detail": d.detail,
     }
 
@@ -58,6 +83,8 @@ def telemetry_json(t: Telemetry) -> dict[str, Any]:
         "latency_p99_ms": t.latency_p99_ms,
         "drift_score": t.drift_score,
         "drifted": t.drifted,
+        "drift_severity": t.drift_severity,
+        "accuracy": _accuracy(t.accuracy_estimate, t.accuracy_low, t.accuracy_high),
         "bundle_version": t.bundle_version,
         "resolution_s": t.resolution_s,
     }

@@ -47,6 +47,13 @@ def create(
         "--baseline",
         help="DATA (.npy, .npz or image folder) to compute drift reference statistics from.",
     ),
+    calibration_eval: Optional[Path] = typer.Option(
+        None,
+        "--calibration-eval",
+        help="Labeled held-out DATA (.npz with x= and y=, or a folder of class sub-folders) to calibrate "
+        "the model's confidence on, so devices can estimate their accuracy without labels (classifiers only; "
+        "needs --baseline).",
+    ),
     model_card: Optional[Path] = typer.Option(None, "--model-card", help="A Markdown model card to include."),
     key: str = typer.Option(
         "default", "--key-name", help="Which signing key under $EDGEKIT_HOME/keys signs."
@@ -71,6 +78,7 @@ def create(
         output=output,
         labels=labels,
         baseline=baseline,
+        calibration_eval=calibration_eval,
         model_card=model_card,
         chunk_size=chunk_size,
         runtime=runtime,

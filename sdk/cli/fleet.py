@@ -44,8 +44,9 @@ def status(
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the devices as JSON."),
 ) -> None:
-    """Every device: fleet, version, online/offline, last seen, p95 latency, drift flag."""
-    from edgekit.fleet.registry.views import device_json
+    """Every device: fleet, version, online/offline, last seen, p95 latency, and drift: ok,
+    inputs changed (shown, not alarming) or model affected (with the estimated accuracy)."""
+    from edgekit.fleet.registry.views import device_json, drift_text
 
     reg = _registry(registry)
     devices = reg.devices(fleet)
@@ -59,7 +60,11 @@ def status(
     table = Table("device", "fleet", "version", "state", "last seen", "p95", "drift")
     for d in devices:
         state = f"[green]{d.status}[/]" if d.online else "[bold red]offline[/]"
-        drift = "[bold yellow]drifted[/]" if d.drifted else ("ok" if d.drift_score is not None else "-")
+        drift = drift_text(d)
+        if d.drift_severity == "model affected" or (d.drift_severity is None and d.drifted):
+            drift = f"[bold red]{drift}[/]"
+        elif d.drift_severity == "inputs changed":
+            drift = f"[yellow]{drift}[/]"
         p95 = f"{d.latency_p95_ms:.1f} ms" if d.latency_p95_ms is not None else "-"
         table.add_row(d.id, d.fleet, d.bundle_version or "-", state, _ago(d.last_seen), p95, drift)
     console.print(table)

@@ -49,6 +49,9 @@ def test_install_status_rollback_round_trip_with_json(config_path, bundles):
     assert back.returncode == 0 and json.loads(back.stdout)["version"] == "1.0.0"
     text = agent_cli("status", "--config", str(config_path))
     assert "digits@1.0.0" in text.stdout
+    # The bundle has a baseline but no calibration: drift works, without an accuracy estimate.
+    assert status["drift_checks"] == "inputs and outputs"
+    assert "no accuracy estimate" in text.stdout and "--calibration-eval" in text.stdout
 
 
 @pytest.mark.parametrize(

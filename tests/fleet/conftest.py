@@ -78,6 +78,27 @@ def populate(registry: Registry) -> None:
                 bundle_version="1.1.0",
             )
         )
+    # door-1 runs an agent that judges severity: its model is affected, by its own estimate.
+    rows.append(
+        TelemetryRow(
+            "door-1",
+            0,
+            NOW - timedelta(minutes=2),
+            NOW - timedelta(minutes=1),
+            40,
+            0,
+            1.0,
+            2.0,
+            3.0,
+            drift_score=0.8,
+            drifted=True,
+            bundle_version="1.1.0",
+            drift_severity="model affected",
+            accuracy_estimate=0.61,
+            accuracy_low=0.52,
+            accuracy_high=0.7,
+        )
+    )
     registry.add_telemetry(rows)
     registry.add_events([EventRow("cam-1", 1, NOW, "install", "installed digits@1.1.0")])
 

@@ -38,6 +38,9 @@ def test_status_and_events_from_the_registry(registry, registry_url):
     assert next(d for d in shop if d["device"] == "cam-1")["drifted"] is True
     table = edgekit("fleet", "status", "--registry", registry_url)
     assert table.returncode == 0 and "offline" in table.stdout and "drifted" in table.stdout
+    assert "model affected: estimated accuracy 61% (52-70%)" in table.stdout
+    door = next(d for d in status if d["device"] == "door-1")
+    assert door["drift_severity"] == "model affected" and door["accuracy"]["estimate"] == 0.61
     events = json.loads(
         edgekit("fleet", "events", "--device", "cam-1", "--registry", registry_url, "--json").stdout
     )

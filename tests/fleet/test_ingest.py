@@ -22,8 +22,11 @@ def test_state_telemetry_and_events_land_in_the_registry(registry_url, start_ing
     publisher.send(T.device_state("cam-1"), state_doc("cam-1"), retain=True)
     publisher.send_many([(tele("cam-1"), telemetry_doc("cam-1", seq)) for seq in (1, 2, 3)])
     publisher.send(T.device_events("cam-1"), event_doc("cam-1", 1))
-    # A device heard from by telemetry only is registered with the fleet its records name.
-    publisher.send(tele("cam-2"), telemetry_doc("cam-2", 7, fleet="yard"))
+    # A device heard from by telemetry only is registered with the fleet its records name. Its
+    # agent judges drift severity (cam-1's, like an older agent, sends none).
+    accuracy = {"estimate": 0.6, "low": 0.5, "high": 0.7, "reference": 0.85, "method": "confidence"}
+    drift = {"drifted": True, "scores": {}, "severity": "model affected", "accuracy": accuracy}
+    publisher.send(tele("cam-2"), telemetry_doc("cam-2", 7, fleet="yard", drift=drift))
     assert ingest.wait_for(lambda s: s.telemetry == 4 and s.events == 1 and s.states == 1)
 
     devices = {d.id: d for d in registry.devices()}
@@ -32,6 +35,9 @@ def test_state_telemetry_and_events_land_in_the_registry(registry_url, start_ing
     assert cam.last_seq == 3 and cam.latency_p95_ms == 5.0 and cam.drift_score == pytest.approx(0.1)
     assert cam.first_seen is not None and cam.last_seen is not None
     assert devices["cam-2"].fleet == "yard"
+    assert (devices["cam-2"].drift_severity, devices["cam-2"].accuracy_estimate) == ("model affected", 0.6)
+    assert (cam.drift_severity, cam.accuracy_estimate) == (None, None)
+    assert registry.telemetry("cam-2")[0].accuracy_low == 0.5
     rows = registry.telemetry("cam-1")
     assert [r.seq for r in rows] == [1, 2, 3] and rows[0].memory_mb == 50.0
     assert [e.message for e in registry.events(device="cam-1")] == ["installed digits@1.0.0 (1)"]
@@ -81,6 +87,11 @@ def bad_messages(kind: str, good: dict) -> list[tuple[str, bytes | dict]]:
             ("bad_field", {**good, "latency_ms": {"p95": "fast"}}),
             ("bad_field", {**good, "window_end": 1e300}),
             ("bad_field", {**good, "drift": {"drifted": "yes"}}),
+            ("bad_field", {**good, "drift": {**good["drift"], "severity": "panic"}}),
+            (
+                "bad_field",
+                {**good, "drift": {**good["drift"], "severity": "ok", "accuracy": {"estimate": 2}}},
+            ),
             ("bad_field", {**good, "bundle": {"version": "x" * 65}}),
             ("bad_field", {**good, "fleet": "no/slash"}),
         ]

@@ -77,7 +77,8 @@ def test_a_failed_canary_install_aborts_and_rolls_the_canaries_back():
     [
         ({"errors": 10}, "error rate 10.0% exceeds 5.0%"),
         ({"p95_ms": 16.0}, "p95 latency 16.0 ms is more than 50% above its 10.0 ms"),
-        ({"drifted": True}, "input drift"),
+        ({"drifted": True}, "input drift"),  # an agent that does not judge severity
+        ({"drifted": True, "drift_severity": "model affected"}, "drift has affected the model"),
         ({"bundle_id": OLD}, "stopped serving"),
     ],
 )
@@ -88,6 +89,14 @@ def test_soak_aborts_on_error_rate_latency_regression_or_drift(canary_1, fragmen
     rollout, actions = advance(rollout, serving_canaries(cam_1=canary_1), POLICY, now=30)
     assert rollout.phase == ABORTED and fragment in (rollout.reason or "")
     assert actions == [Action(OLD, "cam-1"), Action(OLD, "cam-2")]
+
+
+def test_a_canary_whose_inputs_changed_harmlessly_keeps_soaking():
+    rollout = begin()
+    rollout, _ = advance(rollout, serving_canaries(), POLICY, now=20)
+    changed = serving_canaries(cam_1={"drifted": True, "drift_severity": "inputs changed"})
+    rollout, actions = advance(rollout, changed, POLICY, now=30)
+    assert rollout.phase == SOAK and actions == []
 
 
 def test_too_few_samples_are_not_judged():

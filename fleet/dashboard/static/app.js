@@ -17,6 +17,14 @@ const edgekit = (() => {
     return td;
   }
 
+  // The drift severity's badge class: "model affected" alarms, "inputs changed" is shown
+  // quietly; a device whose agent predates severities falls back to its drifted flag.
+  function driftClass(d) {
+    if (d.drift_severity === "model affected") return "affected";
+    if (d.drift_severity === "inputs changed" || (d.drift_severity == null && d.drifted)) return "drifted";
+    return null;
+  }
+
   function badge(text, className) {
     const span = document.createElement("span");
     span.className = `badge ${className}`;
@@ -60,7 +68,8 @@ const edgekit = (() => {
       const versions = Object.entries(f.versions).map(([v, n]) => `${v} ×${n}`).join(", ") || "no version yet";
       card.innerHTML = "<strong></strong><div></div><div class='muted'></div>";
       card.children[0].textContent = f.fleet;
-      card.children[1].textContent = `${f.devices} devices · ${f.online} online · ${f.offline} offline · ${f.drifted} drifted`;
+      card.children[1].textContent = `${f.devices} devices · ${f.online} online · ${f.offline} offline · ` +
+        `${f.model_affected} model affected · ${f.inputs_changed} inputs changed`;
       card.children[2].textContent = versions;
       cards.appendChild(card);
     }
@@ -70,7 +79,8 @@ const edgekit = (() => {
       const row = document.createElement("tr");
       row.dataset.device = d.device;
       if (!d.online) row.classList.add("is-offline");
-      if (d.drifted) row.classList.add("is-drifted");
+      if (driftClass(d) === "affected") row.classList.add("is-affected");
+      else if (driftClass(d)) row.classList.add("is-drifted");
       const link = document.createElement("a");
       link.href = `/devices/${encodeURIComponent(d.device)}`;
       link.textContent = d.device;
@@ -80,8 +90,7 @@ const edgekit = (() => {
       cell(row, d.version);
       cell(row, ago(d.last_seen));
       cell(row, d.latency_p95_ms == null ? null : `${d.latency_p95_ms.toFixed(1)} ms`);
-      cell(row, d.drifted ? badge(`drifted ${d.drift_score?.toFixed(2) ?? ""}`, "drifted")
-                          : (d.drift_score == null ? null : d.drift_score.toFixed(2)));
+      cell(row, driftClass(d) ? badge(d.drift_text, driftClass(d)) : d.drift_text);
       body.appendChild(row);
     }
     fillEvents(events, true);
@@ -104,12 +113,14 @@ const edgekit = (() => {
     document.getElementById("title").textContent = `${d.device} (${d.fleet})`;
     const summary = document.getElementById("summary");
     summary.replaceChildren(badge(d.online ? d.status : "offline", d.online ? "online" : "offline"));
-    if (d.drifted) summary.appendChild(badge("drifted", "drifted"));
+    if (driftClass(d)) summary.appendChild(badge(d.drift_text, driftClass(d)));
     summary.appendChild(document.createTextNode(` version ${d.version ?? "–"} · last seen ${ago(d.last_seen)}`));
     const t = rows.map((r) => Date.parse(r.window_end) / 1000);
     chart(document.getElementById("latency-chart"), "latency", ["p50", "p95", "p99"],
       [t, rows.map((r) => r.latency_p50_ms), rows.map((r) => r.latency_p95_ms), rows.map((r) => r.latency_p99_ms)]);
     chart(document.getElementById("drift-chart"), "drift", ["drift score"], [t, rows.map((r) => r.drift_score)]);
+    chart(document.getElementById("accuracy-chart"), "estimated accuracy", ["estimate", "low", "high"],
+      [t, ...["estimate", "low", "high"].map((k) => rows.map((r) => (r.accuracy ? r.accuracy[k] : null)))]);
     fillEvents(d.events, false);
     stamp();
   }
