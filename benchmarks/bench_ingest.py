@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -148,9 +149,10 @@ def baseline(broker: str, messages: int, devices: int) -> float:
     return messages / (count[1] - start)
 
 
-def baseline_edgekit(broker: str, messages: int, devices: int) -> float:
+def baseline_edgekit(broker: str, messages: int, devices: int, fast_read: bool = True) -> float:
     """edgekit's own MqttClient subscribed the way ingest is (MQTT 5, manual acks sent in
-    batches of 2,000), counting only: the ceiling of ingest's MQTT side."""
+    batches of 2,000), counting only: the ceiling of ingest's MQTT side (``fast_read``: with
+    edgekit's read side, as ingest has it, or paho's)."""
     import threading
 
     from edgekit.mqtt import Message, MqttClient
@@ -169,7 +171,7 @@ def baseline_edgekit(broker: str, messages: int, devices: int) -> float:
             count[1] = time.perf_counter()
             done.set()
 
-    client = MqttClient(broker, manual_ack=True, receive_maximum=20000)
+    client = MqttClient(broker, manual_ack=True, receive_maximum=20000, fast_read=fast_read)
     client.subscribe("edgekit/devices/+/telemetry", on_message)
     client.connect()
     process, marks = run_publisher(broker, payloads(messages, devices, "ebase"))
@@ -252,7 +254,13 @@ def wait_stored(reader: Any, messages: int, devices: int, run: str) -> float:
 
 
 def ingest_backlog(
-    broker: str, registry_url: str, workers: int, messages: int, devices: int, run: str
+    broker: str,
+    registry_url: str,
+    workers: int,
+    messages: int,
+    devices: int,
+    run: str,
+    fast_read: bool = True,
 ) -> dict:
     """Ingest with persistent sessions: stop it, let the broker queue M records, start it again
     and time the drain into the registry (first row to last)."""
@@ -267,6 +275,7 @@ def ingest_backlog(
         dashboard=False,
         report_interval=0.2,
         session_expiry=600,
+        fast_read=fast_read,
     )
     FleetService(config).start().stop()  # the sessions (and subscriptions) stay on the broker
     publish_all(broker, payloads(messages, devices, run))
@@ -284,7 +293,15 @@ def ingest_backlog(
     return {"rate": (messages - first[1]) / (now - first[0]), "stored": stored, "duplicates": 0}
 
 
-def ingest_run(broker: str, registry_url: str, workers: int, messages: int, devices: int, run: str) -> dict:
+def ingest_run(
+    broker: str,
+    registry_url: str,
+    workers: int,
+    messages: int,
+    devices: int,
+    run: str,
+    fast_read: bool = True,
+) -> dict:
     from edgekit.fleet.registry import Registry
     from edgekit.fleet.service import FleetService, ServiceConfig
 
@@ -296,6 +313,7 @@ def ingest_run(broker: str, registry_url: str, workers: int, messages: int, devi
             group=f"bench-{run}",
             dashboard=False,
             report_interval=0.2,
+            fast_read=fast_read,
         )
     ).start()
     reader = Registry(registry_url, migrate=False)
@@ -400,6 +418,43 @@ def main_fleet_up(messages: int, devices: int) -> None:
     )
 
 
+def main_read_sides(messages: int, devices: int) -> None:
+    """Ingest (SQLite, 1 worker) with edgekit's read side and with paho's, live and draining a
+    backlog, alternating, twice each, in one run; the counting-only clients too."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-read-"))
+    mosquitto = Mosquitto(port=free_port(), directory=tmp, extra_config="max_queued_messages 0\n")
+    mosquitto.start()
+    rates: dict[str, list[float]] = {}
+    try:
+        for round_ in range(2):
+            for fast in (False, True):
+                side = "edgekit read side" if fast else "paho read side"
+                rates.setdefault(f"counting only, {side}", []).append(
+                    baseline_edgekit(mosquitto.url, messages, devices, fast_read=fast)
+                )
+                url = f"sqlite:///{tmp / uuid.uuid4().hex}.db"
+                live = ingest_run(
+                    mosquitto.url, url, 1, messages, devices, f"l{round_}{fast}", fast_read=fast
+                )
+                rates.setdefault(f"live ingest, {side}", []).append(live["rate"])
+                url = f"sqlite:///{tmp / uuid.uuid4().hex}.db"
+                drain = ingest_backlog(
+                    mosquitto.url, url, 1, messages, devices, f"b{round_}{fast}", fast_read=fast
+                )
+                rates.setdefault(f"backlog ingest, {side}", []).append(drain["rate"])
+    finally:
+        mosquitto.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    for what in ("counting only", "live ingest", "backlog ingest"):
+        paho_rate = statistics.median(rates[f"{what}, paho read side"])
+        own = statistics.median(rates[f"{what}, edgekit read side"])
+        print(
+            f"{what:15s} paho read side {paho_rate:>9,.0f} msg/s   edgekit read side {own:>9,.0f} msg/s   "
+            f"ratio {own / paho_rate:.2f}x  (median of 2; 0 lost, 0 duplicated)",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=50_000)
@@ -410,7 +465,15 @@ def main() -> None:
         action="store_true",
         help="Measure ingest through `edgekit fleet up` (Mosquitto, then --embedded amqtt) instead.",
     )
+    parser.add_argument(
+        "--read-sides",
+        action="store_true",
+        help="Measure ingest with edgekit's MQTT read side against paho's, same run, instead.",
+    )
     args = parser.parse_args()
+    if args.read_sides:
+        main_read_sides(args.messages, args.devices)
+        return
     if not shutil.which("mosquitto"):
         raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
     if args.fleet_up:

@@ -120,9 +120,11 @@ def ingest_client(
     protocol: Optional[str] = None,
     username: Optional[str] = None,
     password: Optional[str] = None,
+    fast_read: bool = True,
 ) -> MqttClient:
     """The MQTT client ingest needs: manual acknowledgements, a wide in-flight window (MQTT 5;
-    ``protocol`` None follows the URL's ``?protocol=``, else negotiates)."""
+    ``protocol`` None follows the URL's ``?protocol=``, else negotiates), and edgekit's own read
+    side (``fast_read``; BENCHMARKS.md measures ingest with and without it)."""
     if session_expiry and not client_id:
         raise ConfigError("a persistent ingest session (session_expiry > 0) needs a fixed client_id")
     return MqttClient(
@@ -134,6 +136,7 @@ def ingest_client(
         manual_ack=True,
         session_expiry=session_expiry,
         receive_maximum=receive_maximum,
+        fast_read=fast_read,
     )
 
 

@@ -76,6 +76,8 @@ class ServiceConfig:
     controller: bool = True
     #: EDGEKIT_HOME: the operator account (``broker/operator.json``), keys and saved rollouts.
     home: Optional[str] = None
+    #: The ingest workers read MQTT with edgekit's own read side (False: paho's; for measuring).
+    fast_read: bool = True
 
     def validate(self) -> None:
         if not 1 <= self.workers <= 64:
@@ -119,6 +121,7 @@ def _worker_main(
         session_expiry=config.session_expiry,
         username=username,
         password=password,
+        fast_read=config.fast_read,
     )
     ingest = Ingest(
         registry,

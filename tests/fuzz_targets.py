@@ -29,6 +29,7 @@ from edgekit.manifest import Manifest
 from edgekit.reports import DeviceStateReport, decode_json_message
 from edgekit.topics import Topics
 from edgekit.transfer import ChunkAssembler, ChunkResult, manifest_message, verify_manifest_message
+from mqtt_helpers import mqtt_packet
 
 NOW = 1_800_000_000
 
@@ -153,6 +154,27 @@ def topic(ctx: Context, data: bytes) -> None:
         assert parts.kind and text.startswith(prefix + "/")
 
 
+def mqtt_stream(ctx: Context, data: bytes) -> None:
+    """A broker's byte stream, cut in pieces where the first byte says: every complete packet is
+    found whole, in order, however the reads fall; anything else is MalformedPacketError."""
+    from edgekit.mqtt.framing import MalformedPacketError, PacketReader, varint
+
+    step = 1 + (data[0] % 64) if data else 1
+    stream = data[1:]
+    reader, found = PacketReader(), []
+    try:
+        for start in range(0, len(stream), step):
+            buffer, packets = reader.feed(stream[start : start + step])
+            found += [(header, bytes(buffer[a:b])) for header, a, b in packets]
+        if found:  # a PUBLISH body's variable parts are read the same defensive way
+            body = found[0][1]
+            varint(body, 0, len(body))
+    except MalformedPacketError:
+        return
+    rebuilt = b"".join(mqtt_packet(header, body) for header, body in found)
+    assert stream.startswith(rebuilt)  # what was found is exactly the stream's first packets
+
+
 def bundle_file(ctx: Context, data: bytes) -> None:
     try:
         bundle = read_bundle(data, ctx.trusted)
@@ -203,6 +225,7 @@ TARGETS: dict[str, Callable[[Context, bytes], None]] = {
     "manifest_message": manifest_msg,
     "chunk_assembly": chunk_assembly,
     "topic": topic,
+    "mqtt_stream": mqtt_stream,
     "bundle_file": bundle_file,
     "baseline": baseline,
     "pointer_file": pointer_file,
@@ -254,6 +277,9 @@ def seeds(ctx: Context) -> dict[str, list[bytes]]:
         "chunk_assembly": [ops, ops[::-1]],
         "topic": [
             t.encode() for t in (Topics().bundle_chunk(b.bundle_id, 3), Topics().device_state("cam-1"))
+        ],
+        "mqtt_stream": [
+            bytes([7]) + mqtt_packet(0x30, b"\x00\x03a/b" + bytes(200)) + mqtt_packet(0x90, b"\x00\x01\x00")
         ],
         "bundle_file": [ctx.bundle_bytes],
         "baseline": [b.members["baseline.json"]] if "baseline.json" in b.members else [b"{}"],

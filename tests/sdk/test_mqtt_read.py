@@ -11,13 +11,15 @@ import threading
 import uuid
 
 import pytest
-from edgekit.mqtt import MalformedPacketError, MqttClient, _PacketReader, topic_matches
+from edgekit.mqtt import MalformedPacketError, MqttClient, topic_matches
+from edgekit.mqtt._paho import FAST_READ_MEMBERS, PAHO_MEMBERS
+from edgekit.mqtt.framing import PacketReader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mqtt_helpers import Inbox, mqtt_packet
 
 
-def _read_all(reader: _PacketReader, pieces: list[bytes]) -> list[tuple[int, bytes]]:
+def _read_all(reader: PacketReader, pieces: list[bytes]) -> list[tuple[int, bytes]]:
     out = []
     for piece in pieces:
         buffer, packets = reader.feed(piece)
@@ -37,18 +39,24 @@ def test_the_packet_reader_returns_every_packet_whatever_the_reads_cut(packets, 
     stream = b"".join(mqtt_packet(header, body) for header, body in packets)
     points = sorted({c for c in cuts if 0 < c < len(stream)})
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
-    assert _read_all(_PacketReader(), pieces) == packets
+    assert _read_all(PacketReader(), pieces) == packets
 
 
 def test_the_packet_reader_refuses_a_remaining_length_over_four_bytes() -> None:
     with pytest.raises(MalformedPacketError, match="four bytes"):
-        _PacketReader().feed(b"\x30\xff\xff\xff\xff\x01")
+        PacketReader().feed(b"\x30\xff\xff\xff\xff\x01")
 
 
-def test_big_and_small_messages_arrive_intact_and_in_order(mosquitto) -> None:
+@pytest.fixture(params=[False, True], ids=["paho-read-side", "edgekit-read-side"])
+def fast_read(request: pytest.FixtureRequest) -> bool:
+    """Devices read with paho's read side, ingest with edgekit's: both must behave the same."""
+    return bool(request.param)
+
+
+def test_big_and_small_messages_arrive_intact_and_in_order(mosquitto, fast_read) -> None:
     inbox = Inbox()
     payloads = [bytes([i % 256]) * size for i, size in enumerate([1, 300_000, 5, 131_072, 0, 70_000] * 3)]
-    with MqttClient(mosquitto.url) as sub, MqttClient(mosquitto.url) as pub:
+    with MqttClient(mosquitto.url, fast_read=fast_read) as sub, MqttClient(mosquitto.url) as pub:
         sub.subscribe("big/+", inbox)
         for index, payload in enumerate(payloads):
             pub.publish(f"big/{index}", payload, qos=index % 2)
@@ -58,12 +66,17 @@ def test_big_and_small_messages_arrive_intact_and_in_order(mosquitto) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_ack_many_acknowledges_and_what_was_not_acked_comes_back(mosquitto, protocol: str) -> None:
+def test_ack_many_acknowledges_and_what_was_not_acked_comes_back(mosquitto, protocol: str, fast_read) -> None:
     client_id = f"acker-{uuid.uuid4().hex[:6]}"
 
     def session() -> MqttClient:
         return MqttClient(
-            mosquitto.url, client_id=client_id, protocol=protocol, manual_ack=True, session_expiry=600
+            mosquitto.url,
+            client_id=client_id,
+            protocol=protocol,
+            manual_ack=True,
+            session_expiry=600,
+            fast_read=fast_read,
         )
 
     first, inbox = session(), Inbox()
@@ -112,7 +125,7 @@ class ScriptedBroker:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        reader = _PacketReader()
+        reader = PacketReader()
         while True:
             try:
                 data = conn.recv(65536)
@@ -155,9 +168,10 @@ def _publish(topic: bytes, payload: bytes, mid: int) -> bytes:
     return mqtt_packet(0x32, struct.pack("!H", len(topic)) + topic + struct.pack("!H", mid) + payload)
 
 
-def test_a_malformed_packet_drops_the_connection_and_the_client_connects_again(scripted) -> None:
+def test_a_malformed_packet_drops_the_connection_and_the_client_connects_again(scripted, fast_read) -> None:
     inbox = Inbox()
-    with MqttClient(f"mqtt://127.0.0.1:{scripted.port}?protocol=3.1.1", reconnect_min=0.05) as client:
+    url = f"mqtt://127.0.0.1:{scripted.port}?protocol=3.1.1"
+    with MqttClient(url, reconnect_min=0.05, fast_read=fast_read) as client:
         client.subscribe("t/#", inbox)
         # A topic length running past the end of its packet.
         scripted.connections[0].sendall(mqtt_packet(0x32, b"\x00\x50t/x\x00\x01"))
@@ -167,10 +181,10 @@ def test_a_malformed_packet_drops_the_connection_and_the_client_connects_again(s
     assert b"EOF" in scripted.received
 
 
-def test_a_non_utf8_topic_is_counted_dropped_and_still_acknowledged(scripted) -> None:
+def test_a_non_utf8_topic_is_counted_dropped_and_still_acknowledged(scripted, fast_read) -> None:
     inbox = Inbox()
     url = f"mqtt://127.0.0.1:{scripted.port}?protocol=3.1.1"
-    with MqttClient(url, manual_ack=True) as client:
+    with MqttClient(url, manual_ack=True, fast_read=fast_read) as client:
         client.subscribe("t/#", inbox)
         scripted.connections[0].sendall(_publish(b"t/\xff\xfe", b"x", 41) + _publish(b"t/ok", b"y", 42))
         assert inbox.wait_topic("t/ok").payload == b"y"
@@ -199,3 +213,14 @@ def test_topic_matching_agrees_with_paho(filter_levels: list[str], topic_levels:
     topic_filter, topic = "/".join(filter_levels), "/".join(topic_levels)
     assert topic_matches(topic_filter, topic) == topic_matches_sub(topic_filter, topic)
     assert topic_matches(f"$share/g/{topic_filter}", topic) == topic_matches_sub(topic_filter, topic)
+
+
+def test_every_private_member_of_paho_edgekit_uses_exists_in_the_installed_paho():
+    """An upgrade of paho that renames one fails here, not on a fleet (pyproject pins the minor)."""
+    from importlib.metadata import version
+
+    import paho.mqtt.client as paho
+
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)  # has them all
+    missing = [name for name in (*PAHO_MEMBERS, *FAST_READ_MEMBERS) if not hasattr(client, name)]
+    assert not missing, f"paho-mqtt {version('paho-mqtt')} lacks {missing}"

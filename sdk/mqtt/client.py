@@ -1,223 +1,34 @@
-"""The one MQTT client of edgekit: a small wrapper over paho-mqtt 2.x.
-
-Nothing else in edgekit imports paho. :class:`MqttClient` hides paho's network thread and
-callback API versions behind connect / subscribe / publish / close:
-
-- ``mqtt://host[:port]`` (default port 1883) or ``mqtts://host[:port]`` (TLS, default 8883),
-  username/password, a CA and a client certificate, a last will.
-- **Protocol version, negotiated.** A client tries MQTT 5 first; when the broker closes the
-  connection without a CONNACK, or refuses the protocol version (a 3.1.1 CONNACK with return
-  code 1, or MQTT 5's 0x84), it tries MQTT 3.1.1 at once, and back, until one is accepted
-  (the embedded broker of ``edgekit fleet up`` and RabbitMQ 3.x's MQTT plugin speak 3.1.1
-  only). The version that worked is remembered by that client, for every reconnect; a new
-  client (a new process) asks again, which costs one refused connection (about a
-  millisecond on a LAN), so a broker upgraded in place (amqtt, then Mosquitto, on the same
-  port) is spoken to in MQTT 5 at once. ``protocol="5"`` / ``"3.1.1"``, or
-  ``?protocol=5|3.1.1`` in the URL, pins the version instead (no fallback).
-- Reconnects by itself after the connection drops, with exponential backoff between
-  ``reconnect_min`` and ``reconnect_max`` seconds, and re-subscribes every filter on each new
-  connection (sessions are clean by default, and a renewed subscription gets the retained messages again; that is how a
-  device resumes a bundle download after a broker outage). It reports itself connected
-  (:attr:`MqttClient.connected`, listeners) only once the broker acknowledged those renewed
-  subscriptions, so a message published after that point is not missed.
-- **Threading.** paho's network thread only moves bytes. Every callback this client calls
-  (message handlers given to :meth:`MqttClient.subscribe` and connection listeners given to
-  :meth:`MqttClient.on_connection_change`) runs on ONE dispatcher thread per client, named
-  ``edgekit-mqtt-<client id>``, in the order messages arrived. A handler may publish,
-  subscribe, and even wait for a delivery; a slow handler delays the next handler, never the
-  network. An exception in a handler is logged and counted (:attr:`MqttClient.handler_errors`),
-  and the loop goes on.
-- :meth:`MqttClient.publish` returns a :class:`Delivery`; ``Delivery.wait()`` blocks until the
-  broker acknowledged it (QoS 1/2; QoS 0: written to the socket), surviving reconnects (paho
-  re-sends unacknowledged QoS 1/2 messages), and raises if an MQTT 5 broker refused it.
-- :meth:`MqttClient.close` disconnects cleanly (the will is not sent), stops both threads.
-- Nagle's algorithm is off on every connection (``TCP_NODELAY``): small packets in a row (a
-  state report, then a SUBSCRIBE) go out at once instead of waiting for a delayed ACK.
-- **The read side is edgekit's own.** paho keeps the connection, the session, keepalive, TLS
-  and every outgoing flow; incoming bytes are read in large blocks and split into packets by
-  :class:`_PacketReader`, and QoS 0/1 PUBLISH packets are decoded here (one copy of the
-  payload, no per-packet ``Properties`` object, one PUBACK write for many messages) and handed
-  to the dispatcher in batches. Every other packet goes to paho's own handlers, in order. paho
-  reads each packet with three or more ``recv`` calls and copies a payload several times; a
-  telemetry-sized message cost about 75 µs of CPU there and about a tenth of that here, and a
-  128 KiB bundle chunk is copied once instead of four times (BENCHMARKS.md). This uses paho's
-  internals, hence the narrow ``paho-mqtt`` pin in pyproject.toml.
-- **Acknowledging later.** With ``manual_ack=True`` a QoS 1 message is acknowledged to the
-  broker only when the application calls :meth:`MqttClient.ack` (e.g. once it is committed to
-  a database); until then the broker counts it against the client's ``receive_maximum``
-  (MQTT 5) and stops sending more, which is the backpressure. An ack only goes out on the
-  connection that delivered the message: after a reconnect, a persistent session
-  (``session_expiry`` > 0) gets the unacknowledged messages again, a clean one never does.
-
-Errors are :class:`~edgekit.errors.BrokerError`.
-"""
+"""The client itself: :class:`MqttClient` (see :mod:`edgekit.mqtt` for what it does and why)."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import queue
-import socket
-import ssl
-import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import MQTTException, Properties  # type: ignore[attr-defined]  # (2.1 defines it there, 2.2 re-exports)
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .errors import BrokerError
+from ..errors import BrokerError
+from ._paho import PROTOCOL_VERSIONS, FastReadClient, PahoClient
+from .address import PROTOCOLS, TlsConfig, parse_broker_url
+from .matching import topic_matches
+from .message import Message, Will
 
-__all__ = [
-    "Delivery",
-    "Message",
-    "MqttClient",
-    "TlsConfig",
-    "Will",
-    "parse_broker_url",
-    "topic_matches",
-]
+__all__ = ["ConnectionListener", "Delivery", "Handler", "MqttClient", "Payload"]
 
-log = logging.getLogger(__name__)
-_paho_log = logging.getLogger(f"{__name__}.paho")
-
-DEFAULT_PORT = 1883
-DEFAULT_TLS_PORT = 8883
-_PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+log = logging.getLogger("edgekit.mqtt")
+_paho_log = logging.getLogger("edgekit.mqtt.paho")
 
 Payload = Union[bytes, bytearray, str, None]
-
-
-@dataclass(frozen=True)
-class Message:
-    """A message as delivered to a subscription handler."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    #: The packet id (QoS 1/2), for :meth:`MqttClient.ack`.
-    mid: int = 0
-    #: Which connection (:attr:`MqttClient.connections`) delivered it.
-    connection: int = 0
-
-
-@dataclass(frozen=True)
-class Will:
-    """The last will: what the broker publishes for this client if it vanishes without a
-    clean :meth:`MqttClient.close` (a device marks itself ``offline`` this way)."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """TLS settings for ``mqtts://``: a CA bundle to trust (None: the system's), and an
-    optional client certificate and key (PEM) for brokers that require one."""
-
-    ca_file: Optional[Path] = None
-    cert_file: Optional[Path] = None
-    key_file: Optional[Path] = None
-    check_hostname: bool = True
-
-    def context(self) -> ssl.SSLContext:
-        try:
-            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-            ctx.check_hostname = self.check_hostname
-            if self.cert_file is not None:
-                ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise BrokerError(
-                f"cannot load the TLS files ({exc}); check the CA, certificate and key paths"
-            ) from None
-        return ctx
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: Optional[str] = None
-    password: Optional[str] = field(default=None, repr=False)
-    protocol: Optional[str] = None  # "5" or "3.1.1" when the URL says (``?protocol=3.1.1``)
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://[user[:password]@]host[:port][?protocol=5|3.1.1]`` or ``mqtts://...``;
-    BrokerError if malformed."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise BrokerError(
-            f"invalid broker URL {url!r} ({exc}); use mqtt://host:1883 or mqtts://host:8883"
-        ) from None
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise BrokerError(f"invalid broker URL {url!r}; use mqtt://host:1883 or mqtts://host:8883")
-    if parts.path not in ("", "/") or parts.fragment:
-        raise BrokerError(f"invalid broker URL {url!r}: it must not have a path")
-    protocol = _url_protocol(url, parts.query)
-    tls = parts.scheme == "mqtts"
-    return BrokerAddress(
-        host=parts.hostname,
-        port=port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT),
-        tls=tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        protocol=protocol,
-    )
-
-
-def _url_protocol(url: str, query: str) -> Optional[str]:
-    try:
-        params = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError:
-        params = [("", "")]
-    if any(key != "protocol" for key, _ in params) or len(params) > 1:
-        raise BrokerError(
-            f"invalid broker URL {url!r}: the only query it may have is ?protocol=5 or ?protocol=3.1.1"
-        )
-    if not params:
-        return None
-    value = params[0][1]
-    if value not in _PROTOCOLS:
-        raise BrokerError(f"invalid broker URL {url!r}: protocol must be 5 or 3.1.1, not {value!r}")
-    return value
-
-
-@functools.lru_cache(maxsize=65536)
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """True if ``topic`` matches ``topic_filter`` (``+`` and ``#`` wildcards, ``$share/g/``),
-    by the rules of MQTT (a ``#`` also matches its parent level; a wildcard at the first level
-    does not match a ``$`` topic). Cached: a fleet publishes on the same topics again and again.
-    (paho's ``topic_matches_sub`` builds a matcher tree per call, about 100 µs: too slow for a
-    dispatcher that asks for every new topic, such as every chunk of a bundle.)"""
-    if topic_filter.startswith("$share/"):
-        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
-    levels, names = topic_filter.split("/"), topic.split("/")
-    if topic.startswith("$") and levels[0] in ("+", "#"):
-        return False
-    last = len(levels) - 1
-    for index, level in enumerate(levels):
-        if level == "#":
-            return index == last
-        if index >= len(names) or (level != "+" and level != names[index]):
-            return False
-    return len(levels) == len(names)
+_UNPIN = "leave the protocol out of the broker URL and edgekit will use the version the broker speaks"
 
 
 class Delivery:
@@ -268,268 +79,6 @@ Handler = Callable[[Message], None]
 ConnectionListener = Callable[[bool, str], None]
 
 
-class MalformedPacketError(ValueError):
-    """The broker sent bytes that are not a well-formed MQTT packet (the connection is dropped)."""
-
-
-_PUBLISH = 0x30
-_CONNACK = 0x20
-#: The CONNACK return codes meaning "not this protocol version": 3.1.1's 1, MQTT 5's 0x84.
-_WRONG_VERSION = (0x01, 0x84)
-_UNPIN = "leave the protocol out of the broker URL and edgekit will use the version the broker speaks"
-_PUBACK = struct.Struct("!BBH")
-#: Bytes asked of the socket per read: many telemetry messages, or a whole bundle chunk.
-_RECV_SIZE = 256 * 1024
-#: Reads per wake-up of paho's loop before it gets a turn to write (acks) and keep alive.
-_READS_PER_WAKE = 16
-
-
-class _PacketReader:
-    """Splits the byte stream from a broker into MQTT control packets. Pure: no socket.
-
-    :meth:`feed` takes the next bytes received and returns a buffer and the ``(first byte,
-    start, end)`` of every packet completed in it (``buffer[start:end]`` is the packet after
-    its fixed header); an incomplete tail is kept, without copying, for the next call."""
-
-    __slots__ = ("_have", "_need", "_pieces")
-
-    def __init__(self) -> None:
-        self._pieces: list[Union[bytes, memoryview]] = []
-        self._have = 0  # bytes held in _pieces
-        self._need = 0  # bytes the held packet needs in all (0: its length is not known yet)
-
-    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
-        if self._pieces:
-            self._pieces.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return data, []
-            data = b"".join(self._pieces)
-            self._pieces = []
-        packets: list[tuple[int, int, int]] = []
-        pos, size = 0, len(data)
-        while pos < size:
-            index, length, shift = pos + 1, 0, 0
-            while True:
-                if index >= size:  # the remaining length itself is cut
-                    length = -1
-                    break
-                byte = data[index]
-                index += 1
-                length |= (byte & 0x7F) << shift
-                if byte < 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    raise MalformedPacketError("an MQTT remaining length longer than four bytes")
-            end = index + length
-            if length < 0 or end > size:
-                self._pieces = [memoryview(data)[pos:]]
-                self._have = size - pos
-                self._need = 0 if length < 0 else end - pos
-                return data, packets
-            packets.append((data[pos], index, end))
-            pos = end
-        self._have = self._need = 0
-        return data, packets
-
-
-def _varint(buffer: bytes, index: int, end: int) -> tuple[int, int]:
-    """An MQTT variable byte integer at ``buffer[index:end]``: (value, index after it)."""
-    value, shift = 0, 0
-    while True:
-        if index >= end or shift > 21:
-            raise MalformedPacketError("a malformed variable byte integer")
-        byte = buffer[index]
-        index += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, index
-        shift += 7
-
-
-class _PahoClient(paho.Client):
-    """paho's client with edgekit's read side (see the module documentation).
-
-    Only reading is replaced: :meth:`loop_read` reads big blocks, :class:`_PacketReader`
-    splits them, QoS 0/1 PUBLISH packets become :class:`Message` objects for
-    ``owner._deliver`` (a list per read), and every other packet (CONNACK, SUBACK, PUBACK,
-    PINGRESP, QoS 2 flows, DISCONNECT) goes through ``_in_packet`` to paho's own
-    ``_packet_handle``, after the messages that came before it were delivered."""
-
-    def __init__(self, owner: MqttClient, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._edgekit = owner
-        self._reader = _PacketReader()
-        self._reader_sock: Any = None
-        self._acks_queued = False
-        #: Reconnect at once (not after the backoff): the next attempt tries another protocol.
-        self.retry_now = False
-
-    def _reconnect_wait(self) -> None:
-        if self.retry_now:
-            self.retry_now = False
-            return
-        super()._reconnect_wait()
-
-    def speak(self, protocol: str, clean_session: bool) -> None:
-        """Use ``protocol`` from the next CONNECT on (the connection is not open)."""
-        self._protocol = _PROTOCOLS[protocol]
-        self._clean_session = clean_session  # read by paho for 3.1.1 only
-        self.retry_now = True
-
-    def _create_socket_connection(self) -> socket.socket:
-        sock = super()._create_socket_connection()
-        # MQTT is request/response in small packets (SUBSCRIBE after a PUBLISH, PUBACKs): with
-        # Nagle's algorithm a small write waits for the ACK of the one before, which the
-        # broker's delayed ACK holds up to 40 ms (paho leaves Nagle on).
-        with contextlib.suppress(OSError):  # not TCP (a proxy's socket, say): nothing to tune
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        rc = self._read_blocks()
-        if self._acks_queued:  # the PUBACKs of what was just read: written now, on this thread
-            self._acks_queued = False
-            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None:
-                return self.loop_write()
-        return rc
-
-    def _read_blocks(self) -> MQTTErrorCode:
-        for _ in range(_READS_PER_WAKE):
-            sock = self._sock
-            if sock is None:
-                return MQTTErrorCode.MQTT_ERR_NO_CONN
-            if sock is not self._reader_sock:  # a new connection starts a new stream
-                self._reader, self._reader_sock = _PacketReader(), sock
-            try:
-                data = self._sock_recv(_RECV_SIZE)
-            except BlockingIOError:
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
-            except OSError as err:
-                self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
-                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-            if not data:
-                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-            with self._msgtime_mutex:
-                self._last_bytes_received = time.monotonic()
-            try:
-                rc = self._take(data)
-            except (MalformedPacketError, MQTTException, struct.error, IndexError, ValueError) as exc:
-                self._easy_log(paho.MQTT_LOG_ERR, "received a malformed packet: %s", exc)
-                rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-            if rc > 0:  # as paho's own loop_read: MQTT_ERR_AGAIN (-1) is not an error
-                return self._loop_rc_handle(rc)
-            if len(data) < _RECV_SIZE and not getattr(sock, "pending", lambda: 0)():
-                return MQTTErrorCode.MQTT_ERR_SUCCESS  # drained: let paho write and keep alive
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _take(self, data: bytes) -> MQTTErrorCode:
-        buffer, packets = self._reader.feed(data)
-        owner = self._edgekit
-        v5 = self._protocol == paho.MQTTv5
-        auto_ack = not self._manual_ack
-        connection = owner.connections
-        messages: list[Message] = []
-        acks: list[int] = []
-        for header, start, end in packets:
-            qos = (header >> 1) & 3
-            if header & 0xF0 != _PUBLISH or qos == 2:
-                if messages:
-                    self._flush(messages, acks)
-                    messages, acks = [], []
-                rc = self._paho_handle(header, buffer[start:end])
-                if rc > 0 or self._sock is None:  # an error, or paho closed the connection
-                    return rc
-                continue
-            if qos == 3:
-                raise MalformedPacketError("a PUBLISH with QoS 3")
-            index = start + 2 + (buffer[start] << 8 | buffer[start + 1])
-            topic = buffer[start + 2 : index]
-            mid = 0
-            if qos:
-                mid = buffer[index] << 8 | buffer[index + 1]
-                index += 2
-            if v5:
-                length, index = _varint(buffer, index, end)
-                index += length  # PUBLISH properties: none of them concerns a subscriber here
-            if index > end or not topic or (qos and not mid):
-                raise MalformedPacketError("a PUBLISH shorter than its topic, packet id and properties")
-            if qos and auto_ack:
-                acks.append(mid)
-            try:
-                name = topic.decode()
-            except UnicodeDecodeError:
-                owner._drop_unroutable(qos, mid)
-                continue
-            messages.append(Message(name, buffer[index:end], qos, bool(header & 1), mid, connection))
-        if messages or acks:
-            self._flush(messages, acks)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _flush(self, messages: list[Message], acks: list[int]) -> None:
-        if messages:
-            self._edgekit._deliver(messages)
-        if acks:
-            # On the network thread: queued for the write at the end of loop_read. paho's
-            # _packet_queue would also wake its own loop through the socket pair, for one more
-            # select() round per read just to send them.
-            self._out_packet.append(_out_packet(paho.PUBACK, _pubacks(acks)))
-            self._acks_queued = True
-
-    def send_pubacks(self, mids: list[int]) -> None:
-        """Acknowledge QoS 1 messages by packet id, in one write (thread-safe)."""
-        self._packet_queue(paho.PUBACK, _pubacks(mids), 0, 0)
-
-    def _paho_handle(self, header: int, body: bytes) -> MQTTErrorCode:
-        if (
-            header == _CONNACK
-            and self._protocol == paho.MQTTv5
-            and self._edgekit._negotiating
-            and len(body) >= 2
-            and body[1] in _WRONG_VERSION
-        ):
-            # A 3.1.1 broker's answer to an MQTT 5 CONNECT (paho would misread its 2 bytes):
-            # close, and the owner's disconnect handler tries 3.1.1.
-            return MQTTErrorCode.MQTT_ERR_CONN_REFUSED
-        self._in_packet = _in_packet(header, body)
-        try:
-            return self._packet_handle()
-        finally:
-            self._in_packet = _in_packet(0, b"")  # as paho leaves it between packets
-
-
-def _pubacks(mids: list[int]) -> bytes:
-    return b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids])
-
-
-def _out_packet(command: int, packet: bytes) -> Any:
-    """An entry of paho's outgoing queue (``_out_packet``), as its ``_packet_queue`` makes it."""
-    return {
-        "command": command,
-        "mid": 0,
-        "qos": 0,
-        "pos": 0,
-        "to_process": len(packet),
-        "packet": packet,
-        "info": None,
-    }
-
-
-def _in_packet(header: int, body: bytes) -> Any:
-    """paho's ``_in_packet`` for a whole packet read here (``header`` 0: no packet)."""
-    return {
-        "command": header,
-        "have_remaining": 1 if header else 0,
-        "remaining_count": [],
-        "remaining_mult": 1,
-        "remaining_length": len(body),
-        "packet": bytearray(body),
-        "to_process": 0,
-        "pos": 0,
-    }
-
-
 class MqttClient:
     """A connection to one MQTT broker. See the module documentation for the threading rules.
 
@@ -543,6 +92,8 @@ class MqttClient:
     after a disconnect, for a client that reconnects with the same ``client_id``; 0 (default)
     means a clean session. ``receive_maximum`` (MQTT 5): how many unacknowledged QoS 1/2
     messages the broker may have in flight to this client (default: the broker's choice).
+    ``fast_read``: edgekit's own read side (for clients that receive thousands of messages a
+    second, such as the fleet's ingest) instead of paho's (see :mod:`edgekit.mqtt._paho`).
     """
 
     def __init__(
@@ -563,12 +114,13 @@ class MqttClient:
         manual_ack: bool = False,
         session_expiry: int = 0,
         receive_maximum: Optional[int] = None,
+        fast_read: bool = False,
     ) -> None:
         self.address = parse_broker_url(url)
         #: No version given: fall back between 5 and 3.1.1 until the broker accepts one.
         self._negotiating = protocol is None and self.address.protocol is None
         protocol = protocol or self.address.protocol or "5"
-        if protocol not in _PROTOCOLS:
+        if protocol not in PROTOCOLS:
             raise BrokerError(f"unknown MQTT protocol version {protocol!r}; use '5' or '3.1.1'")
         self.url = f"{'mqtts' if self.address.tls else 'mqtt'}://{self.address.host}:{self.address.port}"
         self.client_id = client_id or f"edgekit-{uuid.uuid4().hex[:12]}"
@@ -581,12 +133,13 @@ class MqttClient:
         self._session_expiry = session_expiry
         self._receive_maximum = receive_maximum
         self.manual_ack = manual_ack
-        self._paho = _PahoClient(
+        self.fast_read = fast_read
+        self._paho = (FastReadClient if fast_read else PahoClient)(
             self,
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=None if self._v5 else session_expiry == 0,
-            protocol=_PROTOCOLS[protocol],
+            protocol=PROTOCOL_VERSIONS[protocol],
             reconnect_on_failure=True,
             manual_ack=manual_ack,
         )
@@ -889,8 +442,7 @@ class MqttClient:
         try:
             topic = message.topic
         except UnicodeDecodeError:
-            self.unroutable += 1
-            log.warning("dropped a message whose topic is not UTF-8")
+            self._drop_unroutable(message.qos, message.mid)
             return
         msg = Message(
             topic=topic,
@@ -907,7 +459,7 @@ class MqttClient:
         self._queue.put((self._route_all, (messages,)))
 
     def _drop_unroutable(self, qos: int, mid: int) -> None:
-        """A message whose topic is not UTF-8 (network thread): counted, logged and, when the
+        """A message whose topic is not UTF-8 (network thread, either read side): counted, logged and, when the
         application acknowledges, acknowledged here (nothing would, and it would hold a slot
         of the broker's in-flight window for ever)."""
         self.unroutable += 1
