@@ -3,14 +3,16 @@ with ``client.py``).
 
 :class:`PahoClient` is paho as it comes, with what edgekit needs on top: ``TCP_NODELAY`` on the
 socket, switching the protocol version between connection attempts (negotiation), and an
-immediate retry after such a switch. It touches three private members of ``paho.Client``:
-``_protocol`` and ``_clean_session`` (written between connections, as its constructor does) and
-``_reconnect_wait`` (overridden), plus ``_create_socket_connection`` (wrapped). Devices use it.
+immediate retry after such a switch. It touches six private members of ``paho.Client``:
+``_protocol`` and ``_clean_session`` (written between connections, as its constructor does),
+``_reconnect_wait`` (overridden), ``_create_socket_connection`` (wrapped), and
+``_packet_handle`` with the ``_in_packet`` it reads (wrapped: a 3.1.1 broker's answer to an MQTT
+5 CONNECT is told apart before paho misreads it). Devices use it.
 
 :class:`FastReadClient` also replaces paho's read side (the module documentation of
 :mod:`edgekit.mqtt` says why and what it gains): it reads paho's connection state and hands
 packets to paho's handlers through about a dozen more private members (``_sock``,
-``_sock_recv``, ``_in_packet``, ``_packet_handle``, ``_out_packet``, ``_packet_queue``,
+``_sock_recv``, ``_out_packet``, ``_packet_queue``,
 ``_loop_rc_handle``, ``_msgtime_mutex``, ``_last_bytes_received``, ``_manual_ack``,
 ``_easy_log``). It pays where thousands of messages a second arrive (the fleet's ingest:
 BENCHMARKS.md measures both) and is used there only. ``tests/sdk/test_mqtt_read.py`` checks
@@ -44,12 +46,17 @@ RECV_SIZE = 256 * 1024
 #: Reads per wake-up of paho's loop before it gets a turn to write (acks) and keep alive.
 READS_PER_WAKE = 16
 #: The private members of ``paho.Client`` each client relies on (checked by the tests).
-PAHO_MEMBERS = ("_protocol", "_clean_session", "_reconnect_wait", "_create_socket_connection")
+PAHO_MEMBERS = (
+    "_protocol",
+    "_clean_session",
+    "_reconnect_wait",
+    "_create_socket_connection",
+    "_in_packet",
+    "_packet_handle",
+)
 FAST_READ_MEMBERS = (
     "_sock",
     "_sock_recv",
-    "_in_packet",
-    "_packet_handle",
     "_out_packet",
     "_packet_queue",
     "_loop_rc_handle",
@@ -94,6 +101,22 @@ class PahoClient(paho.Client):
         """Acknowledge QoS 1 messages by packet id (thread-safe)."""
         for mid in mids:
             self.ack(mid, 1)
+
+    def _packet_handle(self) -> MQTTErrorCode:
+        """Every packet read goes through here (paho's read side, or ours): a 3.1.1 broker's
+        CONNACK to an MQTT 5 CONNECT (2 bytes that paho would misread as MQTT 5) closes the
+        connection, and the owner's disconnect handler tries 3.1.1."""
+        packet = self._in_packet
+        body = packet["packet"]
+        if (
+            packet["command"] & 0xF0 == CONNACK
+            and self._protocol == paho.MQTTv5
+            and self.owner._negotiating
+            and len(body) >= 2
+            and body[1] in WRONG_VERSION
+        ):
+            return MQTTErrorCode.MQTT_ERR_CONN_REFUSED
+        return super()._packet_handle()
 
 
 class FastReadClient(PahoClient):
@@ -206,16 +229,6 @@ class FastReadClient(PahoClient):
         self._packet_queue(paho.PUBACK, pubacks(mids), 0, 0)
 
     def _paho_handle(self, header: int, body: bytes) -> MQTTErrorCode:
-        if (
-            header == CONNACK
-            and self._protocol == paho.MQTTv5
-            and self.owner._negotiating
-            and len(body) >= 2
-            and body[1] in WRONG_VERSION
-        ):
-            # A 3.1.1 broker's answer to an MQTT 5 CONNECT (paho would misread its 2 bytes):
-            # close, and the owner's disconnect handler tries 3.1.1.
-            return MQTTErrorCode.MQTT_ERR_CONN_REFUSED
         self._in_packet = _in_packet(header, body)
         try:
             return self._packet_handle()
