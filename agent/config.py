@@ -47,7 +47,6 @@ Every error names the key and where its value came from.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -57,12 +56,12 @@ from edgekit.bundle import MAX_BUNDLE_SIZE
 from edgekit.config import load_toml
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.runtime import RUNTIMES
+from edgekit.schema import ID
 from edgekit.trust import TrustedKeys
 
 __all__ = ["ENV_PREFIX", "AgentConfig", "config_keys", "parse_listen"]
 
 ENV_PREFIX = "EDGEKIT_"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 #: TOML location (section, key) of every field that does not sit at the top level.
 _SECTIONS: dict[str, tuple[str, str]] = {
@@ -280,7 +279,7 @@ def _listen(value: str, where: str) -> str:
 
 
 def _ident(value: str, where: str) -> str:
-    if not _ID.match(value):
+    if not ID.match(value):
         raise ConfigError(f"{where}: {value!r} is not a valid id (letters, digits, '.', '_', '-'; max 64)")
     return value
 

@@ -42,6 +42,7 @@ from .manifest import (
     check_version,
 )
 from .runtime import Model, dequantize, quantize
+from .schema import MEMBER
 from .tflite import TensorSpec, inspect_tflite
 from .trust import TrustedKeys
 
@@ -72,7 +73,6 @@ MAX_MEMBERS = 16
 BASELINE_MODEL_SAMPLES = 1000
 CALIBRATION_MAX_SAMPLES = 20000
 _BLOCK = 512
-_MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _TYPE_NAMES = {
     b"1": "a hard link",
     b"2": "a symbolic link",
@@ -188,7 +188,7 @@ def _read_tar(data: bytes) -> dict[str, bytes]:
             raise BundleError(f"the bundle member {name!r} has an absolute path; refusing it")
         if ".." in name.split("/"):
             raise BundleError(f"the bundle member {name!r} escapes the bundle (path traversal); refusing it")
-        if not _MEMBER_NAME.match(name):
+        if not MEMBER.match(name):
             raise BundleError(
                 f"the bundle member {name!r} has an invalid name; bundles hold plain file names only"
             )

@@ -29,6 +29,7 @@ import numpy as np
 
 from .baseline import to_probabilities
 from .errors import BundleError, DataError
+from .schema import Fields, decode_json
 
 __all__ = [
     "CALIBRATION_SCHEMA_VERSION",
@@ -44,6 +45,7 @@ METHOD = "temperature"
 MIN_SAMPLES = 20
 _T_RANGE = (0.02, 50.0)
 _TINY = 1e-12
+_MAX_SIZE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -68,36 +70,23 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: bytes) -> Calibration:
-        try:
-            doc = json.loads(data.decode("utf-8"))
-            if doc["schema"] != CALIBRATION_SCHEMA or doc["schema_version"] != CALIBRATION_SCHEMA_VERSION:
-                raise BundleError("calibration.json has an unsupported schema; upgrade edgekit")
-            if doc["method"] != METHOD:
-                raise BundleError(
-                    f"calibration.json has an unknown method {doc['method']!r}; upgrade edgekit"
-                )
-            calibration = cls(
-                method=METHOD,
-                temperature=float(doc["temperature"]),
-                classes=int(doc["classes"]),
-                samples=int(doc["samples"]),
-                accuracy=float(doc["accuracy"]),
-                confidence_mean=float(doc["confidence_mean"]),
-                confidence_std=float(doc["confidence_std"]),
-            )
-        except BundleError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"calibration.json is malformed ({type(exc).__name__}: {exc})") from None
-        values = (calibration.accuracy, calibration.confidence_mean, calibration.confidence_std)
-        if (
-            not _T_RANGE[0] <= calibration.temperature <= _T_RANGE[1]
-            or calibration.classes < 2
-            or calibration.samples < MIN_SAMPLES
-            or not all(0.0 <= v <= 1.0 for v in values)
-        ):
-            raise BundleError("calibration.json holds values out of range; the bundle is damaged")
-        return calibration
+        """Decode ``calibration.json`` (a signed bundle member); BundleError naming what is wrong."""
+        what = "calibration.json"
+        doc = decode_json(
+            data, CALIBRATION_SCHEMA, CALIBRATION_SCHEMA_VERSION, what, limit=_MAX_SIZE, error=BundleError
+        )
+        f = Fields(doc, what, error=BundleError, reason="malformed")
+        if doc.get("method") != METHOD:
+            raise f.bad("method", f"{METHOD!r} (this edgekit knows no other; upgrade edgekit)")
+        return cls(
+            method=METHOD,
+            temperature=f.number("temperature", low=_T_RANGE[0], top=_T_RANGE[1]),
+            classes=f.integer("classes", low=2),
+            samples=f.integer("samples", low=MIN_SAMPLES),
+            accuracy=f.number("accuracy", low=0.0, top=1.0),
+            confidence_mean=f.number("confidence_mean", low=0.0, top=1.0),
+            confidence_std=f.number("confidence_std", low=0.0, top=1.0),
+        )
 
 
 def calibrated_confidence(probabilities: np.ndarray, temperature: float) -> np.ndarray:

@@ -39,6 +39,7 @@ from typing import Any, Optional
 from .errors import BundleError, DesiredStateError, SignatureError, TopicError, UntrustedKeyError
 from .keys import SigningKey
 from .manifest import check_name, check_version
+from .schema import SHA256, refuse
 from .topics import check_device_id, check_fleet_id
 from .trust import TrustedKeys
 
@@ -59,7 +60,6 @@ DESIRED_SCHEMA_VERSION = 1
 MAX_ENVELOPE_SIZE = 64 * 1024
 MAX_SEQ = 2**53 - 1
 DEFAULT_TTL = 30 * 24 * 3600
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
@@ -76,23 +76,23 @@ _DOC_KEYS = {
 }
 
 
-def _refuse(reason: str, message: str) -> DesiredStateError:
-    error = DesiredStateError(message)
-    error.reason = reason
-    return error
-
-
 def _format_time(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime(_TIME_FORMAT)
 
 
 def _parse_time(value: object, what: str) -> int:
     if not isinstance(value, str) or not _TIME.match(value):
-        raise _refuse("malformed", f"the desired state's {what} is not a UTC time like 2026-01-31T12:00:00Z")
+        raise refuse(
+            DesiredStateError,
+            "malformed",
+            f"the desired state's {what} is not a UTC time like 2026-01-31T12:00:00Z",
+        )
     try:  # the pattern above fixed the format; fromisoformat checks the date (strptime is slow)
         moment = datetime.fromisoformat(value[:-1]).replace(tzinfo=timezone.utc)
     except ValueError:
-        raise _refuse("malformed", f"the desired state's {what} {value!r} is not a valid date") from None
+        raise refuse(
+            DesiredStateError, "malformed", f"the desired state's {what} {value!r} is not a valid date"
+        ) from None
     return int(moment.timestamp())
 
 
@@ -146,41 +146,60 @@ class DesiredState:
         try:
             doc = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
-            raise _refuse("malformed", "the desired state is not valid JSON") from None
+            raise refuse(DesiredStateError, "malformed", "the desired state is not valid JSON") from None
         if not isinstance(doc, dict) or doc.get("schema") != DESIRED_SCHEMA:
-            raise _refuse("malformed", "the signed document is not an edgekit desired state")
+            raise refuse(
+                DesiredStateError, "malformed", "the signed document is not an edgekit desired state"
+            )
         if doc.get("schema_version") != DESIRED_SCHEMA_VERSION or isinstance(doc.get("schema_version"), bool):
-            raise _refuse(
+            raise refuse(
+                DesiredStateError,
                 "malformed",
                 f"desired state schema version {doc.get('schema_version')!r} is not supported "
                 f"(this edgekit reads {DESIRED_SCHEMA_VERSION}); upgrade edgekit",
             )
         if set(doc) != _DOC_KEYS:
-            raise _refuse("malformed", f"the desired state must have exactly the fields {sorted(_DOC_KEYS)}")
+            raise refuse(
+                DesiredStateError,
+                "malformed",
+                f"the desired state must have exactly the fields {sorted(_DOC_KEYS)}",
+            )
         bundle = doc["bundle"]
         if not isinstance(bundle, dict) or set(bundle) != {"sha256", "name", "version"}:
-            raise _refuse("malformed", "the desired state's bundle must have sha256, name and version")
+            raise refuse(
+                DesiredStateError,
+                "malformed",
+                "the desired state's bundle must have sha256, name and version",
+            )
         seq = doc["seq"]
         if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= MAX_SEQ:
-            raise _refuse("malformed", f"the desired state's seq must be an integer from 1 to {MAX_SEQ}")
+            raise refuse(
+                DesiredStateError,
+                "malformed",
+                f"the desired state's seq must be an integer from 1 to {MAX_SEQ}",
+            )
         digest = bundle["sha256"]
-        if not isinstance(digest, str) or not _SHA256.match(digest):
-            raise _refuse("malformed", "the desired state's bundle sha256 is not 64 lowercase hex digits")
+        if not isinstance(digest, str) or not SHA256.match(digest):
+            raise refuse(
+                DesiredStateError,
+                "malformed",
+                "the desired state's bundle sha256 is not 64 lowercase hex digits",
+            )
         try:
             fleet = check_fleet_id(doc["fleet"])
             device = None if doc["device"] is None else check_device_id(doc["device"])
         except TopicError as exc:
-            raise _refuse("malformed", f"the desired state has an {exc}") from None
+            raise refuse(DesiredStateError, "malformed", f"the desired state has an {exc}") from None
         name, version = bundle["name"], bundle["version"]
         try:
             check_name(name if isinstance(name, str) else "")
             check_version(version if isinstance(version, str) else "")
         except BundleError as exc:  # the name/version rules are shared with bundles
-            raise _refuse("malformed", f"the desired state names an {exc}") from None
+            raise refuse(DesiredStateError, "malformed", f"the desired state names an {exc}") from None
         issued = _parse_time(doc["issued_at"], "issued_at")
         expires = _parse_time(doc["expires_at"], "expires_at")
         if expires <= issued:
-            raise _refuse("malformed", "the desired state expires before it was issued")
+            raise refuse(DesiredStateError, "malformed", "the desired state expires before it was issued")
         return cls(
             fleet=fleet,
             bundle_sha256=digest,
@@ -236,49 +255,66 @@ def sign_desired_state(state: DesiredState, key: SigningKey) -> bytes:
 
 def _b64(value: object, what: str) -> bytes:
     if not isinstance(value, str) or not _B64.match(value):
-        raise _refuse("malformed", f"the desired state envelope's {what} is not base64")
+        raise refuse(DesiredStateError, "malformed", f"the desired state envelope's {what} is not base64")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise _refuse("malformed", f"the desired state envelope's {what} is not base64") from None
+        raise refuse(
+            DesiredStateError, "malformed", f"the desired state envelope's {what} is not base64"
+        ) from None
 
 
 def _open_envelope(data: bytes) -> tuple[bytes, str, bytes]:
     if not isinstance(data, (bytes, bytearray)):
-        raise _refuse("malformed", "the desired state must be bytes")
+        raise refuse(DesiredStateError, "malformed", "the desired state must be bytes")
     if not data:
-        raise _refuse("unsigned", "the desired state message is empty (cleared); there is nothing to apply")
+        raise refuse(
+            DesiredStateError,
+            "unsigned",
+            "the desired state message is empty (cleared); there is nothing to apply",
+        )
     if len(data) > MAX_ENVELOPE_SIZE:
-        raise _refuse(
-            "malformed", f"the desired state message is over {MAX_ENVELOPE_SIZE} bytes; refusing it"
+        raise refuse(
+            DesiredStateError,
+            "malformed",
+            f"the desired state message is over {MAX_ENVELOPE_SIZE} bytes; refusing it",
         )
     try:
         envelope = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _refuse("malformed", "the desired state message is not JSON") from None
+        raise refuse(DesiredStateError, "malformed", "the desired state message is not JSON") from None
     if not isinstance(envelope, dict):
-        raise _refuse("malformed", "the desired state message is not a signed envelope")
+        raise refuse(DesiredStateError, "malformed", "the desired state message is not a signed envelope")
     if envelope.get("schema") == DESIRED_SCHEMA:
-        raise _refuse(
-            "unsigned", "the desired state is unsigned; publish it with a signature (`edgekit push`)"
+        raise refuse(
+            DesiredStateError,
+            "unsigned",
+            "the desired state is unsigned; publish it with a signature (`edgekit push`)",
         )
     if envelope.get("schema") != ENVELOPE_SCHEMA or set(envelope) != _ENVELOPE_KEYS:
-        raise _refuse("malformed", "the desired state message is not an edgekit signed envelope")
+        raise refuse(
+            DesiredStateError, "malformed", "the desired state message is not an edgekit signed envelope"
+        )
     if envelope["schema_version"] != ENVELOPE_SCHEMA_VERSION or isinstance(envelope["schema_version"], bool):
-        raise _refuse(
+        raise refuse(
+            DesiredStateError,
             "malformed",
             f"signed envelope version {envelope['schema_version']!r} is not supported; upgrade edgekit",
         )
     if envelope["payload_type"] != DESIRED_SCHEMA:
-        raise _refuse(
-            "malformed", f"the signed envelope holds {envelope['payload_type']!r}, not a desired state"
+        raise refuse(
+            DesiredStateError,
+            "malformed",
+            f"the signed envelope holds {envelope['payload_type']!r}, not a desired state",
         )
     signer = envelope["signer"]
-    if not isinstance(signer, str) or not _SHA256.match(signer):
-        raise _refuse("unsigned", "the desired state names no valid signer key id")
+    if not isinstance(signer, str) or not SHA256.match(signer):
+        raise refuse(DesiredStateError, "unsigned", "the desired state names no valid signer key id")
     signature = _b64(envelope["signature"], "signature")
     if not signature:
-        raise _refuse("unsigned", "the desired state has an empty signature; it is unsigned")
+        raise refuse(
+            DesiredStateError, "unsigned", "the desired state has an empty signature; it is unsigned"
+        )
     payload = _b64(envelope["payload"], "payload")
     return payload, signer, signature
 
@@ -310,33 +346,43 @@ def verify_desired_state(
     try:
         trusted.verify(payload, signature, signer, "the desired state")
     except UntrustedKeyError:
-        raise _refuse(
+        raise refuse(
+            DesiredStateError,
             "untrusted",
             f"the desired state is signed by key {signer[:16]}, which this device does not trust; "
             "sign it with a key in the device's trusted keys",
         ) from None
     except SignatureError:
-        raise _refuse(
-            "forged", "the desired state's signature does not verify: it was altered after signing, or forged"
+        raise refuse(
+            DesiredStateError,
+            "forged",
+            "the desired state's signature does not verify: it was altered after signing, or forged",
         ) from None
     state = DesiredState.from_json(payload)
     if state.fleet != fleet:
-        raise _refuse(
+        raise refuse(
+            DesiredStateError,
             "other-fleet",
             f"the desired state is for fleet {state.fleet!r}, not this device's fleet {fleet!r}",
         )
     if state.device is not None and state.device != device:
-        raise _refuse("other-device", f"the desired state is for device {state.device!r}, not {device!r}")
+        raise refuse(
+            DesiredStateError,
+            "other-device",
+            f"the desired state is for device {state.device!r}, not {device!r}",
+        )
     moment = time.time() if now is None else now
     if state.expires_at <= moment:
-        raise _refuse(
+        raise refuse(
+            DesiredStateError,
             "expired",
             f"the desired state (seq {state.seq}) expired at {_format_time(state.expires_at)}; "
             "the operator must publish a fresh one (or the device clock is wrong)",
         )
     if last_seq is not None and state.seq <= last_seq:
         what = "is the one already applied" if state.seq == last_seq else "is older than the one applied"
-        raise _refuse(
+        raise refuse(
+            DesiredStateError,
             "replayed",
             f"the desired state has seq {state.seq}, which {what} (seq {last_seq}); "
             "a replay or a stale retained message, ignoring it",

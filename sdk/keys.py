@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .atomic import atomic_write
 from .errors import KeyStoreError
+from .schema import ID
 
 __all__ = [
     "KeyInfo",
@@ -36,7 +37,6 @@ __all__ = [
 ]
 
 PASSPHRASE_ENV = "EDGEKIT_KEY_PASSPHRASE"
-_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PEM_PUBLIC = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.S)
 
 
@@ -128,7 +128,7 @@ class KeyInfo:
 
 
 def _check_name(name: str) -> None:
-    if not _KEY_NAME.match(name):
+    if not ID.match(name):
         raise KeyStoreError(f"invalid key name {name!r}: use letters, digits, '.', '_' or '-'")
 
 

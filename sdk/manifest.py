@@ -15,6 +15,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import BundleError
+from .schema import BUNDLE_NAME, MEMBER, SHA256
 from .tflite import TensorSpec
 
 __all__ = [
@@ -37,9 +38,6 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 #: accepts no more from anyone: an endless message is cut off at the broker.
 MAX_MESSAGE_SIZE = MAX_CHUNK_SIZE + 64 * 1024
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_MEMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
@@ -66,7 +64,7 @@ def parse_version(text: str) -> tuple[int, int, int, tuple[tuple[int, int | str]
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not BUNDLE_NAME.match(name):
         raise BundleError(
             f"invalid bundle name {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -213,7 +211,7 @@ class Manifest:
         seen: set[str] = set()
         for item in doc["files"]:
             name, role, size, digest = item["name"], item["role"], item["size"], item["sha256"]
-            if not isinstance(name, str) or not _MEMBER.match(name) or name.startswith("manifest."):
+            if not isinstance(name, str) or not MEMBER.match(name) or name.startswith("manifest."):
                 raise BundleError(f"manifest lists an invalid member name {name!r}")
             if name in seen:
                 raise BundleError(f"manifest lists member {name!r} twice")
@@ -222,7 +220,7 @@ class Manifest:
                 raise BundleError(f"manifest gives member {name!r} an unknown role {role!r}")
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise BundleError(f"manifest gives member {name!r} an invalid size {size!r}")
-            if not isinstance(digest, str) or not _SHA256.match(digest):
+            if not isinstance(digest, str) or not SHA256.match(digest):
                 raise BundleError(f"manifest gives member {name!r} an invalid SHA-256")
             files.append(FileEntry(name=name, role=role, size=size, sha256=digest))
         roles = [f.role for f in files]
@@ -252,13 +250,13 @@ class Manifest:
             raise BundleError(f"manifest has an invalid chunk size {chunk_size!r}")
         if total != sum(f.size for f in files) or len(chunks) != -(-total // chunk_size):
             raise BundleError("manifest's chunk plan does not match its members")
-        if not all(isinstance(c, str) and _SHA256.match(c) for c in chunks):
+        if not all(isinstance(c, str) and SHA256.match(c) for c in chunks):
             raise BundleError("manifest's chunk plan has an invalid SHA-256")
         preprocessing = doc.get("preprocessing", {})
         if not isinstance(preprocessing, dict):
             raise BundleError("manifest's preprocessing must be an object")
         signer = doc["signer"]
-        if not isinstance(signer, str) or not _SHA256.match(signer):
+        if not isinstance(signer, str) or not SHA256.match(signer):
             raise BundleError("manifest's signer is not a key id")
         created_at = doc["created_at"]
         min_agent = doc.get("min_agent_version", "0.0.0")

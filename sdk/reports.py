@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
-import orjson
-
-from .errors import MessageError
+from .schema import ID, MAX_SEQ, Fields, check_schema, decode_json, is_finite, is_number
 
 __all__ = [
     "DRIFT_SEVERITIES",
@@ -63,108 +60,17 @@ MAX_NAME = 64
 MAX_KIND = 32
 #: Longest free text (event messages, errors).
 MAX_TEXT = 4096
-_MAX_COUNT = 2**31 - 1  # counts fit a 32-bit column
-_MAX_SEQ = 2**63 - 1
-_MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: every database's timestamps hold it
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def _refuse(reason: str, message: str) -> MessageError:
-    error = MessageError(message)
-    error.reason = reason
-    return error
 
 
 def decode_json_message(payload: bytes, schema: str, version: int, what: str) -> dict[str, Any]:
     """A JSON object of ``schema`` at ``version``, or MessageError: the one defensive decoder
-    every device-to-fleet message goes through. Strict JSON in UTF-8 (RFC 8259, parsed by
-    orjson): NaN, Infinity, numbers too large for a double and lone surrogates are refused as
-    ``not_json``, so every float of a decoded message is finite without walking it again."""
-    if len(payload) > MAX_REPORT_SIZE:
-        raise _refuse("oversized", f"{what} is {len(payload)} bytes, over the {MAX_REPORT_SIZE}-byte limit")
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise _refuse("not_json", f"{what} is not JSON ({exc})") from None
-    return _check_schema(doc, schema, version, what)
+    every device-to-fleet message goes through (:func:`edgekit.schema.decode_json`, capped at
+    :data:`MAX_REPORT_SIZE`)."""
+    return decode_json(payload, schema, version, what, limit=MAX_REPORT_SIZE)
 
 
-def _check_schema(doc: Any, schema: str, version: int, what: str) -> dict[str, Any]:
-    if not isinstance(doc, dict) or doc.get("schema") != schema:
-        raise _refuse("wrong_schema", f"{what} is not an {schema} message")
-    if doc.get("schema_version") != version:
-        raise _refuse("wrong_version", f"{what} has unsupported schema_version {doc.get('schema_version')!r}")
-    return doc
-
-
-# -- field checks: each returns the value or raises MessageError(reason="bad_field") ------------
-
-
-def _finite(value: object, depth: int = 0) -> bool:
-    """No NaN or infinity anywhere inside (JSON from the wire may carry them), nesting bounded."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if depth > 32:
-        return False
-    if isinstance(value, dict):
-        return all(_finite(v, depth + 1) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite(v, depth + 1) for v in value)
-    return True
-
-
-def _bad(what: str, key: str, expected: str) -> MessageError:
-    return _refuse("bad_field", f"{what} field {key!r} must be {expected}")
-
-
-def _id(doc: dict[str, Any], key: str, what: str) -> str:
-    value = doc.get(key)
-    if not isinstance(value, str) or not _ID.match(value):
-        raise _bad(what, key, "an id (1-64 letters, digits, '.', '_', '-')")
-    return value
-
-
-def _text(doc: dict[str, Any], key: str, what: str, limit: int) -> Optional[str]:
-    value = doc.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > limit or "\0" in value:
-        raise _bad(what, key, f"a string of at most {limit} characters")
-    return value
-
-
-def _int(
-    doc: dict[str, Any], key: str, what: str, default: Optional[int] = None, top: int = _MAX_COUNT
-) -> int:
-    value = doc.get(key, default)
-    # type() is: JSON gives exact ints (a bool is not one), and this runs per field per message.
-    if type(value) is not int or not 0 <= value <= top:
-        raise _bad(what, key, f"an integer from 0 to {top}")
-    return value
-
-
-def _number(value: Any) -> bool:
-    return type(value) is float or type(value) is int
-
-
-def _opt_float(doc: dict[str, Any], key: str, what: str) -> Optional[float]:
-    value = doc.get(key)
-    if value is None:
-        return None
-    if not _number(value) or not math.isfinite(value):
-        raise _bad(what, key, "a finite number or null")
-    return float(value)
-
-
-def _time(doc: dict[str, Any], key: str, what: str, default: Optional[float] = None) -> float:
-    value: Any = doc.get(key, default)
-    if not _number(value) or not 0 <= value <= _MAX_TIME:
-        raise _bad(what, key, "a unix time in seconds")
-    return float(value)
-
-
-def _bundle(doc: dict[str, Any], what: str) -> Optional[Dict[str, str]]:
-    value = doc.get("bundle")
+def _bundle(fields: Fields) -> Optional[Dict[str, str]]:
+    value = fields.doc.get("bundle")
     if value is None:
         return None
     if type(value) is dict:
@@ -173,7 +79,7 @@ def _bundle(doc: dict[str, Any], what: str) -> Optional[Dict[str, str]]:
                 break
         else:
             return value
-    raise _bad(what, "bundle", f"an object of strings of at most {MAX_NAME} characters, or null")
+    raise fields.bad("bundle", f"an object of strings of at most {MAX_NAME} characters, or null")
 
 
 # -- state ----------------------------------------------------------------------------------------
@@ -205,30 +111,24 @@ class DeviceStateReport:
 
     @classmethod
     def from_json(cls, payload: bytes) -> DeviceStateReport:
-        what = "device state"
-        doc = decode_json_message(payload, STATE_SCHEMA, STATE_SCHEMA_VERSION, what)
-        status = doc.get("status")
-        if status not in STATUSES:
-            raise _refuse("bad_field", f"device state has an unknown status {status!r}")
+        doc = decode_json_message(payload, STATE_SCHEMA, STATE_SCHEMA_VERSION, "device state")
+        f = Fields(doc, "device state")
         progress = doc.get("progress")
-        if progress is not None and (not _number(progress) or not 0 <= progress <= 1):
-            raise _bad(what, "progress", "a number from 0 to 1")
-        seq = doc.get("target_seq")
-        if seq is not None:
-            seq = _int(doc, "target_seq", what, top=_MAX_SEQ)
+        if progress is not None:
+            progress = f.number("progress", low=0, top=1)
         return cls(
-            device=_id(doc, "device", what),
-            fleet=_id(doc, "fleet", what),
-            status=status,
-            bundle_id=_text(doc, "bundle_id", what, MAX_NAME),
-            bundle_name=_text(doc, "bundle_name", what, MAX_NAME),
-            bundle_version=_text(doc, "bundle_version", what, MAX_NAME),
-            target_id=_text(doc, "target_id", what, MAX_NAME),
-            target_seq=seq,
-            progress=None if progress is None else float(progress),
-            error=_text(doc, "error", what, MAX_TEXT),
-            agent_version=_text(doc, "agent_version", what, MAX_NAME),
-            time=_time(doc, "time", what, 0.0),
+            device=f.id("device"),
+            fleet=f.id("fleet"),
+            status=f.one_of("status", STATUSES),
+            bundle_id=f.text("bundle_id", MAX_NAME),
+            bundle_name=f.text("bundle_name", MAX_NAME),
+            bundle_version=f.text("bundle_version", MAX_NAME),
+            target_id=f.text("target_id", MAX_NAME),
+            target_seq=f.optional_integer("target_seq", top=MAX_SEQ),
+            progress=progress,
+            error=f.text("error", MAX_TEXT),
+            agent_version=f.text("agent_version", MAX_NAME),
+            time=f.time("time", 0.0),
         )
 
 
@@ -271,7 +171,7 @@ class TelemetryRecord:
         worst: Optional[float] = None
         for score in (self.drift.get("scores") or {}).values():
             psi: Any = score.get("psi") if isinstance(score, dict) else score
-            if _number(psi) and math.isfinite(psi) and (worst is None or psi > worst):
+            if is_number(psi) and math.isfinite(psi) and (worst is None or psi > worst):
                 worst = float(psi)
         return worst
 
@@ -291,73 +191,67 @@ class TelemetryRecord:
     @classmethod
     def from_dict(cls, doc: Any) -> TelemetryRecord:
         """Validate a telemetry record given as a dict (from anywhere); MessageError if bad."""
-        return cls._from_doc(_check_schema(doc, TELEMETRY_SCHEMA, SCHEMA_VERSION, "telemetry"), finite=False)
+        return cls._from_doc(check_schema(doc, TELEMETRY_SCHEMA, SCHEMA_VERSION, "telemetry"), finite=False)
 
     @classmethod
     def _from_doc(cls, doc: dict[str, Any], finite: bool) -> TelemetryRecord:
-        what = "telemetry"
+        f = Fields(doc, "telemetry")
         latency = doc.get("latency_ms")
         if type(latency) is not dict:
-            raise _bad(what, "latency_ms", "an object of p50, p95, p99 numbers or nulls")
+            raise f.bad("latency_ms", "an object of p50, p95, p99 numbers or nulls")
         latency = {k: latency.get(k) for k in ("p50", "p95", "p99")}
         for value in latency.values():
-            if value is not None and (not _number(value) or not math.isfinite(value)):
-                raise _bad(what, "latency_ms", "an object of p50, p95, p99 numbers or nulls")
+            if value is not None and (not is_number(value) or not math.isfinite(value)):
+                raise f.bad("latency_ms", "an object of p50, p95, p99 numbers or nulls")
         drift = doc.get("drift")
         if (
             type(drift) is not dict
             or type(drift.get("drifted", False)) is not bool
             or type(drift.get("scores", {})) is not dict
         ):
-            raise _bad(what, "drift", "an object with a boolean 'drifted' and an object 'scores'")
-        if not finite and not _finite(drift):
-            raise _bad(what, "drift", "finite numbers (no NaN or infinity)")
-        _check_drift_verdict(drift, what)
-        throughput: Any = doc.get("throughput", 0.0)
-        if not _number(throughput) or not math.isfinite(throughput) or throughput < 0:
-            raise _bad(what, "throughput", "a non-negative number")
-        memory = doc.get("memory_rss_bytes")
+            raise f.bad("drift", "an object with a boolean 'drifted' and an object 'scores'")
+        if not finite and not is_finite(drift):
+            raise f.bad("drift", "finite numbers (no NaN or infinity)")
+        _check_drift_verdict(Fields(drift, "telemetry drift"))
         return cls(
-            device=_id(doc, "device", what),
-            fleet=_id(doc, "fleet", what),
-            window_start=_time(doc, "window_start", what),
-            window_end=_time(doc, "window_end", what),
-            count=_int(doc, "count", what),
-            errors=_int(doc, "errors", what),
+            device=f.id("device"),
+            fleet=f.id("fleet"),
+            window_start=f.time("window_start"),
+            window_end=f.time("window_end"),
+            count=f.integer("count"),
+            errors=f.integer("errors"),
             latency_ms=latency,
-            throughput=float(throughput),
+            throughput=f.number("throughput", 0.0, low=0),
             drift=drift,
-            bundle=_bundle(doc, what),
-            cpu_percent=_opt_float(doc, "cpu_percent", what),
-            memory_rss_bytes=None if memory is None else _int(doc, "memory_rss_bytes", what, top=_MAX_SEQ),
-            temperature_c=_opt_float(doc, "temperature_c", what),
-            runtime=_text(doc, "runtime", what, MAX_NAME),
-            seq=_int(doc, "seq", what, 0, top=_MAX_SEQ),
-            dropped=_int(doc, "dropped", what, 0),
-            dropped_total=_int(doc, "dropped_total", what, 0, top=_MAX_SEQ),
+            bundle=_bundle(f),
+            cpu_percent=f.optional_number("cpu_percent"),
+            memory_rss_bytes=f.optional_integer("memory_rss_bytes", top=MAX_SEQ),
+            temperature_c=f.optional_number("temperature_c"),
+            runtime=f.text("runtime", MAX_NAME),
+            seq=f.integer("seq", 0, top=MAX_SEQ),
+            dropped=f.integer("dropped", 0),
+            dropped_total=f.integer("dropped_total", 0, top=MAX_SEQ),
         )
 
 
-def _check_drift_verdict(drift: dict[str, Any], what: str) -> None:
+def _check_drift_verdict(f: Fields) -> None:
     """The severity fields of a record's ``drift``, when present (older agents send none)."""
+    drift = f.doc
     severity = drift.get("severity")
     if severity is not None and severity not in DRIFT_SEVERITIES:
-        raise _bad(what, "drift.severity", f"one of {', '.join(DRIFT_SEVERITIES)}, or null")
-    summary = drift.get("summary")
-    if summary is not None and (type(summary) is not str or len(summary) > MAX_TEXT):
-        raise _bad(what, "drift.summary", f"a string of at most {MAX_TEXT} characters")
+        raise f.bad("severity", f"one of {', '.join(DRIFT_SEVERITIES)}, or null")
+    f.text("summary", MAX_TEXT)
     signals = drift.get("signals", {})
     if type(signals) is not dict or any(type(v) is not bool for v in signals.values()):
-        raise _bad(what, "drift.signals", "an object of booleans")
-    if type(drift.get("calibrated", False)) is not bool:
-        raise _bad(what, "drift.calibrated", "a boolean")
+        raise f.bad("signals", "an object of booleans")
+    f.boolean("calibrated", False)
     accuracy = drift.get("accuracy")
     if accuracy is None:
         return
     if type(accuracy) is not dict or not all(
-        _number(accuracy.get(k)) and 0 <= accuracy[k] <= 1 for k in ("estimate", "low", "high", "reference")
+        is_number(accuracy.get(k)) and 0 <= accuracy[k] <= 1 for k in ("estimate", "low", "high", "reference")
     ):
-        raise _bad(what, "drift.accuracy", "an object of estimate, low, high, reference from 0 to 1, or null")
+        raise f.bad("accuracy", "an object of estimate, low, high, reference from 0 to 1, or null")
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -384,19 +278,15 @@ class Event:
 
     @classmethod
     def from_dict(cls, doc: Any) -> Event:
-        what = "event"
-        doc = _check_schema(doc, EVENT_SCHEMA, SCHEMA_VERSION, what)
-        kind = doc.get("kind")
-        if not isinstance(kind, str) or not _ID.match(kind) or len(kind) > MAX_KIND:
-            raise _bad(what, "kind", f"a word of at most {MAX_KIND} letters, digits, '.', '_', '-'")
-        message = doc.get("message")
-        if not isinstance(message, str) or len(message) > MAX_TEXT or "\0" in message:
-            raise _bad(what, "message", f"a string of at most {MAX_TEXT} characters")
+        f = Fields(check_schema(doc, EVENT_SCHEMA, SCHEMA_VERSION, "event"), "event")
+        kind = f.required_text("kind", MAX_KIND)
+        if not ID.match(kind):
+            raise f.bad("kind", f"a word of at most {MAX_KIND} letters, digits, '.', '_', '-'")
         return cls(
-            device=_id(doc, "device", what),
+            device=f.id("device"),
             kind=kind,
-            message=message,
-            bundle=_bundle(doc, what),
-            time=_time(doc, "time", what),
-            seq=_int(doc, "seq", what, 0, top=_MAX_SEQ),
+            message=f.required_text("message", MAX_TEXT),
+            bundle=_bundle(f),
+            time=f.time("time"),
+            seq=f.integer("seq", 0, top=MAX_SEQ),
         )

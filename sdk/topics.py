@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import TopicError
+from .schema import ID, SHA256
 
 __all__ = ["DEFAULT_PREFIX", "TopicParts", "Topics", "check_device_id", "check_fleet_id"]
 
 DEFAULT_PREFIX = "edgekit"
 MAX_CHUNKS = 10_000_000
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _INDEX = re.compile(r"^(0|[1-9][0-9]{0,6})$")
 _PREFIX_LEVEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -49,7 +48,7 @@ _DEVICE_LEAVES = {
 
 
 def _check_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not ID.match(value):
         raise TopicError(
             f"invalid {what} id {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', '+', '#')"
@@ -68,7 +67,7 @@ def check_fleet_id(fleet: object) -> str:
 
 
 def _check_sha256(digest: object) -> str:
-    if not isinstance(digest, str) or not _SHA256.match(digest):
+    if not isinstance(digest, str) or not SHA256.match(digest):
         raise TopicError(f"invalid bundle digest {digest!r}: expected 64 lowercase hex digits (SHA-256)")
     return digest
 

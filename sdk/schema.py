@@ -1,0 +1,212 @@
+"""The wire schemas' shared parts: one strict JSON decoder, the id and digest patterns, and the
+field checks every decoder uses, each raising the decoder's own typed error.
+
+Every message or document edgekit reads off the wire or a disk (device reports, desired states,
+manifests, calibration, capture records) is a versioned JSON object decoded by
+:func:`decode_json` (a size cap before parsing, strict JSON: no NaN, Infinity, overflowing
+numbers or lone surrogates, then the schema name and version), and its fields checked through a
+:class:`Fields` (types, ranges, lengths: a value a database column or a device cannot hold
+never gets further). A refusal is the caller's error class (``MessageError``,
+``DesiredStateError``, ...) with a stable one-word ``reason`` and a message naming the field
+and what it must be. Unknown fields are ignored unless a decoder says otherwise.
+
+Why a small helper of ours rather than a typed library (msgspec, pydantic): the decoders run on
+devices too, down to 32-bit Raspberry Pi OS and Python 3.9, where msgspec has no wheel (checked:
+aarch64 yes, armv7l no) and pydantic is heavy; and the hot path (ingest decodes tens of thousands
+of telemetry records a second) is a handful of ``type() is`` checks per field, which a schema
+library does not beat by much in Python (BENCHMARKS.md, "Wire decoders").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Optional, TypeVar
+
+import orjson
+
+from .errors import EdgekitError, MessageError
+
+__all__ = [
+    "BUNDLE_NAME",
+    "ID",
+    "MEMBER",
+    "SHA256",
+    "Fields",
+    "decode_json",
+    "is_number",
+    "refuse",
+]
+
+#: Device, fleet, key and account ids: what topics and registry columns hold.
+ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: A bundle's name (lower case: it is a catalog and file name too).
+BUNDLE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+#: A bundle member's file name.
+MEMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+#: A SHA-256 digest, lower-case hex.
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+E = TypeVar("E", bound=EdgekitError)
+
+MAX_COUNT = 2**31 - 1  # counts fit a 32-bit column
+MAX_SEQ = 2**63 - 1
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: every database's timestamps hold it
+
+
+def refuse(error: type[E], reason: str, message: str) -> E:
+    """``error(message)`` with its ``reason`` word set: the one way every decoder refuses."""
+    refused = error(message)
+    refused.reason = reason  # type: ignore[attr-defined]
+    return refused
+
+
+def decode_json(
+    payload: bytes,
+    schema: str,
+    version: int,
+    what: str,
+    *,
+    limit: int,
+    error: type[EdgekitError] = MessageError,
+) -> dict[str, Any]:
+    """A JSON object of ``schema`` at ``version``, or ``error``: reasons ``oversized``,
+    ``not_json``, ``wrong_schema``, ``wrong_version``. Strict JSON in UTF-8 (RFC 8259, parsed by
+    orjson): every float of a decoded object is finite without walking it again."""
+    if len(payload) > limit:
+        raise refuse(error, "oversized", f"{what} is {len(payload)} bytes, over the {limit}-byte limit")
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise refuse(error, "not_json", f"{what} is not JSON ({exc})") from None
+    return check_schema(doc, schema, version, what, error)
+
+
+def check_schema(
+    doc: Any, schema: str, version: int, what: str, error: type[EdgekitError] = MessageError
+) -> dict[str, Any]:
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        raise refuse(error, "wrong_schema", f"{what} is not an {schema} message")
+    if type(doc.get("schema_version")) is not int or doc["schema_version"] != version:
+        raise refuse(
+            error, "wrong_version", f"{what} has unsupported schema_version {doc.get('schema_version')!r}"
+        )
+    return doc
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number (a bool is not one). ``type() is``: this runs per field per message."""
+    return type(value) is float or type(value) is int
+
+
+def is_finite(value: object, depth: int = 0) -> bool:
+    """No NaN or infinity anywhere inside (a dict built elsewhere may carry them), nesting bounded."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return all(is_finite(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(is_finite(v, depth + 1) for v in value)
+    return True
+
+
+class Fields:
+    """The field checks of one decoded object: each returns the value or raises ``error`` with
+    ``reason`` and a message naming ``what``, the field, and what it must be."""
+
+    __slots__ = ("doc", "error", "reason", "what")
+
+    def __init__(
+        self,
+        doc: dict[str, Any],
+        what: str,
+        error: type[EdgekitError] = MessageError,
+        reason: str = "bad_field",
+    ) -> None:
+        self.doc = doc
+        self.what = what
+        self.error = error
+        self.reason = reason
+
+    def bad(self, key: str, expected: str) -> EdgekitError:
+        return refuse(self.error, self.reason, f"{self.what} field {key!r} must be {expected}")
+
+    def id(self, key: str) -> str:
+        value = self.doc.get(key)
+        if type(value) is not str or not ID.match(value):
+            raise self.bad(key, "an id (1-64 letters, digits, '.', '_', '-')")
+        return value
+
+    def sha256(self, key: str) -> str:
+        value = self.doc.get(key)
+        if type(value) is not str or not SHA256.match(value):
+            raise self.bad(key, "a SHA-256 (64 lower-case hex digits)")
+        return value
+
+    def text(self, key: str, limit: int) -> Optional[str]:
+        """A string of at most ``limit`` characters without NUL, or None when absent."""
+        value = self.doc.get(key)
+        if value is None:
+            return None
+        if type(value) is not str or len(value) > limit or "\0" in value:
+            raise self.bad(key, f"a string of at most {limit} characters")
+        return value
+
+    def required_text(self, key: str, limit: int) -> str:
+        value = self.text(key, limit)
+        if value is None:
+            raise self.bad(key, f"a string of at most {limit} characters")
+        return value
+
+    def integer(self, key: str, default: Optional[int] = None, top: int = MAX_COUNT, low: int = 0) -> int:
+        value = self.doc.get(key, default)
+        if type(value) is not int or not low <= value <= top:
+            raise self.bad(key, f"an integer from {low} to {top}")
+        return value
+
+    def optional_integer(self, key: str, top: int = MAX_COUNT) -> Optional[int]:
+        return None if self.doc.get(key) is None else self.integer(key, top=top)
+
+    def number(
+        self, key: str, default: Optional[float] = None, low: float = -math.inf, top: float = math.inf
+    ) -> float:
+        value: Any = self.doc.get(key, default)
+        if not is_number(value) or not math.isfinite(value) or not low <= value <= top:
+            raise self.bad(
+                key, "a finite number" + (f" from {low:g} to {top:g}" if math.isfinite(low) else "")
+            )
+        return float(value)
+
+    def optional_number(self, key: str) -> Optional[float]:
+        value = self.doc.get(key)
+        if value is None:
+            return None
+        if not is_number(value) or not math.isfinite(value):
+            raise self.bad(key, "a finite number or null")
+        return float(value)
+
+    def time(self, key: str, default: Optional[float] = None) -> float:
+        value: Any = self.doc.get(key, default)
+        if not is_number(value) or not 0 <= value <= MAX_TIME:
+            raise self.bad(key, "a unix time in seconds")
+        return float(value)
+
+    def boolean(self, key: str, default: Optional[bool] = None) -> bool:
+        value = self.doc.get(key, default)
+        if type(value) is not bool:
+            raise self.bad(key, "true or false")
+        return value
+
+    def one_of(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self.doc.get(key)
+        if value not in choices:
+            raise self.bad(key, f"one of {', '.join(choices)}")
+        return str(value)
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.doc.get(key)
+        if type(value) is not dict:
+            raise self.bad(key, "an object")
+        return value
