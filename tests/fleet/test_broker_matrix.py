@@ -89,12 +89,7 @@ def push(target: Path, lane: Lane, *extra: str) -> dict:
 
 
 def restart_mosquitto(mosquitto) -> Callable[[], None]:  # type: ignore[no-untyped-def]
-    data = mosquitto.directory / "data"
-    data.mkdir()
-    mosquitto.extra_config = f"persistence true\npersistence_location {data}/\nautosave_interval 60\n"
-    mosquitto.write_config()
-    mosquitto.stop()
-    mosquitto.start()
+    mosquitto.persist()
 
     def restart() -> None:
         mosquitto.stop(graceful=True)  # as `systemctl restart`: retained messages are saved
