@@ -185,6 +185,12 @@ class RabbitMq:
 
     def start(self) -> RabbitMq:
         enabled = "[E" in self._run("-q", "list", "-e", "rabbitmq_mqtt", tool=self.plugins)
+        running = "true" in self._run(
+            "eval", "lists:keymember(rabbitmq_mqtt, 1, application:which_applications())."
+        )
+        if enabled and not running:  # left enabled by a run that died, and failed to start since
+            self._run("disable", "rabbitmq_mqtt", tool=self.plugins)
+            enabled = False
         if enabled:  # someone else's: use the port it listens on
             found = re.search(r"(\d{2,5})\}?\]", self._listeners())
             if not found:
