@@ -408,17 +408,22 @@ def run_push(
     """What `edgekit push --wait` does, timed as it sees it: publish the bundle, tell the fleet,
     follow every agent until it serves the bundle (fetched, verified, installed, health-checked)."""
     from edgekit.errors import EdgekitError
+    from edgekit.fleet.control import ControlPlane
     from edgekit.fleet.push import FleetLink, begin_rollout, run_rollout
     from edgekit.fleet.rollout import RolloutPolicy
     from edgekit.mqtt import Message, MqttClient
     from edgekit.reports import DeviceStateReport
+    from edgekit.trust import TrustedKeys
 
     fleet = f"push-{run}"
     workdir = tempfile.mkdtemp(prefix="edgekit-bench-", dir=os.environ.get("BENCH_WORKDIR"))
     try:
         procs, results = spawn(agent_worker, groups, (url, fleet, public_pem, workdir, xnnpack), ctx)
-        with MqttClient(url, client_id="workstation") as workstation:
-            link = FleetLink(workstation, fleet, key, Path(workdir) / "home")
+        with (
+            MqttClient(url, client_id="workstation") as workstation,
+            ControlPlane.open(f"sqlite:///{workdir}/registry.db", TrustedKeys([key.public])) as control,
+        ):
+            link = FleetLink(workstation, fleet, key, control)
             expected = sum(len(g) for g in groups)
             while len(link.devices()) < expected:
                 link.wait_change(10.0)
@@ -438,13 +443,12 @@ def run_push(
             workstation.subscribe(link.topics.all_devices_filter("state"), on_state)
             start = time.monotonic()
             upload = link.start_upload(bundle)  # as `edgekit push` does it
-            state_path = Path(workdir) / "home" / "rollout.json"
             policy = RolloutPolicy(canary=0, install_timeout_s=1800)
-            rollout, labels = begin_rollout(link, bundle, policy, state_path)
+            rollout, labels = begin_rollout(link, bundle, policy)
             told = time.monotonic()
             upload.finish()
             uploaded = time.monotonic()
-            rollout = run_rollout(link, rollout, policy, state_path, labels, timeout=1800)
+            rollout = run_rollout(link, rollout, policy, labels, timeout=1800)
             end = time.monotonic()
             phases.append(
                 {

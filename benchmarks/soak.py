@@ -316,6 +316,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     broker.directory.mkdir()
     broker.start()
     registry = args.registry or f"sqlite:///{work / 'registry.db'}"
+    env["EDGEKIT_REGISTRY"] = registry  # the operator's commands and fleet serve share one control plane
     sim = work / "sim"
     width = max(3, len(str(args.devices - 1)))
     devices = [f"{FLEET}-sim-{i:0{width}d}" for i in range(args.devices)]
@@ -362,13 +363,15 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 elif step == "rollback":
                     operator.rollback(f"1.{cycle - 1}.0")
                 else:
-                    from edgekit.catalog import Catalog
+                    from edgekit.fleet.control import ControlPlane
                     from edgekit.keys import load_signing_key
                     from edgekit.trust import TrustedKeys
 
                     os.environ["EDGEKIT_HOME"] = str(home)
                     key = load_signing_key(home)
-                    good = Catalog(home, TrustedKeys([key.public])).path("digits", f"1.{cycle}.0")
+                    good = work / f"good-{cycle}.ekb"
+                    with ControlPlane.open(registry, TrustedKeys([key.public])) as control:
+                        good.write_bytes(control.catalog.data("digits", f"1.{cycle}.0"))
                     bad = work / f"unhealthy-{cycle}.ekb"
                     make_unhealthy(good, key, bad, version=f"9.{cycle}.0")
                     operator.push_unhealthy(bad, f"9.{cycle}.0")

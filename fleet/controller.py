@@ -1,16 +1,21 @@
-"""The rollout controller of ``edgekit fleet up`` / ``fleet serve``: it drives saved rollouts
+"""The rollout controller of ``edgekit fleet up`` / ``fleet serve``: it drives the rollouts
 that nobody is driving to their end.
 
-``edgekit push --canary N`` without ``--wait`` tells the canaries and leaves the rollout saved
-under ``$EDGEKIT_HOME/rollouts/FLEET.json``; a crashed or closed ``push --wait`` leaves one too.
-:class:`RolloutController` looks at every saved rollout a few times a second; for each one that
-is not finished and whose lock (:func:`~edgekit.fleet.push.driving`) it can take at once, it
-reloads it, takes one :func:`~edgekit.fleet.push.step_rollout` (the step ``push --wait`` and
+``edgekit push --canary N`` without ``--wait`` tells the canaries and leaves the rollout saved in
+the control plane (:mod:`edgekit.fleet.control`); a crashed or closed ``push --wait`` leaves one
+too. :class:`RolloutController` looks at every unfinished rollout a few times a second; for each
+one whose driving lock (:meth:`~edgekit.fleet.control.ControlPlane.driving`) it can take at once,
+it reloads it, takes one :func:`~edgekit.fleet.push.step_rollout` (the step ``push --wait`` and
 ``rollout resume`` take: soak, advance to the fleet, abort and roll the canaries back) and lets
 the lock go. Holding the lock for one step only means ``edgekit rollout abort``, a new ``push``
 or ``fleet rollback`` from another terminal gets in between two steps, and the controller then
 carries on from what they saved; a ``push --wait`` or ``rollout resume`` holding the lock drives
 the rollout itself and the controller keeps off until it is done (or dies).
+
+Several ``fleet serve`` processes may share one database: only the **leader** runs the
+controller (:meth:`~edgekit.fleet.control.ControlPlane.leader`, a lock the database frees when
+its holder dies); the others try again every ``interval`` and take over within one interval of
+the leader's death. A step is saved before the next is taken, so no step is done twice.
 
 The controller signs desired states with the workstation's key (``keys/default``, or
 ``key_name``; an encrypted key needs ``EDGEKIT_KEY_PASSPHRASE``, or pass ``key``).
@@ -23,13 +28,13 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from edgekit.errors import ConfigError, EdgekitError, RolloutError
+from edgekit.errors import EdgekitError, RolloutError
 from edgekit.keys import SigningKey, load_signing_key
 from edgekit.mqtt import MqttClient
 from edgekit.topics import Topics
 
-from .push import FleetLink, FleetRecord, connect_operator, driving, labels_of, step_rollout
-from .rollout import Rollout
+from .control import ControlPlane
+from .push import FleetLink, connect_operator, labels_of, step_rollout
 
 __all__ = ["RolloutController"]
 
@@ -39,9 +44,10 @@ HOLDER = "the rollout controller of edgekit fleet up"
 
 
 class RolloutController:
-    """Drive every saved, unfinished rollout under ``home`` that no one else drives.
+    """Drive every unfinished rollout of ``control`` that no one else drives, while this
+    process is the leader.
 
-    ``broker_url`` is where the devices are (``username``/``password`` for a broker with
+    ``home`` holds the signing key; ``broker_url`` is where the devices are (``username``/``password`` for a broker with
     accounts, else the operator account under ``home/broker`` if there is one); ``interval`` is how often (seconds) the rollouts are looked at.
     ``finished`` lists ``(fleet, phase, reason)`` of every rollout it brought to an end.
     """
@@ -50,6 +56,7 @@ class RolloutController:
         self,
         broker_url: str,
         home: Path,
+        control: ControlPlane,
         *,
         key: Optional[SigningKey] = None,
         key_name: str = "default",
@@ -60,6 +67,9 @@ class RolloutController:
     ) -> None:
         self.broker_url = broker_url
         self.home = Path(home)
+        self.control = control
+        #: Whether this process is the leader now (runs the controller).
+        self.leading = threading.Event()
         self.key_name = key_name
         self.interval = interval
         self.topics = topics or Topics()
@@ -109,24 +119,37 @@ class RolloutController:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.tick()
-            except Exception:  # counted and logged: the controller must outlive any one rollout
+                with self.control.leader("rollout-controller") as leading:
+                    if leading:
+                        self._lead()
+            except Exception:  # counted and logged: the controller must outlive any database trouble
                 self.errors += 1
-                log.exception("the rollout controller failed a round; trying again")
+                log.exception("the rollout controller lost its lease or its database; trying again")
             self._stop.wait(self.interval)
 
+    def _lead(self) -> None:
+        log.info("this process runs the rollout controller (leader %s)", self.control.actor)
+        self.leading.set()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.tick()
+                except Exception:  # counted and logged: the controller must outlive any one rollout
+                    self.errors += 1
+                    log.exception("the rollout controller failed a round; trying again")
+                self._stop.wait(self.interval)
+        finally:
+            self.leading.clear()
+
     def tick(self) -> None:
-        """Look at every saved rollout once and step those that are free and unfinished."""
-        for path in sorted((self.home / "rollouts").glob("*.json")):
+        """Look at every unfinished rollout once and step those that are free."""
+        for fleet in self.control.unfinished():
             if self._stop.is_set():
                 return
-            fleet = path.stem
             try:
-                if Rollout.load(path).finished:
-                    continue
                 link = self._link(fleet)  # outside the lock: the first one listens a while
-                with driving(self.home, fleet, HOLDER):
-                    self._step(fleet, path, link)
+                with self.control.driving(fleet, HOLDER):
+                    self._step(fleet, link)
                 self._complained.discard(fleet)
             except RolloutError:
                 continue  # someone else drives it (push --wait, rollout resume, another controller)
@@ -136,18 +159,16 @@ class RolloutController:
                     self._complained.add(fleet)
                     log.error("cannot drive the rollout of fleet %s: %s", fleet, exc)
 
-    def _step(self, fleet: str, path: Path, link: FleetLink) -> None:
-        rollout = Rollout.load(path)  # again, under the lock: as the last driver left it
+    def _step(self, fleet: str, link: FleetLink) -> None:
+        rollout = self.control.rollout(fleet)  # again, under the lock: as the last driver left it
         if rollout.finished:
             return
-        if rollout.fleet != fleet:
-            raise ConfigError(f"{path} holds a rollout of fleet {rollout.fleet}; remove it")
-        link.record = FleetRecord.load(self.home, fleet)  # a push since the last step changes it
+        link.record = self.control.record(fleet)  # a push since the last step changes it
         if link.watching != rollout.bundle_id:
             link.watch_telemetry_of(rollout.bundle_id)
             log.info("driving the rollout of %s to fleet %s (phase %s)", rollout.label, fleet, rollout.phase)
         before = rollout.phase
-        rollout = step_rollout(link, rollout, rollout.rollout_policy, path, labels_of(rollout, link.record))
+        rollout = step_rollout(link, rollout, rollout.rollout_policy, labels_of(rollout, link.record))
         if rollout.phase != before:
             log.info(
                 "rollout of %s to fleet %s: %s -> %s%s",
@@ -179,7 +200,7 @@ class RolloutController:
             assert self._client is not None
             if self._key is None:
                 self._key = load_signing_key(self.home, self.key_name)
-            link = FleetLink(self._client, fleet, self._key, self.home, self.topics)
+            link = FleetLink(self._client, fleet, self._key, self.control, self.topics)
             # What `rollout resume` does too: hear every device's retained state before the
             # first step, so a soaking canary is not taken for one that stopped serving.
             link.discover()

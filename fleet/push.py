@@ -4,48 +4,41 @@ fleet answer, and drive canary rollouts to the end.
 :class:`FleetLink` is one operator connection to the broker. It keeps what every device of a
 fleet last said (its retained state, and the telemetry since a rollout began) and publishes
 signed desired states with sequence numbers that only grow: the next number is above both the
-one saved under ``$EDGEKIT_HOME/fleets/`` and any number seen on the broker's retained
-documents, so two workstations, or one that lost its home directory, never go backwards.
+fleet's counter in the control plane (:mod:`edgekit.fleet.control`, the registry database) and
+any number seen on the broker's retained documents, so two operators, or one whose database was
+restored from an old backup, never go backwards.
 
 :func:`run_rollout` runs the :mod:`edgekit.fleet.rollout` state machine against a live fleet,
-one :func:`step_rollout` at a time, saving the rollout after every step so that ``edgekit
-rollout resume`` or the rollout controller of ``edgekit fleet up`` can pick it up.
-
-:func:`driving` is the lock that keeps two drivers off one fleet's rollout: ``push``,
-``rollout resume|abort``, ``fleet rollback`` and the controller all take it before they change
-``rollouts/FLEET.json``. It is an ``flock`` on ``rollouts/FLEET.lock``: the kernel releases it
-when its holder exits or dies (kill -9, a crash, a laptop's power), so there is no stale lock to
-clean up, and no guessing whether a recorded pid is still alive or was reused. The file also
-names the holder's pid and command, for the error message of whoever is refused.
+one :func:`step_rollout` at a time, saving the rollout in the control plane after every step so
+that ``edgekit rollout resume`` or the rollout controller of ``edgekit fleet up`` / ``fleet
+serve`` can pick it up. Whoever changes a fleet's rollout holds the fleet's driving lock first
+(:meth:`edgekit.fleet.control.ControlPlane.driving`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from edgekit.atomic import atomic_write
 from edgekit.bundle import Bundle
 from edgekit.desired import decode_desired_state, new_desired_state, sign_desired_state
-from edgekit.errors import BrokerError, ConfigError, DesiredStateError, MessageError, RolloutError
+from edgekit.errors import BrokerError, DesiredStateError, MessageError
 from edgekit.keys import SigningKey
 from edgekit.mqtt import Message, MqttClient
 from edgekit.reports import DeviceStateReport
 from edgekit.topics import Topics
 from edgekit.transfer import Upload, clear_bundle, publish_bundle, start_upload
 
+from .control import ControlPlane, FleetRecord
 from .rollout import Action, DeviceReport, Rollout, RolloutPolicy, advance, start
 
-__all__ = ["FleetLink", "FleetRecord", "driving", "rollout_path", "run_rollout", "step_rollout"]
+__all__ = ["FleetLink", "begin_rollout", "run_rollout", "step_rollout"]
 
 log = logging.getLogger(__name__)
 
@@ -60,67 +53,23 @@ class _Window:
     drifted: bool = False
 
 
-@dataclass
-class FleetRecord:
-    """What the workstation remembers of a fleet between commands (``fleets/NAME.json``)."""
-
-    fleet: str
-    seq: int = 0
-    bundle_id: Optional[str] = None  # what the fleet was last told to run
-    label: Optional[str] = None
-    history: list[dict[str, str]] = field(default_factory=list)  # [{id, label}] newest last
-    devices: list[str] = field(default_factory=list)  # heard from when it was last told something
-
-    @classmethod
-    def load(cls, home: Path, fleet: str) -> FleetRecord:
-        path = home / "fleets" / f"{fleet}.json"
-        try:
-            doc = json.loads(path.read_bytes())
-            return cls(
-                fleet=fleet,
-                seq=int(doc["seq"]),
-                bundle_id=doc.get("bundle_id"),
-                label=doc.get("label"),
-                history=list(doc.get("history", [])),
-                devices=[str(d) for d in doc.get("devices", [])],
-            )
-        except FileNotFoundError:
-            return cls(fleet=fleet)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(
-                f"{path} is corrupt ({exc}); delete it to start the fleet's record over"
-            ) from None
-
-    def save(self, home: Path) -> None:
-        path = home / "fleets" / f"{self.fleet}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "seq": self.seq,
-            "bundle_id": self.bundle_id,
-            "label": self.label,
-            "history": self.history[-20:],
-            "devices": sorted(self.devices),
-        }
-        atomic_write(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-
-    def previous(self) -> Optional[dict[str, str]]:
-        """The bundle the fleet ran before the current one, if any."""
-        older = [h for h in self.history if h["id"] != self.bundle_id]
-        return older[-1] if older else None
-
-
 class FleetLink:
     """An operator's connection to one fleet. Thread-safe; handlers run on the client's thread."""
 
     def __init__(
-        self, client: MqttClient, fleet: str, key: SigningKey, home: Path, topics: Optional[Topics] = None
+        self,
+        client: MqttClient,
+        fleet: str,
+        key: SigningKey,
+        control: ControlPlane,
+        topics: Optional[Topics] = None,
     ) -> None:
         self.client = client
         self.fleet = fleet
         self.key = key
-        self.home = home
+        self.control = control
         self.topics = topics or Topics()
-        self.record = FleetRecord.load(home, fleet)
+        self.record = control.record(fleet)
         self.states: dict[str, DeviceStateReport] = {}
         self.rejected = 0
         self._seen_seq = 0
@@ -230,12 +179,8 @@ class FleetLink:
         return self.devices()
 
     def _provisioned(self) -> set[str]:
-        """Devices of this fleet with broker accounts in this home (``edgekit device add``)."""
-        if not (self.home / "broker" / "devices").is_dir():
-            return set()
-        from edgekit.broker import list_devices
-
-        return {d.device for d in list_devices(self.home) if d.fleet == self.fleet}
+        """Devices provisioned for this fleet (``edgekit device add``, in the control plane)."""
+        return {p.device for p in self.control.provisioned(self.fleet)}
 
     def reports(self) -> list[DeviceReport]:
         """The rollout controller's view of every known device of the fleet."""
@@ -280,7 +225,7 @@ class FleetLink:
 
     def desire(self, bundle_id: str, name: str, version: str, device: Optional[str] = None) -> int:
         """Sign and publish (retained) a desired state; returns its sequence number."""
-        seq = max(self.record.seq, self._seen_seq) + 1
+        seq = self.control.next_seq(self.fleet, above=self._seen_seq)
         state = new_desired_state(
             self.fleet,
             bundle_sha256=bundle_id,
@@ -298,7 +243,7 @@ class FleetLink:
             self.record.history = [h for h in self.record.history if h["id"] != bundle_id]
             self.record.history.append({"id": bundle_id, "label": self.record.label})
         self.record.devices = sorted(self.states)  # what the next discovery expects to hear
-        self.record.save(self.home)
+        self.control.save_record(self.record)
         log.info(
             "published desired state seq %d: %s@%s for %s",
             seq,
@@ -317,42 +262,7 @@ class FleetLink:
         clear_bundle(self.client, bundle_id, chunk_count, self.topics)
 
 
-def rollout_path(home: Path, fleet: str) -> Path:
-    """Where a fleet's current rollout is saved."""
-    return home / "rollouts" / f"{fleet}.json"
-
-
-@contextmanager
-def driving(home: Path, fleet: str, holder: str, wait: float = 0.0) -> Iterator[None]:
-    """Hold the lock on ``fleet``'s rollout; RolloutError naming the holder if another process
-    (or another driver in this one) has it for longer than ``wait`` seconds."""
-    path = rollout_path(home, fleet).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    held = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                    raise RolloutError(
-                        f"the rollout of fleet {fleet} is being driven by {held}; wait for it to "
-                        "finish, or stop it first"
-                    ) from None
-                time.sleep(0.05)  # flock has no timed wait; the holders' steps are short
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({holder})\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def step_rollout(
-    link: FleetLink, rollout: Rollout, policy: RolloutPolicy, state_path: Path, labels: dict[str, str]
-) -> Rollout:
+def step_rollout(link: FleetLink, rollout: Rollout, policy: RolloutPolicy, labels: dict[str, str]) -> Rollout:
     """One step: advance with what the devices say now, publish what that asks for, save (when
     the rollout changed: devices report often, download progress included; each save is two
     fsyncs, and ``rollout`` as given is the one saved last)."""
@@ -360,7 +270,7 @@ def step_rollout(
     if actions:
         link.carry_out(actions, labels)
     if new != rollout or actions:
-        new.save(state_path)
+        link.control.save_rollout(new)
     return new
 
 
@@ -368,7 +278,6 @@ def run_rollout(
     link: FleetLink,
     rollout: Rollout,
     policy: RolloutPolicy,
-    state_path: Path,
     labels: dict[str, str],
     *,
     timeout: float,
@@ -379,7 +288,7 @@ def run_rollout(
     deadline = time.monotonic() + timeout
     link.watch_telemetry_of(rollout.bundle_id)
     while not rollout.finished:
-        rollout = step_rollout(link, rollout, policy, state_path, labels)
+        rollout = step_rollout(link, rollout, policy, labels)
         if on_change is not None:
             on_change(rollout, link)
         if rollout.finished or time.monotonic() >= deadline:
@@ -388,9 +297,7 @@ def run_rollout(
     return rollout
 
 
-def begin_rollout(
-    link: FleetLink, bundle: Bundle, policy: RolloutPolicy, state_path: Path
-) -> tuple[Rollout, dict[str, str]]:
+def begin_rollout(link: FleetLink, bundle: Bundle, policy: RolloutPolicy) -> tuple[Rollout, dict[str, str]]:
     """Start a rollout of ``bundle`` to every device the fleet has; returns it and its labels."""
     previous = link.record.bundle_id if link.record.bundle_id != bundle.bundle_id else None
     labels = {bundle.bundle_id: bundle.manifest.label}
@@ -401,7 +308,7 @@ def begin_rollout(
     )
     link.watch_telemetry_of(bundle.bundle_id)
     link.carry_out(actions, labels)
-    rollout.save(state_path)
+    link.control.save_rollout(rollout, new=True)
     return rollout, labels
 
 

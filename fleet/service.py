@@ -226,9 +226,12 @@ class FleetService:
                 f"{self.config.ready_timeout:g}s; see the log above"
             )
         if self.config.controller and home is not None:
+            from .control import ControlPlane, operator_name
             from .controller import RolloutController
 
-            self._controller = RolloutController(self.config.broker, home).start()
+            # The controller reads rollouts and fleet records, never the catalog: no keys to trust.
+            control = ControlPlane(self.registry, actor=f"fleet serve ({operator_name()})")
+            self._controller = RolloutController(self.config.broker, home, control).start()
         if self._socket is not None:
             self._serve_dashboard(self._socket)
         return self
@@ -255,7 +258,12 @@ class FleetService:
     def _serve_dashboard(self, sock: socket.socket) -> None:
         import uvicorn
 
-        app = create_app(self.registry, self.metrics, token=self.config.token)
+        from .api import ApiContext
+
+        home = Path(self.config.home) if self.config.home else None
+        username, password = operator_login(self.config.broker, None, None, home)
+        api = ApiContext(self.registry, self.config.broker, home, username, password, token=self.config.token)
+        app = create_app(self.registry, self.metrics, token=self.config.token, api=api)
         config = uvicorn.Config(app, log_level=self.config.log_level.lower(), access_log=False)
         self._server = uvicorn.Server(config)
         thread = threading.Thread(

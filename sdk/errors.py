@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccuracyGateError",
+    "AuthError",
     "BrokerError",
     "BundleError",
     "ConfigError",
@@ -141,6 +142,12 @@ class MessageError(EdgekitError):
     #: Why, as a stable word for metrics: oversized, not_json, wrong_schema, wrong_version,
     #: bad_field, device_mismatch (see ``edgekit.reports``).
     reason: str = "bad_field"
+
+
+class AuthError(EdgekitError):
+    """Not signed in to the fleet service, a session that expired, or a role that may not act."""
+
+    exit_code = 16
 
 
 class RolloutError(EdgekitError):

@@ -294,6 +294,8 @@ class Demo:
             "120",
             "--broker",
             self.broker,
+            "--registry",
+            self.registry,
         )
 
         step("8. The fleet, as the registry sees it")

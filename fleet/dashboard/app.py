@@ -20,6 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..api import ApiContext, api_routes
 from ..registry import Registry
 from ..registry.views import device_json, event_json, telemetry_json
 from .metrics import FleetMetrics
@@ -34,6 +35,8 @@ class _TokenMiddleware(BaseHTTPMiddleware):
         self.token = token
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        if request.url.path.startswith("/api/v1/"):  # the operator API checks its own sessions
+            return await call_next(request)
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         given = given or request.query_params.get("token", "") or request.cookies.get(TOKEN_COOKIE, "")
         if not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -60,9 +63,13 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def create_app(
-    registry: Registry, metrics: FleetMetrics | None = None, token: str | None = None
+    registry: Registry,
+    metrics: FleetMetrics | None = None,
+    token: str | None = None,
+    api: ApiContext | None = None,
 ) -> Starlette:
-    """The dashboard app over ``registry``. With ``token`` every request must present it."""
+    """The dashboard app over ``registry``. With ``token`` every request must present it
+    (but the operator API, ``api``, which signs its callers in itself)."""
     metrics = metrics or FleetMetrics(registry)
 
     async def fleets(request: Request) -> JSONResponse:
@@ -125,6 +132,8 @@ def create_app(
         Route("/metrics", prometheus),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
+    if api is not None:
+        routes[:0] = api_routes(api)
     middleware = [Middleware(_TokenMiddleware, token=token)] if token else []
     return Starlette(routes=routes, middleware=middleware)
 

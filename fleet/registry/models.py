@@ -14,8 +14,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -50,41 +52,118 @@ class Device(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-class BundleRecord(Base):
-    __tablename__ = "bundles"
+class CatalogEntry(Base):
+    """One signed bundle of the catalog, its bytes included: every operator and every
+    ``fleet serve`` sharing the database ships and rolls back to the same bundles."""
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), index=True)
+    __tablename__ = "catalog"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_catalog_name_version"),)
+
+    bundle_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
     version: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     size: Mapped[int] = mapped_column(BigInteger)
-    manifest: Mapped[dict[str, object]] = mapped_column(JSON)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    added_by: Mapped[str] = mapped_column(String(128))
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-class Rollout(Base):
+class FleetRecordRow(Base):
+    """What a fleet was last told: the desired-state sequence counter and the bundle history."""
+
+    __tablename__ = "fleet_records"
+
+    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    label: Mapped[str | None] = mapped_column(String(140), nullable=True)
+    history: Mapped[list[dict[str, str]]] = mapped_column(JSON)
+    devices: Mapped[list[str]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RolloutRow(Base):
+    """One rollout (the newest per fleet is the current one); ``doc`` is the state machine's
+    :class:`edgekit.fleet.rollout.Rollout` as JSON."""
+
     __tablename__ = "rollouts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    fleet: Mapped[str] = mapped_column(ForeignKey("fleets.name"), index=True)
-    bundle_id: Mapped[str] = mapped_column(ForeignKey("bundles.id"))
-    previous_bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    state: Mapped[str] = mapped_column(String(32))
-    canaries: Mapped[list[str]] = mapped_column(JSON, default=list)
-    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    fleet: Mapped[str] = mapped_column(String(64), index=True)
+    label: Mapped[str] = mapped_column(String(140))
+    phase: Mapped[str] = mapped_column(String(16))
+    started_by: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    doc: Mapped[str] = mapped_column(Text)
+
+
+class FleetDriver(Base):
+    """Who holds a fleet's driving lock (the lock itself is an advisory lock or a file lock)."""
+
+    __tablename__ = "fleet_drivers"
+
+    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """Who did what to which fleet, and how it went."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    fleet: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    target: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    result: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ProvisionedDevice(Base):
+    """A device someone provisioned (``edgekit device add``): who, when, for which fleet. Its
+    broker password stays in the provisioning machine's ``$EDGEKIT_HOME/broker`` (0600)."""
+
+    __tablename__ = "provisioned_devices"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64))
+    username: Mapped[str] = mapped_column(String(64))
+    tls: Mapped[bool] = mapped_column(Boolean)
+    added_by: Mapped[str] = mapped_column(String(128))
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Account(Base):
+    """An operator (may act) or viewer (may look) of the fleet service's API and dashboard."""
+
+    __tablename__ = "accounts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-class Deployment(Base):
-    """One device's part of a rollout: what it was told to run and how that went."""
+class ApiSession(Base):
+    """A signed-in session: the SHA-256 of its bearer token (the token itself is never stored)."""
 
-    __tablename__ = "deployments"
+    __tablename__ = "api_sessions"
 
-    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
-    device: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
-    state: Mapped[str] = mapped_column(String(32))
-    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ControlMeta(Base):
+    __tablename__ = "control_meta"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 class Telemetry(Base):

@@ -1,5 +1,6 @@
-"""The fleet registry: devices, fleets, bundles, rollouts, telemetry history and events, on
-SQLite or PostgreSQL (psycopg 3) through SQLAlchemy 2, with the schema kept by Alembic.
+"""The fleet registry: devices, fleets, telemetry history and events (and the control plane's
+tables, :mod:`edgekit.fleet.control`), on SQLite or PostgreSQL (psycopg 3) through SQLAlchemy 2,
+with the schema kept by Alembic.
 
 Writers are idempotent where the wire can repeat itself: telemetry and events are keyed by
 (device, seq), so a QoS 1 redelivery, a replay after an outage or a second ingest worker seeing
@@ -8,8 +9,11 @@ the same message never counts twice.
 
 from __future__ import annotations
 
+import fcntl
 import logging
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,6 +35,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -42,6 +47,7 @@ from .models import Device, Event, Fleet, Telemetry
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK = 0x65646765_6B697400  # "edgekit\0": the advisory lock key schema changes take
 
 
 def _utc(value: datetime) -> datetime:
@@ -149,11 +155,35 @@ class Registry:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         try:
-            with self.engine.begin() as connection:
+            with self._migration_lock(), self.engine.begin() as connection:
+                if self.dialect == "postgresql":  # held to the end of this transaction
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
         except OperationalError as exc:
             raise ConfigError(f"cannot open the registry at {self.url}: {exc.orig}") from None
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """Two processes opening a new database at once (two operators' first push, two
+        ``fleet serve``) take turns: the second finds the schema at head and does nothing.
+        PostgreSQL: a transaction advisory lock (taken in :meth:`migrate`); a SQLite file: a
+        ``flock`` beside it."""
+        database = self.engine.url.database
+        if self.dialect != "sqlite" or not database or database == ":memory:":
+            yield
+            return
+        path = Path(database).with_name(Path(database).name + ".migrate.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # a folder we cannot write: SQLite itself will say so, better
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from .models import Device, Event, Telemetry
+from .models import AuditEntry, Device, Event, Telemetry
 
-__all__ = ["device_json", "event_json", "telemetry_json"]
+__all__ = ["audit_json", "device_json", "event_json", "telemetry_json"]
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -60,4 +60,16 @@ def telemetry_json(t: Telemetry) -> dict[str, Any]:
         "drifted": t.drifted,
         "bundle_version": t.bundle_version,
         "resolution_s": t.resolution_s,
+    }
+
+
+def audit_json(a: AuditEntry) -> dict[str, Any]:
+    return {
+        "at": _iso(a.at),
+        "actor": a.actor,
+        "action": a.action,
+        "fleet": a.fleet,
+        "target": a.target,
+        "result": a.result,
+        "detail": a.detail,
     }

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import broker, bundle, convert, device, fleet, keys, push
+from . import broker, bundle, convert, device, fleet, keys, push, server
 from ._app import new_app, run, setup_logging, version_callback
 
 __all__ = ["app", "main"]
@@ -22,6 +22,8 @@ app.add_typer(fleet.app, name="fleet")
 app.add_typer(push.rollout_app, name="rollout")
 app.command("push")(push.push)
 fleet.app.command("rollback")(push.rollback)
+app.command("login")(server.login)
+app.command("logout")(server.logout)
 
 
 @app.callback()

@@ -87,6 +87,107 @@ def events(
     console.print(table)
 
 
+user_app = new_app("Accounts of the fleet service's API and dashboard: operators act, viewers look.")
+app.add_typer(user_app, name="user")
+
+
+@user_app.command("add")
+def user_add(
+    name: str = typer.Argument(..., help="Account name (letters, digits, . _ @ -)."),
+    role: str = typer.Option(
+        "viewer", "--role", help="operator (may push, abort, roll back) or viewer (may look)."
+    ),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from stdin (scripts)."
+    ),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+) -> None:
+    """Create an account (or change its role and password; its sessions end)."""
+    from edgekit.fleet.accounts import Accounts
+
+    from .server import read_password
+
+    password = read_password(f"Password for {name}", password_stdin, confirm=True)
+    reg = _registry(registry)
+    try:
+        Accounts(reg).add(name, role, password)
+    finally:
+        reg.close()
+    console.print(
+        f"account {name} ({role}) ready; sign in with `edgekit login --server URL --account {name}`"
+    )
+
+
+@user_app.command("list")
+def user_list(
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the accounts as JSON (never their passwords)."
+    ),
+) -> None:
+    """Every account and its role."""
+    from edgekit.fleet.accounts import Accounts
+
+    reg = _registry(registry)
+    rows = [
+        {"account": a.name, "role": a.role, "created_at": a.created_at.isoformat()}
+        for a in Accounts(reg).list()
+    ]
+    reg.close()
+    if json_out:
+        print_json(rows)
+        return
+    table = Table("account", "role", "created")
+    for row in rows:
+        table.add_row(row["account"], row["role"], row["created_at"][:16].replace("T", " "))
+    console.print(table if rows else "No accounts yet: `edgekit fleet user add NAME --role operator`.")
+
+
+@user_app.command("remove")
+def user_remove(
+    name: str = typer.Argument(..., help="The account to remove (its sessions end at once)."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+) -> None:
+    """Remove an account."""
+    from edgekit.fleet.accounts import Accounts
+
+    reg = _registry(registry)
+    try:
+        Accounts(reg).remove(name)
+    finally:
+        reg.close()
+    console.print(f"account {name} removed")
+
+
+@app.command("audit")
+def audit(
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="Only this fleet."),
+    limit: int = typer.Option(50, "--limit", min=1, max=1000, help="How many, newest first."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the entries as JSON."),
+) -> None:
+    """Who pushed, rolled back, resumed or aborted what, when, and how it went, newest first."""
+    from edgekit.fleet.control import ControlPlane
+    from edgekit.fleet.registry.views import audit_json
+
+    reg = _registry(registry)
+    rows = [audit_json(entry) for entry in ControlPlane(reg).audit_log(fleet, limit)]
+    reg.close()
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("Nothing has been done to " + (f"fleet {fleet}" if fleet else "any fleet") + " yet.")
+        return
+    table = Table("when", "who", "what", "fleet", "bundle", "result")
+    for row in rows:
+        result = row["result"] if row["result"] == "ok" else f"[bold red]{row['result']}[/]: {row['detail']}"
+        table.add_row(
+            row["at"], row["actor"], row["action"], row["fleet"] or "-", row["target"] or "-", result
+        )
+    console.print(table)
+
+
 @app.command("simulate")
 def simulate(
     devices: int = typer.Option(..., "--devices", min=1, max=10000, help="How many devices to simulate."),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,20 +14,21 @@ from rich.live import Live
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..catalog import Catalog
 from ..config import WorkstationConfig
 from ..errors import ModelFormatError, RolloutError
 from ..keys import SigningKey
 from ..trust import TrustedKeys
 from ._app import console, new_app, print_json, signing_key
+from .server import SERVER_HELP, ServerClient, server_client
 
 rollout_app = new_app("Follow, resume or abort a canary rollout (after a crash or a sleep, too).")
 
 BROKER_HELP = "Broker URL (mqtt://host:1883, mqtts://...); else $EDGEKIT_BROKER, else config."
+REGISTRY_HELP = (
+    "Registry database holding the catalog and rollouts (sqlite:///PATH, postgresql://...); "
+    "else $EDGEKIT_REGISTRY, else config, else SQLite under $EDGEKIT_HOME."
+)
 KEYS_FORMATS = (".keras", ".h5", ".hdf5")
-# Seconds to wait for a fleet's rollout lock: the rollout controller of `fleet up` holds it for
-# one step at a time; `push --wait` and `rollout resume` hold it until they are done.
-LOCK_WAIT = 15.0
 
 
 def _bundle_name(stem: str) -> str:
@@ -34,8 +37,8 @@ def _bundle_name(stem: str) -> str:
 
 
 def resolve_target(
-    target: str, catalog: Catalog, key: SigningKey, version: Optional[str], name: Optional[str] = None
-) -> tuple[Path, Any]:
+    target: str, catalog: Any, key: SigningKey, version: Optional[str], name: Optional[str] = None
+) -> Any:
     """A bundle file, a .tflite (bundled with defaults), a Keras model (converted with defaults)
     or a name in the catalog (its newest version); the result is verified and catalogued."""
     from ..bundle import create_bundle
@@ -77,6 +80,16 @@ def _connect(cfg: WorkstationConfig) -> Any:
     return connect_operator(cfg.broker, home=cfg.home)
 
 
+def open_control(cfg: WorkstationConfig, key: Optional[SigningKey]) -> Any:
+    """The control plane in the registry database (what ``$EDGEKIT_HOME`` kept in files before
+    is brought in on first use)."""
+    from edgekit.fleet.control import ControlPlane
+
+    trusted = TrustedKeys([key.public]) if key is not None else None
+    cfg.home.mkdir(parents=True, exist_ok=True)  # the default registry lives there
+    return ControlPlane.open(cfg.registry, trusted, home=cfg.home)
+
+
 def _device_table(link: Any, rollout: Any) -> Table:
     table = Table(
         "device",
@@ -103,26 +116,33 @@ def _device_table(link: Any, rollout: Any) -> Table:
     return table
 
 
-def _summary(rollout: Any, link: Any) -> dict[str, Any]:
-    return {
-        "fleet": rollout.fleet,
-        "bundle_id": rollout.bundle_id,
-        "bundle": rollout.label,
-        "phase": rollout.phase,
-        "reason": rollout.reason,
-        "canaries": list(rollout.canaries),
-        "failed": dict(rollout.failed),
-        "devices": {
-            d: {"status": s.status, "version": s.bundle_version, "bundle_id": s.bundle_id, "error": s.error}
-            for d, s in sorted(link.states.items())
-        },
-    }
+def _judge(outcome: dict[str, Any], timeout: float, waiting: list[str], json_out: bool) -> None:
+    """Print the outcome of a driven rollout; RolloutError (one line) unless it is done everywhere."""
+    if json_out:
+        print_json(outcome)
+    fleet, label, phase = outcome["fleet"], outcome["bundle"], outcome["phase"]
+    if phase == "aborted":
+        raise RolloutError(
+            f"rollout of {label} to fleet {fleet} aborted: {outcome['reason']}; "
+            "the canaries were sent back to the previous bundle"
+        )
+    if phase != "done":
+        raise RolloutError(
+            f"timed out after {timeout:g}s in phase {phase}; still waiting for "
+            f"{', '.join(waiting) or 'no device'}; `edgekit rollout resume --fleet {fleet}` goes on"
+        )
+    if outcome["failed"]:
+        named = ", ".join(f"{d} ({why})" for d, why in sorted(outcome["failed"].items()))
+        raise RolloutError(
+            f"{label} reached fleet {fleet} but {len(outcome['failed'])} device(s) failed: {named}"
+        )
+    if not json_out:
+        console.print(f"[green]done[/]: every device of fleet {fleet} serves {label}")
 
 
-def _drive(
-    link: Any, rollout: Any, labels: dict[str, str], state_path: Path, timeout: float, json_out: bool
-) -> Any:
+def _drive(link: Any, rollout: Any, labels: dict[str, str], timeout: float, json_out: bool) -> Any:
     """Run the rollout to its end with a live view on a terminal; raise RolloutError if it failed."""
+    from edgekit.fleet.api import outcome_json
     from edgekit.fleet.push import run_rollout
 
     live = (
@@ -137,7 +157,6 @@ def _drive(
             link,
             rollout,
             rollout.rollout_policy,
-            state_path,
             labels,
             timeout=timeout,
             on_change=(lambda r, lk: live.update(_device_table(lk, r))) if live is not None else None,
@@ -145,32 +164,36 @@ def _drive(
     finally:
         if live is not None:
             live.stop()
-    if json_out:
-        print_json(_summary(rollout, link))
-    if rollout.phase == "aborted":
-        raise RolloutError(
-            f"rollout of {rollout.label} to fleet {rollout.fleet} aborted: {rollout.reason}; "
-            "the canaries were sent back to the previous bundle"
-        )
-    if not rollout.finished:
-        waiting = [d for d in link.devices() if link.states[d].bundle_id != rollout.bundle_id]
-        raise RolloutError(
-            f"timed out after {timeout:g}s in phase {rollout.phase}; still waiting for "
-            f"{', '.join(waiting) or 'no device'}; `edgekit rollout resume --fleet {rollout.fleet}` "
-            "goes on"
-        )
-    if rollout.failed:
-        named = ", ".join(f"{d} ({why})" for d, why in sorted(rollout.failed.items()))
-        raise RolloutError(
-            f"{rollout.label} reached fleet {rollout.fleet} but {len(rollout.failed)} device(s) "
-            f"failed: {named}"
-        )
-    if not json_out:
-        console.print(f"[green]done[/]: every device of fleet {rollout.fleet} serves {rollout.label}")
+    waiting = [d for d in link.devices() if link.states[d].bundle_id != rollout.bundle_id]
+    _judge(outcome_json(rollout, link), timeout, waiting, json_out)
     return rollout
 
 
-def _clear_superseded(link: Any, catalog: Catalog) -> None:
+def _follow(server: ServerClient, fleet: str, timeout: float, json_out: bool) -> None:
+    """``--wait`` through a fleet service: its rollout controller drives; watch until the end."""
+    deadline = time.monotonic() + timeout
+    doc = server.request("GET", f"api/v1/fleets/{fleet}/rollout")
+    with console.status(f"{doc['bundle']} → fleet {fleet}: {doc['phase']}", spinner="dots") as status:
+        while doc["phase"] not in ("done", "aborted") and time.monotonic() < deadline:
+            time.sleep(1.0)  # polling a remote API: no event reaches us from the service
+            doc = server.request("GET", f"api/v1/fleets/{fleet}/rollout")
+            status.update(f"{doc['bundle']} → fleet {fleet}: {doc['phase']}")
+    _judge(doc, timeout, [], json_out)
+
+
+def _started_remotely(
+    server: ServerClient, started: dict[str, Any], said: str, wait: bool, timeout: float, json_out: bool
+) -> None:
+    """After the service started a rollout: say so, and with ``wait`` follow it to the end."""
+    if not json_out:
+        console.print(said)
+    if wait and started["devices"]:
+        _follow(server, started["fleet"], timeout, json_out)
+    elif json_out:
+        print_json(started)
+
+
+def _clear_superseded(link: Any, catalog: Any) -> None:
     """Clear the retained chunks of bundles the fleet no longer needs (all but current and previous)."""
     keep = {link.record.bundle_id}
     previous = link.record.previous()
@@ -181,9 +204,51 @@ def _clear_superseded(link: Any, catalog: Catalog) -> None:
             continue
         found = catalog.find(entry["id"])
         if found is not None:
-            link.clear_bundle(entry["id"], len(found[1].manifest.chunks.sha256))
+            link.clear_bundle(entry["id"], len(found.manifest.chunks.sha256))
         link.record.history.remove(entry)
-    link.record.save(link.home)
+    link.control.save_record(link.record)
+
+
+def _push_through(
+    server: ServerClient,
+    target: str,
+    fleet: str,
+    query: dict[str, Any],
+    name: Optional[str],
+    version: Optional[str],
+) -> dict[str, Any]:
+    """Upload (or name) what to push to the fleet service; it starts the rollout."""
+    path = Path(target)
+    if path.suffix == ".ekb" and path.is_file():
+        kind, body = "bundle", path.read_bytes()
+    elif (path.suffix == ".tflite" and path.is_file()) or path.suffix in KEYS_FORMATS or path.is_dir():
+        if not path.exists():
+            raise ModelFormatError(f"model file {path} does not exist")
+        name = name or _bundle_name(path.stem if path.is_file() else path.name)
+        if path.suffix == ".tflite":
+            body = path.read_bytes()
+        else:
+            from edgekit.converters import ConvertOptions, convert  # needs edgekit[convert]
+
+            with tempfile.TemporaryDirectory() as tmp:
+                model = Path(tmp) / f"{name}.tflite"
+                convert(ConvertOptions(model=path, output=model))
+                body = model.read_bytes()
+        kind = "tflite"  # the service bundles and signs it
+    elif path.exists():
+        raise ModelFormatError(
+            f"cannot push {path}: give a .ekb bundle, a .tflite model, a Keras model (.keras, .h5, "
+            "a SavedModel folder) or the name of a bundle in the catalog"
+        )
+    else:
+        kind, body, name = "catalog", b"", target
+    doc: dict[str, Any] = server.request(
+        "POST",
+        f"api/v1/fleets/{fleet}/push",
+        query={**query, "kind": kind, "name": name, "version": version},
+        body=body,
+    )
+    return doc
 
 
 def push(
@@ -220,16 +285,16 @@ def push(
     ),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Ship a model to a fleet: publish the signed bundle, tell the devices, follow them."""
-    from edgekit.fleet.push import FleetLink, FleetRecord, begin_rollout, driving, rollout_path
+    from edgekit.fleet.actions import pushing
+    from edgekit.fleet.api import outcome_json
+    from edgekit.fleet.push import FleetLink
     from edgekit.fleet.rollout import RolloutPolicy
 
-    cfg = WorkstationConfig.load(broker=broker)
-    key = signing_key(key_name)
-    catalog = Catalog(cfg.home, TrustedKeys([key.public]))
-    _, bundle = resolve_target(target, catalog, key, version, name)
     policy = RolloutPolicy(
         canary=canary,
         soak_s=soak,
@@ -238,88 +303,106 @@ def push(
         max_p95_regression=max_p95_regression,
         abort_on_drift=not ignore_drift,
     )
-    client = _connect(cfg)
-    try:
-        link = FleetLink(client, fleet, key, cfg.home)
-        devices = link.discover()
-        total = bundle.manifest.chunks.total_size
-        state_path = rollout_path(cfg.home, fleet)
-        with driving(cfg.home, fleet, "edgekit push --wait" if wait else "edgekit push", wait=LOCK_WAIT):
-            link.record = FleetRecord.load(cfg.home, fleet)  # as the last driver left it
-            # Manifest, desired state, then the chunks: devices fetch while the upload goes on.
-            upload = link.start_upload(bundle)
-            rollout, labels = begin_rollout(link, bundle, policy, state_path)
-            with Progress(
-                TextColumn("publishing {task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                console=console,
-                disable=not console.is_terminal or json_out,
-            ) as bar:
-                task = bar.add_task(bundle.manifest.label, total=total)
-                upload.finish(progress=lambda sent, _total: bar.update(task, completed=sent))
-            if not json_out:
-                console.print(
-                    f"published {bundle.manifest.label} (id {bundle.bundle_id[:16]}) to fleet {fleet}: "
-                    f"{len(devices)} device(s) known"
-                    + (f", {len(rollout.canaries)} canary" if canary else "")
-                )
-            if not wait:
-                if json_out:
-                    print_json(_summary(rollout, link))
+    remote = server_client(server)
+    if remote is not None:
+        query = {
+            "canary": canary,
+            "soak": soak,
+            "timeout": timeout,
+            "max_error_rate": max_error_rate,
+            "max_p95_regression": max_p95_regression,
+            "ignore_drift": str(ignore_drift).lower(),
+        }
+        started = _push_through(remote, target, fleet, query, name, version)
+        said = f"{remote.url} started {started['bundle']} → fleet {fleet} ({started['phase']})"
+        _started_remotely(remote, started, said, wait, timeout, json_out)
+        return
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
+    key = signing_key(key_name)
+    with open_control(cfg, key) as control:
+        bundle = resolve_target(target, control.catalog, key, version, name)
+        client = _connect(cfg)
+        try:
+            link = FleetLink(client, fleet, key, control)
+            devices = link.discover()
+            total = bundle.manifest.chunks.total_size
+            holder = "edgekit push --wait" if wait else "edgekit push"
+            with ExitStack() as held:  # the fleet's driving lock, from the start to the end of the drive
+                with Progress(
+                    TextColumn("publishing {task.description}"),
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    console=console,
+                    disable=not console.is_terminal or json_out,
+                ) as bar:
+                    task = bar.add_task(bundle.manifest.label, total=total)
+                    rollout, labels = held.enter_context(
+                        pushing(
+                            control,
+                            link,
+                            bundle,
+                            policy,
+                            holder,
+                            lambda sent, _: bar.update(task, completed=sent),
+                        )
+                    )
+                if not json_out:
+                    console.print(
+                        f"published {bundle.manifest.label} (id {bundle.bundle_id[:16]}) to fleet {fleet}: "
+                        f"{len(devices)} device(s) known"
+                        + (f", {len(rollout.canaries)} canary" if canary else "")
+                    )
+                if wait and devices:
+                    _drive(link, rollout, labels, timeout, json_out)
+                    _clear_superseded(link, control.catalog)
+                elif json_out:
+                    print_json(outcome_json(rollout, link))
+                elif not devices:
+                    console.print(
+                        f"no device of fleet {fleet} has reported yet; devices that join later fetch "
+                        f"{bundle.manifest.label} from the broker"
+                    )
                 elif rollout.canaries:
                     console.print(
                         f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` (or the "
                         "rollout controller of `edgekit fleet up`) takes the rollout on to the fleet"
                     )
-                return
-            if not devices:
-                if not json_out:
-                    console.print(
-                        f"no device of fleet {fleet} has reported yet; devices that join later fetch "
-                        f"{bundle.manifest.label} from the broker"
-                    )
-                else:
-                    print_json(_summary(rollout, link))
-                return
-            _drive(link, rollout, labels, state_path, timeout, json_out)
-            _clear_superseded(link, catalog)
-    finally:
-        client.close()
+        finally:
+            client.close()
+
+
+def _print_rollout(doc: dict[str, Any]) -> None:
+    console.print(
+        f"{doc['bundle']} → fleet {doc['fleet']}: [bold]{doc['phase']}[/]"
+        + (f" ({doc['reason']})" if doc["reason"] else "")
+    )
+    console.print(f"started by {doc['started_by']} at {doc['started_at'][:16].replace('T', ' ')} UTC")
+    console.print(f"canaries: {', '.join(doc['canaries']) or '-'}; devices: {len(doc['devices'])}")
+    for device, why in sorted(doc["failed"].items()):
+        console.print(f"  failed: {device}: {why}")
 
 
 @rollout_app.command("status")
 def rollout_status(
     fleet: str = typer.Option(..., "--fleet", help="Whose rollout."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the saved rollout as JSON."),
 ) -> None:
-    """Show the fleet's last rollout as saved (no broker needed)."""
-    from edgekit.fleet.push import rollout_path
-    from edgekit.fleet.rollout import Rollout
+    """Show the fleet's current rollout as saved (no broker needed)."""
+    from edgekit.fleet.api import rollout_json
 
-    rollout = Rollout.load(rollout_path(WorkstationConfig.load().home, fleet))
+    remote = server_client(server)
+    if remote is not None:
+        doc = remote.request("GET", f"api/v1/fleets/{fleet}/rollout")
+    else:
+        with open_control(WorkstationConfig.load(registry=registry), None) as control:
+            doc = rollout_json(control, fleet)
     if json_out:
-        print_json(
-            {
-                "fleet": rollout.fleet,
-                "bundle": rollout.label,
-                "bundle_id": rollout.bundle_id,
-                "phase": rollout.phase,
-                "canaries": list(rollout.canaries),
-                "devices": list(rollout.devices),
-                "failed": dict(rollout.failed),
-                "reason": rollout.reason,
-            }
-        )
-        return
-    console.print(
-        f"{rollout.label} → fleet {rollout.fleet}: [bold]{rollout.phase}[/]"
-        + (f" ({rollout.reason})" if rollout.reason else "")
-    )
-    console.print(f"canaries: {', '.join(rollout.canaries) or '-'}; devices: {len(rollout.devices)}")
-    for device, why in sorted(rollout.failed.items()):
-        console.print(f"  failed: {device}: {why}")
+        print_json(doc)
+    else:
+        _print_rollout(doc)
 
 
 @rollout_app.command("resume")
@@ -328,28 +411,38 @@ def rollout_resume(
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="Seconds to wait before giving up."),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
-    """Drive a saved rollout on to its end (after `push` without --wait, a crash or a sleep)."""
-    from edgekit.fleet.push import FleetLink, driving, labels_of, rollout_path
-    from edgekit.fleet.rollout import Rollout
+    """Drive a saved rollout on to its end (after `push` without --wait, a crash or a sleep).
+    With --server the service's rollout controller drives it; this follows it to the end."""
+    from edgekit.fleet.actions import LOCK_WAIT, audited
+    from edgekit.fleet.push import FleetLink, labels_of
 
-    cfg = WorkstationConfig.load(broker=broker)
-    state_path = rollout_path(cfg.home, fleet)
-    rollout = Rollout.load(state_path)
-    if rollout.finished:
-        console.print(f"the rollout of {rollout.label} is already {rollout.phase}")
+    remote = server_client(server)
+    if remote is not None:
+        _follow(remote, fleet, timeout, json_out)
         return
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
-    client = _connect(cfg)
-    try:
-        with driving(cfg.home, fleet, "edgekit rollout resume", wait=LOCK_WAIT):
-            rollout = Rollout.load(state_path)  # as the last driver left it
-            link = FleetLink(client, fleet, key, cfg.home)
-            link.discover()
-            _drive(link, rollout, labels_of(rollout, link.record), state_path, timeout, json_out)
-    finally:
-        client.close()
+    with open_control(cfg, key) as control:
+        rollout = control.rollout(fleet)
+        if rollout.finished:
+            console.print(f"the rollout of {rollout.label} is already {rollout.phase}")
+            return
+        client = _connect(cfg)
+        try:
+            with (
+                audited(control, "rollout-resume", fleet, rollout.label),
+                control.driving(fleet, "edgekit rollout resume", wait=LOCK_WAIT),
+            ):
+                rollout = control.rollout(fleet)  # as the last driver left it
+                link = FleetLink(client, fleet, key, control)
+                link.discover()
+                _drive(link, rollout, labels_of(rollout, link.record), timeout, json_out)
+        finally:
+            client.close()
 
 
 @rollout_app.command("abort")
@@ -357,27 +450,27 @@ def rollout_abort(
     fleet: str = typer.Option(..., "--fleet", help="Whose rollout."),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
 ) -> None:
     """Stop a rollout and send the devices it reached back to the previous bundle."""
-    import time
+    from edgekit.fleet.actions import abort_rollout
+    from edgekit.fleet.push import FleetLink
 
-    from edgekit.fleet.push import FleetLink, driving, labels_of, rollout_path
-    from edgekit.fleet.rollout import Rollout, abort
-
-    cfg = WorkstationConfig.load(broker=broker)
-    state_path = rollout_path(cfg.home, fleet)
-    Rollout.load(state_path)  # a missing or corrupt one is reported before connecting
+    remote = server_client(server)
+    if remote is not None:
+        doc = remote.request("POST", f"api/v1/fleets/{fleet}/abort")
+        console.print(f"rollout of {doc['bundle']} to fleet {fleet}: {doc['phase']}")
+        return
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
-    client = _connect(cfg)
-    try:
-        with driving(cfg.home, fleet, "edgekit rollout abort", wait=LOCK_WAIT):
-            rollout = Rollout.load(state_path)
-            link = FleetLink(client, fleet, key, cfg.home)
-            rollout, actions = abort(rollout, "aborted by the operator", time.time())
-            link.carry_out(actions, labels_of(rollout, link.record))
-            rollout.save(state_path)
-    finally:
-        client.close()
+    with open_control(cfg, key) as control:
+        control.rollout(fleet)  # a missing or corrupt one is reported before connecting
+        client = _connect(cfg)
+        try:
+            rollout = abort_rollout(control, FleetLink(client, fleet, key, control), "edgekit rollout abort")
+        finally:
+            client.close()
     console.print(f"rollout of {rollout.label} to fleet {fleet}: {rollout.phase}")
 
 
@@ -390,48 +483,36 @@ def rollback(
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="Seconds to wait with --wait."),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Send the whole fleet back to an earlier bundle (a new, higher-numbered desired state)."""
-    from edgekit.fleet.push import FleetLink, FleetRecord, begin_rollout, driving, rollout_path
-    from edgekit.fleet.rollout import RolloutPolicy
+    from edgekit.fleet.actions import previous_bundle, rolling_back
+    from edgekit.fleet.api import outcome_json
+    from edgekit.fleet.push import FleetLink
 
-    cfg = WorkstationConfig.load(broker=broker)
+    remote = server_client(server)
+    if remote is not None:
+        doc = remote.request("POST", f"api/v1/fleets/{fleet}/rollback", query={"to": to, "timeout": timeout})
+        _started_remotely(
+            remote, doc, f"fleet {fleet} told to go back to {doc['bundle']}", wait, timeout, json_out
+        )
+        return
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
-    catalog = Catalog(cfg.home, TrustedKeys([key.public]))
-    record = FleetRecord.load(cfg.home, fleet)
-    if to is None:
-        previous = record.previous()
-        if previous is None:
-            raise RolloutError(f"fleet {fleet} has no earlier bundle on record; name one with --to VERSION")
-        found = catalog.find(previous["id"])
-        if found is None:
-            raise RolloutError(
-                f"{previous['label']} is not in the catalog any more; name a version with --to"
-            )
-        bundle = found[1]
-    else:
-        if not record.label:
-            raise RolloutError(f"nothing was pushed to fleet {fleet} from here; push a bundle first")
-        name, _, version = to.rpartition("@")
-        bundle = catalog.read(name or record.label.partition("@")[0], version)[1]
-    client = _connect(cfg)
-    try:
-        link = FleetLink(client, fleet, key, cfg.home)
-        devices = link.discover()
-        state_path = rollout_path(cfg.home, fleet)
-        with driving(cfg.home, fleet, "edgekit fleet rollback", wait=LOCK_WAIT):
-            link.record = FleetRecord.load(cfg.home, fleet)
-            upload = link.start_upload(bundle)  # again: it may have been cleared from the broker
-            rollout, labels = begin_rollout(
-                link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout), state_path
-            )
-            upload.finish()
-            if not json_out:
-                console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
-            if wait and devices:
-                _drive(link, rollout, labels, state_path, timeout, json_out)
-            elif json_out:
-                print_json(_summary(rollout, link))
-    finally:
-        client.close()
+    with open_control(cfg, key) as control:
+        bundle = previous_bundle(control, fleet, to)
+        client = _connect(cfg)
+        try:
+            link = FleetLink(client, fleet, key, control)
+            devices = link.discover()
+            with rolling_back(control, link, bundle, timeout, "edgekit fleet rollback") as (rollout, labels):
+                if not json_out:
+                    console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
+                if wait and devices:
+                    _drive(link, rollout, labels, timeout, json_out)
+                elif json_out:
+                    print_json(outcome_json(rollout, link))
+        finally:
+            client.close()

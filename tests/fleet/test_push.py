@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from edgekit.keys import load_own_public_key
@@ -21,15 +22,35 @@ BIN = Path(sys.executable).parent
 DEVICES = [f"cam-{i}" for i in range(1, 6)]
 
 
-def edgekit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def edgekit(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "edgekit"), *args],
+        input=stdin,
         capture_output=True,
         text=True,
         check=False,
         timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200"} if env is None else env,
     )
+
+
+def control_of(home: Path, url: str | None = None) -> Any:
+    """The control plane `edgekit push` uses with EDGEKIT_HOME=home (its registry, by default
+    the SQLite database under home), trusting home's signing key when there is one."""
+    from edgekit import TrustedKeys
+    from edgekit.fleet.control import ControlPlane
+
+    trusted = TrustedKeys([load_own_public_key(home)]) if (home / "keys").is_dir() else None
+    return ControlPlane.open(url or f"sqlite:///{home / 'registry.db'}", trusted)
+
+
+def catalogued(home: Path, name: str, version: str, out: Path) -> Path:
+    """The catalog's copy of name@version, written to ``out``."""
+    with control_of(home) as control:
+        out.write_bytes(control.catalog.data(name, version))
+    return out
 
 
 def push_and_wait(target: Path, broker: str, *extra: str) -> dict:
@@ -170,13 +191,11 @@ def test_canary_rollout_goes_through_and_a_bad_canary_aborts(
         watcher.wait_for(all_serving(watcher, devices, "2.0.0"))
 
         # A bundle whose health check cannot pass: the canary refuses it and the rollout aborts.
-        from edgekit import TrustedKeys
-        from edgekit.catalog import Catalog
         from edgekit.keys import load_signing_key
         from helpers import make_unhealthy
 
         key = load_signing_key(edgekit_home)
-        good = Catalog(edgekit_home, TrustedKeys([key.public])).path("digits", "1.0.0")
+        good = catalogued(edgekit_home, "digits", "1.0.0", tmp_path / "good.ekb")
         bad = tmp_path / "bad.ekb"
         make_unhealthy(good, key, bad)
         third = edgekit(
@@ -385,7 +404,7 @@ def test_a_will_saying_only_offline_keeps_what_the_device_served(mosquitto, edge
     )
     will = DeviceStateReport("cam-1", "lab", "offline")
     with MqttClient(mosquitto.url, client_id="op").connect(timeout=10) as client:
-        link = FleetLink(client, "lab", SigningKey.generate(), edgekit_home)
+        link = FleetLink(client, "lab", SigningKey.generate(), control_of(edgekit_home))
         for report in (serving, will):
             client.publish("edgekit/devices/cam-1/state", report.to_json(), retain=True).wait(10)
         while not (link.states.get("cam-1") and link.states["cam-1"].status == "offline"):
@@ -398,7 +417,7 @@ def test_discovery_ends_once_the_devices_the_fleet_record_knows_have_reported(mo
     """push collects retained device states before it starts; when the fleet record names the
     devices, hearing from all of them ends the wait (here a 60 s settle never elapses)."""
     from edgekit import SigningKey
-    from edgekit.fleet.push import FleetLink, FleetRecord
+    from edgekit.fleet.push import FleetLink
     from edgekit.mqtt import MqttClient
     from edgekit.reports import DeviceStateReport
 
@@ -408,12 +427,12 @@ def test_discovery_ends_once_the_devices_the_fleet_record_knows_have_reported(mo
         for name in names:
             report = DeviceStateReport(name, "lab", "idle")
             client.publish(f"edgekit/devices/{name}/state", report.to_json(), retain=True).wait(10)
-        link = FleetLink(client, "lab", key, edgekit_home)
+        link = FleetLink(client, "lab", key, control_of(edgekit_home))
         assert link.discover() == names  # no record yet: until a second passes without news
         link.desire("b" * 64, "digits", "1.0.0")  # the record now names the devices heard from
-        assert FleetRecord.load(edgekit_home, "lab").devices == names
+        assert control_of(edgekit_home).record("lab").devices == names
     with MqttClient(mosquitto.url, client_id="op2").connect(timeout=10) as client:
-        link = FleetLink(client, "lab", key, edgekit_home)
+        link = FleetLink(client, "lab", key, control_of(edgekit_home))
         assert link.discover(settle=60, limit=120) == names
 
 
@@ -428,7 +447,7 @@ def test_canary_telemetry_in_the_agents_own_format_is_counted(mosquitto, edgekit
 
     new, old = "n" * 64, "o" * 64
     with MqttClient(mosquitto.url, client_id="op").connect(timeout=10) as client:
-        link = FleetLink(client, "lab", SigningKey.generate(), edgekit_home)
+        link = FleetLink(client, "lab", SigningKey.generate(), control_of(edgekit_home))
         link.watch_telemetry_of(new)
         state = DeviceStateReport("cam-1", "lab", "serving", bundle_id=new, bundle_version="2.0.0")
         client.publish("edgekit/devices/cam-1/state", state.to_json(), retain=True).wait(10)

@@ -59,8 +59,12 @@ class Served:
 def serve(mosquitto, tmp_path) -> Iterator:
     started: list[Served] = []
 
-    def start(*args: str) -> Served:
-        served = Served(["--broker", mosquitto.url, *args], tmp_path / f"serve-{len(started)}.log")
+    def start(*args: str, new_session: bool = False) -> Served:
+        served = Served(
+            ["--broker", mosquitto.url, *args],
+            tmp_path / f"serve-{len(started)}.log",
+            new_session=new_session,
+        )
         started.append(served)
         return served
 

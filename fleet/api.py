@@ -1,0 +1,355 @@
+"""The fleet service's operator API, ``/api/v1/``: what ``edgekit push|rollout|fleet rollback
+--server URL`` (and the dashboard's buttons) call. Every action goes through
+:mod:`edgekit.fleet.actions`, the code the CLI runs on its own registry.
+
+Authentication: ``Authorization: Bearer TOKEN``, where TOKEN is a session opened by ``POST
+/api/v1/login`` (``edgekit login``) or the service's own ``--token``. Viewers may ``GET``;
+operators may also act. Refusals are JSON ``{"error": one line}`` with 401 (no or a dead
+session) or 403 (a viewer acting).
+
+The service holds the signing key that signs desired states (its ``$EDGEKIT_HOME``): an
+operator using ``--server`` needs none on their laptop. A bundle uploaded must be signed by a
+key the service trusts (its own); a ``.tflite`` uploaded is bundled and signed here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from edgekit.bundle import Bundle, create_bundle
+from edgekit.errors import AuthError, BrokerError, BundleError, ConfigError, EdgekitError, RolloutError
+from edgekit.keys import SigningKey, load_signing_key
+from edgekit.provision import DEFAULT_STATE_DIR, provision_device
+from edgekit.trust import TrustedKeys
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .accounts import Accounts, Identity
+from .actions import abort_rollout, previous_bundle, pushing, rolling_back
+from .control import ControlPlane
+from .push import FleetLink, connect_operator
+from .registry import Registry
+from .registry.views import audit_json
+from .rollout import RolloutPolicy
+
+__all__ = ["ApiContext", "api_routes", "outcome_json", "rollout_json"]
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD = 512 * 1024 * 1024  # the bundle reader's own limit
+
+
+@dataclass
+class ApiContext:
+    """What the API needs of the service: its registry, where the devices are, and the home
+    holding its signing key (None: a service that cannot act)."""
+
+    registry: Registry
+    broker: str
+    home: Optional[Path] = None
+    username: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+    token: Optional[str] = field(default=None, repr=False)
+    _key: Optional[SigningKey] = field(default=None, repr=False)
+
+    def key(self) -> SigningKey:
+        if self.home is None:
+            raise ConfigError(
+                "this fleet service has no signing key; start it with EDGEKIT_HOME holding keys/"
+            )
+        if self._key is None:
+            self._key = load_signing_key(self.home)
+        return self._key
+
+    def control(self, who: Identity) -> ControlPlane:
+        return ControlPlane(self.registry, TrustedKeys([self.key().public]), actor=who.name)
+
+
+def rollout_json(control: ControlPlane, fleet: str) -> dict[str, Any]:
+    info = control.rollout_info(fleet)
+    if info is None:
+        raise ConfigError(f"fleet {fleet} has no rollout yet; start one with `edgekit push --canary N`")
+    rollout = info.rollout
+    return {
+        "fleet": rollout.fleet,
+        "bundle": rollout.label,
+        "bundle_id": rollout.bundle_id,
+        "phase": rollout.phase,
+        "canaries": list(rollout.canaries),
+        "devices": list(rollout.devices),
+        "failed": dict(rollout.failed),
+        "reason": rollout.reason,
+        "started_by": info.started_by,
+        "started_at": info.started_at.isoformat(),
+    }
+
+
+def outcome_json(rollout: Any, link: FleetLink) -> dict[str, Any]:
+    """What ``push``, ``rollout resume`` and ``fleet rollback`` print with ``--json``."""
+    return {
+        "fleet": rollout.fleet,
+        "bundle_id": rollout.bundle_id,
+        "bundle": rollout.label,
+        "phase": rollout.phase,
+        "reason": rollout.reason,
+        "canaries": list(rollout.canaries),
+        "failed": dict(rollout.failed),
+        "devices": {
+            d: {"status": s.status, "version": s.bundle_version, "bundle_id": s.bundle_id, "error": s.error}
+            for d, s in sorted(link.states.items())
+        },
+    }
+
+
+_STATUS = {AuthError: 401, RolloutError: 409, BundleError: 400, ConfigError: 400, BrokerError: 503}
+
+Handler = Callable[[Request, Identity], Awaitable[JSONResponse]]
+
+
+def _error(exc: EdgekitError) -> JSONResponse:
+    status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
+    return JSONResponse({"error": str(exc), "exit_code": exc.exit_code}, status_code=status)
+
+
+def api_routes(ctx: ApiContext) -> list[Route]:
+    accounts = Accounts(ctx.registry)
+
+    def identify(request: Request) -> Identity:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not given:
+            raise AuthError("sign in first: `edgekit login --server URL`")
+        if ctx.token and hmac.compare_digest(given.encode(), ctx.token.encode()):
+            return Identity("service-token", "operator")
+        return accounts.identify(given)
+
+    def guarded(handler: Handler, act: bool = False) -> Callable[[Request], Awaitable[JSONResponse]]:
+        async def endpoint(request: Request) -> JSONResponse:
+            try:
+                who = await run_in_threadpool(identify, request)
+                if act and not who.may_act:
+                    await run_in_threadpool(
+                        ControlPlane(ctx.registry).audit,
+                        request.url.path.rsplit("/", 1)[-1],
+                        fleet=request.path_params.get("fleet"),
+                        result="refused",
+                        detail="a viewer may not change the fleet",
+                        actor=who.name,
+                    )
+                    return JSONResponse(
+                        {
+                            "error": f"{who.name} is a viewer and may not change the fleet; "
+                            "ask an operator, or for an operator account",
+                            "exit_code": AuthError.exit_code,
+                        },
+                        status_code=403,
+                    )
+                return await handler(request, who)
+            except EdgekitError as exc:
+                if not isinstance(exc, (AuthError, RolloutError)):
+                    log.warning("API %s %s refused: %s", request.method, request.url.path, exc)
+                return _error(exc)
+
+        return endpoint
+
+    async def login(request: Request) -> JSONResponse:
+        try:
+            doc = await request.json()
+            name, password = str(doc["account"]), str(doc["password"])
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": "send {account, password} as JSON"}, status_code=400)
+        try:
+            token, expires = await run_in_threadpool(accounts.sign_in, name, password)
+        except AuthError as exc:
+            log.warning(
+                "failed sign-in for account %r from %s", name, request.client.host if request.client else "?"
+            )
+            return _error(exc)
+        found = accounts.find(name)
+        role = found.role if found else "viewer"
+        return JSONResponse(
+            {"token": token, "expires_at": expires.isoformat(), "account": name, "role": role}
+        )
+
+    async def logout(request: Request, who: Identity) -> JSONResponse:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        await run_in_threadpool(accounts.sign_out, token)
+        return JSONResponse({"signed_out": who.name})
+
+    async def whoami(request: Request, who: Identity) -> JSONResponse:
+        return JSONResponse({"account": who.name, "role": who.role})
+
+    async def rollout(request: Request, who: Identity) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+        doc = await run_in_threadpool(lambda: rollout_json(ControlPlane(ctx.registry, actor=who.name), fleet))
+        return JSONResponse(doc)
+
+    async def audit(request: Request, who: Identity) -> JSONResponse:
+        fleet = request.query_params.get("fleet")
+        try:
+            limit = max(1, min(int(request.query_params.get("limit", "50")), 1000))
+        except ValueError:
+            raise ConfigError("limit must be a whole number") from None
+        rows = await run_in_threadpool(lambda: ControlPlane(ctx.registry).audit_log(fleet, limit))
+        return JSONResponse([audit_json(a) for a in rows])
+
+    def with_link(
+        who: Identity, fleet: str, work: Callable[[ControlPlane, FleetLink], dict[str, Any]]
+    ) -> dict[str, Any]:
+        control = ctx.control(who)
+        client = connect_operator(ctx.broker, ctx.username, ctx.password, home=ctx.home)
+        try:
+            link = FleetLink(client, fleet, ctx.key(), control)
+            link.discover()
+            return work(control, link)
+        finally:
+            client.close()
+
+    async def push(request: Request, who: Identity) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+        q = request.query_params
+        try:
+            policy = RolloutPolicy(
+                canary=int(q.get("canary", 0)),
+                soak_s=float(q.get("soak", 60)),
+                install_timeout_s=float(q.get("timeout", 600)),
+                max_error_rate=float(q.get("max_error_rate", 0.05)),
+                max_p95_regression=float(q.get("max_p95_regression", 0.5)),
+                abort_on_drift=q.get("ignore_drift", "false") != "true",
+            )
+        except ValueError as exc:
+            raise ConfigError(f"bad rollout setting: {exc}") from None
+        body = await request.body()
+        if len(body) > MAX_UPLOAD:
+            raise BundleError(f"upload of {len(body)} bytes is over the {MAX_UPLOAD} byte limit")
+
+        def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
+            bundle = _resolve(
+                control, ctx.key(), body, q.get("kind", "bundle"), q.get("name"), q.get("version")
+            )
+            with pushing(control, link, bundle, policy, f"edgekit push --server ({who.name})") as (
+                started,
+                _,
+            ):
+                return outcome_json(started, link)
+
+        return JSONResponse(await run_in_threadpool(with_link, who, fleet, work))
+
+    async def abort(request: Request, who: Identity) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+
+        def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
+            return outcome_json(
+                abort_rollout(control, link, f"edgekit rollout abort --server ({who.name})"), link
+            )
+
+        return JSONResponse(await run_in_threadpool(with_link, who, fleet, work))
+
+    async def rollback(request: Request, who: Identity) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+        to = request.query_params.get("to") or None
+        timeout = float(request.query_params.get("timeout", 600))
+
+        def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
+            bundle = previous_bundle(control, fleet, to)
+            holder = f"edgekit fleet rollback --server ({who.name})"
+            with rolling_back(control, link, bundle, timeout, holder) as (started, _):
+                return outcome_json(started, link)
+
+        return JSONResponse(await run_in_threadpool(with_link, who, fleet, work))
+
+    async def device_add(request: Request, who: Identity) -> JSONResponse:
+        try:
+            doc = await request.json()
+            device, fleet = str(doc["device"]), str(doc["fleet"])
+            broker, state_dir = str(doc.get("broker") or ""), str(doc.get("state_dir") or DEFAULT_STATE_DIR)
+            tls, force = bool(doc.get("tls", False)), bool(doc.get("force", False))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError("send {device, fleet[, broker, state_dir, tls, force]} as JSON") from None
+        return JSONResponse(
+            await run_in_threadpool(provision_through, ctx, who, device, fleet, broker, state_dir, tls, force)
+        )
+
+    return [
+        Route("/api/v1/devices", guarded(device_add, act=True), methods=["POST"]),
+        Route("/api/v1/login", login, methods=["POST"]),
+        Route("/api/v1/logout", guarded(logout), methods=["POST"]),
+        Route("/api/v1/whoami", guarded(whoami)),
+        Route("/api/v1/audit", guarded(audit)),
+        Route("/api/v1/fleets/{fleet}/rollout", guarded(rollout)),
+        Route("/api/v1/fleets/{fleet}/push", guarded(push, act=True), methods=["POST"]),
+        Route("/api/v1/fleets/{fleet}/abort", guarded(abort, act=True), methods=["POST"]),
+        Route("/api/v1/fleets/{fleet}/rollback", guarded(rollback, act=True), methods=["POST"]),
+    ]
+
+
+def provision_through(
+    ctx: ApiContext,
+    who: Identity,
+    device: str,
+    fleet: str,
+    broker: str,
+    state_dir: str,
+    tls: bool,
+    force: bool,
+) -> dict[str, Any]:
+    """``edgekit device add --server``: the service provisions the device with its keys and its
+    broker accounts, records it, and returns the config (and TLS files) for the operator to
+    write. (The broker must be told again: ``edgekit broker mosquitto-config`` on the service.)"""
+    if ctx.home is None:
+        raise ConfigError("this fleet service has no EDGEKIT_HOME to keep broker accounts in")
+    with tempfile.TemporaryDirectory() as tmp:
+        output = Path(tmp) / f"{device}.toml"
+        done = provision_device(
+            device, fleet, output, broker=broker, state_dir=state_dir, tls=tls, force=force, home=ctx.home
+        )
+        files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p != output}
+        config = output.read_text()
+    ControlPlane(ctx.registry, actor=who.name).record_provisioned(device, fleet, done.username, tls)
+    return {
+        "device": device,
+        "fleet": fleet,
+        "broker": broker,
+        "state_dir": state_dir,
+        "trusted_key_ids": list(done.trusted_key_ids),
+        "username": done.username,
+        "tls": tls,
+        "config": config,
+        "files": files,
+    }
+
+
+def _resolve(
+    control: ControlPlane,
+    key: SigningKey,
+    body: bytes,
+    kind: str,
+    name: Optional[str],
+    version: Optional[str],
+) -> Bundle:
+    """The bundle a push names: an uploaded ``.ekb`` (``kind=bundle``), an uploaded ``.tflite``
+    bundled and signed here (``kind=tflite``, with ``name``), or ``name`` in the catalog."""
+    if kind == "catalog" or not body:
+        if not name:
+            raise ConfigError("name the bundle to push, or upload one")
+        return control.catalog.read(name, version)
+    if kind == "tflite":
+        if not name:
+            raise ConfigError("an uploaded .tflite model needs a bundle name")
+        with tempfile.TemporaryDirectory() as tmp:
+            model, out = Path(tmp) / "model.tflite", Path(tmp) / "bundle.ekb"
+            model.write_bytes(body)
+            create_bundle(
+                model, name=name, version=version or control.catalog.next_version(name), key=key, output=out
+            )
+            return control.catalog.add(out.read_bytes())
+    if kind != "bundle":
+        raise ConfigError(f"unknown upload kind {kind!r}: use bundle, tflite or catalog")
+    return control.catalog.add(body)
