@@ -42,6 +42,13 @@ _READY = "ready"
 _ERROR = "error"
 
 
+def client_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses for a broker listening on ``host:port``."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"mqtt://{host}:{port}"
+
+
 class EmbeddedBroker:
     """An amqtt broker in a child process, listening on ``host:port``.
 
@@ -72,9 +79,7 @@ class EmbeddedBroker:
     @property
     def url(self) -> str:
         """The URL clients use (they find out by themselves that it speaks MQTT 3.1.1)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        return f"mqtt://{host}:{self.port}"
+        return client_url(self.host, self.port)
 
     @property
     def running(self) -> bool:

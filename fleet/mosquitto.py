@@ -31,6 +31,9 @@ from typing import Optional
 
 from edgekit.broker import write_mosquitto_config
 from edgekit.errors import BrokerError
+from edgekit.mqtt import parse_broker_url
+
+from .embedded import client_url
 
 __all__ = ["FleetMosquitto", "mosquitto_binary"]
 
@@ -80,14 +83,9 @@ class FleetMosquitto:
         #: How many times the accounts changed and Mosquitto reloaded them.
         self.reloads = 0
 
-    def _address(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-
     @property
     def url(self) -> str:
-        host = self._address()
-        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        return f"mqtt://{host}:{self.port}"
+        return client_url(self.host, self.port)
 
     @property
     def running(self) -> bool:
@@ -163,7 +161,7 @@ class FleetMosquitto:
                 self._process = None
                 raise BrokerError(reason)
             try:
-                with socket.create_connection((self._address(), self.port), timeout=0.2):
+                with socket.create_connection((parse_broker_url(self.url).host, self.port), timeout=0.2):
                     return
             except OSError:
                 time.sleep(0.02)  # polling the port is the readiness signal Mosquitto offers

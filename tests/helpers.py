@@ -84,6 +84,16 @@ class Mosquitto:
                 time.sleep(0.02)
         raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout}s")
 
+    def persist(self) -> None:
+        """Restart with retained messages kept on disk (``persistence true``, as `edgekit broker
+        mosquitto-config` writes it), so they survive a graceful :meth:`stop` and :meth:`start`."""
+        data = self.directory / "data"
+        data.mkdir(exist_ok=True)
+        self.extra_config += f"persistence true\npersistence_location {data}/\nautosave_interval 60\n"
+        self.write_config()
+        self.stop()
+        self.start()
+
     def stop(self, graceful: bool = False) -> None:
         """kill -9 (default), or SIGTERM as `systemctl restart` does (persistence is saved)."""
         if self.process is not None and self.process.poll() is None:
@@ -175,6 +185,12 @@ class RabbitMq:
 
     def start(self) -> RabbitMq:
         enabled = "[E" in self._run("-q", "list", "-e", "rabbitmq_mqtt", tool=self.plugins)
+        running = "true" in self._run(
+            "eval", "lists:keymember(rabbitmq_mqtt, 1, application:which_applications())."
+        )
+        if enabled and not running:  # left enabled by a run that died, and failed to start since
+            self._run("disable", "rabbitmq_mqtt", tool=self.plugins)
+            enabled = False
         if enabled:  # someone else's: use the port it listens on
             found = re.search(r"(\d{2,5})\}?\]", self._listeners())
             if not found:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 from collections.abc import Callable
 
 from edgekit.mqtt import Message
+from netcut import NetCut
 
 
 class Inbox:
@@ -72,68 +72,31 @@ def mqtt_packet(header: int, body: bytes) -> bytes:
     return bytes([header]) + varint(len(body)) + body
 
 
-class Mqtt5Gate:
+class Mqtt5Gate(NetCut):
     """A TCP forwarder to a real broker that closes every connection whose CONNECT asks for
     MQTT 5, as some 3.1.1-only brokers and cloud gateways do: the one fault here is that refusal
-    (everything else is the real broker). ``refused`` counts the dropped MQTT 5 CONNECTs."""
+    (everything else is the real broker). ``refused`` counts the dropped MQTT 5 CONNECTs,
+    ``forwarded`` the connections let through."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream = ("127.0.0.1", upstream_port)
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
         self.refused = 0
         self.forwarded = 0
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, name="mqtt5-gate", daemon=True).start()
+        super().__init__("127.0.0.1", upstream_port, first=self._admit)
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            head = b""
-            while len(head) < 9:  # fixed header (2 bytes for a small CONNECT), "\0\4MQTT", level
-                chunk = client.recv(9 - len(head))
-                if not chunk:
-                    break
-                head += chunk
-            if head[2:8] == b"\x00\x04MQTT" and head[8] == 5:
-                with self._lock:
-                    self.refused += 1
-                client.close()
-                continue
-            upstream = socket.create_connection(self.upstream)
-            upstream.sendall(head)
-            with self._lock:
-                self.forwarded += 1
-                self._open += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+    def _admit(self, client: socket.socket) -> bytes | None:
+        head = b""
+        while len(head) < 9:  # fixed header (2 bytes for a small CONNECT), "\0\4MQTT", level
+            chunk = client.recv(9 - len(head))
+            if not chunk:
+                break
+            head += chunk
+        if head[2:8] == b"\x00\x04MQTT" and head[8:9] == b"\x05":
+            self.refused += 1
+            return None
+        self.forwarded += 1
+        return head
 
     def drop_connections(self) -> None:
         """Close every forwarded connection (the clients reconnect)."""
-        with self._lock:
-            victims, self._open = self._open, []
-        for sock in victims:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def close(self) -> None:
-        self.drop_connections()
-        self._server.close()
+        self.cut()
+        self.restore()

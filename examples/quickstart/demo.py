@@ -2,7 +2,7 @@
 
 1. a signing key; 2. a tiny CNN trained on scikit-learn's digits; 3. converted to int8 TFLite
 with an evaluation table; 4. a signed bundle with a drift baseline and a health check;
-5. `edgekit fleet up` (embedded broker, registry, ingest, dashboard); 6. three devices
+5. `edgekit fleet up` (a broker, registry, ingest, dashboard); 6. three devices
 provisioned with `edgekit device add` and started as real `edgekit-agent run` processes, each
 with its own state directory; 7. `edgekit push --canary 1 --wait`; 8. the status table;
 9. one device is fed shifted inputs (through its local inference endpoint) until the registry
@@ -216,7 +216,7 @@ class Demo:
         )
         edgekit("bundle", "verify", str(bundle))
 
-        step("5. Start the fleet: embedded broker, registry, ingest and dashboard")
+        step("5. Start the fleet: a broker (Mosquitto if installed), registry, ingest and dashboard")
         fleet = self.start(
             "fleet-up",
             [

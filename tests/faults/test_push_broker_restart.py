@@ -38,12 +38,7 @@ def downloaded(watcher: Watcher, device: str, since: int = 0) -> float:
 def test_a_broker_restart_in_the_middle_of_a_push_does_not_stop_the_rollout(
     mosquitto, edgekit_home, tmp_path, models
 ):
-    data = mosquitto.directory / "data"
-    data.mkdir()
-    mosquitto.extra_config = f"persistence true\npersistence_location {data}/\nautosave_interval 60\n"
-    mosquitto.write_config()
-    mosquitto.stop()
-    mosquitto.start()
+    mosquitto.persist()
     assert edgekit("keys", "init").returncode == 0
     key: SigningKey = load_signing_key(edgekit_home)
     # A bundle of a few hundred chunks, big enough that three devices on two cores take most of

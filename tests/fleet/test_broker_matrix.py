@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from edgekit import SigningKey, create_bundle
-from edgekit.broker import add_device
+from edgekit.broker import list_devices
 from edgekit.keys import load_signing_key
 from edgekit.mqtt import MqttClient
 from edgekit.topics import Topics
@@ -89,12 +89,7 @@ def push(target: Path, lane: Lane, *extra: str) -> dict:
 
 
 def restart_mosquitto(mosquitto) -> Callable[[], None]:  # type: ignore[no-untyped-def]
-    data = mosquitto.directory / "data"
-    data.mkdir()
-    mosquitto.extra_config = f"persistence true\npersistence_location {data}/\nautosave_interval 60\n"
-    mosquitto.write_config()
-    mosquitto.stop()
-    mosquitto.start()
+    mosquitto.persist()
 
     def restart() -> None:
         mosquitto.stop(graceful=True)  # as `systemctl restart`: retained messages are saved
@@ -104,8 +99,9 @@ def restart_mosquitto(mosquitto) -> Callable[[], None]:  # type: ignore[no-untyp
 
 
 @pytest.fixture(params=["mosquitto-5", "mosquitto-3.1.1", "embedded-amqtt", "rabbitmq"])
-def lane(request: pytest.FixtureRequest, edgekit_home: Path) -> Iterator[Lane]:
+def lane(request: pytest.FixtureRequest, edgekit_home: Path, tmp_path: Path) -> Iterator[Lane]:
     kind = request.param
+    assert edgekit("keys", "init").returncode == 0  # the fleet's signing key (and devices trust it)
     if kind.startswith("mosquitto"):
         mosquitto = request.getfixturevalue("mosquitto")
         restart = restart_mosquitto(mosquitto)
@@ -126,7 +122,14 @@ def lane(request: pytest.FixtureRequest, edgekit_home: Path) -> Iterator[Lane]:
         devices = [f"cam-{run}-{i}" for i in range(1, 5)]
         lane = Lane(rabbitmq.url, rabbitmq.restart_mqtt, f"lab-{run}", devices, wildcard_retained=False)
         for device in devices:
-            cred = add_device(device, lane.fleet)  # the workstation knows the device (push discovers it)
+            # Provisioned as a user does it: the workstation knows the device (push asks for its
+            # state by name), and its account goes to RabbitMQ.
+            added = edgekit(
+                "device", "add", device, "--fleet", lane.fleet, "--broker", lane.url,
+                "--state-dir", str(tmp_path / device), "-o", str(tmp_path / f"{device}.provisioned.toml"),
+            )  # fmt: skip
+            assert added.returncode == 0, added.stderr
+            cred = next(c for c in list_devices(edgekit_home) if c.device == device)
             rabbitmq.add_user(cred.username, cred.password)
             lane.accounts[device] = (cred.username, cred.password)
         yield lane
@@ -140,7 +143,6 @@ def lane(request: pytest.FixtureRequest, edgekit_home: Path) -> Iterator[Lane]:
 def test_push_wait_a_late_joiner_and_a_restart_mid_download_on_every_broker(
     lane: Lane, edgekit_home: Path, tmp_path: Path, digits_models
 ):  # type: ignore[no-untyped-def]
-    assert edgekit("keys", "init").returncode == 0
     key: SigningKey = load_signing_key(edgekit_home)
     first, late = lane.devices[:3], lane.devices[3]
     fleet = AccountFleet(tmp_path, lane, edgekit_home)
@@ -234,8 +236,6 @@ def test_fleet_up_runs_mosquitto_with_an_account_and_acl_for_each_device_added_w
         outcome = push(digits_models.fp32, fleet, "--version", "1.0.0")  # the operator account
         assert outcome["phase"] == "done" and outcome["devices"]["cam-1"]["version"] == "1.0.0"
         # The device's account may write its own topics only (MQTT 5: the broker says no).
-        from edgekit.broker import list_devices
-
         cam = next(d for d in list_devices(edgekit_home) if d.device == "cam-1")
         with MqttClient(url, username=cam.username, password=cam.password) as device:
             assert device.protocol == "5"

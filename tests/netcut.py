@@ -6,16 +6,26 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
+from typing import Optional
 
 from helpers import free_port
 
 
 class NetCut:
     """Forwards ``127.0.0.1:port`` to ``upstream``. ``cut()`` drops every connection and
-    refuses new ones until ``restore()``."""
+    refuses new ones until ``restore()``. ``first``, if given, sees each new client before
+    anything is forwarded: it reads what it needs and returns those bytes (sent upstream
+    first), or None to close the client."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        first: Callable[[socket.socket], Optional[bytes]] | None = None,
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self._first = first
         self.port = free_port()
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._lock = threading.Lock()
@@ -36,11 +46,16 @@ class NetCut:
                 return  # closed
             with self._lock:
                 down = self._down or self._closed
+            head = b""
+            if not down and self._first is not None:
+                found = self._first(client)
+                down, head = found is None, found or b""
             if down:
                 client.close()
                 continue
             try:
                 upstream = socket.create_connection(self.upstream, timeout=5)
+                upstream.sendall(head)
             except OSError:
                 client.close()
                 continue
