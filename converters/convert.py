@@ -229,7 +229,8 @@ def _validate(options: ConvertOptions, signing_key: SigningKey | None) -> tuple[
     return io, sparsity
 
 
-def _data(path: Path, spec: TensorSpec, what: str, need_labels: bool) -> Dataset:
+def checked_data(path: Path, spec: TensorSpec, what: str, need_labels: bool) -> Dataset:
+    """DATA at ``path`` shaped for the model's input ``spec``, finite, with labels if ``need_labels``."""
     dataset = load_data(path, image_shape=tuple(spec.shape[1:]))
     x = fit_to_input(dataset.x, spec, f"{what} data {dataset.source}")
     x = np.asarray(x, dtype=np.float32)
@@ -243,7 +244,8 @@ def _data(path: Path, spec: TensorSpec, what: str, need_labels: bool) -> Dataset
     return Dataset(x=x, y=dataset.y, source=dataset.source, classes=dataset.classes)
 
 
-def _check_labels(data: Dataset, classes: int, what: str) -> None:
+def check_labels(data: Dataset, classes: int, what: str) -> None:
+    """Labels (if any) must be class numbers below ``classes``, or one-hot over ``classes``."""
     if data.y is None:
         return
     y = np.asarray(data.y)
@@ -312,14 +314,16 @@ def _convert(
     spec = info.inputs[0]
     classes = int(np.prod(info.outputs[0].shape[1:])) if info.outputs else 0
 
-    calibration = _data(options.calibration, spec, "calibration", False) if options.calibration else None
-    train = _data(options.train, spec, "training", True) if options.train else None
-    evaluation = _data(options.eval, spec, "evaluation", False) if options.eval else None
+    calibration = (
+        checked_data(options.calibration, spec, "calibration", False) if options.calibration else None
+    )
+    train = checked_data(options.train, spec, "training", True) if options.train else None
+    evaluation = checked_data(options.eval, spec, "evaluation", False) if options.eval else None
     if options.baseline is not None:
-        _data(options.baseline, spec, "baseline", False)
+        checked_data(options.baseline, spec, "baseline", False)
     for data, what in ((train, "training"), (evaluation, "evaluation")):
         if data is not None:
-            _check_labels(data, classes, what)
+            check_labels(data, classes, what)
     if options.max_accuracy_drop is not None and (evaluation is None or evaluation.y is None):
         raise DataError(
             f"--max-accuracy-drop needs labels in --eval {options.eval}: an .npz with x and y, "
@@ -416,7 +420,7 @@ def _convert(
         if not passed:
             report = _finish(report, timings, started)
             if options.report is not None:
-                _write(options.report, report.to_json(), "--report")
+                write_file(options.report, report.to_json(), "--report")
             assert reference.accuracy is not None and converted.accuracy is not None
             raise AccuracyGateError(
                 f"refused: the {options.quantize} model loses {drop:.2f} accuracy points "
@@ -426,47 +430,44 @@ def _convert(
                 report=report,
             )
 
-    _write(options.output, converted_bytes, "-o")
+    write_file(options.output, converted_bytes, "-o")
     report = _replace(report, written=True)
     if options.bundle is not None:
         assert signing_key is not None
-        from edgekit.bundle import create_bundle, read_bundle
-        from edgekit.trust import TrustedKeys
-
-        name, version = parse_bundle_spec(options.bundle)
-        bundle_path = options.output.with_suffix(".ekb")
         steps.begin("signing the bundle")
         t = time.perf_counter()
-        create_bundle(
-            options.output,
-            name=name,
-            version=version,
-            key=signing_key,
-            output=bundle_path,
-            baseline=baseline_path,
-        )
-        bundle = read_bundle(bundle_path, TrustedKeys([signing_key.public]))
+        bundle = write_bundle(options.output, options.bundle, signing_key, baseline_path)
         timings["bundle"] = time.perf_counter() - t
         steps.end()
-        report = _replace(
-            report,
-            bundle={
-                "path": str(bundle_path),
-                "name": name,
-                "version": version,
-                "bundle_id": bundle.bundle_id,
-                "size": bundle.size,
-                "baseline": bundle.baseline() is not None,
-                "signer": bundle.signer,
-            },
-        )
+        report = _replace(report, bundle=bundle)
     report = _finish(report, timings, started)
     if options.report is not None:
-        _write(options.report, report.to_json(), "--report")
+        write_file(options.report, report.to_json(), "--report")
     return report
 
 
-def _write(path: Path, data: bytes, flag: str) -> None:
+def write_bundle(tflite: Path, spec: str, signing_key: SigningKey, baseline: Path | None) -> dict[str, Any]:
+    """Sign ``tflite`` into ``NAME:VERSION`` bundle next to it (``.ekb``); the report's ``bundle`` figures."""
+    from edgekit.bundle import create_bundle, read_bundle
+    from edgekit.trust import TrustedKeys
+
+    name, version = parse_bundle_spec(spec)
+    bundle_path = tflite.with_suffix(".ekb")
+    create_bundle(tflite, name=name, version=version, key=signing_key, output=bundle_path, baseline=baseline)
+    bundle = read_bundle(bundle_path, TrustedKeys([signing_key.public]))
+    return {
+        "path": str(bundle_path),
+        "name": name,
+        "version": version,
+        "bundle_id": bundle.bundle_id,
+        "size": bundle.size,
+        "baseline": bundle.baseline() is not None,
+        "signer": bundle.signer,
+    }
+
+
+def write_file(path: Path, data: bytes, flag: str) -> None:
+    """Write ``data`` atomically; an unwritable place is a ConfigError naming ``flag``."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)
