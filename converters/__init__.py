@@ -2,12 +2,14 @@
 
 ``convert(ConvertOptions(...))`` turns a Keras or SavedModel model into a quantized, optionally
 pruned .tflite, measures it against its float reference, gates it on accuracy, and can write a
-signed bundle; see docs/convert.md. TensorFlow is imported on first use, not on import.
+signed bundle; ``distill(DistillOptions(...))`` trains a smaller student to mimic a teacher;
+see docs/convert.md. TensorFlow is imported on first use, not on import.
 """
 
 from __future__ import annotations
 
 from .convert import ConversionReport, ConvertOptions, StepReporter, Steps, convert, parse_bundle_spec
+from .distill import DistillOptions, DistillReport, distill, distill_student, model_cost, narrowed
 from .evaluate import LayerError, ModelMetrics
 from .load import ACCEPTED_FORMATS, SourceModel, load_model
 from .prune import PATTERNS, PruneResult, prune_model, two_four_mask, weight_sparsity
@@ -19,6 +21,8 @@ __all__ = [
     "PATTERNS",
     "ConversionReport",
     "ConvertOptions",
+    "DistillOptions",
+    "DistillReport",
     "LayerError",
     "ModelMetrics",
     "PruneResult",
@@ -26,7 +30,11 @@ __all__ = [
     "StepReporter",
     "Steps",
     "convert",
+    "distill",
+    "distill_student",
     "load_model",
+    "model_cost",
+    "narrowed",
     "parse_bundle_spec",
     "prune_model",
     "quantize",

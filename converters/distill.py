@@ -365,7 +365,7 @@ def distill_student(
         per_sample = has * (alpha * kl + (1.0 - alpha) * ce) + (1.0 - has) * kl
         return tf.reduce_mean(per_sample), tf.reduce_mean(kl)
 
-    @tf.function(reduce_retracing=True)  # type: ignore[misc]
+    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
     def step(xb: Any, tb: Any, yb: Any) -> Any:
         with tf.GradientTape() as tape:
             loss, _ = losses(xb, tb, yb, True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -65,7 +66,7 @@ class _RichSteps:
             self._task = None
 
 
-def _float(text: Optional[str], flag: str) -> Optional[float]:
+def parse_number(text: Optional[str], flag: str) -> Optional[float]:
     if text is None:
         return None
     try:
@@ -77,7 +78,8 @@ def _float(text: Optional[str], flag: str) -> Optional[float]:
     return value
 
 
-def _signing_key(key_name: str) -> SigningKey:
+def load_key(key_name: str) -> SigningKey:
+    """The signing key for --bundle, asking for its passphrase on a terminal."""
     # Absolute: the key is handed to edgekit.converters, which names the class edgekit.keys.SigningKey.
     from edgekit.keys import key_needs_passphrase, load_signing_key
 
@@ -88,11 +90,11 @@ def _signing_key(key_name: str) -> SigningKey:
     return load_signing_key(home, key_name, passphrase)
 
 
-def _pct(value: Optional[float]) -> str:
+def pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _num(value: Optional[float], fmt: str = ".4g") -> str:
+def num(value: Optional[float], fmt: str = ".4g") -> str:
     return "-" if value is None else format(value, fmt)
 
 
@@ -118,19 +120,19 @@ def _print_report(doc: dict[str, Any]) -> None:
     )
     table.add_row(
         "latency median (ms)",
-        _num(ref["latency_ms_median"], ".3f"),
-        _num(conv["latency_ms_median"], ".3f"),
+        num(ref["latency_ms_median"], ".3f"),
+        num(conv["latency_ms_median"], ".3f"),
         ratio(ref["latency_ms_median"], conv["latency_ms_median"]),
     )
     table.add_row(
-        "latency p95 (ms)", _num(ref["latency_ms_p95"], ".3f"), _num(conv["latency_ms_p95"], ".3f"), ""
+        "latency p95 (ms)", num(ref["latency_ms_p95"], ".3f"), num(conv["latency_ms_p95"], ".3f"), ""
     )
     if ref["samples"]:
-        table.add_row("accuracy", _pct(ref["accuracy"]), _pct(conv["accuracy"]), "")
-        table.add_row("top-1 agreement", "", _pct(conv["agreement"]), "")
-        table.add_row("mean |output error|", "", _num(conv["mean_abs_error"]), "")
-        table.add_row("max |output error|", "", _num(conv["max_abs_error"]), "")
-    table.add_row("weight sparsity", _pct(ref["weight_sparsity"]), _pct(conv["weight_sparsity"]), "")
+        table.add_row("accuracy", pct(ref["accuracy"]), pct(conv["accuracy"]), "")
+        table.add_row("top-1 agreement", "", pct(conv["agreement"]), "")
+        table.add_row("mean |output error|", "", num(conv["mean_abs_error"]), "")
+        table.add_row("max |output error|", "", num(conv["max_abs_error"]), "")
+    table.add_row("weight sparsity", pct(ref["weight_sparsity"]), pct(conv["weight_sparsity"]), "")
     console.print(table)
     console.print(f"latency measured on {doc['latency_machine']}", highlight=False)
     if doc["accuracy_drop_points"] is not None:
@@ -162,12 +164,16 @@ def _print_report(doc: dict[str, Any]) -> None:
     if doc["output"]["written"]:
         console.print(f"[green]wrote[/] {doc['output']['path']} ({conv['size']} bytes)", highlight=False)
     if doc["bundle"]:
-        b = doc["bundle"]
-        console.print(
-            f"[green]wrote[/] bundle {b['name']} {b['version']} at {b['path']} ({b['size']} bytes, "
-            f"sha256 {b['sha256'][:16]}, baseline {'yes' if b['baseline'] else 'no'})",
-            highlight=False,
-        )
+        print_bundle(doc["bundle"])
+
+
+def print_bundle(b: dict[str, Any]) -> None:
+    """The line a written bundle gets (``convert`` and ``distill``)."""
+    console.print(
+        f"[green]wrote[/] bundle {b['name']} {b['version']} at {b['path']} ({b['size']} bytes, "
+        f"id {b['bundle_id'][:16]}, baseline {'yes' if b['baseline'] else 'no'})",
+        highlight=False,
+    )
 
 
 def convert(
@@ -233,12 +239,12 @@ def convert(
     """Convert a trained model to TFLite: quantize, optionally prune, measure against the float reference."""
     if output is None:
         raise ConfigError("give the output file with -o OUT.tflite")
-    from edgekit.converters import ConvertOptions, Steps, parse_bundle_spec
+    from edgekit.converters import ConvertOptions, parse_bundle_spec
     from edgekit.converters import convert as run_convert
 
     if bundle is not None:
         parse_bundle_spec(bundle)  # a bad NAME:VERSION is reported before asking for a passphrase
-    signing_key = _signing_key(key_name) if bundle is not None else None
+    signing_key = load_key(key_name) if bundle is not None else None
 
     options = ConvertOptions(
         model=model,
@@ -246,31 +252,35 @@ def convert(
         quantize=quantize,
         io=io,
         calibration=calibration,
-        prune=_float(prune, "--prune"),
+        prune=parse_number(prune, "--prune"),
         train=train,
         epochs=epochs,
         sparsity_pattern=sparsity_pattern,
         eval=eval_data,
-        max_accuracy_drop=_float(max_accuracy_drop, "--max-accuracy-drop"),
+        max_accuracy_drop=parse_number(max_accuracy_drop, "--max-accuracy-drop"),
         float_layers=tuple(s.strip() for s in float_layers.split(",") if s.strip()) if float_layers else (),
         report=report,
         baseline=baseline,
         bundle=bundle,
         latency_runs=latency_runs,
     )
-    interactive = sys.stderr.isatty() and not json_out
-    try:
-        if interactive:
-            with _RichSteps() as steps:
-                result = run_convert(options, steps, signing_key)
-        else:
-            result = run_convert(options, Steps(), signing_key)
-    except AccuracyGateError as exc:
-        if json_out and exc.report is not None:
-            print_json(exc.report.to_dict())  # type: ignore[attr-defined]
-        raise
-    doc = result.to_dict()
+    doc = run_with_steps(lambda steps: run_convert(options, steps, signing_key).to_dict(), json_out)
     if json_out:
         print_json(doc)
     else:
         _print_report(doc)
+
+
+def run_with_steps(work: Callable[[Any], dict[str, Any]], json_out: bool) -> dict[str, Any]:
+    """Run ``work(steps)`` with progress bars on a terminal; a refused model's report goes to ``--json``."""
+    from edgekit.converters import Steps
+
+    try:
+        if sys.stderr.isatty() and not json_out:
+            with _RichSteps() as steps:
+                return work(steps)
+        return work(Steps())
+    except AccuracyGateError as exc:
+        if json_out and exc.report is not None:
+            print_json(exc.report.to_dict())  # type: ignore[attr-defined]
+        raise
