@@ -53,6 +53,7 @@ __all__ = [
     "DistillReport",
     "ModelCost",
     "TrainingResult",
+    "check_options",
     "distill",
     "distill_student",
     "model_cost",
@@ -418,7 +419,8 @@ def distill_student(
 # -- the command --------------------------------------------------------------------------------
 
 
-def _validate(options: DistillOptions, signing_key: SigningKey | None) -> tuple[str, str]:
+def check_options(options: DistillOptions) -> tuple[str, str]:
+    """Every check that needs no file read; returns the effective (mode, io)."""
     mode = options.quantize or "fp32"
     io = check_mode(mode, options.io, True)  # calibration: the training data
     if (options.student is None) == (options.width is None):
@@ -429,6 +431,10 @@ def _validate(options: DistillOptions, signing_key: SigningKey | None) -> tuple[
         raise ConfigError(f"--temperature {options.temperature:g} must be above 0 (typical: 2 to 8)")
     if not 0.0 <= options.alpha <= 1.0:
         raise ConfigError(f"--alpha {options.alpha:g} must be between 0 (labels only) and 1 (teacher only)")
+    if options.width is not None and not 0.0 < options.width <= 1.0:
+        raise ConfigError(
+            f"--width {options.width:g} is out of range; give a fraction such as 0.5 (at most 1)"
+        )
     if options.epochs < 1:
         raise ConfigError("--epochs must be at least 1")
     if options.latency_runs < 1:
@@ -453,8 +459,6 @@ def _validate(options: DistillOptions, signing_key: SigningKey | None) -> tuple[
         raise ConfigError("--report and -o name the same file")
     if options.bundle is not None:
         parse_bundle_spec(options.bundle)
-        if signing_key is None:
-            raise ConfigError("--bundle needs a signing key; create one with `edgekit keys init`")
         if options.quantize is None:
             raise ConfigError(
                 "--bundle ships a .tflite; choose its mode with --quantize (e.g. --quantize int8)"
@@ -497,7 +501,9 @@ def distill(
     """Distill, convert and measure; raises AccuracyGateError (after writing the report) on refusal."""
     steps = steps or Steps()
     started = time.perf_counter()
-    mode, io = _validate(options, signing_key)
+    mode, io = check_options(options)
+    if options.bundle is not None and signing_key is None:
+        raise ConfigError("--bundle needs a signing key; create one with `edgekit keys init`")
     steps.begin("loading the teacher")
     teacher = load_model(options.teacher)
     steps.end()

@@ -8,6 +8,7 @@ import io
 import os
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -143,3 +144,30 @@ def make_unhealthy(source: Path, key: SigningKey, out: Path, version: str = "9.0
             + [(f.name, members[f.name]) for f in files]
         )
     )
+
+
+# -- the edgekit command as a user runs it (converter tests) ---------------------------------------
+
+EDGEKIT = Path(sys.executable).parent / "edgekit"  # the console script pip installed
+
+
+def edgekit(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(EDGEKIT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

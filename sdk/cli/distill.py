@@ -125,12 +125,9 @@ def distill(
         raise ConfigError("give the student's file with -o STUDENT.keras")
     if data is None:
         raise ConfigError("give the training inputs with --data DATA (labels optional)")
-    from edgekit.converters import DistillOptions, parse_bundle_spec
-    from edgekit.converters import distill as run_distill
+    from edgekit.converters.distill import DistillOptions, check_options
+    from edgekit.converters.distill import distill as run_distill
 
-    if bundle is not None:
-        parse_bundle_spec(bundle)  # a bad NAME:VERSION is reported before asking for a passphrase
-    signing_key = load_key(key_name) if bundle is not None else None
     options = DistillOptions(
         teacher=teacher,
         output=output,
@@ -150,6 +147,8 @@ def distill(
         bundle=bundle,
         latency_runs=latency_runs,
     )
+    check_options(options)  # bad flags are reported before asking for a passphrase
+    signing_key = load_key(key_name) if bundle is not None else None
     doc = run_with_steps(lambda steps: run_distill(options, steps, signing_key).to_dict(), json_out)
     if json_out:
         print_json(doc)
