@@ -228,8 +228,7 @@ def narrowed(teacher: Any, width: float) -> Any:
     """
     import keras
 
-    if not 0.0 < width <= 1.0:
-        raise ConfigError(f"--width {width:g} is out of range; give a fraction such as 0.5 (at most 1)")
+    _check_width(width)
     layers = _layers(teacher)
     unknown = [
         f"{layer.name} ({type(layer).__name__})"
@@ -270,6 +269,11 @@ def narrowed(teacher: Any, width: float) -> Any:
         ) from None
     log.info("student layer widths: %s", sizes)
     return student
+
+
+def _check_width(width: float) -> None:
+    if not 0.0 < width <= 1.0:
+        raise ConfigError(f"--width {width:g} is out of range; give a fraction such as 0.5 (at most 1)")
 
 
 def model_cost(model: Any) -> ModelCost:
