@@ -27,6 +27,7 @@ from edgekit.tflite import TensorSpec, inspect_tflite
 from .evaluate import LayerError, ModelMetrics, evaluate_model, quantization_errors
 from .load import SourceModel, load_model
 from .prune import PATTERNS, PruneResult, prune_model
+from .qat import QatResult, check_qat_layers, quantization_aware_training
 from .quantize import check_mode, make_converter, quantize, run_converter
 
 __all__ = [
@@ -78,6 +79,7 @@ class ConvertOptions:
     io: str | None = None  # int8 | float; default int8 for int8, float otherwise
     calibration: Path | None = None
     prune: float | None = None
+    qat: bool = False
     train: Path | None = None
     epochs: int = 8
     sparsity_pattern: str = "unstructured"
@@ -105,6 +107,8 @@ class ConversionReport:
     converted: ModelMetrics
     timings: dict[str, float]
     pruning: PruneResult | None = None
+    qat: QatResult | None = None
+    ptq: ModelMetrics | None = None  # with --qat: the int8 model without quantization-aware training
     worst_layers: tuple[LayerError, ...] = ()
     max_accuracy_drop: float | None = None
     gate_passed: bool | None = None
@@ -149,6 +153,7 @@ class ConversionReport:
             "accuracy_drop_points": self.accuracy_drop,
             "gate": {"max_accuracy_drop": self.max_accuracy_drop, "passed": self.gate_passed},
             "pruning": None if self.pruning is None else self.pruning.to_dict(),
+            "qat": self._qat_dict(),
             "worst_layers": [layer.to_dict() for layer in self.worst_layers],
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "latency_machine": f"{self.machine} (1 thread; not an ARM figure)"
@@ -160,6 +165,14 @@ class ConversionReport:
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+    def _qat_dict(self) -> dict[str, Any] | None:
+        if self.qat is None or self.ptq is None:
+            return None
+        ptq_drop = None
+        if self.reference.accuracy is not None and self.ptq.accuracy is not None:
+            ptq_drop = round(100.0 * (self.reference.accuracy - self.ptq.accuracy), 4)
+        return {**self.qat.to_dict(), "ptq": self.ptq.to_dict(), "ptq_accuracy_drop_points": ptq_drop}
 
 
 def parse_bundle_spec(spec: str) -> tuple[str, str]:
@@ -198,8 +211,19 @@ def _validate(options: ConvertOptions, signing_key: SigningKey | None) -> tuple[
             raise ConfigError("pruning needs --train DATA (inputs and labels) to fine-tune the model")
         if options.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
-    elif options.train is not None:
-        raise ConfigError("--train is only used with --prune SPARSITY")
+    elif options.train is not None and not options.qat:
+        raise ConfigError("--train is only used with --prune SPARSITY or --qat")
+    if options.qat:
+        if options.quantize != "int8":
+            raise ConfigError("--qat trains for int8; add --quantize int8 (and --calibration DATA)")
+        if sparsity is not None:
+            raise ConfigError(
+                "--qat and --prune cannot be combined yet; prune first, then convert with --qat"
+            )
+        if options.train is None:
+            raise ConfigError("--qat needs --train DATA (inputs and labels) to fine-tune the model")
+        if options.epochs < 1:
+            raise ConfigError("--epochs must be at least 1")
     if options.max_accuracy_drop is not None:
         if options.max_accuracy_drop < 0:
             raise ConfigError("--max-accuracy-drop must be 0 or more accuracy points")
@@ -280,6 +304,12 @@ def convert(
         raise ConfigError(
             "pruning needs a Keras model (.keras or .h5) to fine-tune; a SavedModel directory can be quantized only"
         )
+    if options.qat:
+        if not source.trainable:
+            raise ConfigError(
+                "--qat needs a Keras model (.keras or .h5) to fine-tune; a SavedModel directory can be quantized only"
+            )
+        check_qat_layers(source.keras)
     try:
         return _convert(options, source, io, sparsity, steps, signing_key, timings, started)
     finally:
@@ -353,6 +383,27 @@ def _convert(
         steps.end()
 
     cal_x = None if calibration is None else calibration.x
+    qat = ptq_bytes = None
+    if options.qat:
+        assert train is not None and train.y is not None and cal_x is not None
+        steps.begin("converting to int8 without quantization-aware training (for comparison)")
+        t = time.perf_counter()
+        ptq_bytes = quantize(source.saved_model_dir(), "int8", io, cal_x, options.float_layers)
+        timings["ptq_conversion"] = time.perf_counter() - t
+        steps.end()
+        steps.begin("quantization-aware training", int(np.ceil(len(train) / 32)) * options.epochs)
+        qat = quantization_aware_training(
+            source.keras,
+            train.x,
+            np.asarray(train.y),
+            cal_x,
+            epochs=options.epochs,
+            on_batch=lambda _step, _total: steps.advance(1),
+        )
+        source.weights_changed()
+        timings["qat"] = qat.seconds
+        steps.end()
+
     if options.quantize == "fp32" and pruning is None:
         converted_bytes = reference_bytes
         timings["conversion"] = timings["reference_conversion"]
@@ -392,8 +443,15 @@ def _convert(
         latency_runs=options.latency_runs,
         on_sample=steps.advance,
     )
-    timings["evaluation"] = time.perf_counter() - t
     steps.end()
+    ptq = None
+    if ptq_bytes is not None:
+        steps.begin("evaluating the int8 model without quantization-aware training", n + options.latency_runs)
+        ptq, _ = evaluate_model(
+            ptq_bytes, x, y, reference=ref_outputs, latency_runs=options.latency_runs, on_sample=steps.advance
+        )
+        steps.end()
+    timings["evaluation"] = time.perf_counter() - t
 
     baseline_path = options.baseline or options.calibration or options.train
     report = ConversionReport(
@@ -408,6 +466,8 @@ def _convert(
         converted=converted,
         timings=timings,
         pruning=pruning,
+        qat=qat,
+        ptq=ptq,
         worst_layers=tuple(worst),
         max_accuracy_drop=options.max_accuracy_drop,
         eval_source=None if evaluation is None else evaluation.source,

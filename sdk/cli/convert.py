@@ -144,6 +144,13 @@ def _print_report(doc: dict[str, Any]) -> None:
             f"({p['epochs']} epochs, {p['seconds']:.1f}s); dense: {', '.join(p['dense_layers']) or 'none'}",
             highlight=False,
         )
+    if doc["qat"]:
+        q = doc["qat"]
+        console.print(
+            f"quantization-aware training: int8 accuracy {pct(q['ptq']['accuracy'])} without, "
+            f"{pct(conv['accuracy'])} with ({q['epochs']} epochs, {q['seconds']:.1f}s)",
+            highlight=False,
+        )
     if doc["worst_layers"]:
         worst = Table(title="largest int8 quantization error")
         worst.add_column("op")
@@ -195,12 +202,15 @@ def convert(
     prune: Optional[str] = typer.Option(
         None, "--prune", help="Target sparsity, a fraction (0.75) or percent (75%); needs --train."
     ),
+    qat: bool = typer.Option(
+        False, "--qat", help="Quantization-aware training for --quantize int8 (fine-tunes on --train)."
+    ),
     train: Optional[Path] = typer.Option(
         None,
         "--train",
-        help="Labelled DATA (.npz with x and y, or class folders) to fine-tune while pruning.",
+        help="Labelled DATA (.npz with x and y, or class folders) to fine-tune on (--prune, --qat).",
     ),
-    epochs: int = typer.Option(8, "--epochs", help="Fine-tuning epochs while pruning."),
+    epochs: int = typer.Option(8, "--epochs", help="Fine-tuning epochs (--prune, --qat)."),
     sparsity_pattern: str = typer.Option(
         "unstructured",
         "--sparsity-pattern",
@@ -253,6 +263,7 @@ def convert(
         io=io,
         calibration=calibration,
         prune=parse_number(prune, "--prune"),
+        qat=qat,
         train=train,
         epochs=epochs,
         sparsity_pattern=sparsity_pattern,
