@@ -13,12 +13,14 @@ from .distill import DistillOptions, DistillReport, distill, distill_student, mo
 from .evaluate import LayerError, ModelMetrics
 from .load import ACCEPTED_FORMATS, SourceModel, load_model
 from .prune import PATTERNS, PruneResult, prune_model, two_four_mask, weight_sparsity
+from .qat import QAT_LAYERS, QatResult, fake_quantized, quantization_aware_training
 from .quantize import MODES, quantize
 
 __all__ = [
     "ACCEPTED_FORMATS",
     "MODES",
     "PATTERNS",
+    "QAT_LAYERS",
     "ConversionReport",
     "ConvertOptions",
     "DistillOptions",
@@ -26,17 +28,20 @@ __all__ = [
     "LayerError",
     "ModelMetrics",
     "PruneResult",
+    "QatResult",
     "SourceModel",
     "StepReporter",
     "Steps",
     "convert",
     "distill",
     "distill_student",
+    "fake_quantized",
     "load_model",
     "model_cost",
     "narrowed",
     "parse_bundle_spec",
     "prune_model",
+    "quantization_aware_training",
     "quantize",
     "two_four_mask",
     "weight_sparsity",

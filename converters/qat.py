@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from edgekit.errors import ConfigError, DataError
 
-__all__ = ["QAT_LAYERS", "QatResult", "check_qat_layers", "quantization_aware_training"]
+__all__ = ["QAT_LAYERS", "QatResult", "check_qat_layers", "fake_quantized", "quantization_aware_training"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def check_qat_layers(model: Any) -> None:
     """Refuse (ConfigError naming them) layers quantization-aware training cannot handle."""
     import keras
 
-    if not isinstance(model, (keras.Sequential, keras.Model)) or not hasattr(model, "_nodes_by_depth"):
+    if type(model).__name__ not in ("Sequential", "Functional"):
         raise ConfigError(
             "--qat needs a Sequential or functional Keras model (a subclassed model cannot be rewired)"
         )
@@ -157,6 +157,59 @@ def _kernels(model: Any) -> list[tuple[Any, int]]:
     return out
 
 
+class _FakeQuantGraph:
+    """The model's own layers, rewired with a fake-quant layer after each quantization point."""
+
+    def __init__(self, model: Any) -> None:
+        import keras
+
+        points = _quant_points(model)
+        fake_quant = _fake_quant_layer()
+        self.quantizers: dict[str, Any] = {}
+
+        def call_function(layer: Any, *args: Any, **kwargs: Any) -> Any:
+            out = layer(*args, **kwargs)
+            if layer.name in points:
+                self.quantizers[layer.name] = fake_quant(name=f"{layer.name}_fake_quant")
+                out = self.quantizers[layer.name](out)
+            return out
+
+        if type(model).__name__ == "Sequential":  # clone_model takes no call_function for these
+            x = model.inputs[0]
+            for layer in model.layers:
+                x = call_function(layer, x)
+            self.model = keras.Model(model.inputs, x)
+        else:
+            self.model = keras.models.clone_model(
+                model, clone_function=lambda layer: layer, call_function=call_function
+            )
+        self._names = sorted(self.quantizers)
+        self._probe = keras.Model(model.inputs, [model.get_layer(name).output for name in self._names])
+
+    def set_ranges(self, calibration: np.ndarray) -> None:
+        """Each fake-quant range: min and max (holding 0) over ``calibration``, as the converter measures."""
+        outs = self._probe.predict(calibration, batch_size=256, verbose=0)
+        outs = outs if isinstance(outs, list) else [outs]
+        for name, values in zip(self._names, outs):
+            low, high = min(0.0, float(np.min(values))), max(0.0, float(np.max(values)))
+            self.quantizers[name].low.assign(low)
+            self.quantizers[name].high.assign(high if high > low else low + 1e-6)
+
+
+def fake_quantized(model: Any, calibration: np.ndarray) -> Any:
+    """A Keras model computing what the int8 model will (to check a conversion against).
+
+    Rounds ``model``'s kernels per channel in place (a no-op after quantization-aware training)
+    and inserts fake-quant layers with the ranges of ``calibration``.
+    """
+    check_qat_layers(model)
+    for kernel, axes in _kernels(model):
+        kernel.assign(quantize_kernel(kernel, axes))
+    graph = _FakeQuantGraph(model)
+    graph.set_ranges(np.asarray(calibration, dtype=np.float32))
+    return graph.model
+
+
 def quantization_aware_training(
     model: Any,
     x: np.ndarray,
@@ -177,19 +230,8 @@ def quantization_aware_training(
     if y.shape[0] != x.shape[0]:
         raise DataError(f"training data has {x.shape[0]} inputs but {y.shape[0]} labels")
     check_qat_layers(model)
-    points = _quant_points(model)
-    fake_quant = _fake_quant_layer()
-    quantizers: dict[str, Any] = {}
-
-    def call_function(layer: Any, *args: Any, **kwargs: Any) -> Any:
-        out = layer(*args, **kwargs)
-        if layer.name in points:
-            quantizers[layer.name] = fake_quant(name=f"{layer.name}_fake_quant")
-            out = quantizers[layer.name](out)
-        return out
-
-    qat = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call_function)
-    probe = keras.Model(model.inputs, [model.get_layer(name).output for name in sorted(quantizers)])
+    graph = _FakeQuantGraph(model)
+    qat = graph.model
     kernels = _kernels(model)
     shadows = [keras.Variable(k.numpy(), name=f"float_{i}") for i, (k, _) in enumerate(kernels)]
     kernel_ids = {id(k): i for i, (k, _) in enumerate(kernels)}
@@ -205,14 +247,9 @@ def quantization_aware_training(
     calib = np.asarray(calibration, dtype=np.float32)
 
     def set_ranges() -> None:
-        for (kernel, _), shadow in zip(kernels, shadows):
-            kernel.assign(shadow)  # ranges of the model the converter will see: float activations
-        outs = probe.predict(calib, batch_size=256, verbose=0)
-        outs = outs if isinstance(outs, list) else [outs]
-        for name, values in zip(sorted(quantizers), outs):
-            low, high = min(0.0, float(np.min(values))), max(0.0, float(np.max(values)))
-            quantizers[name].low.assign(low)
-            quantizers[name].high.assign(high if high > low else low + 1e-6)
+        for (kernel, axes), shadow in zip(kernels, shadows):
+            kernel.assign(quantize_kernel(shadow, axes))  # what the converter will see
+        graph.set_ranges(calib)
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
     def step(xb: Any, yb: Any) -> Any:
@@ -252,7 +289,7 @@ def quantization_aware_training(
         epochs=epochs,
         steps=total,
         seconds=seconds,
-        fake_quant_points=len(quantizers),
+        fake_quant_points=len(graph.quantizers),
         kernels=len(kernels),
         final_loss=loss_value,
     )
