@@ -24,7 +24,14 @@ from edgekit.errors import AccuracyGateError, ConfigError, DataError
 from edgekit.keys import SigningKey
 from edgekit.tflite import TensorSpec, inspect_tflite
 
-from .evaluate import LayerError, ModelMetrics, evaluate_model, quantization_errors
+from .evaluate import (
+    LayerError,
+    ModelMetrics,
+    evaluate_model,
+    latency_machine,
+    points_lost,
+    quantization_errors,
+)
 from .load import SourceModel, load_model
 from .prune import PATTERNS, PruneResult, prune_model
 from .qat import QatResult, check_qat_layers, quantization_aware_training
@@ -128,9 +135,7 @@ class ConversionReport:
     @property
     def accuracy_drop(self) -> float | None:
         """Accuracy points lost against the float reference (negative: the model got better)."""
-        if self.reference.accuracy is None or self.converted.accuracy is None:
-            return None
-        return round(100.0 * (self.reference.accuracy - self.converted.accuracy), 4)
+        return points_lost(self.reference.accuracy, self.converted.accuracy)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,9 +161,7 @@ class ConversionReport:
             "qat": self._qat_dict(),
             "worst_layers": [layer.to_dict() for layer in self.worst_layers],
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-            "latency_machine": f"{self.machine} (1 thread; not an ARM figure)"
-            if self.machine not in ("aarch64", "arm64", "armv7l")
-            else f"{self.machine} (1 thread)",
+            "latency_machine": latency_machine(self.machine),
             "baseline_data": self.baseline_source,
             "bundle": self.bundle,
         }
@@ -169,10 +172,11 @@ class ConversionReport:
     def _qat_dict(self) -> dict[str, Any] | None:
         if self.qat is None or self.ptq is None:
             return None
-        ptq_drop = None
-        if self.reference.accuracy is not None and self.ptq.accuracy is not None:
-            ptq_drop = round(100.0 * (self.reference.accuracy - self.ptq.accuracy), 4)
-        return {**self.qat.to_dict(), "ptq": self.ptq.to_dict(), "ptq_accuracy_drop_points": ptq_drop}
+        return {
+            **self.qat.to_dict(),
+            "ptq": self.ptq.to_dict(),
+            "ptq_accuracy_drop_points": points_lost(self.reference.accuracy, self.ptq.accuracy),
+        }
 
 
 def parse_bundle_spec(spec: str) -> tuple[str, str]:

@@ -43,7 +43,7 @@ from .convert import (
     write_bundle,
     write_file,
 )
-from .evaluate import ModelMetrics, evaluate_model
+from .evaluate import ModelMetrics, evaluate_model, latency_machine, points_lost
 from .load import SourceModel, captured_stdout, load_model
 from .quantize import check_mode, make_converter, quantize, run_converter
 
@@ -171,9 +171,7 @@ class DistillReport:
     @property
     def accuracy_drop(self) -> float | None:
         """Accuracy points the student loses against the teacher (negative: the student is better)."""
-        if self.teacher_metrics.accuracy is None or self.student_metrics.accuracy is None:
-            return None
-        return round(100.0 * (self.teacher_metrics.accuracy - self.student_metrics.accuracy), 4)
+        return points_lost(self.teacher_metrics.accuracy, self.student_metrics.accuracy)
 
     def to_dict(self) -> dict[str, Any]:
         t, s = self.teacher_metrics, self.student_metrics
@@ -203,9 +201,7 @@ class DistillReport:
             "gate": {"max_accuracy_drop": self.max_accuracy_drop, "passed": self.gate_passed},
             "training": self.training.to_dict(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-            "latency_machine": f"{self.machine} (1 thread; not an ARM figure)"
-            if self.machine not in ("aarch64", "arm64", "armv7l")
-            else f"{self.machine} (1 thread)",
+            "latency_machine": latency_machine(self.machine),
             "bundle": self.bundle,
         }
 

@@ -59,7 +59,7 @@ QAT_LAYERS = frozenset(
     }
 )  # fmt: skip
 BATCH_SIZE = 32
-LEARNING_RATE = 1e-4
+LEARNING_RATE = 1e-3
 
 
 @dataclass(frozen=True)

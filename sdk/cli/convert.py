@@ -25,6 +25,15 @@ if TYPE_CHECKING:
     from edgekit.keys import SigningKey
 
 MODES_HELP = "fp32, fp16, dynamic, int8 or int16x8."
+# Options `convert` and `distill` share.
+REPORT_OPTION: Any = typer.Option(None, "--report", help="Write every figure to this JSON file.")
+KEY_NAME_OPTION: Any = typer.Option(
+    "default", "--key-name", help="Which signing key under $EDGEKIT_HOME/keys signs --bundle."
+)
+LATENCY_RUNS_OPTION: Any = typer.Option(
+    100, "--latency-runs", help="Timed single-sample runs per model for latency."
+)
+JSON_OPTION: Any = typer.Option(False, "--json", help="Print the report as JSON on stdout.")
 
 
 class _RichSteps:
@@ -229,7 +238,7 @@ def convert(
     float_layers: Optional[str] = typer.Option(
         None, "--float-layers", help="Comma-separated tensors (or layer names) to keep in float with int8."
     ),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write every figure to this JSON file."),
+    report: Optional[Path] = REPORT_OPTION,
     baseline: Optional[Path] = typer.Option(
         None,
         "--baseline",
@@ -238,13 +247,9 @@ def convert(
     bundle: Optional[str] = typer.Option(
         None, "--bundle", help="NAME:VERSION: also write a signed bundle OUT.ekb next to the .tflite."
     ),
-    key_name: str = typer.Option(
-        "default", "--key-name", help="Which signing key under $EDGEKIT_HOME/keys signs --bundle."
-    ),
-    latency_runs: int = typer.Option(
-        100, "--latency-runs", help="Timed single-sample runs per model for latency."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    key_name: str = KEY_NAME_OPTION,
+    latency_runs: int = LATENCY_RUNS_OPTION,
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Convert a trained model to TFLite: quantize, optionally prune, measure against the float reference."""
     if output is None:

@@ -13,7 +13,19 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ._app import console, print_json
-from .convert import MODES_HELP, load_key, num, parse_number, pct, print_bundle, run_with_steps
+from .convert import (
+    JSON_OPTION,
+    KEY_NAME_OPTION,
+    LATENCY_RUNS_OPTION,
+    MODES_HELP,
+    REPORT_OPTION,
+    load_key,
+    num,
+    parse_number,
+    pct,
+    print_bundle,
+    run_with_steps,
+)
 
 
 def _print_report(doc: dict[str, Any]) -> None:
@@ -108,17 +120,13 @@ def distill(
         help=f"Also convert the student to TFLite: {MODES_HELP} (--data calibrates int8).",
     ),
     io: Optional[str] = typer.Option(None, "--io", help="int8 or float input/output for --quantize int8."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write every figure to this JSON file."),
+    report: Optional[Path] = REPORT_OPTION,
     bundle: Optional[str] = typer.Option(
         None, "--bundle", help="NAME:VERSION: also write a signed bundle of the student's .tflite (needs -q)."
     ),
-    key_name: str = typer.Option(
-        "default", "--key-name", help="Which signing key under $EDGEKIT_HOME/keys signs --bundle."
-    ),
-    latency_runs: int = typer.Option(
-        100, "--latency-runs", help="Timed single-sample runs per model for latency."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    key_name: str = KEY_NAME_OPTION,
+    latency_runs: int = LATENCY_RUNS_OPTION,
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Distill a trained teacher into a smaller student; measure both, converted, on the same runtime."""
     if output is None:
