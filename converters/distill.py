@@ -487,9 +487,10 @@ def _predict(source: SourceModel, x: np.ndarray) -> np.ndarray:
         return np.asarray(out).reshape(x.shape[0], -1)
     loaded = tf.saved_model.load(str(source.path))
     serve = loaded.signatures["serving_default"]
+    (name,) = serve.structured_input_signature[1]  # one input: checked on the converted model
     rows = []
     for start in range(0, x.shape[0], 256):
-        result = serve(tf.constant(x[start : start + 256]))
+        result = serve(**{name: tf.constant(x[start : start + 256])})
         first = result[sorted(result)[0]]
         rows.append(np.asarray(first).reshape(first.shape[0], -1))
     return np.concatenate(rows)

@@ -75,6 +75,24 @@ def test_unlabelled_data_alone_is_enough(distill_data: DistillData, tmp_path: Pa
     assert report["accuracy_drop_points"] <= 5.0
 
 
+def test_a_saved_model_teacher_teaches_a_given_student(distill_data: DistillData, tmp_path: Path) -> None:
+    import keras
+    from edgekit.converters import distill, narrowed
+
+    teacher = keras.models.load_model(distill_data.teacher)
+    teacher.export(str(tmp_path / "teacher"), verbose=False)
+    narrowed(teacher, 0.5).save(tmp_path / "arch.keras")
+    report = distill(
+        _options(
+            distill_data, tmp_path, teacher=tmp_path / "teacher", width=None, student=tmp_path / "arch.keras",
+            data=distill_data.rest, epochs=4,
+        )
+    ).to_dict()  # fmt: skip
+    assert report["student"]["source"] == str(tmp_path / "arch.keras")
+    assert report["teacher"]["macs"] is None and report["teacher"]["params"] > report["student"]["params"]
+    assert report["agreement"] >= 0.6  # 4 epochs; chance is 0.1
+
+
 def test_training_is_deterministic_with_a_seed(digits_models: Any) -> None:
     import keras
     from edgekit.converters import distill_student, narrowed
