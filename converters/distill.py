@@ -212,10 +212,6 @@ class DistillReport:
 # -- students -----------------------------------------------------------------------------------
 
 
-def _layers(model: Any) -> list[Any]:
-    return list(model.layers)
-
-
 def narrowed(teacher: Any, width: float) -> Any:
     """A fresh (untrained) copy of ``teacher`` with every Conv/Dense layer but the last ``width`` times as wide.
 
@@ -225,7 +221,7 @@ def narrowed(teacher: Any, width: float) -> Any:
     import keras
 
     _check_width(width)
-    layers = _layers(teacher)
+    layers = list(teacher.layers)
     unknown = [
         f"{layer.name} ({type(layer).__name__})"
         for layer in layers
@@ -275,7 +271,7 @@ def _check_width(width: float) -> None:
 def model_cost(model: Any) -> ModelCost:
     """Parameters, and multiply-accumulates of Conv/Depthwise/Separable/Dense layers for one sample."""
     macs = 0
-    for layer in _layers(model):
+    for layer in model.layers:
         kind = type(layer).__name__
         if kind not in _WIDTH_LAYERS and not kind.startswith("DepthwiseConv"):
             continue
