@@ -228,21 +228,13 @@ def _validate(options: ConvertOptions, signing_key: SigningKey | None) -> tuple[
             raise ConfigError("--qat needs --train DATA (inputs and labels) to fine-tune the model")
         if options.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
-    if options.max_accuracy_drop is not None:
-        if options.max_accuracy_drop < 0:
-            raise ConfigError("--max-accuracy-drop must be 0 or more accuracy points")
-        if options.eval is None:
-            raise ConfigError("--max-accuracy-drop needs --eval DATA with labels to measure accuracy")
-    if options.latency_runs < 1:
-        raise ConfigError("latency runs must be at least 1")
-    for flag, path in (
+    check_measuring(options.max_accuracy_drop, options.eval, options.latency_runs)
+    check_data_paths(
         ("--calibration", options.calibration),
         ("--train", options.train),
         ("--eval", options.eval),
         ("--baseline", options.baseline),
-    ):
-        if path is not None and not path.exists():
-            raise DataError(f"{flag} {path} does not exist; give a .npy or .npz file or a folder of images")
+    )
     output = options.output
     if output.suffix.lower() == ".ekb":
         raise ConfigError("-o names the .tflite file; with --bundle the .ekb is written next to it")
@@ -255,6 +247,24 @@ def _validate(options: ConvertOptions, signing_key: SigningKey | None) -> tuple[
         if signing_key is None:
             raise ConfigError("--bundle needs a signing key; create one with `edgekit keys init`")
     return io, sparsity
+
+
+def check_measuring(max_accuracy_drop: float | None, eval_data: Path | None, latency_runs: int) -> None:
+    """The gate and latency flags (``convert`` and ``distill``)."""
+    if max_accuracy_drop is not None:
+        if max_accuracy_drop < 0:
+            raise ConfigError("--max-accuracy-drop must be 0 or more accuracy points")
+        if eval_data is None:
+            raise ConfigError("--max-accuracy-drop needs --eval DATA with labels to measure accuracy")
+    if latency_runs < 1:
+        raise ConfigError("latency runs must be at least 1")
+
+
+def check_data_paths(*flags: tuple[str, Path | None]) -> None:
+    """Every DATA given exists (before anything slow runs)."""
+    for flag, path in flags:
+        if path is not None and not path.exists():
+            raise DataError(f"{flag} {path} does not exist; give a .npy or .npz file or a folder of images")
 
 
 def checked_data(path: Path, spec: TensorSpec, what: str, need_labels: bool) -> Dataset:

@@ -37,7 +37,9 @@ from edgekit.tflite import inspect_tflite
 from .convert import (
     StepReporter,
     Steps,
+    check_data_paths,
     check_labels,
+    check_measuring,
     checked_data,
     parse_bundle_spec,
     write_bundle,
@@ -427,26 +429,12 @@ def check_options(options: DistillOptions) -> tuple[str, str]:
         raise ConfigError(f"--temperature {options.temperature:g} must be above 0 (typical: 2 to 8)")
     if not 0.0 <= options.alpha <= 1.0:
         raise ConfigError(f"--alpha {options.alpha:g} must be between 0 (labels only) and 1 (teacher only)")
-    if options.width is not None and not 0.0 < options.width <= 1.0:
-        raise ConfigError(
-            f"--width {options.width:g} is out of range; give a fraction such as 0.5 (at most 1)"
-        )
+    if options.width is not None:
+        _check_width(options.width)
     if options.epochs < 1:
         raise ConfigError("--epochs must be at least 1")
-    if options.latency_runs < 1:
-        raise ConfigError("latency runs must be at least 1")
-    if options.max_accuracy_drop is not None:
-        if options.max_accuracy_drop < 0:
-            raise ConfigError("--max-accuracy-drop must be 0 or more accuracy points")
-        if options.eval is None:
-            raise ConfigError("--max-accuracy-drop needs --eval DATA with labels to measure accuracy")
-    for flag, path in (
-        ("--data", options.data),
-        ("--unlabeled", options.unlabeled),
-        ("--eval", options.eval),
-    ):
-        if path is not None and not path.exists():
-            raise DataError(f"{flag} {path} does not exist; give a .npy or .npz file or a folder of images")
+    check_measuring(options.max_accuracy_drop, options.eval, options.latency_runs)
+    check_data_paths(("--data", options.data), ("--unlabeled", options.unlabeled), ("--eval", options.eval))
     if options.output.suffix.lower() != ".keras":
         raise ConfigError(
             f"-o {options.output} names the student model; give a .keras file, e.g. student.keras"
