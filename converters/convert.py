@@ -24,9 +24,17 @@ from edgekit.errors import AccuracyGateError, ConfigError, DataError
 from edgekit.keys import SigningKey
 from edgekit.tflite import TensorSpec, inspect_tflite
 
-from .evaluate import LayerError, ModelMetrics, evaluate_model, quantization_errors
+from .evaluate import (
+    LayerError,
+    ModelMetrics,
+    evaluate_model,
+    latency_machine,
+    points_lost,
+    quantization_errors,
+)
 from .load import SourceModel, load_model
 from .prune import PATTERNS, PruneResult, prune_model
+from .qat import QatResult, check_qat_layers, quantization_aware_training
 from .quantize import check_mode, make_converter, quantize, run_converter
 
 __all__ = [
@@ -78,6 +86,7 @@ class ConvertOptions:
     io: str | None = None  # int8 | float; default int8 for int8, float otherwise
     calibration: Path | None = None
     prune: float | None = None
+    qat: bool = False
     train: Path | None = None
     epochs: int = 8
     sparsity_pattern: str = "unstructured"
@@ -105,6 +114,8 @@ class ConversionReport:
     converted: ModelMetrics
     timings: dict[str, float]
     pruning: PruneResult | None = None
+    qat: QatResult | None = None
+    ptq: ModelMetrics | None = None  # with --qat: the int8 model without quantization-aware training
     worst_layers: tuple[LayerError, ...] = ()
     max_accuracy_drop: float | None = None
     gate_passed: bool | None = None
@@ -124,9 +135,7 @@ class ConversionReport:
     @property
     def accuracy_drop(self) -> float | None:
         """Accuracy points lost against the float reference (negative: the model got better)."""
-        if self.reference.accuracy is None or self.converted.accuracy is None:
-            return None
-        return round(100.0 * (self.reference.accuracy - self.converted.accuracy), 4)
+        return points_lost(self.reference.accuracy, self.converted.accuracy)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -149,17 +158,25 @@ class ConversionReport:
             "accuracy_drop_points": self.accuracy_drop,
             "gate": {"max_accuracy_drop": self.max_accuracy_drop, "passed": self.gate_passed},
             "pruning": None if self.pruning is None else self.pruning.to_dict(),
+            "qat": self._qat_dict(),
             "worst_layers": [layer.to_dict() for layer in self.worst_layers],
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-            "latency_machine": f"{self.machine} (1 thread; not an ARM figure)"
-            if self.machine not in ("aarch64", "arm64", "armv7l")
-            else f"{self.machine} (1 thread)",
+            "latency_machine": latency_machine(self.machine),
             "baseline_data": self.baseline_source,
             "bundle": self.bundle,
         }
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+    def _qat_dict(self) -> dict[str, Any] | None:
+        if self.qat is None or self.ptq is None:
+            return None
+        return {
+            **self.qat.to_dict(),
+            "ptq": self.ptq.to_dict(),
+            "ptq_accuracy_drop_points": points_lost(self.reference.accuracy, self.ptq.accuracy),
+        }
 
 
 def parse_bundle_spec(spec: str) -> tuple[str, str]:
@@ -198,23 +215,26 @@ def _validate(options: ConvertOptions, signing_key: SigningKey | None) -> tuple[
             raise ConfigError("pruning needs --train DATA (inputs and labels) to fine-tune the model")
         if options.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
-    elif options.train is not None:
-        raise ConfigError("--train is only used with --prune SPARSITY")
-    if options.max_accuracy_drop is not None:
-        if options.max_accuracy_drop < 0:
-            raise ConfigError("--max-accuracy-drop must be 0 or more accuracy points")
-        if options.eval is None:
-            raise ConfigError("--max-accuracy-drop needs --eval DATA with labels to measure accuracy")
-    if options.latency_runs < 1:
-        raise ConfigError("latency runs must be at least 1")
-    for flag, path in (
+    elif options.train is not None and not options.qat:
+        raise ConfigError("--train is only used with --prune SPARSITY or --qat")
+    if options.qat:
+        if options.quantize != "int8":
+            raise ConfigError("--qat trains for int8; add --quantize int8 (and --calibration DATA)")
+        if sparsity is not None:
+            raise ConfigError(
+                "--qat and --prune cannot be combined yet; prune first, then convert with --qat"
+            )
+        if options.train is None:
+            raise ConfigError("--qat needs --train DATA (inputs and labels) to fine-tune the model")
+        if options.epochs < 1:
+            raise ConfigError("--epochs must be at least 1")
+    check_measuring(options.max_accuracy_drop, options.eval, options.latency_runs)
+    check_data_paths(
         ("--calibration", options.calibration),
         ("--train", options.train),
         ("--eval", options.eval),
         ("--baseline", options.baseline),
-    ):
-        if path is not None and not path.exists():
-            raise DataError(f"{flag} {path} does not exist; give a .npy or .npz file or a folder of images")
+    )
     output = options.output
     if output.suffix.lower() == ".ekb":
         raise ConfigError("-o names the .tflite file; with --bundle the .ekb is written next to it")
@@ -229,7 +249,26 @@ def _validate(options: ConvertOptions, signing_key: SigningKey | None) -> tuple[
     return io, sparsity
 
 
-def _data(path: Path, spec: TensorSpec, what: str, need_labels: bool) -> Dataset:
+def check_measuring(max_accuracy_drop: float | None, eval_data: Path | None, latency_runs: int) -> None:
+    """The gate and latency flags (``convert`` and ``distill``)."""
+    if max_accuracy_drop is not None:
+        if max_accuracy_drop < 0:
+            raise ConfigError("--max-accuracy-drop must be 0 or more accuracy points")
+        if eval_data is None:
+            raise ConfigError("--max-accuracy-drop needs --eval DATA with labels to measure accuracy")
+    if latency_runs < 1:
+        raise ConfigError("latency runs must be at least 1")
+
+
+def check_data_paths(*flags: tuple[str, Path | None]) -> None:
+    """Every DATA given exists (before anything slow runs)."""
+    for flag, path in flags:
+        if path is not None and not path.exists():
+            raise DataError(f"{flag} {path} does not exist; give a .npy or .npz file or a folder of images")
+
+
+def checked_data(path: Path, spec: TensorSpec, what: str, need_labels: bool) -> Dataset:
+    """DATA at ``path`` shaped for the model's input ``spec``, finite, with labels if ``need_labels``."""
     dataset = load_data(path, image_shape=tuple(spec.shape[1:]))
     x = fit_to_input(dataset.x, spec, f"{what} data {dataset.source}")
     x = np.asarray(x, dtype=np.float32)
@@ -243,7 +282,8 @@ def _data(path: Path, spec: TensorSpec, what: str, need_labels: bool) -> Dataset
     return Dataset(x=x, y=dataset.y, source=dataset.source, classes=dataset.classes)
 
 
-def _check_labels(data: Dataset, classes: int, what: str) -> None:
+def check_labels(data: Dataset, classes: int, what: str) -> None:
+    """Labels (if any) must be class numbers below ``classes``, or one-hot over ``classes``."""
     if data.y is None:
         return
     y = np.asarray(data.y)
@@ -278,6 +318,12 @@ def convert(
         raise ConfigError(
             "pruning needs a Keras model (.keras or .h5) to fine-tune; a SavedModel directory can be quantized only"
         )
+    if options.qat:
+        if not source.trainable:
+            raise ConfigError(
+                "--qat needs a Keras model (.keras or .h5) to fine-tune; a SavedModel directory can be quantized only"
+            )
+        check_qat_layers(source.keras)
     try:
         return _convert(options, source, io, sparsity, steps, signing_key, timings, started)
     finally:
@@ -312,14 +358,16 @@ def _convert(
     spec = info.inputs[0]
     classes = int(np.prod(info.outputs[0].shape[1:])) if info.outputs else 0
 
-    calibration = _data(options.calibration, spec, "calibration", False) if options.calibration else None
-    train = _data(options.train, spec, "training", True) if options.train else None
-    evaluation = _data(options.eval, spec, "evaluation", False) if options.eval else None
+    calibration = (
+        checked_data(options.calibration, spec, "calibration", False) if options.calibration else None
+    )
+    train = checked_data(options.train, spec, "training", True) if options.train else None
+    evaluation = checked_data(options.eval, spec, "evaluation", False) if options.eval else None
     if options.baseline is not None:
-        _data(options.baseline, spec, "baseline", False)
+        checked_data(options.baseline, spec, "baseline", False)
     for data, what in ((train, "training"), (evaluation, "evaluation")):
         if data is not None:
-            _check_labels(data, classes, what)
+            check_labels(data, classes, what)
     if options.max_accuracy_drop is not None and (evaluation is None or evaluation.y is None):
         raise DataError(
             f"--max-accuracy-drop needs labels in --eval {options.eval}: an .npz with x and y, "
@@ -349,6 +397,27 @@ def _convert(
         steps.end()
 
     cal_x = None if calibration is None else calibration.x
+    qat = ptq_bytes = None
+    if options.qat:
+        assert train is not None and train.y is not None and cal_x is not None
+        steps.begin("converting to int8 without quantization-aware training (for comparison)")
+        t = time.perf_counter()
+        ptq_bytes = quantize(source.saved_model_dir(), "int8", io, cal_x, options.float_layers)
+        timings["ptq_conversion"] = time.perf_counter() - t
+        steps.end()
+        steps.begin("quantization-aware training", int(np.ceil(len(train) / 32)) * options.epochs)
+        qat = quantization_aware_training(
+            source.keras,
+            train.x,
+            np.asarray(train.y),
+            cal_x,
+            epochs=options.epochs,
+            on_batch=lambda _step, _total: steps.advance(1),
+        )
+        source.weights_changed()
+        timings["qat"] = qat.seconds
+        steps.end()
+
     if options.quantize == "fp32" and pruning is None:
         converted_bytes = reference_bytes
         timings["conversion"] = timings["reference_conversion"]
@@ -388,8 +457,15 @@ def _convert(
         latency_runs=options.latency_runs,
         on_sample=steps.advance,
     )
-    timings["evaluation"] = time.perf_counter() - t
     steps.end()
+    ptq = None
+    if ptq_bytes is not None:
+        steps.begin("evaluating the int8 model without quantization-aware training", n + options.latency_runs)
+        ptq, _ = evaluate_model(
+            ptq_bytes, x, y, reference=ref_outputs, latency_runs=options.latency_runs, on_sample=steps.advance
+        )
+        steps.end()
+    timings["evaluation"] = time.perf_counter() - t
 
     baseline_path = options.baseline or options.calibration or options.train
     report = ConversionReport(
@@ -404,6 +480,8 @@ def _convert(
         converted=converted,
         timings=timings,
         pruning=pruning,
+        qat=qat,
+        ptq=ptq,
         worst_layers=tuple(worst),
         max_accuracy_drop=options.max_accuracy_drop,
         eval_source=None if evaluation is None else evaluation.source,
@@ -416,7 +494,7 @@ def _convert(
         if not passed:
             report = _finish(report, timings, started)
             if options.report is not None:
-                _write(options.report, report.to_json(), "--report")
+                write_file(options.report, report.to_json(), "--report")
             assert reference.accuracy is not None and converted.accuracy is not None
             raise AccuracyGateError(
                 f"refused: the {options.quantize} model loses {drop:.2f} accuracy points "
@@ -426,47 +504,44 @@ def _convert(
                 report=report,
             )
 
-    _write(options.output, converted_bytes, "-o")
+    write_file(options.output, converted_bytes, "-o")
     report = _replace(report, written=True)
     if options.bundle is not None:
         assert signing_key is not None
-        from edgekit.bundle import create_bundle, read_bundle
-        from edgekit.trust import TrustedKeys
-
-        name, version = parse_bundle_spec(options.bundle)
-        bundle_path = options.output.with_suffix(".ekb")
         steps.begin("signing the bundle")
         t = time.perf_counter()
-        create_bundle(
-            options.output,
-            name=name,
-            version=version,
-            key=signing_key,
-            output=bundle_path,
-            baseline=baseline_path,
-        )
-        bundle = read_bundle(bundle_path, TrustedKeys([signing_key.public]))
+        bundle = write_bundle(options.output, options.bundle, signing_key, baseline_path)
         timings["bundle"] = time.perf_counter() - t
         steps.end()
-        report = _replace(
-            report,
-            bundle={
-                "path": str(bundle_path),
-                "name": name,
-                "version": version,
-                "bundle_id": bundle.bundle_id,
-                "size": bundle.size,
-                "baseline": bundle.baseline() is not None,
-                "signer": bundle.signer,
-            },
-        )
+        report = _replace(report, bundle=bundle)
     report = _finish(report, timings, started)
     if options.report is not None:
-        _write(options.report, report.to_json(), "--report")
+        write_file(options.report, report.to_json(), "--report")
     return report
 
 
-def _write(path: Path, data: bytes, flag: str) -> None:
+def write_bundle(tflite: Path, spec: str, signing_key: SigningKey, baseline: Path | None) -> dict[str, Any]:
+    """Sign ``tflite`` into ``NAME:VERSION`` bundle next to it (``.ekb``); the report's ``bundle`` figures."""
+    from edgekit.bundle import create_bundle, read_bundle
+    from edgekit.trust import TrustedKeys
+
+    name, version = parse_bundle_spec(spec)
+    bundle_path = tflite.with_suffix(".ekb")
+    create_bundle(tflite, name=name, version=version, key=signing_key, output=bundle_path, baseline=baseline)
+    bundle = read_bundle(bundle_path, TrustedKeys([signing_key.public]))
+    return {
+        "path": str(bundle_path),
+        "name": name,
+        "version": version,
+        "bundle_id": bundle.bundle_id,
+        "size": bundle.size,
+        "baseline": bundle.baseline() is not None,
+        "signer": bundle.signer,
+    }
+
+
+def write_file(path: Path, data: bytes, flag: str) -> None:
+    """Write ``data`` atomically; an unwritable place is a ConfigError naming ``flag``."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)

@@ -29,8 +29,10 @@ __all__ = [
     "LayerError",
     "ModelMetrics",
     "evaluate_model",
+    "latency_machine",
     "measure_latency",
     "model_outputs",
+    "points_lost",
     "quantization_errors",
     "selectively_quantized",
 ]
@@ -91,6 +93,20 @@ class LayerError:
             "max_abs_error": self.max_abs_error,
             "scale": self.scale,
         }
+
+
+def points_lost(before: float | None, after: float | None) -> float | None:
+    """Accuracy points from ``before`` to ``after`` (fractions); negative when it got better."""
+    if before is None or after is None:
+        return None
+    return round(100.0 * (before - after), 4)
+
+
+def latency_machine(machine: str) -> str:
+    """Where latency was measured, as the reports say it."""
+    if machine in ("aarch64", "arm64", "armv7l"):
+        return f"{machine} (1 thread)"
+    return f"{machine} (1 thread; not an ARM figure)"
 
 
 def gzip_size(data: bytes) -> int:

@@ -119,6 +119,44 @@ def convert_to_tflite(model: object, representative: np.ndarray | None = None) -
     return bytes(converter.convert())
 
 
+def qat_digits_int8(
+    model: object, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray
+) -> tuple[bytes, np.ndarray]:
+    """The digits CNN after 1 epoch of quantization-aware training, converted to int8 (int8 I/O),
+    and what its fake-quantized Keras model outputs on ``x_test`` (the int8 model should agree)."""
+    from edgekit.converters import fake_quantized, quantization_aware_training
+    from edgekit.converters.load import SourceModel
+    from edgekit.converters.quantize import quantize
+
+    calibration = x_train[:300]
+    quantization_aware_training(model, x_train, y_train, calibration, epochs=1)
+    expected = np.asarray(fake_quantized(model, calibration).predict(x_test, verbose=0))  # type: ignore[attr-defined]
+    source = SourceModel(path=Path("qat.keras"), format="keras", keras=model)
+    try:
+        content = quantize(source.saved_model_dir(), "int8", "int8", calibration)
+    finally:
+        source.close()
+    return content, expected
+
+
+@dataclass(frozen=True)
+class QatDigits:
+    int8: Path  # int8 I/O
+    expected: np.ndarray  # the fake-quantized Keras model's outputs on the digits test inputs
+
+
+@pytest.fixture(scope="session")
+def digits_qat(digits_models: DigitsModels, tmp_path_factory: pytest.TempPathFactory) -> QatDigits:
+    import keras
+
+    x, y = load_digits_images()
+    model = keras.models.load_model(digits_models.keras_path)
+    content, expected = qat_digits_int8(model, x[:1400], y[:1400], digits_models.x_test)
+    path = tmp_path_factory.mktemp("digits-qat") / "digits_qat_int8.tflite"
+    path.write_bytes(content)
+    return QatDigits(path, expected)
+
+
 @pytest.fixture(scope="session")
 def digits_models(tmp_path_factory: pytest.TempPathFactory) -> DigitsModels:
     x, y = load_digits_images()

@@ -49,6 +49,22 @@ def models(request: pytest.FixtureRequest) -> Models:
     return Models(digits.fp32, digits.int8, digits.x_test, digits.y_test, digits.data_npz)
 
 
+@dataclass(frozen=True)
+class QatModel:
+    int8: Path  # the digits CNN after quantization-aware training, int8 I/O
+    expected: np.ndarray  # its fake-quantized Keras model's outputs on Models.x_test
+
+
+@pytest.fixture(scope="session")
+def qat_model(request: pytest.FixtureRequest) -> QatModel:
+    directory = os.environ.get(MODELS_ENV)
+    if directory:
+        root = Path(directory)
+        return QatModel(root / "digits_qat_int8.tflite", np.load(root / "digits_qat_expected.npy"))
+    qat = request.getfixturevalue("digits_qat")
+    return QatModel(qat.int8, qat.expected)
+
+
 @pytest.fixture(scope="session")
 def key() -> SigningKey:
     return SigningKey.generate()

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -242,3 +243,30 @@ class RabbitMq:
         if self._enabled_here:
             subprocess.run([self.plugins, "-q", "disable", "rabbitmq_mqtt"], capture_output=True, check=False)
             self._enabled_here = False
+
+
+# -- the edgekit command as a user runs it (converter tests) ---------------------------------------
+
+EDGEKIT = Path(sys.executable).parent / "edgekit"  # the console script pip installed
+
+
+def edgekit(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(EDGEKIT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import broker, bundle, convert, device, fleet, keys, push, server
+from . import broker, bundle, convert, device, distill, fleet, keys, push, server
 from ._app import new_app, run, setup_logging, version_callback
 
 __all__ = ["app", "main"]
@@ -16,6 +16,7 @@ app = new_app("edgekit: take a trained model to a fleet of small Linux devices, 
 app.add_typer(keys.app, name="keys")
 app.add_typer(bundle.app, name="bundle")
 app.command("convert")(convert.convert)
+app.command("distill")(distill.distill)
 app.add_typer(device.app, name="device")
 app.add_typer(broker.app, name="broker")
 app.add_typer(fleet.app, name="fleet")

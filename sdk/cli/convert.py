@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -24,6 +25,15 @@ if TYPE_CHECKING:
     from edgekit.keys import SigningKey
 
 MODES_HELP = "fp32, fp16, dynamic, int8 or int16x8."
+# Options `convert` and `distill` share.
+REPORT_OPTION: Any = typer.Option(None, "--report", help="Write every figure to this JSON file.")
+KEY_NAME_OPTION: Any = typer.Option(
+    "default", "--key-name", help="Which signing key under $EDGEKIT_HOME/keys signs --bundle."
+)
+LATENCY_RUNS_OPTION: Any = typer.Option(
+    100, "--latency-runs", help="Timed single-sample runs per model for latency."
+)
+JSON_OPTION: Any = typer.Option(False, "--json", help="Print the report as JSON on stdout.")
 
 
 class _RichSteps:
@@ -65,7 +75,7 @@ class _RichSteps:
             self._task = None
 
 
-def _float(text: Optional[str], flag: str) -> Optional[float]:
+def parse_number(text: Optional[str], flag: str) -> Optional[float]:
     if text is None:
         return None
     try:
@@ -77,7 +87,8 @@ def _float(text: Optional[str], flag: str) -> Optional[float]:
     return value
 
 
-def _signing_key(key_name: str) -> SigningKey:
+def load_key(key_name: str) -> SigningKey:
+    """The signing key for --bundle, asking for its passphrase on a terminal."""
     # Absolute: the key is handed to edgekit.converters, which names the class edgekit.keys.SigningKey.
     from edgekit.keys import key_needs_passphrase, load_signing_key
 
@@ -88,11 +99,11 @@ def _signing_key(key_name: str) -> SigningKey:
     return load_signing_key(home, key_name, passphrase)
 
 
-def _pct(value: Optional[float]) -> str:
+def pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _num(value: Optional[float], fmt: str = ".4g") -> str:
+def num(value: Optional[float], fmt: str = ".4g") -> str:
     return "-" if value is None else format(value, fmt)
 
 
@@ -118,19 +129,19 @@ def _print_report(doc: dict[str, Any]) -> None:
     )
     table.add_row(
         "latency median (ms)",
-        _num(ref["latency_ms_median"], ".3f"),
-        _num(conv["latency_ms_median"], ".3f"),
+        num(ref["latency_ms_median"], ".3f"),
+        num(conv["latency_ms_median"], ".3f"),
         ratio(ref["latency_ms_median"], conv["latency_ms_median"]),
     )
     table.add_row(
-        "latency p95 (ms)", _num(ref["latency_ms_p95"], ".3f"), _num(conv["latency_ms_p95"], ".3f"), ""
+        "latency p95 (ms)", num(ref["latency_ms_p95"], ".3f"), num(conv["latency_ms_p95"], ".3f"), ""
     )
     if ref["samples"]:
-        table.add_row("accuracy", _pct(ref["accuracy"]), _pct(conv["accuracy"]), "")
-        table.add_row("top-1 agreement", "", _pct(conv["agreement"]), "")
-        table.add_row("mean |output error|", "", _num(conv["mean_abs_error"]), "")
-        table.add_row("max |output error|", "", _num(conv["max_abs_error"]), "")
-    table.add_row("weight sparsity", _pct(ref["weight_sparsity"]), _pct(conv["weight_sparsity"]), "")
+        table.add_row("accuracy", pct(ref["accuracy"]), pct(conv["accuracy"]), "")
+        table.add_row("top-1 agreement", "", pct(conv["agreement"]), "")
+        table.add_row("mean |output error|", "", num(conv["mean_abs_error"]), "")
+        table.add_row("max |output error|", "", num(conv["max_abs_error"]), "")
+    table.add_row("weight sparsity", pct(ref["weight_sparsity"]), pct(conv["weight_sparsity"]), "")
     console.print(table)
     console.print(f"latency measured on {doc['latency_machine']}", highlight=False)
     if doc["accuracy_drop_points"] is not None:
@@ -140,6 +151,13 @@ def _print_report(doc: dict[str, Any]) -> None:
         console.print(
             f"pruning: {p['pattern']} {p['sparsity']:.1%} of {len(p['layers'])} layers' weights are zero "
             f"({p['epochs']} epochs, {p['seconds']:.1f}s); dense: {', '.join(p['dense_layers']) or 'none'}",
+            highlight=False,
+        )
+    if doc["qat"]:
+        q = doc["qat"]
+        console.print(
+            f"quantization-aware training: int8 accuracy {pct(q['ptq']['accuracy'])} without, "
+            f"{pct(conv['accuracy'])} with ({q['epochs']} epochs, {q['seconds']:.1f}s)",
             highlight=False,
         )
     if doc["worst_layers"]:
@@ -162,12 +180,16 @@ def _print_report(doc: dict[str, Any]) -> None:
     if doc["output"]["written"]:
         console.print(f"[green]wrote[/] {doc['output']['path']} ({conv['size']} bytes)", highlight=False)
     if doc["bundle"]:
-        b = doc["bundle"]
-        console.print(
-            f"[green]wrote[/] bundle {b['name']} {b['version']} at {b['path']} ({b['size']} bytes, "
-            f"sha256 {b['sha256'][:16]}, baseline {'yes' if b['baseline'] else 'no'})",
-            highlight=False,
-        )
+        print_bundle(doc["bundle"])
+
+
+def print_bundle(b: dict[str, Any]) -> None:
+    """The line a written bundle gets (``convert`` and ``distill``)."""
+    console.print(
+        f"[green]wrote[/] bundle {b['name']} {b['version']} at {b['path']} ({b['size']} bytes, "
+        f"id {b['bundle_id'][:16]}, baseline {'yes' if b['baseline'] else 'no'})",
+        highlight=False,
+    )
 
 
 def convert(
@@ -189,12 +211,15 @@ def convert(
     prune: Optional[str] = typer.Option(
         None, "--prune", help="Target sparsity, a fraction (0.75) or percent (75%); needs --train."
     ),
+    qat: bool = typer.Option(
+        False, "--qat", help="Quantization-aware training for --quantize int8 (fine-tunes on --train)."
+    ),
     train: Optional[Path] = typer.Option(
         None,
         "--train",
-        help="Labelled DATA (.npz with x and y, or class folders) to fine-tune while pruning.",
+        help="Labelled DATA (.npz with x and y, or class folders) to fine-tune on (--prune, --qat).",
     ),
-    epochs: int = typer.Option(8, "--epochs", help="Fine-tuning epochs while pruning."),
+    epochs: int = typer.Option(8, "--epochs", help="Fine-tuning epochs (--prune, --qat)."),
     sparsity_pattern: str = typer.Option(
         "unstructured",
         "--sparsity-pattern",
@@ -213,7 +238,7 @@ def convert(
     float_layers: Optional[str] = typer.Option(
         None, "--float-layers", help="Comma-separated tensors (or layer names) to keep in float with int8."
     ),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write every figure to this JSON file."),
+    report: Optional[Path] = REPORT_OPTION,
     baseline: Optional[Path] = typer.Option(
         None,
         "--baseline",
@@ -222,23 +247,19 @@ def convert(
     bundle: Optional[str] = typer.Option(
         None, "--bundle", help="NAME:VERSION: also write a signed bundle OUT.ekb next to the .tflite."
     ),
-    key_name: str = typer.Option(
-        "default", "--key-name", help="Which signing key under $EDGEKIT_HOME/keys signs --bundle."
-    ),
-    latency_runs: int = typer.Option(
-        100, "--latency-runs", help="Timed single-sample runs per model for latency."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    key_name: str = KEY_NAME_OPTION,
+    latency_runs: int = LATENCY_RUNS_OPTION,
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Convert a trained model to TFLite: quantize, optionally prune, measure against the float reference."""
     if output is None:
         raise ConfigError("give the output file with -o OUT.tflite")
-    from edgekit.converters import ConvertOptions, Steps, parse_bundle_spec
+    from edgekit.converters import ConvertOptions, parse_bundle_spec
     from edgekit.converters import convert as run_convert
 
     if bundle is not None:
         parse_bundle_spec(bundle)  # a bad NAME:VERSION is reported before asking for a passphrase
-    signing_key = _signing_key(key_name) if bundle is not None else None
+    signing_key = load_key(key_name) if bundle is not None else None
 
     options = ConvertOptions(
         model=model,
@@ -246,31 +267,36 @@ def convert(
         quantize=quantize,
         io=io,
         calibration=calibration,
-        prune=_float(prune, "--prune"),
+        prune=parse_number(prune, "--prune"),
+        qat=qat,
         train=train,
         epochs=epochs,
         sparsity_pattern=sparsity_pattern,
         eval=eval_data,
-        max_accuracy_drop=_float(max_accuracy_drop, "--max-accuracy-drop"),
+        max_accuracy_drop=parse_number(max_accuracy_drop, "--max-accuracy-drop"),
         float_layers=tuple(s.strip() for s in float_layers.split(",") if s.strip()) if float_layers else (),
         report=report,
         baseline=baseline,
         bundle=bundle,
         latency_runs=latency_runs,
     )
-    interactive = sys.stderr.isatty() and not json_out
-    try:
-        if interactive:
-            with _RichSteps() as steps:
-                result = run_convert(options, steps, signing_key)
-        else:
-            result = run_convert(options, Steps(), signing_key)
-    except AccuracyGateError as exc:
-        if json_out and exc.report is not None:
-            print_json(exc.report.to_dict())  # type: ignore[attr-defined]
-        raise
-    doc = result.to_dict()
+    doc = run_with_steps(lambda steps: run_convert(options, steps, signing_key).to_dict(), json_out)
     if json_out:
         print_json(doc)
     else:
         _print_report(doc)
+
+
+def run_with_steps(work: Callable[[Any], dict[str, Any]], json_out: bool) -> dict[str, Any]:
+    """Run ``work(steps)`` with progress bars on a terminal; a refused model's report goes to ``--json``."""
+    from edgekit.converters import Steps
+
+    try:
+        if sys.stderr.isatty() and not json_out:
+            with _RichSteps() as steps:
+                return work(steps)
+        return work(Steps())
+    except AccuracyGateError as exc:
+        if json_out and exc.report is not None:
+            print_json(exc.report.to_dict())  # type: ignore[attr-defined]
+        raise
