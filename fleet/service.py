@@ -76,7 +76,7 @@ class ServiceConfig:
     controller: bool = True
     #: EDGEKIT_HOME: the operator account (``broker/operator.json``), keys and saved rollouts.
     home: Optional[str] = None
-    #: The ingest workers read MQTT with edgekit's own read side (False: paho's; for measuring).
+    #: The ingest workers read MQTT with edgekit's own read side (False: the MQTT library's; for measuring).
     fast_read: bool = True
 
     def validate(self) -> None:
