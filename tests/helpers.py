@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,16 +167,20 @@ class RabbitMq:
     our own, on the node already running on this machine (started by `make rabbitmq`).
 
     The plugin is enabled with its listener on that port, and disabled again by :meth:`close`
-    (only if it was not enabled before); broker accounts made by :meth:`add_user` are deleted
-    there too. AMQP users of the node are not touched. RabbitMQ 3.x speaks MQTT 3.1.1 only and
-    sends retained messages to exact-topic subscriptions only."""
+    of the last test session using it: sessions running at once (two worktrees, CI) share it,
+    registered by pid in a file under /tmp (``flock``), so one never disables it under another,
+    and a plugin enabled by anybody else is never disabled. Broker accounts made by
+    :meth:`add_user` are deleted by :meth:`close`. AMQP users of the node are not touched.
+    RabbitMQ 3.x speaks MQTT 3.1.1 only and sends retained messages to exact-topic
+    subscriptions only."""
+
+    SHARED = Path(tempfile.gettempdir()) / "edgekit-rabbitmq-mqtt.json"
 
     def __init__(self, ctl: str) -> None:
         self.ctl = ctl
         self.plugins = str(Path(ctl).with_name("rabbitmq-plugins"))
         self.users: list[str] = []
         self.port = 0
-        self._enabled_here = False
 
     def _run(self, *args: str, tool: str = "") -> str:
         result = subprocess.run(
@@ -181,31 +190,46 @@ class RabbitMq:
             raise RuntimeError(f"{' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
         return result.stdout
 
-    def _listeners(self) -> str:
-        return self._run("eval", "application:get_env(rabbitmq_mqtt, tcp_listeners).")
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[dict]:
+        """The sessions using the plugin (live pids) and whether one of them enabled it, under
+        an exclusive lock; what the block leaves in the dict is written back."""
+        with open(self.SHARED.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                doc = json.loads(self.SHARED.read_text())
+            except (OSError, ValueError):
+                doc = {}
+            doc["pids"] = [pid for pid in doc.get("pids", []) if _alive(pid)]
+            doc.setdefault("ours", False)
+            yield doc
+            self.SHARED.write_text(json.dumps(doc))
 
     def start(self) -> RabbitMq:
-        enabled = "[E" in self._run("-q", "list", "-e", "rabbitmq_mqtt", tool=self.plugins)
-        running = "true" in self._run(
-            "eval", "lists:keymember(rabbitmq_mqtt, 1, application:which_applications())."
-        )
-        if enabled and not running:  # left enabled by a run that died, and failed to start since
-            self._run("disable", "rabbitmq_mqtt", tool=self.plugins)
-            enabled = False
-        if enabled:  # someone else's: use the port it listens on
-            found = re.search(r"(\d{2,5})\}?\]", self._listeners())
-            if not found:
-                raise RuntimeError(f"rabbitmq_mqtt is enabled but its port is unknown: {self._listeners()}")
-            self.port = int(found.group(1))
-        else:
-            self.port = free_port()
-            self._run(
-                "eval",
-                "application:load(rabbitmq_mqtt), "
-                f'application:set_env(rabbitmq_mqtt, tcp_listeners, [{{"127.0.0.1", {self.port}}}]).',
+        with self._shared() as shared:
+            enabled = "[E" in self._run("-q", "list", "-e", "rabbitmq_mqtt", tool=self.plugins)
+            running = "true" in self._run(
+                "eval", "lists:keymember(rabbitmq_mqtt, 1, application:which_applications())."
             )
-            self._run("enable", "rabbitmq_mqtt", tool=self.plugins)
-            self._enabled_here = True
+            if enabled and not running and not shared["pids"]:  # left by a run that died
+                self._run("disable", "rabbitmq_mqtt", tool=self.plugins)
+                enabled = False
+            if enabled:  # another session's, or someone else's: use the port it listens on
+                listeners = self._run("eval", "application:get_env(rabbitmq_mqtt, tcp_listeners).")
+                found = re.search(r"(\d{2,5})\}?\]", listeners)
+                if not found:
+                    raise RuntimeError(f"rabbitmq_mqtt is enabled but its port is unknown: {listeners}")
+                self.port = int(found.group(1))
+            else:
+                self.port = free_port()
+                self._run(
+                    "eval",
+                    "application:load(rabbitmq_mqtt), "
+                    f'application:set_env(rabbitmq_mqtt, tcp_listeners, [{{"127.0.0.1", {self.port}}}]).',
+                )
+                self._run("enable", "rabbitmq_mqtt", tool=self.plugins)
+                shared["ours"] = True
+            shared["pids"].append(os.getpid())
         self._wait_listening()
         return self
 
@@ -240,9 +264,23 @@ class RabbitMq:
         for name in self.users:
             subprocess.run([self.ctl, "-q", "delete_user", name], capture_output=True, check=False)
         self.users = []
-        if self._enabled_here:
-            subprocess.run([self.plugins, "-q", "disable", "rabbitmq_mqtt"], capture_output=True, check=False)
-            self._enabled_here = False
+        with self._shared() as shared:
+            shared["pids"] = [pid for pid in shared["pids"] if pid != os.getpid()]
+            if shared["ours"] and not shared["pids"]:  # the last session out turns it off
+                subprocess.run(
+                    [self.plugins, "-q", "disable", "rabbitmq_mqtt"], capture_output=True, check=False
+                )
+                shared["ours"] = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # -- the edgekit command as a user runs it (converter tests) ---------------------------------------
