@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -356,7 +357,9 @@ def connect_operator(
     try:
         return MqttClient(
             url,
-            client_id=f"edgekit-operator-{int(time.time() * 1000) % 10**9}",
+            # Unique per connection: two operators (or two commands) starting in the same millisecond
+            # must not share an id, or the broker drops the first of them.
+            client_id=f"edgekit-operator-{uuid.uuid4().hex[:12]}",
             username=username,
             password=password,
         ).connect(timeout=timeout)
