@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
+from edgekit.agent_config import AgentConfig
 from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, DataError, InstallError, RuntimeUnavailableError
 from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
-from .config import AgentConfig
 from .drift import DriftMonitor, DriftReport
 from .install import POINTER_FILE, BundleStore, InstallResult, LoadedBundle
 from .outbox import Outbox

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .agent_config import AgentConfig  # validates what we write, exactly as the device will
 from .atomic import atomic_write
 from .broker import DeviceCredentials, add_device, list_devices
 from .config import edgekit_home
@@ -96,8 +97,6 @@ def provision_device(
     """Write the agent config of ``device`` to ``output``: this workstation's public key(s)
     (``key_names``, default all) and the device's broker account, reused if it exists for the
     same fleet (new with ``force``). ConfigError if ``output`` exists and not ``force``."""
-    from edgekit.agent.config import AgentConfig  # validates what we write, exactly as the device will
-
     home = home or edgekit_home()
     names = key_names or [info.name for info in list_keys(home)] or ["default"]
     keys = [load_own_public_key(home, name) for name in names]

@@ -107,7 +107,7 @@ def write_config(path: Path, key: SigningKey, state_dir: Path, **extra: object) 
         "threads = 1",
         f"trusted_keys = '''\n{key.public.pem().decode()}'''",
     ]
-    from edgekit.agent.config import _SECTIONS
+    from edgekit.agent_config import _SECTIONS
 
     tables: dict[str, list[str]] = {}
     for name, value in extra.items():

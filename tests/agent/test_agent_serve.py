@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 from edgekit.agent import Agent
-from edgekit.agent.config import AgentConfig
 from edgekit.agent.serve import InferenceServer
+from edgekit.agent_config import AgentConfig
 from edgekit.errors import ConfigError
 from helpers import free_port
 

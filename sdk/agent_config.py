@@ -1,5 +1,8 @@
 """The agent's configuration: one frozen dataclass, loaded from TOML, then env, then keywords.
 
+It lives in the core, not in ``edgekit.agent``: the workstation writes it (``edgekit device
+add`` validates what it writes with this same class) and the device reads it.
+
 A device's ``agent.toml`` (written by ``edgekit device add``) looks like::
 
     device = "pi-01"
@@ -53,11 +56,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from edgekit.bundle import MAX_BUNDLE_SIZE
-from edgekit.config import load_toml
-from edgekit.errors import ConfigError, EdgekitError
-from edgekit.runtime import RUNTIMES
-from edgekit.trust import TrustedKeys
+from .bundle import MAX_BUNDLE_SIZE
+from .config import load_toml
+from .errors import ConfigError, EdgekitError
+from .runtime import RUNTIMES
+from .trust import TrustedKeys
 
 __all__ = ["ENV_PREFIX", "AgentConfig", "config_keys", "parse_listen"]
 
