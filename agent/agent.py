@@ -32,22 +32,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import numpy as np
 from edgekit.agent_config import AgentConfig
-from edgekit.bundle import Bundle
 from edgekit.errors import BundleError, DataError, InstallError, RuntimeUnavailableError
 from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
 from .drift import DriftMonitor, DriftReport
-from .install import POINTER_FILE, BundleStore, InstallResult, LoadedBundle
+from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle
 from .outbox import Outbox
 from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
-
-if TYPE_CHECKING:  # edgekit.transfer loads the MQTT library, which an embedded Agent does not need
-    from edgekit.transfer import StagedBundle
 
 __all__ = ["Agent", "AgentStatus"]
 
@@ -357,10 +353,8 @@ class Agent:
 
     # -- changing the installed bundle ---------------------------------------------------------
 
-    def install(
-        self, source: Path | bytes | Bundle | StagedBundle, *, allow_downgrade: bool = False
-    ) -> InstallResult:
-        """Verify, install and start serving a bundle (a ``.ekb`` path, its bytes, a
+    def install(self, source: BundleSource, *, allow_downgrade: bool = False) -> InstallResult:
+        """Verify, install and start serving a bundle (a ``.ekb`` path as str or path-like, its bytes, a
         :class:`~edgekit.bundle.Bundle` from :func:`~edgekit.bundle.read_bundle`, or a
         :class:`~edgekit.transfer.StagedBundle` from
         :func:`~edgekit.transfer.fetch_staged_bundle`); on any failure the current one keeps

@@ -45,7 +45,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from edgekit._version import __version__
 from edgekit.atomic import atomic_write, fsync_dir
@@ -67,6 +67,10 @@ from edgekit.trust import TrustedKeys
 
 if TYPE_CHECKING:  # edgekit.transfer loads the MQTT library, which an embedded Agent does not need
     from edgekit.transfer import StagedBundle
+
+#: What :meth:`BundleStore.install` takes: a ``.ekb`` file's path (str or path-like), its bytes,
+#: a verified :class:`~edgekit.bundle.Bundle` or a downloaded :class:`~edgekit.transfer.StagedBundle`.
+BundleSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Bundle, "StagedBundle"]
 
 __all__ = ["BundleStore", "InstallResult", "InstalledBundle", "LoadedBundle"]
 
@@ -325,9 +329,11 @@ class BundleStore:
             self._gc(set())
             return None
 
-    def _verified(self, source: Path | bytes | Bundle | StagedBundle) -> Bundle | StagedBundle:
-        if isinstance(source, (Path, bytes, bytearray, memoryview)):
-            return read_bundle(source, self.trusted, self.max_bundle_size)
+    def _verified(self, source: BundleSource) -> Bundle | StagedBundle:
+        if isinstance(source, (str, os.PathLike)):
+            return read_bundle(Path(source), self.trusted, self.max_bundle_size)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return read_bundle(bytes(source), self.trusted, self.max_bundle_size)
         if isinstance(source, Bundle):
             # read_bundle checked every member when it made this object; the signature is
             # checked again: the object may have been verified against other keys than ours.
@@ -348,12 +354,12 @@ class BundleStore:
         return source
 
     def install(
-        self, source: Path | bytes | Bundle | StagedBundle, *, allow_downgrade: bool = False
+        self, source: BundleSource, *, allow_downgrade: bool = False
     ) -> tuple[InstallResult, LoadedBundle]:
         """Verify, extract (or move into place), load, health-check and commit a bundle file,
         its bytes, a :class:`~edgekit.bundle.Bundle` that :func:`~edgekit.bundle.read_bundle`
         verified, or a :class:`~edgekit.transfer.StagedBundle` downloaded as files."""
-        label = str(source) if isinstance(source, Path) else "bundle"
+        label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "bundle"
         try:
             bundle = self._verified(source)
         except EdgekitError as exc:

@@ -123,8 +123,9 @@ class Bundle:
         data = self.member("baseline")
         return None if data is None else Baseline.from_json(data)
 
-    def extract(self, directory: Path) -> None:
+    def extract(self, directory: str | os.PathLike[str]) -> None:
         """Write the manifest, signature and members into ``directory``, durably (fsync)."""
+        directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         files = {MANIFEST_FILE: self.manifest_bytes, SIGNATURE_FILE: self.signature, **self.members}
         for name, data in files.items():
@@ -198,7 +199,7 @@ def _read_tar(data: bytes) -> dict[str, bytes]:
     return members
 
 
-def _load(source: Path | bytes, max_size: int) -> bytes:
+def _load(source: str | os.PathLike[str] | bytes, max_size: int) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > max_size:
@@ -292,7 +293,7 @@ def check_members(manifest: Manifest, members: Mapping[str, bytes]) -> None:
     # that fetches by chunks checks each chunk against it before checking these hashes.
 
 
-def _read(source: Path | bytes, trusted: TrustedKeys | None, max_size: int) -> Bundle:
+def _read(source: str | os.PathLike[str] | bytes, trusted: TrustedKeys | None, max_size: int) -> Bundle:
     data = _load(source, max_size)
     members, manifest_bytes, signature = _split(data)
     signer = None
@@ -310,13 +311,17 @@ def _read(source: Path | bytes, trusted: TrustedKeys | None, max_size: int) -> B
     )
 
 
-def read_bundle(source: Path | bytes, trusted: TrustedKeys, max_size: int = MAX_BUNDLE_SIZE) -> Bundle:
+def read_bundle(
+    source: str | os.PathLike[str] | bytes, trusted: TrustedKeys, max_size: int = MAX_BUNDLE_SIZE
+) -> Bundle:
     """Read and fully verify a bundle (signature by a trusted key, every member's hash)."""
     return _read(source, trusted, max_size)
 
 
 def inspect_bundle(
-    source: Path | bytes, trusted: TrustedKeys | None = None, max_size: int = MAX_BUNDLE_SIZE
+    source: str | os.PathLike[str] | bytes,
+    trusted: TrustedKeys | None = None,
+    max_size: int = MAX_BUNDLE_SIZE,
 ) -> tuple[Bundle, str | None]:
     """Read a bundle for display: members are checked against the manifest, and the signature
     against ``trusted`` if given. Returns the bundle and, when the signature was not accepted,
@@ -352,7 +357,7 @@ def _tar(files: list[tuple[str, bytes]], mtime: int) -> bytes:
     return buffer.getvalue()
 
 
-def _read_input_file(path: Path, what: str) -> bytes:
+def _read_input_file(path: str | os.PathLike[str], what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -376,15 +381,15 @@ def _model_outputs(
 
 
 def create_bundle(
-    model_path: Path,
+    model_path: str | os.PathLike[str],
     *,
     name: str,
     version: str,
     key: SigningKey,
-    output: Path,
-    labels: Path | None = None,
-    baseline: Path | None = None,
-    model_card: Path | None = None,
+    output: str | os.PathLike[str],
+    labels: str | os.PathLike[str] | None = None,
+    baseline: str | os.PathLike[str] | None = None,
+    model_card: str | os.PathLike[str] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     runtime: str = "auto",
 ) -> Manifest:
@@ -463,6 +468,6 @@ def create_bundle(
         + [(fname, data) for fname, _, data in files],
         epoch,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, archive)
     return manifest
