@@ -259,3 +259,22 @@ def test_every_path_taking_api_takes_str_and_pathlike(spelling, tmp_path, config
     assert load_signing_key(spelling(tmp_path / "home"), "k").public == load_own_public_key(
         spelling(tmp_path / "home"), "k"
     )
+
+
+def test_a_bundle_file_is_verified_through_a_map_and_served_from_its_file(config_path, bundles, tmp_path):
+    """No copy of the bundle in memory: the model is served from its installed file (the runtime
+    maps it), at install and after a restart; a refused file leaves nothing behind, and what a
+    killed install left in unpacking/ is removed at start."""
+    with Agent.from_config(config_path, background=False) as agent:
+        agent.install(str(bundles.v1))
+        assert agent.served_bundle().model._content is None
+        with pytest.raises(BundleError, match="SHA-256"):
+            agent.install(bundles.tampered)
+        unpacking = agent.store.state_dir / "unpacking"
+        assert list(unpacking.iterdir()) == []
+        (unpacking / "999999999-dead").mkdir()  # a pid that cannot exist: its install was killed
+        (unpacking / "999999999-dead" / "model.tflite").write_bytes(b"partial")
+    with Agent.from_config(config_path, background=False) as restarted:
+        assert restarted.served_bundle().model._content is None
+        assert restarted.status().version == "1.0.0"
+        assert list(unpacking.iterdir()) == []
