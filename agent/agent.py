@@ -115,6 +115,7 @@ class _Served:
         # Serving needs the model (the runtime holds its own copy) and the manifest, not the
         # member bytes: drop them so a device does not keep a second copy of the bundle in memory.
         self.loaded = dataclasses.replace(loaded, bundle=dataclasses.replace(loaded.bundle, members={}))
+        self.model = model
         self.drift: DriftMonitor | None = None
         if baseline is not None and baseline.features:
             self.drift = DriftMonitor(
@@ -164,6 +165,15 @@ class _Served:
     def real_output(self, out: np.ndarray) -> np.ndarray:
         spec = self.out_specs[0]
         return dequantize(out, spec) if spec.quantized else out
+
+    def close(self) -> None:
+        """Free the interpreter now, even if a waiting predict() still holds this object."""
+        self.model.close()
+        self.set_tensor, self.invoke, self.get_tensor = (
+            self.model.set_tensor,
+            self.model.invoke,
+            self.model.get_tensor,
+        )
 
 
 def _return_freed_memory() -> None:
@@ -260,6 +270,10 @@ class Agent:
             # kept short: on a small model it is most of what the agent adds to a bare call.
             lock = self._lock
             lock.acquire()
+            if served is not self._served:  # swapped by an install while this call waited
+                lock.release()
+                served = None  # hold no reference to the old model while waiting for the new one
+                return self.predict(x, as_dict=as_dict, raw=raw)
             try:
                 start = _clock()
                 served.set_tensor(served.i0, x)
@@ -283,6 +297,10 @@ class Agent:
 
     def _predict(self, served: _Served | None, x: Inputs, as_dict: bool, raw: bool) -> Any:
         if served is None:
+            with self._lock:  # a low-memory install may be swapping models: wait for it
+                served = self._served
+            if served is not None:
+                return self.predict(x, as_dict=as_dict, raw=raw)
             raise InstallError(
                 "no model is installed; install a bundle with `edgekit-agent install FILE.ekb`"
             )
@@ -293,7 +311,12 @@ class Agent:
             with lock:
                 self._errors += 1
             raise
-        with lock:
+        lock.acquire()
+        if served is not self._served:  # swapped by an install while this call waited
+            lock.release()
+            served = None  # hold no reference to the old model while waiting for the new one
+            return self.predict(x, as_dict=as_dict, raw=raw)
+        try:
             start = _clock()
             try:
                 for index, value in zip(served.in_idx, feeds):
@@ -307,6 +330,8 @@ class Agent:
             latencies.append(_clock() - start)
             if len(latencies) >= LATENCY_CAP:
                 self._latency.fold()
+        finally:
+            lock.release()
         if _random() < served.rate:
             served.drift.add(feeds[0], served.real_output(outputs[0]))  # type: ignore[union-attr]
         if served.any_quantized_out and not raw:
@@ -359,10 +384,47 @@ class Agent:
         :class:`~edgekit.transfer.StagedBundle` from
         :func:`~edgekit.transfer.fetch_staged_bundle`); on any failure the current one keeps
         serving."""
-        result, loaded = self.store.install(source, allow_downgrade=allow_downgrade)
-        if result.changed or self._served is None:
+        if not self.config.low_memory_install or self._served is None:
+            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade)
+            if result.changed or self._served is None:
+                self._close_window()
+                self._serve(loaded)
+            return result
+        # Low-memory install: once the new bundle is verified and on disk, the serving model is
+        # freed before the new one loads (one model in memory, not two; docs/agent.md, "Memory").
+        # Predictions wait for the new model meanwhile; if it fails, the old one is loaded again.
+        lock = self._lock
+        held = False
+
+        def make_room() -> None:
+            nonlocal held
             self._close_window()
-            self._serve(loaded)
+            lock.acquire()
+            held = True
+            old, self._served = self._served, None
+            if old is not None:  # callers waiting with a reference to it will see it was swapped
+                old.close()
+            _return_freed_memory()
+
+        try:
+            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade, make_room=make_room)
+            if held:
+                self._served = _Served(loaded, self.config)
+            elif result.changed:
+                self._close_window()
+                self._serve(loaded)
+        except BaseException:
+            if held:  # the pointer still names the old bundle: serve it again
+                old = self.store.recover()
+                self._served = None if old is None else _Served(old, self.config)
+            raise
+        finally:
+            if held:
+                lock.release()
+                self._pointer_mtime = self._pointer_stat()
+                _return_freed_memory()
+        if held:
+            log.info("serving %s with %s", loaded.manifest.label, loaded.model.runtime)
         return result
 
     def rollback(self) -> LoadedBundle:

@@ -392,11 +392,17 @@ class BundleStore:
         return source
 
     def install(
-        self, source: BundleSource, *, allow_downgrade: bool = False
+        self,
+        source: BundleSource,
+        *,
+        allow_downgrade: bool = False,
+        make_room: Callable[[], None] | None = None,
     ) -> tuple[InstallResult, LoadedBundle]:
         """Verify, extract (or move into place), load, health-check and commit a bundle file,
         its bytes, a :class:`~edgekit.bundle.Bundle` that :func:`~edgekit.bundle.read_bundle`
-        verified, or a :class:`~edgekit.transfer.StagedBundle` downloaded as files."""
+        verified, or a :class:`~edgekit.transfer.StagedBundle` downloaded as files.
+        ``make_room`` is called once the new bundle is on disk, just before its model loads
+        (the agent frees the model it serves there, to hold one model in memory, not two)."""
         label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "bundle"
         try:
             bundle = self._verified(source)
@@ -406,13 +412,16 @@ class BundleStore:
         except OSError as exc:  # unpacking a bundle file onto a full disk
             raise self._failed(label, exc, None) from None
         try:
-            return self._install(bundle, allow_downgrade)
+            return self._install(bundle, allow_downgrade, make_room)
         finally:
             if isinstance(bundle, ExtractedBundle):  # refused, failed, or already installed
                 shutil.rmtree(bundle.directory, ignore_errors=True)
 
     def _install(
-        self, bundle: Bundle | ExtractedBundle | StagedBundle, allow_downgrade: bool
+        self,
+        bundle: Bundle | ExtractedBundle | StagedBundle,
+        allow_downgrade: bool,
+        make_room: Callable[[], None] | None,
     ) -> tuple[InstallResult, LoadedBundle]:
         ident = _identity(bundle)
         manifest = bundle.manifest
@@ -452,6 +461,8 @@ class BundleStore:
                     written = self._move_into_place(bundle.directory, bundle, name)
                 else:
                     written = self._move_into_place(bundle.directory, bundle.verified, name)
+                if make_room is not None:
+                    make_room()
                 loaded = self._load(name, written)
                 self._commit(name, previous)  # a full disk can refuse even the pointer
             except HealthCheckError as exc:

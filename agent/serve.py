@@ -51,7 +51,7 @@ from typing import Any, Optional
 import numpy as np
 from edgekit.errors import ConfigError, EdgekitError, InstallError
 
-from .agent import Agent
+from .agent import Agent, _return_freed_memory
 
 __all__ = ["InferenceServer"]
 
@@ -63,6 +63,7 @@ MAX_HEADER = 16 * 1024
 MAX_CONNECTIONS = 256
 WORKERS = 4
 REQUEST_TIMEOUT = 30.0
+TRIM_AFTER = 256 * 1024  # bodies from this size on: freed pages go back to the OS after the reply
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -372,6 +373,8 @@ class InferenceServer:
             conn.deadline = time.monotonic() + self.request_timeout
             self._returned.append(conn)  # the reader thread, which owns the selector, takes it back
             self._wake()
+            if len(request.body) >= TRIM_AFTER:  # a big JSON body leaves its lists' pages behind
+                _return_freed_memory()
 
     def _answer(self, request: _Request) -> tuple[int, Any]:
         try:

@@ -12,6 +12,7 @@ A device's ``agent.toml`` (written by ``edgekit device add``) looks like::
     runtime = "auto"                     # auto | ai_edge_litert | tflite_runtime | tensorflow
     threads = 4                          # interpreter threads; 0 = one per CPU core
     xnnpack = true                       # false: the runtime's built-in kernels (see docs/agent.md)
+    low_memory_install = true            # free the old model before loading the new (docs/agent.md)
     max_bundle_size = 268435456
     trusted_keys = '''
     -----BEGIN PUBLIC KEY-----
@@ -97,6 +98,7 @@ class AgentConfig:
     runtime: str = "auto"
     threads: int = 0  # 0: one interpreter thread per CPU core
     xnnpack: bool = True  # False: built-in kernels, no packed copy of the weights
+    low_memory_install: bool = True  # False: the old model answers while the new one loads
     max_bundle_size: int = 256 * 1024 * 1024
     broker: str = ""
     drift_sample_rate: float = 0.05
@@ -241,6 +243,7 @@ def _build(values: dict[str, tuple[Any, str]], base: Path, source: str) -> Agent
         "runtime": _runtime,
         "threads": lambda v, w: _as_int(v, w, 0),
         "xnnpack": _as_bool,
+        "low_memory_install": _as_bool,
         "max_bundle_size": lambda v, w: _max_size(_as_int(v, w, 1024), w),
         "broker": _as_str,
         "drift_sample_rate": lambda v, w: _as_float(v, w, 0.0, 1.0),

@@ -144,6 +144,13 @@ class Model:
 
         self.set_tensor, self.invoke, self.get_tensor = _tensor_calls(self._interpreter)
 
+    def close(self) -> None:
+        """Free the interpreter now (its arena, packed weights and the model's mapping or
+        bytes), whoever still holds this object; running it afterwards raises RuntimeError."""
+        self._interpreter = None
+        self._content = None
+        self.set_tensor = self.invoke = self.get_tensor = _closed
+
     @property
     def interpreter(self) -> Any:
         """The runtime's own Interpreter (for its details; drive it with :attr:`set_tensor`,
@@ -158,6 +165,10 @@ class Model:
             self.set_tensor(index, value)
         self.invoke()
         return [self.get_tensor(index) for index in self._output_indices]
+
+
+def _closed(*args: Any) -> Any:
+    raise RuntimeError("this model was closed (a newer one was installed)")
 
 
 def _tensor_calls(interpreter: Any) -> tuple[Any, Any, Any]:

@@ -117,6 +117,18 @@ def convert_to_tflite(model: object, representative: np.ndarray | None = None) -
     return bytes(converter.convert())
 
 
+def mobilenet_v2_tflite() -> bytes:
+    """A MobileNetV2-size model (the issue's memory-budget reference): keras.applications
+    MobileNetV2 at 224x224x3 with weights=None (random, seeded; nothing downloaded), as fp32
+    .tflite: 3.5 M parameters, ~14 MB."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+    return bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+
 @pytest.fixture(scope="session")
 def digits_models(tmp_path_factory: pytest.TempPathFactory) -> DigitsModels:
     x, y = load_digits_images()

@@ -3,7 +3,8 @@
 The lean device venv (``make test-agent-lean``: tflite-runtime, numpy<2, no TensorFlow, no
 scikit-learn) cannot train or convert models. This script runs in the main venv, trains and
 converts the same digits models the ``digits_models`` fixture makes (same code, same seed),
-and writes ``digits_fp32.tflite``, ``digits_int8.tflite`` and ``digits_test.npz`` to the
+and writes ``digits_fp32.tflite``, ``digits_int8.tflite``, ``digits_test.npz`` and a
+MobileNetV2-size ``mobilenet_v2_fp32.tflite`` (the memory-budget test's) to the
 directory given; the agent tests read them from there when ``EDGEKIT_TEST_MODELS`` names it.
 Nothing binary is committed.
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import convert_to_tflite, load_digits_images, train_digits_cnn
+from conftest import convert_to_tflite, load_digits_images, mobilenet_v2_tflite, train_digits_cnn
 
 
 def export(directory: Path) -> None:
@@ -29,6 +30,7 @@ def export(directory: Path) -> None:
     (directory / "digits_fp32.tflite").write_bytes(convert_to_tflite(model))
     (directory / "digits_int8.tflite").write_bytes(convert_to_tflite(model, x_train))
     np.savez(directory / "digits_test.npz", x=x_test, y=y_test, x_train=x_train, y_train=y_train)
+    (directory / "mobilenet_v2_fp32.tflite").write_bytes(mobilenet_v2_tflite())
     (directory / ".complete").write_text("ok\n")
 
 
