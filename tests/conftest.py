@@ -130,6 +130,13 @@ def mobilenet_v2_tflite() -> bytes:
 
 
 @pytest.fixture(scope="session")
+def mobilenet_v2_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mobilenet") / "mobilenet_v2_fp32.tflite"
+    path.write_bytes(mobilenet_v2_tflite())
+    return path
+
+
+@pytest.fixture(scope="session")
 def digits_models(tmp_path_factory: pytest.TempPathFactory) -> DigitsModels:
     x, y = load_digits_images()
     x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]

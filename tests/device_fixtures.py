@@ -133,3 +133,17 @@ def make_config(tmp_path: Path, key: SigningKey):
 @pytest.fixture
 def config_path(tmp_path: Path, key: SigningKey) -> Path:
     return write_config(tmp_path / "agent.toml", key, tmp_path / "state")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_model(request: pytest.FixtureRequest) -> Path:
+    """A MobileNetV2-size fp32 model (224x224x3, 3.5 M parameters, ~14 MB): exported beside the
+    digits models for the lean venv, else built once per session with TensorFlow."""
+    directory = os.environ.get(MODELS_ENV)
+    if directory:
+        path = Path(directory) / "mobilenet_v2_fp32.tflite"
+        if not path.exists():
+            pytest.fail(f"{path} is missing; run tests/agent/export_models.py {directory}")
+        return path
+    built: Path = request.getfixturevalue("mobilenet_v2_built")
+    return built

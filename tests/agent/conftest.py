@@ -1,5 +1,25 @@
 """The agent's fixtures live in tests/device_fixtures.py, shared with tests/faults."""
 
-from device_fixtures import Bundles, Models, bundles, config_path, key, make_config, models, other_key
+from device_fixtures import (
+    Bundles,
+    Models,
+    bundles,
+    config_path,
+    key,
+    make_config,
+    mobilenet_model,
+    models,
+    other_key,
+)
 
-__all__ = ["Bundles", "Models", "bundles", "config_path", "key", "make_config", "models", "other_key"]
+__all__ = [
+    "Bundles",
+    "Models",
+    "bundles",
+    "config_path",
+    "key",
+    "make_config",
+    "mobilenet_model",
+    "models",
+    "other_key",
+]
