@@ -269,10 +269,7 @@ class Agent:
             # The common case (one input of exactly the model's shape and dtype, one output),
             # kept short: on a small model it is most of what the agent adds to a bare call.
             lock = self._lock
-            lock.acquire()
-            if served is not self._served:  # swapped by an install while this call waited
-                lock.release()
-                served = None  # hold no reference to the old model while waiting for the new one
+            if not self._acquire_for(served):
                 return self.predict(x, as_dict=as_dict, raw=raw)
             try:
                 start = _clock()
@@ -295,6 +292,15 @@ class Agent:
             return {served.name0: out} if as_dict else [out]
         return self._predict(served, x, as_dict, raw)
 
+    def _acquire_for(self, served: _Served) -> bool:
+        """Take the lock to run ``served``: False (and the lock not held) if a low-memory install
+        swapped it while this call waited (it was closed: the caller starts again)."""
+        self._lock.acquire()
+        if served is self._served:
+            return True
+        self._lock.release()
+        return False
+
     def _predict(self, served: _Served | None, x: Inputs, as_dict: bool, raw: bool) -> Any:
         if served is None:
             with self._lock:  # a low-memory install may be swapping models: wait for it
@@ -311,10 +317,7 @@ class Agent:
             with lock:
                 self._errors += 1
             raise
-        lock.acquire()
-        if served is not self._served:  # swapped by an install while this call waited
-            lock.release()
-            served = None  # hold no reference to the old model while waiting for the new one
+        if not self._acquire_for(served):
             return self.predict(x, as_dict=as_dict, raw=raw)
         try:
             start = _clock()

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -235,21 +235,29 @@ def _load(source: str | os.PathLike[str] | bytes, max_size: int) -> bytes:
             raise BundleError(f"the bundle is {len(data)} bytes, over the {max_size}-byte limit")
         return data
     path = Path(source)
-    try:
-        with open(path, "rb") as handle:
-            length = os.fstat(handle.fileno()).st_size
-            if length > max_size:
-                raise BundleError(f"{path} is {length} bytes, over the {max_size}-byte bundle limit")
+    with _open_bundle(path) as handle:
+        length = os.fstat(handle.fileno()).st_size
+        if length > max_size:
+            raise BundleError(f"{path} is {length} bytes, over the {max_size}-byte bundle limit")
+        try:
             data = handle.read(max_size + 1)
+        except OSError as exc:
+            raise BundleError(f"cannot read bundle {path}: {exc.strerror}") from None
+    if len(data) > max_size:
+        raise BundleError(f"{path} grew past the {max_size}-byte bundle limit while being read")
+    return data
+
+
+def _open_bundle(path: Path) -> BinaryIO:
+    """``path`` opened for reading; BundleError saying what is wrong with it otherwise."""
+    try:
+        return open(path, "rb")
     except FileNotFoundError:
         raise BundleError(f"bundle file {path} does not exist") from None
     except IsADirectoryError:
         raise BundleError(f"{path} is a directory, not a bundle file") from None
     except OSError as exc:
         raise BundleError(f"cannot read bundle {path}: {exc.strerror}") from None
-    if len(data) > max_size:
-        raise BundleError(f"{path} grew past the {max_size}-byte bundle limit while being read")
-    return data
 
 
 def _split(data: bytes | memoryview) -> tuple[dict[str, Any], bytes, bytes]:
@@ -355,15 +363,7 @@ def extract_bundle(
     everything verified; raises what :func:`read_bundle` raises, and OSError if ``directory``
     cannot be written (e.g. a full disk)."""
     path = Path(path)
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 (closed below, after the map)
-    except FileNotFoundError:
-        raise BundleError(f"bundle file {path} does not exist") from None
-    except IsADirectoryError:
-        raise BundleError(f"{path} is a directory, not a bundle file") from None
-    except OSError as exc:
-        raise BundleError(f"cannot read bundle {path}: {exc.strerror}") from None
-    with handle:
+    with _open_bundle(path) as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > max_size:
             raise BundleError(f"{path} is {size} bytes, over the {max_size}-byte bundle limit")
