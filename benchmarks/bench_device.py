@@ -9,6 +9,8 @@
   (no model) and serving a MobileNetV2-size model (keras.applications.MobileNetV2, 224x224x3,
   weights=None: 3.5 M parameters, fp32, nothing downloaded) after 20 HTTP predictions; the
   baseline is a bare LiteRT interpreter running the same model in its own process.
+- arm64: the site-packages a Raspberry Pi / Jetson gets from ``pip install edgekit[agent]``
+  (arm64 wheels downloaded, unpacked and byte-compiled here).
 - Venv size: fresh venvs with ``pip install edgekit[agent]`` from the local wheelhouse
   (``make setup``), as a device installs it, against ``edgekit[agent,cli]`` (what a device got
   before the command line moved to the ``cli`` extra); with and without pip/setuptools.
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -195,11 +198,81 @@ def venv_sizes(work: Path) -> dict[str, Any]:
     return sizes
 
 
+ARM64 = (
+    "manylinux_2_28_aarch64",
+    "manylinux_2_27_aarch64",
+    "manylinux2014_aarch64",
+    "manylinux_2_17_aarch64",
+)
+CLI_ONLY = {"typer", "click", "rich", "pygments", "markdown_it_py", "mdurl", "shellingham"}
+
+
+def arm64_site_packages(work: Path) -> dict[str, Any]:
+    """What ``pip install edgekit[agent]`` puts in site-packages on an arm64 board (Python 3.11):
+    the arm64 wheels pip picks (downloaded, not installed), unpacked and byte-compiled here
+    (.pyc files are the same on every platform). Needs the package index."""
+    wheels = work / "arm64"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(work),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (own,) = work.glob("edgekit-*.whl")
+    platforms = [arg for p in ARM64 for arg in ("--platform", p)]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            *platforms,
+            "--python-version",
+            "3.11",
+            "-d",
+            str(wheels),
+            f"{own}[agent]",
+            f"{own}[cli]",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    sizes: dict[str, int] = {}
+    for wheel in sorted(wheels.glob("*.whl")):
+        name = wheel.name.split("-")[0].lower()
+        target = work / "site" / name
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(target)
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(target)], check=False, capture_output=True
+        )
+        sizes[name] = _du(target)
+    agent = {k: v for k, v in sizes.items() if k not in CLI_ONLY}
+    return {
+        "agent": sum(agent.values()),
+        "cli_extra": sum(sizes.values()) - sum(agent.values()),
+        "packages": agent,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="fresh interpreters per import measured")
     parser.add_argument("--skip-venv", action="store_true", help="do not build the two venvs")
     parser.add_argument("--skip-imports", action="store_true", help="do not measure import times")
+    parser.add_argument("--skip-arm64", action="store_true", help="do not download the arm64 wheels")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     results: dict[str, Any] = {"imports": {} if args.skip_imports else import_times(args.runs)}
@@ -207,6 +280,8 @@ def main() -> None:
         results["memory"] = agent_memory(Path(tmp), mobilenet_v2(REPO / ".cache" / "bench-models"))
         if not args.skip_venv:
             results["venv"] = venv_sizes(Path(tmp))
+        if not args.skip_arm64:
+            results["arm64"] = arm64_site_packages(Path(tmp) / "arm")
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -228,6 +303,13 @@ def main() -> None:
         top = sorted(row["packages"].items(), key=lambda kv: -kv[1])[:8]
         print(
             f"venv {label}: {row['total'] / mb:.1f} MB ({row['without_pip'] / mb:.1f} MB without pip/setuptools)"
+        )
+        print("  " + ", ".join(f"{k} {v / mb:.1f}" for k, v in top))
+    if "arm64" in results:
+        arm = results["arm64"]
+        top = sorted(arm["packages"].items(), key=lambda kv: -kv[1])[:8]
+        print(
+            f"arm64 site-packages of edgekit[agent]: {arm['agent'] / mb:.1f} MB (the cli extra: +{arm['cli_extra'] / mb:.1f} MB)"
         )
         print("  " + ", ".join(f"{k} {v / mb:.1f}" for k, v in top))
 
