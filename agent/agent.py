@@ -269,7 +269,9 @@ class Agent:
             # The common case (one input of exactly the model's shape and dtype, one output),
             # kept short: on a small model it is most of what the agent adds to a bare call.
             lock = self._lock
-            if not self._acquire_for(served):
+            lock.acquire()
+            if served is not self._served:  # swapped by a low-memory install: see _acquire_for
+                lock.release()
                 return self.predict(x, as_dict=as_dict, raw=raw)
             try:
                 start = _clock()
