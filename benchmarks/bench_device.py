@@ -143,9 +143,8 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def venv_sizes(work: Path) -> dict[str, Any]:
-    if not (WHEELHOUSE / ".fetched").exists():
-        raise SystemExit(f"no wheelhouse in {WHEELHOUSE}: run `make setup` first")
+def _own_wheel(work: Path) -> Path:
+    """This checkout built as a wheel into ``work``."""
     subprocess.run(
         [
             sys.executable,
@@ -163,6 +162,13 @@ def venv_sizes(work: Path) -> dict[str, Any]:
         capture_output=True,
     )
     (wheel,) = work.glob("edgekit-*.whl")
+    return wheel
+
+
+def venv_sizes(work: Path) -> dict[str, Any]:
+    if not (WHEELHOUSE / ".fetched").exists():
+        raise SystemExit(f"no wheelhouse in {WHEELHOUSE}: run `make setup` first")
+    wheel = _own_wheel(work)
     sizes: dict[str, Any] = {}
     for label, extras in (("agent", "agent"), ("agent+cli (before)", "agent,cli")):
         venv = work / f"venv-{extras.replace(',', '-')}"
@@ -212,23 +218,7 @@ def arm64_site_packages(work: Path) -> dict[str, Any]:
     the arm64 wheels pip picks (downloaded, not installed), unpacked and byte-compiled here
     (.pyc files are the same on every platform). Needs the package index."""
     wheels = work / "arm64"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(work),
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (own,) = work.glob("edgekit-*.whl")
+    own = _own_wheel(work)
     platforms = [arg for p in ARM64 for arg in ("--platform", p)]
     subprocess.run(
         [
