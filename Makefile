@@ -161,7 +161,7 @@ py39: .venv-py39/.installed
 	$(PY39) -m venv .venv-py39
 	# Installing the package pulls exactly the sdk's declared dependencies; the test imports the
 	# current sources from a copy laid out like the package, ahead of this installed snapshot.
-	.venv-py39/bin/python -m pip install --quiet .
+	.venv-py39/bin/python -m pip install --quiet ".[cli]"
 	touch $@
 
 # Fuzz every wire decoder, the bundle reader and the agent's state files for FUZZ_SECONDS in all

@@ -7,8 +7,9 @@ crash-safe install pipeline it uses. See docs/agent.md.
 
 from __future__ import annotations
 
+from edgekit.agent_config import AgentConfig
+
 from .agent import Agent, AgentStatus
-from .config import AgentConfig
 from .drift import DriftMonitor, DriftReport, FeatureDrift
 from .install import BundleStore, InstallResult, LoadedBundle
 from .outbox import Outbox

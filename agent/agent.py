@@ -32,22 +32,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import numpy as np
-from edgekit.bundle import Bundle
+from edgekit.agent_config import AgentConfig
 from edgekit.errors import BundleError, DataError, InstallError, RuntimeUnavailableError
 from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
-from .config import AgentConfig
 from .drift import DriftMonitor, DriftReport
-from .install import POINTER_FILE, BundleStore, InstallResult, LoadedBundle
+from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle
 from .outbox import Outbox
 from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
-
-if TYPE_CHECKING:  # edgekit.transfer loads the MQTT library, which an embedded Agent does not need
-    from edgekit.transfer import StagedBundle
 
 __all__ = ["Agent", "AgentStatus"]
 
@@ -124,6 +120,7 @@ class _Served:
         # Serving needs the model (the runtime holds its own copy) and the manifest, not the
         # member bytes: drop them so a device does not keep a second copy of the bundle in memory.
         self.loaded = dataclasses.replace(loaded, bundle=dataclasses.replace(loaded.bundle, members={}))
+        self.model = model
         self.drift: DriftMonitor | None = None
         if baseline is not None and baseline.features:
             self.drift = DriftMonitor(
@@ -175,6 +172,15 @@ class _Served:
     def real_output(self, out: np.ndarray) -> np.ndarray:
         spec = self.out_specs[0]
         return dequantize(out, spec) if spec.quantized else out
+
+    def close(self) -> None:
+        """Free the interpreter now, even if a waiting predict() still holds this object."""
+        self.model.close()
+        self.set_tensor, self.invoke, self.get_tensor = (
+            self.model.set_tensor,
+            self.model.invoke,
+            self.model.get_tensor,
+        )
 
 
 def _drift_checks(served: _Served | None) -> str:
@@ -277,6 +283,9 @@ class Agent:
             # kept short: on a small model it is most of what the agent adds to a bare call.
             lock = self._lock
             lock.acquire()
+            if served is not self._served:  # swapped by a low-memory install: see _acquire_for
+                lock.release()
+                return self.predict(x, as_dict=as_dict, raw=raw)
             try:
                 start = _clock()
                 served.set_tensor(served.i0, x)
@@ -298,8 +307,21 @@ class Agent:
             return {served.name0: out} if as_dict else [out]
         return self._predict(served, x, as_dict, raw)
 
+    def _acquire_for(self, served: _Served) -> bool:
+        """Take the lock to run ``served``: False (and the lock not held) if a low-memory install
+        swapped it while this call waited (it was closed: the caller starts again)."""
+        self._lock.acquire()
+        if served is self._served:
+            return True
+        self._lock.release()
+        return False
+
     def _predict(self, served: _Served | None, x: Inputs, as_dict: bool, raw: bool) -> Any:
         if served is None:
+            with self._lock:  # a low-memory install may be swapping models: wait for it
+                served = self._served
+            if served is not None:
+                return self.predict(x, as_dict=as_dict, raw=raw)
             raise InstallError(
                 "no model is installed; install a bundle with `edgekit-agent install FILE.ekb`"
             )
@@ -310,7 +332,9 @@ class Agent:
             with lock:
                 self._errors += 1
             raise
-        with lock:
+        if not self._acquire_for(served):
+            return self.predict(x, as_dict=as_dict, raw=raw)
+        try:
             start = _clock()
             try:
                 for index, value in zip(served.in_idx, feeds):
@@ -324,6 +348,8 @@ class Agent:
             latencies.append(_clock() - start)
             if len(latencies) >= LATENCY_CAP:
                 self._latency.fold()
+        finally:
+            lock.release()
         if _random() < served.rate:
             served.drift.add(feeds[0], served.real_output(outputs[0]))  # type: ignore[union-attr]
         if served.any_quantized_out and not raw:
@@ -371,18 +397,53 @@ class Agent:
 
     # -- changing the installed bundle ---------------------------------------------------------
 
-    def install(
-        self, source: Path | bytes | Bundle | StagedBundle, *, allow_downgrade: bool = False
-    ) -> InstallResult:
-        """Verify, install and start serving a bundle (a ``.ekb`` path, its bytes, a
+    def install(self, source: BundleSource, *, allow_downgrade: bool = False) -> InstallResult:
+        """Verify, install and start serving a bundle (a ``.ekb`` path as str or path-like, its bytes, a
         :class:`~edgekit.bundle.Bundle` from :func:`~edgekit.bundle.read_bundle`, or a
         :class:`~edgekit.transfer.StagedBundle` from
         :func:`~edgekit.transfer.fetch_staged_bundle`); on any failure the current one keeps
         serving."""
-        result, loaded = self.store.install(source, allow_downgrade=allow_downgrade)
-        if result.changed or self._served is None:
+        if not self.config.low_memory_install or self._served is None:
+            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade)
+            if result.changed or self._served is None:
+                self._close_window()
+                self._serve(loaded)
+            return result
+        # Low-memory install: once the new bundle is verified and on disk, the serving model is
+        # freed before the new one loads (one model in memory, not two; docs/agent.md, "Memory").
+        # Predictions wait for the new model meanwhile; if it fails, the old one is loaded again.
+        lock = self._lock
+        held = False
+
+        def make_room() -> None:
+            nonlocal held
             self._close_window()
-            self._serve(loaded)
+            lock.acquire()
+            held = True
+            old, self._served = self._served, None
+            if old is not None:  # callers waiting with a reference to it will see it was swapped
+                old.close()
+            _return_freed_memory()
+
+        try:
+            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade, make_room=make_room)
+            if held:
+                self._served = _Served(loaded, self.config)
+            elif result.changed:
+                self._close_window()
+                self._serve(loaded)
+        except BaseException:
+            if held:  # the pointer still names the old bundle: serve it again
+                old = self.store.recover()
+                self._served = None if old is None else _Served(old, self.config)
+            raise
+        finally:
+            if held:
+                lock.release()
+                self._pointer_mtime = self._pointer_stat()
+                _return_freed_memory()
+        if held:
+            log.info("serving %s with %s", loaded.manifest.label, loaded.model.runtime)
         return result
 
     def rollback(self) -> LoadedBundle:

@@ -4,72 +4,64 @@ edgekit-agent install FILE.ekb --config agent.toml [--allow-downgrade] [--json]
 edgekit-agent status --config agent.toml [--json]
 edgekit-agent rollback --config agent.toml [--json]
 edgekit-agent run --config agent.toml
+
+Plain argparse, so a device installs and imports nothing of the workstation's command line
+(typer, click, rich): ``edgekit-agent --help`` starts in a fraction of the time (BENCHMARKS.md).
+Errors are mapped like ``edgekit``'s: an :class:`~edgekit.errors.EdgekitError` becomes one
+``error:`` line on stderr and its exit code, never a traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Optional
+from typing import Any, Optional
 
-import typer
-from edgekit.cli._app import console, new_app, print_json, run, setup_logging, version_callback
+from edgekit._version import __version__
+from edgekit.agent_config import AgentConfig, parse_listen
+from edgekit.errors import EdgekitError
+from edgekit.logs import LOG_LEVELS, setup_logging
 
 from .agent import Agent
-from .config import AgentConfig, parse_listen
 from .daemon import AgentDaemon
 from .serve import InferenceServer
 from .systemd import Notifier
 
-app = new_app("edgekit-agent: verify, install and serve edgekit bundles on a device.")
+__all__ = ["build_parser", "main"]
+
 log = logging.getLogger("edgekit.agent")
 
 CONFIG_HELP = "The agent config (TOML), e.g. written by `edgekit device add`."
 
 
-@app.callback(invoke_without_command=True)
-def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
-    ),
-    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
-    log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines to stderr."),
-) -> None:
-    setup_logging(log_level, log_json)
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _agent(config: Path) -> Agent:
     return Agent(AgentConfig.load(config), background=False)
 
 
-@app.command("install")
-def install(
-    file: Path = typer.Argument(..., help="The .ekb bundle to install (e.g. from a USB stick)."),
-    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
-    allow_downgrade: bool = typer.Option(
-        False,
-        "--allow-downgrade",
-        help="Install even if the bundle's version is lower than (or equal to but different from) the installed one.",
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Verify a bundle against the trusted keys, install it atomically, health-check it, serve it."""
-    agent = _agent(config)
+def install(args: argparse.Namespace) -> None:
+    agent = _agent(args.config)
     try:
-        result = agent.install(file, allow_downgrade=allow_downgrade)
+        result = agent.install(args.file, allow_downgrade=args.allow_downgrade)
     finally:
         agent.close()
-    if json_out:
-        print_json(result.to_dict())
+    if args.json:
+        _print_json(result.to_dict())
     elif not result.changed:
-        console.print(f"{result.name}@{result.version} is already installed; nothing to do")
+        print(f"{result.name}@{result.version} is already installed; nothing to do")
     else:
         was = f" (was {result.previous})" if result.previous else ""
-        console.print(f"Installed [bold]{result.name}@{result.version}[/]{was}; id {result.bundle_id[:16]}")
+        print(f"Installed {result.name}@{result.version}{was}; id {result.bundle_id[:16]}")
 
 
 _DRIFT_CHECKS = {
@@ -80,56 +72,41 @@ _DRIFT_CHECKS = {
 }
 
 
-@app.command("status")
-def status(
-    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
-    json_out: bool = typer.Option(False, "--json", help="Print the status as JSON."),
-) -> None:
-    """Show the installed bundle, its runtime, the previous bundle and the queued reports."""
-    agent = _agent(config)
+def status(args: argparse.Namespace) -> None:
+    agent = _agent(args.config)
     try:
         info = agent.status()
     finally:
         agent.close()
-    if json_out:
-        print_json(info.to_dict())
+    if args.json:
+        _print_json(info.to_dict())
         return
     if info.serving:
-        console.print(
-            f"device {info.device} (fleet {info.fleet}): serving [bold]{info.name}@{info.version}[/]"
-        )
-        console.print(f"  id       {info.bundle_id}")
+        print(f"device {info.device} (fleet {info.fleet}): serving {info.name}@{info.version}")
+        print(f"  id       {info.bundle_id}")
         kernels = "XNNPACK" if info.xnnpack else "built-in kernels"
-        console.print(f"  runtime  {info.runtime} ({kernels}), {info.threads} thread(s)")
-        console.print(f"  drift    {_DRIFT_CHECKS[info.drift_checks]}")
+        print(f"  runtime  {info.runtime} ({kernels}), {info.threads} thread(s)")
+        print(f"  drift    {_DRIFT_CHECKS[info.drift_checks]}")
     else:
-        console.print(f"device {info.device} (fleet {info.fleet}): [yellow]no model installed[/]")
-    console.print(f"  previous {info.previous or '-'}")
-    console.print(f"  queued   {info.telemetry_queued} telemetry records, {info.events_queued} events")
+        print(f"device {info.device} (fleet {info.fleet}): no model installed")
+    print(f"  previous {info.previous or '-'}")
+    print(f"  queued   {info.telemetry_queued} telemetry records, {info.events_queued} events")
 
 
-@app.command("rollback")
-def rollback(
-    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Serve the previous bundle again (the current one becomes the previous)."""
-    agent = _agent(config)
+def rollback(args: argparse.Namespace) -> None:
+    agent = _agent(args.config)
     try:
         loaded = agent.rollback()
     finally:
         agent.close()
-    if json_out:
-        print_json({**loaded.identity(), "directory": loaded.directory.name})
+    if args.json:
+        _print_json({**loaded.identity(), "directory": loaded.directory.name})
     else:
-        console.print(f"Rolled back to [bold]{loaded.manifest.label}[/]")
+        print(f"Rolled back to {loaded.manifest.label}")
 
 
-@app.command("run")
-def run_(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -> None:
-    """Run the agent daemon: follow the fleet's signed desired state, install what it names,
-    report state, events and telemetry over MQTT; serve the installed bundle; stop on SIGTERM.
-    Under systemd (Type=notify) it sends READY=1, WATCHDOG=1 pings and STOPPING=1."""
+def run(args: argparse.Namespace) -> None:
+    config: Path = args.config
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
@@ -180,8 +157,87 @@ def run_(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -
     log.info("agent %s stopped; %d telemetry records queued", info.device, len(agent.telemetry))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (docs/gen_cli.py renders docs/cli-reference.md from it)."""
+    parser = argparse.ArgumentParser(
+        prog="edgekit-agent",
+        description="edgekit-agent: verify, install and serve edgekit bundles on a device.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"edgekit {__version__}", help="Print the version and exit."
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help="debug, info, warning or error.",
+    )
+    parser.add_argument("--log-json", action="store_true", help="Log JSON lines to stderr.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func: Any, text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text.split("\n", maxsplit=1)[0], description=text)
+        sub.set_defaults(func=func)
+        return sub
+
+    def config_and_json(sub: argparse.ArgumentParser, json_help: Optional[str]) -> None:
+        sub.add_argument("--config", "-c", type=Path, required=True, metavar="PATH", help=CONFIG_HELP)
+        if json_help:
+            sub.add_argument("--json", action="store_true", help=json_help)
+
+    sub = command(
+        "install",
+        install,
+        "Verify a bundle against the trusted keys, install it atomically, health-check it, serve it.",
+    )
+    sub.add_argument(
+        "file", type=Path, metavar="FILE", help="The .ekb bundle to install (e.g. from a USB stick)."
+    )
+    config_and_json(sub, "Print the result as JSON.")
+    sub.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="Install even if the bundle's version is lower than (or equal to but different from) the installed one.",
+    )
+    sub = command(
+        "status",
+        status,
+        "Show the installed bundle, its runtime, the previous bundle and the queued reports.",
+    )
+    config_and_json(sub, "Print the status as JSON.")
+    sub = command(
+        "rollback", rollback, "Serve the previous bundle again (the current one becomes the previous)."
+    )
+    config_and_json(sub, "Print the result as JSON.")
+    sub = command(
+        "run",
+        run,
+        "Run the agent daemon: follow the fleet's signed desired state, install what it names, "
+        "report state, events and telemetry over MQTT; serve the installed bundle; stop on SIGTERM. "
+        "Under systemd (Type=notify) it sends READY=1, WATCHDOG=1 pings and STOPPING=1.",
+    )
+    config_and_json(sub, None)
+    return parser
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    run(app, argv, prog="edgekit-agent")
+    """Run the command; an EdgekitError becomes one line on stderr and its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.command is None:
+        parser.print_help()
+        sys.exit(2)
+    setup_logging(args.log_level, args.log_json)
+    try:
+        args.func(args)
+    except EdgekitError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,16 @@ import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
+import secrets
 import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Union
 
 from edgekit._version import __version__
 from edgekit.atomic import atomic_write, fsync_dir
@@ -54,7 +56,9 @@ from edgekit.bundle import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     Bundle,
+    ExtractedBundle,
     check_members,
+    extract_bundle,
     manifest_id,
     read_bundle,
     verify_manifest_signature,
@@ -69,6 +73,10 @@ from edgekit.trust import TrustedKeys
 if TYPE_CHECKING:  # edgekit.transfer loads the MQTT library, which an embedded Agent does not need
     from edgekit.transfer import StagedBundle
 
+#: What :meth:`BundleStore.install` takes: a ``.ekb`` file's path (str or path-like), its bytes,
+#: a verified :class:`~edgekit.bundle.Bundle` or a downloaded :class:`~edgekit.transfer.StagedBundle`.
+BundleSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Bundle, "StagedBundle"]
+
 __all__ = ["BundleStore", "InstallResult", "InstalledBundle", "LoadedBundle"]
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,7 @@ log = logging.getLogger(__name__)
 POINTER_FILE = "installed.json"
 POINTER_SCHEMA = "edgekit.agent.installed"
 BUNDLES_DIR = "bundles"
+UNPACKING_DIR = "unpacking"  # bundle files being verified, one directory per install in progress
 LOCK_FILE = "lock"
 _TMP_PREFIX = ".tmp-"
 
@@ -92,8 +101,9 @@ class InstalledBundle:
     manifest_bytes: bytes
     signature: bytes
     signer: str
-    #: Member bytes by name. A bundle just moved into place has every member but the model
-    #: (the runtime maps its file instead of a copy in memory).
+    #: Member bytes by name. A bundle read from disk (boot, a file, a download) has every
+    #: member but the model (the runtime maps its file instead of a copy in memory); one
+    #: installed from bytes in memory has them all.
     members: Mapping[str, bytes]
 
     @property
@@ -148,11 +158,11 @@ class InstallResult:
 EventSink = Callable[[str, str, "dict[str, str] | None"], None]
 
 
-def _identity(bundle: Bundle | StagedBundle) -> dict[str, str]:
+def _identity(bundle: Bundle | ExtractedBundle | StagedBundle) -> dict[str, str]:
     return {"name": bundle.manifest.name, "version": bundle.manifest.version, "bundle_id": bundle.bundle_id}
 
 
-def _dir_name(bundle: Bundle | StagedBundle) -> str:
+def _dir_name(bundle: Bundle | ExtractedBundle | StagedBundle) -> str:
     return f"{bundle.manifest.name}-{bundle.manifest.version}-{bundle.bundle_id[:12]}"
 
 
@@ -240,18 +250,25 @@ class BundleStore:
         member's size and SHA-256. Raises BundleError if anything is missing or wrong."""
         signed = self._installed_manifest(name)
         directory = self.bundles / name
+        model = signed.manifest.model_file.name
         members: dict[str, bytes] = {}
-        for entry in signed.manifest.files:
+        with contextlib.ExitStack() as views:
+            checked: dict[str, bytes | memoryview] = {}
+            for entry in signed.manifest.files:
+                try:
+                    if entry.name == model:  # mapped, not copied: the runtime maps it again to serve
+                        checked[entry.name] = views.enter_context(_mapped(directory / entry.name))
+                    else:
+                        checked[entry.name] = members[entry.name] = (directory / entry.name).read_bytes()
+                except OSError as exc:
+                    raise BundleError(
+                        f"installed bundle {name} is missing {entry.name} ({exc.strerror})"
+                    ) from None
             try:
-                members[entry.name] = (directory / entry.name).read_bytes()
-            except OSError as exc:
-                raise BundleError(
-                    f"installed bundle {name} is missing {entry.name} ({exc.strerror})"
-                ) from None
-        try:
-            check_members(signed.manifest, members)
-        except BundleError as exc:
-            raise BundleError(f"installed bundle {name}: {exc}") from None
+                check_members(signed.manifest, checked)
+            except BundleError as exc:
+                raise BundleError(f"installed bundle {name}: {exc}") from None
+            checked.clear()
         return replace(signed, members=members)
 
     def _installed_manifest(self, name: str) -> InstalledBundle:
@@ -274,8 +291,8 @@ class BundleStore:
         bundle = verified if verified is not None else self.read_installed(name)
         model_name = bundle.manifest.model_file.name
         content = bundle.members.get(model_name)
-        # A model just moved into place was not read back: the runtime maps the file it was
-        # written to from checked chunks (installed files are never rewritten).
+        # A model on disk is not read into memory: the runtime maps the file, checked by
+        # read_installed, extract_bundle or chunk by chunk (installed files are never rewritten).
         source = content if content is not None else self.bundles / name / model_name
         model = Model(source, runtime=self.runtime, threads=self.threads, xnnpack=self.xnnpack)
         worst = None
@@ -300,6 +317,7 @@ class BundleStore:
         """At start: serve the committed bundle if it is complete and healthy, else the
         previous one (recorded as an event); clean up what an interrupted install left."""
         with self.locked():
+            self._remove_abandoned_unpacking()
             pointer = self.pointer()
             current, previous = pointer["current"], pointer["previous"]
             candidates = [c for c in (current, previous) if c]
@@ -330,9 +348,35 @@ class BundleStore:
             self._gc(set())
             return None
 
-    def _verified(self, source: Path | bytes | Bundle | StagedBundle) -> Bundle | StagedBundle:
-        if isinstance(source, (Path, bytes, bytearray, memoryview)):
-            return read_bundle(source, self.trusted, self.max_bundle_size)
+    def _failed(self, label: str, exc: OSError, ident: dict[str, str] | None) -> InstallError:
+        """An install that the disk refused: recorded, and the error that says what to do."""
+        self._event("install_failed", f"{label}: {exc.strerror}", ident)
+        hint = "free some space" if exc.errno == errno.ENOSPC else "check the state directory"
+        return InstallError(f"cannot install {label}: {exc.strerror}; {hint}")
+
+    def _remove_abandoned_unpacking(self) -> None:
+        """Bundle files whose install was killed (kill -9, power cut) left their unpacking
+        directory: remove those of processes that are gone."""
+        unpacking = self.state_dir / UNPACKING_DIR
+        for entry in unpacking.iterdir() if unpacking.is_dir() else ():
+            pid = entry.name.split("-", 1)[0]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            log.debug("removed %s", entry)
+
+    def _verified(self, source: BundleSource) -> Bundle | ExtractedBundle | StagedBundle:
+        if isinstance(source, (str, os.PathLike)):
+            # Verified while written out to a directory of this process's own (no copy of the
+            # bundle in memory); moved into place under the lock like a download.
+            unpacking = self.state_dir / UNPACKING_DIR / f"{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                return extract_bundle(source, self.trusted, unpacking, self.max_bundle_size)
+            except BaseException:
+                shutil.rmtree(unpacking, ignore_errors=True)
+                raise
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return read_bundle(bytes(source), self.trusted, self.max_bundle_size)
         if isinstance(source, Bundle):
             # read_bundle checked every member when it made this object; the signature is
             # checked again: the object may have been verified against other keys than ours.
@@ -353,17 +397,37 @@ class BundleStore:
         return source
 
     def install(
-        self, source: Path | bytes | Bundle | StagedBundle, *, allow_downgrade: bool = False
+        self,
+        source: BundleSource,
+        *,
+        allow_downgrade: bool = False,
+        make_room: Callable[[], None] | None = None,
     ) -> tuple[InstallResult, LoadedBundle]:
         """Verify, extract (or move into place), load, health-check and commit a bundle file,
         its bytes, a :class:`~edgekit.bundle.Bundle` that :func:`~edgekit.bundle.read_bundle`
-        verified, or a :class:`~edgekit.transfer.StagedBundle` downloaded as files."""
-        label = str(source) if isinstance(source, Path) else "bundle"
+        verified, or a :class:`~edgekit.transfer.StagedBundle` downloaded as files.
+        ``make_room`` is called once the new bundle is on disk, just before its model loads
+        (the agent frees the model it serves there, to hold one model in memory, not two)."""
+        label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "bundle"
         try:
             bundle = self._verified(source)
         except EdgekitError as exc:
             self._event("install_refused", f"{label}: {exc}")
             raise
+        except OSError as exc:  # unpacking a bundle file onto a full disk
+            raise self._failed(label, exc, None) from None
+        try:
+            return self._install(bundle, allow_downgrade, make_room)
+        finally:
+            if isinstance(bundle, ExtractedBundle):  # refused, failed, or already installed
+                shutil.rmtree(bundle.directory, ignore_errors=True)
+
+    def _install(
+        self,
+        bundle: Bundle | ExtractedBundle | StagedBundle,
+        allow_downgrade: bool,
+        make_room: Callable[[], None] | None,
+    ) -> tuple[InstallResult, LoadedBundle]:
         ident = _identity(bundle)
         manifest = bundle.manifest
         with self.locked():
@@ -398,8 +462,12 @@ class BundleStore:
             try:
                 if isinstance(bundle, Bundle):
                     written = self._extract(bundle, name)
+                elif isinstance(bundle, ExtractedBundle):
+                    written = self._move_into_place(bundle.directory, bundle, name)
                 else:
-                    written = self._move_into_place(bundle, name)
+                    written = self._move_into_place(bundle.directory, bundle.verified, name)
+                if make_room is not None:
+                    make_room()
                 loaded = self._load(name, written)
                 self._commit(name, previous)  # a full disk can refuse even the pointer
             except HealthCheckError as exc:
@@ -407,14 +475,12 @@ class BundleStore:
                 self._gc({current, pointer["previous"]})
                 raise
             except (EdgekitError, OSError) as exc:
-                message = exc.strerror if isinstance(exc, OSError) else str(exc)
-                self._event("install_failed", f"{manifest.label}: {message}", ident)
                 # Keep whatever the pointer names now, should the failure have come after its rename.
                 committed = self.pointer()
                 self._gc({current, pointer["previous"], committed["current"], committed["previous"]})
                 if isinstance(exc, OSError):
-                    hint = "free some space" if exc.errno == errno.ENOSPC else "check the state directory"
-                    raise InstallError(f"cannot install {manifest.label}: {message}; {hint}") from None
+                    raise self._failed(manifest.label, exc, ident) from None
+                self._event("install_failed", f"{manifest.label}: {exc}", ident)
                 raise
             self._event("installed", f"installed {manifest.label} (id {ident['bundle_id'][:16]})", ident)
             self._gc({name, previous})
@@ -430,7 +496,10 @@ class BundleStore:
             ), loaded
 
     def _check_versions(
-        self, bundle: Bundle | StagedBundle, installed: InstalledBundle | None, allow_downgrade: bool
+        self,
+        bundle: Bundle | ExtractedBundle | StagedBundle,
+        installed: InstalledBundle | None,
+        allow_downgrade: bool,
     ) -> None:
         manifest = bundle.manifest
         try:
@@ -477,30 +546,29 @@ class BundleStore:
             bundle.manifest, bundle.manifest_bytes, bundle.signature, bundle.signer, bundle.members
         )
 
-    def _move_into_place(self, staged: StagedBundle, name: str) -> InstalledBundle:
-        """Make a staged download durable (every file and the directory fsync'ed) and rename it
-        to ``bundles/name``: the download already has the installed layout, so nothing is copied.
-        Returns it as installed, with its small members read (not the model: the runtime maps
-        its file)."""
+    def _move_into_place(self, directory: Path, verified: _Signed, name: str) -> InstalledBundle:
+        """Make a staged download or an extracted file (``directory``, verified as ``verified``)
+        durable (every file and the directory fsync'ed) and rename it to ``bundles/name``: it
+        already has the installed layout, so nothing is copied. Returns it as installed, with
+        its small members read (not the model: the runtime maps its file)."""
         final = self.bundles / name
-        verified = staged.verified
         if final.is_dir():
             try:
                 installed = self.read_installed(name)  # already on disk and intact (e.g. the previous bundle)
             except BundleError:
                 shutil.rmtree(final, ignore_errors=True)
             else:
-                shutil.rmtree(staged.directory, ignore_errors=True)
+                shutil.rmtree(directory, ignore_errors=True)
                 return installed
         names = [MANIFEST_FILE, SIGNATURE_FILE, *(entry.name for entry in verified.manifest.files)]
         for file_name in names:
-            fd = os.open(staged.directory / file_name, os.O_RDONLY)
+            fd = os.open(directory / file_name, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fsync_dir(staged.directory)
-        os.rename(staged.directory, final)  # the downloads directory is under state_dir too
+        fsync_dir(directory)
+        os.rename(directory, final)  # downloads and unpacking directories are under state_dir too
         fsync_dir(self.bundles)
         model_name = verified.manifest.model_file.name
         members = {
@@ -529,6 +597,46 @@ class BundleStore:
             self._commit(previous, current)
             self._event("rolled_back", f"rolled back to {loaded.manifest.label}", loaded.identity())
             return loaded
+
+
+class _Signed(Protocol):
+    """A bundle whose signature a trusted key verified (a download's, or a file's)."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+    @property
+    def manifest_bytes(self) -> bytes: ...
+    @property
+    def signature(self) -> bytes: ...
+    @property
+    def signer(self) -> str: ...
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[memoryview]:
+    """The file at ``path`` as a read-only memoryview of a memory map (empty for an empty file)."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            yield memoryview(b"")
+            return
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                yield view
+            finally:
+                view.release()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _is_staged(source: object) -> bool:

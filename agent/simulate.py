@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+from edgekit.agent_config import AgentConfig
 from edgekit.errors import EdgekitError
 from edgekit.healthcheck import load_healthcheck
 from edgekit.runtime import dequantize
 
 from .agent import Agent
-from .config import AgentConfig
 from .daemon import AgentDaemon
 from .install import LoadedBundle
 

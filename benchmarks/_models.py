@@ -43,3 +43,17 @@ def face_baseline_data(out: Path, n: int = 48) -> Path:
     path = out / "face_baseline.npz"
     np.savez(path, x=images)
     return path
+
+
+def mobilenet_v2(out: Path) -> Path:
+    """A MobileNetV2-size model: keras.applications.MobileNetV2(224x224x3, weights=None) as fp32
+    .tflite (3.5 M parameters, ~14 MB; random weights, nothing downloaded), built once into
+    ``out`` with the main venv's TensorFlow."""
+    path = out / "mobilenet_v2_224_fp32.tflite"
+    if not path.exists():
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import mobilenet_v2_tflite
+
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(mobilenet_v2_tflite())
+    return path

@@ -228,8 +228,8 @@ def agent_worker(
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # the agents' per-device connection notices are noise here
-    from edgekit.agent.config import AgentConfig
     from edgekit.agent.simulate import SimulatedFleet
+    from edgekit.agent_config import AgentConfig
 
     marks = _mark_device_steps(Path(workdir))
     configs = [

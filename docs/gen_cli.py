@@ -27,11 +27,11 @@ when this file and the CLI disagree. Errors, exit codes and `--json`: [cli.md](c
 """
 
 
-def _apps() -> list[tuple[str, typer.Typer]]:
-    from edgekit.agent.cli import app as agent_app
+def _apps() -> list[tuple[str, typer.Typer | argparse.ArgumentParser]]:
+    from edgekit.agent.cli import build_parser
     from edgekit.cli import app as edgekit_app
 
-    return [("edgekit", edgekit_app), ("edgekit-agent", agent_app)]
+    return [("edgekit", edgekit_app), ("edgekit-agent", build_parser())]
 
 
 def _walk(command: click.Command, ctx: click.Context) -> Iterator[tuple[click.Command, click.Context]]:
@@ -78,9 +78,53 @@ def _param_row(param: click.Parameter) -> str:
     return f"| {name} | {kind} | {_default(param)} | {help_text} |"
 
 
+def _argparse_row(action: argparse.Action) -> str:
+    """A row of the table for one argparse argument (``edgekit-agent`` is plain argparse)."""
+    metavar = action.metavar or (action.dest.upper() if action.option_strings else action.dest)
+    if not action.option_strings:
+        name, kind = f"`{metavar}`", "argument"
+    else:
+        name = ", ".join(f"`{flag}`" for flag in action.option_strings)
+        is_flag = action.nargs == 0
+        if not is_flag:
+            name += f" {metavar}"
+        kind = "flag" if is_flag else "option"
+    if action.required or not action.option_strings:
+        kind += ", required"
+    default = ""
+    if action.option_strings and action.nargs != 0 and action.default not in (None, "", ()):
+        default = f"`{action.default}`"
+    return f"| {name} | {kind} | {default} | {_cell(action.help or '')} |"
+
+
+def _render_argparse(prog: str, parser: argparse.ArgumentParser) -> list[str]:
+    lines: list[str] = []
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    commands: dict[str, argparse.ArgumentParser] = dict(sorted(subs[0].choices.items())) if subs else {}
+    for path, command in [(prog, parser), *((f"{prog} {n}", p) for n, p in commands.items())]:
+        lines.append(f"{'##' if command is parser else '###'} `{path}`\n")
+        usage = " ".join(command.format_usage().split()[1:])
+        lines.append(f"```\n{usage}\n```\n")
+        if command.description:
+            lines.append(command.description + "\n")
+        rows = [
+            _argparse_row(a)
+            for a in command._actions
+            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+        ]
+        if rows:
+            lines += ["| name | kind | default | meaning |\n|---|---|---|---|", *rows, ""]
+        if command is parser and commands:
+            lines.append("Commands: " + ", ".join(f"`{name}`" for name in commands) + ".\n")
+    return lines
+
+
 def render() -> str:
     lines = [HEADER]
     for prog, app in _apps():
+        if isinstance(app, argparse.ArgumentParser):
+            lines += _render_argparse(prog, app)
+            continue
         root = typer.main.get_command(app)
         root_ctx = click.Context(root, info_name=prog)
         for command, ctx in _walk(root, root_ctx):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 import re
 import tarfile
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -49,9 +51,11 @@ from .trust import TrustedKeys
 __all__ = [
     "MAX_BUNDLE_SIZE",
     "Bundle",
+    "ExtractedBundle",
     "check_members",
     "chunk_plan",
     "create_bundle",
+    "extract_bundle",
     "inspect_bundle",
     "manifest_id",
     "read_bundle",
@@ -130,16 +134,41 @@ class Bundle:
         data = self.member("calibration")
         return None if data is None else Calibration.from_json(data)
 
-    def extract(self, directory: Path) -> None:
+    def extract(self, directory: str | os.PathLike[str]) -> None:
         """Write the manifest, signature and members into ``directory``, durably (fsync)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        files = {MANIFEST_FILE: self.manifest_bytes, SIGNATURE_FILE: self.signature, **self.members}
-        for name, data in files.items():
-            with open(directory / name, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        fsync_dir(directory)
+        _write_files(
+            Path(directory),
+            {MANIFEST_FILE: self.manifest_bytes, SIGNATURE_FILE: self.signature, **self.members},
+        )
+
+
+@dataclass(frozen=True)
+class ExtractedBundle:
+    """A bundle file that :func:`extract_bundle` verified while writing it out to ``directory``.
+    ``members`` holds every member but the model, whose bytes are on disk only (a runtime maps
+    the file instead of holding a copy)."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    signature: bytes
+    signer: str
+    members: Mapping[str, bytes]
+    directory: Path
+    size: int
+
+    @property
+    def bundle_id(self) -> str:
+        return manifest_id(self.manifest_bytes)
+
+
+def _write_files(directory: Path, files: Mapping[str, bytes | memoryview]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        with open(directory / name, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    fsync_dir(directory)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -154,16 +183,17 @@ def _octal(field: bytes, what: str) -> int:
     return int(text, 8)
 
 
-def _read_tar(data: bytes) -> dict[str, bytes]:
-    members: dict[str, bytes] = {}
+def _read_tar(data: bytes | memoryview) -> dict[str, Any]:
+    """Members by name: slices of ``data`` (bytes of bytes, zero-copy views of a memoryview)."""
+    members: dict[str, Any] = {}
     pos = 0
     size = len(data)
     while True:
         if pos + _BLOCK > size:
             raise BundleError("the bundle is truncated (it ends inside a tar header); copy it again")
-        header = data[pos : pos + _BLOCK]
+        header = bytes(data[pos : pos + _BLOCK])
         if header == bytes(_BLOCK):
-            if data[pos:].strip(b"\0"):
+            if any(data[pos:]):
                 raise BundleError("the bundle has data after its end-of-archive marker; it was tampered with")
             if size - pos < 2 * _BLOCK or size % _BLOCK:
                 raise BundleError(
@@ -205,36 +235,46 @@ def _read_tar(data: bytes) -> dict[str, bytes]:
     return members
 
 
-def _load(source: Path | bytes, max_size: int) -> bytes:
+def _load(source: str | os.PathLike[str] | bytes, max_size: int) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > max_size:
             raise BundleError(f"the bundle is {len(data)} bytes, over the {max_size}-byte limit")
         return data
     path = Path(source)
-    try:
-        with open(path, "rb") as handle:
-            length = os.fstat(handle.fileno()).st_size
-            if length > max_size:
-                raise BundleError(f"{path} is {length} bytes, over the {max_size}-byte bundle limit")
+    with _open_bundle(path) as handle:
+        length = os.fstat(handle.fileno()).st_size
+        if length > max_size:
+            raise BundleError(f"{path} is {length} bytes, over the {max_size}-byte bundle limit")
+        try:
             data = handle.read(max_size + 1)
+        except OSError as exc:
+            raise BundleError(f"cannot read bundle {path}: {exc.strerror}") from None
+    if len(data) > max_size:
+        raise BundleError(f"{path} grew past the {max_size}-byte bundle limit while being read")
+    return data
+
+
+def _open_bundle(path: Path) -> BinaryIO:
+    """``path`` opened for reading; BundleError saying what is wrong with it otherwise."""
+    try:
+        return open(path, "rb")
     except FileNotFoundError:
         raise BundleError(f"bundle file {path} does not exist") from None
     except IsADirectoryError:
         raise BundleError(f"{path} is a directory, not a bundle file") from None
     except OSError as exc:
         raise BundleError(f"cannot read bundle {path}: {exc.strerror}") from None
-    if len(data) > max_size:
-        raise BundleError(f"{path} grew past the {max_size}-byte bundle limit while being read")
-    return data
 
 
-def _split(data: bytes) -> tuple[dict[str, bytes], bytes, bytes]:
-    if not data:
+def _split(data: bytes | memoryview) -> tuple[dict[str, Any], bytes, bytes]:
+    if not len(data):
         raise BundleError("the bundle file is empty")
     members = _read_tar(data)
-    manifest_bytes = members.pop(MANIFEST_FILE, None)
-    signature = members.pop(SIGNATURE_FILE, None)
+    manifest_view = members.pop(MANIFEST_FILE, None)
+    signature_view = members.pop(SIGNATURE_FILE, None)
+    manifest_bytes = None if manifest_view is None else bytes(manifest_view)
+    signature = None if signature_view is None else bytes(signature_view)
     if manifest_bytes is None:
         raise BundleError("the bundle has no manifest.json; it is not an edgekit bundle")
     if signature is None:
@@ -276,7 +316,7 @@ def chunk_plan(payload: bytes, chunk_size: int) -> ChunkPlan:
     return ChunkPlan(chunk_size=chunk_size, total_size=len(payload), sha256=digests)
 
 
-def check_members(manifest: Manifest, members: Mapping[str, bytes]) -> None:
+def check_members(manifest: Manifest, members: Mapping[str, bytes | memoryview]) -> None:
     """BundleError unless ``members`` are exactly the files ``manifest`` lists, each with its
     signed size and SHA-256 (the one member check, for archives and extracted directories)."""
     listed = {f.name for f in manifest.files}
@@ -299,7 +339,7 @@ def check_members(manifest: Manifest, members: Mapping[str, bytes]) -> None:
     # that fetches by chunks checks each chunk against it before checking these hashes.
 
 
-def _read(source: Path | bytes, trusted: TrustedKeys | None, max_size: int) -> Bundle:
+def _read(source: str | os.PathLike[str] | bytes, trusted: TrustedKeys | None, max_size: int) -> Bundle:
     data = _load(source, max_size)
     members, manifest_bytes, signature = _split(data)
     signer = None
@@ -317,13 +357,63 @@ def _read(source: Path | bytes, trusted: TrustedKeys | None, max_size: int) -> B
     )
 
 
-def read_bundle(source: Path | bytes, trusted: TrustedKeys, max_size: int = MAX_BUNDLE_SIZE) -> Bundle:
+def extract_bundle(
+    path: str | os.PathLike[str],
+    trusted: TrustedKeys,
+    directory: str | os.PathLike[str],
+    max_size: int = MAX_BUNDLE_SIZE,
+) -> ExtractedBundle:
+    """Verify the bundle file at ``path`` as :func:`read_bundle` does and write its manifest,
+    signature and members into ``directory`` (every file and the directory fsync'ed), reading
+    the file once through a memory map: no copy of the bundle is held in memory, so a device
+    installs a model of any size in the memory that serving it takes. Nothing is written unless
+    everything verified; raises what :func:`read_bundle` raises, and OSError if ``directory``
+    cannot be written (e.g. a full disk)."""
+    path = Path(path)
+    with _open_bundle(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_size:
+            raise BundleError(f"{path} is {size} bytes, over the {max_size}-byte bundle limit")
+        if size == 0:
+            raise BundleError("the bundle file is empty")
+        try:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise BundleError(f"cannot read bundle {path}: {exc.strerror}") from None
+        with mapped:
+            view = memoryview(mapped)
+            try:  # an OSError from here on is writing ``directory`` (a full disk): the caller's
+                return _extract_view(view, trusted, Path(directory))
+            finally:
+                view.release()
+
+
+def _extract_view(view: memoryview, trusted: TrustedKeys, directory: Path) -> ExtractedBundle:
+    members, manifest_bytes, signature = _split(view)
+    try:
+        signer = verify_manifest_signature(manifest_bytes, signature, trusted)
+        manifest = Manifest.from_json(manifest_bytes)
+        check_members(manifest, members)
+        _write_files(directory, {MANIFEST_FILE: manifest_bytes, SIGNATURE_FILE: signature, **members})
+        model = manifest.model_file.name
+        kept = {name: bytes(data) for name, data in members.items() if name != model}
+    finally:
+        for data in members.values():
+            data.release()  # the map closes only once no view of it is left
+    return ExtractedBundle(manifest, manifest_bytes, signature, signer, kept, directory, len(view))
+
+
+def read_bundle(
+    source: str | os.PathLike[str] | bytes, trusted: TrustedKeys, max_size: int = MAX_BUNDLE_SIZE
+) -> Bundle:
     """Read and fully verify a bundle (signature by a trusted key, every member's hash)."""
     return _read(source, trusted, max_size)
 
 
 def inspect_bundle(
-    source: Path | bytes, trusted: TrustedKeys | None = None, max_size: int = MAX_BUNDLE_SIZE
+    source: str | os.PathLike[str] | bytes,
+    trusted: TrustedKeys | None = None,
+    max_size: int = MAX_BUNDLE_SIZE,
 ) -> tuple[Bundle, str | None]:
     """Read a bundle for display: members are checked against the manifest, and the signature
     against ``trusted`` if given. Returns the bundle and, when the signature was not accepted,
@@ -359,7 +449,7 @@ def _tar(files: list[tuple[str, bytes]], mtime: int) -> bytes:
     return buffer.getvalue()
 
 
-def _read_input_file(path: Path, what: str) -> bytes:
+def _read_input_file(path: str | os.PathLike[str], what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -388,7 +478,10 @@ def _model_outputs(
 
 
 def _calibrate(
-    model: Model, path: Path, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]
+    model: Model,
+    path: str | os.PathLike[str],
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
 ) -> Calibration:
     """Temperature scaling fitted on the model's outputs for labeled held-out DATA."""
     dataset = load_data(path, image_shape=tuple(inputs[0].shape[1:]))
@@ -406,16 +499,16 @@ def _calibrate(
 
 
 def create_bundle(
-    model_path: Path,
+    model_path: str | os.PathLike[str],
     *,
     name: str,
     version: str,
     key: SigningKey,
-    output: Path,
-    labels: Path | None = None,
-    baseline: Path | None = None,
-    calibration_eval: Path | None = None,
-    model_card: Path | None = None,
+    output: str | os.PathLike[str],
+    labels: str | os.PathLike[str] | None = None,
+    baseline: str | os.PathLike[str] | None = None,
+    calibration_eval: str | os.PathLike[str] | None = None,
+    model_card: str | os.PathLike[str] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     runtime: str = "auto",
 ) -> Manifest:
@@ -503,6 +596,6 @@ def create_bundle(
         + [(fname, data) for fname, _, data in files],
         epoch,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, archive)
     return manifest

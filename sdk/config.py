@@ -29,7 +29,7 @@ def edgekit_home() -> Path:
     return Path(os.environ.get(HOME_ENV) or "~/.edgekit").expanduser()
 
 
-def load_toml(path: Path) -> dict[str, Any]:
+def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a TOML file; a missing or malformed file is a ConfigError naming it."""
     try:
         with open(path, "rb") as handle:

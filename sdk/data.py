@@ -7,6 +7,7 @@ images are resized to the model's input and scaled to [0, 1]. Every mismatch is 
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ class Dataset:
         return int(self.x.shape[0])
 
 
-def load_data(path: str | Path, image_shape: tuple[int, ...] | None = None) -> Dataset:
+def load_data(path: str | os.PathLike[str], image_shape: tuple[int, ...] | None = None) -> Dataset:
     """Load DATA. ``image_shape`` (H, W, C) sizes images from a folder; arrays are left as they are."""
     path = Path(path)
     if path.is_dir():

@@ -132,18 +132,18 @@ def _check_name(name: str) -> None:
         raise KeyStoreError(f"invalid key name {name!r}: use letters, digits, '.', '_' or '-'")
 
 
-def signing_key_path(home: Path, name: str = "default") -> Path:
+def signing_key_path(home: str | os.PathLike[str], name: str = "default") -> Path:
     _check_name(name)
-    return home / "keys" / f"{name}.key.pem"
+    return Path(home) / "keys" / f"{name}.key.pem"
 
 
-def public_key_path(home: Path, name: str = "default") -> Path:
+def public_key_path(home: str | os.PathLike[str], name: str = "default") -> Path:
     _check_name(name)
-    return home / "keys" / f"{name}.pub.pem"
+    return Path(home) / "keys" / f"{name}.pub.pem"
 
 
 def init_key(
-    home: Path, name: str = "default", passphrase: bytes | None = None, force: bool = False
+    home: str | os.PathLike[str], name: str = "default", passphrase: bytes | None = None, force: bool = False
 ) -> KeyInfo:
     """Create a new signing key under ``home``; refuses to overwrite one unless ``force``."""
     path = signing_key_path(home, name)
@@ -164,7 +164,9 @@ def _is_encrypted(pem: bytes) -> bool:
     return b"ENCRYPTED" in pem.split(b"\n", 1)[0]
 
 
-def load_signing_key(home: Path, name: str = "default", passphrase: bytes | None = None) -> SigningKey:
+def load_signing_key(
+    home: str | os.PathLike[str], name: str = "default", passphrase: bytes | None = None
+) -> SigningKey:
     """Load a signing key; the passphrase defaults to ``$EDGEKIT_KEY_PASSPHRASE``."""
     path = signing_key_path(home, name)
     try:
@@ -189,7 +191,7 @@ def load_signing_key(home: Path, name: str = "default", passphrase: bytes | None
     return SigningKey(key)
 
 
-def key_needs_passphrase(home: Path, name: str = "default") -> bool:
+def key_needs_passphrase(home: str | os.PathLike[str], name: str = "default") -> bool:
     """True when the named key is encrypted and no passphrase is in the environment."""
     try:
         return _is_encrypted(signing_key_path(home, name).read_bytes()) and not os.environ.get(PASSPHRASE_ENV)
@@ -197,7 +199,7 @@ def key_needs_passphrase(home: Path, name: str = "default") -> bool:
         return False
 
 
-def load_own_public_key(home: Path, name: str = "default") -> PublicKey:
+def load_own_public_key(home: str | os.PathLike[str], name: str = "default") -> PublicKey:
     """The public half of a signing key, read from the file written beside it (no passphrase)."""
     path = public_key_path(home, name)
     try:
@@ -206,10 +208,10 @@ def load_own_public_key(home: Path, name: str = "default") -> PublicKey:
         raise KeyStoreError(f"no public key at {path}; create a key with `edgekit keys init`") from None
 
 
-def list_keys(home: Path) -> list[KeyInfo]:
+def list_keys(home: str | os.PathLike[str]) -> list[KeyInfo]:
     """Every signing key under ``home`` with its id (read from its public half)."""
     found = []
-    for path in sorted((home / "keys").glob("*.key.pem")):
+    for path in sorted((Path(home) / "keys").glob("*.key.pem")):
         name = path.name[: -len(".key.pem")]
         public = load_own_public_key(home, name)
         found.append(
@@ -218,7 +220,7 @@ def list_keys(home: Path) -> list[KeyInfo]:
     return found
 
 
-def export_public_key(home: Path, name: str = "default") -> bytes:
+def export_public_key(home: str | os.PathLike[str], name: str = "default") -> bytes:
     return load_own_public_key(home, name).pem()
 
 

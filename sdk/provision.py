@@ -11,10 +11,12 @@ readable by its owner only (it holds the password), and loaded back as the devic
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .agent_config import AgentConfig  # validates what we write, exactly as the device will
 from .atomic import atomic_write
 from .broker import DeviceCredentials, add_device, list_devices
 from .config import edgekit_home
@@ -84,21 +86,20 @@ def agent_config_text(
 def provision_device(
     device: str,
     fleet: str,
-    output: Path,
+    output: str | os.PathLike[str],
     *,
     broker: str = "",
     state_dir: str = DEFAULT_STATE_DIR,
     key_names: Optional[list[str]] = None,
     tls: bool = False,
     force: bool = False,
-    home: Optional[Path] = None,
+    home: str | os.PathLike[str] | None = None,
 ) -> ProvisionedDevice:
     """Write the agent config of ``device`` to ``output``: this workstation's public key(s)
     (``key_names``, default all) and the device's broker account, reused if it exists for the
     same fleet (new with ``force``). ConfigError if ``output`` exists and not ``force``."""
-    from edgekit.agent.config import AgentConfig  # validates what we write, exactly as the device will
-
-    home = home or edgekit_home()
+    home = Path(home) if home is not None else edgekit_home()
+    output = Path(output)
     names = key_names or [info.name for info in list_keys(home)] or ["default"]
     keys = [load_own_public_key(home, name) for name in names]
     pem = "".join(k.pem().decode() for k in keys)

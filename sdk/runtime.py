@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,9 +109,13 @@ class Model:
     """A loaded TFLite model. Not thread-safe: callers that share one serialize ``run``."""
 
     def __init__(
-        self, content: bytes | Path, runtime: str = "auto", threads: int | None = None, xnnpack: bool = True
+        self,
+        content: bytes | str | os.PathLike[str],
+        runtime: str = "auto",
+        threads: int | None = None,
+        xnnpack: bool = True,
     ) -> None:
-        """``content``: the model's bytes, or the path of a model file that nothing rewrites
+        """``content``: the model's bytes, or the path (str or path-like) of a model file that nothing rewrites
         while it is served (the runtime maps it instead of holding a copy in memory).
         ``xnnpack``: run through the runtime's default XNNPACK delegate (faster float models; it
         packs its own copy of the weights when the model loads); False: TFLite's built-in
@@ -126,8 +129,8 @@ class Model:
             options["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             with _native_stderr_to_log():
-                if isinstance(content, Path):
-                    self._interpreter = interpreter_class(model_path=str(content), **options)
+                if isinstance(content, (str, os.PathLike)):
+                    self._interpreter = interpreter_class(model_path=os.fspath(content), **options)
                 else:
                     self._content = bytes(content)  # the interpreter reads from this buffer; keep it alive
                     self._interpreter = interpreter_class(model_content=self._content, **options)
@@ -140,6 +143,13 @@ class Model:
         self._output_indices = [d["index"] for d in self.output_details]
 
         self.set_tensor, self.invoke, self.get_tensor = _tensor_calls(self._interpreter)
+
+    def close(self) -> None:
+        """Free the interpreter now (its arena, packed weights and the model's mapping or
+        bytes), whoever still holds this object; running it afterwards raises RuntimeError."""
+        self._interpreter = None
+        self._content = None
+        self.set_tensor = self.invoke = self.get_tensor = _closed
 
     @property
     def interpreter(self) -> Any:
@@ -155,6 +165,10 @@ class Model:
             self.set_tensor(index, value)
         self.invoke()
         return [self.get_tensor(index) for index in self._output_indices]
+
+
+def _closed(*args: Any) -> Any:
+    raise RuntimeError("this model was closed (a newer one was installed)")
 
 
 def _tensor_calls(interpreter: Any) -> tuple[Any, Any, Any]:

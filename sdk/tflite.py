@@ -8,6 +8,7 @@ truncated file raises :class:`~edgekit.errors.ModelFormatError`, never anything 
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -229,15 +230,31 @@ def _open(data: bytes) -> tuple[_FlatBuffer, int]:
     return fb, fb.root()
 
 
+@contextlib.contextmanager
+def _corrupt_is_model_format_error() -> Iterator[None]:
+    """Every reader of a model file raises ModelFormatError on a malformed one, nothing else:
+    a bounds check the reader missed still surfaces as the typed error (tests/fuzz_targets.py)."""
+    try:
+        yield
+    except ModelFormatError:
+        raise
+    except (struct.error, IndexError, ValueError, OverflowError) as exc:
+        raise ModelFormatError(f"the .tflite file is corrupt ({exc}); re-export the model") from exc
+
+
+def _main_subgraph(subgraphs: list[int]) -> int:
+    if not subgraphs:
+        raise ModelFormatError("the .tflite file has no subgraph; re-export the model")
+    return subgraphs[0]
+
+
 def inspect_tflite(data: bytes) -> ModelInfo:
     """Read the signature and op list of the model in ``data`` (the bytes of a .tflite file)."""
-    try:
+    with _corrupt_is_model_format_error():
         fb, model = _open(data)
         version = int(fb.scalar(model, 0, "I"))
         subgraphs = fb.tables(model, 2)
-        if not subgraphs:
-            raise ModelFormatError("the .tflite file has no subgraph; re-export the model")
-        main = subgraphs[0]
+        main = _main_subgraph(subgraphs)
         inputs = tuple(_tensor(fb, main, i) for i in fb.scalars(main, 1, "i"))
         outputs = tuple(_tensor(fb, main, i) for i in fb.scalars(main, 2, "i"))
         ops: set[str] = set()
@@ -257,30 +274,29 @@ def inspect_tflite(data: bytes) -> ModelInfo:
             description=fb.string(model, 3),
             signature_keys=keys,
         )
-    except ModelFormatError:
-        raise
-    except (struct.error, IndexError, ValueError, OverflowError) as exc:
-        raise ModelFormatError(f"the .tflite file is corrupt ({exc}); re-export the model") from exc
 
 
 def constant_tensors(data: bytes) -> Iterator[tuple[TensorSpec, bytes]]:
     """Yield every tensor of the first subgraph that has constant data, with its raw bytes.
 
-    Used to measure how much of a model's weights are zero (pruning sparsity).
+    Used to measure how much of a model's weights are zero (pruning sparsity). A malformed
+    model raises :class:`~edgekit.errors.ModelFormatError` (possibly after some tensors).
     """
-    fb, model = _open(data)
-    buffers = fb.tables(model, 4)
-    main = fb.tables(model, 2)[0]
-    for index, t in enumerate(fb.tables(main, 0)):
-        buf = int(fb.scalar(t, 2, "I"))
-        if not 0 < buf < len(buffers):
-            continue
-        start, length = fb.vector(buffers[buf], 0)
-        if length == 0:
-            offset = int(fb.scalar(buffers[buf], 1, "Q"))
-            length = int(fb.scalar(buffers[buf], 2, "Q"))
-            if offset <= 1 or length == 0:
+    with _corrupt_is_model_format_error():
+        fb, model = _open(data)
+        buffers = fb.tables(model, 4)
+        main = _main_subgraph(fb.tables(model, 2))
+        for index, t in enumerate(fb.tables(main, 0)):
+            buf = int(fb.scalar(t, 2, "I"))
+            if not 0 < buf < len(buffers):
                 continue
-            start = offset
-        fb._check(start, length)
-        yield _tensor(fb, main, index), bytes(fb.data[start : start + length])
+            start, length = fb.vector(buffers[buf], 0)
+            if length == 0:
+                offset = int(fb.scalar(buffers[buf], 1, "Q"))
+                length = int(fb.scalar(buffers[buf], 2, "Q"))
+                if offset <= 1 or length == 0:
+                    continue
+                start = offset
+            fb._check(start, length)
+            spec, raw = _tensor(fb, main, index), bytes(fb.data[start : start + length])
+            yield spec, raw

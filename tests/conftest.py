@@ -157,6 +157,25 @@ def digits_qat(digits_models: DigitsModels, tmp_path_factory: pytest.TempPathFac
     return QatDigits(path, expected)
 
 
+def mobilenet_v2_tflite() -> bytes:
+    """A MobileNetV2-size model (the issue's memory-budget reference): keras.applications
+    MobileNetV2 at 224x224x3 with weights=None (random, seeded; nothing downloaded), as fp32
+    .tflite: 3.5 M parameters, ~14 MB."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+    return bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mobilenet") / "mobilenet_v2_fp32.tflite"
+    path.write_bytes(mobilenet_v2_tflite())
+    return path
+
+
 @pytest.fixture(scope="session")
 def digits_models(tmp_path_factory: pytest.TempPathFactory) -> DigitsModels:
     x, y = load_digits_images()

@@ -123,7 +123,7 @@ def write_config(path: Path, key: SigningKey, state_dir: Path, **extra: object) 
         "threads = 1",
         f"trusted_keys = '''\n{key.public.pem().decode()}'''",
     ]
-    from edgekit.agent.config import _SECTIONS
+    from edgekit.agent_config import _SECTIONS
 
     tables: dict[str, list[str]] = {}
     for name, value in extra.items():
@@ -149,3 +149,17 @@ def make_config(tmp_path: Path, key: SigningKey):
 @pytest.fixture
 def config_path(tmp_path: Path, key: SigningKey) -> Path:
     return write_config(tmp_path / "agent.toml", key, tmp_path / "state")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_model(request: pytest.FixtureRequest) -> Path:
+    """A MobileNetV2-size fp32 model (224x224x3, 3.5 M parameters, ~14 MB): exported beside the
+    digits models for the lean venv, else built once per session with TensorFlow."""
+    directory = os.environ.get(MODELS_ENV)
+    if directory:
+        path = Path(directory) / "mobilenet_v2_fp32.tflite"
+        if not path.exists():
+            pytest.fail(f"{path} is missing; run tests/agent/export_models.py {directory}")
+        return path
+    built: Path = request.getfixturevalue("mobilenet_v2_built")
+    return built

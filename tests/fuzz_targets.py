@@ -3,6 +3,9 @@ files, each a function of raw bytes that lets through only the error its decoder
 (and fails on anything else: a crash, another exception, a decoded value that breaks the
 decoder's promises).
 
+Model files count as input too: a bundle carries one, and `edgekit bundle create` reads the
+owner's (``tflite_model``: every reader in edgekit.tflite).
+
 The same targets run under hypothesis in the normal suite (tests/sdk/test_fuzz.py, fast) and
 under atheris/libFuzzer for a set time (`make fuzz`, FUZZ_SECONDS; fuzz/run.py), seeded with the
 real messages :func:`seeds` writes.
@@ -24,9 +27,17 @@ from edgekit.agent.telemetry import Event, TelemetryRecord
 from edgekit.baseline import Baseline
 from edgekit.bundle import Bundle, create_bundle, read_bundle
 from edgekit.desired import new_desired_state, sign_desired_state, verify_desired_state
-from edgekit.errors import BundleError, DataError, DesiredStateError, MessageError, TopicError
+from edgekit.errors import (
+    BundleError,
+    DataError,
+    DesiredStateError,
+    MessageError,
+    ModelFormatError,
+    TopicError,
+)
 from edgekit.manifest import Manifest
 from edgekit.reports import DeviceStateReport, decode_json_message
+from edgekit.tflite import constant_tensors, inspect_tflite
 from edgekit.topics import Topics
 from edgekit.transfer import ChunkAssembler, ChunkResult, manifest_message, verify_manifest_message
 from mqtt_helpers import mqtt_packet
@@ -208,6 +219,24 @@ def baseline(ctx: Context, data: bytes) -> None:
         return
 
 
+def tflite_model(ctx: Context, data: bytes) -> None:
+    """Every reader of a model file: ModelFormatError on a malformed one, nothing else."""
+    try:
+        info = inspect_tflite(data)
+        constants = list(constant_tensors(data))
+    except ModelFormatError:
+        return
+    assert info.subgraphs >= 1
+    assert all(len(raw) >= 0 and spec.index >= 0 for spec, raw in constants)
+
+
+def model_without_subgraphs() -> bytes:
+    """A well-formed .tflite FlatBuffer whose Model table has a version and nothing else."""
+    vtable = struct.pack("<HHH", 6, 8, 4) + b"\0\0"  # 1 field (version) at offset 4 of an 8-byte table
+    table = struct.pack("<iI", 8, 3)  # soffset back to the vtable; version 3
+    return struct.pack("<I", 16) + b"TFL3" + vtable + table
+
+
 # -- the agent's state files ---------------------------------------------------------------------------
 
 
@@ -246,6 +275,7 @@ TARGETS: dict[str, Callable[[Context, bytes], None]] = {
     "mqtt_stream": mqtt_stream,
     "bundle_file": bundle_file,
     "baseline": baseline,
+    "tflite_model": tflite_model,
     "pointer_file": pointer_file,
     "outbox_files": outbox_files,
 }
@@ -301,6 +331,7 @@ def seeds(ctx: Context) -> dict[str, list[bytes]]:
         ],
         "bundle_file": [ctx.bundle_bytes],
         "baseline": [b.members["baseline.json"]] if "baseline.json" in b.members else [b"{}"],
+        "tflite_model": [b.members["model.tflite"], model_without_subgraphs()],
         "pointer_file": [json.dumps(pointer).encode()],
         "outbox_files": [b'{"next_seq": 2, "dropped_total": 0}' + json.dumps({"seq": 1}).encode()],
     }

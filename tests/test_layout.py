@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 import pytest
 
@@ -37,6 +45,14 @@ def test_device_and_sdk_imports_load_no_heavy_module(statement):
     assert not heavy, f"{statement} loaded {heavy[:5]}"
 
 
+@pytest.mark.parametrize("statement", ["import edgekit.agent", "import edgekit.agent.cli"])
+def test_the_device_side_loads_nothing_of_the_workstation(statement):
+    loaded = _loaded_after(statement)
+    banned = (*WORKSTATION, "pygments", "markdown_it")
+    found = sorted(m for m in loaded if any(m == b or m.startswith(b + ".") for b in banned))
+    assert not found, f"{statement} loaded {found[:8]}"
+
+
 def test_only_the_mqtt_package_may_import_paho():
     """Within it, only the client and the paho subclasses; addresses, topic matching and packet
     framing are paho-free."""
@@ -53,23 +69,85 @@ def test_only_the_mqtt_package_may_import_paho():
     assert not offenders
 
 
+#: The workstation: what a device never imports (nor installs, with `pip install edgekit[agent]`).
+WORKSTATION = (
+    "edgekit.cli",
+    "edgekit.converters",
+    "edgekit.fleet",
+    "edgekit.broker",
+    "edgekit.provision",
+    "typer",
+    "click",
+    "rich",
+    "tensorflow",
+    "keras",
+)
+#: Directory -> (its package, the modules it must not import, at any depth of its code).
+RULES = {
+    "sdk": ("edgekit", ("edgekit.agent", "edgekit.converters", "edgekit.fleet")),
+    "agent": ("edgekit.agent", WORKSTATION),
+    "fleet": ("edgekit.fleet", ("edgekit.agent", "edgekit.converters", "tensorflow")),
+}
+
+
+def _imports(path: Path, package: str) -> Iterator[tuple[int, str]]:
+    """Every module ``path`` imports, anywhere in it (inside functions too), made absolute."""
+    parts = package.split(".") + list(path.relative_to(REPO / path.relative_to(REPO).parts[0]).parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = parts[: len(parts) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield node.lineno, base
+            for alias in node.names:  # `from edgekit import cli` imports edgekit.cli
+                yield node.lineno, f"{base}.{alias.name}"
+
+
+def _offenders(folder: str, package: str, banned: tuple[str, ...]) -> list[str]:
+    found = []
+    for path in sorted((REPO / folder).rglob("*.py")):
+        if folder == "sdk" and path.parent.name == "cli":
+            continue  # the workstation's command may use the device side (`fleet simulate` runs agents)
+        for line, module in _imports(path, package):
+            if any(module == b or module.startswith(b + ".") for b in banned):
+                found.append(f"{path.relative_to(REPO)}:{line}: {module}")
+    return found
+
+
 def test_packages_import_each_other_one_way():
-    """sdk imports none of agent/converters/fleet at module level; agent imports only the sdk."""
-    rules = {
-        "sdk": ("edgekit.agent", "edgekit.converters", "edgekit.fleet"),
-        "agent": ("edgekit.converters", "edgekit.fleet", "tensorflow", "keras"),
-        "fleet": ("edgekit.agent", "edgekit.converters", "tensorflow"),
-    }
-    offenders = []
-    for folder, banned in rules.items():
-        for path in (REPO / folder).rglob("*.py"):
-            for line in path.read_text().splitlines():
-                stripped = line.strip()
-                if line.startswith(("import ", "from ")) and any(
-                    stripped.startswith((f"import {b}", f"from {b}")) for b in banned
-                ):
-                    offenders.append(f"{path.relative_to(REPO)}: {stripped}")
+    """sdk imports none of agent/converters/fleet; the agent none of the workstation; fleet not
+    the agent; checked on every import statement of the code, also those inside functions."""
+    offenders = [
+        o for folder, (package, banned) in RULES.items() for o in _offenders(folder, package, banned)
+    ]
     assert not offenders
+
+
+def test_the_layout_check_sees_imports_inside_functions_and_relative_ones(tmp_path, monkeypatch):
+    fake = tmp_path / "agent"
+    fake.mkdir()
+    (fake / "x.py").write_text("def f():\n    from ..cli import _app\n    import typer\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert _offenders("agent", "edgekit.agent", WORKSTATION) == [
+        "agent/x.py:2: edgekit.cli",
+        "agent/x.py:2: edgekit.cli._app",
+        "agent/x.py:3: typer",
+    ]
+
+
+def test_a_device_install_brings_nothing_of_the_workstation():
+    """`pip install edgekit[agent]` (and [agent-tflite]): the core dependencies and those extras
+    name no command-line framework; the workstation's command is the `cli` extra."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    device = project["dependencies"] + extras["agent"] + extras["agent-tflite"]
+    names = {re.split(r"[\s\[<>=!~;]", spec, maxsplit=1)[0].lower() for spec in device}
+    assert not names & {"typer", "click", "rich", "pygments", "markdown-it-py", "edgekit"}
+    assert {"typer", "click", "rich"} <= {re.split(r"[\s<>=]", s, maxsplit=1)[0] for s in extras["cli"]}
 
 
 def _python39() -> str | None:

@@ -5,10 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
-import typer
+try:
+    import typer
+except ModuleNotFoundError as exc:  # a device's install (edgekit[agent]) has no workstation command
+    raise SystemExit(
+        "error: the `edgekit` command belongs to the workstation: install it with "
+        "pip install 'edgekit[cli]' (a device needs only `edgekit-agent`)"
+    ) from exc
 
+from ..logs import setup_logging
 from . import broker, bundle, convert, device, distill, fleet, keys, push, server
-from ._app import new_app, run, setup_logging, version_callback
+from ._app import new_app, run, version_callback
 
 __all__ = ["app", "main"]
 

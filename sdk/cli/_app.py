@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -56,26 +55,6 @@ def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"edgekit {__version__}")
         raise typer.Exit()
-
-
-def setup_logging(level: str, log_json: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if log_json:
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        for key in ("device", "bundle", "seq", "fleet"):
-            if hasattr(record, key):
-                doc[key] = getattr(record, key)
-        return json.dumps(doc)
 
 
 def run(app: typer.Typer, argv: Optional[Sequence[str]] = None, prog: str = "edgekit") -> None:

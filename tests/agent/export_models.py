@@ -3,8 +3,9 @@
 The lean device venv (``make test-agent-lean``: tflite-runtime, numpy<2, no TensorFlow, no
 scikit-learn) cannot train or convert models. This script runs in the main venv, trains and
 converts the same digits models the ``digits_models`` fixture makes (same code, same seed),
-and writes ``digits_fp32.tflite``, ``digits_int8.tflite``, ``digits_test.npz`` and the
-quantization-aware-trained ``digits_qat_int8.tflite`` with ``digits_qat_expected.npy`` to the
+and writes ``digits_fp32.tflite``, ``digits_int8.tflite``, ``digits_test.npz``, the
+quantization-aware-trained ``digits_qat_int8.tflite`` with ``digits_qat_expected.npy`` and a
+MobileNetV2-size ``mobilenet_v2_fp32.tflite`` (the memory-budget test's) to the
 directory given; the agent tests read them from there when ``EDGEKIT_TEST_MODELS`` names it.
 Nothing binary is committed.
 
@@ -19,7 +20,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import convert_to_tflite, load_digits_images, qat_digits_int8, train_digits_cnn
+from conftest import (
+    convert_to_tflite,
+    load_digits_images,
+    mobilenet_v2_tflite,
+    qat_digits_int8,
+    train_digits_cnn,
+)
 
 
 def export(directory: Path) -> None:
@@ -33,6 +40,7 @@ def export(directory: Path) -> None:
     qat, expected = qat_digits_int8(model, x_train, y_train, x_test)
     (directory / "digits_qat_int8.tflite").write_bytes(qat)
     np.save(directory / "digits_qat_expected.npy", expected)
+    (directory / "mobilenet_v2_fp32.tflite").write_bytes(mobilenet_v2_tflite())
     (directory / ".complete").write_text("ok\n")
 
 

@@ -1,4 +1,5 @@
-"""`edgekit-agent` and `edgekit device add`: real processes, JSON output, one-line errors."""
+"""`edgekit-agent`: real processes, JSON output, one-line errors (`edgekit device add`, the
+workstation's side, is tested with the workstation CLI in tests/sdk/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 import pytest
 from edgekit.agent import Agent, AgentConfig
 from edgekit.errors import ConfigError
-from edgekit.keys import init_key
 
 
 def agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -23,16 +23,6 @@ def agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         text=True,
         timeout=120,
         env={**os.environ, **(env or {})},
-    )
-
-
-def edgekit_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "from edgekit.cli import main; main()", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
 
 
@@ -105,37 +95,6 @@ def test_run_queues_telemetry_and_stops_cleanly_on_sigterm(config_path, bundles)
     with Agent.from_config(config_path, background=False) as agent:
         records = agent.telemetry.peek()
     assert records and records[-1]["bundle"]["version"] == "1.0.0"
-
-
-def test_device_add_writes_a_config_the_agent_loads_with_our_key(tmp_path, edgekit_home):
-    info = init_key(edgekit_home)
-    out = tmp_path / "pi-07.toml"
-    result = edgekit_cli(
-        "device",
-        "add",
-        "pi-07",
-        "--fleet",
-        "cams",
-        "--broker",
-        "mqtt://broker:1883",
-        "--state-dir",
-        str(tmp_path / "state"),
-        "-o",
-        str(out),
-        "--json",
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["trusted_key_ids"] == [info.key_id]
-    config = AgentConfig.load(out)
-    assert (config.device, config.fleet, config.broker) == ("pi-07", "cams", "mqtt://broker:1883")
-    assert [k.key_id for k in config.trusted()] == [info.key_id]
-    again = edgekit_cli("device", "add", "pi-07", "--fleet", "cams", "-o", str(out))
-    assert again.returncode == 2 and "--force" in again.stderr
-
-
-def test_device_add_without_a_key_says_how_to_make_one(tmp_path):
-    result = edgekit_cli("device", "add", "pi-08", "--fleet", "cams", "-o", str(tmp_path / "x.toml"))
-    assert result.returncode == 3 and "edgekit keys init" in result.stderr
 
 
 def test_env_overrides_file_and_kwargs_override_env(config_path, monkeypatch):

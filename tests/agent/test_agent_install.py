@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from edgekit.agent import Agent, AgentConfig
+from edgekit.bundle import create_bundle, inspect_bundle, read_bundle
+from edgekit.data import load_data
 from edgekit.errors import BundleError, HealthCheckError, InstallError, UntrustedKeyError
+from edgekit.keys import init_key, list_keys, load_own_public_key, load_signing_key
 from edgekit.runtime import Model, dequantize, quantize
 from edgekit.tflite import inspect_tflite
+from edgekit.trust import TrustedKeys
 
 
 def events(agent: Agent) -> list[dict]:
@@ -214,3 +219,62 @@ def test_a_running_agent_serves_what_another_process_committed(config_path, bund
         np.testing.assert_allclose(
             daemon.predict(models.x_test[0])[0], bare_outputs(models.int8, models.x_test[0])
         )
+
+
+class _Where(os.PathLike):
+    """A path-like that is neither str nor pathlib (what a caller's own path class looks like)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+@pytest.mark.parametrize("spelling", [str, _Where], ids=["str", "PathLike"])
+def test_every_path_taking_api_takes_str_and_pathlike(spelling, tmp_path, config_path, bundles, models, key):
+    with Agent.from_config(spelling(config_path), background=False) as agent:
+        result = agent.install(spelling(bundles.v1))
+        assert (result.version, result.changed) == ("1.0.0", True)
+        assert agent.install(spelling(bundles.v2)).previous == "1.0.0"
+    assert AgentConfig.load(spelling(config_path)).device == "pi-01"
+    bundle = read_bundle(spelling(bundles.v1), TrustedKeys([key.public]))
+    assert inspect_bundle(spelling(bundles.v1))[0].manifest.version == "1.0.0"
+    bundle.extract(spelling(tmp_path / "out"))
+    assert (tmp_path / "out" / "model.tflite").read_bytes() == models.fp32.read_bytes()
+    made = tmp_path / "made" / "again.ekb"
+    create_bundle(
+        spelling(models.fp32),
+        name="digits",
+        version="1.0.1",
+        key=key,
+        output=spelling(made),
+        baseline=spelling(models.data_npz),
+    )
+    assert read_bundle(made, TrustedKeys([key.public])).manifest.version == "1.0.1"
+    assert Model(spelling(models.fp32), threads=1).input_details
+    assert load_data(spelling(models.data_npz)).x.shape[1:] == (8, 8, 1)
+    init_key(spelling(tmp_path / "home"), "k")
+    assert [k.name for k in list_keys(spelling(tmp_path / "home"))] == ["k"]
+    assert load_signing_key(spelling(tmp_path / "home"), "k").public == load_own_public_key(
+        spelling(tmp_path / "home"), "k"
+    )
+
+
+def test_a_bundle_file_is_verified_through_a_map_and_served_from_its_file(config_path, bundles, tmp_path):
+    """No copy of the bundle in memory: the model is served from its installed file (the runtime
+    maps it), at install and after a restart; a refused file leaves nothing behind, and what a
+    killed install left in unpacking/ is removed at start."""
+    with Agent.from_config(config_path, background=False) as agent:
+        agent.install(str(bundles.v1))
+        assert agent.served_bundle().model._content is None
+        with pytest.raises(BundleError, match="SHA-256"):
+            agent.install(bundles.tampered)
+        unpacking = agent.store.state_dir / "unpacking"
+        assert list(unpacking.iterdir()) == []
+        (unpacking / "999999999-dead").mkdir()  # a pid that cannot exist: its install was killed
+        (unpacking / "999999999-dead" / "model.tflite").write_bytes(b"partial")
+    with Agent.from_config(config_path, background=False) as restarted:
+        assert restarted.served_bundle().model._content is None
+        assert restarted.status().version == "1.0.0"
+        assert list(unpacking.iterdir()) == []

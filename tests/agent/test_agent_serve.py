@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 from edgekit.agent import Agent
-from edgekit.agent.config import AgentConfig
 from edgekit.agent.serve import InferenceServer
+from edgekit.agent_config import AgentConfig
 from edgekit.errors import ConfigError
 from helpers import free_port
 
@@ -160,3 +163,104 @@ def test_agent_run_serves_inference_when_configured(make_config, bundles, models
         process.send_signal(signal.SIGTERM)
         rest = process.stderr.read()
         assert process.wait(timeout=60) == 0, rest
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (it must, within the timeout)."""
+    sock.settimeout(30)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_idle_and_slow_drip_connections_do_not_starve_predict_and_memory_stays_bounded(
+    config_path, bundles, models
+):
+    """200 idle sockets and 40 slowloris bodies (a byte every 50 ms of a declared 200 kB) hold
+    connections open; meanwhile embedded predict() and a well-behaved HTTP client are served,
+    the process's RSS stays bounded, and every attacker is closed after the request timeout."""
+    agent = Agent.from_config(config_path, background=False)
+    agent.install(bundles.v2)
+    server = InferenceServer(agent, "127.0.0.1", 0, workers=2, request_timeout=6.0).start()
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"inputs": models.x_test[:1].tolist()}).encode()
+    expected = agent.predict(models.x_test[:1])
+    rss_before = _rss()
+    idle = [socket.create_connection((host, int(port))) for _ in range(200)]
+    drips = [socket.create_connection((host, int(port))) for _ in range(40)]
+    for sock in drips:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(0.05):
+            for sock in drips:
+                with contextlib.suppress(OSError):
+                    sock.send(b"[")
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        peak = 0
+        for _ in range(20):
+            np.testing.assert_array_equal(agent.predict(models.x_test[:1])[0], expected[0])
+            status, doc = call(f"{server.url}/v1/predict", body)
+            assert status == 200, doc
+            peak = max(peak, _rss())
+        assert server.open_connections >= 240  # the attackers were connected all along
+        assert peak - rss_before < 48 * 1024 * 1024, (rss_before, peak)
+        for sock in idle:  # closed by the server, without a reply: they never sent a request
+            assert _read_to_eof(sock) == b""
+        stop.set()
+        for sock in drips:
+            assert _read_to_eof(sock).startswith(b"HTTP/1.1 408 ")
+        assert server.timed_out == 240 and server.open_connections == 0
+        assert call(f"{server.url}/v1/predict", body)[0] == 200
+    finally:
+        stop.set()
+        dripper.join()
+        for sock in idle + drips:
+            sock.close()
+        server.stop()
+        agent.close()
+
+
+def test_connections_bodies_and_the_body_budget_are_limited(served, models):
+    agent, _ = served
+    server = InferenceServer(
+        agent, "127.0.0.1", 0, max_connections=3, max_body=100_000, body_budget=150_000
+    ).start()
+    host, port = server.url.removeprefix("http://").split(":")
+    open_ = [socket.create_connection((host, int(port))) for _ in range(2)]
+    try:
+        head = "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n"
+        too_big = socket.create_connection((host, int(port)))
+        too_big.sendall(head.format(100_001).encode())  # refused before a byte of the body is read
+        assert _read_to_eof(too_big).startswith(b"HTTP/1.1 413 ")
+        open_[0].sendall(head.format(100_000).encode() + b"[")  # reserves 100 kB of the 150 kB
+        open_[1].sendall(head.format(60_000).encode())
+        reply = _read_to_eof(open_[1])
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"try again" in reply
+        extra = [socket.create_connection((host, int(port))) for _ in range(3)]
+        replies = [_read_to_eof(extra[-1])]
+        assert replies[0].startswith(b"HTTP/1.1 503 ") and b"too many connections" in replies[0]
+        assert server.turned_away == 1
+        chunked = extra[0]
+        chunked.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert _read_to_eof(chunked).startswith(b"HTTP/1.1 411 ")
+        for sock in extra:
+            sock.close()
+        body = json.dumps({"inputs": models.x_test[:1].tolist()}).encode()
+        assert call(f"{server.url}/v1/predict", body)[0] == 200  # still serving
+    finally:
+        for sock in open_:
+            sock.close()
+        server.stop()

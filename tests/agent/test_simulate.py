@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from edgekit.agent.config import AgentConfig
 from edgekit.agent.simulate import SimulatedFleet
+from edgekit.agent_config import AgentConfig
 from edgekit.errors import EdgekitError
 from test_daemon import Watcher
 

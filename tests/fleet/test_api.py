@@ -9,7 +9,7 @@ import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from edgekit.agent.config import AgentConfig
+from edgekit.agent_config import AgentConfig
 from edgekit.fleet.registry import Registry
 from edgekit.fleet.registry.models import ApiSession
 from edgekit.keys import load_own_public_key

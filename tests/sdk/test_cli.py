@@ -11,6 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from edgekit.agent_config import AgentConfig
+from edgekit.keys import init_key
 
 BIN = Path(sys.executable).parent
 
@@ -216,3 +218,37 @@ def test_openssl_verifies_a_bundle_without_edgekit(bundle_file, tmp_path, edgeki
     manifest = tmp_path / "x" / "manifest.json"
     manifest.write_bytes(manifest.read_bytes().replace(b'"1.0.0"', b'"1.0.1"'))
     assert subprocess.run(cmd, capture_output=True, check=False).returncode != 0
+
+
+# -- edgekit device add: the agent config a device gets (read back with the agent's own class) --
+
+
+def test_device_add_writes_a_config_the_agent_loads_with_our_key(tmp_path, edgekit_home):
+    info = init_key(edgekit_home)
+    out = tmp_path / "pi-07.toml"
+    result = edgekit(
+        "device",
+        "add",
+        "pi-07",
+        "--fleet",
+        "cams",
+        "--broker",
+        "mqtt://broker:1883",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "-o",
+        str(out),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["trusted_key_ids"] == [info.key_id]
+    config = AgentConfig.load(out)
+    assert (config.device, config.fleet, config.broker) == ("pi-07", "cams", "mqtt://broker:1883")
+    assert [k.key_id for k in config.trusted()] == [info.key_id]
+    again = edgekit("device", "add", "pi-07", "--fleet", "cams", "-o", str(out))
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_device_add_without_a_key_says_how_to_make_one(tmp_path):
+    result = edgekit("device", "add", "pi-08", "--fleet", "cams", "-o", str(tmp_path / "x.toml"))
+    assert result.returncode == 3 and "edgekit keys init" in result.stderr

@@ -9,6 +9,7 @@ import pytest
 from edgekit import ModelFormatError, inspect_tflite
 from edgekit.runtime import Model
 from edgekit.tflite import constant_tensors
+from fuzz_targets import model_without_subgraphs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -86,3 +87,22 @@ def test_fuzzed_models_raise_only_model_format_errors(digits_models, data):
 def test_arbitrary_bytes_with_the_identifier_raise_only_model_format_errors(blob):
     with contextlib.suppress(ModelFormatError):
         inspect_tflite(blob[:4] + b"TFL3" + blob[8:])
+
+
+def test_a_model_without_subgraphs_is_refused_by_every_reader():
+    """Found in review: constant_tensors raised IndexError on it; both readers raise the typed error."""
+    data = model_without_subgraphs()
+    with pytest.raises(ModelFormatError, match="no subgraph"):
+        inspect_tflite(data)
+    with pytest.raises(ModelFormatError, match="no subgraph"):
+        list(constant_tensors(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fuzzed_models_raise_only_model_format_errors_from_constant_tensors(digits_models, data):
+    raw = bytearray(digits_models.int8.read_bytes())
+    for _ in range(data.draw(st.integers(1, 6))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(ModelFormatError):
+        list(constant_tensors(bytes(raw)))

@@ -1,5 +1,8 @@
 """The agent's configuration: one frozen dataclass, loaded from TOML, then env, then keywords.
 
+It lives in the core, not in ``edgekit.agent``: the workstation writes it (``edgekit device
+add`` validates what it writes with this same class) and the device reads it.
+
 A device's ``agent.toml`` (written by ``edgekit device add``) looks like::
 
     device = "pi-01"
@@ -9,6 +12,7 @@ A device's ``agent.toml`` (written by ``edgekit device add``) looks like::
     runtime = "auto"                     # auto | ai_edge_litert | tflite_runtime | tensorflow
     threads = 4                          # interpreter threads; 0 = one per CPU core
     xnnpack = true                       # false: the runtime's built-in kernels (see docs/agent.md)
+    low_memory_install = true            # free the old model before loading the new (docs/agent.md)
     max_bundle_size = 268435456
     trusted_keys = '''
     -----BEGIN PUBLIC KEY-----
@@ -52,12 +56,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from edgekit.bundle import MAX_BUNDLE_SIZE
-from edgekit.config import load_toml
-from edgekit.errors import ConfigError, EdgekitError
-from edgekit.runtime import RUNTIMES
-from edgekit.schema import ID
-from edgekit.trust import TrustedKeys
+from .bundle import MAX_BUNDLE_SIZE
+from .config import load_toml
+from .errors import ConfigError, EdgekitError
+from .runtime import RUNTIMES
+from .schema import ID
+from .trust import TrustedKeys
 
 __all__ = ["ENV_PREFIX", "AgentConfig", "config_keys", "parse_listen"]
 
@@ -93,6 +97,7 @@ class AgentConfig:
     runtime: str = "auto"
     threads: int = 0  # 0: one interpreter thread per CPU core
     xnnpack: bool = True  # False: built-in kernels, no packed copy of the weights
+    low_memory_install: bool = True  # False: the old model answers while the new one loads
     max_bundle_size: int = 256 * 1024 * 1024
     broker: str = ""
     #: Seconds without a chunk from the broker (while connected) before a download is reported stalled.
@@ -239,6 +244,7 @@ def _build(values: dict[str, tuple[Any, str]], base: Path, source: str) -> Agent
         "runtime": _runtime,
         "threads": lambda v, w: _as_int(v, w, 0),
         "xnnpack": _as_bool,
+        "low_memory_install": _as_bool,
         "max_bundle_size": lambda v, w: _max_size(_as_int(v, w, 1024), w),
         "broker": _as_str,
         "download_stall_timeout": lambda v, w: _as_float(v, w, 0.0, 86400.0, low_open=True),
