@@ -93,6 +93,21 @@ def test_a_saved_model_teacher_teaches_a_given_student(distill_data: DistillData
     assert report["agreement"] >= 0.6  # 4 epochs; chance is 0.1
 
 
+def test_an_h5_teacher_distills(distill_data: DistillData, tmp_path: Path) -> None:
+    import keras
+    from edgekit.converters import distill
+
+    teacher = tmp_path / "teacher.h5"
+    keras.models.load_model(distill_data.teacher).save(teacher)  # Keras 3's legacy HDF5 format
+    report = distill(
+        _options(distill_data, tmp_path / "out", teacher=teacher, data=distill_data.rest, epochs=3)
+    ).to_dict()
+    assert report["teacher"]["path"] == str(teacher)
+    assert report["teacher"]["params"] > report["student"]["params"]
+    assert report["agreement"] >= 0.6  # 3 epochs; chance is 0.1
+    assert (tmp_path / "out" / "student.keras").exists()
+
+
 def test_training_is_deterministic_with_a_seed(digits_models: Any) -> None:
     import keras
     from edgekit.converters import distill_student, narrowed
