@@ -45,7 +45,7 @@ from edgekit.bundle import Bundle, read_bundle
 from edgekit.errors import BundleError, ConfigError, RolloutError
 from edgekit.manifest import parse_version
 from edgekit.trust import TrustedKeys
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .registry import Registry
@@ -369,10 +369,12 @@ class ControlPlane:
 
     def unfinished(self) -> list[str]:
         """Fleets whose current rollout is not finished."""
-        with self.registry.session() as session:
-            newest = select(RolloutRow.fleet, RolloutRow.phase, RolloutRow.id).order_by(RolloutRow.id)
-            current: dict[str, str] = {fleet: phase for fleet, phase, _ in session.execute(newest)}
-        return sorted(f for f, phase in current.items() if phase not in ("done", "aborted"))
+        with self.registry.session() as session:  # each fleet's newest rollout only: one row per fleet
+            newest = select(func.max(RolloutRow.id)).group_by(RolloutRow.fleet).scalar_subquery()
+            rows = session.execute(
+                select(RolloutRow.fleet, RolloutRow.phase).where(RolloutRow.id.in_(newest))
+            )
+            return sorted(fleet for fleet, phase in rows if phase not in ("done", "aborted"))
 
     def refuse_if_busy(self, fleet: str) -> None:
         """RolloutError naming the rollout in progress when another operator started one on
@@ -595,7 +597,13 @@ def _lock_dir(registry: Registry) -> Path:
         folder = Path(database).with_name(Path(database).name + ".locks")
     else:
         folder = Path(tempfile.gettempdir()) / f"edgekit-locks-{_safe(registry.url)}"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the registry's lock folder {folder}: {exc.strerror}; make its parent "
+            "writable for this user, or point --registry at a database in a writable folder"
+        ) from None
     return folder
 
 
@@ -611,7 +619,13 @@ class _FileLock(_Lock):
     """``flock`` on a file: one machine (SQLite's case); the kernel frees it when its holder dies."""
 
     def __init__(self, path: Path) -> None:
-        self._fd: Optional[int] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._fd: Optional[int] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot open the registry's lock file {path}: {exc.strerror}; make {path.parent} "
+                "writable for this user"
+            ) from None
 
     def try_acquire(self) -> bool:
         assert self._fd is not None
