@@ -118,6 +118,8 @@ def network_blocks(model: Any) -> list[Block]:
     seen: set[str] = set()
     for node in nodes:
         name = node.operation.name
+        if not node.is_input and not node.input_tensors:
+            raise ConfigError(f"--depth cannot follow layer {name}, which takes no input; {_FIX}")
         if name in seen:
             raise ConfigError(
                 f"--depth cannot remove blocks around layer {name}, which is used twice; {_FIX}"
