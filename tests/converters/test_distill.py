@@ -118,6 +118,7 @@ def test_a_saved_model_teacher_teaches_a_given_student(distill_data: DistillData
 
     teacher = keras.models.load_model(distill_data.teacher)
     teacher.export(str(tmp_path / "teacher"), verbose=False)
+    keras.utils.set_random_seed(0)  # the student's initial weights: the same in every run
     narrowed(teacher, 0.5).save(tmp_path / "arch.keras")
     report = distill(
         _options(
@@ -137,11 +138,11 @@ def test_an_h5_teacher_distills(distill_data: DistillData, tmp_path: Path) -> No
     teacher = tmp_path / "teacher.h5"
     keras.models.load_model(distill_data.teacher).save(teacher)  # Keras 3's legacy HDF5 format
     report = distill(
-        _options(distill_data, tmp_path / "out", teacher=teacher, data=distill_data.rest, epochs=3)
+        _options(distill_data, tmp_path / "out", teacher=teacher, data=distill_data.rest, epochs=6)
     ).to_dict()
     assert report["teacher"]["path"] == str(teacher)
     assert report["teacher"]["params"] > report["student"]["params"]
-    assert report["agreement"] >= 0.6  # 3 epochs; chance is 0.1
+    assert report["agreement"] >= 0.6  # 6 epochs (measured 0.89 to 0.92 over seeds 0-2); chance is 0.1
     assert (tmp_path / "out" / "student.keras").exists()
 
 
