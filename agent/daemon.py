@@ -376,7 +376,12 @@ class AgentDaemon:
         """At start, before anything else: go on with the deployment a kill or a stop cut
         short, from the state :func:`~edgekit.agent.deployment.on_restart` says."""
         found = self._record
+        downloads = self.state_dir / DOWNLOADS_DIR
+        for entry in downloads.iterdir() if downloads.is_dir() else ():
+            if found.state not in deployment.ACTIVE or entry.name != found.bundle_id:
+                shutil.rmtree(entry, ignore_errors=True)  # left by a kill after its deployment ended
         if found.state not in deployment.ACTIVE:
+            deployment.fault_point(found.state)  # idle, serving, rolled-back: nothing to resume
             return
         record = deployment.on_restart(found, self._serving_id())
         log.info(
