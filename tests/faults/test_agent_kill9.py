@@ -343,3 +343,30 @@ def test_kill_9_after_a_rollback_keeps_it_rolled_back(mosquitto, watcher, make_c
     retried = [s for s in watcher.states()[seen:] if s.target_id == unhealthy]
     assert retried == []
     assert_nothing_half_installed(config, state_dir, "2.0.0")
+
+
+def test_sigterm_cancels_a_download_in_progress_and_the_agent_exits_cleanly(
+    mosquitto, watcher, make_config, bundles, key
+):
+    """The chunks never come and the inactivity timeout is an hour: SIGTERM still stops the
+    agent, cancelling the download (the log says so), and the next start resumes it."""
+    from edgekit.transfer import start_upload
+
+    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600, download_stall_timeout=3600)
+    state_dir = config.parent / "pi-01-state"
+    with Agent.from_config(config, background=False) as agent:
+        agent.install(bundles.v1)
+    start_upload(watcher.client, read_bundle(bundles.v2, TrustedKeys([key.public])))  # manifest only
+    watcher.desire(key, bundles.v2, seq=1)
+    run = AgentRun(config)
+    watcher.wait_for(lambda _: any(s.status == "downloading" for s in watcher.states()), timeout=60)
+    run.stop()  # SIGTERM; exit code 0 within a generous bound
+    assert any("the download of digits@2.0.0 stops with the agent" in line for line in run.lines)
+    assert persisted_state(state_dir) == "fetching"
+    watcher.publish_bundle(bundles.v2, key)
+    again = AgentRun(config)
+    try:
+        watcher.wait_for(watcher.serving("2.0.0"), timeout=60)
+    finally:
+        again.stop()
+    assert_nothing_half_installed(config, state_dir, "2.0.0")
