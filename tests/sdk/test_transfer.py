@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import tarfile
-import os
 import threading
 from pathlib import Path
 
