@@ -41,7 +41,7 @@ from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
 from .drift import DriftMonitor, DriftReport
-from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle
+from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle, StepSink
 from .outbox import Outbox
 from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
 
@@ -397,14 +397,17 @@ class Agent:
 
     # -- changing the installed bundle ---------------------------------------------------------
 
-    def install(self, source: BundleSource, *, allow_downgrade: bool = False) -> InstallResult:
+    def install(
+        self, source: BundleSource, *, allow_downgrade: bool = False, step: StepSink | None = None
+    ) -> InstallResult:
         """Verify, install and start serving a bundle (a ``.ekb`` path as str or path-like, its bytes, a
         :class:`~edgekit.bundle.Bundle` from :func:`~edgekit.bundle.read_bundle`, or a
         :class:`~edgekit.transfer.StagedBundle` from
         :func:`~edgekit.transfer.fetch_staged_bundle`); on any failure the current one keeps
-        serving."""
+        serving. ``step(name)`` is told each step as it begins (``verifying``, ``installing``,
+        ``health-checking``; see :data:`~edgekit.agent.install.StepSink`)."""
         if not self.config.low_memory_install or self._served is None:
-            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade)
+            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade, step=step)
             if result.changed or self._served is None:
                 self._close_window()
                 self._serve(loaded)
@@ -426,7 +429,9 @@ class Agent:
             _return_freed_memory()
 
         try:
-            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade, make_room=make_room)
+            result, loaded = self.store.install(
+                source, allow_downgrade=allow_downgrade, make_room=make_room, step=step
+            )
             if held:
                 self._served = _Served(loaded, self.config)
             elif result.changed:

@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DesiredStateError",
+    "DownloadCancelledError",
     "DownloadStalledError",
     "EdgekitError",
     "HealthCheckError",
@@ -125,6 +126,11 @@ class BrokerError(EdgekitError):
 class DownloadStalledError(BrokerError):
     """A bundle download got nothing from the broker for longer than its inactivity timeout
     (the broker does not hold the chunks, or does not deliver them)."""
+
+
+class DownloadCancelledError(EdgekitError):
+    """A bundle download was cancelled before it completed: a newer desired state preempted it,
+    or the agent is stopping. What it stored is kept (the next start resumes from it)."""
 
 
 class TopicError(EdgekitError):
