@@ -14,6 +14,7 @@ __all__ = [
     "BundleError",
     "ConfigError",
     "DataError",
+    "DeliveryError",
     "DesiredStateError",
     "EdgekitError",
     "HealthCheckError",
@@ -141,3 +142,9 @@ class RolloutError(EdgekitError):
     """A rollout was aborted, or devices failed or did not answer in time."""
 
     exit_code = 15
+
+
+class DeliveryError(EdgekitError):
+    """An alert could not be sent through a channel (mail server or webhook refused or silent)."""
+
+    exit_code = 16
