@@ -12,6 +12,9 @@
   process binds itself, so a busy port is a one-line error, not a traceback;
 - the rollout controller (:class:`edgekit.fleet.controller.RolloutController`), which drives
   saved rollouts that nobody drives (``controller=True``, with ``home``);
+- the alert evaluator and dispatcher (:class:`edgekit.fleet.alerts.Alerting`, ``alerts=True``,
+  with ``home``), here in the service process: one evaluator however many workers there are
+  (and a lease in the registry keeps it to one across services sharing a registry);
 - every MQTT connection uses the URL's account, else the operator account under ``home``;
 - **metrics across processes**: each worker sends the increase of its counters (telemetry
   ingested and duplicates, events, states, rejections by kind and reason, database errors)
@@ -76,6 +79,12 @@ class ServiceConfig:
     controller: bool = True
     #: EDGEKIT_HOME: the operator account (``broker/operator.json``), keys and saved rollouts.
     home: Optional[str] = None
+    #: Evaluate alert rules and deliver alerts (:mod:`edgekit.fleet.alerts`), with ``home``.
+    alerts: bool = True
+    #: Seconds between two evaluations of the alert rules.
+    alert_interval: float = 2.0
+    #: The dashboard's address as the owner reaches it (links in alerts); default: where it listens.
+    public_url: Optional[str] = None
 
     def validate(self) -> None:
         if not 1 <= self.workers <= 64:
@@ -84,6 +93,12 @@ class ServiceConfig:
             raise ConfigError(
                 "--workers above 1 needs MQTT 5 shared subscriptions, and the broker URL says "
                 "?protocol=3.1.1; use one worker, or an MQTT 5 broker (Mosquitto, EMQX)"
+            )
+        if not 0.05 <= self.alert_interval <= 3600:
+            raise ConfigError(f"alert interval {self.alert_interval:g}s: use 0.05 to 3600 seconds")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--public-url {self.public_url}: use the dashboard's http:// or https:// address"
             )
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(
@@ -179,6 +194,7 @@ class FleetService:
         self._threads: list[threading.Thread] = []
         self._server: Any = None
         self._controller: Any = None
+        self.alerting: Any = None
         self._socket: Optional[socket.socket] = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -217,6 +233,13 @@ class FleetService:
             from .controller import RolloutController
 
             self._controller = RolloutController(self.config.broker, home).start()
+        if self.config.alerts and home is not None:
+            from .alerts import Alerting
+
+            link = self.config.public_url or self.url
+            self.alerting = Alerting(
+                self.registry, home, interval=self.config.alert_interval, link_base=link
+            ).start()
         if self._socket is not None:
             self._serve_dashboard(self._socket)
         return self
@@ -274,6 +297,8 @@ class FleetService:
             self._server.should_exit = True
         if self._controller is not None:
             self._controller.stop()  # finishes the step under way; the rollouts stay saved
+        if self.alerting is not None:
+            self.alerting.stop()  # queued deliveries stay in the registry for the next start
         self._stop.set()
         deadline = time.monotonic() + timeout
         for process in self._workers.values():

@@ -244,20 +244,35 @@ def evaluate(snapshot: Snapshot, settings: Mapping[str, Mapping[str, Any]], now:
     on = {name: bool(settings[name]["enabled"]) for name in RULES}
     for d in snapshot.devices:
         seen = d.last_seen or now
-        base = {"version": d.version, "last_seen": seen.isoformat()}
+        base: dict[str, Any] = {"version": d.version, "last_seen": seen.isoformat()}
         if on["offline"] and not d.online:
             found.append(Condition("offline", d.id, seen, d.fleet, d.id, facts=base))
         if on["drift"] and drift_flagged(d):
             found.append(Condition("drift", d.id, now, d.fleet, d.id, facts=base))
         event = snapshot.install_events.get(d.id)
         if on["install"] and event is not None and event.kind in INSTALL_PROBLEMS:
-            facts = {**base, "event": event.kind, "message": event.message}
-            found.append(Condition("install", d.id, event.at, d.fleet, d.id, f"event:{event.seq}", facts))
+            found.append(
+                Condition(
+                    "install",
+                    d.id,
+                    event.at,
+                    d.fleet,
+                    d.id,
+                    f"event:{event.seq}",
+                    {**base, "event": event.kind, "message": event.message},
+                )
+            )
         found.extend(_performance(d, snapshot, settings, on, now, base))
+    facts: dict[str, Any]
     for r in snapshot.rollouts:
         if not on["rollout"]:
             break
-        facts = {"label": r.label, "phase": r.phase, "reason": r.reason, "canaries": list(r.canaries)}
+        facts = {
+            "label": r.label,
+            "phase": r.phase,
+            "reason": r.reason,
+            "canaries": list(r.canaries),
+        }
         origin = f"rollout:{r.started_at.timestamp():.0f}"
         if r.phase == "aborted":
             found.append(

@@ -79,6 +79,7 @@ class AlertStore:
 
     def __init__(self, registry: Registry, home: Path) -> None:
         self.registry = registry
+        self.home = Path(home)
         self.secrets = Secrets(home)
 
     # -- rules ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -150,7 +151,7 @@ class AlertChannel(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     kind: Mapped[str] = mapped_column(String(16))
-    settings: Mapped[dict[str, object]] = mapped_column(JSON)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -175,7 +176,7 @@ class Alert(Base):
     acked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     acked_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     summary: Mapped[str] = mapped_column(Text)
-    facts: Mapped[dict[str, object]] = mapped_column(JSON)
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 Index("ix_alerts_rule_subject_state", Alert.rule, Alert.subject, Alert.state)
@@ -196,7 +197,7 @@ class AlertDelivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    message: Mapped[dict[str, object]] = mapped_column(JSON)
+    message: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 Index("ix_alert_deliveries_state_next", AlertDelivery.state, AlertDelivery.next_attempt_at)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import broker, bundle, convert, device, fleet, keys, push
+from . import alerts, broker, bundle, convert, device, fleet, keys, push
 from ._app import new_app, run, setup_logging, version_callback
 
 __all__ = ["app", "main"]
@@ -19,6 +19,7 @@ app.command("convert")(convert.convert)
 app.add_typer(device.app, name="device")
 app.add_typer(broker.app, name="broker")
 app.add_typer(fleet.app, name="fleet")
+app.add_typer(alerts.app, name="alerts")
 app.add_typer(push.rollout_app, name="rollout")
 app.command("push")(push.push)
 fleet.app.command("rollback")(push.rollback)

@@ -295,12 +295,22 @@ def serve(
         help="Keep each worker's MQTT session this many seconds across disconnects (fixed client ids), "
         "so the broker holds messages for a worker that restarts; 0: clean sessions.",
     ),
+    public_url: Optional[str] = typer.Option(
+        None, "--public-url", help="The dashboard's address as the owner reaches it, for the links in alerts."
+    ),
+    alert_interval: float = typer.Option(
+        2.0,
+        "--alert-interval",
+        min=0.05,
+        max=3600,
+        help="Seconds between two evaluations of the alert rules.",
+    ),
     json_out: bool = typer.Option(
         False, "--json", help="Print the URLs, then the final counts, as JSON lines."
     ),
 ) -> None:
-    """Run the fleet service: ingest (MQTT -> registry), the rollout controller and the
-    dashboard, until Ctrl-C or SIGTERM."""
+    """Run the fleet service: ingest (MQTT -> registry), the rollout controller, alerts (see
+    `edgekit alerts`) and the dashboard, until Ctrl-C or SIGTERM."""
     from edgekit.fleet.service import FleetService, ServiceConfig
 
     ws = WorkstationConfig.load(broker=broker, registry=registry)
@@ -317,6 +327,8 @@ def serve(
         session_expiry=session_expiry,
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         home=str(ws.home),
+        public_url=public_url,
+        alert_interval=alert_interval,
     )
     _run_service(FleetService(config), json_out)
 
@@ -347,12 +359,22 @@ def up(
     token: Optional[str] = typer.Option(
         None, "--token", envvar="EDGEKIT_DASHBOARD_TOKEN", help="Dashboard token ($EDGEKIT_DASHBOARD_TOKEN)."
     ),
+    public_url: Optional[str] = typer.Option(
+        None, "--public-url", help="The dashboard's address as the owner reaches it, for the links in alerts."
+    ),
+    alert_interval: float = typer.Option(
+        2.0,
+        "--alert-interval",
+        min=0.05,
+        max=3600,
+        help="Seconds between two evaluations of the alert rules.",
+    ),
     json_out: bool = typer.Option(
         False, "--json", help="Print the URLs, then the final counts, as JSON lines."
     ),
 ) -> None:
     """One command on a laptop: an embedded MQTT broker (unless --broker), the registry (SQLite
-    under $EDGEKIT_HOME by default), ingest, the rollout controller and the dashboard. Prints the
+    under $EDGEKIT_HOME by default), ingest, the rollout controller, alerts and the dashboard. Prints the
     URLs; Ctrl-C stops everything, the broker last."""
     from edgekit.fleet.service import FleetService, ServiceConfig
 
@@ -374,6 +396,8 @@ def up(
             token=token,
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             home=str(ws.home),
+            public_url=public_url,
+            alert_interval=alert_interval,
         )
         _run_service(FleetService(config), json_out, embedded=embedded is not None)
     finally:
