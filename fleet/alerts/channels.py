@@ -264,6 +264,8 @@ def _send_mail(
     except smtplib.SMTPAuthenticationError:
         raise DeliveryError(f"{where} refused the user {settings.get('user')} and its password") from None
     except smtplib.SMTPResponseException as exc:
+        if exc.smtp_code < 0:  # not an SMTP reply at all
+            raise DeliveryError(f"{where} does not speak SMTP (is it an SMTP server? right port?)") from None
         text = (
             exc.smtp_error.decode(errors="replace")
             if isinstance(exc.smtp_error, bytes)
@@ -272,7 +274,9 @@ def _send_mail(
         raise DeliveryError(f"{where} refused the mail: {exc.smtp_code} {text.strip()}") from None
     except smtplib.SMTPRecipientsRefused as exc:
         raise DeliveryError(f"{where} refused the recipients {', '.join(exc.recipients)}") from None
-    except smtplib.SMTPServerDisconnected:
+    except smtplib.SMTPServerDisconnected as exc:
+        if "timed out" in str(exc):
+            raise DeliveryError(f"{where} did not answer within {timeout:g}s") from None
         raise DeliveryError(f"{where} closed the connection (is it an SMTP server? right port?)") from None
     except smtplib.SMTPException as exc:
         raise DeliveryError(f"{where} did not take the mail: {exc}") from None

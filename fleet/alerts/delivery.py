@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from edgekit.errors import ConfigError, DeliveryError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..registry import Registry
@@ -139,10 +139,13 @@ class Dispatcher:
     ) -> int:
         room = channel.per_hour - self.store.sent_count(channel.id, now - HOUR)
         sent = 0
+        over = [d.id for d in rows if d.kind in ("opened", "resolved")][max(0, room) :]
+        if over:  # beyond the hourly limit: held for the digest
+            with self.registry.session() as session, session.begin():
+                session.execute(update(AlertDelivery).where(AlertDelivery.id.in_(over)).values(state="held"))
+            held = set(over)
+            rows = [d for d in rows if d.id not in held]
         for delivery in rows:
-            if delivery.kind in ("opened", "resolved") and room <= 0:
-                self._update(delivery.id, state="held")
-                continue
             try:
                 send(channel.kind, channel.settings, secrets, delivery.message, self.timeout)
             except DeliveryError as exc:
@@ -151,7 +154,6 @@ class Dispatcher:
                 for later in rows[rows.index(delivery) + 1 :]:
                     self._update(later.id, next_attempt_at=utc(later.next_attempt_at) + timedelta(seconds=1))
                 break
-            room -= delivery.kind != "test"
             sent += 1
             self._update(
                 delivery.id, state="sent", sent_at=now, attempts=delivery.attempts + 1, last_error=None

@@ -347,6 +347,9 @@ class Alerting:
         self.clock = clock
         #: Rounds that failed (database trouble): logged, counted, tried again.
         self.errors = 0
+        #: Totals over the evaluator's rounds (opened and resolved alerts, queued messages).
+        self.totals = TickResult()
+        self._rounds = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -367,12 +370,24 @@ class Alerting:
         except SQLAlchemyError as exc:
             log.warning("alerts: could not release the evaluator's lease (%s); it expires by itself", exc)
 
+    def wait_for(self, predicate: Callable[[TickResult], bool], timeout: float = 30.0) -> bool:
+        """Block until ``predicate(totals)`` holds after a round; False on timeout (tests use it)."""
+        with self._rounds:
+            return bool(self._rounds.wait_for(lambda: predicate(self.totals), timeout))
+
     def _evaluate(self) -> None:
         while not self._stop.is_set():
             try:
                 result = self.evaluator.tick(self.clock())
-                if result is not None and result.queued:
-                    self.dispatcher.wake()
+                if result is not None:
+                    if result.queued:
+                        self.dispatcher.wake()
+                    with self._rounds:
+                        t = self.totals
+                        self.totals = TickResult(
+                            t.opened + result.opened, t.resolved + result.resolved, t.queued + result.queued
+                        )
+                        self._rounds.notify_all()
             except (SQLAlchemyError, OSError, ConfigError) as exc:
                 self.errors += 1
                 log.error("alerts: an evaluation round failed (%s); trying again", exc)

@@ -145,6 +145,9 @@ def channel_remove(
 
 @app.command("test")
 def test(
+    timeout: float = typer.Option(
+        15.0, "--timeout", min=0.1, max=600, help="Seconds a channel may take to take the message."
+    ),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print each channel's result as JSON."),
 ) -> None:
@@ -153,7 +156,7 @@ def test(
 
     store = _store(registry)
     try:
-        results = Dispatcher(store.registry, store.home).test_all()
+        results = Dispatcher(store.registry, store.home, timeout=timeout).test_all()
     finally:
         store.registry.close()
     if json_out:
