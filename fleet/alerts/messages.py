@@ -89,11 +89,15 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
                 "edgekit keeps waiting for the devices; nothing was rolled back.",
                 "Check that the canary devices are online; abort with `edgekit rollout abort` if needed.",
             )
-        canaries = ", ".join(facts.get("canaries") or []) or "the canaries"
+        names = list(facts.get("canaries") or [])
+        if len(names) == 1:
+            canaries = f"The canary {names[0]} was"
+        else:
+            canaries = f"The canaries ({', '.join(names)}) were" if names else "The canaries were"
         return (
             f"The rollout of {label} was stopped",
             f"The rollout of {label} was aborted at {at}: {facts.get('reason') or 'no reason given'}.",
-            f"{canaries} were rolled back to the previous version; the rest of the fleet never received it.",
+            f"{canaries} rolled back to the previous version; the rest of the fleet never received it.",
             "Look at the canary's events and telemetry in the dashboard, fix the model, and push again.",
         )
     if rule == "latency":
@@ -152,9 +156,11 @@ def render(
     if event == "resolved":
         lasted = _duration((now - since).total_seconds())
         subject = f"Resolved: {_resolved_title(rule, who)}"
+        flaps = int(facts.get("flaps") or 0)
         body = [
             f"{_resolved_title(rule, who)}{where} at {_clock(now)}, after {lasted}.",
             f"Earlier: {happened}",
+            f"It came and went {flaps} more times before it settled." if flaps else "",
         ]
     else:
         subject = title
