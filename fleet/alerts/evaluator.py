@@ -109,6 +109,7 @@ class Evaluator:
             | None
         ) = None
         self._complained: set[str] = set()
+        self._lease_until: Optional[datetime] = None
 
     # -- one round --------------------------------------------------------------------------
 
@@ -116,8 +117,12 @@ class Evaluator:
         """Evaluate every rule once and reconcile the alerts; None if another evaluator holds
         the lease."""
         now = utc(now or now_utc())
-        if not self.store.take_lease(self.holder, now, self.lease_ttl):
-            return None
+        # Renewed at half its life, not every round: a write less for ingest's database.
+        if self._lease_until is None or now >= self._lease_until - timedelta(seconds=self.lease_ttl / 2):
+            if not self.store.take_lease(self.holder, now, self.lease_ttl):
+                self._lease_until = None
+                return None
+            self._lease_until = now + timedelta(seconds=self.lease_ttl)
         settings = self.store.rule_settings()
         channels = self.store.channels()
         snapshot = self.snapshot(now, settings, channels)
@@ -125,6 +130,7 @@ class Evaluator:
         return self._reconcile(conditions, settings, channels, now)
 
     def release(self) -> None:
+        self._lease_until = None
         self.store.drop_lease(self.holder)
 
     def snapshot(
