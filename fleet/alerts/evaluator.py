@@ -7,7 +7,7 @@ the rules (:func:`edgekit.fleet.alerts.rules.evaluate`) which conditions hold, a
 them with the alerts table in one transaction:
 
 - a new condition becomes a *pending* alert; once it has held for the rule's ``hold`` (for
-  ``offline``: ``offline_after``, counted from when the device was last heard) it *opens*, and
+  ``offline``: ``offline_after``, counted from the first round that sees the device offline) it *opens*, and
   one "opened" message per channel is queued;
 - while it stays open nothing more is sent (one alert per condition and subject until it
   resolves); when the condition goes away the alert starts *clearing*, and once it has stayed
@@ -138,7 +138,15 @@ class Evaluator:
     ) -> Snapshot:
         perf, fleet_p95, fleet_errors = self._performance_facts(now, settings)
         with self.registry.session() as session:
-            devices = list(session.execute(select(Device)).scalars())
+            columns = (
+                Device.id,
+                Device.fleet,
+                Device.online,
+                Device.status,
+                Device.last_seen,
+                Device.drifted,
+            )
+            devices = session.execute(select(*columns, Device.bundle_version)).all()
             since = now - timedelta(days=1)
             kinds = [*INSTALL_PROBLEMS, *INSTALL_FIXED]
             events = session.execute(
@@ -152,21 +160,12 @@ class Evaluator:
             if old is None or (utc(at), seq) > (old.at, old.seq):
                 newest[device] = EventFacts(device, seq, utc(at), kind, message)
         facts = []
-        for d in devices:
-            count, errors, p95, temperature = perf.get(d.id, (0, 0, None, None))
+        for device, fleet, online, status, last_seen, drifted, version in devices:
+            count, errors, p95, temperature = perf.get(device, (0, 0, None, None))
+            seen = utc(last_seen) if last_seen else None
             facts.append(
                 DeviceFacts(
-                    d.id,
-                    d.fleet,
-                    d.online,
-                    d.status,
-                    utc(d.last_seen) if d.last_seen else None,
-                    d.drifted,
-                    d.bundle_version,
-                    count,
-                    errors,
-                    p95,
-                    temperature,
+                    device, fleet, online, status, seen, drifted, version, count, errors, p95, temperature
                 )
             )
         failing = {c.name: utc(c.failing_since) for c in channels if c.failing_since is not None}

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
+from ..registry.views import iso
 from .rules import INSTALL_PROBLEMS
 
 __all__ = ["ALERT_SCHEMA", "ALERT_SCHEMA_VERSION", "digest_message", "render", "test_message"]
@@ -25,13 +26,6 @@ ALERT_SCHEMA_VERSION = 1
 def _clock(value: datetime) -> str:
     value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _duration(seconds: float) -> str:
@@ -59,7 +53,7 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
     if rule == "offline":
         return (
             f"{who} is offline",
-            f"{who} stopped reporting at {at} (it was running version {facts.get('version') or 'unknown'}).",
+            f"{who} went offline at {at} (it was running version {facts.get('version') or 'unknown'}).",
             "edgekit keeps its desired state on the broker: when it reconnects it installs what it missed.",
             "Check that it has power and network; restart it if it stays off.",
         )
@@ -177,8 +171,8 @@ def render(
             "rule": rule,
             "fleet": fleet,
             "device": device,
-            "since": _iso(since),
-            "at": _iso(now),
+            "since": iso(since),
+            "at": iso(now),
             "title": subject,
             "what_happened": happened,
             "what_edgekit_did": did,
@@ -221,7 +215,7 @@ def digest_message(held: Sequence[Mapping[str, Any]], now: datetime, per_hour: i
         "schema_version": ALERT_SCHEMA_VERSION,
         "event": "digest",
         "digest": [m.get("json", {}).get("alert", {}) for m in held],
-        "at": _iso(now),
+        "at": iso(now),
         "text": f"{subject}\n{text}",
     }
     return {"subject": f"[edgekit] {subject}", "text": text, "json": doc}
@@ -238,7 +232,7 @@ def test_message(channel: str, now: datetime, link_base: str | None) -> dict[str
         "schema": ALERT_SCHEMA,
         "schema_version": ALERT_SCHEMA_VERSION,
         "event": "test",
-        "at": _iso(now),
+        "at": iso(now),
         "text": f"{subject}\n{text}",
     }
     return {"subject": f"[edgekit] {subject}", "text": text, "json": doc}

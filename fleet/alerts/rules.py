@@ -246,7 +246,10 @@ def evaluate(snapshot: Snapshot, settings: Mapping[str, Mapping[str, Any]], now:
         seen = d.last_seen or now
         base: dict[str, Any] = {"version": d.version, "last_seen": seen.isoformat()}
         if on["offline"] and not d.online:
-            found.append(Condition("offline", d.id, seen, d.fleet, d.id, facts=base))
+            # Since now: the first round that sees it offline starts the clock. (last_seen is
+            # when it last said something, which for an idle device can be long before it
+            # went away: an MQTT will carries the time the device connected.)
+            found.append(Condition("offline", d.id, now, d.fleet, d.id, facts=base))
         if on["drift"] and drift_flagged(d):
             found.append(Condition("drift", d.id, now, d.fleet, d.id, facts=base))
         event = snapshot.install_events.get(d.id)

@@ -15,6 +15,7 @@ from sqlalchemy import delete, func, or_, select, update
 
 from ..registry import Registry
 from ..registry.models import Alert, AlertChannel, AlertDelivery, AlertLease, AlertRule
+from ..registry.views import iso
 from .channels import ChannelSpec, Secrets, describe
 from .rules import RULES, merged_settings, parse_setting
 
@@ -27,10 +28,6 @@ PENDING, OPEN, RESOLVED = "pending", "open", "resolved"
 
 def utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else utc(value).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ class ChannelRow:
             "kind": self.kind,
             "target": describe(self.kind, self.settings),
             "per_hour": self.per_hour,
-            "failing_since": _iso(self.failing_since),
+            "failing_since": iso(self.failing_since),
         }
 
 
@@ -65,10 +62,10 @@ def alert_json(a: Alert) -> dict[str, Any]:
         "device": a.device,
         "subject": a.subject,
         "summary": a.summary,
-        "since": _iso(a.since),
-        "opened_at": _iso(a.opened_at),
-        "resolved_at": _iso(a.resolved_at),
-        "acked_at": _iso(a.acked_at),
+        "since": iso(a.since),
+        "opened_at": iso(a.opened_at),
+        "resolved_at": iso(a.resolved_at),
+        "acked_at": iso(a.acked_at),
         "acked_by": a.acked_by,
         "facts": a.facts,
     }
@@ -77,10 +74,19 @@ def alert_json(a: Alert) -> dict[str, Any]:
 class AlertStore:
     """Alert tables of one :class:`~edgekit.fleet.registry.Registry`; secrets under ``home``."""
 
-    def __init__(self, registry: Registry, home: Path) -> None:
+    def __init__(self, registry: Registry, home: Path | None) -> None:
         self.registry = registry
-        self.home = Path(home)
-        self.secrets = Secrets(home)
+        self.home = Path(home) if home is not None else None
+        self._secrets = Secrets(self.home) if self.home is not None else None
+
+    @property
+    def secrets(self) -> Secrets:
+        """The channels' secrets (ConfigError for a store opened without EDGEKIT_HOME)."""
+        if self._secrets is None:
+            raise ConfigError(
+                "the alert channels' secrets are under EDGEKIT_HOME, which this service was not given"
+            )
+        return self._secrets
 
     # -- rules ------------------------------------------------------------------------------
 

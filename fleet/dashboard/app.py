@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..registry import Registry
-from ..registry.views import device_json, event_json, telemetry_json
+from ..registry.views import device_json, event_json, iso, telemetry_json
 from .metrics import FleetMetrics
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -79,8 +79,13 @@ def create_app(
                 f["versions"][d.bundle_version] = f["versions"].get(d.bundle_version, 0) + 1
         return JSONResponse(sorted(summary.values(), key=lambda f: f["fleet"]))
 
+    def with_drift(d: Any) -> dict[str, Any]:
+        """The device's JSON, and when its drift began (the dashboard says it in words)."""
+        since = registry.drifted_since(d.id) if d.drifted else None
+        return {**device_json(d), "drifted_since": iso(since)}
+
     async def devices(request: Request) -> JSONResponse:
-        return JSONResponse([device_json(d) for d in registry.devices(request.query_params.get("fleet"))])
+        return JSONResponse([with_drift(d) for d in registry.devices(request.query_params.get("fleet"))])
 
     async def device(request: Request) -> JSONResponse:
         wanted = request.path_params["device"]
@@ -89,7 +94,7 @@ def create_app(
             return JSONResponse({"error": f"no device {wanted!r}"}, status_code=404)
         return JSONResponse(
             {
-                **device_json(found[0]),
+                **with_drift(found[0]),
                 "events": [event_json(e) for e in registry.events(device=wanted, limit=20)],
             }
         )
@@ -104,6 +109,14 @@ def create_app(
         limit = int(_float(request.query_params.get("limit"), 100))
         rows = registry.events(device=request.query_params.get("device"), limit=max(1, min(limit, 1000)))
         return JSONResponse([event_json(e) for e in rows])
+
+    async def alerts(request: Request) -> JSONResponse:
+        from ..alerts import AlertStore, alert_json
+
+        limit = int(_float(request.query_params.get("limit"), 100))
+        open_only = request.query_params.get("open") in ("1", "true", "yes")
+        rows = AlertStore(registry, None).alerts(open_only=open_only, limit=max(1, min(limit, 1000)))
+        return JSONResponse([alert_json(a) for a in rows])
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -122,6 +135,7 @@ def create_app(
         Route("/api/devices/{device}", device),
         Route("/api/devices/{device}/telemetry", telemetry),
         Route("/api/events", events),
+        Route("/api/alerts", alerts),
         Route("/metrics", prometheus),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

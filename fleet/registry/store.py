@@ -467,6 +467,23 @@ class Registry:
                 query = query.where(Event.device == device)
             return list(session.execute(query).scalars())
 
+    def drifted_since(self, device: str) -> datetime | None:
+        """When the device's current run of drifted telemetry windows began (None: its newest
+        window is not drifted, or it has none)."""
+        with self.session() as session:
+            calm = session.execute(
+                select(func.max(Telemetry.window_end)).where(
+                    Telemetry.device == device, Telemetry.drifted.is_(False)
+                )
+            ).scalar_one()
+            query = select(func.min(Telemetry.window_start)).where(
+                Telemetry.device == device, Telemetry.drifted.is_(True)
+            )
+            if calm is not None:
+                query = query.where(Telemetry.window_end > calm)
+            since = session.execute(query).scalar_one()
+        return _utc(since) if since is not None else None
+
     def delete_device(self, device: str) -> None:
         with self.session() as session, session.begin():
             for model in (Telemetry, Event):

@@ -7,10 +7,10 @@ from typing import Any
 
 from .models import Device, Event, Telemetry
 
-__all__ = ["device_json", "event_json", "telemetry_json"]
+__all__ = ["device_json", "event_json", "iso", "telemetry_json"]
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
@@ -26,8 +26,8 @@ def device_json(d: Device) -> dict[str, Any]:
         "bundle_id": d.bundle_id,
         "bundle": d.bundle_name,
         "version": d.bundle_version,
-        "first_seen": _iso(d.first_seen),
-        "last_seen": _iso(d.last_seen),
+        "first_seen": iso(d.first_seen),
+        "last_seen": iso(d.last_seen),
         "latency_p95_ms": d.latency_p95_ms,
         "drift_score": d.drift_score,
         "drifted": d.drifted,
@@ -39,7 +39,7 @@ def event_json(e: Event) -> dict[str, Any]:
     return {
         "device": e.device,
         "seq": e.seq,
-        "at": _iso(e.at),
+        "at": iso(e.at),
         "kind": e.kind,
         "bundle_id": e.bundle_id,
         "message": e.message,
@@ -49,8 +49,8 @@ def event_json(e: Event) -> dict[str, Any]:
 def telemetry_json(t: Telemetry) -> dict[str, Any]:
     return {
         "seq": t.seq,
-        "window_start": _iso(t.window_start),
-        "window_end": _iso(t.window_end),
+        "window_start": iso(t.window_start),
+        "window_end": iso(t.window_end),
         "count": t.count,
         "errors": t.errors,
         "latency_p50_ms": t.latency_p50_ms,

@@ -149,6 +149,7 @@ def test_an_offline_device_alerts_once_after_offline_after_and_flapping_is_dampe
     alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
     alerts.store.set_rule("offline", ["offline_after=10s", "clear_after=1m"], T0)
     alerts.states(T0, False, "cam-1")
+    assert alerts.round(T0) == 0  # the first round that sees it offline starts the clock
     assert alerts.round(T0 + timedelta(seconds=9)) == 0  # not yet: offline for 9 s
     assert alerts.round(T0 + timedelta(seconds=10)) == 1
     # It comes back and drops off again every few seconds: the same alert, no new message.

@@ -50,7 +50,7 @@ def test_a_killed_agent_sends_one_offline_mail_and_webhook_then_one_back_online(
         (mail,) = smtp.wait_for(lambda m: len(m) == 1, timeout=OFFLINE_AFTER + 30, what="the offline mail")
         (doc,) = hook.wait_for(lambda b: len(b) == 1, timeout=OFFLINE_AFTER + 30, what="the offline webhook")
         assert mail["Subject"] == "[edgekit] cam-1 is offline"
-        assert "cam-1 stopped reporting at" in body(mail)
+        assert "cam-1 went offline at" in body(mail)
         assert "http://shop-laptop:8765/devices/cam-1" in body(mail)
         assert (doc["event"], doc["alert"]["rule"], doc["alert"]["device"]) == ("opened", "offline", "cam-1")
 

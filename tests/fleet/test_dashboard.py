@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import uvicorn
 from edgekit import ConfigError
 from edgekit.fleet.dashboard import FleetMetrics, check_bind, create_app
+from edgekit.fleet.registry import TelemetryRow
 from helpers import free_port
 from starlette.testclient import TestClient
 
@@ -36,6 +39,24 @@ def test_json_api(registry):
     assert [r["seq"] for r in series] == list(range(30))
     assert client.get("/api/devices/nope").status_code == 404
     assert client.get("/api/events?device=cam-1&limit=x").status_code == 200
+    # When cam-1's drift began: the start of its first drifted window after the last calm one.
+    assert devices["cam-1"]["drifted_since"] == series[-1]["window_start"]  # only the last window drifted
+    assert (
+        devices["cam-2"]["drifted_since"] is None
+        and one["drifted_since"] == devices["cam-1"]["drifted_since"]
+    )
+    assert client.get("/api/alerts?open=1").json() == []
+
+
+def test_open_alerts_are_listed(registry, tmp_path):
+    from edgekit.fleet.alerts import Evaluator
+
+    Evaluator(registry, tmp_path).tick()  # cam-2 has been offline for an hour
+    client = TestClient(create_app(registry))
+    alerts = {a["rule"]: a for a in client.get("/api/alerts?open=1").json()}
+    assert set(alerts) == {"offline", "drift"}  # cam-2 offline for an hour; cam-1 drifted
+    assert (alerts["offline"]["device"], alerts["offline"]["summary"]) == ("cam-2", "cam-2 is offline")
+    assert alerts["drift"]["summary"] == "cam-1: inputs no longer look like the training data"
 
 
 def test_prometheus_metrics_with_a_cardinality_cap(registry):
@@ -116,13 +137,39 @@ def chromium_dom(url: str) -> str:
 
 
 @pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
-def test_pages_render_in_headless_chromium(served):
+def test_pages_render_in_headless_chromium(served, registry, tmp_path):
+    from edgekit.fleet.alerts import Evaluator
+
     overview = chromium_dom(served + "/")
     assert 'data-device="cam-1"' in overview and 'data-device="door-1"' in overview
     assert 'class="is-offline"' in overview  # the offline device stands out
-    assert "is-drifted" in overview and "drifted 0.29" in overview
+    # Drift in words, with when it began; a calm device says so.
+    assert "is-drifted" in overview and "drifted since " in overview
+    assert "inputs no longer look like the training data" in overview
+    assert "No open alerts" in overview
     assert "installed digits@1.1.0" in overview
     device = chromium_dom(served + "/devices/cam-1")
     assert "cam-1 (shop)" in device
     # uPlot drew both charts: a canvas each, with the series legend.
     assert device.count("<canvas") >= 2 and "p95" in device and "drift score" in device
+
+    # One telemetry point: the time axis still covers the last 24 hours, not years.
+    now = datetime.now(timezone.utc)
+    registry.add_telemetry(
+        [TelemetryRow("door-1", 1, now - timedelta(minutes=1), now, 5, 0, 1.0, 2.0, 3.0, drift_score=0.01)]
+    )
+    door = chromium_dom(served + "/devices/door-1")
+    start, end = (
+        int(v) for v in re.search(r'id="latency-chart"[^>]*data-from="(\d+)" data-to="(\d+)"', door).groups()
+    )
+    assert 24 * 3600 <= end - start <= 24 * 3600 + 600
+    assert "inputs look like the training data" in door
+    week = chromium_dom(served + "/devices/door-1?hours=168")
+    start, end = (
+        int(v) for v in re.search(r'id="latency-chart"[^>]*data-from="(\d+)" data-to="(\d+)"', week).groups()
+    )
+    assert 168 * 3600 <= end - start <= 168 * 3600 + 600
+
+    Evaluator(registry, tmp_path).tick()
+    overview = chromium_dom(served + "/")
+    assert "cam-2 is offline" in overview and 'href="/devices/cam-2"' in overview

@@ -49,9 +49,40 @@ const edgekit = (() => {
     }
   }
 
+  function fillAlerts(alerts) {
+    const body = document.querySelector("#alerts tbody");
+    body.replaceChildren();
+    for (const a of alerts) {
+      const row = document.createElement("tr");
+      row.dataset.alert = a.id;
+      row.classList.add(`rule-${a.rule}`);
+      cell(row, `${when(a.since)} (${ago(a.since)})`);
+      if (a.device) {
+        const link = document.createElement("a");
+        link.href = `/devices/${encodeURIComponent(a.device)}`;
+        link.textContent = a.summary;
+        cell(row, link);
+      } else {
+        cell(row, a.summary);
+      }
+      cell(row, a.acked_at ? `by ${a.acked_by} ${ago(a.acked_at)}` : "not yet");
+      body.appendChild(row);
+    }
+    if (!alerts.length) {
+      const row = document.createElement("tr");
+      cell(row, "No open alerts: every device is fine.").colSpan = 3;
+      body.appendChild(row);
+    }
+  }
+
+  function when(iso) {
+    return new Date(Date.parse(iso)).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+  }
+
   async function refreshOverview() {
-    const [fleets, devices, events] = await Promise.all([get("/api/fleets"), get("/api/devices"),
-      get("/api/events?limit=20")]);
+    const [fleets, devices, events, alerts] = await Promise.all([get("/api/fleets"), get("/api/devices"),
+      get("/api/events?limit=20"), get("/api/alerts?open=1")]);
+    fillAlerts(alerts);
     const cards = document.getElementById("fleets");
     cards.replaceChildren();
     for (const f of fleets) {
@@ -80,36 +111,71 @@ const edgekit = (() => {
       cell(row, d.version);
       cell(row, ago(d.last_seen));
       cell(row, d.latency_p95_ms == null ? null : `${d.latency_p95_ms.toFixed(1)} ms`);
-      cell(row, d.drifted ? badge(`drifted ${d.drift_score?.toFixed(2) ?? ""}`, "drifted")
-                          : (d.drift_score == null ? null : d.drift_score.toFixed(2)));
+      cell(row, driftWords(d));
       body.appendChild(row);
     }
     fillEvents(events, true);
     stamp();
   }
 
-  function chart(element, title, series, data) {
+  // The drift state in words: what an owner can act on, not a bare score.
+  function driftWords(d) {
+    if (d.drifted) {
+      const since = d.drifted_since ? ` since ${clock(d.drifted_since)}` : "";
+      return badge(`drifted${since}: inputs no longer look like the training data`, "drifted");
+    }
+    return d.drift_score == null ? "not measured yet" : "inputs look like the training data";
+  }
+
+  function clock(iso) {
+    const at = new Date(Date.parse(iso));
+    const sameDay = at.toDateString() === new Date().toDateString();
+    return sameDay ? at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+                   : at.toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+  }
+
+  // The time axis covers the range asked for (and any data outside it), never what uPlot
+  // guesses from one or two points (which spanned years).
+  function chart(element, title, series, data, hours) {
     element.replaceChildren();
+    const now = Date.now() / 1000;
+    const times = data[0];
+    const from = Math.min(now - hours * 3600, times.length ? times[0] : Infinity);
+    const to = Math.max(now, times.length ? times[times.length - 1] : -Infinity);
     const opts = {
       title, width: Math.max(320, element.clientWidth - 16), height: 220,
+      scales: { x: { time: true, range: () => [from, to] } },
       series: [{}, ...series.map((label, i) => ({ label, stroke: ["#2f6fde", "#d9822b", "#b0413e"][i] }))],
       axes: [{}, {}],
     };
+    opts.hooks = { setScale: [(u, key) => {  // what the chart really spans (the tests read it)
+      if (key !== "x") return;
+      element.dataset.from = String(Math.round(u.scales.x.min));
+      element.dataset.to = String(Math.round(u.scales.x.max));
+    }] };
     return new uPlot(opts, data, element);
   }
 
+  function range() {
+    const select = document.getElementById("range");
+    return select ? Number(select.value) : 24;
+  }
+
   async function refreshDevice(id) {
+    const hours = range();
     const [d, rows] = await Promise.all([get(`/api/devices/${encodeURIComponent(id)}`),
-      get(`/api/devices/${encodeURIComponent(id)}/telemetry?hours=24`)]);
+      get(`/api/devices/${encodeURIComponent(id)}/telemetry?hours=${hours}`)]);
     document.getElementById("title").textContent = `${d.device} (${d.fleet})`;
     const summary = document.getElementById("summary");
     summary.replaceChildren(badge(d.online ? d.status : "offline", d.online ? "online" : "offline"));
-    if (d.drifted) summary.appendChild(badge("drifted", "drifted"));
+    summary.appendChild(document.createTextNode(" "));
+    const drift = driftWords(d);
+    summary.appendChild(drift instanceof Node ? drift : document.createTextNode(drift));
     summary.appendChild(document.createTextNode(` version ${d.version ?? "–"} · last seen ${ago(d.last_seen)}`));
     const t = rows.map((r) => Date.parse(r.window_end) / 1000);
     chart(document.getElementById("latency-chart"), "latency", ["p50", "p95", "p99"],
-      [t, rows.map((r) => r.latency_p50_ms), rows.map((r) => r.latency_p95_ms), rows.map((r) => r.latency_p99_ms)]);
-    chart(document.getElementById("drift-chart"), "drift", ["drift score"], [t, rows.map((r) => r.drift_score)]);
+      [t, rows.map((r) => r.latency_p50_ms), rows.map((r) => r.latency_p95_ms), rows.map((r) => r.latency_p99_ms)], hours);
+    chart(document.getElementById("drift-chart"), "drift", ["drift score"], [t, rows.map((r) => r.drift_score)], hours);
     fillEvents(d.events, false);
     stamp();
   }
@@ -124,6 +190,12 @@ const edgekit = (() => {
 
   return {
     overview: () => every(refreshOverview),
-    devicePage: (id) => every(() => refreshDevice(id)),
+    devicePage: (id) => {
+      const select = document.getElementById("range");
+      const wanted = new URLSearchParams(location.search).get("hours");
+      if (select && wanted && [...select.options].some((o) => o.value === wanted)) select.value = wanted;
+      if (select) select.addEventListener("change", () => refreshDevice(id));
+      every(() => refreshDevice(id));
+    },
   };
 })();
