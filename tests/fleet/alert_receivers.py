@@ -50,14 +50,17 @@ class _Inbox:
 
 class SmtpServer:
     """aiosmtpd on a free port. ``users`` enables AUTH LOGIN/PLAIN; ``tls`` (cert, key) offers
-    STARTTLS (and requires it); ``refuse`` makes it answer DATA with that reply."""
+    STARTTLS (and requires it), or with ``implicit_tls`` speaks TLS from the first byte;
+    ``refuse`` makes it answer DATA with that reply."""
 
     def __init__(
         self,
         users: Optional[dict[str, str]] = None,
         tls: Optional[tuple[Path, Path]] = None,
         port: Optional[int] = None,
+        implicit_tls: bool = False,
     ) -> None:
+        """``implicit_tls``: TLS from the first byte (smtps) instead of STARTTLS."""
         self.port = port or free_port()
         self.inbox = _Inbox()
         self.refuse: Optional[str] = None
@@ -82,11 +85,16 @@ class SmtpServer:
 
         options: dict[str, Any] = {}
         if users:
-            options.update(authenticator=authenticate, auth_require_tls=tls is not None)
+            # (aiosmtpd counts only STARTTLS as TLS for AUTH; a smtps connection is TLS anyway.)
+            options.update(authenticator=authenticate, auth_require_tls=tls is not None and not implicit_tls)
         if tls:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(str(tls[0]), str(tls[1]))
-            options.update(tls_context=context, require_starttls=True)
+            options.update(
+                {"ssl_context": context}
+                if implicit_tls
+                else {"tls_context": context, "require_starttls": True}
+            )
         self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, **options)
 
     def start(self) -> SmtpServer:

@@ -297,6 +297,36 @@ def test_mail_over_starttls_with_a_login_and_several_recipients(tmp_path, edgeki
         server.stop()
 
 
+def test_mail_over_tls_from_the_first_byte_and_a_server_without_starttls(tmp_path, edgekit_home):
+    cert, key = self_signed(tmp_path)
+    tls = SmtpServer(users={"shop": "pw"}, tls=(cert, key), implicit_tls=True).start()
+    plain = SmtpServer().start()
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    try:
+        store = AlertStore(registry, edgekit_home)
+        store.add_channel(
+            email_channel(
+                "tls", ["a@shop.example"], f"smtps://shop@localhost:{tls.port}?ca={cert}", None, "pw"
+            ),
+            T0,
+        )
+        store.add_channel(
+            email_channel("nostarttls", ["a@shop.example"], f"smtp://127.0.0.1:{plain.port}"), T0
+        )
+        results = dict(Dispatcher(registry, edgekit_home, timeout=5).test_all(T0))
+        assert results["tls"] is None
+        tls.wait_for(lambda m: len(m) == 1, what="the mail over TLS")
+        assert results["nostarttls"] == (
+            f"the mail server 127.0.0.1:{plain.port} does not offer STARTTLS; "
+            "use smtps:// (port 465) or, for a local relay, ?tls=none"
+        )
+        assert plain.mails() == []  # nothing went out in clear text
+    finally:
+        registry.close()
+        tls.stop()
+        plain.stop()
+
+
 def _one_line(result) -> str:
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr
