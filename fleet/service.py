@@ -46,6 +46,7 @@ from edgekit.errors import ConfigError
 from edgekit.mqtt import MqttClient, parse_broker_url
 from edgekit.topics import DEFAULT_PREFIX, Topics
 
+from .accounts import Accounts
 from .dashboard import FleetMetrics, check_bind, create_app
 from .ingest import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DELAY, Ingest, IngestStats, ingest_client
 from .push import operator_login
@@ -105,8 +106,6 @@ class ServiceConfig:
                 f"--http-port {self.http_port}: use a TCP port from 1 to 65535 (0: any free port)"
             )
         Topics(self.prefix)
-        if self.dashboard:
-            check_bind(self.host, self.token)
 
 
 def _worker_main(
@@ -179,6 +178,12 @@ class FleetService:
         config.validate()
         self.config = config
         self.registry = Registry(config.registry)  # migrated here, once, before the workers start
+        if config.dashboard:
+            try:
+                check_bind(config.host, config.token, Accounts(self.registry).any())
+            except ConfigError:
+                self.registry.close()
+                raise
         self.metrics = FleetMetrics(self.registry)
         #: Counts over every worker, as reported so far.
         self.totals = IngestStats()
@@ -266,7 +271,8 @@ class FleetService:
     def _serve_dashboard(self, sock: socket.socket) -> None:
         import uvicorn
 
-        app = create_app(self.registry, self.metrics, token=self.config.token)
+        home = Path(self.config.home) if self.config.home else None
+        app = create_app(self.registry, self.metrics, token=self.config.token, home=home)
         config = uvicorn.Config(app, log_level=self.config.log_level.lower(), access_log=False)
         self._server = uvicorn.Server(config)
         thread = threading.Thread(

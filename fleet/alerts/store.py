@@ -13,6 +13,7 @@ from typing import Any
 from edgekit.errors import ConfigError
 from sqlalchemy import delete, func, or_, select, update
 
+from ..accounts import audit
 from ..registry import Registry
 from ..registry.models import Alert, AlertChannel, AlertDelivery, AlertLease, AlertRule
 from ..registry.views import iso
@@ -152,14 +153,21 @@ class AlertStore:
             query = query.order_by(Alert.id.desc()).limit(limit)
             return list(session.execute(query).scalars())
 
-    def ack(self, alert_id: int, who: str, now: datetime) -> Alert:
-        with self.registry.session() as session, session.begin():
-            row = session.get(Alert, alert_id)
-            if row is None or row.state == PENDING:
-                raise ConfigError(f"no alert {alert_id}; `edgekit alerts list` shows their ids")
-            if row.acked_at is None:
-                row.acked_at, row.acked_by = now, who[:64]
-            return row
+    def ack(self, alert_id: int, who: str, now: datetime, via: str = "cli") -> Alert:
+        """Acknowledge an alert (``edgekit alerts ack`` and the dashboard's button); the
+        attempt goes to the audit log either way."""
+        try:
+            with self.registry.session() as session, session.begin():
+                row = session.get(Alert, alert_id)
+                if row is None or row.state == PENDING:
+                    raise ConfigError(f"no alert {alert_id}; `edgekit alerts list` shows their ids")
+                if row.acked_at is None:
+                    row.acked_at, row.acked_by = now, who[:64]
+        except ConfigError as exc:
+            audit(self.registry, now, who, via, "alert.ack", f"alert {alert_id}", "failed", str(exc))
+            raise
+        audit(self.registry, now, who, via, "alert.ack", f"alert {alert_id}: {row.summary}", "ok")
+        return row
 
     # -- deliveries -------------------------------------------------------------------------
 

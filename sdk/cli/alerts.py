@@ -258,7 +258,7 @@ def ack(
     """Acknowledge an alert: you know about it (it still resolves, and says so, when it clears)."""
     store = _store(registry)
     try:
-        row = store.ack(alert_id, getpass.getuser(), _now())
+        row = store.ack(alert_id, getpass.getuser(), _now(), via="cli")
     finally:
         store.registry.close()
     console.print(f"Alert {row.id} acknowledged: {escape(row.summary)}")

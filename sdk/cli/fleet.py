@@ -455,3 +455,94 @@ def _run_service(service: Any, json_out: bool, embedded: bool = False) -> None:
             f"stopped: {totals.telemetry} telemetry records, {totals.events} events, {totals.states} states "
             f"stored; {totals.telemetry_duplicates} duplicates and {totals.rejected_total} rejected messages dropped"
         )
+
+
+user_app = new_app("Dashboard accounts: viewers see the fleet, operators also act on it.")
+app.add_typer(user_app, name="user")
+PASSWORD_ENV = "EDGEKIT_DASHBOARD_PASSWORD"
+
+
+@user_app.command("add")
+def user_add(
+    name: str = typer.Argument(..., help="The account's name."),
+    role: str = typer.Option(..., "--role", help="viewer (sees the fleet) or operator (also acts on it)."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+) -> None:
+    """Add a dashboard account; the password comes from $EDGEKIT_DASHBOARD_PASSWORD, else it is asked."""
+    import os
+    from datetime import datetime, timezone
+
+    from edgekit.fleet.accounts import Accounts
+
+    from ..errors import ConfigError
+
+    password = os.environ.get(PASSWORD_ENV)
+    if password is None:
+        if not sys.stdin.isatty():
+            raise ConfigError(f"set the password in ${PASSWORD_ENV} (or run on a terminal to be asked)")
+        password = typer.prompt(f"Password for {name}", hide_input=True, confirmation_prompt=True)
+    reg = _registry(registry)
+    try:
+        user = Accounts(reg).add(name, role, password, datetime.now(timezone.utc))
+    finally:
+        reg.close()
+    console.print(f"User {user.name} added as {user.role}; sign in at the dashboard's /login.")
+
+
+@user_app.command("list")
+def user_list(
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the accounts as JSON (never a password)."),
+) -> None:
+    """The dashboard accounts and their roles."""
+    from edgekit.fleet.accounts import Accounts
+
+    reg = _registry(registry)
+    users = Accounts(reg).users()
+    reg.close()
+    if json_out:
+        print_json([{"name": u.name, "role": u.role} for u in users])
+        return
+    if not users:
+        console.print("No accounts: `edgekit fleet user add NAME --role operator`.")
+    for u in users:
+        console.print(f"{u.name}  {u.role}")
+
+
+@user_app.command("remove")
+def user_remove(
+    name: str = typer.Argument(..., help="The account's name."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+) -> None:
+    """Remove a dashboard account (its sessions end at once)."""
+    from edgekit.fleet.accounts import Accounts
+
+    reg = _registry(registry)
+    try:
+        Accounts(reg).remove(name)
+    finally:
+        reg.close()
+    console.print(f"User {name} removed.")
+
+
+@app.command("audit")
+def audit(
+    limit: int = typer.Option(50, "--limit", min=1, max=10000, help="How many, newest first."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the entries as JSON."),
+) -> None:
+    """The audit log: who asked for which action, when, from where, and how it went."""
+    from edgekit.fleet.accounts import audit_json, audit_log
+
+    reg = _registry(registry)
+    rows = [audit_json(e) for e in audit_log(reg, limit)]
+    reg.close()
+    if json_out:
+        print_json(rows)
+        return
+    table = Table("when", "who", "via", "action", "on", "result", "detail")
+    for e in rows:
+        table.add_row(
+            e["at"], e["actor"], e["via"], e["action"], e["target"] or "-", e["result"], e["detail"] or ""
+        )
+    console.print(table)

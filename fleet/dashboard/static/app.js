@@ -3,10 +3,62 @@
 const edgekit = (() => {
   const REFRESH_MS = 5000;
 
+  let session = { user: null, role: null, csrf: null, accounts: false };
+
   async function get(path) {
     const response = await fetch(path, { credentials: "same-origin" });
     if (!response.ok) throw new Error(`${path}: ${response.status}`);
     return response.json();
+  }
+
+  // An action: a POST with the session's CSRF token; its JSON, or an Error saying why not.
+  async function post(path, body) {
+    const response = await fetch(path, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": session.csrf || "" },
+      body: JSON.stringify(body || {}),
+    });
+    const doc = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(doc.error || `${path}: ${response.status}`);
+    return doc;
+  }
+
+  async function whoAmI() {
+    session = await get("/api/session");
+    const who = document.getElementById("who");
+    if (!who) return;
+    who.replaceChildren();
+    if (session.user) {
+      who.append(`signed in as ${session.user} (${session.role}) `);
+      if (session.csrf) {
+        const out = document.createElement("button");
+        out.id = "sign-out";
+        out.textContent = "Sign out";
+        out.onclick = async () => { await post("/api/logout"); location.href = "/login"; };
+        who.appendChild(out);
+      }
+    } else if (session.accounts) {
+      const link = document.createElement("a");
+      link.href = "/login";
+      link.textContent = "Sign in";
+      who.appendChild(link);
+    }
+  }
+
+  function fillAudit(entries) {
+    const body = document.querySelector("#audit tbody");
+    if (!body) return;
+    body.replaceChildren();
+    for (const e of entries) {
+      const row = document.createElement("tr");
+      cell(row, e.at);
+      cell(row, e.actor);
+      cell(row, e.via);
+      cell(row, e.action);
+      cell(row, e.target);
+      cell(row, e.detail ? `${e.result}: ${e.detail}` : e.result);
+      body.appendChild(row);
+    }
   }
 
   function cell(row, text, className) {
@@ -66,11 +118,25 @@ const edgekit = (() => {
         cell(row, a.summary);
       }
       cell(row, a.acked_at ? `by ${a.acked_by} ${ago(a.acked_at)}` : "not yet");
+      const actions = cell(row, "");
+      if (session.role === "operator" && !a.acked_at) {
+        const button = document.createElement("button");
+        button.className = "ack";
+        button.textContent = "Acknowledge";
+        button.onclick = async () => {
+          const sure = confirm(`Acknowledge alert ${a.id}: "${a.summary}"?\n\nIt is marked as seen by you ` +
+            "in the dashboard and the audit log; it stays open until the problem clears.");
+          if (!sure) return;
+          try { await post(`/api/alerts/${a.id}/ack`); } catch (error) { alert(error.message); }
+          refreshOverview();
+        };
+        actions.appendChild(button);
+      }
       body.appendChild(row);
     }
     if (!alerts.length) {
       const row = document.createElement("tr");
-      cell(row, "No open alerts: every device is fine.").colSpan = 3;
+      cell(row, "No open alerts: every device is fine.").colSpan = 4;
       body.appendChild(row);
     }
   }
@@ -80,9 +146,11 @@ const edgekit = (() => {
   }
 
   async function refreshOverview() {
-    const [fleets, devices, events, alerts] = await Promise.all([get("/api/fleets"), get("/api/devices"),
-      get("/api/events?limit=20"), get("/api/alerts?open=1")]);
+    await whoAmI();
+    const [fleets, devices, events, alerts, audit] = await Promise.all([get("/api/fleets"), get("/api/devices"),
+      get("/api/events?limit=20"), get("/api/alerts?open=1"), get("/api/audit?limit=20")]);
     fillAlerts(alerts);
+    fillAudit(audit);
     const cards = document.getElementById("fleets");
     cards.replaceChildren();
     for (const f of fleets) {
@@ -188,7 +256,22 @@ const edgekit = (() => {
     setInterval(run, REFRESH_MS);
   }
 
+  function loginPage() {
+    document.getElementById("login").addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const response = await fetch("/api/login", {
+        method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ name: document.getElementById("name").value,
+          password: document.getElementById("password").value }),
+      });
+      if (response.ok) { location.href = "/"; return; }
+      const doc = await response.json().catch(() => ({}));
+      document.getElementById("login-error").textContent = doc.error || `sign-in failed (${response.status})`;
+    });
+  }
+
   return {
+    loginPage,
     overview: () => every(refreshOverview),
     devicePage: (id) => {
       const select = document.getElementById("range");
