@@ -96,7 +96,19 @@ class Browser:
     def wait_for(self, condition: str, timeout_ms: int = 20000) -> None:
         """Resolve once ``condition`` (JavaScript) holds in the page, checked on each animation
         frame; fail after ``timeout_ms``."""
-        held = self.evaluate(
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            try:
+                held = self._wait_in_page(condition, timeout_ms)
+                break
+            except AssertionError as exc:  # the page navigated while we waited: ask the new one
+                gone = "navigated or closed" in str(exc) or "context was destroyed" in str(exc)
+                if not gone or time.monotonic() > deadline:
+                    raise
+        assert held, f"never held in the page: {condition}"
+
+    def _wait_in_page(self, condition: str, timeout_ms: int) -> Any:
+        return self.evaluate(
             f"""new Promise((resolve) => {{
                 const start = performance.now();
                 const check = () => {{
@@ -109,7 +121,6 @@ class Browser:
                 check();
             }})"""
         )
-        assert held, f"never held in the page: {condition}"
 
     def close(self) -> None:
         self.ws.close()

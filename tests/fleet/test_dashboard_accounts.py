@@ -1,0 +1,206 @@
+"""The dashboard acts: accounts with roles, sessions, CSRF, the acknowledge action and the audit
+log, through the API, the CLI, and in headless Chromium by clicking."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pytest
+import uvicorn
+from cdp import Browser
+from edgekit.errors import ConfigError
+from edgekit.fleet.accounts import Accounts, audit_log
+from edgekit.fleet.alerts import AlertStore, Evaluator
+from edgekit.fleet.dashboard import check_bind, create_app
+from edgekit.fleet.registry.models import DashboardUser
+from helpers import free_port
+from sqlalchemy import select
+from starlette.testclient import TestClient
+from test_fleet_cli import edgekit
+
+NOW = datetime.now(timezone.utc)
+OPERATOR, VIEWER = ("olga", "operator-pass-1"), ("victor", "viewer-pass-22")
+
+
+@pytest.fixture
+def shop(registry, tmp_path):
+    """The populated registry with an operator, a viewer and two open alerts."""
+    accounts = Accounts(registry)
+    accounts.add(OPERATOR[0], "operator", OPERATOR[1], NOW)
+    accounts.add(VIEWER[0], "viewer", VIEWER[1], NOW)
+    AlertStore(registry, tmp_path).set_rule("offline", ["offline_after=0"], NOW)
+    Evaluator(registry, tmp_path).tick()
+    return registry
+
+
+def signed_in(app, who: tuple[str, str]) -> tuple[TestClient, str]:
+    client = TestClient(app)
+    response = client.post("/api/login", json={"name": who[0], "password": who[1]})
+    assert response.status_code == 200, response.text
+    session = client.get("/api/session").json()
+    assert session["user"] == who[0] and session["csrf"]
+    return client, session["csrf"]
+
+
+def test_operators_act_viewers_read_and_every_refusal_is_audited(shop, tmp_path):
+    app = create_app(shop, home=tmp_path)
+    (alert,) = [a for a in AlertStore(shop, None).alerts(open_only=True) if a.rule == "offline"]
+    anonymous = TestClient(app)
+    assert anonymous.get("/", follow_redirects=False).headers["location"] == "/login"
+    assert anonymous.get("/api/devices").status_code == 401
+    assert anonymous.get("/login").status_code == 200
+    assert anonymous.post("/api/login", json={"name": OPERATOR[0], "password": "wrong"}).status_code == 401
+
+    viewer, viewer_csrf = signed_in(app, VIEWER)
+    assert viewer.get("/api/devices").status_code == 200
+    refused = viewer.post(f"/api/alerts/{alert.id}/ack", headers={"X-CSRF-Token": viewer_csrf})
+    assert refused.status_code == 403 and "viewer" in refused.json()["error"]
+
+    operator, csrf = signed_in(app, OPERATOR)
+    assert operator.post(f"/api/alerts/{alert.id}/ack").status_code == 403  # no CSRF token: a forged form
+    assert (
+        operator.post(f"/api/alerts/{alert.id}/ack", headers={"X-CSRF-Token": viewer_csrf}).status_code == 403
+    )
+    done = operator.post(f"/api/alerts/{alert.id}/ack", headers={"X-CSRF-Token": csrf})
+    assert done.status_code == 200 and done.json()["acked_by"] == OPERATOR[0]
+
+    log = [(e.actor, e.via, e.action, e.result) for e in reversed(audit_log(shop))]
+    assert log == [
+        (OPERATOR[0], "dashboard", "sign-in", "refused"),
+        (VIEWER[0], "dashboard", "sign-in", "ok"),
+        (VIEWER[0], "dashboard", "alert.ack", "refused"),
+        (OPERATOR[0], "dashboard", "sign-in", "ok"),
+        (OPERATOR[0], "dashboard", "alert.ack", "refused"),
+        (OPERATOR[0], "dashboard", "alert.ack", "refused"),
+        (OPERATOR[0], "dashboard", "alert.ack", "ok"),
+    ]
+    assert "CSRF" in audit_log(shop)[1].detail
+    assert operator.get("/api/audit").json()[0]["target"] == f"alert {alert.id}: cam-2 is offline"
+
+    # Passwords are kept as scrypt hashes only; a removed account's session ends at once.
+    with shop.session() as session:
+        hashes = list(session.execute(select(DashboardUser.password_hash)).scalars())
+    assert all(h.startswith("scrypt$") and OPERATOR[1] not in h and VIEWER[1] not in h for h in hashes)
+    Accounts(shop).remove(VIEWER[0])
+    assert viewer.get("/api/devices").status_code == 401
+
+
+def test_the_token_keeps_working_for_scripts_and_metrics(shop, tmp_path):
+    app = create_app(shop, token="s3cret-token", home=tmp_path)
+    bearer = {"Authorization": "Bearer s3cret-token"}
+    client = TestClient(app)
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=bearer).status_code == 200
+    (alert, *_) = AlertStore(shop, None).alerts(open_only=True)
+    done = client.post(f"/api/alerts/{alert.id}/ack", headers=bearer)  # a script: no CSRF needed
+    assert done.status_code == 200 and done.json()["acked_by"] == "token"
+    browser = TestClient(app)
+    assert browser.get("/?token=s3cret-token").status_code == 200  # a browser with ?token= reads
+    assert browser.post(f"/api/alerts/{alert.id}/ack").status_code == 403
+
+
+def test_binding_beyond_localhost_needs_a_token_or_accounts():
+    check_bind("0.0.0.0", None, accounts=True)
+    with pytest.raises(ConfigError, match="add an account"):
+        check_bind("0.0.0.0", None, accounts=False)
+
+
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_user_and_audit_commands(shop, registry_url):
+    env = {"EDGEKIT_DASHBOARD_PASSWORD": "a-long-password"}
+    added = edgekit("fleet", "user", "add", "sam", "--role", "operator", "--registry", registry_url, env=env)
+    assert added.returncode == 0, added.stderr
+    short = edgekit(
+        "fleet", "user", "add", "tim", "--role", "viewer", "--registry", registry_url,
+        env={"EDGEKIT_DASHBOARD_PASSWORD": "short"},
+    )  # fmt: skip
+    assert short.returncode == 2 and short.stderr.strip() == (
+        "error: the password is too short: use at least 10 characters"
+    )
+    role = edgekit("fleet", "user", "add", "tim", "--role", "boss", "--registry", registry_url, env=env)
+    assert role.returncode == 2 and "use viewer" in role.stderr and "Traceback" not in role.stderr
+    users = json.loads(edgekit("fleet", "user", "list", "--json", "--registry", registry_url).stdout)
+    assert users == [
+        {"name": "olga", "role": "operator"},
+        {"name": "sam", "role": "operator"},
+        {"name": "victor", "role": "viewer"},
+    ]
+    (alert, *_) = AlertStore(shop, None).alerts(open_only=True)
+    assert edgekit("alerts", "ack", str(alert.id), "--registry", registry_url).returncode == 0
+    assert edgekit("alerts", "ack", "999", "--registry", registry_url).returncode == 2
+    log = json.loads(edgekit("fleet", "audit", "--json", "--registry", registry_url).stdout)
+    assert [(e["via"], e["action"], e["result"]) for e in log[:2]] == [
+        ("cli", "alert.ack", "failed"),
+        ("cli", "alert.ack", "ok"),
+    ]
+    assert log[1]["target"] == f"alert {alert.id}: {alert.summary}"
+
+
+@pytest.fixture
+def served(shop, tmp_path) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(shop, home=tmp_path), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    started = threading.Event()
+    while not started.is_set() and thread.is_alive():
+        started.wait(0.02)
+        if server.started:
+            started.set()
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    b = Browser()
+    yield b
+    b.close()
+
+
+def sign_in(browser: Browser, base: str, who: tuple[str, str]) -> None:
+    browser.goto(base + "/login")
+    fill(browser, who)
+    browser.wait_for(
+        "location.pathname === '/' && document.querySelector('#who').textContent.includes('signed in')"
+    )
+
+
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_an_operator_acknowledges_an_alert_by_clicking_and_a_viewer_sees_no_button(served, browser, shop):
+    browser.goto(served + "/")  # redirected to the sign-in page
+    browser.wait_for("location.pathname === '/login'")
+    fill(browser, (OPERATOR[0], "not the password"))
+    browser.wait_for("document.getElementById('login-error').textContent === 'wrong name or password'")
+
+    sign_in(browser, served, VIEWER)
+    browser.wait_for("document.querySelectorAll('#alerts tr[data-alert]').length === 2")
+    assert browser.evaluate("document.querySelectorAll('button.ack').length") == 0
+    browser.evaluate("document.getElementById('sign-out').click()")
+    browser.wait_for("location.pathname === '/login'")
+
+    sign_in(browser, served, OPERATOR)
+    browser.wait_for("document.querySelector('#alerts tr.rule-offline button.ack') !== null")
+    browser.evaluate("document.querySelector('#alerts tr.rule-offline button.ack').click()")
+    (question,) = browser.dialogs
+    assert question.startswith("Acknowledge alert ") and '"cam-2 is offline"' in question
+    assert "stays open until the problem clears" in question
+    browser.wait_for("document.querySelector('#alerts tr.rule-offline').textContent.includes('by olga')")
+    browser.wait_for("document.querySelector('#audit tbody').textContent.includes('alert.ack')")
+    (alert,) = [a for a in AlertStore(shop, None).alerts(open_only=True) if a.rule == "offline"]
+    assert alert.acked_by == OPERATOR[0]
+    assert browser.evaluate("document.querySelectorAll('#alerts tr.rule-offline button.ack').length") == 0
+
+
+def fill(browser: Browser, who: tuple[str, str]) -> None:
+    browser.evaluate(
+        f"document.getElementById('name').value = {json.dumps(who[0])};"
+        f"document.getElementById('password').value = {json.dumps(who[1])};"
+        "document.getElementById('sign-in').click()"
+    )
