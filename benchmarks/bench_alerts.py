@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fleet"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alert_receivers import SmtpServer, WebhookReceiver
-from bench_ingest import payloads, run_publisher, wait_stored
+from bench_ingest import ingest_run
 from helpers import Mosquitto, free_port
 
 BIN = Path(sys.executable).parent
@@ -115,11 +115,11 @@ def alert_latency(broker: str, tmp: Path, kills: int) -> list[float]:
 def ingest_rate(
     broker: str, tmp: Path, alerts: bool, messages: int, devices: int, run: str, hook: Any
 ) -> float:
+    """bench_ingest's live run (1 worker, SQLite) with the service's alerts on or off."""
     from datetime import datetime, timezone
 
     from edgekit.fleet.alerts import AlertStore, webhook_channel
     from edgekit.fleet.registry import Registry
-    from edgekit.fleet.service import FleetService, ServiceConfig
 
     home = tmp / f"home-{run}"
     home.mkdir()
@@ -127,29 +127,11 @@ def ingest_rate(
     store = AlertStore(Registry(registry_url), home)
     store.add_channel(webhook_channel("hook", hook.url), datetime.now(timezone.utc))
     store.registry.close()
-    service = FleetService(
-        ServiceConfig(
-            broker=broker,
-            registry=registry_url,
-            group=f"bench-{run}",
-            dashboard=False,
-            controller=False,
-            report_interval=0.2,
-            home=str(home),
-            alerts=alerts,
-            alert_interval=0.5,
-        )
-    ).start()
-    reader = Registry(registry_url, migrate=False)
-    process, marks = run_publisher(broker, payloads(messages, devices, run))
-    end = wait_stored(reader, messages, devices, run)
-    start, _published = marks.get(timeout=600)
-    process.join()
-    totals = service.stop()
-    stored = reader.telemetry_count()
-    reader.close()
-    assert stored == messages and totals.telemetry == messages and totals.rejected_total == 0, totals
-    return messages / (end - start)
+    result = ingest_run(
+        broker, registry_url, 1, messages, devices, run,
+        controller=False, home=str(home), alerts=alerts, alert_interval=0.5,
+    )  # fmt: skip
+    return float(result["rate"])
 
 
 def round_cost(tmp: Path, devices: int, rounds: int = 50) -> tuple[float, float]:

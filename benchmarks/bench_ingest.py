@@ -265,7 +265,10 @@ def ingest_backlog(
     return {"rate": (messages - first[1]) / (now - first[0]), "stored": stored, "duplicates": 0}
 
 
-def ingest_run(broker: str, registry_url: str, workers: int, messages: int, devices: int, run: str) -> dict:
+def ingest_run(
+    broker: str, registry_url: str, workers: int, messages: int, devices: int, run: str, **service_config: Any
+) -> dict:
+    """One live run; ``service_config``: more ServiceConfig fields (bench_alerts turns alerts on/off)."""
     from edgekit.fleet.registry import Registry
     from edgekit.fleet.service import FleetService, ServiceConfig
 
@@ -277,6 +280,7 @@ def ingest_run(broker: str, registry_url: str, workers: int, messages: int, devi
             group=f"bench-{run}",
             dashboard=False,
             report_interval=0.2,
+            **service_config,
         )
     ).start()
     reader = Registry(registry_url, migrate=False)

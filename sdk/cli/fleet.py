@@ -18,6 +18,12 @@ app = new_app("Watch the fleet: device status, versions, latency, drift and even
 
 REGISTRY_HELP = "Registry URL (sqlite:///PATH or postgresql://...); else $EDGEKIT_REGISTRY, else config."
 BROKER_HELP = "Broker URL (mqtt://host:1883 or mqtts://...); else $EDGEKIT_BROKER, else config."
+PUBLIC_URL: Any = typer.Option(
+    None, "--public-url", help="The dashboard's address as the owner reaches it, for the links in alerts."
+)
+ALERT_INTERVAL: Any = typer.Option(
+    2.0, "--alert-interval", min=0.05, max=3600, help="Seconds between two evaluations of the alert rules."
+)
 
 
 def _registry(url: Optional[str]) -> Any:
@@ -295,16 +301,8 @@ def serve(
         help="Keep each worker's MQTT session this many seconds across disconnects (fixed client ids), "
         "so the broker holds messages for a worker that restarts; 0: clean sessions.",
     ),
-    public_url: Optional[str] = typer.Option(
-        None, "--public-url", help="The dashboard's address as the owner reaches it, for the links in alerts."
-    ),
-    alert_interval: float = typer.Option(
-        2.0,
-        "--alert-interval",
-        min=0.05,
-        max=3600,
-        help="Seconds between two evaluations of the alert rules.",
-    ),
+    public_url: Optional[str] = PUBLIC_URL,
+    alert_interval: float = ALERT_INTERVAL,
     json_out: bool = typer.Option(
         False, "--json", help="Print the URLs, then the final counts, as JSON lines."
     ),
@@ -359,16 +357,8 @@ def up(
     token: Optional[str] = typer.Option(
         None, "--token", envvar="EDGEKIT_DASHBOARD_TOKEN", help="Dashboard token ($EDGEKIT_DASHBOARD_TOKEN)."
     ),
-    public_url: Optional[str] = typer.Option(
-        None, "--public-url", help="The dashboard's address as the owner reaches it, for the links in alerts."
-    ),
-    alert_interval: float = typer.Option(
-        2.0,
-        "--alert-interval",
-        min=0.05,
-        max=3600,
-        help="Seconds between two evaluations of the alert rules.",
-    ),
+    public_url: Optional[str] = PUBLIC_URL,
+    alert_interval: float = ALERT_INTERVAL,
     json_out: bool = typer.Option(
         False, "--json", help="Print the URLs, then the final counts, as JSON lines."
     ),

@@ -14,7 +14,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from alert_receivers import RawServer, SmtpServer, WebhookReceiver, body, self_signed
+from alert_receivers import RawServer, SmtpServer, WebhookReceiver, body
+from edgekit.broker import ensure_fleet_ca, ensure_server_certificate
 from edgekit.errors import ConfigError
 from edgekit.fleet.alerts import AlertStore, Dispatcher, Evaluator, email_channel, webhook_channel
 from edgekit.fleet.registry import DeviceState, EventRow, Registry, TelemetryRow
@@ -271,12 +272,19 @@ def test_only_one_evaluator_works_on_a_registry(alerts, edgekit_home, registry_u
     other.registry.close()
 
 
+def server_certificate(home: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate, key): a mail server's certificate for localhost,
+    signed by a fleet CA under ``home``, which the channels trust with ?ca=."""
+    ca, _ = ensure_fleet_ca(home)
+    return (ca, *ensure_server_certificate(["localhost", "127.0.0.1"], home))
+
+
 def test_mail_over_starttls_with_a_login_and_several_recipients(tmp_path, edgekit_home, registry_url):
-    cert, key = self_signed(tmp_path)
+    ca, cert, key = server_certificate(tmp_path)
     server = SmtpServer(users={"shop": "s3cret pass"}, tls=(cert, key)).start()
     try:
         alerts = Alerts(registry_url, edgekit_home)
-        url = f"smtp://shop@localhost:{server.port}?ca={cert}"
+        url = f"smtp://shop@localhost:{server.port}?ca={ca}"
         alerts.store.add_channel(
             email_channel(
                 "mail", ["a@shop.example", "b@shop.example"], url, "alerts@shop.example", "s3cret pass"
@@ -298,7 +306,7 @@ def test_mail_over_starttls_with_a_login_and_several_recipients(tmp_path, edgeki
 
 
 def test_mail_over_tls_from_the_first_byte_and_a_server_without_starttls(tmp_path, edgekit_home):
-    cert, key = self_signed(tmp_path)
+    ca, cert, key = server_certificate(tmp_path)
     tls = SmtpServer(users={"shop": "pw"}, tls=(cert, key), implicit_tls=True).start()
     plain = SmtpServer().start()
     registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
@@ -306,7 +314,7 @@ def test_mail_over_tls_from_the_first_byte_and_a_server_without_starttls(tmp_pat
         store = AlertStore(registry, edgekit_home)
         store.add_channel(
             email_channel(
-                "tls", ["a@shop.example"], f"smtps://shop@localhost:{tls.port}?ca={cert}", None, "pw"
+                "tls", ["a@shop.example"], f"smtps://shop@localhost:{tls.port}?ca={ca}", None, "pw"
             ),
             T0,
         )

@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 import uvicorn
@@ -97,12 +99,11 @@ def test_binding_beyond_localhost_needs_a_token():
         check_bind("0.0.0.0", None)
 
 
-@pytest.fixture
-def served(registry) -> Iterator[str]:
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """``app`` under uvicorn on a free port; its base URL."""
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(registry), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     started = threading.Event()
@@ -113,6 +114,12 @@ def served(registry) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture
+def served(registry) -> Iterator[str]:
+    with serving(create_app(registry)) as url:
+        yield url
 
 
 def chromium_dom(url: str) -> str:

@@ -4,21 +4,19 @@ log, through the API, the CLI, and in headless Chromium by clicking."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
-import uvicorn
 from cdp import Browser
 from edgekit.errors import ConfigError
 from edgekit.fleet.accounts import Accounts, audit_log
 from edgekit.fleet.alerts import AlertStore, Evaluator
 from edgekit.fleet.dashboard import check_bind, create_app
 from edgekit.fleet.registry.models import DashboardUser
-from helpers import free_port
 from sqlalchemy import select
 from starlette.testclient import TestClient
+from test_dashboard import serving
 from test_fleet_cli import edgekit
 
 NOW = datetime.now(timezone.utc)
@@ -141,20 +139,8 @@ def test_user_and_audit_commands(shop, registry_url):
 
 @pytest.fixture
 def served(shop, tmp_path) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(shop, home=tmp_path), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    started = threading.Event()
-    while not started.is_set() and thread.is_alive():
-        started.wait(0.02)
-        if server.started:
-            started.set()
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(shop, home=tmp_path)) as url:
+        yield url
 
 
 @pytest.fixture
