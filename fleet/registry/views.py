@@ -59,5 +59,8 @@ def telemetry_json(t: Telemetry) -> dict[str, Any]:
         "drift_score": t.drift_score,
         "drifted": t.drifted,
         "bundle_version": t.bundle_version,
+        "cpu_percent": t.cpu_percent,
+        "memory_mb": t.memory_mb,
+        "temperature_c": t.temperature_c,
         "resolution_s": t.resolution_s,
     }

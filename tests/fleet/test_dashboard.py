@@ -39,6 +39,7 @@ def test_json_api(registry):
     assert one["events"][0]["message"] == "installed digits@1.1.0"
     series = client.get("/api/devices/cam-1/telemetry?hours=1").json()
     assert [r["seq"] for r in series] == list(range(30))
+    assert {"cpu_percent", "memory_mb", "temperature_c"} <= set(series[0])
     assert client.get("/api/devices/nope").status_code == 404
     assert client.get("/api/events?device=cam-1&limit=x").status_code == 200
     # When cam-1's drift began: the start of its first drifted window after the last calm one.
@@ -162,7 +163,8 @@ def test_pages_render_in_headless_chromium(served, registry, tmp_path):
     device = chromium_dom(served + "/devices/cam-1")
     assert "cam-1 (shop)" in device
     # uPlot drew both charts: a canvas each, with the series legend.
-    assert device.count("<canvas") >= 2 and "p95" in device and "drift score" in device
+    assert device.count("<canvas") >= 3 and "p95" in device and "drift score" in device
+    assert "CPU %" in device and "memory MB" in device and "temperature °C" in device
 
     # One telemetry point: the time axis still covers the last 24 hours, not years.
     now = datetime.now(timezone.utc)

@@ -244,6 +244,8 @@ const edgekit = (() => {
     chart(document.getElementById("latency-chart"), "latency", ["p50", "p95", "p99"],
       [t, rows.map((r) => r.latency_p50_ms), rows.map((r) => r.latency_p95_ms), rows.map((r) => r.latency_p99_ms)], hours);
     chart(document.getElementById("drift-chart"), "drift", ["drift score"], [t, rows.map((r) => r.drift_score)], hours);
+    chart(document.getElementById("board-chart"), "board", ["CPU %", "memory MB", "temperature °C"],
+      [t, rows.map((r) => r.cpu_percent), rows.map((r) => r.memory_mb), rows.map((r) => r.temperature_c)], hours);
     fillEvents(d.events, false);
     stamp();
   }
