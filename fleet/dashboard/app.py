@@ -35,6 +35,7 @@ from ..accounts import SESSION_SECONDS, Accounts, Sessions, audit, audit_json, a
 from ..registry import Registry
 from ..registry.views import device_json, event_json, iso, telemetry_json
 from .metrics import FleetMetrics
+from .rollouts import rollout_views
 
 STATIC = Path(__file__).resolve().parent / "static"
 TOKEN_COOKIE = "edgekit_token"
@@ -251,6 +252,12 @@ def create_app(
         response.delete_cookie(SESSION_COOKIE)
         return response
 
+    async def rollouts(request: Request) -> JSONResponse:
+        return JSONResponse(rollout_views(registry, home))
+
+    async def rollouts_page(request: Request) -> FileResponse:
+        return FileResponse(STATIC / "rollouts.html")
+
     async def login_page(request: Request) -> FileResponse:
         return FileResponse(STATIC / "login.html")
 
@@ -274,6 +281,8 @@ def create_app(
         Route("/api/alerts", alerts),
         Route("/api/alerts/{alert}/ack", ack, methods=["POST"]),
         Route("/api/audit", audit_entries),
+        Route("/api/rollouts", rollouts),
+        Route("/rollouts", rollouts_page),
         Route("/api/session", session),
         Route("/api/login", login, methods=["POST"]),
         Route("/api/logout", logout, methods=["POST"]),

@@ -6,9 +6,12 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +19,7 @@ import uvicorn
 from edgekit import ConfigError
 from edgekit.fleet.dashboard import FleetMetrics, check_bind, create_app
 from edgekit.fleet.registry import TelemetryRow
+from edgekit.fleet.rollout import Rollout, RolloutPolicy
 from helpers import free_port
 from starlette.testclient import TestClient
 
@@ -118,9 +122,47 @@ def serving(app: Any) -> Iterator[str]:
 
 
 @pytest.fixture
-def served(registry) -> Iterator[str]:
-    with serving(create_app(registry)) as url:
+def served(registry, tmp_path) -> Iterator[str]:
+    with serving(create_app(registry, home=tmp_path)) as url:
         yield url
+
+
+def save_rollout(home: Path) -> None:
+    """A rollout of digits@1.1.0 to fleet shop, soaking on canary cam-1 (which serves it)."""
+    now = time.time()
+    Rollout(
+        fleet="shop",
+        bundle_id="a" * 64,
+        label="digits@1.1.0",
+        previous_bundle_id="b" * 64,
+        devices=("cam-1", "cam-2"),
+        canaries=("cam-1",),
+        phase="soak",
+        phase_since=now - 120,
+        started_at=now - 3600,
+        baseline_p95_ms={"cam-1": 4.0},
+        policy=asdict(RolloutPolicy(canary=1, soak_s=600)),
+    ).save(home / "rollouts" / "shop.json")
+
+
+def test_the_rollout_view_puts_each_abort_criterion_beside_what_the_canaries_measure(registry, tmp_path):
+    save_rollout(tmp_path)
+    (view,) = TestClient(create_app(registry, home=tmp_path)).get("/api/rollouts").json()
+    assert (view["fleet"], view["label"], view["phase_words"]) == (
+        "shop",
+        "digits@1.1.0",
+        "the canaries serve it; watching them",
+    )
+    cam1, cam2 = view["devices"]
+    assert cam1["canary"] and cam1["serving"] and cam1["state"] == "serves digits@1.1.0"
+    assert (cam1["predictions"], cam1["error_rate"], cam1["baseline_p95_ms"]) == (1500, 0.0, 4.0)
+    assert cam1["p95_ms"] == pytest.approx(4.9)
+    assert (cam2["canary"], cam2["state"]) == (False, "offline")
+    assert [c["limit"] for c in view["criteria"]][:2] == [
+        "at most 5.0%",
+        "at most 50% above the canary's p95 before the rollout",
+    ]
+    assert TestClient(create_app(registry)).get("/api/rollouts").json() == []  # no home: none known
 
 
 def chromium_dom(url: str) -> str:
@@ -182,6 +224,12 @@ def test_pages_render_in_headless_chromium(served, registry, tmp_path):
         int(v) for v in re.search(r'id="latency-chart"[^>]*data-from="(\d+)" data-to="(\d+)"', week).groups()
     )
     assert 168 * 3600 <= end - start <= 168 * 3600 + 600
+
+    save_rollout(tmp_path)
+    rollouts = chromium_dom(served + "/rollouts")
+    assert "digits@1.1.0 to fleet shop: the canaries serve it; watching them" in rollouts
+    assert "cam-1: 0.0% of 1500 predictions" in rollouts and "cam-1: 4.9 ms (4.0 ms before)" in rollouts
+    assert 'data-device="cam-2"' in rollouts and "offline" in rollouts
 
     opened(registry, tmp_path)
     overview = chromium_dom(served + "/")

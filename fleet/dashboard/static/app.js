@@ -258,6 +258,72 @@ const edgekit = (() => {
     setInterval(run, REFRESH_MS);
   }
 
+  // One canary's measured value of one abort criterion, in words.
+  function measured(key, d) {
+    if (key === "error_rate") {
+      return d.error_rate == null ? `${d.device}: no predictions yet`
+        : `${d.device}: ${(d.error_rate * 100).toFixed(1)}% of ${d.predictions} predictions`;
+    }
+    if (key === "p95_ms") {
+      const before = d.baseline_p95_ms == null ? "no figure before" : `${d.baseline_p95_ms.toFixed(1)} ms before`;
+      return d.p95_ms == null ? `${d.device}: not measured yet (${before})`
+        : `${d.device}: ${d.p95_ms.toFixed(1)} ms (${before})`;
+    }
+    if (key === "drifted") return `${d.device}: ${d.drifted ? "drifted" : "no drift"}`;
+    return `${d.device}: ${d.serving ? "serving" : "not yet"}`;
+  }
+
+  async function refreshRollouts() {
+    const rollouts = await get("/api/rollouts");
+    const root = document.getElementById("rollouts");
+    root.replaceChildren();
+    if (!rollouts.length) root.textContent = "No rollouts yet: `edgekit push --canary N` starts one.";
+    for (const r of rollouts) {
+      const section = document.createElement("section");
+      section.className = `rollout phase-${r.phase}`;
+      section.dataset.fleet = r.fleet;
+      const title = document.createElement("h2");
+      title.textContent = `${r.label} to fleet ${r.fleet}: ${r.phase_words} (since ${clock(r.phase_since)})`;
+      section.appendChild(title);
+      if (r.reason) {
+        const why = document.createElement("p");
+        why.className = "reason";
+        why.textContent = r.reason;
+        section.appendChild(why);
+      }
+      const canaries = r.devices.filter((d) => d.canary);
+      const criteria = document.createElement("table");
+      criteria.className = "criteria";
+      criteria.innerHTML = "<thead><tr><th>abort when</th><th>limit</th><th>measured on the canaries</th></tr></thead>";
+      const body = document.createElement("tbody");
+      for (const c of r.criteria) {
+        const row = document.createElement("tr");
+        cell(row, c.criterion);
+        cell(row, c.limit);
+        cell(row, canaries.map((d) => measured(c.key, d)).join("; ") || "no canary");
+        body.appendChild(row);
+      }
+      criteria.appendChild(body);
+      section.appendChild(criteria);
+      const devices = document.createElement("table");
+      devices.className = "rollout-devices";
+      devices.innerHTML = "<thead><tr><th>device</th><th>role</th><th>state</th></tr></thead>";
+      const rows = document.createElement("tbody");
+      for (const d of r.devices) {
+        const row = document.createElement("tr");
+        row.dataset.device = d.device;
+        cell(row, d.device);
+        cell(row, d.canary ? "canary" : "fleet");
+        cell(row, d.state);
+        rows.appendChild(row);
+      }
+      devices.appendChild(rows);
+      section.appendChild(devices);
+      root.appendChild(section);
+    }
+    stamp();
+  }
+
   function loginPage() {
     document.getElementById("login").addEventListener("submit", async (event) => {
       event.preventDefault();
@@ -275,6 +341,7 @@ const edgekit = (() => {
   return {
     loginPage,
     overview: () => every(refreshOverview),
+    rolloutsPage: () => every(refreshRollouts),
     devicePage: (id) => {
       const select = document.getElementById("range");
       const wanted = new URLSearchParams(location.search).get("hours");
