@@ -6,12 +6,14 @@ and answer confirm() dialogs, recording their text."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from helpers import free_port
@@ -121,6 +123,19 @@ class Browser:
                 check();
             }})"""
         )
+
+    def screenshot(self, path: Path, width: int = 1200, height: int = 800) -> None:
+        """A PNG of the page as a ``width`` x ``height`` window shows it."""
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
         self.ws.close()

@@ -4,8 +4,10 @@ log, through the API, the CLI, and in headless Chromium by clicking."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from cdp import Browser
@@ -20,6 +22,7 @@ from test_dashboard import serving
 from test_fleet_cli import edgekit
 
 NOW = datetime.now(timezone.utc)
+SCREENSHOTS = os.environ.get("EDGEKIT_SCREENSHOTS")
 OPERATOR, VIEWER = ("olga", "operator-pass-1"), ("victor", "viewer-pass-22")
 
 
@@ -182,6 +185,11 @@ def test_an_operator_acknowledges_an_alert_by_clicking_and_a_viewer_sees_no_butt
     (alert,) = [a for a in AlertStore(shop, None).alerts(open_only=True) if a.rule == "offline"]
     assert alert.acked_by == OPERATOR[0]
     assert browser.evaluate("document.querySelectorAll('#alerts tr.rule-offline button.ack').length") == 0
+    if SCREENSHOTS:  # EDGEKIT_SCREENSHOTS=docs/images refreshes the pictures of docs/fleet.md
+        browser.screenshot(Path(SCREENSHOTS) / "dashboard-overview.png", height=1000)
+        browser.goto(served + "/devices/cam-1")
+        browser.wait_for("document.querySelectorAll('canvas').length >= 3")
+        browser.screenshot(Path(SCREENSHOTS) / "dashboard-device.png", height=1100)
 
 
 def fill(browser: Browser, who: tuple[str, str]) -> None:
