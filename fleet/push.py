@@ -43,7 +43,7 @@ from edgekit.reports import DeviceStateReport
 from edgekit.topics import Topics
 from edgekit.transfer import Upload, clear_bundle, publish_bundle, start_upload
 
-from .rollout import Action, DeviceReport, Rollout, RolloutPolicy, advance, start
+from .rollout import Action, DeviceReport, Rollout, RolloutPolicy, abort, advance, start
 
 __all__ = ["FleetLink", "FleetRecord", "driving", "rollout_path", "run_rollout", "step_rollout"]
 
@@ -384,6 +384,27 @@ def begin_rollout(
     link.carry_out(actions, labels)
     rollout.save(state_path)
     return rollout, labels
+
+
+def abort_saved_rollout(
+    client: MqttClient,
+    home: Path,
+    fleet: str,
+    key: SigningKey,
+    holder: str,
+    wait: float = 15.0,
+    reason: str = "aborted by the operator",
+) -> Rollout:
+    """Stop ``fleet``'s saved rollout and send the devices it reached back to the previous
+    bundle (``edgekit rollout abort`` and the dashboard's Abort button), under its lock."""
+    state_path = rollout_path(home, fleet)
+    with driving(home, fleet, holder, wait=wait):
+        rollout = Rollout.load(state_path)
+        link = FleetLink(client, fleet, key, home)
+        rollout, actions = abort(rollout, reason, time.time())
+        link.carry_out(actions, labels_of(rollout, link.record))
+        rollout.save(state_path)
+    return rollout
 
 
 def labels_of(rollout: Rollout, record: FleetRecord) -> dict[str, str]:

@@ -272,7 +272,9 @@ class FleetService:
         import uvicorn
 
         home = Path(self.config.home) if self.config.home else None
-        app = create_app(self.registry, self.metrics, token=self.config.token, home=home)
+        app = create_app(
+            self.registry, self.metrics, token=self.config.token, home=home, broker=self.config.broker
+        )
         config = uvicorn.Config(app, log_level=self.config.log_level.lower(), access_log=False)
         self._server = uvicorn.Server(config)
         thread = threading.Thread(

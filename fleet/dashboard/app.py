@@ -22,8 +22,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import ConfigError
+from edgekit.errors import ConfigError, EdgekitError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
@@ -111,9 +112,11 @@ def create_app(
     metrics: FleetMetrics | None = None,
     token: str | None = None,
     home: Path | None = None,
+    broker: str | None = None,
 ) -> Starlette:
     """The dashboard app over ``registry``. With ``token`` or accounts every request must be
-    signed in or present the token; ``home`` keeps the session key (else one per process)."""
+    signed in or present the token; ``home`` keeps the session key (else one per process), the
+    saved rollouts and the signing key; ``broker`` is where actions on the fleet are sent."""
     metrics = metrics or FleetMetrics(registry)
     accounts = Accounts(registry)
     sessions = Sessions(home)
@@ -255,6 +258,26 @@ def create_app(
     async def rollouts(request: Request) -> JSONResponse:
         return JSONResponse(rollout_views(registry, home))
 
+    async def abort_rollout(request: Request) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+        who = operator(request, "rollout.abort", f"fleet {fleet}")
+        if isinstance(who, JSONResponse):
+            return who
+        if home is None or broker is None:
+            why = "this dashboard runs without a broker and EDGEKIT_HOME: use `edgekit rollout abort`"
+            audit(registry, _now(), who.name, "dashboard", "rollout.abort", f"fleet {fleet}", "failed", why)
+            return JSONResponse({"error": why}, status_code=409)
+        try:
+            rollout = await run_in_threadpool(_abort, broker, home, fleet, who.name)
+        except EdgekitError as exc:
+            audit(
+                registry, _now(), who.name, "dashboard", "rollout.abort", f"fleet {fleet}", "failed", str(exc)
+            )
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        target = f"fleet {fleet}: {rollout.label}"
+        audit(registry, _now(), who.name, "dashboard", "rollout.abort", target, "ok", f"now {rollout.phase}")
+        return JSONResponse({"fleet": fleet, "label": rollout.label, "phase": rollout.phase})
+
     async def rollouts_page(request: Request) -> FileResponse:
         return FileResponse(STATIC / "rollouts.html")
 
@@ -282,6 +305,7 @@ def create_app(
         Route("/api/alerts/{alert}/ack", ack, methods=["POST"]),
         Route("/api/audit", audit_entries),
         Route("/api/rollouts", rollouts),
+        Route("/api/rollouts/{fleet}/abort", abort_rollout, methods=["POST"]),
         Route("/rollouts", rollouts_page),
         Route("/api/session", session),
         Route("/api/login", login, methods=["POST"]),
@@ -296,6 +320,21 @@ def create_app(
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _abort(broker: str, home: Path, fleet: str, who: str) -> Any:
+    """What `edgekit rollout abort` does, from the dashboard: its own operator connection, the
+    workstation's signing key (``$EDGEKIT_KEY_PASSPHRASE`` for an encrypted one)."""
+    from edgekit.keys import load_signing_key
+
+    from ..push import abort_saved_rollout, connect_operator
+
+    key = load_signing_key(home, "default")
+    client = connect_operator(broker, home=home)
+    try:
+        return abort_saved_rollout(client, home, fleet, key, f"the dashboard ({who})")
+    finally:
+        client.close()
 
 
 def _float(text: str | None, default: float) -> float:

@@ -359,23 +359,16 @@ def rollout_abort(
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
 ) -> None:
     """Stop a rollout and send the devices it reached back to the previous bundle."""
-    import time
 
-    from edgekit.fleet.push import FleetLink, driving, labels_of, rollout_path
-    from edgekit.fleet.rollout import Rollout, abort
+    from edgekit.fleet.push import abort_saved_rollout, rollout_path
+    from edgekit.fleet.rollout import Rollout
 
     cfg = WorkstationConfig.load(broker=broker)
-    state_path = rollout_path(cfg.home, fleet)
-    Rollout.load(state_path)  # a missing or corrupt one is reported before connecting
+    Rollout.load(rollout_path(cfg.home, fleet))  # a missing or corrupt one is reported before connecting
     key = signing_key(key_name)
     client = _connect(cfg)
     try:
-        with driving(cfg.home, fleet, "edgekit rollout abort", wait=LOCK_WAIT):
-            rollout = Rollout.load(state_path)
-            link = FleetLink(client, fleet, key, cfg.home)
-            rollout, actions = abort(rollout, "aborted by the operator", time.time())
-            link.carry_out(actions, labels_of(rollout, link.record))
-            rollout.save(state_path)
+        rollout = abort_saved_rollout(client, cfg.home, fleet, key, "edgekit rollout abort", wait=LOCK_WAIT)
     finally:
         client.close()
     console.print(f"rollout of {rollout.label} to fleet {fleet}: {rollout.phase}")

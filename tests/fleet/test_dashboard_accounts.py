@@ -3,8 +3,10 @@ log, through the API, the CLI, and in headless Chromium by clicking."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,10 +17,14 @@ from edgekit.errors import ConfigError
 from edgekit.fleet.accounts import Accounts, audit_log
 from edgekit.fleet.alerts import AlertStore, Evaluator
 from edgekit.fleet.dashboard import check_bind, create_app
+from edgekit.fleet.push import FleetRecord
 from edgekit.fleet.registry.models import DashboardUser
+from edgekit.fleet.rollout import Rollout
+from edgekit.mqtt import MqttClient
+from edgekit.topics import Topics
 from sqlalchemy import select
 from starlette.testclient import TestClient
-from test_dashboard import serving
+from test_dashboard import save_rollout, serving
 from test_fleet_cli import edgekit
 
 NOW = datetime.now(timezone.utc)
@@ -198,3 +204,49 @@ def fill(browser: Browser, who: tuple[str, str]) -> None:
         f"document.getElementById('password').value = {json.dumps(who[1])};"
         "document.getElementById('sign-in').click()"
     )
+
+
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_an_operator_aborts_a_rollout_by_clicking_through_the_code_of_rollout_abort(
+    shop, browser, mosquitto, edgekit_home
+):
+    """The Abort button does what `edgekit rollout abort` does: the canary is told (a signed,
+    retained desired state) to go back to the previous bundle, and the saved rollout says
+    aborted."""
+
+    assert edgekit("keys", "init").returncode == 0
+    save_rollout(edgekit_home)  # digits@1.1.0 to fleet shop, soaking on canary cam-1
+    history = [{"id": "b" * 64, "label": "digits@1.0.0"}, {"id": "a" * 64, "label": "digits@1.1.0"}]
+    FleetRecord("shop", seq=3, bundle_id="a" * 64, label="digits@1.1.0", history=history).save(edgekit_home)
+    with serving(create_app(shop, home=edgekit_home, broker=mosquitto.url)) as base:
+        sign_in(browser, base, OPERATOR)
+        browser.goto(base + "/rollouts")
+        browser.wait_for("document.querySelector('button.abort') !== null")
+        browser.evaluate("document.querySelector('button.abort').click()")
+        (question,) = browser.dialogs
+        assert question.startswith("Stop the rollout of digits@1.1.0 to fleet shop?")
+        assert "(cam-1) are sent back to the previous version" in question
+        browser.wait_for("document.querySelector('section.rollout').classList.contains('phase-aborted')")
+        assert "aborted by the operator" in browser.evaluate(
+            "document.querySelector('section.rollout').textContent"
+        )
+        assert browser.evaluate("document.querySelectorAll('button.abort').length") == 0
+
+    assert Rollout.load(edgekit_home / "rollouts" / "shop.json").phase == "aborted"
+    told = threading.Event()
+    desired: list[bytes] = []
+    client = MqttClient(mosquitto.url).connect()
+    try:
+
+        def got(message) -> None:
+            desired.append(message.payload)
+            told.set()
+
+        client.subscribe(Topics().device_desired("cam-1"), got)
+        assert told.wait(10), "no desired state for cam-1 on the broker"
+    finally:
+        client.close()
+    state = json.loads(base64.b64decode(json.loads(desired[0])["payload"]))  # the signed document
+    assert (state["bundle"]["name"], state["bundle"]["sha256"]) == ("digits", "b" * 64)  # back to 1.0.0
+    (entry, *_) = audit_log(shop)
+    assert (entry.actor, entry.action, entry.result) == (OPERATOR[0], "rollout.abort", "ok")

@@ -274,6 +274,7 @@ const edgekit = (() => {
   }
 
   async function refreshRollouts() {
+    await whoAmI();
     const rollouts = await get("/api/rollouts");
     const root = document.getElementById("rollouts");
     root.replaceChildren();
@@ -285,6 +286,21 @@ const edgekit = (() => {
       const title = document.createElement("h2");
       title.textContent = `${r.label} to fleet ${r.fleet}: ${r.phase_words} (since ${clock(r.phase_since)})`;
       section.appendChild(title);
+      if (session.role === "operator" && !["done", "aborted"].includes(r.phase)) {
+        const button = document.createElement("button");
+        button.className = "abort";
+        button.textContent = "Abort this rollout";
+        button.onclick = async () => {
+          const reached = r.phase === "fleet" ? "every device" : (r.devices.filter((d) => d.canary)
+            .map((d) => d.device).join(", ") || "no device");
+          const sure = confirm(`Stop the rollout of ${r.label} to fleet ${r.fleet}?\n\nThe devices it reached ` +
+            `(${reached}) are sent back to the previous version; the others keep what they run.`);
+          if (!sure) return;
+          try { await post(`/api/rollouts/${encodeURIComponent(r.fleet)}/abort`); } catch (error) { alert(error.message); }
+          refreshRollouts();
+        };
+        section.appendChild(button);
+      }
       if (r.reason) {
         const why = document.createElement("p");
         why.className = "reason";
