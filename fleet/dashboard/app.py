@@ -182,6 +182,16 @@ def create_app(
         rows = registry.telemetry(request.path_params["device"], since=since)
         return JSONResponse([telemetry_json(t) for t in rows])
 
+    async def fleet_history(request: Request) -> JSONResponse:
+        hours = max(1.0, min(_float(request.query_params.get("hours"), 24.0), 24.0 * 31))
+        bucket = 300 if hours <= 6 else 3600 if hours <= 24 * 7 else 86400
+        since = datetime.now(timezone.utc) - timedelta(hours=hours)
+        points = registry.fleet_history(request.path_params["fleet"], since, bucket)
+        return JSONResponse({"fleet": request.path_params["fleet"], "bucket_s": bucket, "points": points})
+
+    async def fleet_page(request: Request) -> FileResponse:
+        return FileResponse(STATIC / "fleet.html")
+
     async def events(request: Request) -> JSONResponse:
         limit = int(_float(request.query_params.get("limit"), 100))
         rows = registry.events(device=request.query_params.get("device"), limit=max(1, min(limit, 1000)))
@@ -297,6 +307,8 @@ def create_app(
         Route("/", index),
         Route("/devices/{device}", device_page),
         Route("/api/fleets", fleets),
+        Route("/api/fleets/{fleet}/history", fleet_history),
+        Route("/fleets/{fleet}", fleet_page),
         Route("/api/devices", devices),
         Route("/api/devices/{device}", device),
         Route("/api/devices/{device}/telemetry", telemetry),

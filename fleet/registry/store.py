@@ -19,15 +19,19 @@ from alembic import command
 from alembic.config import Config
 from edgekit.errors import ConfigError
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Engine,
     Float,
     bindparam,
     case,
+    cast,
     create_engine,
     delete,
+    distinct,
     event,
+    extract,
     func,
     or_,
     select,
@@ -466,6 +470,35 @@ class Registry:
             if device is not None:
                 query = query.where(Event.device == device)
             return list(session.execute(query).scalars())
+
+    def fleet_history(self, fleet: str, since: datetime, bucket_s: int) -> list[dict[str, Any]]:
+        """Per ``bucket_s`` seconds since ``since``: how many of ``fleet``'s devices reported,
+        and how many ran each version (from their telemetry), oldest first."""
+        bucket = cast(extract("epoch", Telemetry.window_end), BigInteger) // bucket_s
+        reporting = func.count(distinct(Telemetry.device))
+        where = (Device.fleet == fleet, Telemetry.window_end >= _utc(since))
+        with self.session() as session:
+            versions = session.execute(
+                select(bucket, Telemetry.bundle_version, reporting)
+                .join(Device, Device.id == Telemetry.device)
+                .where(*where)
+                .group_by(bucket, Telemetry.bundle_version)
+            ).all()
+            totals = dict(
+                session.execute(
+                    select(bucket, reporting)
+                    .join(Device, Device.id == Telemetry.device)
+                    .where(*where)
+                    .group_by(bucket)
+                ).all()
+            )
+        points: dict[int, dict[str, Any]] = {}
+        for number, version, n in versions:
+            point = points.setdefault(
+                int(number), {"t": int(number) * bucket_s, "reporting": int(totals[number]), "versions": {}}
+            )
+            point["versions"][version or "unknown"] = int(n)
+        return [points[k] for k in sorted(points)]
 
     def drifted_since(self, device: str) -> datetime | None:
         """When the device's current run of drifted telemetry windows began (None: its newest

@@ -44,6 +44,12 @@ def test_json_api(registry):
     series = client.get("/api/devices/cam-1/telemetry?hours=1").json()
     assert [r["seq"] for r in series] == list(range(30))
     assert {"cpu_percent", "memory_mb", "temperature_c"} <= set(series[0])
+    # Per 5 minutes of the last hour: cam-1 reported (with 1.1.0); cam-2 sent no telemetry.
+    history = client.get("/api/fleets/shop/history?hours=1").json()
+    assert history["bucket_s"] == 300 and 6 <= len(history["points"]) <= 7
+    assert all(p["reporting"] == 1 and p["versions"] == {"1.1.0": 1} for p in history["points"])
+    assert all(b["t"] - a["t"] == 300 for a, b in zip(history["points"], history["points"][1:]))
+    assert client.get("/api/fleets/nowhere/history").json()["points"] == []
     assert client.get("/api/devices/nope").status_code == 404
     assert client.get("/api/events?device=cam-1&limit=x").status_code == 200
     # When cam-1's drift began: the start of its first drifted window after the last calm one.
@@ -224,6 +230,10 @@ def test_pages_render_in_headless_chromium(served, registry, tmp_path):
         int(v) for v in re.search(r'id="latency-chart"[^>]*data-from="(\d+)" data-to="(\d+)"', week).groups()
     )
     assert 168 * 3600 <= end - start <= 168 * 3600 + 600
+
+    fleet = chromium_dom(served + "/fleets/shop")
+    assert 'data-versions="1.1.0"' in fleet and "version 1.1.0" in fleet and "reporting" in fleet
+    assert 'href="/fleets/shop"' in overview
 
     save_rollout(tmp_path)
     rollouts = chromium_dom(served + "/rollouts")

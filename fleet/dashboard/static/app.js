@@ -2,6 +2,7 @@
 "use strict";
 const edgekit = (() => {
   const REFRESH_MS = 5000;
+  const PALETTE = ["#2f6fde", "#d9822b", "#b0413e", "#2e8b57", "#7b4fb8", "#8a6d3b"];
 
   let session = { user: null, role: null, csrf: null, accounts: false };
 
@@ -158,7 +159,10 @@ const edgekit = (() => {
       card.className = "fleet-card";
       const versions = Object.entries(f.versions).map(([v, n]) => `${v} ×${n}`).join(", ") || "no version yet";
       card.innerHTML = "<strong></strong><div></div><div class='muted'></div>";
-      card.children[0].textContent = f.fleet;
+      const name = document.createElement("a");
+      name.href = `/fleets/${encodeURIComponent(f.fleet)}`;
+      name.textContent = f.fleet;
+      card.children[0].appendChild(name);
       card.children[1].textContent = `${f.devices} devices · ${f.online} online · ${f.offline} offline · ${f.drifted} drifted`;
       card.children[2].textContent = versions;
       cards.appendChild(card);
@@ -213,7 +217,7 @@ const edgekit = (() => {
     const opts = {
       title, width: Math.max(320, element.clientWidth - 16), height: 220,
       scales: { x: { time: true, range: () => [from, to] } },
-      series: [{}, ...series.map((label, i) => ({ label, stroke: ["#2f6fde", "#d9822b", "#b0413e"][i] }))],
+      series: [{}, ...series.map((label, i) => ({ label, stroke: PALETTE[i % PALETTE.length] }))],
       axes: [{}, {}],
     };
     opts.hooks = { setScale: [(u, key) => {  // what the chart really spans (the tests read it)
@@ -222,6 +226,20 @@ const edgekit = (() => {
       element.dataset.to = String(Math.round(u.scales.x.max));
     }] };
     return new uPlot(opts, data, element);
+  }
+
+  async function refreshFleet(fleet) {
+    const hours = range();
+    const history = await get(`/api/fleets/${encodeURIComponent(fleet)}/history?hours=${hours}`);
+    document.getElementById("title").textContent = `fleet ${fleet}`;
+    const versions = [...new Set(history.points.flatMap((p) => Object.keys(p.versions)))].sort();
+    const t = history.points.map((p) => p.t);
+    const element = document.getElementById("history-chart");
+    chart(element, "devices", ["reporting", ...versions.map((v) => `version ${v}`)],
+      [t, history.points.map((p) => p.reporting), ...versions.map((v) => history.points.map((p) => p.versions[v] ?? 0))],
+      hours);
+    element.dataset.versions = versions.join(",");
+    stamp();
   }
 
   function range() {
@@ -358,6 +376,10 @@ const edgekit = (() => {
     loginPage,
     overview: () => every(refreshOverview),
     rolloutsPage: () => every(refreshRollouts),
+    fleetPage: (fleet) => {
+      document.getElementById("range").addEventListener("change", () => refreshFleet(fleet));
+      every(() => refreshFleet(fleet));
+    },
     devicePage: (id) => {
       const select = document.getElementById("range");
       const wanted = new URLSearchParams(location.search).get("hours");
