@@ -91,6 +91,9 @@ class Dispatcher:
             except (SQLAlchemyError, OSError, ConfigError) as exc:
                 self.errors += 1
                 log.error("alerts: a delivery round failed (%s); trying again", exc)
+            except Exception:  # counted and logged: deliveries must outlive any one bad message
+                self.errors += 1
+                log.exception("alerts: a delivery round failed; trying again")
             self._wake.wait(self.poll)
             self._wake.clear()
 
@@ -148,6 +151,13 @@ class Dispatcher:
         for delivery in rows:
             try:
                 send(channel.kind, channel.settings, secrets, delivery.message, self.timeout)
+            except (ValueError, TypeError, KeyError) as exc:
+                # A message that cannot even be built: a failed attempt of its own (given up in
+                # the end); the channel is fine, the others go on.
+                self._failed(
+                    channel, delivery, f"the message cannot be sent: {exc!r}", now, channel_down=False
+                )
+                continue
             except DeliveryError as exc:
                 self._failed(channel, delivery, str(exc), now)
                 # The channel is down: keep the order, try the rest at the next round.
@@ -163,7 +173,14 @@ class Dispatcher:
             self.sent += sent
         return sent
 
-    def _failed(self, channel: ChannelRow, delivery: AlertDelivery, error: str, now: datetime) -> None:
+    def _failed(
+        self,
+        channel: ChannelRow,
+        delivery: AlertDelivery,
+        error: str,
+        now: datetime,
+        channel_down: bool = True,
+    ) -> None:
         attempts = delivery.attempts + 1
         with self._lock:
             self.failures += 1
@@ -195,7 +212,7 @@ class Dispatcher:
                 last_error=error,
                 next_attempt_at=now + timedelta(seconds=delay),
             )
-        if channel.failing_since is None:
+        if channel_down and channel.failing_since is None:
             self._channel_state(channel.id, now)
 
     def _update(self, delivery_id: int, **values: Any) -> None:

@@ -396,4 +396,7 @@ class Alerting:
             except (SQLAlchemyError, OSError, ConfigError) as exc:
                 self.errors += 1
                 log.error("alerts: an evaluation round failed (%s); trying again", exc)
+            except Exception:  # counted and logged: the evaluator must outlive any one bad row
+                self.errors += 1
+                log.exception("alerts: an evaluation round failed; trying again")
             self._stop.wait(self.interval)

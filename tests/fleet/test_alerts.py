@@ -19,6 +19,7 @@ from edgekit.broker import ensure_fleet_ca, ensure_server_certificate
 from edgekit.errors import ConfigError
 from edgekit.fleet.alerts import AlertStore, Dispatcher, Evaluator, email_channel, webhook_channel
 from edgekit.fleet.registry import DeviceState, EventRow, Registry, TelemetryRow
+from edgekit.fleet.registry.models import AlertDelivery
 from edgekit.fleet.rollout import Rollout
 from edgekit.topics import Topics
 from fleet_messages import state_doc, telemetry_doc
@@ -259,6 +260,28 @@ def test_a_channel_that_keeps_failing_raises_its_own_alert_through_the_others(al
     assert bodies[-1]["alert"]["title"] == "Alerts cannot reach channel broken"
     broken = [d for d in alerts.store.deliveries() if d.channel_id == 2]
     assert all(d.alert_id != bodies[-1]["alert"]["id"] for d in broken)  # not told about itself
+
+
+def test_a_message_that_cannot_be_sent_does_not_hold_up_the_others(alerts, hook):
+    channel = alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    with alerts.registry.session() as session, session.begin():
+        bad = AlertDelivery(
+            channel_id=channel.id,
+            kind="opened",
+            state="pending",
+            created_at=T0,
+            next_attempt_at=T0,
+            attempts=0,
+            message={},
+        )
+        session.add(bad)
+    alerts.store.set_rule("offline", ["offline_after=0"], T0)
+    alerts.states(T0, False, "cam-1")
+    assert alerts.round(T0) == 1  # the good one went out
+    assert hook.wait_for(lambda b: len(b) == 1)[0]["alert"]["title"] == "cam-1 is offline"
+    (stuck,) = alerts.store.deliveries("pending")
+    assert stuck.attempts == 1 and stuck.last_error.startswith("the message cannot be sent")
+    assert alerts.store.channels()[0].failing_since is None  # the channel itself works
 
 
 def test_only_one_evaluator_works_on_a_registry(alerts, edgekit_home, registry_url):
