@@ -270,7 +270,7 @@ class Evaluator:
                         alert.clearing_since = None
                         alert.facts = {**alert.facts, "flaps": int(alert.facts.get("flaps", 0)) + 1}
                     continue
-                else:
+                elif alert.facts != {**condition.facts, "flaps": 0}:  # pending: no write unless it changed
                     alert.facts = {**condition.facts, "flaps": 0}
                 hold = _hold(condition.rule, settings[condition.rule])
                 if (now - utc(alert.since)).total_seconds() >= hold:
