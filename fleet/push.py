@@ -35,6 +35,7 @@ from typing import Optional
 
 from edgekit.atomic import atomic_write
 from edgekit.bundle import Bundle
+from edgekit.catalog import Catalog
 from edgekit.desired import decode_desired_state, new_desired_state, sign_desired_state
 from edgekit.errors import BrokerError, ConfigError, DesiredStateError, MessageError, RolloutError
 from edgekit.keys import SigningKey
@@ -405,6 +406,40 @@ def abort_saved_rollout(
         link.carry_out(actions, labels_of(rollout, link.record))
         rollout.save(state_path)
     return rollout
+
+
+def rollback_target(catalog: Catalog, home: Path, fleet: str, to: Optional[str] = None) -> Bundle:
+    """The bundle ``edgekit fleet rollback`` (and the dashboard's Roll back button) sends
+    ``fleet`` back to: ``to`` (VERSION of the current bundle's name, or NAME@VERSION), else the
+    one it ran before, from the workstation's catalog."""
+    record = FleetRecord.load(home, fleet)
+    if to is None:
+        previous = record.previous()
+        if previous is None:
+            raise RolloutError(f"fleet {fleet} has no earlier bundle on record; name one with --to VERSION")
+        found = catalog.find(previous["id"])
+        if found is None:
+            raise RolloutError(
+                f"{previous['label']} is not in the catalog any more; name a version with --to"
+            )
+        return found[1]
+    if not record.label:
+        raise RolloutError(f"nothing was pushed to fleet {fleet} from here; push a bundle first")
+    name, _, version = to.rpartition("@")
+    return catalog.read(name or record.label.partition("@")[0], version)[1]
+
+
+def start_rollback(link: FleetLink, bundle: Bundle, timeout: float) -> tuple[Rollout, dict[str, str]]:
+    """Tell the whole fleet of ``link`` to go back to ``bundle`` (a rollout without canaries,
+    saved); the caller holds :func:`driving`. The bundle is published again first: it may
+    have been cleared from the broker since."""
+    link.record = FleetRecord.load(link.home, link.fleet)
+    upload = link.start_upload(bundle)
+    rollout, labels = begin_rollout(
+        link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout), rollout_path(link.home, link.fleet)
+    )
+    upload.finish()
+    return rollout, labels
 
 
 def labels_of(rollout: Rollout, record: FleetRecord) -> dict[str, str]:

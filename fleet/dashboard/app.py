@@ -186,8 +186,45 @@ def create_app(
         hours = max(1.0, min(_float(request.query_params.get("hours"), 24.0), 24.0 * 31))
         bucket = 300 if hours <= 6 else 3600 if hours <= 24 * 7 else 86400
         since = datetime.now(timezone.utc) - timedelta(hours=hours)
-        points = registry.fleet_history(request.path_params["fleet"], since, bucket)
-        return JSONResponse({"fleet": request.path_params["fleet"], "bucket_s": bucket, "points": points})
+        fleet = request.path_params["fleet"]
+        points = registry.fleet_history(fleet, since, bucket)
+        previous = _previous(home, fleet)
+        return JSONResponse({"fleet": fleet, "bucket_s": bucket, "points": points, "previous": previous})
+
+    async def rollback_fleet(request: Request) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+        who = operator(request, "fleet.rollback", f"fleet {fleet}")
+        if isinstance(who, JSONResponse):
+            return who
+        if home is None or broker is None:
+            why = "this dashboard runs without a broker and EDGEKIT_HOME: use `edgekit fleet rollback`"
+            audit(registry, _now(), who.name, "dashboard", "fleet.rollback", f"fleet {fleet}", "failed", why)
+            return JSONResponse({"error": why}, status_code=409)
+        try:
+            label = await run_in_threadpool(_rollback, broker, home, fleet, who.name)
+        except EdgekitError as exc:
+            audit(
+                registry,
+                _now(),
+                who.name,
+                "dashboard",
+                "fleet.rollback",
+                f"fleet {fleet}",
+                "failed",
+                str(exc),
+            )
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        audit(
+            registry,
+            _now(),
+            who.name,
+            "dashboard",
+            "fleet.rollback",
+            f"fleet {fleet}",
+            "ok",
+            f"back to {label}",
+        )
+        return JSONResponse({"fleet": fleet, "to": label})
 
     async def fleet_page(request: Request) -> FileResponse:
         return FileResponse(STATIC / "fleet.html")
@@ -308,6 +345,7 @@ def create_app(
         Route("/devices/{device}", device_page),
         Route("/api/fleets", fleets),
         Route("/api/fleets/{fleet}/history", fleet_history),
+        Route("/api/fleets/{fleet}/rollback", rollback_fleet, methods=["POST"]),
         Route("/fleets/{fleet}", fleet_page),
         Route("/api/devices", devices),
         Route("/api/devices/{device}", device),
@@ -332,6 +370,40 @@ def create_app(
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _previous(home: Path | None, fleet: str) -> str | None:
+    """The label of what ``fleet`` ran before its current bundle, as the workstation recorded it."""
+    from ..push import FleetRecord
+
+    if home is None:
+        return None
+    try:
+        previous = FleetRecord.load(home, fleet).previous()
+    except ConfigError:
+        return None
+    return previous["label"] if previous else None
+
+
+def _rollback(broker: str, home: Path, fleet: str, who: str) -> str:
+    """What `edgekit fleet rollback --fleet F` does (without --wait), from the dashboard."""
+    from edgekit.catalog import Catalog
+    from edgekit.keys import load_signing_key
+    from edgekit.trust import TrustedKeys
+
+    from ..push import FleetLink, connect_operator, driving, rollback_target, start_rollback
+
+    key = load_signing_key(home, "default")
+    bundle = rollback_target(Catalog(home, TrustedKeys([key.public])), home, fleet)
+    client = connect_operator(broker, home=home)
+    try:
+        link = FleetLink(client, fleet, key, home)
+        link.discover()
+        with driving(home, fleet, f"the dashboard ({who})", wait=15.0):
+            start_rollback(link, bundle, 600.0)
+    finally:
+        client.close()
+    return bundle.manifest.label
 
 
 def _abort(broker: str, home: Path, fleet: str, who: str) -> Any:

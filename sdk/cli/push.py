@@ -386,40 +386,18 @@ def rollback(
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Send the whole fleet back to an earlier bundle (a new, higher-numbered desired state)."""
-    from edgekit.fleet.push import FleetLink, FleetRecord, begin_rollout, driving, rollout_path
-    from edgekit.fleet.rollout import RolloutPolicy
+    from edgekit.fleet.push import FleetLink, driving, rollback_target, rollout_path, start_rollback
 
     cfg = WorkstationConfig.load(broker=broker)
     key = signing_key(key_name)
-    catalog = Catalog(cfg.home, TrustedKeys([key.public]))
-    record = FleetRecord.load(cfg.home, fleet)
-    if to is None:
-        previous = record.previous()
-        if previous is None:
-            raise RolloutError(f"fleet {fleet} has no earlier bundle on record; name one with --to VERSION")
-        found = catalog.find(previous["id"])
-        if found is None:
-            raise RolloutError(
-                f"{previous['label']} is not in the catalog any more; name a version with --to"
-            )
-        bundle = found[1]
-    else:
-        if not record.label:
-            raise RolloutError(f"nothing was pushed to fleet {fleet} from here; push a bundle first")
-        name, _, version = to.rpartition("@")
-        bundle = catalog.read(name or record.label.partition("@")[0], version)[1]
+    bundle = rollback_target(Catalog(cfg.home, TrustedKeys([key.public])), cfg.home, fleet, to)
     client = _connect(cfg)
     try:
         link = FleetLink(client, fleet, key, cfg.home)
         devices = link.discover()
         state_path = rollout_path(cfg.home, fleet)
         with driving(cfg.home, fleet, "edgekit fleet rollback", wait=LOCK_WAIT):
-            link.record = FleetRecord.load(cfg.home, fleet)
-            upload = link.start_upload(bundle)  # again: it may have been cleared from the broker
-            rollout, labels = begin_rollout(
-                link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout), state_path
-            )
-            upload.finish()
+            rollout, labels = start_rollback(link, bundle, timeout)
             if not json_out:
                 console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
             if wait and devices:

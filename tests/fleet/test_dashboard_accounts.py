@@ -206,6 +206,25 @@ def fill(browser: Browser, who: tuple[str, str]) -> None:
     )
 
 
+def retained_desired_state(broker: str, topic: str) -> dict:
+    """The signed desired state retained on ``topic``, decoded (its signature is the agents'
+    business; here: what it names)."""
+    told = threading.Event()
+    desired: list[bytes] = []
+
+    def got(message) -> None:
+        desired.append(message.payload)
+        told.set()
+
+    client = MqttClient(broker).connect()
+    try:
+        client.subscribe(topic, got)
+        assert told.wait(10), f"no desired state on {topic}"
+    finally:
+        client.close()
+    return dict(json.loads(base64.b64decode(json.loads(desired[-1])["payload"])))
+
+
 @pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
 def test_an_operator_aborts_a_rollout_by_clicking_through_the_code_of_rollout_abort(
     shop, browser, mosquitto, edgekit_home
@@ -233,20 +252,45 @@ def test_an_operator_aborts_a_rollout_by_clicking_through_the_code_of_rollout_ab
         assert browser.evaluate("document.querySelectorAll('button.abort').length") == 0
 
     assert Rollout.load(edgekit_home / "rollouts" / "shop.json").phase == "aborted"
-    told = threading.Event()
-    desired: list[bytes] = []
-    client = MqttClient(mosquitto.url).connect()
-    try:
-
-        def got(message) -> None:
-            desired.append(message.payload)
-            told.set()
-
-        client.subscribe(Topics().device_desired("cam-1"), got)
-        assert told.wait(10), "no desired state for cam-1 on the broker"
-    finally:
-        client.close()
-    state = json.loads(base64.b64decode(json.loads(desired[0])["payload"]))  # the signed document
+    state = retained_desired_state(mosquitto.url, Topics().device_desired("cam-1"))
     assert (state["bundle"]["name"], state["bundle"]["sha256"]) == ("digits", "b" * 64)  # back to 1.0.0
     (entry, *_) = audit_log(shop)
     assert (entry.actor, entry.action, entry.result) == (OPERATOR[0], "rollout.abort", "ok")
+
+
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_an_operator_rolls_a_fleet_back_by_clicking_through_the_code_of_fleet_rollback(
+    shop, browser, mosquitto, edgekit_home, digits_models
+):
+    assert edgekit("keys", "init").returncode == 0
+    for version in ("1.0.0", "1.1.0"):
+        pushed = edgekit(
+            "push",
+            str(digits_models.fp32),
+            "--fleet",
+            "shop",
+            "--version",
+            version,
+            "--broker",
+            mosquitto.url,
+        )
+        assert pushed.returncode == 0, pushed.stderr
+    before, current = FleetRecord.load(edgekit_home, "shop").history[-2:]
+    assert before["label"].endswith("@1.0.0") and current["label"].endswith("@1.1.0")
+    with serving(create_app(shop, home=edgekit_home, broker=mosquitto.url)) as base:
+        sign_in(browser, base, OPERATOR)
+        browser.goto(base + "/fleets/shop")
+        browser.wait_for("document.querySelector('button.rollback') !== null")
+        assert browser.evaluate("document.querySelector('button.rollback').textContent") == (
+            f"Roll the fleet back to {before['label']}"
+        )
+        browser.evaluate("document.querySelector('button.rollback').click()")
+        (question,) = browser.dialogs
+        assert question.startswith(f"Send every device of fleet shop back to {before['label']}?")
+        browser.wait_for("document.getElementById('fleet-actions').textContent.includes('told to go back')")
+
+    state = retained_desired_state(mosquitto.url, Topics().fleet_desired("shop"))
+    assert state["bundle"]["sha256"] == before["id"]  # the whole fleet: back to 1.0.0
+    (entry, *_) = audit_log(shop)
+    assert (entry.actor, entry.action, entry.result) == (OPERATOR[0], "fleet.rollback", "ok")
+    assert entry.detail == f"back to {before['label']}"

@@ -229,6 +229,7 @@ const edgekit = (() => {
   }
 
   async function refreshFleet(fleet) {
+    await whoAmI();
     const hours = range();
     const history = await get(`/api/fleets/${encodeURIComponent(fleet)}/history?hours=${hours}`);
     document.getElementById("title").textContent = `fleet ${fleet}`;
@@ -239,6 +240,23 @@ const edgekit = (() => {
       [t, history.points.map((p) => p.reporting), ...versions.map((v) => history.points.map((p) => p.versions[v] ?? 0))],
       hours);
     element.dataset.versions = versions.join(",");
+    const actions = document.getElementById("fleet-actions");
+    actions.replaceChildren();
+    if (session.role === "operator" && history.previous) {
+      const button = document.createElement("button");
+      button.className = "rollback";
+      button.textContent = `Roll the fleet back to ${history.previous}`;
+      button.onclick = async () => {
+        const sure = confirm(`Send every device of fleet ${fleet} back to ${history.previous}?\n\n` +
+          "Each one installs it as it would an update; a rollout in progress is replaced.");
+        if (!sure) return;
+        try {
+          const done = await post(`/api/fleets/${encodeURIComponent(fleet)}/rollback`);
+          actions.append(` Fleet ${fleet} told to go back to ${done.to}.`);
+        } catch (error) { alert(error.message); }
+      };
+      actions.appendChild(button);
+    }
     stamp();
   }
 
