@@ -45,7 +45,7 @@ from edgekit.bundle import Bundle, read_bundle
 from edgekit.errors import BundleError, ConfigError, RolloutError
 from edgekit.manifest import parse_version
 from edgekit.trust import TrustedKeys
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .registry import Registry
@@ -366,6 +366,26 @@ class ControlPlane:
                     now,
                 )
             session.commit()
+
+    def rollouts(self) -> list[RolloutInfo]:
+        """Every fleet's current (newest) rollout, newest first: what the dashboard's rollout
+        view and the alert evaluator read."""
+        with self.registry.session() as session:
+            newest = select(func.max(RolloutRow.id)).group_by(RolloutRow.fleet).scalar_subquery()
+            rows = list(
+                session.scalars(
+                    select(RolloutRow).where(RolloutRow.id.in_(newest)).order_by(RolloutRow.id.desc())
+                )
+            )
+        found = []
+        for row in rows:
+            try:
+                rollout = Rollout.from_json(row.doc.encode(), f"the saved rollout of fleet {row.fleet}")
+            except ConfigError as exc:
+                log.warning("cannot read the rollout of fleet %s: %s", row.fleet, exc)
+                continue
+            found.append(RolloutInfo(rollout, row.started_by, row.started_at))
+        return found
 
     def unfinished(self) -> list[str]:
         """Fleets whose current rollout is not finished."""
