@@ -48,6 +48,7 @@ from .rules import (
     INSTALL_FIXED,
     INSTALL_PROBLEMS,
     Condition,
+    DesiredFacts,
     DeviceFacts,
     EventFacts,
     RolloutFacts,
@@ -147,6 +148,7 @@ class Evaluator:
                 Device.bundle_version,
                 Device.drift_severity,
                 Device.accuracy_estimate,
+                Device.bundle_id,
             )
             devices = session.execute(select(*columns)).all()
             since = now - timedelta(days=1)
@@ -162,7 +164,9 @@ class Evaluator:
             if old is None or (utc(at), seq) > (old.at, old.seq):
                 newest[device] = EventFacts(device, seq, utc(at), kind, message)
         facts = []
-        for device, fleet, online, status, last_seen, drifted, version, severity, accuracy in devices:
+        serving: dict[str, tuple[str, str | None]] = {}
+        for device, fleet, online, status, last_seen, drifted, version, severity, accuracy, bundle in devices:
+            serving[device] = (fleet, bundle)
             count, errors, p95, temperature = perf.get(device, (0, 0, None, None))
             seen = utc(last_seen) if last_seen else None
             facts.append(
@@ -183,7 +187,38 @@ class Evaluator:
                 )
             )
         failing = {c.name: utc(c.failing_since) for c in channels if c.failing_since is not None}
-        return Snapshot(facts, newest, self._rollouts(), fleet_p95, fleet_errors, failing)
+        return Snapshot(
+            facts, newest, self._rollouts(), fleet_p95, fleet_errors, failing, self._desired(serving)
+        )
+
+    def _desired(self, serving: dict[str, tuple[str, str | None]]) -> list[DesiredFacts]:
+        """Each fleet's and device's newest desired state, with the devices that run by it:
+        a device runs by the newer (higher seq) of its fleet's and its own, if it serves that
+        bundle."""
+        rows = ControlPlane(self.registry).desired_states()
+        fleets = {r.fleet: r for r in rows if not r.device}
+        own = {r.device: r for r in rows if r.device}
+        applied: dict[tuple[str, str], list[str]] = {}
+        for device, (fleet, bundle) in sorted(serving.items()):
+            candidates = [
+                r for r in (fleets.get(fleet), own.get(device)) if r is not None and r.fleet == fleet
+            ]
+            if not candidates:
+                continue
+            newest = max(candidates, key=lambda r: r.seq)
+            if bundle is not None and newest.bundle_id == bundle:
+                applied.setdefault((newest.fleet, newest.device), []).append(device)
+        return [
+            DesiredFacts(
+                r.fleet,
+                r.device or None,
+                r.label,
+                r.seq,
+                utc(r.expires_at),
+                tuple(applied.get((r.fleet, r.device), ())),
+            )
+            for r in rows
+        ]
 
     def _performance_facts(
         self, now: datetime, settings: dict[str, dict[str, Any]]

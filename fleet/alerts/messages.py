@@ -124,6 +124,31 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
             "edgekit keeps serving; predictions may be slower.",
             "Give it air: a case with a fan or a heatsink, out of the sun.",
         )
+    if rule == "expiry":
+        label = facts.get("label", "its version")
+        expires = _clock(datetime.fromisoformat(str(facts["expires_at"])))
+        devices = list(facts.get("devices") or [])
+        runs = f"{who}'s devices ({', '.join(devices)})" if who.startswith("fleet ") else who
+        bundle, _, number = str(label).rpartition("@")
+        push = f"edgekit push {bundle} --version {number} --fleet {facts.get('fleet')}"
+        if facts.get("expired"):
+            happened = (
+                f"The signed instructions telling {runs} to run {label} expired at {expires}: a device "
+                "that restarts from scratch, or a new one, refuses them and installs nothing."
+            )
+        else:
+            happened = (
+                f"The signed instructions telling {runs} to run {label} expire at {expires}. Until then "
+                "nothing changes; after that, a device that restarts from scratch, or a new one, would "
+                "refuse them and install nothing."
+            )
+        return (
+            f"{who}: its signed instructions expire on {expires[:10]}",
+            happened,
+            "edgekit keeps every device serving what it runs; it does not sign new instructions by itself.",
+            f"Sign fresh ones by pushing the same version again: `{push}` "
+            "(devices that run it already do not reinstall).",
+        )
     if rule == "channel":
         name = facts.get("channel")
         return (
@@ -201,6 +226,7 @@ def _resolved_title(rule: str, who: str) -> str:
         "errors": f"{who}'s error rate is back to usual",
         "board": f"{who} has cooled down",
         "channel": "the alert channel works again",
+        "expiry": f"{who} has fresh signed instructions",
     }.get(rule, f"{who}: {rule} is over")
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "INSTALL_PROBLEMS",
     "RULES",
     "Condition",
+    "DesiredFacts",
     "DeviceFacts",
     "EventFacts",
     "RolloutFacts",
@@ -122,6 +123,12 @@ RULES: dict[str, RuleSpec] = {
         {"enabled": True, "max_temperature_c": 80.0, "hold": 60.0, "clear_after": 300.0},
         {**_COMMON, "max_temperature_c": "temperature (C) at or above which it alerts"},
     ),
+    "expiry": RuleSpec(
+        "the signed desired state a device runs by expires within expiry_warning (then a device that"
+        " restarts from scratch or joins refuses it)",
+        {"enabled": True, "expiry_warning": 7 * 86400.0, "clear_after": 0.0},
+        {**_COMMON, "expiry_warning": "seconds before a desired state's expiry at which it alerts"},
+    ),
     "channel": RuleSpec(
         "an alert channel has failed every delivery for failing_after",
         {"enabled": True, "failing_after": 600.0, "clear_after": 0.0},
@@ -186,6 +193,19 @@ class DeviceFacts:
 
 
 @dataclass(frozen=True)
+class DesiredFacts:
+    """The newest desired state of a fleet (``device`` None) or of one device, and which
+    devices run by it: they serve its bundle and it is the newest they were sent."""
+
+    fleet: str
+    device: str | None
+    label: str
+    seq: int
+    expires_at: datetime
+    applied_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class EventFacts:
     device: str
     seq: int
@@ -216,6 +236,8 @@ class Snapshot:
     fleet_error_rate: Mapping[str, float] = field(default_factory=dict)
     #: Channels that fail: name -> since when.
     failing_channels: Mapping[str, datetime] = field(default_factory=dict)
+    #: The newest desired states that devices run by.
+    desired: Sequence[DesiredFacts] = ()
 
 
 @dataclass(frozen=True)
@@ -296,6 +318,11 @@ def evaluate(snapshot: Snapshot, settings: Mapping[str, Mapping[str, Any]], now:
                 found.append(
                     Condition("rollout", f"fleet:{r.fleet}", r.phase_since, r.fleet, None, origin, facts)
                 )
+    if on["expiry"]:
+        warning = timedelta(seconds=float(settings["expiry"]["expiry_warning"]))
+        for desired in snapshot.desired:
+            if desired.applied_by and desired.expires_at - now <= warning:
+                found.append(_expiring(desired, now))
     if on["channel"]:
         after = timedelta(seconds=float(settings["channel"]["failing_after"]))
         for name, since in snapshot.failing_channels.items():
@@ -329,3 +356,20 @@ def _performance(
         facts = {**base, "temperature_c": round(d.temperature_c, 1)}
         found.append(Condition("board", d.id, now, d.fleet, d.id, facts=facts))
     return found
+
+
+def _expiring(desired: DesiredFacts, now: datetime) -> Condition:
+    """One alert per desired state: the fleet's (for every device that runs by it) or a
+    device's own; a new desired state (another seq) is another occurrence."""
+    facts = {
+        "fleet": desired.fleet,
+        "label": desired.label,
+        "expires_at": desired.expires_at.isoformat(),
+        "expired": desired.expires_at <= now,
+        "devices": list(desired.applied_by),
+    }
+    origin = f"desired:{desired.seq}"
+    if desired.device is None:
+        subject = f"fleet:{desired.fleet}"
+        return Condition("expiry", subject, now, desired.fleet, None, origin, facts)
+    return Condition("expiry", desired.device, now, desired.fleet, desired.device, origin, facts)

@@ -89,6 +89,21 @@ class FleetRecordRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class DesiredRecord(Base):
+    """The newest signed desired state published to a fleet (``device`` empty) or to one device:
+    when it expires, so the service can warn before devices would refuse it."""
+
+    __tablename__ = "desired_states"
+
+    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    bundle_id: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(140))
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class RolloutRow(Base):
     """One rollout (the newest per fleet is the current one); ``doc`` is the state machine's
     :class:`edgekit.fleet.rollout.Rollout` as JSON."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from alert_receivers import RawServer, SmtpServer, WebhookReceiver, body
 from edgekit.broker import ensure_fleet_ca, ensure_server_certificate
+from edgekit.desired import new_desired_state
 from edgekit.errors import ConfigError
 from edgekit.fleet.alerts import AlertStore, Dispatcher, Evaluator, email_channel, webhook_channel
 from edgekit.fleet.control import ControlPlane
@@ -520,3 +521,47 @@ def test_delivery_never_stalls_ingest(start_ingest, publisher, tmp_path, edgekit
             alerting.stop()
     finally:
         registry.close()
+
+
+def test_a_desired_state_about_to_expire_alerts_once_per_fleet_until_a_fresh_one_is_pushed(alerts, hook):
+    """The fleet's desired state expires in 6 days (the default warning: 7): one alert for the
+    fleet, naming the devices that run by it and the push that renews it; a device serving
+    another bundle is not among them. A fresh desired state resolves it."""
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    control = ControlPlane(alerts.registry)
+    ttl = 30 * 86400
+    issued = int(T0.timestamp()) - ttl + 6 * 86400  # expires 6 days after T0
+
+    def desired(seq: int, at: int) -> None:
+        state = new_desired_state(
+            "lab",
+            bundle_sha256="a" * 64,
+            bundle_name="digits",
+            bundle_version="1.2.0",
+            seq=seq,
+            ttl=ttl,
+            now=at,
+        )
+        control.record_desired(state)
+
+    desired(3, issued)
+    served = [("cam-1", "a" * 64), ("cam-2", "a" * 64), ("cam-3", "b" * 64)]
+    alerts.registry.record_states(
+        [DeviceState(d, "lab", True, "serving", T0, bundle, "digits", "1.2.0") for d, bundle in served]
+    )
+    assert alerts.round(T0) == 1
+    (opened,) = hook.wait_for(lambda b: len(b) == 1, what="the expiry alert")
+    alert = opened["alert"]
+    assert (alert["rule"], alert["fleet"], alert["device"]) == ("expiry", "lab", None)
+    assert alert["title"] == "fleet lab: its signed instructions expire on 2026-12-07"
+    assert (
+        "fleet lab's devices (cam-1, cam-2) to run digits@1.2.0 expire at 2026-12-07"
+        in alert["what_happened"]
+    )
+    assert "`edgekit push digits --version 1.2.0 --fleet lab`" in alert["what_you_can_do"]
+    assert alerts.round(T0 + timedelta(days=1)) == 0  # one alert, not one a round
+
+    desired(4, int(T0.timestamp()) + 86400)  # pushed again: 30 days from now
+    assert alerts.round(T0 + timedelta(days=1, seconds=1)) == 1
+    resolved = hook.wait_for(lambda b: len(b) == 2, what="the resolve message")[-1]
+    assert resolved["alert"]["title"] == "Resolved: fleet lab has fresh signed instructions"

@@ -277,6 +277,8 @@ def test_an_operator_rolls_a_fleet_back_by_clicking_through_the_code_of_fleet_ro
 
     state = retained_desired_state(mosquitto.url, Topics().fleet_desired("shop"))
     assert state["bundle"]["sha256"] == before["id"]  # the whole fleet: back to 1.0.0
+    (kept,) = [d for d in ControlPlane(shop).desired_states() if d.fleet == "shop" and not d.device]
+    assert (kept.seq, kept.bundle_id) == (state["seq"], before["id"])  # for the expiry rule
     (entry, *_) = audit_log(shop)
     assert (entry.actor, entry.action, entry.result, entry.target) == (
         OPERATOR[0],
