@@ -526,6 +526,8 @@ class Agent:
             cpu_percent=self._system.cpu_percent(),
             memory_rss_bytes=self._system.memory_rss_bytes(),
             temperature_c=self._system.temperature_c(),
+            memory_used_percent=self._system.memory_used_percent(),
+            disk_used_percent=self._system.disk_used_percent(self.config.state_dir),
             runtime=served.loaded.model.runtime if served is not None else None,
         )
         try:

@@ -158,6 +158,10 @@ class TelemetryRecord:
     memory_rss_bytes: Optional[int]
     temperature_c: Optional[float]
     runtime: Optional[str] = None
+    # The board, where the OS says: RAM in use (MemTotal - MemAvailable) and the state
+    # directory's filesystem in use, in percent (since edgekit 0.2; older agents send none).
+    memory_used_percent: Optional[float] = None
+    disk_used_percent: Optional[float] = None
     seq: int = 0
     dropped: int = 0
     dropped_total: int = 0
@@ -228,10 +232,19 @@ class TelemetryRecord:
             memory_rss_bytes=f.optional_integer("memory_rss_bytes", top=MAX_SEQ),
             temperature_c=f.optional_number("temperature_c"),
             runtime=f.text("runtime", MAX_NAME),
+            memory_used_percent=_percent(f, "memory_used_percent"),
+            disk_used_percent=_percent(f, "disk_used_percent"),
             seq=f.integer("seq", 0, top=MAX_SEQ),
             dropped=f.integer("dropped", 0),
             dropped_total=f.integer("dropped_total", 0, top=MAX_SEQ),
         )
+
+
+def _percent(f: Fields, key: str) -> Optional[float]:
+    value = f.optional_number(key)
+    if value is not None and not 0 <= value <= 100:
+        raise f.bad(key, "a percentage from 0 to 100, or null")
+    return value
 
 
 def _check_drift_verdict(f: Fields) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from edgekit.errors import ConfigError
 from sqlalchemy import func, select
@@ -81,6 +81,18 @@ def _hold(rule: str, settings: dict[str, Any]) -> float:
     return float(settings["offline_after"] if rule == "offline" else settings.get("hold", 0.0))
 
 
+class Measured(NamedTuple):
+    """One device's telemetry over the rules' window: predictions, errors, and the worst p95,
+    temperature, RAM and disk use."""
+
+    predictions: int = 0
+    errors: int = 0
+    p95_ms: Optional[float] = None
+    temperature_c: Optional[float] = None
+    memory_used_percent: Optional[float] = None
+    disk_used_percent: Optional[float] = None
+
+
 class Evaluator:
     """Rules -> alerts -> queued deliveries, for one registry (and one EDGEKIT_HOME)."""
 
@@ -103,7 +115,7 @@ class Evaluator:
         self._performance: (
             tuple[
                 datetime,
-                dict[str, tuple[int, int, Optional[float], Optional[float]]],
+                dict[str, Measured],
                 dict[str, float],
                 dict[str, float],
             ]
@@ -167,7 +179,7 @@ class Evaluator:
         serving: dict[str, tuple[str, str | None]] = {}
         for device, fleet, online, status, last_seen, drifted, version, severity, accuracy, bundle in devices:
             serving[device] = (fleet, bundle)
-            count, errors, p95, temperature = perf.get(device, (0, 0, None, None))
+            measured = perf.get(device, Measured())
             seen = utc(last_seen) if last_seen else None
             facts.append(
                 DeviceFacts(
@@ -180,10 +192,12 @@ class Evaluator:
                     version,
                     severity,
                     accuracy,
-                    count,
-                    errors,
-                    p95,
-                    temperature,
+                    measured.predictions,
+                    measured.errors,
+                    measured.p95_ms,
+                    measured.temperature_c,
+                    measured.memory_used_percent,
+                    measured.disk_used_percent,
                 )
             )
         failing = {c.name: utc(c.failing_since) for c in channels if c.failing_since is not None}
@@ -222,9 +236,7 @@ class Evaluator:
 
     def _performance_facts(
         self, now: datetime, settings: dict[str, dict[str, Any]]
-    ) -> tuple[
-        dict[str, tuple[int, int, Optional[float], Optional[float]]], dict[str, float], dict[str, float]
-    ]:
+    ) -> tuple[dict[str, Measured], dict[str, float], dict[str, float]]:
         """Per device over the rules' window, and per fleet over the last day; recomputed every
         ``performance_interval`` seconds (they read telemetry, the registry's biggest table)."""
         cached = self._performance
@@ -241,6 +253,8 @@ class Evaluator:
                     func.sum(Telemetry.errors),
                     func.max(Telemetry.latency_p95_ms),
                     func.max(Telemetry.temperature_c),
+                    func.max(Telemetry.memory_used_percent),
+                    func.max(Telemetry.disk_used_percent),
                 )
                 .where(Telemetry.window_end >= recent)
                 .group_by(Telemetry.device)
@@ -256,7 +270,7 @@ class Evaluator:
                 .where(Telemetry.window_end >= day)
                 .group_by(Device.fleet)
             ).all()
-        perf = {d: (int(c or 0), int(e or 0), p95, t) for d, c, e, p95, t in rows}
+        perf = {d: Measured(int(c or 0), int(e or 0), p95, t, m, k) for d, c, e, p95, t, m, k in rows}
         fleet_p95 = {f: float(p) for f, p, _e, _c in fleets if p is not None}
         fleet_errors = {f: float(e or 0) / float(c) for f, _p, e, c in fleets if c}
         self._performance = (now, perf, fleet_p95, fleet_errors)

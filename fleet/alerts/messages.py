@@ -117,6 +117,20 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
             "edgekit keeps serving; nothing was changed.",
             "Look at the device's events; a recent update or a broken input (sensor, camera) is the usual cause.",
         )
+    if rule == "board" and facts.get("part") == "memory":
+        return (
+            f"{who} is running out of memory",
+            f"{facts.get('used_percent')}% of {who}'s memory is in use since {at}.",
+            "edgekit keeps serving; the system may stop programs, the agent included, if it runs out.",
+            "Look for other programs using the device's memory; a smaller (quantized) model needs less.",
+        )
+    if rule == "board" and facts.get("part") == "disk":
+        return (
+            f"{who}'s disk is nearly full",
+            f"{facts.get('used_percent')}% of the disk holding {who}'s edgekit data is in use since {at}.",
+            "edgekit keeps serving; an update that does not fit is refused and the device keeps its version.",
+            "Free space on the device (old logs, captured samples, files of other programs) or use a larger card.",
+        )
     if rule == "board":
         return (
             f"{who} is too hot",
@@ -224,7 +238,7 @@ def _resolved_title(rule: str, who: str) -> str:
         "rollout": f"{who}: the rollout problem is over (a new rollout replaced it)",
         "latency": f"{who} answers as fast as usual again",
         "errors": f"{who}'s error rate is back to usual",
-        "board": f"{who} has cooled down",
+        "board": f"{who}'s board is back to normal",
         "channel": "the alert channel works again",
         "expiry": f"{who} has fresh signed instructions",
     }.get(rule, f"{who}: {rule} is over")

@@ -119,9 +119,21 @@ RULES: dict[str, RuleSpec] = {
         },
     ),
     "board": RuleSpec(
-        "a device's board is too hot (a Raspberry Pi throttles at 80 C)",
-        {"enabled": True, "max_temperature_c": 80.0, "hold": 60.0, "clear_after": 300.0},
-        {**_COMMON, "max_temperature_c": "temperature (C) at or above which it alerts"},
+        "a device's board is too hot (a Raspberry Pi throttles at 80 C), or its memory or disk is nearly full",
+        {
+            "enabled": True,
+            "max_temperature_c": 80.0,
+            "max_memory_percent": 95.0,
+            "max_disk_percent": 90.0,
+            "hold": 60.0,
+            "clear_after": 300.0,
+        },
+        {
+            **_COMMON,
+            "max_temperature_c": "temperature (C) at or above which it alerts",
+            "max_memory_percent": "share of the board's RAM in use (%) at or above which it alerts",
+            "max_disk_percent": "share of the state directory's disk in use (%) at or above which it alerts",
+        },
     ),
     "expiry": RuleSpec(
         "the signed desired state a device runs by expires within expiry_warning (then a device that"
@@ -190,6 +202,8 @@ class DeviceFacts:
     errors: int = 0
     p95_ms: float | None = None
     temperature_c: float | None = None
+    memory_used_percent: float | None = None
+    disk_used_percent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -355,6 +369,15 @@ def _performance(
     if on["board"] and d.temperature_c is not None and d.temperature_c >= float(board["max_temperature_c"]):
         facts = {**base, "temperature_c": round(d.temperature_c, 1)}
         found.append(Condition("board", d.id, now, d.fleet, d.id, facts=facts))
+    # Memory and disk are alerts of their own (subject DEVICE/memory, DEVICE/disk): a device can
+    # be hot and full at once, and each clears on its own.
+    for part, used, limit in (
+        ("memory", d.memory_used_percent, board["max_memory_percent"]),
+        ("disk", d.disk_used_percent, board["max_disk_percent"]),
+    ):
+        if on["board"] and used is not None and used >= float(limit):
+            facts = {**base, "part": part, "used_percent": round(used, 1)}
+            found.append(Condition("board", f"{d.id}/{part}", now, d.fleet, d.id, facts=facts))
     return found
 
 

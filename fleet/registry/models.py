@@ -214,6 +214,8 @@ class Telemetry(Base):
     accuracy_estimate: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy_low: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    memory_used_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    disk_used_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Rows older than the retention horizon are folded into coarser rows: resolution_s says
     # how many seconds one row covers (0 for an original window).
     resolution_s: Mapped[int] = mapped_column(Integer, default=0)

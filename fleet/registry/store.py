@@ -91,6 +91,8 @@ class TelemetryRow(NamedTuple):
     accuracy_estimate: float | None = None
     accuracy_low: float | None = None
     accuracy_high: float | None = None
+    memory_used_percent: float | None = None  # the board's RAM in use
+    disk_used_percent: float | None = None  # the state directory's filesystem in use
 
 
 class EventRow(NamedTuple):
@@ -479,6 +481,8 @@ class Registry:
                     accuracy_estimate=_min(r.accuracy_estimate for r in rows),
                     accuracy_low=_min(r.accuracy_low for r in rows),
                     accuracy_high=_min(r.accuracy_high for r in rows),
+                    memory_used_percent=_max(r.memory_used_percent for r in rows),
+                    disk_used_percent=_max(r.disk_used_percent for r in rows),
                     resolution_s=seconds,
                 )
                 for row in rows:

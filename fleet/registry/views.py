@@ -89,6 +89,8 @@ def telemetry_json(t: Telemetry) -> dict[str, Any]:
         "cpu_percent": t.cpu_percent,
         "memory_mb": t.memory_mb,
         "temperature_c": t.temperature_c,
+        "memory_used_percent": t.memory_used_percent,
+        "disk_used_percent": t.disk_used_percent,
         "resolution_s": t.resolution_s,
     }
 

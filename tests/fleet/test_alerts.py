@@ -565,3 +565,35 @@ def test_a_desired_state_about_to_expire_alerts_once_per_fleet_until_a_fresh_one
     assert alerts.round(T0 + timedelta(days=1, seconds=1)) == 1
     resolved = hook.wait_for(lambda b: len(b) == 2, what="the resolve message")[-1]
     assert resolved["alert"]["title"] == "Resolved: fleet lab has fresh signed instructions"
+
+
+def test_a_board_nearly_out_of_memory_or_disk_alerts_each_on_its_own(alerts, hook):
+    """cam-1 reports 97% of its RAM and 93% of its disk in use (defaults: 95, 90) for longer
+    than `hold` (60 s): two alerts, one each; the memory one resolves when it drops."""
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    alerts.store.set_rule("board", ["clear_after=0", "max_disk_percent=92"], T0)
+    alerts.states(T0, True, "cam-1")
+    full = {"memory_used_percent": 97.0, "disk_used_percent": 93.0}
+    alerts.registry.add_telemetry(
+        [window("cam-1", 1, T0, **full), window("cam-2", 1, T0, disk_used_percent=91.0)]
+    )
+    assert alerts.round(T0) == 0  # not yet: it must last `hold`
+    assert alerts.round(T0 + timedelta(seconds=61)) == 2
+    hooks = hook.wait_for(lambda b: len(b) == 2, what="memory and disk alerts")
+    titles = sorted(b["alert"]["title"] for b in hooks)
+    assert titles == ["cam-1 is running out of memory", "cam-1's disk is nearly full"]
+    memory = next(b["alert"] for b in hooks if "memory" in b["alert"]["title"])
+    assert memory["what_happened"].startswith("97.0% of cam-1's memory is in use since")
+    assert memory["device"] == "cam-1" and memory["link"] == LINK + "devices/cam-1"
+
+    later = T0 + timedelta(minutes=20)  # the window (15 min) no longer holds the full reading
+    alerts.registry.add_telemetry(
+        [window("cam-1", 2, later, memory_used_percent=60.0, disk_used_percent=93.0)]
+    )
+    alerts.evaluator.performance_interval = 0  # read telemetry again now
+    assert alerts.round(later) == 1
+    resolved = hook.wait_for(lambda b: len(b) == 3, what="the memory alert resolved")[-1]
+    assert (
+        resolved["event"] == "resolved"
+        and resolved["alert"]["title"] == "Resolved: cam-1's board is back to normal"
+    )
