@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .accounts import Accounts, Identity
-from .actions import abort_rollout, previous_bundle, pushing, rolling_back
+from .actions import abort_rollout, previous_bundle, pushing, rollback_device, rolling_back
 from .control import ControlPlane
 from .push import FleetLink, connect_operator
 from .registry import Registry
@@ -259,6 +259,16 @@ def api_routes(ctx: ApiContext) -> list[Route]:
         fleet = request.path_params["fleet"]
         to = request.query_params.get("to") or None
         timeout = float(request.query_params.get("timeout", 600))
+        device = request.query_params.get("device") or None
+        if device is not None:
+
+            def one(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
+                bundle = previous_bundle(control, fleet, to)
+                holder = f"edgekit fleet rollback --device --server ({who.name})"
+                seq = rollback_device(control, link, device, bundle, holder)
+                return {"fleet": fleet, "device": device, "bundle": bundle.manifest.label, "seq": seq}
+
+            return JSONResponse(await run_in_threadpool(ctx.with_link, who, fleet, one))
 
         def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
             bundle = previous_bundle(control, fleet, to)

@@ -34,12 +34,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..accounts import Accounts, Identity
-from ..actions import abort_rollout, previous_bundle, rolling_back
+from ..actions import abort_rollout, previous_bundle, pushing, resume_rollout, rolling_back
+from ..actions import rollback_device as rollback_one
 from ..api import ApiContext, api_routes, outcome_json
 from ..control import ControlPlane
 from ..push import FleetLink
 from ..registry import Registry
 from ..registry.views import audit_json, device_json, event_json, iso, telemetry_json
+from ..rollout import RolloutPolicy
 from .metrics import FleetMetrics
 from .rollouts import rollout_views
 from .sessions import SESSION_SECONDS, Sessions
@@ -228,10 +230,12 @@ def create_app(
         found = [d for d in registry.devices() if d.id == wanted]
         if not found:
             return JSONResponse({"error": f"no device {wanted!r}"}, status_code=404)
+        previous = ControlPlane(registry).record(found[0].fleet).previous()
         return JSONResponse(
             {
                 **with_drift(found[0]),
                 "events": [event_json(e) for e in registry.events(device=wanted, limit=20)],
+                "rollback_to": previous["label"] if previous else None,
             }
         )
 
@@ -266,6 +270,45 @@ def create_app(
                 return outcome_json(started, link)
 
         return await act(request, "rollback", fleet, work)
+
+    async def catalog(request: Request) -> JSONResponse:
+        def listing() -> list[dict[str, Any]]:
+            found = ControlPlane(registry).catalog
+            return [{"name": n, "versions": found.versions(n)} for n in found.names()]
+
+        return JSONResponse(await run_in_threadpool(listing))
+
+    async def push(request: Request) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+        try:
+            doc = await request.json()
+            name, version, canary = str(doc["name"]), str(doc["version"]), int(doc.get("canary", 0))
+            if canary < 0:
+                raise ValueError(canary)
+        except (ValueError, KeyError, TypeError):
+            why = "send {name, version, canary} as JSON (canary: a number of devices, 0 or more)"
+            return JSONResponse({"error": why}, status_code=400)
+
+        def work(control: ControlPlane, link: FleetLink, holder: str) -> dict[str, Any]:
+            bundle = control.catalog.read(name, version)
+            with pushing(control, link, bundle, RolloutPolicy(canary=canary), holder) as (started, _):
+                return outcome_json(started, link)
+
+        return await act(request, "push", fleet, work)
+
+    async def rollback_device(request: Request) -> JSONResponse:
+        device = request.path_params["device"]
+        found = [d for d in registry.devices() if d.id == device]
+        if not found:
+            return JSONResponse({"error": f"no device {device!r}"}, status_code=404)
+        fleet = found[0].fleet
+
+        def work(control: ControlPlane, link: FleetLink, holder: str) -> dict[str, Any]:
+            bundle = previous_bundle(control, fleet, None)
+            seq = rollback_one(control, link, device, bundle, holder)
+            return {"fleet": fleet, "device": device, "bundle": bundle.manifest.label, "seq": seq}
+
+        return await act(request, "device-rollback", fleet, work)
 
     async def fleet_page(request: Request) -> FileResponse:
         return FileResponse(STATIC / "fleet.html")
@@ -324,9 +367,9 @@ def create_app(
             return JSONResponse({"error": "send a JSON object with name and password"}, status_code=400)
         user = await run_in_threadpool(accounts.check, name, password)
         if user is None:
-            audit(name, "sign-in", None, "dashboard", "refused", "wrong name or password")
+            audit(name, "sign-in", None, None, "refused", "wrong name or password (dashboard)")
             return JSONResponse({"error": "wrong name or password"}, status_code=401)
-        audit(name, "sign-in", None, "dashboard", "ok", "")
+        audit(name, "sign-in", None, None, "ok", "dashboard")
         response = JSONResponse({"user": user.name, "role": user.role})
         response.set_cookie(
             SESSION_COOKIE,
@@ -354,6 +397,14 @@ def create_app(
 
         return await act(request, "rollout-abort", fleet, work)
 
+    async def resume(request: Request) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+
+        def work(control: ControlPlane, link: FleetLink, holder: str) -> dict[str, Any]:
+            return outcome_json(resume_rollout(control, link, holder), link)
+
+        return await act(request, "rollout-resume", fleet, work)
+
     async def rollouts_page(request: Request) -> FileResponse:
         return FileResponse(STATIC / "rollouts.html")
 
@@ -375,6 +426,9 @@ def create_app(
         Route("/api/fleets", fleets),
         Route("/api/fleets/{fleet}/history", fleet_history),
         Route("/api/fleets/{fleet}/rollback", rollback_fleet, methods=["POST"]),
+        Route("/api/fleets/{fleet}/push", push, methods=["POST"]),
+        Route("/api/devices/{device}/rollback", rollback_device, methods=["POST"]),
+        Route("/api/catalog", catalog),
         Route("/fleets/{fleet}", fleet_page),
         Route("/api/devices", devices),
         Route("/api/devices/{device}", device),
@@ -385,6 +439,7 @@ def create_app(
         Route("/api/audit", audit_entries),
         Route("/api/rollouts", rollouts),
         Route("/api/rollouts/{fleet}/abort", abort, methods=["POST"]),
+        Route("/api/rollouts/{fleet}/resume", resume, methods=["POST"]),
         Route("/rollouts", rollouts_page),
         Route("/api/session", session),
         Route("/api/login", login, methods=["POST"]),

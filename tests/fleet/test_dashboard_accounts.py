@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -17,15 +18,20 @@ from edgekit.errors import ConfigError
 from edgekit.fleet.accounts import Accounts
 from edgekit.fleet.alerts import AlertStore, Evaluator
 from edgekit.fleet.api import ApiContext
-from edgekit.fleet.control import ControlPlane, FleetRecord
+from edgekit.fleet.control import ControlPlane
 from edgekit.fleet.dashboard import check_bind, create_app
 from edgekit.fleet.registry.models import Account
+from edgekit.keys import load_own_public_key
 from edgekit.mqtt import MqttClient
 from edgekit.topics import Topics
+from edgekit.trust import TrustedKeys
 from sqlalchemy import select
 from starlette.testclient import TestClient
-from test_dashboard import save_rollout, serving
+from test_dashboard import serving
 from test_fleet_cli import edgekit
+from test_push import BIN, Fleet, fleet  # noqa: F401 - fleet is a fixture
+from test_serve import serve  # noqa: F401 - serve is a fixture
+from watcher import Watcher
 
 NOW = datetime.now(timezone.utc)
 SCREENSHOTS = os.environ.get("EDGEKIT_SCREENSHOTS")
@@ -209,37 +215,96 @@ def retained_desired_state(broker: str, topic: str) -> dict:
     return dict(json.loads(base64.b64decode(json.loads(desired[-1])["payload"])))
 
 
-@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
-def test_an_operator_aborts_a_rollout_by_clicking_through_the_code_of_rollout_abort(
-    shop, browser, mosquitto, edgekit_home
+def test_an_operator_pushes_with_a_canary_watches_it_aborts_and_rolls_a_device_back_by_clicking(
+    serve,  # noqa: F811 - the fixture imported above
+    fleet: Fleet,  # noqa: F811 - the fixture imported above
+    mosquitto,
+    edgekit_home,
+    digits_models,
+    browser,
+    tmp_path,
 ):
-    """The Abort button does what `edgekit rollout abort` does: the canary is told (a signed,
-    retained desired state) to go back to the previous bundle, and the saved rollout says
-    aborted."""
+    """The whole loop on a running `fleet serve` with two real agents: the operator pushes a
+    catalog version with a canary of 1 (button, confirmation), follows the canary on the
+    rollout page, aborts (the canary goes back), then sends the other device alone back to the
+    version before. Each through edgekit.fleet.actions, as the CLI and the API; each audited."""
+    registry = f"sqlite:///{edgekit_home / 'registry.db'}"
+    for version in ("1.0.0", "1.1.0"):  # the fleet's history: 1.0.0, then 1.1.0
+        model = str(digits_models.fp32)
+        pushed = edgekit("push", model, "--fleet", "lab", "--name", "digits", "--version", version,
+                         "--broker", mosquitto.url, "--registry", registry)  # fmt: skip
+        assert pushed.returncode == 0, pushed.stderr
+    made = edgekit("bundle", "create", str(digits_models.fp32), "--name", "digits", "--version", "1.2.0",
+                   "-o", str(tmp_path / "digits-1.2.0.ekb"))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    with ControlPlane.open(registry, TrustedKeys([load_own_public_key(edgekit_home)])) as control:
+        control.catalog.add(tmp_path / "digits-1.2.0.ekb")  # in the catalog, not pushed yet
+    added = subprocess.run(
+        [str(BIN / "edgekit"), "fleet", "user", "add", OPERATOR[0], "--role", "operator",
+         "--password-stdin", "--registry", registry],
+        input=OPERATOR[1] + "\n", capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    served = serve("--registry", registry)  # ingest, the rollout controller, the dashboard
+    base = served.urls["dashboard"].rstrip("/")
+    watcher = Watcher(mosquitto.url)
+    try:
+        for device in ("cam-1", "cam-2"):
+            fleet.start(device)
+        watcher.wait_for(lambda _: all(watcher.serving("1.1.0", d)(_) for d in ("cam-1", "cam-2")), 60)
 
-    assert edgekit("keys", "init").returncode == 0
-    save_rollout(shop)  # digits@1.1.0 to fleet shop, soaking on canary cam-1
-    history = [{"id": "b" * 64, "label": "digits@1.0.0"}, {"id": "a" * 64, "label": "digits@1.1.0"}]
-    control = ControlPlane(shop, actor="ann")
-    control.save_record(FleetRecord("shop", bundle_id="a" * 64, label="digits@1.1.0", history=history))
-    control.next_seq("shop", above=3)
-    with serving(create_app(shop, api=ApiContext(shop, mosquitto.url, edgekit_home))) as base:
         sign_in(browser, base, OPERATOR)
-        browser.goto(base + "/rollouts")
-        browser.wait_for("document.querySelector('button.abort') !== null")
-        browser.evaluate("document.querySelector('button.abort').click()")
+        browser.goto(base + "/fleets/lab")
+        browser.wait_for("!document.getElementById('push-panel').hidden")
+        assert browser.evaluate("document.getElementById('push-version').selectedOptions[0].textContent") == (
+            "digits@1.2.0"
+        )
+        browser.evaluate("document.getElementById('push-canary').value = '1'")
+        browser.evaluate("document.getElementById('push-button').click()")
+        browser.wait_for("location.pathname === '/rollouts'")
         (question,) = browser.dialogs
-        assert question.startswith("Stop the rollout of digits@1.1.0 to fleet shop?")
-        assert "(cam-1) are sent back to the previous version" in question
-        browser.wait_for("document.querySelector('section.rollout').classList.contains('phase-aborted')")
-        assert "aborted by olga" in browser.evaluate("document.querySelector('section.rollout').textContent")
-        assert browser.evaluate("document.querySelectorAll('button.abort').length") == 0
+        assert question.startswith("Push digits@1.2.0 to fleet lab?")
+        assert "1 device(s) get it first (the canaries)" in question
 
-    assert control.rollout("shop").phase == "aborted"
-    state = retained_desired_state(mosquitto.url, Topics().device_desired("cam-1"))
-    assert (state["bundle"]["name"], state["bundle"]["sha256"]) == ("digits", "b" * 64)  # back to 1.0.0
-    (entry, *_) = audit_log(shop)
-    assert (entry.actor, entry.action, entry.result) == (OPERATOR[0], "rollout-abort", "ok")
+        # The canary page: the canary installs 1.2.0, the other device keeps 1.1.0.
+        canary_row = "document.querySelector('section.rollout tr[data-canary=\"true\"]')"
+        browser.wait_for(
+            f"{canary_row} !== null && {canary_row}.textContent.includes('serves digits@1.2.0')", 90_000
+        )
+        canary = browser.evaluate(f"{canary_row}.dataset.device")
+        other = ({"cam-1", "cam-2"} - {canary}).pop()
+        assert watcher.serving("1.1.0", other)([])
+        browser.evaluate("document.querySelector('button.resume').click()")  # a step now: still soaking
+        assert browser.dialogs[-1].startswith(
+            "Take the rollout of digits@1.2.0 to fleet lab one step on now?"
+        )
+        browser.wait_for("document.getElementById('rollouts-note').textContent.includes('now soak')")
+        browser.evaluate("document.querySelector('button.abort').click()")
+        browser.wait_for("document.querySelector('section.rollout').classList.contains('phase-aborted')")
+        assert browser.dialogs[-1].startswith("Stop the rollout of digits@1.2.0 to fleet lab?")
+        watcher.wait_for(watcher.serving("1.1.0", canary), 60)  # the canary went back
+
+        browser.goto(f"{base}/devices/{other}")
+        browser.wait_for("document.querySelector('button.rollback-device') !== null")
+        assert browser.evaluate("document.querySelector('button.rollback-device').textContent") == (
+            f"Roll {other} back to digits@1.0.0"
+        )
+        browser.evaluate("document.querySelector('button.rollback-device').click()")
+        assert browser.dialogs[-1].startswith(f"Send {other} alone back to digits@1.0.0?")
+        browser.wait_for("document.getElementById('device-actions').textContent.includes('told to go back')")
+        watcher.wait_for(watcher.serving("1.0.0", other), 60)
+        assert watcher.serving("1.1.0", canary)([])  # the rest of the fleet keeps what it runs
+    finally:
+        watcher.close()
+    audit = json.loads(edgekit("fleet", "audit", "--json", "--registry", registry).stdout)
+    mine = [(e["action"], e["target"], e["result"]) for e in reversed(audit) if e["actor"] == OPERATOR[0]]
+    assert mine == [
+        ("sign-in", None, "ok"),
+        ("push", "digits@1.2.0", "ok"),
+        ("rollout-resume", "digits@1.2.0", "ok"),
+        ("rollout-abort", "digits@1.2.0", "ok"),
+        ("device-rollback", f"{other}: digits@1.0.0", "ok"),
+    ]
 
 
 @pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)

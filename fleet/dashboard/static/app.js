@@ -272,7 +272,42 @@ const edgekit = (() => {
       };
       actions.appendChild(button);
     }
+    if (session.role === "operator") await pushPanel(fleet);
     stamp();
+  }
+
+  // The operator pushes a catalog version to the fleet, with canaries first: what `edgekit push
+  // NAME --version V --fleet F --canary N` does (the same code, on the service).
+  async function pushPanel(fleet) {
+    const panel = document.getElementById("push-panel");
+    if (!panel || !panel.hidden) return;
+    const select = document.getElementById("push-version");
+    for (const entry of await get("/api/catalog")) {
+      for (const version of entry.versions) {
+        const option = document.createElement("option");
+        option.value = JSON.stringify([entry.name, version]);
+        option.textContent = `${entry.name}@${version}`;
+        select.appendChild(option);
+      }
+    }
+    if (!select.options.length) return;
+    select.selectedIndex = select.options.length - 1;
+    panel.hidden = false;
+    document.getElementById("push-button").onclick = async () => {
+      const [name, version] = JSON.parse(select.value);
+      const canary = Math.max(0, Number(document.getElementById("push-canary").value) || 0);
+      const how = canary > 0
+        ? `${canary} device(s) get it first (the canaries). The rest of the fleet gets it only after ` +
+          "they served it well for the soak time; if a canary fails, the rollout stops and the canaries " +
+          "go back to what they ran."
+        : "Every device of the fleet gets it now.";
+      if (!confirm(`Push ${name}@${version} to fleet ${fleet}?\n\n${how}`)) return;
+      const result = document.getElementById("push-result");
+      try {
+        await post(`/api/fleets/${encodeURIComponent(fleet)}/push`, { name, version, canary });
+        location.href = "/rollouts";
+      } catch (error) { result.textContent = ` ${error.message}`; }
+    };
   }
 
   function range() {
@@ -284,7 +319,24 @@ const edgekit = (() => {
     const hours = range();
     const [d, rows] = await Promise.all([get(`/api/devices/${encodeURIComponent(id)}`),
       get(`/api/devices/${encodeURIComponent(id)}/telemetry?hours=${hours}`)]);
+    await whoAmI();
     document.getElementById("title").textContent = `${d.device} (${d.fleet})`;
+    const actions = document.getElementById("device-actions");
+    if (actions && session.role === "operator" && d.rollback_to && !actions.querySelector("button")) {
+      const button = document.createElement("button");
+      button.className = "rollback-device";
+      button.textContent = `Roll ${d.device} back to ${d.rollback_to}`;
+      button.onclick = async () => {
+        const sure = confirm(`Send ${d.device} alone back to ${d.rollback_to}?\n\nThe other devices of fleet ` +
+          `${d.fleet} keep what they run; ${d.device} stays on ${d.rollback_to} until the next push to the fleet.`);
+        if (!sure) return;
+        try {
+          const done = await post(`/api/devices/${encodeURIComponent(d.device)}/rollback`);
+          actions.append(` ${d.device} told to go back to ${done.bundle}.`);
+        } catch (error) { alert(error.message); }
+      };
+      actions.appendChild(button);
+    }
     const summary = document.getElementById("summary");
     summary.replaceChildren(badge(d.online ? d.status : "offline", d.online ? "online" : "offline"));
     summary.appendChild(document.createTextNode(" "));
@@ -295,8 +347,10 @@ const edgekit = (() => {
     chart(document.getElementById("latency-chart"), "latency", ["p50", "p95", "p99"],
       [t, rows.map((r) => r.latency_p50_ms), rows.map((r) => r.latency_p95_ms), rows.map((r) => r.latency_p99_ms)], hours);
     chart(document.getElementById("drift-chart"), "drift", ["drift score"], [t, rows.map((r) => r.drift_score)], hours);
-    chart(document.getElementById("board-chart"), "board", ["CPU %", "memory MB", "temperature °C"],
-      [t, rows.map((r) => r.cpu_percent), rows.map((r) => r.memory_mb), rows.map((r) => r.temperature_c)], hours);
+    chart(document.getElementById("board-chart"), "board",
+      ["CPU %", "memory MB", "temperature °C", "RAM in use %", "disk in use %"],
+      [t, rows.map((r) => r.cpu_percent), rows.map((r) => r.memory_mb), rows.map((r) => r.temperature_c),
+        rows.map((r) => r.memory_used_percent), rows.map((r) => r.disk_used_percent)], hours);
     chart(document.getElementById("accuracy-chart"), "estimated accuracy", ["estimate", "low", "high"],
       [t, ...["estimate", "low", "high"].map((k) => rows.map((r) => (r.accuracy ? r.accuracy[k] : null)))], hours);
     fillEvents(d.events, false);
@@ -353,6 +407,23 @@ const edgekit = (() => {
           refreshRollouts();
         };
         section.appendChild(button);
+        const resume = document.createElement("button");
+        resume.className = "resume";
+        resume.textContent = "Resume now";
+        resume.onclick = async () => {
+          const sure = confirm(`Take the rollout of ${r.label} to fleet ${r.fleet} one step on now?\n\n` +
+            "edgekit asks every device what it runs, then goes on as the abort criteria say (to the " +
+            "rest of the fleet once the canaries served it well for the soak time; back if they failed). " +
+            "The service does this by itself every few seconds: use it when the rollout seems stuck.");
+          if (!sure) return;
+          const note = document.getElementById("rollouts-note");
+          try {
+            const done = await post(`/api/rollouts/${encodeURIComponent(r.fleet)}/resume`);
+            note.textContent = `The rollout of ${r.label} to fleet ${r.fleet} was taken on: now ${done.phase}.`;
+          } catch (error) { note.textContent = error.message; }
+          refreshRollouts();
+        };
+        section.appendChild(resume);
       }
       if (r.reason) {
         const why = document.createElement("p");
@@ -381,6 +452,7 @@ const edgekit = (() => {
       for (const d of r.devices) {
         const row = document.createElement("tr");
         row.dataset.device = d.device;
+        row.dataset.canary = String(d.canary);
         cell(row, d.device);
         cell(row, d.canary ? "canary" : "fleet");
         cell(row, d.state);
