@@ -504,7 +504,10 @@ class Agent:
                 "drifted": report.drifted,
                 "complete": report.complete,
                 "samples": report.samples,
-                "scores": {f.name: {"psi": f.psi, "ks": f.ks} for f in report.features},
+                "scores": {
+                    f.name: {"psi": f.psi, "ks": f.ks, "psi_limit": f.psi_limit} for f in report.features
+                },
+                "psi_threshold": report.psi_threshold,
                 "severity": report.severity,
                 "windows": report.windows,  # a new verdict when this grows; else the last one again
                 "summary": report.summary,

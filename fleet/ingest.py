@@ -457,6 +457,7 @@ def _telemetry_row(record: TelemetryRecord) -> TelemetryRow:
         accuracy.get("high"),
         record.memory_used_percent,
         record.disk_used_percent,
+        record.drift_threshold,
     )
 
 

@@ -180,6 +180,23 @@ class TelemetryRecord:
         return worst
 
     @property
+    def drift_threshold(self) -> Optional[float]:
+        """The PSI above which the window's worst feature (the one :attr:`drift_score` reports)
+        counts as drifted: its ``psi_limit`` (the threshold, or the sampling-noise floor when
+        that is higher), else the window's ``psi_threshold``; None from older agents."""
+        worst: Optional[float] = None
+        limit: Any = self.drift.get("psi_threshold")
+        for score in (self.drift.get("scores") or {}).values():
+            psi: Any = score.get("psi") if isinstance(score, dict) else score
+            if is_number(psi) and math.isfinite(psi) and (worst is None or psi > worst):
+                worst = float(psi)
+                if isinstance(score, dict) and is_number(score.get("psi_limit")):
+                    limit = score["psi_limit"]
+        if not is_number(limit) or not math.isfinite(limit) or limit <= 0:
+            return None
+        return float(limit)
+
+    @property
     def drift_severity(self) -> Optional[str]:
         """The window's drift severity (one of :data:`DRIFT_SEVERITIES`), or None when the
         window was not judged (first window still filling, no baseline, an older agent)."""

@@ -216,6 +216,7 @@ class Telemetry(Base):
     accuracy_high: Mapped[float | None] = mapped_column(Float, nullable=True)
     memory_used_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
     disk_used_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drift_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Rows older than the retention horizon are folded into coarser rows: resolution_s says
     # how many seconds one row covers (0 for an original window).
     resolution_s: Mapped[int] = mapped_column(Integer, default=0)

@@ -93,6 +93,7 @@ class TelemetryRow(NamedTuple):
     accuracy_high: float | None = None
     memory_used_percent: float | None = None  # the board's RAM in use
     disk_used_percent: float | None = None  # the state directory's filesystem in use
+    drift_threshold: float | None = None  # the drift score above which the window counts as drifted
 
 
 class EventRow(NamedTuple):
@@ -483,6 +484,7 @@ class Registry:
                     accuracy_high=_min(r.accuracy_high for r in rows),
                     memory_used_percent=_max(r.memory_used_percent for r in rows),
                     disk_used_percent=_max(r.disk_used_percent for r in rows),
+                    drift_threshold=_min(r.drift_threshold for r in rows),
                     resolution_s=seconds,
                 )
                 for row in rows:

@@ -84,6 +84,7 @@ def telemetry_json(t: Telemetry) -> dict[str, Any]:
         "drift_score": t.drift_score,
         "drifted": t.drifted,
         "drift_severity": t.drift_severity,
+        "drift_threshold": t.drift_threshold,
         "accuracy": _accuracy(t.accuracy_estimate, t.accuracy_low, t.accuracy_high),
         "bundle_version": t.bundle_version,
         "cpu_percent": t.cpu_percent,

@@ -236,6 +236,8 @@ def test_pages_render_in_headless_chromium(served, registry, tmp_path):
     # uPlot drew both charts: a canvas each, with the series legend.
     assert device.count("<canvas") >= 4 and "p95" in device and "drift score" in device
     assert "CPU %" in device and "memory MB" in device and "temperature °C" in device
+    # The drift threshold is drawn on the drift chart (a dashed series of its own).
+    assert re.search(r'id="drift-chart"[^>]*data-threshold="0.25"', device) and ">threshold<" in device
     door = chromium_dom(served + "/devices/door-1")
     assert "model affected: estimated accuracy 61% (52-70%)" in door
     assert "estimated accuracy" in door

@@ -232,7 +232,9 @@ const edgekit = (() => {
     const opts = {
       title, width: Math.max(320, element.clientWidth - 16), height: 220,
       scales: { x: { time: true, range: () => [from, to] } },
-      series: [{}, ...series.map((label, i) => ({ label, stroke: PALETTE[i % PALETTE.length] }))],
+      series: [{}, ...series.map((label, i) => (label === "threshold"
+        ? { label, stroke: "#b0413e", dash: [6, 4], width: 1 }
+        : { label, stroke: PALETTE[i % PALETTE.length] }))],
       axes: [{}, {}],
     };
     opts.hooks = { setScale: [(u, key) => {  // what the chart really spans (the tests read it)
@@ -346,7 +348,12 @@ const edgekit = (() => {
     const t = rows.map((r) => Date.parse(r.window_end) / 1000);
     chart(document.getElementById("latency-chart"), "latency", ["p50", "p95", "p99"],
       [t, rows.map((r) => r.latency_p50_ms), rows.map((r) => r.latency_p95_ms), rows.map((r) => r.latency_p99_ms)], hours);
-    chart(document.getElementById("drift-chart"), "drift", ["drift score"], [t, rows.map((r) => r.drift_score)], hours);
+    // The threshold the device judges by (its worst feature's PSI limit): above it, drifted.
+    const driftChart = document.getElementById("drift-chart");
+    chart(driftChart, "drift", ["drift score", "threshold"],
+      [t, rows.map((r) => r.drift_score), rows.map((r) => r.drift_threshold)], hours);
+    const limits = rows.map((r) => r.drift_threshold).filter((v) => v != null);
+    driftChart.dataset.threshold = limits.length ? String(limits[limits.length - 1]) : "";
     chart(document.getElementById("board-chart"), "board",
       ["CPU %", "memory MB", "temperature °C", "RAM in use %", "disk in use %"],
       [t, rows.map((r) => r.cpu_percent), rows.map((r) => r.memory_mb), rows.map((r) => r.temperature_c),
