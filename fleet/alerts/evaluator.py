@@ -210,6 +210,8 @@ class Evaluator:
         a device runs by the newer (higher seq) of its fleet's and its own, if it serves that
         bundle."""
         rows = ControlPlane(self.registry).desired_states()
+        if not rows:
+            return []
         fleets = {r.fleet: r for r in rows if not r.device}
         own = {r.device: r for r in rows if r.device}
         applied: dict[tuple[str, str], list[str]] = {}
