@@ -351,3 +351,8 @@ def test_an_operator_rolls_a_fleet_back_by_clicking_through_the_code_of_fleet_ro
         "ok",
         before["label"],
     )
+    # The CLI's one-device rollback (the same action) names a device the fleet does not have.
+    unknown = edgekit("fleet", "rollback", "--fleet", "shop", "--device", "cam-9",
+                      "--broker", mosquitto.url, "--registry", registry_url)  # fmt: skip
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.strip() == "error: fleet shop has no device cam-9 (devices heard from: none)"
