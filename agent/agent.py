@@ -509,7 +509,10 @@ class Agent:
                 "drifted": report.drifted,
                 "complete": report.complete,
                 "samples": report.samples,
-                "scores": {f.name: {"psi": f.psi, "ks": f.ks} for f in report.features},
+                "scores": {
+                    f.name: {"psi": f.psi, "ks": f.ks, "psi_limit": f.psi_limit} for f in report.features
+                },
+                "psi_threshold": report.psi_threshold,
                 "severity": report.severity,
                 "windows": report.windows,  # a new verdict when this grows; else the last one again
                 "summary": report.summary,
@@ -531,6 +534,8 @@ class Agent:
             cpu_percent=self._system.cpu_percent(),
             memory_rss_bytes=self._system.memory_rss_bytes(),
             temperature_c=self._system.temperature_c(),
+            memory_used_percent=self._system.memory_used_percent(),
+            disk_used_percent=self._system.disk_used_percent(self.config.state_dir),
             runtime=served.loaded.model.runtime if served is not None else None,
         )
         try:

@@ -15,6 +15,7 @@ __all__ = [
     "BundleError",
     "ConfigError",
     "DataError",
+    "DeliveryError",
     "DesiredStateError",
     "DownloadCancelledError",
     "DownloadStalledError",
@@ -160,3 +161,9 @@ class RolloutError(EdgekitError):
     """A rollout was aborted, or devices failed or did not answer in time."""
 
     exit_code = 15
+
+
+class DeliveryError(EdgekitError):
+    """An alert could not be sent through a channel (mail server or webhook refused or silent)."""
+
+    exit_code = 17
