@@ -154,3 +154,12 @@ class RolloutError(EdgekitError):
     """A rollout was aborted, or devices failed or did not answer in time."""
 
     exit_code = 15
+
+
+class CaptureError(EdgekitError):
+    """Field-data capture: a policy that cannot be made or is refused, a capture key that cannot
+    be read, a captured record that cannot be opened. ``reason`` says which (e.g. ``unsigned``,
+    ``expired``, ``wrong-key``, ``tampered``, ``truncated``)."""
+
+    exit_code = 17
+    reason: str = "malformed"
