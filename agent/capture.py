@@ -47,11 +47,18 @@ from typing import Any, Optional
 
 import numpy as np
 from edgekit.atomic import atomic_write
-from edgekit.capture import CapturePolicy, seal_record, verify_capture_policy
+from edgekit.capture import (
+    DEFAULT_CHUNK_SIZE,
+    CapturePolicy,
+    decode_capture_policy,
+    seal_record,
+    split_chunks,
+    verify_capture_policy,
+)
 from edgekit.errors import CaptureError
 from edgekit.trust import TrustedKeys
 
-__all__ = ["CaptureClock", "CaptureFilter", "CaptureStats", "Capturer"]
+__all__ = ["CaptureClock", "CaptureFilter", "CaptureLink", "CaptureStats", "Capturer"]
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +387,11 @@ class Capturer:
     def __len__(self) -> int:
         return len(self._files)
 
+    def held(self) -> list[int]:
+        """Seqs of every record held, oldest first."""
+        with self._lock:
+            return [seq for seq, _, _ in self._files]
+
     def pending(self, limit: int, resend_after: float) -> list[int]:
         """Seqs to upload now, oldest first: never sent, or sent ``resend_after`` seconds ago
         without the fleet's acknowledgement."""
@@ -413,3 +425,108 @@ class Capturer:
             self._files = [f for f in self._files if f[0] not in wanted]
             self.stats.uploaded += len(done)
         return len(done)
+
+
+# -- the device's link to the fleet (used by the daemon) ------------------------------------------
+
+ACK_SCHEMA = "edgekit.capture_ack"
+#: Sealed records sent per upload pass, at most: captures never hold up telemetry for long.
+UPLOAD_PER_PASS = 4
+#: Seconds to wait for the fleet's acknowledgement before a record is sent again.
+RESEND_AFTER = 300.0
+
+
+class CaptureLink:
+    """Follows the fleet's capture policy topic, uploads held records in chunks, deletes them
+    when the fleet acknowledges. ``client`` is the daemon's :class:`edgekit.mqtt.MqttClient`."""
+
+    def __init__(
+        self,
+        capturer: Capturer,
+        client: Any,
+        topics: Any,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        resend_after: float = RESEND_AFTER,
+        wake: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.capturer = capturer
+        self.client = client
+        self.topics = topics
+        self.chunk_size = chunk_size
+        self.resend_after = resend_after
+        self.refused = 0  # policies refused (unsigned, other fleet, expired, replayed, ...)
+        self._wake = wake
+
+    def start(self) -> None:
+        cap = self.capturer
+        self.client.subscribe(self.topics.fleet_capture(cap.fleet), self._on_policy, qos=1, timeout=None)
+        self.client.subscribe(self.topics.device_capture_ack(cap.device), self._on_ack, qos=1, timeout=None)
+
+    def _on_policy(self, message: Any) -> None:
+        if not message.payload:
+            return  # a cleared retained policy: the newest applied one stays (or its expiry ends it)
+        cap = self.capturer
+        try:
+            cap.apply(message.payload)
+        except CaptureError as exc:
+            reason = getattr(exc, "reason", "malformed")
+            if reason == "replayed" and _policy_seq(message.payload) == cap.last_seq:
+                return  # the retained copy of the policy applied last, seen again on reconnect
+            self.refused += 1
+            log.warning("device %s refused a capture policy: %s", cap.device, exc)
+            cap.event("capture_policy_refused", f"device {cap.device} refused a capture policy: {exc}")
+            if self._wake is not None:
+                self._wake()
+            return
+        policy = cap.policy
+        if policy is not None:
+            cap.event("capture_policy_applied", f"device {cap.device}: {policy.describe()}")
+        if self._wake is not None:
+            self._wake()
+
+    def _on_ack(self, message: Any) -> None:
+        cap = self.capturer
+        try:
+            doc = json.loads(message.payload)
+            seqs = (
+                doc["seqs"] if doc.get("schema") == ACK_SCHEMA and doc.get("device") == cap.device else None
+            )
+            if not isinstance(seqs, list) or not all(type(s) is int for s in seqs):
+                raise ValueError("not a capture acknowledgement for this device")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("device %s ignored a malformed capture acknowledgement: %s", cap.device, exc)
+            return
+        if doc.get("drop_all") is True:  # `edgekit capture purge --device`: drop what is held
+            dropped = cap.ack(cap.held())
+            cap.event(
+                "capture_purged", f"device {cap.device} deleted the {dropped} captures it held, as asked"
+            )
+            return
+        cap.ack(seqs)
+
+    def upload(self, limit: int = UPLOAD_PER_PASS) -> int:
+        """Send up to ``limit`` held records (chunks QoS 1); returns how many were sent whole.
+        BrokerError stops the pass (the records stay held and are sent next time)."""
+        cap = self.capturer
+        sent = 0
+        topic = self.topics.device_capture(cap.device)
+        for seq in cap.pending(limit, self.resend_after):
+            record = cap.read(seq)
+            if record is None:
+                continue
+            deliveries = [
+                self.client.publish(topic, chunk, qos=1) for chunk in split_chunks(record, self.chunk_size)
+            ]
+            for delivery in deliveries:
+                delivery.wait(30.0)
+            cap.sent(seq)
+            sent += 1
+        return sent
+
+
+def _policy_seq(envelope: bytes) -> Optional[int]:
+    try:
+        return decode_capture_policy(envelope).seq
+    except CaptureError:
+        return None
