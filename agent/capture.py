@@ -143,7 +143,8 @@ class Capturer:
         self.drift_rate = drift_rate
         self.stats = CaptureStats()
         self._on_event = on_event
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # a policy applied, records acknowledged
         self.policy: Optional[CapturePolicy] = None
         self.last_seq: Optional[int] = None
         #: Set by the agent from the drift report: while True the ``drift`` trigger fires.
@@ -249,6 +250,7 @@ class Capturer:
         with self._lock:
             self.last_seq = policy.seq
             self._set(policy)
+            self._changed.notify_all()
             try:
                 atomic_write(self.directory / "policy.json", json.dumps(doc).encode())
             except OSError as exc:  # applied in memory; a restart falls back to the older one
@@ -424,7 +426,13 @@ class Capturer:
                 self._unlink(seq, delete_at)
             self._files = [f for f in self._files if f[0] not in wanted]
             self.stats.uploaded += len(done)
+            self._changed.notify_all()
         return len(done)
+
+    def wait_for(self, predicate: Callable[[Capturer], bool], timeout: float) -> bool:
+        """Wait until ``predicate(self)`` holds after a policy change or an acknowledgement."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self), timeout)
 
 
 # -- the device's link to the fleet (used by the daemon) ------------------------------------------

@@ -17,6 +17,7 @@ turn it into a dataset on the owner's workstation (docs/capture.md).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import threading
@@ -65,6 +66,25 @@ def _meta_key(fleet: str) -> str:
     return f"capture-policy:{fleet}"
 
 
+def _seen_seq(control: ControlPlane, client: MqttClient, topics: Topics, fleet: str, wait: float) -> int:
+    """The highest policy number the broker (its retained policy) or the registry knows: the next
+    one must be above it, whoever set that one (another operator, another registry)."""
+    seen = threading.Event()
+    found: list[int] = []
+
+    def on_policy(message: Message) -> None:
+        with contextlib.suppress(CaptureError):  # not a policy we can read: no floor from it
+            found.append(decode_capture_policy(message.payload).seq)
+        seen.set()
+
+    topic = topics.fleet_capture(fleet)
+    client.subscribe(topic, on_policy, qos=1, timeout=10.0)
+    seen.wait(wait)  # a retained policy arrives at once after the SUBACK, if there is one
+    client.unsubscribe(topic)
+    kept = current_policy(control, fleet)
+    return max([*found, kept.seq if kept is not None else 0])
+
+
 def publish_policy(
     control: ControlPlane, client: MqttClient, topics: Topics, policy: CapturePolicy, key: SigningKey
 ) -> bytes:
@@ -94,7 +114,8 @@ def set_policy(
     """Sign and publish a capture policy for ``fleet`` (options: those of
     :func:`edgekit.capture.new_capture_policy`); audited."""
     with _audited(control, "capture-policy", fleet) as note:
-        policy = new_capture_policy(fleet, seq=control.next_seq(fleet), recipient=recipient, **options)
+        above = _seen_seq(control, client, topics or Topics(), fleet, wait=1.0)
+        policy = new_capture_policy(fleet, seq=control.next_seq(fleet, above), recipient=recipient, **options)
         publish_policy(control, client, topics or Topics(), policy, key)
         note.append(policy.describe() + (f"; note: {policy.note}" if policy.note else ""))
     return policy
@@ -105,7 +126,8 @@ def turn_off(
 ) -> CapturePolicy:
     """A newer signed policy with capture off: devices stop at once (an older "on" cannot be replayed)."""
     with _audited(control, "capture-off", fleet) as note:
-        policy = new_capture_policy(fleet, seq=control.next_seq(fleet), enabled=False)
+        above = _seen_seq(control, client, topics or Topics(), fleet, wait=1.0)
+        policy = new_capture_policy(fleet, seq=control.next_seq(fleet, above), enabled=False)
         publish_policy(control, client, topics or Topics(), policy, key)
         note.append(policy.describe())
     return policy
