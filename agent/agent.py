@@ -252,6 +252,8 @@ class Agent:
         if self._served is None:
             self._import_runtime()
         self._stop = threading.Event()
+        if background:  # captures are sealed and written off the predict() path
+            self.capture.start_writer()
         self.telemetry_failures = 0  # background windows that could not be recorded
         self._thread: threading.Thread | None = None
         if background:
@@ -336,8 +338,12 @@ class Agent:
                 out = dequantize(out, served.deq0)
             if _random() < served.rate:
                 served.drift.add(x, out)  # type: ignore[union-attr]  # rate is 0 without a monitor
-            if self.capture.armed:
-                self.capture.observe(x, out, served.loaded.identity)
+            capture = self.capture
+            if capture.armed:  # a signed capture policy is on
+                if capture.always:
+                    capture.observe(x, out, served.loaded.identity)
+                elif _random() < capture.sample_rate:
+                    capture.offer(x, [out], "sample", served.loaded.identity())
             return {served.name0: out} if as_dict else [out]
         return self._predict(served, x, as_dict, raw)
 
@@ -596,6 +602,7 @@ class Agent:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.capture.close()
         self._close_window()
 
     def __enter__(self) -> Agent:

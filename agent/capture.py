@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -84,6 +85,13 @@ def _in_hour(slot: list[Any], wall: float, mono: float, boot: str) -> bool:
     return bool(wall - slot[0] < HOUR)
 
 
+def _compact(output: np.ndarray) -> Any:
+    """The output as JSON-able lists of 6-significant-digit floats (a float32's repr as a double
+    costs 19 characters a value; 1000 class scores would weigh more than the encryption)."""
+    array = np.asarray(output, dtype=np.float64)
+    return np.vectorize(lambda v: float(f"{v:.6g}"), otypes=[float])(array).tolist() if array.size else []
+
+
 class CaptureClock:
     """Wall time, monotonic time and the boot id; tests inject their own."""
 
@@ -111,6 +119,7 @@ class CaptureStats:
     dropped_oldest: int = 0  # evicted to stay within max_bytes
     expired: int = 0  # deleted by retention
     failed: int = 0  # a full disk, a filter that raised, ...
+    busy: int = 0  # the writer had too many waiting
     uploaded: int = 0
     by_trigger: dict[str, int] = field(default_factory=dict)
 
@@ -155,10 +164,14 @@ class Capturer:
         self.drift_on = False
         #: True while an enabled policy is set: ``predict()`` calls :meth:`observe` only then.
         self.armed = False
+        self.always = False
         self._hour: list[list[Any]] = []
         self._next_seq = 1
         self._files: list[tuple[int, int, int]] = []  # (seq, delete_at, size), oldest first
         self._sent: dict[int, float] = {}  # seq -> monotonic time its chunks were all acknowledged
+        self._write_lock = threading.Lock()  # one capture written at a time (hour.json in order)
+        self._jobs: Optional[queue.Queue[Any]] = None
+        self._writer: Optional[threading.Thread] = None
         self.records.mkdir(parents=True, exist_ok=True)
         self._scan()
         self._load()
@@ -235,6 +248,8 @@ class Capturer:
             policy.confidence_below if policy is not None and "low-confidence" in triggers else None
         )
         self.drift_on = "drift" in triggers
+        #: Every prediction must be looked at (low-confidence, drift); else only the sampled ones.
+        self.always = self.drift_on or self.confidence_below is not None
         self.armed = on
 
     @property
@@ -278,7 +293,10 @@ class Capturer:
             self.offer(x, [out], trigger, bundle())
 
     def offer(self, x: np.ndarray, outputs: list[np.ndarray], trigger: str, bundle: dict[str, str]) -> bool:
-        """Keep one input if the policy and its limits allow; True when a record was stored."""
+        """Keep one input if the policy and its limits allow. The hour's slot is taken here, at
+        once (a flood of triggers is capped before any work); the filter, sealing and writing run
+        on the writer thread when one is started (:meth:`start_writer`), else here. True when the
+        capture was taken (stored, or handed to the writer)."""
         policy = self.policy
         wall = self.clock.wall()
         if policy is None or not policy.active(wall):
@@ -287,12 +305,72 @@ class Capturer:
             if self._count_hour(wall) >= policy.max_per_hour:
                 self.stats.capped += 1
                 return False
-            try:
-                return self._capture(policy, x, outputs, trigger, bundle, wall)
-            except Exception as exc:  # noqa: BLE001 - counted, logged: a full disk or an app filter that raised never fails predict()
-                self.stats.failed += 1
-                log.warning("device %s: a %s capture failed (%s); serving on", self.device, trigger, exc)
+            slot = [wall, self.clock.mono(), self.clock.boot()]
+            self._hour.append(slot)
+        job = (policy, x, outputs, trigger, bundle, wall, slot)
+        if self._jobs is not None:
+            try:  # copies: the caller's arrays may be reused for the next frame
+                self._jobs.put_nowait(
+                    (
+                        policy,
+                        np.array(x, copy=True),
+                        [np.array(o, copy=True) for o in outputs],
+                        trigger,
+                        bundle,
+                        wall,
+                        slot,
+                    )
+                )
+            except queue.Full:
+                with self._lock:
+                    self.stats.busy += 1  # the slot stays taken: never more than the cap
                 return False
+            return True
+        return self._run(job)
+
+    def _run(self, job: tuple[Any, ...]) -> bool:
+        with self._write_lock:
+            try:
+                return self._capture(*job)
+            except Exception as exc:  # noqa: BLE001 - counted, logged: a full disk or an app filter that raised never fails predict()
+                with self._lock:
+                    self.stats.failed += 1
+                log.warning("device %s: a %s capture failed (%s); serving on", self.device, job[3], exc)
+                return False
+
+    def start_writer(self, depth: int = 8) -> None:
+        """Seal and write captures on a thread of their own, so ``predict()`` never waits for the
+        disk; at most ``depth`` wait (more are counted as ``busy`` and not kept)."""
+        if self._jobs is not None:
+            return
+        self._jobs = queue.Queue(depth)
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"edgekit-capture-{self.device}", daemon=True
+        )
+        self._writer.start()
+
+    def _write_loop(self) -> None:
+        jobs = self._jobs
+        assert jobs is not None
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            self._run(job)
+            jobs.task_done()
+
+    def flush(self) -> None:
+        """Wait until every capture handed to the writer is stored (or failed)."""
+        if self._jobs is not None:
+            self._jobs.join()
+
+    def close(self) -> None:
+        """Finish the captures handed to the writer, and stop it."""
+        if self._jobs is not None and self._writer is not None:
+            self.flush()
+            self._jobs.put(None)
+            self._writer.join()
+            self._jobs, self._writer = None, None
 
     def _count_hour(self, wall: float) -> int:
         mono, boot = self.clock.mono(), self.clock.boot()
@@ -313,20 +391,25 @@ class Capturer:
         trigger: str,
         bundle: dict[str, str],
         wall: float,
+        slot: list[Any],
     ) -> bool:
         kept: Optional[np.ndarray] = np.asarray(x)
         if self.filter is not None and not policy.labels_only:
             kept = self.filter(np.array(x, copy=True), trigger)
             if kept is None:
-                self.stats.vetoed += 1
+                with self._lock:
+                    self.stats.vetoed += 1
+                    with contextlib.suppress(ValueError):  # a vetoed input does not use up the hour
+                        self._hour.remove(slot)
                 return False
             kept = np.asarray(kept)
-        # Take the hour's slot first (on disk): a crash after this loses the capture, never adds one.
-        self._hour.append([wall, self.clock.mono(), self.clock.boot()])
-        atomic_write(self.directory / "hour.json", json.dumps({"slots": self._hour}).encode())
-        seq = self._next_seq
-        self._next_seq += 1
-        atomic_write(self.directory / "meta.json", json.dumps({"next_seq": self._next_seq}).encode())
+        # The hour's slot on disk first: a crash after this loses the capture, never adds one.
+        with self._lock:
+            hour = json.dumps({"slots": self._hour}).encode()
+            seq = self._next_seq
+            self._next_seq += 1
+        atomic_write(self.directory / "hour.json", hour)
+        atomic_write(self.directory / "meta.json", json.dumps({"next_seq": seq + 1}).encode())
         sealed = seal_record(
             policy,
             device=self.device,
@@ -334,18 +417,20 @@ class Capturer:
             time=wall,
             trigger=trigger,
             bundle=bundle,
-            outputs=[np.asarray(o).tolist() for o in outputs],
+            outputs=[_compact(o) for o in outputs],
             input_array=kept,
         )
-        if len(sealed) > policy.max_bytes:
-            self.stats.too_big += 1
-            return False
-        self._make_room(len(sealed), policy.max_bytes)
+        with self._lock:
+            if len(sealed) > policy.max_bytes:
+                self.stats.too_big += 1
+                return False
+            self._make_room(len(sealed), policy.max_bytes)
         delete_at = int(wall + policy.retain_s)
         atomic_write(self.records / f"{seq:016d}-{delete_at}{_SUFFIX}", sealed, mode=0o600)
-        self._files.append((seq, delete_at, len(sealed)))
-        self.stats.captured += 1
-        self.stats.by_trigger[trigger] = self.stats.by_trigger.get(trigger, 0) + 1
+        with self._lock:
+            self._files.append((seq, delete_at, len(sealed)))
+            self.stats.captured += 1
+            self.stats.by_trigger[trigger] = self.stats.by_trigger.get(trigger, 0) + 1
         return True
 
     def _make_room(self, size: int, limit: int) -> None:

@@ -223,3 +223,20 @@ def test_low_confidence_and_drift_triggers(make_config, bundles, models, key, ow
             agent.predict(x)
         triggers = [r.trigger for r in held(agent, owner)]
         assert triggers.count("drift") == 30 and len(triggers) > before + 29
+
+
+def test_with_the_capture_thread_predict_never_writes_and_the_cap_still_holds(
+    make_config, bundles, models, key, owner
+):
+    path = make_config("writer", telemetry_interval=3600)
+    with Agent.from_config(path, background=False) as first:
+        first.install(bundles.v1)
+    with Agent.from_config(path, background=True) as agent:
+        agent.capture.apply(signed(key, policy(owner, max_per_hour=15)))
+        xs = models.x_test
+        for i in range(3000):
+            agent.predict(xs[i % len(xs)])
+        agent.capture.flush()
+        stats = agent.capture.stats
+        assert stats.captured + stats.busy == 15 and stats.capped == 3000 - 15
+        assert len(agent.capture) == stats.captured and len(held(agent, owner)) == stats.captured

@@ -88,4 +88,8 @@ def test_kill_9_during_capture_leaves_whole_records_and_never_exceeds_the_cap(
                 open_record(cap.read(seq) or b"", owner)
             slots = json.loads((state / "hour.json").read_bytes())["slots"]
             assert len(cap) <= len(slots) <= 60
-    assert len(slots) == 60  # the cap was reached, and held
+    with Agent.from_config(path, background=False) as agent:  # fill the hour, then try for more
+        for x in models.x_test[:200]:
+            agent.predict(x)
+        assert len(agent.capture) <= 60 and agent.capture.stats.capped > 0
+    assert len(json.loads((state / "hour.json").read_bytes())["slots"]) == 60  # reached, and held
