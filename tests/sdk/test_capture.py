@@ -157,3 +157,30 @@ def test_capture_key_files(tmp_path: object) -> None:
     assert _reason(lambda: load_capture_key(tmp_path, b"wrong")) == "no-key"  # type: ignore[arg-type]
     assert _reason(lambda: load_capture_key(tmp_path, None)) == "no-key"  # type: ignore[arg-type]
     assert _reason(lambda: init_capture_key(tmp_path, None)) == "exists"  # type: ignore[arg-type]
+
+
+def test_a_pulled_folder_is_data_with_labels_from_labels_csv(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from edgekit.data import load_data
+    from edgekit.errors import DataError
+
+    folder = Path(str(tmp_path))
+    (folder / "inputs").mkdir()
+    lines = []
+    for i in range(4):
+        np.save(folder / "inputs" / f"cam-{i}.npy", np.full((8, 8, 1), i, np.float32))
+        lines.append(json.dumps({"id": f"cam-{i}", "input": f"inputs/cam-{i}.npy", "trigger": "drift"}))
+    lines.append(json.dumps({"id": "cam-9", "input": None}))  # a labels-only record: no input
+    (folder / "records.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_data(folder)
+    assert data.x.shape == (4, 8, 8, 1) and data.y is None and float(data.x[3].max()) == 3.0
+    (folder / "labels.csv").write_text("id,label\ncam-3,7\ncam-1,2\n")
+    data = load_data(folder)
+    assert data.x.shape == (2, 8, 8, 1) and data.y.tolist() == [2, 7]  # type: ignore[union-attr]
+    (folder / "labels.csv").write_text("image,class\ncam-3,7\n")
+    with pytest.raises(DataError, match="id,label"):
+        load_data(folder)
+    (folder / "labels.csv").write_text("id,label\ncam-3,seven\n")
+    with pytest.raises(DataError, match="line 2"):
+        load_data(folder)
