@@ -2,6 +2,7 @@
 PostgreSQL): a drifted device's inputs come back to the owner, sealed all the way, as a dataset
 that converts; refusals are events; a bad record is refused on pull and the rest kept."""
 
+# ruff: noqa: F811 - the device and serve fixtures are imported into this module by name
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ from edgekit.fleet.control import ControlPlane
 from edgekit.fleet.registry.models import CaptureRecordRow
 from edgekit.mqtt import Message, MqttClient
 from edgekit.topics import Topics
+from test_serve import serve  # noqa: F401 - a fixture
 
 TOPICS = Topics()
 
@@ -73,7 +75,7 @@ class Rig:
 
 
 @pytest.fixture
-def rig(mosquitto, registry_url, make_config, bundles, key, edgekit_home) -> Iterator[Rig]:  # noqa: F811
+def rig(mosquitto, registry_url, make_config, bundles, key, edgekit_home) -> Iterator[Rig]:
     control = ControlPlane.open(registry_url, TrustedKeys([key.public]))
     spy = Spy(mosquitto.url)
     operator = MqttClient(mosquitto.url, client_id="capture-operator").connect(timeout=10)
@@ -94,7 +96,7 @@ def rig(mosquitto, registry_url, make_config, bundles, key, edgekit_home) -> Ite
     control.close()
 
 
-def test_drift_capture_pull_label_convert_push_and_drift_clears(rig, models, key, tmp_path, digits_models):  # noqa: F811
+def test_drift_capture_pull_label_convert_push_and_drift_clears(rig, models, key, tmp_path, digits_models):
     agent = rig.device.agent
     set_policy(
         rig.control,
@@ -163,7 +165,7 @@ def test_drift_capture_pull_label_convert_push_and_drift_clears(rig, models, key
     assert "capture-policy" in actions and "capture-pull" in actions
 
 
-def test_refused_policies_capture_nothing_and_are_events(rig, models, key, other_key, mosquitto):  # noqa: F811
+def test_refused_policies_capture_nothing_and_are_events(rig, models, key, other_key, mosquitto):
     agent = rig.device.agent
     topic = TOPICS.fleet_capture("lab")
     publish = lambda payload: rig.operator.publish(topic, payload, retain=True).wait(10)  # noqa: E731
@@ -255,7 +257,7 @@ def test_pull_refuses_a_bad_record_with_one_line_and_keeps_the_rest(rig, tmp_pat
     assert [e.action for e in rig.control.audit_log("lab")][:2] == ["capture-purge", "capture-pull"]
 
 
-def test_purge_asks_devices_to_drop_what_they_hold(rig, models, key):  # noqa: F811
+def test_purge_asks_devices_to_drop_what_they_hold(rig, models, key):
     agent = rig.device.agent
     rig.device.capture.resend_after = 1e9  # keep them held: the fleet's sink is not told of them
     rig.sink.stop()
@@ -269,3 +271,42 @@ def test_purge_asks_devices_to_drop_what_they_hold(rig, models, key):  # noqa: F
     purge(rig.control, "lab", client=rig.operator, devices=["pi-01"])
     assert agent.capture.wait_for(lambda c: len(c) == 0, 30)
     assert rig.spy.wait_events("capture_purged", 1)[0]["device"] == "pi-01"
+
+
+def test_fleet_serve_stores_and_acknowledges_what_devices_capture(
+    serve,
+    mosquitto,
+    make_config,
+    bundles,
+    models,
+    key,
+    edgekit_home,
+    tmp_path,
+):
+    from sqlalchemy import func, select
+
+    registry = f"sqlite:///{tmp_path / 'serve.db'}"
+    served = serve("--registry", registry)
+    control = ControlPlane.open(registry, TrustedKeys([key.public]))
+    operator = MqttClient(mosquitto.url, client_id="capture-operator").connect(timeout=10)
+    agent = Agent.from_config(
+        make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600), background=False
+    )
+    agent.install(bundles.v1)
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    try:
+        owner = init_capture_key(edgekit_home, None)
+        set_policy(control, operator, key, "lab", owner.public_raw, triggers=("sample",), sample_rate=1.0)
+        assert agent.capture.wait_for(lambda c: c.armed, 30)
+        for x in models.x_test[:5]:
+            agent.predict(x)
+        assert agent.capture.wait_for(lambda c: c.stats.uploaded == 5 and len(c) == 0, 60)
+        with control.registry.session() as session:
+            assert session.scalar(select(func.count()).select_from(CaptureRecordRow)) == 5
+        assert pull(control, owner, "lab", tmp_path / "ds").written == 5
+    finally:
+        daemon.stop()
+        agent.close()
+        operator.close()
+        control.close()
+        served.stop()
