@@ -396,6 +396,9 @@ def pull(
             except CaptureError as exc:
                 result.refused.append(str(exc))
                 continue
+            except (ValueError, TypeError, RecursionError) as exc:  # opened, but not what a device writes
+                result.refused.append(f"record {row.seq} of device {row.device} is malformed inside: {exc}")
+                continue
             have.add(rid)
             result.written += 1
         atomic_write(index, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())

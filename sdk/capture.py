@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from .atomic import atomic_write
 from .errors import CaptureError, SignatureError, TopicError, UntrustedKeyError
 from .keys import SigningKey
@@ -587,11 +589,11 @@ class CapturedRecord:
         return max(flat) if flat else None
 
 
-def _flatten(value: Any) -> list[float]:
-    if isinstance(value, list):
+def _flatten(value: Any, depth: int = 0) -> list[float]:
+    if isinstance(value, list) and depth < 16:
         out: list[float] = []
         for v in value:
-            out.extend(_flatten(v))
+            out.extend(_flatten(v, depth + 1))
         return out
     return [float(value)] if isinstance(value, (int, float)) and math.isfinite(value) else []
 
@@ -609,7 +611,7 @@ def _unframe(magic: bytes, data: bytes, what: str) -> tuple[dict[str, Any], byte
         raise refuse(CaptureError, "truncated", f"{what} is cut short")
     try:
         header = json.loads(data[6 : 6 + size])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise refuse(CaptureError, "malformed", f"{what} has a damaged header") from None
     if not isinstance(header, dict):
         raise refuse(CaptureError, "malformed", f"{what} has a damaged header")
@@ -710,7 +712,19 @@ def open_record(data: bytes, key: CaptureKey) -> CapturedRecord:
             or not isinstance(spec.get("dtype"), str)
         ):
             raise f.bad("input", "an object with dtype and shape")
-        dtype, shape = spec["dtype"], tuple(int(v) for v in spec["shape"])
+        shape_list = spec["shape"]
+        if len(shape_list) > 8 or not all(type(v) is int and 0 <= v <= 2**31 for v in shape_list):
+            raise f.bad("input", "an object with dtype and a shape of at most 8 sizes")
+        dtype, shape = spec["dtype"], tuple(shape_list)
+        try:
+            kind = np.dtype(dtype)
+        except (TypeError, ValueError):
+            raise f.bad("input", "an object with a numeric numpy dtype") from None
+        if kind.kind not in "biuf":
+            raise f.bad("input", "an object with a numeric numpy dtype")
+        width = kind.itemsize
+        if width * math.prod(shape) != len(plaintext) - 4 - size:
+            raise refuse(CaptureError, "malformed", f"{name}: its input does not match its shape")
     outputs = meta.get("outputs")
     bundle = meta.get("bundle")
     if not isinstance(outputs, list) or not isinstance(bundle, dict):
