@@ -10,6 +10,7 @@ from __future__ import annotations
 from edgekit.agent_config import AgentConfig
 
 from .agent import Agent, AgentStatus
+from .capture import Capturer
 from .drift import DriftMonitor, DriftReport, FeatureDrift
 from .install import BundleStore, InstallResult, LoadedBundle
 from .outbox import Outbox
@@ -20,6 +21,7 @@ __all__ = [
     "AgentConfig",
     "AgentStatus",
     "BundleStore",
+    "Capturer",
     "DriftMonitor",
     "DriftReport",
     "Event",

@@ -40,6 +40,7 @@ from edgekit.errors import BundleError, DataError, InstallError, RuntimeUnavaila
 from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
+from .capture import CaptureClock, CaptureFilter, Capturer
 from .drift import DriftMonitor, DriftReport
 from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle, StepSink
 from .outbox import Outbox
@@ -201,10 +202,19 @@ def _return_freed_memory() -> None:
 class Agent:
     """A device agent serving one installed bundle. Create with :meth:`from_config`."""
 
-    def __init__(self, config: AgentConfig, *, background: bool = True) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        background: bool = True,
+        capture_filter: CaptureFilter | None = None,
+        capture_clock: CaptureClock | None = None,
+    ) -> None:
         """Recover the bundle store, load the committed bundle (if any) and, when
         ``background``, start the thread that closes a telemetry window every
-        ``telemetry_interval`` seconds."""
+        ``telemetry_interval`` seconds. ``capture_filter(x, trigger)`` sees every input a
+        capture policy would keep and returns the array to keep (e.g. faces blurred) or None
+        to veto it (docs/capture.md)."""
         self.config = config
         state = Path(config.state_dir)
         self.events = Outbox(state / "outbox" / "events", config.telemetry_queue_max)
@@ -217,6 +227,17 @@ class Agent:
             xnnpack=config.xnnpack,
             max_bundle_size=config.max_bundle_size,
             on_event=self.record_event,
+        )
+        #: Field-data capture: nothing is kept without the owner's signed policy (docs/capture.md).
+        self.capture = Capturer(
+            state / "capture",
+            device=config.device,
+            fleet=config.fleet,
+            trusted=config.trusted(),
+            on_event=self.record_event,
+            capture_filter=capture_filter,
+            clock=capture_clock,
+            drift_rate=config.drift_sample_rate,
         )
         self._lock = threading.Lock()  # the interpreter and the window counters
         self._latency = LatencyRecorder()
@@ -231,6 +252,8 @@ class Agent:
         if self._served is None:
             self._import_runtime()
         self._stop = threading.Event()
+        if background:  # captures are sealed and written off the predict() path
+            self.capture.start_writer()
         self.telemetry_failures = 0  # background windows that could not be recorded
         self._thread: threading.Thread | None = None
         if background:
@@ -241,10 +264,21 @@ class Agent:
 
     @classmethod
     def from_config(
-        cls, path: str | os.PathLike[str] | None = None, *, background: bool = True, **overrides: Any
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        background: bool = True,
+        capture_filter: CaptureFilter | None = None,
+        capture_clock: CaptureClock | None = None,
+        **overrides: Any,
     ) -> Agent:
         """Load ``path`` (TOML) with ``EDGEKIT_*`` and keyword overrides, then start the agent."""
-        return cls(AgentConfig.load(path, **overrides), background=background)
+        return cls(
+            AgentConfig.load(path, **overrides),
+            background=background,
+            capture_filter=capture_filter,
+            capture_clock=capture_clock,
+        )
 
     def _import_runtime(self) -> None:
         """Import the runtime at start rather than in the middle of the first install (on a
@@ -304,6 +338,12 @@ class Agent:
                 out = dequantize(out, served.deq0)
             if _random() < served.rate:
                 served.drift.add(x, out)  # type: ignore[union-attr]  # rate is 0 without a monitor
+            capture = self.capture
+            if capture.armed:  # a signed capture policy is on
+                if capture.always:
+                    capture.observe(x, out, served.loaded.identity)
+                elif _random() < capture.sample_rate:
+                    capture.offer(x, [out], "sample", served.loaded.identity())
             return {served.name0: out} if as_dict else [out]
         return self._predict(served, x, as_dict, raw)
 
@@ -354,6 +394,10 @@ class Agent:
             served.drift.add(feeds[0], served.real_output(outputs[0]))  # type: ignore[union-attr]
         if served.any_quantized_out and not raw:
             outputs = [dequantize(o, s) if s.quantized else o for o, s in zip(outputs, served.out_specs)]
+        if self.capture.armed:
+            self.capture.observe(
+                feeds[0], served.real_output(outputs[0]) if raw else outputs[0], served.loaded.identity
+            )
         if as_dict:
             return dict(zip(served.out_names, outputs))
         return outputs
@@ -503,6 +547,7 @@ class Agent:
         if count == 0 and errors == 0 and served is None:
             return None
         report = served.drift.report() if served is not None and served.drift is not None else None
+        self.capture.drifted = report is not None and report.drifted  # arms the drift trigger
         drift: dict[str, Any] = {"drifted": False, "complete": False, "samples": 0, "scores": {}}
         if report is not None:
             drift = {
@@ -556,6 +601,7 @@ class Agent:
             try:
                 self._close_window()
                 self.reload_if_changed()
+                self.capture.sweep()  # retention: held captures are deleted on time, sent or not
             except Exception:  # the loop must outlive a full disk: counted, logged, retried next window
                 self.telemetry_failures += 1
                 log.exception("telemetry window could not be recorded (%d so far)", self.telemetry_failures)
@@ -566,6 +612,7 @@ class Agent:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.capture.close()
         self._close_window()
 
     def __enter__(self) -> Agent:

@@ -57,6 +57,7 @@ from edgekit.transfer import fetch_staged_bundle
 
 from . import deployment
 from .agent import Agent
+from .capture import CaptureLink
 from .deployment import DeploymentRecord
 
 __all__ = ["AgentDaemon"]
@@ -160,6 +161,8 @@ class AgentDaemon:
         self._status: dict[str, Any] = {}
         self._uploaded = threading.Condition()  # notified after every upload pass
         self.client = client or self._new_client()
+        #: Field-data capture: the fleet's signed policy in, sealed records out (docs/capture.md).
+        self.capture = CaptureLink(agent.capture, self.client, self.topics, wake=self._wake_uploader.set)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -186,6 +189,7 @@ class AgentDaemon:
         self.client.connect(timeout=None)  # keep trying in the background; predict() never waits
         for topic in (self.topics.fleet_desired(self.fleet), self.topics.device_desired(self.device)):
             self.client.subscribe(topic, self._on_desired, qos=1, timeout=None)
+        self.capture.start()
         for name, target in (("install", self._worker), ("upload", self._uploader)):
             thread = threading.Thread(target=target, name=f"edgekit-{name}-{self.device}", daemon=True)
             thread.start()
@@ -640,4 +644,10 @@ class AgentDaemon:
                     delivered += outbox.ack(last)
                 if len(records) < UPLOAD_BATCH:
                     break
+        # Captures last, a few at a time: telemetry, events and state are never held up by them.
+        if len(self.agent.events) == 0 and len(self.agent.telemetry) == 0:
+            try:
+                delivered += self.capture.upload()
+            except BrokerError as exc:
+                log.info("device %s: capture upload paused (%s); records stay held", self.device, exc)
         return delivered

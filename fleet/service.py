@@ -157,6 +157,22 @@ def _worker_main(
             reports.put((index, delta))
 
     ingest.start()
+    sink = None
+    if index == 0:  # one process keeps the devices' capture records (ciphertext; docs/capture.md)
+        from edgekit.mqtt import MqttClient
+
+        from .capture import CaptureSink
+
+        sink = CaptureSink(
+            registry,
+            MqttClient(
+                config.broker,
+                client_id=f"{config.group}-capture-{uuid.uuid4().hex[:8]}",
+                username=username,
+                password=password,
+            ),
+            Topics(config.prefix),
+        ).start(connect_timeout=None)
     # Ready once connected, or once messages flow: a persistent session's backlog arrives before
     # the broker acknowledges the renewed subscriptions (which "connected" waits for).
     deadline = time.monotonic() + config.ready_timeout
@@ -172,6 +188,8 @@ def _worker_main(
                 break
     finally:
         ingest.stop()
+        if sink is not None:
+            sink.stop()
         if os.getppid() != parent:
             reports.cancel_join_thread()  # nobody reads the counts any more: do not wait on them
         report()

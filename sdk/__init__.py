@@ -10,6 +10,7 @@ from .baseline import Baseline
 from .bundle import Bundle, create_bundle, inspect_bundle, read_bundle
 from .errors import (
     BundleError,
+    CaptureError,
     ConfigError,
     DataError,
     DesiredStateError,
@@ -31,6 +32,7 @@ __all__ = [
     "Baseline",
     "Bundle",
     "BundleError",
+    "CaptureError",
     "ConfigError",
     "DataError",
     "DesiredStateError",

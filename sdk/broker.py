@@ -195,6 +195,8 @@ def render_acl(
         f"pattern write {prefix}/devices/%u/state",
         f"pattern write {prefix}/devices/%u/telemetry",
         f"pattern write {prefix}/devices/%u/events",
+        f"pattern write {prefix}/devices/%u/capture",
+        f"pattern read {prefix}/devices/%u/capture_ack",
         f"pattern read {prefix}/devices/%u/state",
         f"pattern read {prefix}/devices/%u/desired",
         f"pattern read {prefix}/bundles/#",
@@ -203,10 +205,15 @@ def render_acl(
         f"user {operator}",
         f"topic readwrite {prefix}/#",
         "",
-        "# Each device reads its own fleet's desired state.",
+        "# Each device reads its own fleet's desired state and capture policy.",
     ]
     for cred in sorted(devices, key=lambda c: c.device):
-        lines += [f"user {cred.username}", f"topic read {prefix}/fleets/{cred.fleet}/desired", ""]
+        lines += [
+            f"user {cred.username}",
+            f"topic read {prefix}/fleets/{cred.fleet}/desired",
+            f"topic read {prefix}/fleets/{cred.fleet}/capture",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,11 @@
-"""DATA arguments: ``.npy`` (inputs), ``.npz`` (``x`` and optional ``y``), or a folder of images.
+"""DATA arguments: ``.npy`` (inputs), ``.npz`` (``x`` and optional ``y``), a folder of images, or
+a folder of captured field data (``edgekit capture pull``).
 
 A folder whose sub-folders hold the images gets labels from the sub-folder names (sorted);
-images are resized to the model's input and scaled to [0, 1]. Every mismatch is a
+images are resized to the model's input and scaled to [0, 1]. A capture folder (it has
+``records.jsonl``) gives the inputs the devices saw, as they saw them (``inputs/*.npy``), in
+record order; with a ``labels.csv`` (``id,label``: the record id and an integer class), only the
+labelled records, with those labels. Every mismatch is a
 :class:`~edgekit.errors.DataError` naming what was expected and what was found.
 """
 
@@ -36,6 +40,8 @@ class Dataset:
 def load_data(path: str | os.PathLike[str], image_shape: tuple[int, ...] | None = None) -> Dataset:
     """Load DATA. ``image_shape`` (H, W, C) sizes images from a folder; arrays are left as they are."""
     path = Path(path)
+    if path.is_dir() and (path / "records.jsonl").is_file():
+        return _load_capture(path)
     if path.is_dir():
         return _load_images(path, image_shape)
     if not path.exists():
@@ -123,6 +129,67 @@ def _load_images(folder: Path, image_shape: tuple[int, ...] | None) -> Dataset:
         images.append(arr)
     labels = np.asarray([label for _, label in files], dtype=np.int64) if classes else None
     return Dataset(x=np.stack(images), y=labels, source=str(folder), classes=tuple(classes))
+
+
+def _read_labels(path: Path) -> dict[str, int]:
+    import csv
+
+    labels: dict[str, int] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["id", "label"]:
+        raise DataError(f"{path} must start with the header id,label (one record id and its class per line)")
+    for number, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2 or not row[1].strip().lstrip("-").isdigit():
+            raise DataError(
+                f"{path} line {number}: expected id,label with an integer label, got {','.join(row)!r}"
+            )
+        labels[row[0].strip()] = int(row[1])
+    return labels
+
+
+def _load_capture(folder: Path) -> Dataset:
+    import json
+
+    try:
+        lines = [
+            json.loads(t)
+            for t in (folder / "records.jsonl").read_text(encoding="utf-8").splitlines()
+            if t.strip()
+        ]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {folder / 'records.jsonl'}: {exc}") from None
+    records = [r for r in lines if isinstance(r, dict) and isinstance(r.get("input"), str)]
+    if not records:
+        raise DataError(f"{folder} holds no captured inputs (a labels-only policy keeps outputs only)")
+    labels_file = folder / "labels.csv"
+    y = None
+    if labels_file.exists():
+        labels = _read_labels(labels_file)
+        records = [r for r in records if r.get("id") in labels]
+        if not records:
+            raise DataError(
+                f"{labels_file} labels none of the records in {folder}; use the ids of records.jsonl"
+            )
+        y = np.asarray([labels[r["id"]] for r in records], dtype=np.int64)
+    arrays = []
+    for record in records:
+        file = folder / record["input"]
+        try:
+            arrays.append(np.load(file, allow_pickle=False))
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"cannot read captured input {file}: {exc}") from None
+        if arrays[-1].shape != arrays[0].shape:
+            raise DataError(
+                f"{file} has shape {arrays[-1].shape}, others {arrays[0].shape}: pull one model's captures "
+                "at a time (--device, --since)"
+            )
+    return _checked(Dataset(x=np.stack(arrays), y=y, source=str(folder)))
 
 
 def fit_to_input(x: np.ndarray, spec: TensorSpec, source: str) -> np.ndarray:

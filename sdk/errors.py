@@ -167,3 +167,12 @@ class DeliveryError(EdgekitError):
     """An alert could not be sent through a channel (mail server or webhook refused or silent)."""
 
     exit_code = 17
+
+
+class CaptureError(EdgekitError):
+    """Field-data capture: a policy that cannot be made or is refused, a capture key that cannot
+    be read, a captured record that cannot be opened. ``reason`` says which (e.g. ``unsigned``,
+    ``expired``, ``wrong-key``, ``tampered``, ``truncated``)."""
+
+    exit_code = 18
+    reason: str = "malformed"

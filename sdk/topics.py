@@ -9,6 +9,9 @@ With the default prefix ``edgekit``::
     edgekit/devices/{device}/state              retained, the device's state (will: offline)
     edgekit/devices/{device}/telemetry          telemetry records, QoS 1
     edgekit/devices/{device}/events             install / verify / health-check / error events
+    edgekit/fleets/{fleet}/capture              retained, the signed capture policy (docs/capture.md)
+    edgekit/devices/{device}/capture            chunks of sealed capture records, QoS 1
+    edgekit/devices/{device}/capture_ack        the fleet's acknowledgements of those records
 
 ``{sha256}`` is the bundle digest: the SHA-256 of the bundle's exact ``manifest.json`` bytes
 (see :attr:`edgekit.bundle.Bundle.bundle_id`). Fleet and device ids are 1-64 characters of
@@ -39,11 +42,16 @@ BUNDLE_CHUNK = "bundle_chunk"
 DEVICE_STATE = "device_state"
 DEVICE_TELEMETRY = "device_telemetry"
 DEVICE_EVENTS = "device_events"
+FLEET_CAPTURE = "fleet_capture"
+DEVICE_CAPTURE = "device_capture"
+DEVICE_CAPTURE_ACK = "device_capture_ack"
 _DEVICE_LEAVES = {
     "desired": DEVICE_DESIRED,
     "state": DEVICE_STATE,
     "telemetry": DEVICE_TELEMETRY,
     "events": DEVICE_EVENTS,
+    "capture": DEVICE_CAPTURE,
+    "capture_ack": DEVICE_CAPTURE_ACK,
 }
 
 
@@ -118,6 +126,18 @@ class Topics:
     def device_events(self, device: str) -> str:
         return f"{self.prefix}/devices/{check_device_id(device)}/events"
 
+    def fleet_capture(self, fleet: str) -> str:
+        """The fleet's signed capture policy (retained)."""
+        return f"{self.prefix}/fleets/{check_fleet_id(fleet)}/capture"
+
+    def device_capture(self, device: str) -> str:
+        """Chunks of the device's sealed capture records (QoS 1)."""
+        return f"{self.prefix}/devices/{check_device_id(device)}/capture"
+
+    def device_capture_ack(self, device: str) -> str:
+        """The fleet's acknowledgements of the device's capture records."""
+        return f"{self.prefix}/devices/{check_device_id(device)}/capture_ack"
+
     def bundle_manifest(self, sha256: str) -> str:
         return f"{self.prefix}/bundles/{_check_sha256(sha256)}/manifest"
 
@@ -132,8 +152,10 @@ class Topics:
 
     def all_devices_filter(self, leaf: str) -> str:
         """Subscription filter for one leaf (``state``, ``telemetry``, ``events``) of every device."""
-        if leaf not in ("state", "telemetry", "events", "desired"):
-            raise TopicError(f"unknown device topic {leaf!r}; use state, telemetry, events or desired")
+        if leaf not in ("state", "telemetry", "events", "desired", "capture"):
+            raise TopicError(
+                f"unknown device topic {leaf!r}; use state, telemetry, events, desired or capture"
+            )
         return f"{self.prefix}/devices/+/{leaf}"
 
     # -- parsing ------------------------------------------------------------------------------
@@ -147,8 +169,9 @@ class Topics:
         if "/".join(levels[: self._depth]) != self.prefix:
             raise TopicError(f"{topic!r} is not under the topic prefix {self.prefix!r}")
         rest = levels[self._depth :]
-        if len(rest) == 3 and rest[0] == "fleets" and rest[2] == "desired":
-            return TopicParts(FLEET_DESIRED, fleet=check_fleet_id(rest[1]))
+        if len(rest) == 3 and rest[0] == "fleets" and rest[2] in ("desired", "capture"):
+            kind = FLEET_DESIRED if rest[2] == "desired" else FLEET_CAPTURE
+            return TopicParts(kind, fleet=check_fleet_id(rest[1]))
         if len(rest) == 3 and rest[0] == "devices" and rest[2] in _DEVICE_LEAVES:
             return TopicParts(_DEVICE_LEAVES[rest[2]], device=check_device_id(rest[1]))
         if len(rest) == 3 and rest[0] == "bundles" and rest[2] == "manifest":

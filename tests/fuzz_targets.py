@@ -26,9 +26,20 @@ from edgekit.agent.outbox import Outbox
 from edgekit.agent.telemetry import Event, TelemetryRecord
 from edgekit.baseline import Baseline
 from edgekit.bundle import Bundle, create_bundle, read_bundle
+from edgekit.capture import (
+    CaptureKey,
+    new_capture_policy,
+    open_record,
+    parse_chunk,
+    seal_record,
+    sign_capture_policy,
+    split_chunks,
+    verify_capture_policy,
+)
 from edgekit.desired import new_desired_state, sign_desired_state, verify_desired_state
 from edgekit.errors import (
     BundleError,
+    CaptureError,
     DataError,
     DesiredStateError,
     MessageError,
@@ -43,6 +54,8 @@ from edgekit.transfer import ChunkAssembler, ChunkResult, manifest_message, veri
 from mqtt_helpers import mqtt_packet
 
 NOW = 1_800_000_000
+#: The owner's capture key the capture targets open records with.
+OWNER = CaptureKey.generate()
 
 
 @dataclass
@@ -82,6 +95,32 @@ def desired_envelope(ctx: Context, data: bytes) -> None:
         assert getattr(exc, "reason", None), "every refusal names its reason"
         return
     assert state.fleet == "lab" and state.expires_at > NOW
+
+
+def capture_policy(ctx: Context, data: bytes) -> None:
+    try:
+        policy = verify_capture_policy(data, ctx.trusted, fleet="lab", now=NOW)
+    except CaptureError as exc:
+        assert getattr(exc, "reason", None), "every refusal names its reason"
+        return
+    assert policy.fleet == "lab" and policy.expires_at > NOW
+
+
+def capture_record(ctx: Context, data: bytes) -> None:
+    try:
+        record = open_record(data, OWNER)
+    except CaptureError as exc:
+        assert getattr(exc, "reason", None), "every refusal names its reason"
+        return
+    assert record.header.fleet and record.trigger
+
+
+def capture_chunk(ctx: Context, data: bytes) -> None:
+    try:
+        chunk = parse_chunk(data)
+    except CaptureError:
+        return
+    assert 0 <= chunk.part < chunk.parts
 
 
 def state_report(ctx: Context, data: bytes) -> None:
@@ -287,6 +326,9 @@ def outbox_files(ctx: Context, data: bytes) -> None:
 TARGETS: dict[str, Callable[[Context, bytes], None]] = {
     "desired_envelope": desired_envelope,
     "state_report": state_report,
+    "capture_policy": capture_policy,
+    "capture_record": capture_record,
+    "capture_chunk": capture_chunk,
     "telemetry_record": telemetry_record,
     "event_record": event_record,
     "manifest": manifest,
@@ -336,7 +378,23 @@ def seeds(ctx: Context) -> dict[str, list[bytes]]:
     event = Event("cam-1", "installed", "installed digits@1.0.0", {"name": "digits"}, time=float(NOW), seq=2)
     ops = b"".join(struct.pack(">BHH", 0, i + 16, 0) for i in range(len(ctx.chunks())))
     pointer = {"schema": "edgekit.agent.installed", "schema_version": 1, "current": "a", "previous": None}
+    policy = new_capture_policy("lab", seq=4, recipient=OWNER.public_raw, triggers=("sample",), now=NOW - 10)
+    import numpy as np
+
+    sealed = seal_record(
+        policy,
+        device="cam-1",
+        seq=9,
+        time=float(NOW),
+        trigger="sample",
+        bundle={"name": "digits", "version": "1.0.0"},
+        outputs=[[0.25, 0.75]],
+        input_array=np.arange(64, dtype=np.uint8).reshape(8, 8, 1),
+    )
     return {
+        "capture_policy": [sign_capture_policy(policy, ctx.key)],
+        "capture_record": [sealed],
+        "capture_chunk": split_chunks(sealed, 100)[:2],
         "desired_envelope": [sign_desired_state(state, ctx.key)],
         "state_report": [report.to_json()],
         "telemetry_record": [json.dumps(record.to_dict()).encode()],

@@ -20,6 +20,7 @@ FAST = settings(
     suppress_health_check=list(HealthCheck),
 )
 JSON_TARGETS = [
+    "capture_policy",
     "desired_envelope",
     "state_report",
     "telemetry_record",

@@ -318,3 +318,18 @@ class AlertLease(Base):
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     holder: Mapped[str | None] = mapped_column(String(64), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class CaptureRecordRow(Base):
+    """One sealed capture record from a device (docs/capture.md): ciphertext only; the fleet
+    cannot open it. Keyed by (device, seq): a record sent again is stored once."""
+
+    __tablename__ = "capture_records"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -24,6 +24,10 @@ def test_default_layout_matches_the_design() -> None:
     assert t.device_telemetry("cam-1") == "edgekit/devices/cam-1/telemetry"
     assert t.device_events("cam-1") == "edgekit/devices/cam-1/events"
     assert t.all_devices_filter("telemetry") == "edgekit/devices/+/telemetry"
+    assert t.fleet_capture("shop-cams") == "edgekit/fleets/shop-cams/capture"
+    assert t.device_capture("cam-1") == "edgekit/devices/cam-1/capture"
+    assert t.device_capture_ack("cam-1") == "edgekit/devices/cam-1/capture_ack"
+    assert t.all_devices_filter("capture") == "edgekit/devices/+/capture"
 
 
 @pytest.mark.parametrize("prefix", ["edgekit", "acme/prod/edgekit"])
@@ -33,8 +37,9 @@ def test_every_topic_parses_back_into_its_parts(prefix: str) -> None:
     assert t.parse(t.device_desired("d.1")) == TopicParts("device_desired", device="d.1")
     assert t.parse(t.bundle_manifest(SHA)) == TopicParts("bundle_manifest", sha256=SHA)
     assert t.parse(t.bundle_chunk(SHA, 12)) == TopicParts("bundle_chunk", sha256=SHA, chunk=12)
-    for leaf in ("state", "telemetry", "events"):
+    for leaf in ("state", "telemetry", "events", "capture", "capture_ack"):
         assert t.parse(f"{prefix}/devices/d_2/{leaf}") == TopicParts(f"device_{leaf}", device="d_2")
+    assert t.parse(t.fleet_capture("f1")) == TopicParts("fleet_capture", fleet="f1")
 
 
 @pytest.mark.parametrize(
