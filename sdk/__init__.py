@@ -20,6 +20,7 @@ from .errors import (
     ModelFormatError,
     RuntimeUnavailableError,
     SignatureError,
+    TrustMetadataError,
     UntrustedKeyError,
 )
 from .keys import PublicKey, SigningKey
@@ -46,6 +47,7 @@ __all__ = [
     "SignatureError",
     "SigningKey",
     "TensorSpec",
+    "TrustMetadataError",
     "TrustedKeys",
     "UntrustedKeyError",
     "__version__",
