@@ -25,6 +25,8 @@ python-tuf needs Python 3.10 or later; on 3.9 :class:`DeviceTrust` raises Config
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import sys
@@ -34,8 +36,10 @@ from datetime import datetime, timezone
 from typing import Optional, Protocol
 
 from .desired import DesiredState
-from .errors import ConfigError, DesiredStateError, TrustMetadataError
+from .errors import ConfigError, DesiredStateError, SignatureError, TrustMetadataError
+from .keys import SigningKey
 from .schema import refuse
+from .trust import TrustedKeys
 
 if sys.version_info >= (3, 10):  # python-tuf needs 3.10; on 3.9 DeviceTrust says so
     from tuf.api import exceptions as tuf_errors
@@ -52,6 +56,8 @@ __all__ = [
     "TrustReport",
     "bundle_target_path",
     "desired_target_path",
+    "sign_trust_upgrade",
+    "verify_trust_upgrade",
 ]
 
 DESIRED_ROLE = "desired"
@@ -394,3 +400,61 @@ class DeviceTrust:
                 "authorise it with `edgekit trust add-bundle` (signed by the targets key)",
             )
         return state
+
+
+# -- the one-time move from a single signing key to TUF -----------------------------------------
+
+UPGRADE_SCHEMA = "edgekit.trust-upgrade"
+UPGRADE_SCHEMA_VERSION = 1
+_UPGRADE_KEYS = {"schema", "schema_version", "fleet", "root", "signer", "signature"}
+
+
+def _upgrade_payload(fleet: str, root: bytes) -> bytes:
+    return UPGRADE_SCHEMA.encode() + b"\n" + fleet.encode() + b"\n" + root
+
+
+def sign_trust_upgrade(fleet: str, root: bytes, key: SigningKey) -> bytes:
+    """The one-time message that moves devices still on single-key trust to the fleet's TUF root,
+    signed by the key they trust today (published retained on the fleet's ``trust/upgrade``)."""
+    return json.dumps(
+        {
+            "schema": UPGRADE_SCHEMA,
+            "schema_version": UPGRADE_SCHEMA_VERSION,
+            "fleet": fleet,
+            "root": base64.b64encode(root).decode("ascii"),
+            "signer": key.key_id,
+            "signature": base64.b64encode(key.sign(_upgrade_payload(fleet, root))).decode("ascii"),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode("ascii")
+
+
+def verify_trust_upgrade(data: bytes, trusted: TrustedKeys, fleet: str) -> bytes:
+    """The TUF root a trust upgrade carries, once its signature by a key in ``trusted`` and its
+    fleet are checked; TrustMetadataError otherwise."""
+
+    def bad(reason: str, message: str) -> TrustMetadataError:
+        return refuse(TrustMetadataError, reason, f"the trust upgrade {message}")
+
+    try:
+        doc = json.loads(bytes(data)) if len(data) <= 2 * MAX_METADATA_SIZE else None
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("schema") != UPGRADE_SCHEMA or set(doc) != _UPGRADE_KEYS:
+        raise bad("malformed", "is not an edgekit trust upgrade; publish it with `edgekit trust upgrade`")
+    if doc["schema_version"] != UPGRADE_SCHEMA_VERSION or doc["fleet"] != fleet:
+        raise bad(
+            "malformed", f"is for fleet {doc['fleet']!r} (version {doc['schema_version']!r}), not {fleet!r}"
+        )
+    try:
+        root = base64.b64decode(str(doc["root"]), validate=True)
+        signature = base64.b64decode(str(doc["signature"]), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("malformed", "is not base64 where it must be") from None
+    signer = doc["signer"] if isinstance(doc["signer"], str) else None
+    try:
+        trusted.verify(_upgrade_payload(fleet, root), signature, signer, "the trust upgrade")
+    except SignatureError as exc:
+        raise bad("refused", f"is not signed by a key this device trusts: {exc}") from None
+    return root

@@ -92,3 +92,31 @@ class TrustSim:
             self.repo.sign("root", key)
         self.repo.submit("root", online=[self.online], now=self.now)
         self.root_keys = [k for k in self.root_keys if k not in remove] + add
+
+
+class BundleRef:
+    """What targets needs of a real bundle: its digest, name, version and manifest length."""
+
+    def __init__(self, sha256: str, name: str, version: str, length: int) -> None:
+        self.sha256, self.name, self.version, self.length = sha256, name, version, length
+
+
+def authorise_bundles(sim: TrustSim, *bundles: BundleRef) -> None:
+    for b in bundles:
+        sim.repo.authorise_bundle(b.sha256, name=b.name, version=b.version, length=b.length, now=sim.now)
+    sim.repo.sign("targets", sim.targets_key)
+    sim.repo.submit("targets", online=[sim.online], now=sim.now)
+
+
+def desire_bundle(sim: TrustSim, bundle: BundleRef, *, key: Optional[SigningKey] = None) -> DesiredState:
+    sim.seq += 1
+    state = new_desired_state(
+        sim.fleet,
+        bundle_sha256=bundle.sha256,
+        bundle_name=bundle.name,
+        bundle_version=bundle.version,
+        seq=sim.seq,
+        now=sim.now,
+    )
+    sim.repo.set_desired([state], [key or sim.online], now=sim.now)
+    return state
