@@ -288,13 +288,15 @@ class DeviceTrust:
         changed: set[str],
     ) -> None:
         local = self.local.get(role)
-        if local is not None:
+        pinned = self._pinned(trusted, role)
+        # A stale targets or desired copy is not needed (the snapshot's versions only grow); a
+        # stale snapshot is: it is what a new snapshot's versions are checked against.
+        if local is not None and (role == Snapshot.type or _version_of(local) == pinned):
             try:
                 update(local, True)
                 return
             except (tuf_errors.RepositoryError, ValueError):
-                pass  # not the pinned version any more (or never valid): take the transport's
-        pinned = self._pinned(trusted, role)
+                pass  # not valid as the pinned version: take the transport's
         remote = _size_ok(source.metadata(role))
         if remote is None or _version_of(remote) != pinned:
             # Retained messages arrive in any order: the snapshot may name a version the

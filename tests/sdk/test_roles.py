@@ -215,6 +215,22 @@ def test_rollback_of_the_snapshot_is_refused(sim: TrustSim) -> None:
     assert refused(device, {**old, "timestamp": forged}, sim.now).reason == "rollback"
 
 
+def test_a_snapshot_that_rolls_targets_back_is_refused(sim: TrustSim) -> None:
+    device = device_of(sim)
+    old_targets = sim.files()["targets"]
+    sim.authorise("1.2.0")  # targets v3: what the device trusts now
+    device.refresh(Retained(sim.files()), now=sim.now)
+    # The online key (stolen) signs a snapshot and timestamp that pin the older targets again.
+    key = sim.online
+    version = json.loads(old_targets)["signed"]["version"]
+    snapshot = TrustSimView(sim, key)._resign("snapshot", {"version": 70})
+    snapshot = TrustSimView.edit(snapshot, key, lambda s: setattr(s.meta["targets.json"], "version", version))
+    timestamp = TrustSimView(sim, key)._resign("timestamp", {"version": 70})
+    timestamp = TrustSimView.edit(timestamp, key, lambda s: setattr(s.snapshot_meta, "version", 70))
+    forged = {**sim.files(), "targets": old_targets, "snapshot": snapshot, "timestamp": timestamp}
+    assert refused(device, forged, sim.now).reason == "rollback"
+
+
 def test_mix_and_match_a_desired_of_another_snapshot_is_not_taken(sim: TrustSim) -> None:
     device = device_of(sim)
     old = sim.files()
