@@ -66,7 +66,9 @@ def run(updates: int, devices: int) -> dict[str, Any]:
         "shop", bundle_sha256=digest("1.0.0"), bundle_name="model", bundle_version="1.0.0", seq=10
     )
     envelope = sign_desired_state(state, key)
-    baseline = cpu_per_call(lambda: verify_desired_state(envelope, trusted, fleet="shop", last_seq=9), updates)
+    baseline = cpu_per_call(
+        lambda: verify_desired_state(envelope, trusted, fleet="shop", last_seq=9), updates
+    )
 
     # TUF: root 2 of 3, one targets key, one online key.
     sim = TrustSim("shop", n=3, k=2)
@@ -78,7 +80,9 @@ def run(updates: int, devices: int) -> dict[str, Any]:
     versions = iter(range(10**6))
 
     def publish() -> None:
-        sim.repo.set_desired([sim.state("1.1.0" if next(versions) % 2 else "1.0.0")], [sim.online], now=sim.now)
+        sim.repo.set_desired(
+            [sim.state("1.1.0" if next(versions) % 2 else "1.0.0")], [sim.online], now=sim.now
+        )
         source.files = sim.files()
 
     source = Retained(sim.files())
@@ -127,7 +131,9 @@ def run(updates: int, devices: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--updates", type=int, default=300, help="Updates per measurement.")
-    parser.add_argument("--devices", type=int, default=0, help="Per-device desired states besides the fleet's.")
+    parser.add_argument(
+        "--devices", type=int, default=0, help="Per-device desired states besides the fleet's."
+    )
     parser.add_argument("--json", action="store_true", help="Print the figures as JSON.")
     args = parser.parse_args()
     result = run(args.updates, args.devices)
@@ -139,11 +145,15 @@ def main() -> None:
     size = result["bytes_per_update"]
     print(f"device CPU per desired-state update ({args.updates} updates, median of 5 rounds):")
     print(f"  single signature (today)       {cpu['single_signature']:8.3f} ms")
-    print(f"  TUF update                     {cpu['tuf_update']:8.3f} ms  ({result['ratio_tuf_update_vs_single']}x)")
+    print(
+        f"  TUF update                     {cpu['tuf_update']:8.3f} ms  ({result['ratio_tuf_update_vs_single']}x)"
+    )
     print(f"  TUF, nothing new               {cpu['tuf_nothing_new']:8.4f} ms")
     print(f"  TUF, cold start                {cpu['tuf_cold_start']:8.3f} ms")
     print(f"  TUF, root catch-up (2 roots)   {cpu['tuf_root_catch_up_2_rotations']:8.3f} ms")
-    print(f"bytes per update: single {size['single_signature_envelope']}, TUF {size['tuf']} {size['tuf_by_role']}")
+    print(
+        f"bytes per update: single {size['single_signature_envelope']}, TUF {size['tuf']} {size['tuf_by_role']}"
+    )
 
 
 if __name__ == "__main__":

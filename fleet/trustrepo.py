@@ -202,6 +202,19 @@ class TrustRepository:
         assert isinstance(signed, Targets)
         return signed
 
+    def authorised(self) -> set[str]:
+        """Digests of the bundles the current (submitted) targets lists."""
+        targets = self.roles[Targets.type].signed
+        return {info.hashes.get("sha256", "") for info in targets.targets.values()}
+
+    def last_seq(self) -> int:
+        """The highest seq of the desired states in the desired role (0: none)."""
+        seqs = [
+            t.unrecognized_fields.get("custom", {}).get("edgekit", {}).get("seq", 0)
+            for t in self.roles[DESIRED_ROLE].signed.targets.values()
+        ]
+        return max([0, *[s for s in seqs if isinstance(s, int)]])
+
     def files(self) -> dict[str, bytes]:
         """What to publish: ``root/<v>`` for every root, and each role's current metadata."""
         out = {f"root/{md.signed.version}": _bytes(md) for md in self.roots}

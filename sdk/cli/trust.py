@@ -273,6 +273,62 @@ def authorise(
     _report(repo, json_out, f"{bundle.manifest.name}@{bundle.manifest.version} waits in the pending targets")
 
 
+@app.command("desire")
+def desire(
+    bundle_file: Path = typer.Argument(..., help="The bundle (.ekb) the fleet (or --device) should run."),
+    fleet: str = FLEET,
+    device: Optional[str] = typer.Option(None, "--device", help="Only this device (a canary)."),
+    seq: Optional[int] = typer.Option(None, "--seq", help="Sequence number (default: one above the last)."),
+    online_key: str = typer.Option("online", "--online-key", help="The online key that signs it."),
+    json_out: bool = JSON,
+) -> None:
+    """Sign a desired state into fleet F's desired role (with snapshot and timestamp); then
+    `edgekit trust publish`. The bundle must be authorised by targets (`trust authorise`)."""
+    from ..bundle import read_bundle
+    from ..desired import new_desired_state
+    from ..trust import TrustedKeys
+
+    keys = [load_own_public_key(edgekit_home(), k.name) for k in list_keys(edgekit_home())]
+    bundle = read_bundle(bundle_file, TrustedKeys(keys))
+    repo = _load(fleet)
+    if bundle.bundle_id not in repo.authorised():
+        raise refuse(
+            TrustMetadataError,
+            "unauthorised",
+            f"{bundle.manifest.name}@{bundle.manifest.version} is not authorised for fleet {fleet}: devices would "
+            f"refuse it; `edgekit trust authorise {bundle_file} --fleet {fleet}` (signed by the targets key) first",
+        )
+    state = new_desired_state(
+        fleet,
+        bundle_sha256=bundle.bundle_id,
+        bundle_name=bundle.manifest.name,
+        bundle_version=bundle.manifest.version,
+        seq=seq if seq is not None else repo.last_seq() + 1,
+        device=device,
+    )
+    repo.set_desired([state], _online(online_key), now=time.time())
+    repo.save(_dir(fleet))
+    _report(
+        repo,
+        json_out,
+        f"Fleet {fleet} desires {state.bundle_name}@{state.bundle_version} (seq {state.seq}); "
+        "`edgekit trust publish` sends it",
+    )
+
+
+@app.command("refresh")
+def refresh(
+    fleet: str = FLEET,
+    online_key: str = typer.Option("online", "--online-key", help="The online key that signs it."),
+    json_out: bool = JSON,
+) -> None:
+    """Sign a fresh timestamp (devices raise freeze_suspected when it expires); then publish."""
+    repo = _load(fleet)
+    repo.refresh_timestamp(_online(online_key), now=time.time())
+    repo.save(_dir(fleet))
+    _report(repo, json_out, f"Signed a fresh timestamp for fleet {fleet}")
+
+
 @app.command("status")
 def status(fleet: str = FLEET, json_out: bool = JSON) -> None:
     """Roles, keys, thresholds, versions and expiries of fleet F; what waits for signatures."""

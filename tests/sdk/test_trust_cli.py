@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from edgekit.mqtt import MqttClient
 from edgekit.topics import Topics
-from test_cli import assert_one_line_error, edgekit
+from test_cli import assert_one_line_error, bundle_file, edgekit
+
+__all__ = ["bundle_file"]
 
 
 def run_json(*args: str, env: dict[str, str] | None = None) -> dict:
@@ -121,3 +123,49 @@ def test_publish_puts_every_document_retained_on_the_fleets_trust_topics(laptop:
     finally:
         client.close()
     assert len(got[Topics().fleet_trust("shop", "timestamp")]) == published["timestamp"]
+
+
+def test_an_operator_drives_a_tuf_device_with_the_cli_alone(
+    laptop: Path, bundle_file: Path, mosquitto, tmp_path: Path
+) -> None:
+    """keys, trust init, authorise, desire, publish, export-root: a real agent with only the
+    root it was provisioned with installs what the CLI asked for."""
+    from device_fixtures import write_config
+    from edgekit import TrustedKeys
+    from edgekit.agent import Agent
+    from edgekit.agent.daemon import AgentDaemon
+    from edgekit.bundle import read_bundle
+    from edgekit.keys import load_signing_key
+    from edgekit.mqtt import MqttClient
+    from edgekit.transfer import publish_bundle
+
+    fleet = ["--fleet", "lab"]
+    run_json("trust", "init", *fleet, "--root-keys", "root-1,root-2", "--threshold", "2")
+    # The bundle is not authorised yet: `trust desire` refuses it, naming the fix.
+    assert_one_line_error(edgekit("trust", "desire", str(bundle_file), *fleet), 17, "trust authorise")
+    assert run_json("trust", "authorise", str(bundle_file), *fleet)["pending"] == ["targets"]
+    run_json("trust", "sign", str(laptop / "trust" / "lab" / "pending" / "targets.json"), "--key", "targets")
+    run_json("trust", "submit", "targets", *fleet)
+    run_json("trust", "desire", str(bundle_file), *fleet)
+    run_json("trust", "publish", *fleet, "--broker", mosquitto.url)
+    root = tmp_path / "root.json"
+    assert edgekit("trust", "export-root", *fleet, "-o", str(root)).returncode == 0
+
+    key = load_signing_key(laptop, "default")
+    client = MqttClient(mosquitto.url, client_id="pub").connect(timeout=10)
+    try:
+        publish_bundle(client, read_bundle(bundle_file, TrustedKeys([key.public])))
+    finally:
+        client.close()
+    config = write_config(
+        tmp_path / "agent.toml", key, tmp_path / "state", broker=mosquitto.url, trust_root=str(root)
+    )
+    agent = Agent.from_config(config, background=False)
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    try:
+        assert daemon.installed.wait(60)
+        assert agent.status().version == "1.0.0"
+        assert daemon.trust_report is not None and daemon.trust_report.root_version == 1
+    finally:
+        daemon.stop()
+        agent.close()
