@@ -449,6 +449,7 @@ class AgentDaemon:
         self.trust_report = report
         self._note_freeze(report)
         if "root" in report.changed:
+            self.publish_state()  # the fleet sees the root version (and expiry) in the state
             self.agent.record_event(
                 "trust_root_updated",
                 f"device {self.device} now trusts root v{report.root_version} of fleet {self.fleet}",
@@ -613,6 +614,8 @@ class AgentDaemon:
     ) -> None:
         """Publish this device's state (retained); ``wait`` seconds at most for the broker's ack."""
         served = self.agent.served_bundle()  # not status(): no disk read, no drift report
+        trust, applied = self._tuf, self.trust_report
+        expires = applied.expires.get("timestamp") if applied is not None else None
         report = DeviceStateReport(
             device=self.device,
             fleet=self.fleet,
@@ -625,6 +628,8 @@ class AgentDaemon:
             progress=progress,
             error=error,
             agent_version=__version__,
+            trust_root=trust.root_version if trust is not None else None,
+            trust_expires=float(expires) if expires is not None else None,
         )
         if not self.client.connected:
             return  # the connection listener publishes the current state on reconnect

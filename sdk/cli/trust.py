@@ -329,12 +329,84 @@ def refresh(
     _report(repo, json_out, f"Signed a fresh timestamp for fleet {fleet}")
 
 
+def _device_trust(
+    fleet: str, broker: Optional[str], settle: float = 1.0, limit: float = 10.0
+) -> dict[str, Any]:
+    """Each device's root version and timestamp expiry, from its retained state on the broker
+    (collected until none arrived for ``settle`` seconds, ``limit`` at most)."""
+    import threading
+
+    from edgekit.fleet.push import connect_operator
+
+    from ..errors import MessageError
+    from ..reports import DeviceStateReport
+    from ..topics import Topics
+
+    found: dict[str, DeviceStateReport] = {}
+    changed = threading.Condition()
+
+    def on_state(message: Any) -> None:
+        try:
+            report = DeviceStateReport.from_json(message.payload) if message.payload else None
+        except MessageError:
+            return  # a malformed state: not this command's to judge
+        if report is not None and report.fleet == fleet:
+            with changed:
+                found[report.device] = report
+                changed.notify_all()
+
+    cfg = WorkstationConfig.load(broker=broker)
+    client = connect_operator(cfg.broker, home=cfg.home)
+    try:
+        client.subscribe(Topics().all_devices_filter("state"), on_state, timeout=10)
+        deadline = time.monotonic() + limit
+        with changed:
+            while time.monotonic() < deadline:
+                seen = len(found)
+                if not changed.wait_for(
+                    lambda n=seen: len(found) != n, min(settle, deadline - time.monotonic())
+                ):
+                    break
+    finally:
+        client.close()
+    return {
+        device: {
+            "root": report.trust_root,
+            "timestamp_expires": (
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(report.trust_expires))
+                if report.trust_expires is not None
+                else None
+            ),
+            "status": report.status,
+        }
+        for device, report in sorted(found.items())
+    }
+
+
 @app.command("status")
-def status(fleet: str = FLEET, json_out: bool = JSON) -> None:
-    """Roles, keys, thresholds, versions and expiries of fleet F; what waits for signatures."""
+def status(
+    fleet: str = FLEET,
+    devices: bool = typer.Option(
+        False, "--devices", help="Also list each device's root version and expiry (from the broker)."
+    ),
+    broker: Optional[str] = typer.Option(
+        None, "--broker", help="Broker URL for --devices (default: config)."
+    ),
+    json_out: bool = JSON,
+) -> None:
+    """Roles, keys, thresholds, versions and expiries of fleet F; what waits for signatures;
+    with --devices, which device trusts which root."""
     from edgekit.fleet.trustrepo import role_summary
 
-    summary = role_summary(_load(fleet))
+    repo = _load(fleet)
+    summary = role_summary(repo)
+    current = repo.roots[-1].signed.version if repo.roots else None
+    if devices:
+        summary["devices"] = _device_trust(fleet, broker)
+        for entry in summary["devices"].values():
+            entry["stuck_on_old_root"] = (
+                entry["root"] is not None and current is not None and entry["root"] < current
+            )
     if json_out:
         print_json(summary)
         return
@@ -346,6 +418,14 @@ def status(fleet: str = FLEET, json_out: bool = JSON) -> None:
         console.print(
             f"pending    {role}: waiting for signatures (`edgekit trust sign`, `edgekit trust submit`)"
         )
+    for device, entry in summary.get("devices", {}).items():
+        if entry["root"] is None:
+            console.print(f"device {device}: not on the key hierarchy yet (`edgekit trust upgrade`)")
+        else:
+            stuck = f"  STUCK: the fleet is on root v{current}" if entry["stuck_on_old_root"] else ""
+            console.print(
+                f"device {device}: root v{entry['root']}, timestamp expires {entry['timestamp_expires']}{stuck}"
+            )
 
 
 @app.command("export-root")

@@ -175,6 +175,10 @@ def test_drill_root_rotation_2_of_3_reaches_every_device_and_one_signature_is_re
     late = fleet.start("pi-02")
     fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", "pi-02"))
     assert late._tuf.root_version == 3  # type: ignore[union-attr]
+    # Both say so in their state, with when their timestamp expires (what the fleet watches).
+    for device in ("pi-01", "pi-02"):
+        fleet.watcher.wait_for(lambda _, d=device: fleet.watcher.states(d)[-1].trust_root == 3)
+        assert fleet.watcher.states(device)[-1].trust_expires > time.time()
 
 
 def test_drill_freeze_raises_freeze_suspected_and_the_device_keeps_serving(fleet, bundles, key, models):

@@ -166,6 +166,10 @@ def test_an_operator_drives_a_tuf_device_with_the_cli_alone(
         assert daemon.installed.wait(60)
         assert agent.status().version == "1.0.0"
         assert daemon.trust_report is not None and daemon.trust_report.root_version == 1
+        daemon.publish_state(wait=10)
+        listed = run_json("trust", "status", *fleet, "--devices", "--broker", mosquitto.url)["devices"]
+        assert listed["pi-01"]["root"] == 1 and listed["pi-01"]["stuck_on_old_root"] is False
+        assert listed["pi-01"]["timestamp_expires"].endswith("Z")
     finally:
         daemon.stop()
         agent.close()
