@@ -362,10 +362,7 @@ def _device_trust(
         deadline = time.monotonic() + limit
         with changed:
             while time.monotonic() < deadline:
-                seen = len(found)
-                if not changed.wait_for(
-                    lambda n=seen: len(found) != n, min(settle, deadline - time.monotonic())
-                ):
+                if not _wait_for_more(changed, found, min(settle, deadline - time.monotonic())):
                     break
     finally:
         client.close()
@@ -381,6 +378,11 @@ def _device_trust(
         }
         for device, report in sorted(found.items())
     }
+
+
+def _wait_for_more(changed: Any, found: dict[str, Any], timeout: float) -> bool:
+    seen = len(found)
+    return bool(changed.wait_for(lambda: len(found) != seen, timeout))
 
 
 @app.command("status")
