@@ -12,6 +12,9 @@
   process binds itself, so a busy port is a one-line error, not a traceback;
 - the rollout controller (:class:`edgekit.fleet.controller.RolloutController`), which drives
   saved rollouts that nobody drives (``controller=True``, with ``home``);
+- with ``home`` holding fleets' TUF repositories (``edgekit trust init``), a thread that
+  re-signs and publishes their online roles (timestamp, snapshot, desired) before they expire
+  (:func:`edgekit.fleet.trustrepo.keep_fresh`), with each fleet's online key;
 - every MQTT connection uses the URL's account, else the operator account under ``home``;
 - **metrics across processes**: each worker sends the increase of its counters (telemetry
   ingested and duplicates, events, states, rejections by kind and reason, database errors)
@@ -39,7 +42,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any, Optional
 
-from edgekit.errors import ConfigError
+from edgekit.errors import ConfigError, EdgekitError
 from edgekit.mqtt import MqttClient, parse_broker_url
 from edgekit.topics import DEFAULT_PREFIX, Topics
 
@@ -78,6 +81,8 @@ class ServiceConfig:
     home: Optional[str] = None
     #: The ingest workers read MQTT with edgekit's own read side (False: the MQTT library's; for measuring).
     fast_read: bool = True
+    #: Seconds between two checks of the fleets' online TUF roles (re-signed before they expire).
+    trust_interval: float = 60.0
 
     def validate(self) -> None:
         if not 1 <= self.workers <= 64:
@@ -187,6 +192,7 @@ class FleetService:
         self._threads: list[threading.Thread] = []
         self._server: Any = None
         self._controller: Any = None
+        self._keeper_stop = threading.Event()
         self._socket: Optional[socket.socket] = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -235,9 +241,48 @@ class FleetService:
             # The controller reads rollouts and fleet records, never the catalog: no keys to trust.
             control = ControlPlane(self.registry, actor=f"fleet serve ({operator_name()})")
             self._controller = RolloutController(self.config.broker, home, control).start()
+        if home is not None and (home / "trust").is_dir():
+            thread = threading.Thread(
+                target=self._keep_trust, args=(home,), name="edgekit-service-trust", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
         if self._socket is not None:
             self._serve_dashboard(self._socket)
         return self
+
+    def _keep_trust(self, home: Path) -> None:
+        """Every ``trust_interval`` seconds: re-sign and publish the online TUF roles (timestamp,
+        snapshot, desired) of every fleet under ``home/trust`` before they expire."""
+        from edgekit.keys import load_signing_key
+
+        from .push import connect_operator
+        from .trustrepo import keep_fresh
+
+        topics = Topics(self.config.prefix)
+        client: Optional[MqttClient] = None
+
+        def publish(fleet: str, role: str, data: bytes) -> None:
+            nonlocal client
+            if client is None:
+                client = connect_operator(self.config.broker, home=home)
+            client.publish(topics.fleet_trust(fleet, role), data, retain=True).wait(30)
+
+        try:
+            while True:
+                try:
+                    done = keep_fresh(
+                        home, publish, lambda name: load_signing_key(home, name), now=time.time()
+                    )
+                    for fleet, roles in done.items():
+                        log.info("re-signed and published %s of fleet %s", ", ".join(roles), fleet)
+                except EdgekitError as exc:  # the broker is away: try again next time
+                    log.error("could not publish fresh trust metadata: %s", exc)
+                if self._keeper_stop.wait(self.config.trust_interval):
+                    return
+        finally:
+            if client is not None:
+                client.close()
 
     def _listen(self) -> socket.socket:
         host, port = self.config.host, self.config.http_port
@@ -297,6 +342,7 @@ class FleetService:
             self._server.should_exit = True
         if self._controller is not None:
             self._controller.stop()  # finishes the step under way; the rollouts stay saved
+        self._keeper_stop.set()
         self._stop.set()
         deadline = time.monotonic() + timeout
         for process in self._workers.values():

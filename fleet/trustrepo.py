@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Optional
 
 from edgekit.atomic import atomic_write
 from edgekit.desired import DesiredState
-from edgekit.errors import TrustMetadataError
+from edgekit.errors import EdgekitError, TrustMetadataError
 from edgekit.keys import PublicKey, SigningKey
 from edgekit.roles import DESIRED_ROLE, bundle_target_path, desired_target_path
 from edgekit.schema import refuse
@@ -46,7 +47,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-__all__ = ["Expiry", "TrustRepository", "load_repository", "role_summary", "tuf_key"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Expiry", "TrustRepository", "keep_fresh", "load_repository", "role_summary", "tuf_key"]
 
 ONLINE_TOP = (Timestamp.type, Snapshot.type)
 OFFLINE = (Root.type, Targets.type)
@@ -104,6 +107,8 @@ class TrustRepository:
         self.roles: dict[str, Metadata[Any]] = dict(roles)
         self.pending: dict[str, Metadata[Any]] = dict(pending or {})
         self.expiry = expiry
+        #: The name of the online key (``edgekit keys``) that `fleet serve` re-signs with.
+        self.online_key: Optional[str] = None
 
     # -- creation ---------------------------------------------------------------------------
 
@@ -439,6 +444,23 @@ class TrustRepository:
         self.roles[DESIRED_ROLE] = self._signed(desired, online, DESIRED_ROLE)
         self._publish_online(online, now=now, desired=False)
 
+    def resign_online(self, online: Sequence[SigningKey], *, now: float) -> list[str]:
+        """Re-sign the online roles that expire within half their lifetime (desired and snapshot
+        together, else the timestamp alone); returns the roles re-signed."""
+
+        def due(role: str) -> bool:
+            md = self.roles[role]
+            left = md.signed.expires.timestamp() - now
+            return not md.signatures or left < self.expiry.of(role) / 2
+
+        if due(DESIRED_ROLE) or due(Snapshot.type):
+            self._publish_online(online, now=now)
+            return [DESIRED_ROLE, Snapshot.type, Timestamp.type]
+        if due(Timestamp.type):
+            self._timestamp(online, now)
+            return [Timestamp.type]
+        return []
+
     def refresh_timestamp(self, online: Sequence[SigningKey], *, now: float) -> None:
         """A new timestamp (and nothing else): what the service does before the old one expires."""
         self._timestamp(online, now)
@@ -499,14 +521,17 @@ class TrustRepository:
                 stale.unlink()
         for role, md in self.pending.items():
             atomic_write(base / "pending" / f"{role}.json", _bytes(md))
-        atomic_write(base / "fleet.json", json.dumps({"fleet": self.fleet}).encode())
+        atomic_write(
+            base / "fleet.json", json.dumps({"fleet": self.fleet, "online_key": self.online_key}).encode()
+        )
 
 
 def load_repository(directory: str | Path, expiry: Expiry = Expiry()) -> TrustRepository:
     """The repository kept in ``directory`` (see the module's docstring)."""
     base = Path(directory)
     try:
-        fleet = json.loads((base / "fleet.json").read_bytes())["fleet"]
+        info = json.loads((base / "fleet.json").read_bytes())
+        fleet, online_key = info["fleet"], info.get("online_key")
     except FileNotFoundError:
         raise refuse(
             TrustMetadataError,
@@ -529,7 +554,9 @@ def load_repository(directory: str | Path, expiry: Expiry = Expiry()) -> TrustRe
         if (base / f"{role}.json").exists()
     }
     pending = {p.stem: read(p) for p in sorted((base / "pending").glob("*.json"))}
-    return TrustRepository(fleet, roots, roles, pending, expiry)
+    repo = TrustRepository(fleet, roots, roles, pending, expiry)
+    repo.online_key = online_key if isinstance(online_key, str) else None
+    return repo
 
 
 def role_summary(repo: TrustRepository) -> dict[str, Any]:
@@ -547,3 +574,36 @@ def role_summary(repo: TrustRepository) -> dict[str, Any]:
             entry["expires"] = md.signed.expires.strftime("%Y-%m-%dT%H:%M:%SZ")
         out["roles"][role] = entry
     return out
+
+
+def keep_fresh(
+    home: str | Path,
+    publish: Callable[[str, str, bytes], None],
+    load_key: Callable[[str], SigningKey],
+    *,
+    now: float,
+) -> dict[str, list[str]]:
+    """What `fleet serve` does every minute: for each fleet under ``home/trust`` with an online
+    key, re-sign the online roles about to expire and publish them (``publish(fleet, role,
+    bytes)``). Returns, per fleet, the roles re-signed. A fleet that cannot be kept fresh is
+    logged (devices will raise freeze_suspected) and the others go on."""
+    done: dict[str, list[str]] = {}
+    for info in sorted(Path(home, "trust").glob("*/fleet.json")):
+        try:
+            repo = load_repository(info.parent)
+            if (
+                not repo.roots
+                or repo.online_key is None
+                or (Targets.type in repo.pending and not repo.roles[Timestamp.type].signatures)
+            ):
+                continue
+            roles = repo.resign_online([load_key(repo.online_key)], now=now)
+            if not roles:
+                continue
+            repo.save(info.parent)
+            for role in roles:
+                publish(repo.fleet, role, _bytes(repo.roles[role]))
+            done[repo.fleet] = roles
+        except EdgekitError as exc:
+            log.error("could not keep the trust metadata of %s fresh: %s", info.parent.name, exc)
+    return done

@@ -131,6 +131,7 @@ def init(
         online_keys=[_public(online_key)],
         now=now,
     )
+    repo.online_key = online_key  # `fleet serve` re-signs the online roles with it
     for key in _local_signers(names):
         repo.sign("root", key)
     for key in _local_signers([targets_key]):
@@ -187,13 +188,14 @@ def submit(
     signed: list[Path] = typer.Option(
         [], "--signed", help="Copies signed elsewhere, to collect (repeatable)."
     ),
-    online_key: str = typer.Option(
-        "online", "--online-key", help="The online key, to re-sign what depends on it."
+    online_key: Optional[str] = typer.Option(
+        None, "--online-key", help="The online key, to re-sign what depends on it (default: the fleet's)."
     ),
     json_out: bool = JSON,
 ) -> None:
     """Collect signatures on the pending ROLE and apply it once its thresholds are met."""
     repo = _load(fleet)
+    online_key = online_key or repo.online_key or "online"
     for path in signed:
         try:
             repo.add_signature(role, path.read_bytes())
@@ -242,9 +244,10 @@ def revoke(
     """Remove a (lost or stolen) key from every role of fleet F; the change needs the root and/or
     targets thresholds (`trust sign`, `trust submit`)."""
     repo = _load(fleet)
-    pending = repo.revoke(
-        _full_id(repo, key), replacement=_public(replacement) if replacement else None, now=time.time()
-    )
+    keyid = _full_id(repo, key)
+    pending = repo.revoke(keyid, replacement=_public(replacement) if replacement else None, now=time.time())
+    if replacement and repo.online_key and _public(repo.online_key).key_id == keyid:
+        repo.online_key = replacement  # what `fleet serve` re-signs with from now on
     repo.save(_dir(fleet))
     _report(repo, json_out, f"Revoking {key} waits for signatures on the pending {', '.join(pending)}")
 
