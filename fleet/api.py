@@ -206,7 +206,7 @@ def api_routes(ctx: ApiContext) -> list[Route]:
         control = ctx.control(who)
         client = connect_operator(ctx.broker, ctx.username, ctx.password, home=ctx.home)
         try:
-            link = FleetLink(client, fleet, ctx.key(), control)
+            link = FleetLink(client, fleet, ctx.key(), control, trust_home=ctx.home)
             link.discover()
             return work(control, link)
         finally:

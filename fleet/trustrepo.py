@@ -17,10 +17,12 @@ with the fleet service's online key.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,7 +51,18 @@ from tuf.api.serialization.json import JSONSerializer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Expiry", "TrustRepository", "keep_fresh", "load_repository", "role_summary", "tuf_key"]
+__all__ = [
+    "Expiry",
+    "TrustRepository",
+    "check_authorised",
+    "has_repository",
+    "keep_fresh",
+    "load_repository",
+    "publish_desired",
+    "repository_lock",
+    "role_summary",
+    "tuf_key",
+]
 
 ONLINE_TOP = (Timestamp.type, Snapshot.type)
 OFFLINE = (Root.type, Targets.type)
@@ -590,20 +603,90 @@ def keep_fresh(
     done: dict[str, list[str]] = {}
     for info in sorted(Path(home, "trust").glob("*/fleet.json")):
         try:
-            repo = load_repository(info.parent)
-            if (
-                not repo.roots
-                or repo.online_key is None
-                or (Targets.type in repo.pending and not repo.roles[Timestamp.type].signatures)
-            ):
-                continue
-            roles = repo.resign_online([load_key(repo.online_key)], now=now)
-            if not roles:
-                continue
-            repo.save(info.parent)
-            for role in roles:
-                publish(repo.fleet, role, _bytes(repo.roles[role]))
-            done[repo.fleet] = roles
+            with repository_lock(info.parent):
+                roles = _keep_one(info.parent, publish, load_key, now)
         except EdgekitError as exc:
             log.error("could not keep the trust metadata of %s fresh: %s", info.parent.name, exc)
+            continue
+        if roles:
+            done[info.parent.name] = roles
     return done
+
+
+def _keep_one(
+    directory: Path,
+    publish: Callable[[str, str, bytes], None],
+    load_key: Callable[[str], SigningKey],
+    now: float,
+) -> list[str]:
+    repo = load_repository(directory)
+    if not repo.roots or repo.online_key is None or not repo.roles[Timestamp.type].signatures:
+        return []  # not set up yet (`edgekit trust init`, `trust submit`)
+    roles = repo.resign_online([load_key(repo.online_key)], now=now)
+    if roles:
+        repo.save(directory)
+        for role in roles:
+            publish(repo.fleet, role, _bytes(repo.roles[role]))
+    return roles
+
+
+@contextlib.contextmanager
+def repository_lock(directory: str | Path) -> Iterator[None]:
+    """Hold ``directory``'s lock while reading, changing and saving a repository: `fleet serve`
+    re-signing the timestamp and a push signing a desired state must not both make version N+1."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with open(Path(directory) / ".lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_authorised(repo: TrustRepository, sha256: str, label: str) -> None:
+    """TrustMetadataError naming the fix unless targets authorises the bundle ``sha256``."""
+    if sha256 not in repo.authorised():
+        raise refuse(
+            TrustMetadataError,
+            "unauthorised",
+            f"{label} is not authorised for fleet {repo.fleet}: its devices would refuse it; "
+            f"authorise it with `edgekit trust authorise BUNDLE --fleet {repo.fleet}` (signed by the "
+            "targets key, then `edgekit trust submit targets`) and push again",
+        )
+
+
+def has_repository(home: str | Path, fleet: str) -> bool:
+    return (Path(home) / "trust" / fleet / "fleet.json").exists()
+
+
+def publish_desired(
+    home: str | Path,
+    state: DesiredState,
+    publish: Callable[[str, bytes], None],
+    *,
+    now: float,
+) -> bool:
+    """If ``state``'s fleet has a trust repository under ``home/trust``: sign ``state`` into its
+    desired role with the fleet's online key and ``publish(role, bytes)`` desired, snapshot and
+    timestamp (True). False when the fleet has none (single-key trust only). TrustMetadataError
+    when targets does not authorise the bundle (devices would refuse it)."""
+    from edgekit.keys import load_signing_key
+
+    directory = Path(home) / "trust" / state.fleet
+    if not has_repository(home, state.fleet):
+        return False
+    with repository_lock(directory):
+        repo = load_repository(directory)
+        check_authorised(repo, state.bundle_sha256, f"{state.bundle_name}@{state.bundle_version}")
+        if repo.online_key is None:
+            raise refuse(
+                TrustMetadataError,
+                "malformed",
+                f"fleet {state.fleet}'s trust repository names no online key; re-create it with "
+                "`edgekit trust init`",
+            )
+        repo.set_desired([state], [load_signing_key(home, repo.online_key)], now=now)
+        repo.save(directory)
+        for role in (DESIRED_ROLE, Snapshot.type, Timestamp.type):
+            publish(role, _bytes(repo.roles[role]))
+    return True
