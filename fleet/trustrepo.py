@@ -100,6 +100,11 @@ def _bytes(md: Metadata[Any]) -> bytes:
     return md.to_bytes(_SERIALIZER)
 
 
+def _seq_of(target: TargetFile) -> int:
+    seq = target.unrecognized_fields.get("custom", {}).get("edgekit", {}).get("seq", 0)
+    return seq if isinstance(seq, int) else 0
+
+
 def _short(keyid: str) -> str:
     return keyid[:16]
 
@@ -227,11 +232,7 @@ class TrustRepository:
 
     def last_seq(self) -> int:
         """The highest seq of the desired states in the desired role (0: none)."""
-        seqs = [
-            t.unrecognized_fields.get("custom", {}).get("edgekit", {}).get("seq", 0)
-            for t in self.roles[DESIRED_ROLE].signed.targets.values()
-        ]
-        return max([0, *[s for s in seqs if isinstance(s, int)]])
+        return max([0, *(_seq_of(t) for t in self.roles[DESIRED_ROLE].signed.targets.values())])
 
     def files(self) -> dict[str, bytes]:
         """What to publish: ``root/<v>`` for every root, and each role's current metadata."""
@@ -452,6 +453,14 @@ class TrustRepository:
             target = TargetFile.from_data(path, doc, ["sha256"])
             target.unrecognized_fields["custom"] = {"edgekit": json.loads(doc)}
             desired.targets[path] = target
+        fleet_wide = desired.targets.get(desired_target_path())
+        if fleet_wide is not None:
+            # A device's own document older than the fleet's is never applied again: drop it, so
+            # the role (which every device of the fleet receives) does not grow with old canaries.
+            floor = _seq_of(fleet_wide)
+            for path in [p for p, t in desired.targets.items() if p != desired_target_path()]:
+                if _seq_of(desired.targets[path]) < floor:
+                    del desired.targets[path]
         desired.version += 1
         desired.expires = _expires(now, self.expiry.desired)
         self.roles[DESIRED_ROLE] = self._signed(desired, online, DESIRED_ROLE)

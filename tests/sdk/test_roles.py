@@ -53,6 +53,10 @@ def test_a_per_device_desired_state_is_for_that_device_only(sim: TrustSim) -> No
     other = DeviceTrust(sim.fleet, "cam-2", sim.root1).refresh(Retained(sim.files()), now=sim.now)
     assert mine.desired is not None and mine.desired.bundle_version == "1.1.0"
     assert other.desired is not None and other.desired.bundle_version == "1.0.0"
+    # A newer fleet-wide state supersedes the canary's, which leaves the role.
+    sim.desire("1.1.0")
+    assert set(json.loads(sim.files()["desired"])["signed"]["targets"]) == {"fleet"}
+    assert device_of(sim).refresh(Retained(sim.files()), now=sim.now).desired.seq == sim.seq  # type: ignore[union-attr]
 
 
 def test_the_online_key_cannot_name_a_bundle_targets_does_not_authorise(sim: TrustSim) -> None:
