@@ -34,9 +34,18 @@ def _dir(fleet: str) -> Path:
     return edgekit_home() / "trust" / fleet
 
 
-def _load(fleet: str) -> TrustRepository:
-    from edgekit.fleet.trustrepo import load_repository
+_HELD: list[Any] = []  # the repository locks this command holds, until it exits
 
+
+def _load(fleet: str, *, edit: bool = True) -> TrustRepository:
+    """Fleet F's repository; with ``edit``, locked until this command exits (so `fleet serve`
+    re-signing the timestamp meanwhile cannot make the same version)."""
+    from edgekit.fleet.trustrepo import load_repository, repository_lock
+
+    if edit and (_dir(fleet) / "fleet.json").exists():
+        lock = repository_lock(_dir(fleet))
+        lock.__enter__()
+        _HELD.append(lock)
     return load_repository(_dir(fleet))
 
 
@@ -403,7 +412,7 @@ def status(
     with --devices, which device trusts which root."""
     from edgekit.fleet.trustrepo import role_summary
 
-    repo = _load(fleet)
+    repo = _load(fleet, edit=False)
     summary = role_summary(repo)
     current = repo.roots[-1].signed.version if repo.roots else None
     if devices:
@@ -439,7 +448,7 @@ def export_root(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here (default: stdout)."),
 ) -> None:
     """The fleet's first root, to provision devices with (agent.toml: trust_root)."""
-    data = _load(fleet).files().get("root/1")
+    data = _load(fleet, edit=False).files().get("root/1")
     if data is None:
         raise refuse(
             TrustMetadataError, "threshold", f"fleet {fleet} has no signed root yet; `trust submit root`"
@@ -462,7 +471,7 @@ def publish(
 
     from ..topics import Topics
 
-    files = _load(fleet).files()
+    files = _load(fleet, edit=False).files()
     order = sorted((n for n in files if n.startswith("root/")), key=lambda n: int(n.split("/")[1]))
     order += [n for n in ("targets", "desired", "snapshot", "timestamp") if n in files]
     cfg = WorkstationConfig.load(broker=broker)
@@ -491,7 +500,7 @@ def upgrade(
     from ..roles import sign_trust_upgrade
     from ..topics import Topics
 
-    root = _load(fleet).files().get("root/1")
+    root = _load(fleet, edit=False).files().get("root/1")
     if root is None:
         raise refuse(
             TrustMetadataError, "threshold", f"fleet {fleet} has no signed root yet; `trust submit root`"
