@@ -41,7 +41,7 @@ from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
 from .drift import DriftMonitor, DriftReport
-from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle
+from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle, StepSink
 from .outbox import Outbox
 from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
 
@@ -397,14 +397,17 @@ class Agent:
 
     # -- changing the installed bundle ---------------------------------------------------------
 
-    def install(self, source: BundleSource, *, allow_downgrade: bool = False) -> InstallResult:
+    def install(
+        self, source: BundleSource, *, allow_downgrade: bool = False, step: StepSink | None = None
+    ) -> InstallResult:
         """Verify, install and start serving a bundle (a ``.ekb`` path as str or path-like, its bytes, a
         :class:`~edgekit.bundle.Bundle` from :func:`~edgekit.bundle.read_bundle`, or a
         :class:`~edgekit.transfer.StagedBundle` from
         :func:`~edgekit.transfer.fetch_staged_bundle`); on any failure the current one keeps
-        serving."""
+        serving. ``step(name)`` is told each step as it begins (``verifying``, ``installing``,
+        ``health-checking``; see :data:`~edgekit.agent.install.StepSink`)."""
         if not self.config.low_memory_install or self._served is None:
-            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade)
+            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade, step=step)
             if result.changed or self._served is None:
                 self._close_window()
                 self._serve(loaded)
@@ -426,7 +429,9 @@ class Agent:
             _return_freed_memory()
 
         try:
-            result, loaded = self.store.install(source, allow_downgrade=allow_downgrade, make_room=make_room)
+            result, loaded = self.store.install(
+                source, allow_downgrade=allow_downgrade, make_room=make_room, step=step
+            )
             if held:
                 self._served = _Served(loaded, self.config)
             elif result.changed:
@@ -504,7 +509,10 @@ class Agent:
                 "drifted": report.drifted,
                 "complete": report.complete,
                 "samples": report.samples,
-                "scores": {f.name: {"psi": f.psi, "ks": f.ks} for f in report.features},
+                "scores": {
+                    f.name: {"psi": f.psi, "ks": f.ks, "psi_limit": f.psi_limit} for f in report.features
+                },
+                "psi_threshold": report.psi_threshold,
                 "severity": report.severity,
                 "windows": report.windows,  # a new verdict when this grows; else the last one again
                 "summary": report.summary,
@@ -526,6 +534,8 @@ class Agent:
             cpu_percent=self._system.cpu_percent(),
             memory_rss_bytes=self._system.memory_rss_bytes(),
             temperature_c=self._system.temperature_c(),
+            memory_used_percent=self._system.memory_used_percent(),
+            disk_used_percent=self._system.disk_used_percent(self.config.state_dir),
             runtime=served.loaded.model.runtime if served is not None else None,
         )
         try:

@@ -7,10 +7,16 @@ throughout) and one :class:`~edgekit.mqtt.MqttClient`:
   (:func:`edgekit.desired.verify_desired_state`: trusted signer, this fleet/device, not
   expired, a sequence number above the last one applied, kept on disk) before anything else;
   a refused document is logged and recorded as an event, and the device keeps serving.
-- A new target bundle is fetched from the broker's retained chunks into ``state_dir/downloads``
-  (resumable across restarts and broker outages), verified, and installed by the agent's
-  crash-safe pipeline (health check included). A desired state may name an older bundle: that is
-  how an operator rolls back, so it is installed without the offline downgrade guard.
+- A new target bundle is deployed by the state machine of :mod:`edgekit.agent.deployment`
+  (fetching → verifying → installing → health-checking → serving, or rolled-back), each state
+  persisted before it runs, so a kill -9 resumes in the right state: fetched from the broker's
+  retained chunks into ``state_dir/downloads`` (resumable across restarts and broker outages;
+  it fails on inactivity, ``download_stall_timeout`` seconds without a chunk while connected,
+  not after a flat limit), verified, and installed by the agent's crash-safe pipeline (health
+  check included). A newer desired state naming another bundle preempts a download in
+  progress; :meth:`AgentDaemon.stop` (SIGTERM) cancels one within a fraction of a second. A
+  desired state may name an older bundle: that is how an operator rolls back, so it is
+  installed without the offline downgrade guard.
 - It publishes its state (retained; the MQTT will marks it ``offline``): serving, downloading
   with progress, verifying, installing, or failed with the reason. Telemetry records and events
   are taken from the agent's on-disk outboxes and published with QoS 1 in ``seq`` order; a
@@ -29,6 +35,7 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -39,6 +46,7 @@ from edgekit.errors import (
     BrokerError,
     ConfigError,
     DesiredStateError,
+    DownloadCancelledError,
     DownloadStalledError,
     EdgekitError,
     TopicError,
@@ -50,7 +58,9 @@ from edgekit.reports import DeviceStateReport
 from edgekit.topics import Topics
 from edgekit.transfer import fetch_staged_bundle
 
+from . import deployment
 from .agent import Agent
+from .deployment import DeploymentRecord
 
 if TYPE_CHECKING:
     from edgekit.roles import DeviceTrust, TrustReport
@@ -140,8 +150,10 @@ class AgentDaemon:
         *,
         client: Optional[MqttClient] = None,
         upload_interval: float = 5.0,
-        fetch_timeout: float = 3600.0,
+        fetch_timeout: Optional[float] = None,
     ) -> None:
+        """``fetch_timeout``: an overall limit on one download in seconds (None, the default:
+        none; a download fails on inactivity, ``download_stall_timeout``)."""
         self.agent = agent
         config = agent.config
         self.device = config.device
@@ -166,7 +178,12 @@ class AgentDaemon:
         #: Set each time the device verified a new set of TUF metadata.
         self.trust_changed = threading.Event()
         self._lock = threading.Lock()
-        self._target: Optional[DesiredState] = None
+        #: The next deployment to run, and the signed desired state that names it.
+        self._target: Optional[tuple[DesiredState, bytes]] = None
+        #: The deployment the worker runs (its desired state), and what cancels its download.
+        self._running: Optional[DesiredState] = None
+        self._cancel = threading.Event()
+        self._record = self._load_deployment()
         self._wake_worker = threading.Event()
         self._wake_uploader = threading.Event()
         self._stop = threading.Event()
@@ -208,8 +225,11 @@ class AgentDaemon:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker and uploader, publish a last ``offline`` state, disconnect."""
+        """Stop the worker (a download in progress is cancelled, kept, and resumed at the next
+        start) and the uploader, publish a last ``offline`` state, disconnect."""
         self._stop.set()
+        with self._lock:
+            self._cancel.set()
         self._wake_worker.set()
         self._wake_uploader.set()
         for thread in self._threads:
@@ -291,9 +311,11 @@ class AgentDaemon:
             self.agent.record_event("desired_refused", str(exc), None)
             self._wake_uploader.set()
             return
-        self._accept(state)
+        self._accept(state, bytes(message.payload))
 
-    def _accept(self, state: DesiredState) -> None:
+    def _accept(self, state: DesiredState, envelope: bytes) -> None:
+        """Apply a verified desired state: ``envelope`` is what the deployment record keeps
+        (the signed single-key envelope, or under TUF the document's canonical bytes)."""
         self._desired = {"seq": state.seq, "bundle": state.bundle_sha256, "version": state.bundle_version}
         self._save_desired()
         log.info(
@@ -305,7 +327,19 @@ class AgentDaemon:
             state.scope,
         )
         with self._lock:
-            self._target = state
+            self._target = (state, envelope)
+            running = self._running
+            if running is not None and running.bundle_sha256 != state.bundle_sha256:
+                # A newer desired state preempts the deployment in progress: its download stops
+                # at once (an install already under way finishes first: it is short).
+                log.info(
+                    "device %s: desired state seq %d preempts the deployment of %s@%s",
+                    self.device,
+                    state.seq,
+                    running.bundle_name,
+                    running.bundle_version,
+                )
+                self._cancel.set()
         self._wake_worker.set()
 
     def _resume(self, envelope: bytes) -> None:
@@ -324,9 +358,12 @@ class AgentDaemon:
             return
         if state.bundle_sha256 != self._desired.get("bundle"):
             return  # the fleet's and the device's documents share numbers; not the one applied
-        log.info("device %s resumes installing %s@%s", self.device, state.bundle_name, state.bundle_version)
         with self._lock:
-            self._target = state
+            running = self._running
+            if running is not None and running.bundle_sha256 == state.bundle_sha256:
+                return  # the deployment resumed from disk at start is on it already
+            self._target = (state, envelope)
+        log.info("device %s resumes installing %s@%s", self.device, state.bundle_name, state.bundle_version)
         self._wake_worker.set()
 
     # -- TUF trust (edgekit.roles) ------------------------------------------------------------
@@ -459,7 +496,7 @@ class AgentDaemon:
         state = report.desired
         last = self.last_seq
         if state is not None and (last is None or state.seq > last):
-            self._accept(state)
+            self._accept(state, state.to_json())
         elif (
             state is not None
             and (report.changed or first)
@@ -468,8 +505,9 @@ class AgentDaemon:
             and state.bundle_sha256 not in (self._serving_id(), self._desired.get("failed"))
         ):
             with self._lock:
-                if self._target is None:
-                    self._target = state
+                running = self._running
+                if self._target is None and (running is None or running.bundle_sha256 != state.bundle_sha256):
+                    self._target = (state, state.to_json())
             self._wake_worker.set()
         if report.changed:
             self.trust_changed.set()
@@ -503,6 +541,7 @@ class AgentDaemon:
         return served.bundle.bundle_id if served is not None else None
 
     def _worker(self) -> None:
+        self._resume_deployment()
         while not self._stop.is_set():
             self._wake_worker.wait()
             self._wake_worker.clear()
@@ -510,65 +549,177 @@ class AgentDaemon:
                 target, self._target = self._target, None
             if target is None or self._stop.is_set():
                 continue
-            if target.bundle_sha256 == self._serving_id():
-                self.publish_state()
-                continue
-            try:
-                self._apply(target)
-            except DownloadStalledError as exc:  # the broker does not hold or send the chunks
-                # Not marked failed: a reconnect, or the bundle published again, resumes it.
-                message = f"device {self.device}: {exc}"
-                log.error("%s", message)
-                self.agent.record_event(
-                    "download_stalled",
-                    message,
-                    {
-                        "name": target.bundle_name,
-                        "version": target.bundle_version,
-                        "bundle_id": target.bundle_sha256,
-                    },
-                )
-                self.publish_state("failed", target=target, error=message)
-            except BrokerError as exc:  # the transport, not the bundle: a reconnect resumes it
-                log.warning(
-                    "device %s: fetching %s@%s stopped: %s",
-                    self.device,
-                    target.bundle_name,
-                    target.bundle_version,
-                    exc,
-                )
-            except EdgekitError as exc:
-                self._desired["failed"] = target.bundle_sha256  # not retried until a new document
-                self._save_desired()
-                # A failed download is not resumed: give its space back (a full disk is a reason).
-                shutil.rmtree(self.state_dir / DOWNLOADS_DIR / target.bundle_sha256, ignore_errors=True)
-                log.error(
-                    "device %s could not install %s@%s: %s",
-                    self.device,
-                    target.bundle_name,
-                    target.bundle_version,
-                    exc,
-                )
-                self.agent.record_event(
-                    "install_failed",
-                    str(exc),
-                    {
-                        "name": target.bundle_name,
-                        "version": target.bundle_version,
-                        "bundle_id": target.bundle_sha256,
-                    },
-                )
-                self.publish_state("failed", target=target, error=str(exc))
-            except Exception as exc:
-                log.exception(
-                    "device %s: unexpected error installing %s", self.device, target.bundle_sha256[:12]
-                )
-                self.publish_state("failed", target=target, error=f"{type(exc).__name__}: {exc}")
+            self._deploy(*target)
             self._wake_uploader.set()
 
-    def _apply(self, target: DesiredState) -> None:
+    # -- the deployment state machine (agent/deployment.py) ------------------------------------
+
+    def _load_deployment(self) -> DeploymentRecord:
+        record = deployment.load_deployment(self.state_dir)
+        if record is not None:
+            return record
+        message = f"{deployment.DEPLOYMENT_FILE} is damaged; a deployment in progress starts again"
+        log.error("device %s: %s", self.device, message)
+        self.agent.record_event("store_damaged", message, None)
+        return DeploymentRecord()
+
+    def _enter(self, state: str, error: Optional[str] = None) -> None:
+        """Persist the deployment's next state (before it runs), report it, and pass the
+        fault-injection point of the kill -9 tests."""
+        record = replace(self._record, state=state, error=error)
+        try:
+            record = deployment.save_deployment(self.state_dir, record)
+        except OSError as exc:  # a full disk: the deployment goes on; a restart starts it again
+            log.error(
+                "device %s could not save %s: %s",
+                self.device,
+                deployment.DEPLOYMENT_FILE,
+                exc.strerror or exc,
+            )
+        self._record = record
+        log.info("device %s: deployment of %s is %s", self.device, record.label, state)
+        running = self._running
+        if state in (deployment.VERIFYING, deployment.INSTALLING, deployment.HEALTH_CHECKING):
+            status = "verifying" if state == deployment.VERIFYING else "installing"
+            self.publish_state(status, target=running)
+        deployment.fault_point(state)
+
+    def _resume_deployment(self) -> None:
+        """At start, before anything else: go on with the deployment a kill or a stop cut
+        short, from the state :func:`~edgekit.agent.deployment.on_restart` says."""
+        found = self._record
+        downloads = self.state_dir / DOWNLOADS_DIR
+        for entry in downloads.iterdir() if downloads.is_dir() else ():
+            if found.state not in deployment.ACTIVE or entry.name != found.bundle_id:
+                shutil.rmtree(entry, ignore_errors=True)  # left by a kill after its deployment ended
+        if found.state not in deployment.ACTIVE:
+            deployment.fault_point(found.state)  # idle, serving, rolled-back: nothing to resume
+            return
+        record = deployment.on_restart(found, self._serving_id())
+        log.info(
+            "device %s: the deployment of %s was %s when the agent stopped; now %s",
+            self.device,
+            found.label,
+            found.state,
+            record.state,
+        )
+        self._record = record
+        if record.state == deployment.SERVING:  # killed after the commit: done
+            self._enter(deployment.SERVING)
+            self.installed.set()
+            self.publish_state()
+            shutil.rmtree(self.state_dir / DOWNLOADS_DIR, ignore_errors=True)
+            return
+        if record.state == deployment.ROLLED_BACK:
+            self._fail(record.bundle_id or "", record.name, record.version, record.error or "")
+            return
+        if record.seq is None or record.seq != self.last_seq or record.envelope is None:
+            return  # a newer desired state was applied since: it comes back from the broker
+        if self.tuf_mode:
+            return  # under TUF the fleet's metadata names it again, verified, once it arrives
+        try:  # the same checks as when it was applied: signature, fleet, device, expiry
+            state = verify_desired_state(
+                record.envelope, self._trusted, fleet=self.fleet, device=self.device, last_seq=record.seq - 1
+            )
+        except DesiredStateError as exc:
+            log.warning("device %s cannot resume its deployment: %s", self.device, exc)
+            return
+        self._deploy(state, record.envelope, interrupted=record.interrupted)
+
+    def _deploy(self, target: DesiredState, envelope: bytes, interrupted: int = 0) -> None:
+        """Run one deployment from ``fetching`` to ``serving`` or ``rolled-back``."""
+        cancel = threading.Event()
+        with self._lock:
+            self._running, self._cancel = target, cancel
+            if self._stop.is_set():
+                cancel.set()
+        if self._record.bundle_id != target.bundle_sha256 or self._record.seq != target.seq:
+            interrupted = 0  # a new deployment
+        self._record = DeploymentRecord(
+            state=deployment.IDLE,
+            seq=target.seq,
+            bundle_id=target.bundle_sha256,
+            name=target.bundle_name,
+            version=target.bundle_version,
+            envelope=envelope,
+            interrupted=interrupted,
+        )
+        ident = {
+            "name": target.bundle_name,
+            "version": target.bundle_version,
+            "bundle_id": target.bundle_sha256,
+        }
+        try:
+            if target.bundle_sha256 == self._serving_id():
+                self._enter(deployment.SERVING)
+                self.publish_state()
+                return
+            self._apply(target, cancel)
+        except DownloadCancelledError:
+            if self._stop.is_set():  # kept: the next start resumes it
+                log.info(
+                    "device %s: the download of %s@%s stops with the agent",
+                    self.device,
+                    target.bundle_name,
+                    target.bundle_version,
+                )
+            else:  # preempted by a newer desired state: its space is given back
+                log.info(
+                    "device %s: the download of %s@%s was preempted",
+                    self.device,
+                    target.bundle_name,
+                    target.bundle_version,
+                )
+                shutil.rmtree(self.state_dir / DOWNLOADS_DIR / target.bundle_sha256, ignore_errors=True)
+        except DownloadStalledError as exc:  # the broker does not hold or send the chunks
+            # Not marked failed: a reconnect, or the bundle published again, resumes it.
+            message = f"device {self.device}: {exc}"
+            log.error("%s", message)
+            self.agent.record_event("download_stalled", message, ident)
+            self.publish_state("failed", target=target, error=message)
+        except BrokerError as exc:  # the transport, not the bundle: a reconnect resumes it
+            log.warning(
+                "device %s: fetching %s@%s stopped: %s",
+                self.device,
+                target.bundle_name,
+                target.bundle_version,
+                exc,
+            )
+        except EdgekitError as exc:
+            self._fail(target.bundle_sha256, target.bundle_name, target.bundle_version, str(exc), target)
+        except Exception as exc:
+            log.exception("device %s: unexpected error installing %s", self.device, target.bundle_sha256[:12])
+            error = f"{type(exc).__name__}: {exc}"
+            self._enter(deployment.ROLLED_BACK, error)  # not marked failed: the next start retries
+            self.publish_state("failed", target=target, error=error)
+        finally:
+            with self._lock:
+                self._running = None
+
+    def _fail(
+        self,
+        bundle_id: str,
+        name: Optional[str],
+        version: Optional[str],
+        error: str,
+        target: Optional[DesiredState] = None,
+    ) -> None:
+        """The deployment is rolled back: the bundle served before serves on; the bundle is not
+        retried until a new desired state names it; its download's space is given back."""
+        self._desired["failed"] = bundle_id
+        self._save_desired()
+        shutil.rmtree(self.state_dir / DOWNLOADS_DIR / bundle_id, ignore_errors=True)
+        log.error("device %s could not install %s@%s: %s", self.device, name, version, error)
+        self._enter(deployment.ROLLED_BACK, error)
+        self.agent.record_event(
+            "install_failed", error, {"name": name or "", "version": version or "", "bundle_id": bundle_id}
+        )
+        self.publish_state("failed", target=target, error=error)
+
+    def _apply(self, target: DesiredState, cancel: threading.Event) -> None:
         downloads = self.state_dir / DOWNLOADS_DIR
         directory = downloads / target.bundle_sha256
+        self._enter(deployment.FETCHING, self._record.error)
         # Where the download stands, a few times a second at most (not per chunk: every report
         # costs the device, the broker and every watching workstation), and once more soon after
         # the last chunk that arrived, so the fleet also sees where a stalled download stopped.
@@ -588,13 +739,15 @@ class AgentDaemon:
                 stall_timeout=self.agent.config.download_stall_timeout,
                 max_size=self.agent.config.max_bundle_size,
                 progress=lambda received, total: reporter.update(received / total if total else 1.0),
+                cancel=cancel,
             )
         finally:
             reporter.close()
-        self.publish_state("installing", target=target)
         # A signed, fresher desired state may name an older version: an operator's rollback.
-        # Every chunk and member was checked as it arrived; the store checks the signature again.
-        result = self.agent.install(bundle, allow_downgrade=True)
+        # Every chunk and member was checked as it arrived; the store checks the signature
+        # again. The store tells each step as it begins: verifying, installing, health-checking.
+        result = self.agent.install(bundle, allow_downgrade=True, step=self._enter)
+        self._enter(deployment.SERVING)
         log.info("device %s now serves %s@%s", self.device, result.name, result.version)
         self.publish_state()  # say so first, clean up after
         self.installed.set()

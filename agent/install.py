@@ -156,6 +156,10 @@ class InstallResult:
 
 
 EventSink = Callable[[str, str, "dict[str, str] | None"], None]
+#: Told each step of an install as it begins: ``verifying``, ``installing`` (the bundle goes
+#: into ``bundles/``), ``health-checking`` (its model loads and runs the health check); the
+#: commit follows. The daemon persists its deployment state there (agent/deployment.py).
+StepSink = Callable[[str], None]
 
 
 def _identity(bundle: Bundle | ExtractedBundle | StagedBundle) -> dict[str, str]:
@@ -402,13 +406,17 @@ class BundleStore:
         *,
         allow_downgrade: bool = False,
         make_room: Callable[[], None] | None = None,
+        step: StepSink | None = None,
     ) -> tuple[InstallResult, LoadedBundle]:
         """Verify, extract (or move into place), load, health-check and commit a bundle file,
         its bytes, a :class:`~edgekit.bundle.Bundle` that :func:`~edgekit.bundle.read_bundle`
         verified, or a :class:`~edgekit.transfer.StagedBundle` downloaded as files.
         ``make_room`` is called once the new bundle is on disk, just before its model loads
-        (the agent frees the model it serves there, to hold one model in memory, not two)."""
+        (the agent frees the model it serves there, to hold one model in memory, not two).
+        ``step(name)`` is called as each step begins (:data:`StepSink`)."""
         label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "bundle"
+        if step is not None:
+            step("verifying")
         try:
             bundle = self._verified(source)
         except EdgekitError as exc:
@@ -417,7 +425,7 @@ class BundleStore:
         except OSError as exc:  # unpacking a bundle file onto a full disk
             raise self._failed(label, exc, None) from None
         try:
-            return self._install(bundle, allow_downgrade, make_room)
+            return self._install(bundle, allow_downgrade, make_room, step)
         finally:
             if isinstance(bundle, ExtractedBundle):  # refused, failed, or already installed
                 shutil.rmtree(bundle.directory, ignore_errors=True)
@@ -427,6 +435,7 @@ class BundleStore:
         bundle: Bundle | ExtractedBundle | StagedBundle,
         allow_downgrade: bool,
         make_room: Callable[[], None] | None,
+        step: StepSink | None = None,
     ) -> tuple[InstallResult, LoadedBundle]:
         ident = _identity(bundle)
         manifest = bundle.manifest
@@ -460,12 +469,16 @@ class BundleStore:
                     ), loaded
             previous = current if current != name else pointer["previous"]
             try:
+                if step is not None:
+                    step("installing")
                 if isinstance(bundle, Bundle):
                     written = self._extract(bundle, name)
                 elif isinstance(bundle, ExtractedBundle):
                     written = self._move_into_place(bundle.directory, bundle, name)
                 else:
                     written = self._move_into_place(bundle.directory, bundle.verified, name)
+                if step is not None:
+                    step("health-checking")
                 if make_room is not None:
                     make_room()
                 loaded = self._load(name, written)

@@ -122,6 +122,35 @@ class SystemSampler:
         except (ValueError, IndexError, OSError):
             return None
 
+    @staticmethod
+    def memory_used_percent() -> float | None:
+        """The board's RAM in use: MemTotal - MemAvailable of /proc/meminfo, in percent."""
+        fields: dict[str, int] = {}
+        try:
+            with open("/proc/meminfo", encoding="ascii") as meminfo:
+                for line in meminfo:
+                    name, _, rest = line.partition(":")
+                    if name in ("MemTotal", "MemAvailable"):
+                        fields[name] = int(rest.split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        total, available = fields.get("MemTotal"), fields.get("MemAvailable")
+        if not total or available is None:
+            return None
+        return round(100.0 * (total - available) / total, 1)
+
+    @staticmethod
+    def disk_used_percent(path: str | os.PathLike[str]) -> float | None:
+        """The filesystem holding ``path`` (the agent's state directory), in use, in percent of
+        what an unprivileged process may use (as ``df`` counts it)."""
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            return None
+        used = st.f_blocks - st.f_bfree
+        usable = used + st.f_bavail
+        return round(100.0 * used / usable, 1) if usable > 0 else None
+
     def temperature_c(self) -> float | None:
         raw = _read_first(self._thermal)
         if raw is None:

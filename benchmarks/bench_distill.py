@@ -2,7 +2,7 @@
 
 One command (from the repository root, with the venv):
 
-    .venv/bin/python benchmarks/bench_distill.py [--only distill|qat] [--json results.json]
+    .venv/bin/python benchmarks/bench_distill.py [--only distill|depth|qat] [--json results.json]
 
 Distillation: the teacher is bench_convert's digits CNN (two conv layers, a 128-unit dense
 layer; about 72k parameters) trained here; the student is the teacher at ``--width 0.4``. The
@@ -10,6 +10,11 @@ distilled student learns from the labelled training images and from the same ima
 one pixel (teacher targets only, no labels); the baseline, in the same run, is the same student
 trained on the labels alone. Both, and the teacher, are converted to int8 and measured on the
 same runtime.
+
+Depth: a residual CNN teacher (a Conv2D stem, four residual blocks that keep the 8x8x32 shape,
+ten Conv/Dense layers) and ``--depth 4``: its three deepest blocks removed (4 Conv/Dense layers
+left), the teacher's weights kept in the layers that stay. Distilled as above; the baseline, in
+the same run, is the same shallower student trained on the labels alone.
 
 QAT: a MobileNet-style model (depthwise-separable blocks with batch normalization and ReLU)
 trained here loses no accuracy to post-training int8 (per-channel weights). The benchmark makes
@@ -113,6 +118,85 @@ def bench_distill(work: Path, width: float, epochs: int) -> dict[str, Any]:
     return {"teacher_train_seconds": train_s, "distilled": distilled, "hard_labels": hard, "figures": figures}
 
 
+def residual_cnn(x: np.ndarray, y: np.ndarray, epochs: int, blocks: int = 4, filters: int = 32) -> Any:
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = layers.Conv2D(filters, 3, padding="same", activation="relu", name="stem")(inputs)
+    for i in range(1, blocks + 1):
+        shortcut = h
+        h = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"res{i}_a")(h)
+        h = layers.BatchNormalization(name=f"res{i}_bn")(h)
+        h = layers.ReLU(name=f"res{i}_relu")(h)
+        h = layers.Conv2D(filters, 3, padding="same", name=f"res{i}_b")(h)
+        h = layers.Add(name=f"res{i}_add")([h, shortcut])
+        h = layers.ReLU(name=f"res{i}_out")(h)
+    h = layers.MaxPooling2D()(h)
+    h = layers.Flatten()(h)
+    model = keras.Model(inputs, layers.Dense(10, activation="softmax", name="classes")(h))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+def bench_depth(work: Path, depth: int, epochs: int) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from edgekit.converters import DistillOptions, distill
+
+    x_train, y_train, x_test, y_test = digits_split()
+    t = time.perf_counter()
+    teacher = residual_cnn(x_train, y_train, epochs=20)
+    train_s = time.perf_counter() - t
+    teacher.save(work / "residual.keras")
+    np.savez(work / "train.npz", x=x_train, y=y_train)
+    np.savez(work / "test.npz", x=x_test, y=y_test)
+    np.save(work / "shifted.npy", shifted(x_train))
+    base = DistillOptions(
+        teacher=work / "residual.keras",
+        output=work / "shallow.keras",
+        data=work / "train.npz",
+        unlabeled=work / "shifted.npy",
+        depth=depth,
+        epochs=epochs,
+        eval=work / "test.npz",
+        quantize="int8",
+        latency_runs=300,
+    )
+    distilled = distill(base).to_dict()
+    print("  distilled shallow student done", file=sys.stderr)
+    hard = distill(replace(base, alpha=0.0, unlabeled=None, output=work / "shallow-hard.keras")).to_dict()
+    print("  hard-label shallow student done", file=sys.stderr)
+    # The same shallow architecture from fresh weights (not the teacher's), on the labels alone.
+    import keras
+    from edgekit.converters import shortened
+
+    keras.utils.set_random_seed(0)
+    keras.models.clone_model(shortened(teacher, depth)[0]).save(work / "shallow-arch.keras")
+    scratch = distill(
+        replace(
+            base, depth=None, student=work / "shallow-arch.keras", alpha=0.0, unlabeled=None,
+            output=work / "shallow-scratch.keras",
+        )
+    ).to_dict()  # fmt: skip
+    print("  shallow student from scratch done", file=sys.stderr)
+    figures = {
+        "depth_student_params_ratio": distilled["params_ratio"],
+        "depth_student_macs_ratio": distilled["macs_ratio"],
+        "depth_student_accuracy_drop": distilled["accuracy_drop_points"],
+        "depth_student_agreement": distilled["agreement"],
+    }
+    return {
+        "teacher_train_seconds": train_s,
+        "distilled": distilled,
+        "hard_labels": hard,
+        "scratch": scratch,
+        "figures": figures,
+    }
+
+
 def mobilenet_style(x: np.ndarray, y: np.ndarray, epochs: int) -> Any:
     import keras
     from keras import layers
@@ -206,9 +290,10 @@ def pct(value: float | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("distill", "qat"), help="Run one part.")
+    parser.add_argument("--only", choices=("distill", "depth", "qat"), help="Run one part.")
     parser.add_argument("--width", type=float, default=0.4, help="Student width (default 0.4).")
     parser.add_argument("--distill-epochs", type=int, default=60, help="Distillation epochs at most.")
+    parser.add_argument("--depth", type=int, default=4, help="Depth of the shallower student (default 4).")
     parser.add_argument("--wide", type=float, default=100.0, help="Range factor of the QAT case.")
     parser.add_argument("--qat-epochs", type=int, default=8, help="Quantization-aware training epochs.")
     parser.add_argument("--json", type=Path, help="Also write every report to this JSON file.")
@@ -224,6 +309,9 @@ def main() -> int:
             print("distillation ...", file=sys.stderr)
             results["distill"] = bench_distill(work, args.width, args.distill_epochs)
             figures.update(results["distill"]["figures"])
+        if args.only in (None, "depth"):
+            print("distillation to a shallower student ...", file=sys.stderr)
+            results["depth"] = bench_depth(work, args.depth, args.distill_epochs)
         if args.only in (None, "qat"):
             print("quantization-aware training ...", file=sys.stderr)
             results["qat"] = bench_qat(work, args.wide, args.qat_epochs)
@@ -249,6 +337,40 @@ def main() -> int:
             f"latency {doc['latency_ratio']:.2f}x; distillation {doc['training']['epochs_run']} epochs "
             f"({doc['training']['seconds']:.1f}s), labels only {hard['training']['epochs_run']} epochs"
         )
+    if "depth" in results:
+        d = results["depth"]
+        doc, hard, scratch = d["distilled"], d["hard_labels"], d["scratch"]
+        t, s, h = doc["teacher"], doc["student"], hard["student"]
+        removed = ", ".join(b["layers"][0].split("_")[0] for b in s["removed_blocks"])
+        print(
+            f"\n### depth: residual CNN teacher ({t['depth']} Conv/Dense layers), student --depth {args.depth} "
+            f"(removed: {removed}; int8, same runtime)\n"
+        )
+        print(
+            "| model | depth | parameters | MACs | int8 size (bytes) | latency median / p95 (ms) | accuracy | "
+            "agreement with teacher |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        rows = (
+            ("teacher", t),
+            ("student, distilled", s),
+            ("student, labels only", h),
+            ("student, labels only, fresh weights", scratch["student"]),
+        )
+        for name, m in rows:
+            print(
+                f"| {name} | {m['depth']} | {m['params']} | {m['macs']} | {m['size']} | "
+                f"{m['latency_ms_median']:.4f} / {m['latency_ms_p95']:.4f} | {pct(m['accuracy'])} | "
+                f"{pct(m['agreement'])} |"
+            )
+        print(
+            f"\nstudent/teacher: parameters {doc['params_ratio']:.3f}x, MACs {doc['macs_ratio']:.3f}x, "
+            f"size {doc['size_ratio']:.3f}x, latency {doc['latency_ratio']:.2f}x; distillation "
+            f"{doc['training']['epochs_run']} epochs ({doc['training']['seconds']:.1f}s, best "
+            f"{doc['training']['best_epoch']}), labels only {hard['training']['epochs_run']} epochs "
+            f"(best {hard['training']['best_epoch']}), fresh weights {scratch['training']['epochs_run']} "
+            f"epochs (best {scratch['training']['best_epoch']}); teacher trained in {d['teacher_train_seconds']:.1f}s"
+        )
     if "qat" in results:
         q = results["qat"]
         print(
@@ -264,7 +386,8 @@ def main() -> int:
                 f"{doc['qat']['ptq_accuracy_drop_points']:.2f} | {pct(doc['converted']['accuracy'])} | "
                 f"{doc['accuracy_drop_points']:.2f} | {doc['qat']['seconds']:.1f} |"
             )
-    print("\n| figure | measured | target | ok |\n|---|---:|---:|---|")
+    if any(key in figures for key in TARGETS):
+        print("\n| figure | measured | target | ok |\n|---|---:|---:|---|")
     ok = True
     for key, (sign, target) in TARGETS.items():
         if key not in figures:

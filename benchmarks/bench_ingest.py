@@ -294,14 +294,9 @@ def ingest_backlog(
 
 
 def ingest_run(
-    broker: str,
-    registry_url: str,
-    workers: int,
-    messages: int,
-    devices: int,
-    run: str,
-    fast_read: bool = True,
+    broker: str, registry_url: str, workers: int, messages: int, devices: int, run: str, **service_config: Any
 ) -> dict:
+    """One live run; ``service_config``: more ServiceConfig fields (bench_alerts turns alerts on/off)."""
     from edgekit.fleet.registry import Registry
     from edgekit.fleet.service import FleetService, ServiceConfig
 
@@ -313,7 +308,7 @@ def ingest_run(
             group=f"bench-{run}",
             dashboard=False,
             report_interval=0.2,
-            fast_read=fast_read,
+            **service_config,
         )
     ).start()
     reader = Registry(registry_url, migrate=False)

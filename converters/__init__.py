@@ -2,12 +2,13 @@
 
 ``convert(ConvertOptions(...))`` turns a Keras or SavedModel model into a quantized, optionally
 pruned .tflite, measures it against its float reference, gates it on accuracy, and can write a
-signed bundle; ``distill(DistillOptions(...))`` trains a smaller student to mimic a teacher;
+signed bundle; ``distill(DistillOptions(...))`` trains a smaller (narrower or shallower) student to mimic a teacher;
 see docs/convert.md. TensorFlow is imported on first use, not on import.
 """
 
 from __future__ import annotations
 
+from .blocks import Block, network_blocks, network_depth, shortened
 from .convert import ConversionReport, ConvertOptions, StepReporter, Steps, convert, parse_bundle_spec
 from .distill import DistillOptions, DistillReport, distill, distill_student, model_cost, narrowed
 from .evaluate import LayerError, ModelMetrics
@@ -21,6 +22,7 @@ __all__ = [
     "MODES",
     "PATTERNS",
     "QAT_LAYERS",
+    "Block",
     "ConversionReport",
     "ConvertOptions",
     "DistillOptions",
@@ -39,10 +41,13 @@ __all__ = [
     "load_model",
     "model_cost",
     "narrowed",
+    "network_blocks",
+    "network_depth",
     "parse_bundle_spec",
     "prune_model",
     "quantization_aware_training",
     "quantize",
+    "shortened",
     "two_four_mask",
     "weight_sparsity",
 ]

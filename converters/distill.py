@@ -8,8 +8,11 @@ or output logits: probabilities are turned back into logits (``log p``; softmax 
 shift-invariant, so ``softmax(log p / T) == softmax(z / T)``).
 
 The student is a Keras model the user gives (its architecture, trained from its weights), or
-the teacher narrowed by a width multiplier (:func:`narrowed`): every Conv/Dense layer's filters
-or units times ``width``, except the last (the classes). Training keeps the weights with the
+derived from the teacher: narrowed by a width multiplier (:func:`narrowed`: every Conv/Dense
+layer's filters or units times ``width``, except the last, the classes; fresh weights), made
+shallower (:func:`edgekit.converters.blocks.shortened`: shape-keeping blocks removed, deepest
+first, until at most ``depth`` Conv/Dense layers are left; the teacher's weights in the layers
+kept), or both (shallower, then narrower). Training keeps the weights with the
 lowest distillation loss on a validation split held out of the training data (early stopping).
 Teacher and student are then converted to the chosen mode and measured on the same runtime.
 """
@@ -34,6 +37,7 @@ from edgekit.errors import AccuracyGateError, ConfigError, DataError, ModelForma
 from edgekit.keys import SigningKey
 from edgekit.tflite import inspect_tflite
 
+from .blocks import Block, network_depth, shortened
 from .convert import (
     StepReporter,
     Steps,
@@ -95,6 +99,7 @@ class DistillOptions:
     data: Path
     student: Path | None = None
     width: float | None = None
+    depth: int | None = None  # Conv/Dense layers the student keeps at most
     unlabeled: Path | None = None
     temperature: float = 4.0
     alpha: float = 0.5
@@ -111,13 +116,14 @@ class DistillOptions:
 
 @dataclass(frozen=True)
 class ModelCost:
-    """Parameters and multiply-accumulates (Conv and Dense layers) of one inference."""
+    """Parameters, multiply-accumulates (Conv and Dense layers) of one inference, depth."""
 
     params: int
     macs: int | None  # None when the model is not a Keras model (a SavedModel teacher)
+    depth: int | None = None  # Conv/Dense layers; None for a SavedModel teacher
 
     def to_dict(self) -> dict[str, Any]:
-        return {"params": self.params, "macs": self.macs}
+        return {"params": self.params, "macs": self.macs, "depth": self.depth}
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,7 @@ class DistillReport:
     written: bool
     quantize: str
     io: str
-    student_source: str  # "width 0.5" or the --student path
+    student_source: str  # "width 0.5", "depth 4", "depth 4, width 0.5" or the --student path
     temperature: float
     alpha: float
     seed: int
@@ -168,6 +174,7 @@ class DistillReport:
     gate_passed: bool | None = None
     eval_source: str | None = None
     bundle: dict[str, Any] | None = None
+    removed_blocks: tuple[Block, ...] = ()  # with --depth: the teacher's blocks the student lacks
     machine: str = field(default_factory=platform.machine)
 
     @property
@@ -182,7 +189,12 @@ class DistillReport:
             "schema_version": DISTILL_REPORT_SCHEMA_VERSION,
             "edgekit_version": __version__,
             "teacher": {"path": self.teacher, **t.to_dict(), **self.teacher_cost.to_dict()},
-            "student": {"source": self.student_source, **s.to_dict(), **self.student_cost.to_dict()},
+            "student": {
+                "source": self.student_source,
+                **s.to_dict(),
+                **self.student_cost.to_dict(),
+                "removed_blocks": [block.to_dict() for block in self.removed_blocks],
+            },
             "output": {"path": self.output, "tflite": self.tflite, "written": self.written},
             "quantize": self.quantize,
             "io": self.io,
@@ -296,7 +308,7 @@ def model_cost(model: Any) -> ModelCost:
             macs += spatial * mid * kernel + out_elems * mid
         else:
             macs += out_elems * kernel * in_ch // int(getattr(layer, "groups", 1) or 1)
-    return ModelCost(params=int(model.count_params()), macs=macs)
+    return ModelCost(params=int(model.count_params()), macs=macs, depth=network_depth(model))
 
 
 def _tflite_params(content: bytes) -> int:
@@ -421,9 +433,15 @@ def check_options(options: DistillOptions) -> tuple[str, str]:
     """Every check that needs no file read; returns the effective (mode, io)."""
     mode = options.quantize or "fp32"
     io = check_mode(mode, options.io, True)  # calibration: the training data
-    if (options.student is None) == (options.width is None):
+    derived = options.width is not None or options.depth is not None
+    if options.student is not None and derived:
         raise ConfigError(
-            "give the student: --student ARCH.keras, or --width W (e.g. 0.5) to narrow the teacher"
+            "give the student one way: --student ARCH.keras, or --width/--depth to derive it from the teacher"
+        )
+    if options.student is None and not derived:
+        raise ConfigError(
+            "give the student: --student ARCH.keras, --width W (e.g. 0.5) to narrow the teacher, "
+            "or --depth D (e.g. 4) to keep at most D of its Conv/Dense layers"
         )
     if options.temperature <= 0:
         raise ConfigError(f"--temperature {options.temperature:g} must be above 0 (typical: 2 to 8)")
@@ -431,6 +449,11 @@ def check_options(options: DistillOptions) -> tuple[str, str]:
         raise ConfigError(f"--alpha {options.alpha:g} must be between 0 (labels only) and 1 (teacher only)")
     if options.width is not None:
         _check_width(options.width)
+    if options.depth is not None and options.depth < 1:
+        raise ConfigError(
+            f"--depth {options.depth} is out of range; give how many Conv/Dense layers the student keeps "
+            "(at least 1, fewer than the teacher's)"
+        )
     if options.epochs < 1:
         raise ConfigError("--epochs must be at least 1")
     check_measuring(options.max_accuracy_drop, options.eval, options.latency_runs)
@@ -535,16 +558,29 @@ def _distill(
         )
     x, labels = _training_set(data, unlabeled)
 
+    removed: list[Block] = []
     if options.student is not None:
         student = _load_student(options.student)
         student_source = str(options.student)
     else:
         if teacher.keras is None:
+            flags = "--depth" if options.width is None else "--width"
             raise ConfigError(
-                "--width narrows a Keras teacher; for a SavedModel teacher give --student ARCH.keras"
+                f"{flags} derives the student from a Keras teacher; for a SavedModel teacher give "
+                "--student ARCH.keras"
             )
-        student = narrowed(teacher.keras, float(options.width or 0))
-        student_source = f"width {options.width:g}"
+        import keras
+
+        keras.utils.set_random_seed(options.seed)  # the student's fresh weights, as --seed promises
+        student = teacher.keras
+        parts = []
+        if options.depth is not None:
+            student, removed = shortened(student, options.depth)
+            parts.append(f"depth {network_depth(student)}")
+        if options.width is not None:
+            student = narrowed(student, options.width)
+            parts.append(f"width {options.width:g}")
+        student_source = ", ".join(parts)
     _check_student(student, spec.shape, classes)
     timings["setup"] = time.perf_counter() - t
 
@@ -623,6 +659,7 @@ def _distill(
         timings=timings,
         max_accuracy_drop=options.max_accuracy_drop,
         eval_source=None if evaluation is None else evaluation.source,
+        removed_blocks=tuple(removed),
     )
     if options.max_accuracy_drop is not None:
         drop = report.accuracy_drop

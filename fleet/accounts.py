@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -61,6 +62,11 @@ def check_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, b64decode(digest))
+
+
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    return hash_password("no such account")
 
 
 def _token_hash(token: str) -> str:
@@ -144,6 +150,26 @@ class Accounts:
             if account is None:
                 raise AuthError("the account of this session was removed")
             return Identity(account.name, account.role)
+
+    def check(self, name: str, password: str) -> Optional[Identity]:
+        """Who ``name`` is, if ``password`` is theirs (the dashboard's sign-in; it keeps its own
+        cookie session). An unknown name costs the same scrypt as a wrong password."""
+        with self.registry.session() as session:
+            account = session.get(Account, name)
+            stored = account.password_hash if account is not None else _dummy_hash()
+        if check_password(password, stored) and account is not None:
+            return Identity(account.name, account.role)
+        return None
+
+    def role_of(self, name: str) -> Optional[str]:
+        """The account's role now (None: no such account), read on every dashboard request, so
+        removing an account or changing its role takes effect at once."""
+        found = self.find(name)
+        return found.role if found is not None else None
+
+    def any(self) -> bool:
+        with self.registry.session() as session:
+            return session.execute(select(Account.name).limit(1)).first() is not None
 
     def sign_out(self, token: str) -> None:
         with self.registry.session() as session:

@@ -17,13 +17,22 @@ from contextlib import contextmanager
 from typing import Optional
 
 from edgekit.bundle import Bundle
-from edgekit.errors import EdgekitError, RolloutError
+from edgekit.errors import ConfigError, EdgekitError, RolloutError
 
 from .control import ControlPlane
-from .push import FleetLink, begin_rollout, labels_of
+from .push import FleetLink, begin_rollout, labels_of, step_rollout
 from .rollout import Rollout, RolloutPolicy, abort
 
-__all__ = ["LOCK_WAIT", "abort_rollout", "audited", "previous_bundle", "pushing", "rolling_back"]
+__all__ = [
+    "LOCK_WAIT",
+    "abort_rollout",
+    "audited",
+    "previous_bundle",
+    "pushing",
+    "resume_rollout",
+    "rollback_device",
+    "rolling_back",
+]
 
 # Seconds to wait for a fleet's driving lock: the rollout controller holds it for one step at a
 # time; `push --wait` and `rollout resume` hold it until they are done.
@@ -106,6 +115,44 @@ def rolling_back(
         rollout, labels = begin_rollout(link, bundle, RolloutPolicy(canary=0, install_timeout_s=timeout))
         upload.finish()
         yield rollout, labels
+
+
+def rollback_device(control: ControlPlane, link: FleetLink, device: str, bundle: Bundle, holder: str) -> int:
+    """Send one device of ``link``'s fleet back to ``bundle``: a signed desired state for it
+    alone (numbered above the fleet's, so it stays on ``bundle`` until the next push to the
+    fleet), its chunks published again in case they were cleared. Returns its seq; ConfigError
+    if the fleet has no such device (call ``link.discover()`` first)."""
+    fleet = link.fleet
+    with (
+        audited(control, "device-rollback", fleet, f"{device}: {bundle.manifest.label}"),
+        control.driving(fleet, holder, wait=LOCK_WAIT),
+    ):
+        if device not in link.states:
+            heard = ", ".join(sorted(link.states)) or "none"
+            raise ConfigError(f"fleet {fleet} has no device {device} (devices heard from: {heard})")
+        link.record = control.record(fleet)
+        upload = link.start_upload(bundle)
+        seq = link.desire(bundle.bundle_id, bundle.manifest.name, bundle.manifest.version, device=device)
+        upload.finish()
+    return seq
+
+
+def resume_rollout(control: ControlPlane, link: FleetLink, holder: str) -> Rollout:
+    """Take the fleet's unfinished rollout one step on now, with what the devices say (their
+    retained states, heard afresh by ``link.discover()``): what the rollout controller does each
+    round, for a rollout that seems stuck. RolloutError if it is finished."""
+    fleet = link.fleet
+    rollout = control.rollout(fleet)
+    with (
+        audited(control, "rollout-resume", fleet, rollout.label),
+        control.driving(fleet, holder, wait=LOCK_WAIT),
+    ):
+        rollout = control.rollout(fleet)  # as the last driver left it
+        if rollout.finished:
+            raise RolloutError(f"the rollout of {rollout.label} to fleet {fleet} is already {rollout.phase}")
+        link.record = control.record(fleet)
+        link.watch_telemetry_of(rollout.bundle_id)
+        return step_rollout(link, rollout, rollout.rollout_policy, labels_of(rollout, link.record))
 
 
 def abort_rollout(control: ControlPlane, link: FleetLink, holder: str) -> Rollout:

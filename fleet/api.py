@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from edgekit.bundle import Bundle, create_bundle
 from edgekit.errors import AuthError, BrokerError, BundleError, ConfigError, EdgekitError, RolloutError
@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .accounts import Accounts, Identity
-from .actions import abort_rollout, previous_bundle, pushing, rolling_back
+from .actions import abort_rollout, previous_bundle, pushing, rollback_device, rolling_back
 from .control import ControlPlane
 from .push import FleetLink, connect_operator
 from .registry import Registry
@@ -43,6 +43,8 @@ from .rollout import RolloutPolicy
 __all__ = ["ApiContext", "api_routes", "outcome_json", "rollout_json"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_UPLOAD = 512 * 1024 * 1024  # the bundle reader's own limit
 
@@ -71,6 +73,19 @@ class ApiContext:
 
     def control(self, who: Identity) -> ControlPlane:
         return ControlPlane(self.registry, TrustedKeys([self.key().public]), actor=who.name)
+
+    def with_link(self, who: Identity, fleet: str, work: Callable[[ControlPlane, FleetLink], T]) -> T:
+        """Run ``work`` (an action of :mod:`edgekit.fleet.actions`) as ``who`` with a link to
+        ``fleet`` over the service's own operator connection: what the API's and the
+        dashboard's buttons do."""
+        control = self.control(who)
+        client = connect_operator(self.broker, self.username, self.password, home=self.home)
+        try:
+            link = FleetLink(client, fleet, self.key(), control, trust_home=self.home)
+            link.discover()
+            return work(control, link)
+        finally:
+            client.close()
 
 
 def rollout_json(control: ControlPlane, fleet: str) -> dict[str, Any]:
@@ -200,18 +215,6 @@ def api_routes(ctx: ApiContext) -> list[Route]:
         rows = await run_in_threadpool(lambda: ControlPlane(ctx.registry).audit_log(fleet, limit))
         return JSONResponse([audit_json(a) for a in rows])
 
-    def with_link(
-        who: Identity, fleet: str, work: Callable[[ControlPlane, FleetLink], dict[str, Any]]
-    ) -> dict[str, Any]:
-        control = ctx.control(who)
-        client = connect_operator(ctx.broker, ctx.username, ctx.password, home=ctx.home)
-        try:
-            link = FleetLink(client, fleet, ctx.key(), control, trust_home=ctx.home)
-            link.discover()
-            return work(control, link)
-        finally:
-            client.close()
-
     async def push(request: Request, who: Identity) -> JSONResponse:
         fleet = request.path_params["fleet"]
         q = request.query_params
@@ -240,7 +243,7 @@ def api_routes(ctx: ApiContext) -> list[Route]:
             ):
                 return outcome_json(started, link)
 
-        return JSONResponse(await run_in_threadpool(with_link, who, fleet, work))
+        return JSONResponse(await run_in_threadpool(ctx.with_link, who, fleet, work))
 
     async def abort(request: Request, who: Identity) -> JSONResponse:
         fleet = request.path_params["fleet"]
@@ -250,12 +253,22 @@ def api_routes(ctx: ApiContext) -> list[Route]:
                 abort_rollout(control, link, f"edgekit rollout abort --server ({who.name})"), link
             )
 
-        return JSONResponse(await run_in_threadpool(with_link, who, fleet, work))
+        return JSONResponse(await run_in_threadpool(ctx.with_link, who, fleet, work))
 
     async def rollback(request: Request, who: Identity) -> JSONResponse:
         fleet = request.path_params["fleet"]
         to = request.query_params.get("to") or None
         timeout = float(request.query_params.get("timeout", 600))
+        device = request.query_params.get("device") or None
+        if device is not None:
+
+            def one(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
+                bundle = previous_bundle(control, fleet, to)
+                holder = f"edgekit fleet rollback --device --server ({who.name})"
+                seq = rollback_device(control, link, device, bundle, holder)
+                return {"fleet": fleet, "device": device, "bundle": bundle.manifest.label, "seq": seq}
+
+            return JSONResponse(await run_in_threadpool(ctx.with_link, who, fleet, one))
 
         def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
             bundle = previous_bundle(control, fleet, to)
@@ -263,7 +276,7 @@ def api_routes(ctx: ApiContext) -> list[Route]:
             with rolling_back(control, link, bundle, timeout, holder) as (started, _):
                 return outcome_json(started, link)
 
-        return JSONResponse(await run_in_threadpool(with_link, who, fleet, work))
+        return JSONResponse(await run_in_threadpool(ctx.with_link, who, fleet, work))
 
     async def device_add(request: Request, who: Identity) -> JSONResponse:
         try:

@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from edgekit.bundle import Bundle, read_bundle
+from edgekit.desired import DesiredState
 from edgekit.errors import BundleError, ConfigError, RolloutError
 from edgekit.manifest import parse_version
 from edgekit.trust import TrustedKeys
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .registry import Registry
@@ -53,6 +54,7 @@ from .registry.models import (
     AuditEntry,
     CatalogEntry,
     ControlMeta,
+    DesiredRecord,
     FleetDriver,
     FleetRecordRow,
     ProvisionedDevice,
@@ -312,6 +314,39 @@ class ControlPlane:
             except IntegrityError:  # created by another process just now
                 session.rollback()
 
+    # -- desired states ---------------------------------------------------------------------------
+
+    def record_desired(self, state: DesiredState) -> None:
+        """Remember ``state`` (just published) as its fleet's, or its device's, newest: what
+        the ``expiry`` alert rule reads."""
+        device = state.device or ""
+        label = f"{state.bundle_name}@{state.bundle_version}"[:140]
+        issued = datetime.fromtimestamp(state.issued_at, timezone.utc)
+        expires = datetime.fromtimestamp(state.expires_at, timezone.utc)
+        with self.registry.session() as session:
+            row = session.get(DesiredRecord, (state.fleet, device))
+            if row is None:
+                session.add(
+                    DesiredRecord(
+                        fleet=state.fleet,
+                        device=device,
+                        seq=state.seq,
+                        bundle_id=state.bundle_sha256,
+                        label=label,
+                        issued_at=issued,
+                        expires_at=expires,
+                    )
+                )
+            elif state.seq > row.seq:
+                row.seq, row.bundle_id, row.label = state.seq, state.bundle_sha256, label
+                row.issued_at, row.expires_at = issued, expires
+            session.commit()
+
+    def desired_states(self) -> list[DesiredRecord]:
+        """The newest desired state of every fleet (``device`` empty) and device."""
+        with self.registry.session() as session:
+            return list(session.scalars(select(DesiredRecord)))
+
     # -- rollouts -------------------------------------------------------------------------------
 
     def rollout_info(self, fleet: str) -> Optional[RolloutInfo]:
@@ -367,12 +402,34 @@ class ControlPlane:
                 )
             session.commit()
 
+    def rollouts(self) -> list[RolloutInfo]:
+        """Every fleet's current (newest) rollout, newest first: what the dashboard's rollout
+        view and the alert evaluator read."""
+        with self.registry.session() as session:
+            newest = select(func.max(RolloutRow.id)).group_by(RolloutRow.fleet).scalar_subquery()
+            rows = list(
+                session.scalars(
+                    select(RolloutRow).where(RolloutRow.id.in_(newest)).order_by(RolloutRow.id.desc())
+                )
+            )
+        found = []
+        for row in rows:
+            try:
+                rollout = Rollout.from_json(row.doc.encode(), f"the saved rollout of fleet {row.fleet}")
+            except ConfigError as exc:
+                log.warning("cannot read the rollout of fleet %s: %s", row.fleet, exc)
+                continue
+            found.append(RolloutInfo(rollout, row.started_by, row.started_at))
+        return found
+
     def unfinished(self) -> list[str]:
         """Fleets whose current rollout is not finished."""
-        with self.registry.session() as session:
-            newest = select(RolloutRow.fleet, RolloutRow.phase, RolloutRow.id).order_by(RolloutRow.id)
-            current: dict[str, str] = {fleet: phase for fleet, phase, _ in session.execute(newest)}
-        return sorted(f for f, phase in current.items() if phase not in ("done", "aborted"))
+        with self.registry.session() as session:  # each fleet's newest rollout only: one row per fleet
+            newest = select(func.max(RolloutRow.id)).group_by(RolloutRow.fleet).scalar_subquery()
+            rows = session.execute(
+                select(RolloutRow.fleet, RolloutRow.phase).where(RolloutRow.id.in_(newest))
+            )
+            return sorted(fleet for fleet, phase in rows if phase not in ("done", "aborted"))
 
     def refuse_if_busy(self, fleet: str) -> None:
         """RolloutError naming the rollout in progress when another operator started one on
@@ -595,7 +652,13 @@ def _lock_dir(registry: Registry) -> Path:
         folder = Path(database).with_name(Path(database).name + ".locks")
     else:
         folder = Path(tempfile.gettempdir()) / f"edgekit-locks-{_safe(registry.url)}"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the registry's lock folder {folder}: {exc.strerror}; make its parent "
+            "writable for this user, or point --registry at a database in a writable folder"
+        ) from None
     return folder
 
 
@@ -611,7 +674,13 @@ class _FileLock(_Lock):
     """``flock`` on a file: one machine (SQLite's case); the kernel frees it when its holder dies."""
 
     def __init__(self, path: Path) -> None:
-        self._fd: Optional[int] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._fd: Optional[int] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot open the registry's lock file {path}: {exc.strerror}; make {path.parent} "
+                "writable for this user"
+            ) from None
 
     def try_acquire(self) -> bool:
         assert self._fd is not None

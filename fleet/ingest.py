@@ -455,6 +455,9 @@ def _telemetry_row(record: TelemetryRecord) -> TelemetryRow:
         accuracy.get("estimate"),
         accuracy.get("low"),
         accuracy.get("high"),
+        record.memory_used_percent,
+        record.disk_used_percent,
+        record.drift_threshold,
     )
 
 

@@ -258,6 +258,7 @@ class FleetLink:
         )
         topic = self.topics.device_desired(device) if device else self.topics.fleet_desired(self.fleet)
         self.client.publish(topic, sign_desired_state(state, self.key), qos=1, retain=True).wait(30)
+        self.control.record_desired(state)
         self.record.seq = seq
         if device is None:
             self.record.bundle_id = bundle_id

@@ -15,6 +15,9 @@
 - with ``home`` holding fleets' TUF repositories (``edgekit trust init``), a thread that
   re-signs and publishes their online roles (timestamp, snapshot, desired) before they expire
   (:func:`edgekit.fleet.trustrepo.keep_fresh`), with each fleet's online key;
+- the alert evaluator and dispatcher (:class:`edgekit.fleet.alerts.Alerting`, ``alerts=True``,
+  with ``home``), here in the service process: one evaluator however many workers there are
+  (and a lease in the registry keeps it to one across services sharing a registry);
 - every MQTT connection uses the URL's account, else the operator account under ``home``;
 - **metrics across processes**: each worker sends the increase of its counters (telemetry
   ingested and duplicates, events, states, rejections by kind and reason, database errors)
@@ -46,6 +49,7 @@ from edgekit.errors import ConfigError, EdgekitError
 from edgekit.mqtt import MqttClient, parse_broker_url
 from edgekit.topics import DEFAULT_PREFIX, Topics
 
+from .accounts import Accounts
 from .dashboard import FleetMetrics, check_bind, create_app
 from .ingest import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DELAY, Ingest, IngestStats, ingest_client
 from .push import operator_login
@@ -83,6 +87,12 @@ class ServiceConfig:
     fast_read: bool = True
     #: Seconds between two checks of the fleets' online TUF roles (re-signed before they expire).
     trust_interval: float = 60.0
+    #: Evaluate alert rules and deliver alerts (:mod:`edgekit.fleet.alerts`), with ``home``.
+    alerts: bool = True
+    #: Seconds between two evaluations of the alert rules.
+    alert_interval: float = 2.0
+    #: The dashboard's address as the owner reaches it (links in alerts); default: where it listens.
+    public_url: Optional[str] = None
 
     def validate(self) -> None:
         if not 1 <= self.workers <= 64:
@@ -92,13 +102,17 @@ class ServiceConfig:
                 "--workers above 1 needs MQTT 5 shared subscriptions, and the broker URL says "
                 "?protocol=3.1.1; use one worker, or an MQTT 5 broker (Mosquitto, EMQX)"
             )
+        if not 0.05 <= self.alert_interval <= 3600:
+            raise ConfigError(f"alert interval {self.alert_interval:g}s: use 0.05 to 3600 seconds")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--public-url {self.public_url}: use the dashboard's http:// or https:// address"
+            )
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(
                 f"--http-port {self.http_port}: use a TCP port from 1 to 65535 (0: any free port)"
             )
         Topics(self.prefix)
-        if self.dashboard:
-            check_bind(self.host, self.token)
 
 
 def _worker_main(
@@ -177,6 +191,12 @@ class FleetService:
         config.validate()
         self.config = config
         self.registry = Registry(config.registry)  # migrated here, once, before the workers start
+        if config.dashboard:
+            try:
+                check_bind(config.host, config.token, Accounts(self.registry).any())
+            except ConfigError:
+                self.registry.close()
+                raise
         self.metrics = FleetMetrics(self.registry)
         #: Counts over every worker, as reported so far.
         self.totals = IngestStats()
@@ -193,6 +213,7 @@ class FleetService:
         self._server: Any = None
         self._controller: Any = None
         self._keeper_stop = threading.Event()
+        self.alerting: Any = None
         self._socket: Optional[socket.socket] = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -247,6 +268,13 @@ class FleetService:
             )
             thread.start()
             self._threads.append(thread)
+        if self.config.alerts and home is not None:
+            from .alerts import Alerting
+
+            link = self.config.public_url or self.url
+            self.alerting = Alerting(
+                self.registry, home, interval=self.config.alert_interval, link_base=link
+            ).start()
         if self._socket is not None:
             self._serve_dashboard(self._socket)
         return self
@@ -343,6 +371,8 @@ class FleetService:
         if self._controller is not None:
             self._controller.stop()  # finishes the step under way; the rollouts stay saved
         self._keeper_stop.set()
+        if self.alerting is not None:
+            self.alerting.stop()  # queued deliveries stay in the registry for the next start
         self._stop.set()
         deadline = time.monotonic() + timeout
         for process in self._workers.values():

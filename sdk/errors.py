@@ -15,7 +15,9 @@ __all__ = [
     "BundleError",
     "ConfigError",
     "DataError",
+    "DeliveryError",
     "DesiredStateError",
+    "DownloadCancelledError",
     "DownloadStalledError",
     "EdgekitError",
     "HealthCheckError",
@@ -139,6 +141,11 @@ class DownloadStalledError(BrokerError):
     (the broker does not hold the chunks, or does not deliver them)."""
 
 
+class DownloadCancelledError(EdgekitError):
+    """A bundle download was cancelled before it completed: a newer desired state preempted it,
+    or the agent is stopping. What it stored is kept (the next start resumes from it)."""
+
+
 class TopicError(EdgekitError):
     """A topic, fleet id or device id does not fit edgekit's topic layout."""
 
@@ -166,3 +173,9 @@ class RolloutError(EdgekitError):
     """A rollout was aborted, or devices failed or did not answer in time."""
 
     exit_code = 15
+
+
+class DeliveryError(EdgekitError):
+    """An alert could not be sent through a channel (mail server or webhook refused or silent)."""
+
+    exit_code = 17

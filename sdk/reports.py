@@ -164,6 +164,10 @@ class TelemetryRecord:
     memory_rss_bytes: Optional[int]
     temperature_c: Optional[float]
     runtime: Optional[str] = None
+    # The board, where the OS says: RAM in use (MemTotal - MemAvailable) and the state
+    # directory's filesystem in use, in percent (since edgekit 0.2; older agents send none).
+    memory_used_percent: Optional[float] = None
+    disk_used_percent: Optional[float] = None
     seq: int = 0
     dropped: int = 0
     dropped_total: int = 0
@@ -180,6 +184,23 @@ class TelemetryRecord:
             if is_number(psi) and math.isfinite(psi) and (worst is None or psi > worst):
                 worst = float(psi)
         return worst
+
+    @property
+    def drift_threshold(self) -> Optional[float]:
+        """The PSI above which the window's worst feature (the one :attr:`drift_score` reports)
+        counts as drifted: its ``psi_limit`` (the threshold, or the sampling-noise floor when
+        that is higher), else the window's ``psi_threshold``; None from older agents."""
+        worst: Optional[float] = None
+        limit: Any = self.drift.get("psi_threshold")
+        for score in (self.drift.get("scores") or {}).values():
+            psi: Any = score.get("psi") if isinstance(score, dict) else score
+            if is_number(psi) and math.isfinite(psi) and (worst is None or psi > worst):
+                worst = float(psi)
+                if isinstance(score, dict) and is_number(score.get("psi_limit")):
+                    limit = score["psi_limit"]
+        if not is_number(limit) or not math.isfinite(limit) or limit <= 0:
+            return None
+        return float(limit)
 
     @property
     def drift_severity(self) -> Optional[str]:
@@ -234,10 +255,19 @@ class TelemetryRecord:
             memory_rss_bytes=f.optional_integer("memory_rss_bytes", top=MAX_SEQ),
             temperature_c=f.optional_number("temperature_c"),
             runtime=f.text("runtime", MAX_NAME),
+            memory_used_percent=_percent(f, "memory_used_percent"),
+            disk_used_percent=_percent(f, "disk_used_percent"),
             seq=f.integer("seq", 0, top=MAX_SEQ),
             dropped=f.integer("dropped", 0),
             dropped_total=f.integer("dropped_total", 0, top=MAX_SEQ),
         )
+
+
+def _percent(f: Fields, key: str) -> Optional[float]:
+    value = f.optional_number(key)
+    if value is not None and not 0 <= value <= 100:
+        raise f.bad(key, "a percentage from 0 to 100, or null")
+    return value
 
 
 def _check_drift_verdict(f: Fields) -> None:

@@ -55,7 +55,7 @@ from .bundle import (
     read_bundle,
     verify_manifest_signature,
 )
-from .errors import BrokerError, BundleError, DownloadStalledError, InstallError
+from .errors import BrokerError, BundleError, DownloadCancelledError, DownloadStalledError, InstallError
 from .manifest import Manifest
 from .mqtt import Message, MqttClient
 from .topics import Topics
@@ -393,6 +393,14 @@ class ChunkAssembler:
             atomic_write(self.directory / SIGNATURE_FILE, verified.signature)
             atomic_write(stored, verified.manifest_bytes)
         self._fds: list[int] = []
+        try:
+            self._open_layout(layout)
+        except BaseException:
+            self.close()  # a full disk, a bad file: nothing stays open
+            raise
+
+    def _open_layout(self, layout: str) -> None:
+        verified, plan = self.verified, self._plan
         existing = 0
         if layout == self.EKB:
             fixed, self._segments, file_size = _tar_layout(verified)
@@ -655,11 +663,12 @@ def fetch_bundle(
     directory: Path,
     topics: Optional[Topics] = None,
     *,
-    timeout: float = 600.0,
+    timeout: Optional[float] = 600.0,
     max_refetch: int = 3,
     max_size: int = MAX_BUNDLE_SIZE,
     progress: Optional[Callable[[int, int], None]] = None,
     stall_timeout: float = STALL_TIMEOUT,
+    cancel: Optional[threading.Event] = None,
 ) -> Bundle:
     """Fetch bundle ``digest`` from the broker's retained messages into ``directory`` and
     return it verified. Resumes a partial download in ``directory``; survives broker outages
@@ -670,8 +679,10 @@ def fetch_bundle(
     ``EXACT_WINDOW`` at a time (brokers that send retained messages to exact-topic
     subscriptions only). BundleError if the bundle is not trusted or a chunk stays corrupt;
     InstallError if it cannot be stored (a full disk); DownloadStalledError if nothing of the
-    bundle arrives for ``stall_timeout`` seconds while connected; BrokerError if it does not
-    all arrive within ``timeout``.
+    bundle arrives for ``stall_timeout`` seconds while connected (the inactivity timeout);
+    BrokerError if it does not all arrive within ``timeout`` (None: no overall limit);
+    DownloadCancelledError within ``_TICK`` seconds of ``cancel`` being set (what was stored
+    is kept for a later call). Every file it opened is closed on every way out.
     """
     finished = _finished_download(Path(directory), trusted, digest, max_size)
     if finished is not None:
@@ -688,11 +699,14 @@ def fetch_bundle(
         progress,
         ChunkAssembler.EKB,
         stall_timeout,
+        cancel,
     )
     try:
         return assembler.finish(trusted)
     except OSError as exc:
         raise _storage_failed(exc, Path(directory)) from None
+    finally:
+        assembler.close()
 
 
 def fetch_staged_bundle(
@@ -702,11 +716,12 @@ def fetch_staged_bundle(
     directory: Path,
     topics: Optional[Topics] = None,
     *,
-    timeout: float = 600.0,
+    timeout: Optional[float] = 600.0,
     max_refetch: int = 3,
     max_size: int = MAX_BUNDLE_SIZE,
     progress: Optional[Callable[[int, int], None]] = None,
     stall_timeout: float = STALL_TIMEOUT,
+    cancel: Optional[threading.Event] = None,
 ) -> StagedBundle:
     """Like :func:`fetch_bundle`, but the bundle is laid out as files in ``directory``
     (:class:`StagedBundle`: the layout of an installed bundle, every chunk checked),
@@ -724,11 +739,14 @@ def fetch_staged_bundle(
         progress,
         ChunkAssembler.FILES,
         stall_timeout,
+        cancel,
     )
     try:
         return assembler.finish_staged()
     except OSError as exc:
         raise _storage_failed(exc, Path(directory)) from None
+    finally:
+        assembler.close()
 
 
 class _ExactWindow:
@@ -784,14 +802,18 @@ def _fetch(
     trusted: TrustedKeys,
     directory: Path,
     topics: Optional[Topics],
-    timeout: float,
+    timeout: Optional[float],
     max_refetch: int,
     max_size: int,
     progress: Optional[Callable[[int, int], None]],
     layout: str,
     stall_timeout: float,
+    cancel: Optional[threading.Event] = None,
 ) -> ChunkAssembler:
-    """Collect every chunk of ``digest`` into a complete assembler (not finished yet)."""
+    """Collect every chunk of ``digest`` into a complete assembler (not finished yet; the
+    caller closes it). On any other way out, the assembler's files are closed here, after the
+    handlers were shut out: a handler still running on the dispatcher thread must never write
+    through a descriptor that was closed (and perhaps reused for another file)."""
     topics = topics or Topics()
     _discard_damaged_download(Path(directory), digest)
     done = threading.Event()
@@ -803,12 +825,20 @@ def _fetch(
     window = _ExactWindow(client, topics, digest, EXACT_WINDOW)
     #: When the broker last sent something of this bundle (monotonic seconds).
     last_arrival = [time.monotonic()]
+    #: Held by the handlers while they touch the assembler; ``shut[0]`` set under it: no more.
+    guard = threading.Lock()
+    shut = [False]
 
     def fail(error: Exception) -> None:
         state.setdefault("error", error)
         done.set()
 
     def on_chunk(message: Message) -> None:
+        with guard:
+            if not shut[0]:
+                take_chunk(message)
+
+    def take_chunk(message: Message) -> None:
         if done.is_set() or not assembler_box:
             return
         assembler = assembler_box[0]
@@ -855,6 +885,11 @@ def _fetch(
             done.set()
 
     def on_manifest(message: Message) -> None:
+        with guard:
+            if not shut[0]:
+                take_manifest(message)
+
+    def take_manifest(message: Message) -> None:
         if assembler_box or done.is_set() or not message.payload:
             return
         last_arrival[0] = time.monotonic()
@@ -889,10 +924,14 @@ def _fetch(
 
     manifest_topic = topics.bundle_manifest(digest)
     client.subscribe(manifest_topic, on_manifest, timeout=None)
-    deadline = time.monotonic() + timeout
+    deadline = float("inf") if timeout is None else time.monotonic() + timeout
+    complete = False
     try:
         while not done.wait(_TICK):
             now = time.monotonic()
+            if cancel is not None and cancel.is_set():
+                name, missing = what()
+                raise DownloadCancelledError(f"the download of {name} was cancelled ({missing} missing)")
             if now >= deadline:
                 name, missing = what()
                 raise BrokerError(
@@ -914,7 +953,12 @@ def _fetch(
                 # The wildcard brought nothing: ask for the chunks by their exact topics as well.
                 log.info("%s: no chunk came through chunks/+; asking chunk by chunk", what()[0])
                 window.fill(assembler_box[0], on_chunk)
+        complete = "error" not in state
     finally:
+        with guard:  # a handler running now finishes first; none runs after
+            shut[0] = True
+        if not complete and assembler_box:
+            assembler_box[0].close()
         client.unsubscribe(manifest_topic)
         client.unsubscribe(topics.bundle_chunks_filter(digest))
         window.close()
@@ -922,7 +966,5 @@ def _fetch(
             client.unsubscribe(topics.bundle_chunk(digest, index))
     error = state.get("error")
     if isinstance(error, Exception):
-        if assembler_box:
-            assembler_box[0].close()
         raise error
     return assembler_box[0]

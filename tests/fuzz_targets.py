@@ -231,8 +231,10 @@ def _reference_packets(stream: bytes) -> list[tuple[int, bytes]]:
 def mqtt_stream(ctx: Context, data: bytes) -> None:
     """A broker's byte stream, cut in pieces where the first byte says: the packet reader finds
     exactly the packets a plain byte-by-byte parse finds, however the reads fall, or refuses the
-    stream with MalformedPacketError (a remaining length over four bytes)."""
-    from edgekit.mqtt.framing import MalformedPacketError, PacketReader
+    stream with MalformedPacketError (a remaining length over four bytes). With a
+    ``max_packet_size`` it returns the same packets up to the first one over the limit, and
+    refuses that one with PacketTooLargeError (on its fixed header alone)."""
+    from edgekit.mqtt.framing import MalformedPacketError, PacketReader, PacketTooLargeError
 
     step = 1 + (data[0] % 64) if data else 1
     stream = data[1:]
@@ -243,7 +245,26 @@ def mqtt_stream(ctx: Context, data: bytes) -> None:
             found += [(header, bytes(buffer[a:b])) for header, a, b in packets]
     except MalformedPacketError:
         return
-    assert found == _reference_packets(stream)
+    reference = _reference_packets(stream)
+    assert found == reference
+    limit = 2 + (data[0] >> 2) * 16 if data else 2  # 2 to 1010 bytes
+    bounded, taken, refused = PacketReader(max_packet_size=limit), [], False
+    try:
+        for start in range(0, len(stream), step):
+            buffer, packets = bounded.feed(stream[start : start + step])
+            taken += [(header, bytes(buffer[a:b])) for header, a, b in packets]
+    except PacketTooLargeError:
+        refused = True
+    assert taken == reference[: len(taken)]
+    assert all(_packet_size(body) <= limit for _, body in taken)
+    if not refused:
+        assert taken == reference
+
+
+def _packet_size(body: bytes) -> int:
+    """A packet's size in all: its first byte, its remaining length's bytes, its body."""
+    n = len(body)
+    return 1 + (1 if n < 1 << 7 else 2 if n < 1 << 14 else 3 if n < 1 << 21 else 4) + n
 
 
 def bundle_file(ctx: Context, data: bytes) -> None:

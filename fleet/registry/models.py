@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -86,6 +87,21 @@ class FleetRecordRow(Base):
     history: Mapped[list[dict[str, str]]] = mapped_column(JSON)
     devices: Mapped[list[str]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DesiredRecord(Base):
+    """The newest signed desired state published to a fleet (``device`` empty) or to one device:
+    when it expires, so the service can warn before devices would refuse it."""
+
+    __tablename__ = "desired_states"
+
+    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    bundle_id: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(140))
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class RolloutRow(Base):
@@ -198,6 +214,9 @@ class Telemetry(Base):
     accuracy_estimate: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy_low: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    memory_used_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    disk_used_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drift_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Rows older than the retention horizon are folded into coarser rows: resolution_s says
     # how many seconds one row covers (0 for an original window).
     resolution_s: Mapped[int] = mapped_column(Integer, default=0)
@@ -215,3 +234,87 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(32))
     bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     message: Mapped[str] = mapped_column(Text)
+
+
+# -- alerts (edgekit.fleet.alerts): rules, channels, alerts and the deliveries still to make ---------
+
+
+class AlertRule(Base):
+    """The owner's settings of one alert rule (only those changed from the defaults)."""
+
+    __tablename__ = "alert_rules"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    settings: Mapped[dict[str, object]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AlertChannel(Base):
+    """Where alerts go. Secrets (SMTP password, webhook URL) are not here: they are in a mode
+    0600 file under EDGEKIT_HOME, keyed by ``name``."""
+
+    __tablename__ = "alert_channels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Alert(Base):
+    """One condition of one device (or fleet, or channel): pending until it has held long
+    enough, then open, then resolved once it has cleared long enough."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rule: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(128))
+    origin: Mapped[str | None] = mapped_column(String(160), nullable=True)
+    fleet: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    clearing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    acked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    acked_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    summary: Mapped[str] = mapped_column(Text)
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+Index("ix_alerts_rule_subject_state", Alert.rule, Alert.subject, Alert.state)
+
+
+class AlertDelivery(Base):
+    """One message to one channel, kept until sent (or given up): what survives a restart."""
+
+    __tablename__ = "alert_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("alert_channels.id", ondelete="CASCADE"), index=True)
+    alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    message: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+Index("ix_alert_deliveries_state_next", AlertDelivery.state, AlertDelivery.next_attempt_at)
+
+
+class AlertLease(Base):
+    """Who evaluates alerts: one holder at a time, however many services share the registry."""
+
+    __tablename__ = "alert_lease"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

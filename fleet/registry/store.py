@@ -24,15 +24,19 @@ from alembic.config import Config
 from edgekit.errors import ConfigError
 from edgekit.reports import DRIFT_SEVERITIES
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Engine,
     Float,
     bindparam,
     case,
+    cast,
     create_engine,
     delete,
+    distinct,
     event,
+    extract,
     func,
     or_,
     select,
@@ -87,6 +91,9 @@ class TelemetryRow(NamedTuple):
     accuracy_estimate: float | None = None
     accuracy_low: float | None = None
     accuracy_high: float | None = None
+    memory_used_percent: float | None = None  # the board's RAM in use
+    disk_used_percent: float | None = None  # the state directory's filesystem in use
+    drift_threshold: float | None = None  # the drift score above which the window counts as drifted
 
 
 class EventRow(NamedTuple):
@@ -475,6 +482,9 @@ class Registry:
                     accuracy_estimate=_min(r.accuracy_estimate for r in rows),
                     accuracy_low=_min(r.accuracy_low for r in rows),
                     accuracy_high=_min(r.accuracy_high for r in rows),
+                    memory_used_percent=_max(r.memory_used_percent for r in rows),
+                    disk_used_percent=_max(r.disk_used_percent for r in rows),
+                    drift_threshold=_min(r.drift_threshold for r in rows),
                     resolution_s=seconds,
                 )
                 for row in rows:
@@ -513,6 +523,52 @@ class Registry:
             if device is not None:
                 query = query.where(Event.device == device)
             return list(session.execute(query).scalars())
+
+    def fleet_history(self, fleet: str, since: datetime, bucket_s: int) -> list[dict[str, Any]]:
+        """Per ``bucket_s`` seconds since ``since``: how many of ``fleet``'s devices reported,
+        and how many ran each version (from their telemetry), oldest first."""
+        bucket = cast(extract("epoch", Telemetry.window_end), BigInteger) // bucket_s
+        reporting = func.count(distinct(Telemetry.device))
+        where = (Device.fleet == fleet, Telemetry.window_end >= _utc(since))
+        with self.session() as session:
+            versions = session.execute(
+                select(bucket, Telemetry.bundle_version, reporting)
+                .join(Device, Device.id == Telemetry.device)
+                .where(*where)
+                .group_by(bucket, Telemetry.bundle_version)
+            ).all()
+            totals = dict(
+                session.execute(
+                    select(bucket, reporting)
+                    .join(Device, Device.id == Telemetry.device)
+                    .where(*where)
+                    .group_by(bucket)
+                ).all()
+            )
+        points: dict[int, dict[str, Any]] = {}
+        for number, version, n in versions:
+            point = points.setdefault(
+                int(number), {"t": int(number) * bucket_s, "reporting": int(totals[number]), "versions": {}}
+            )
+            point["versions"][version or "unknown"] = int(n)
+        return [points[k] for k in sorted(points)]
+
+    def drifted_since(self, device: str) -> datetime | None:
+        """When the device's current run of drifted telemetry windows began (None: its newest
+        window is not drifted, or it has none)."""
+        with self.session() as session:
+            calm = session.execute(
+                select(func.max(Telemetry.window_end)).where(
+                    Telemetry.device == device, Telemetry.drifted.is_(False)
+                )
+            ).scalar_one()
+            query = select(func.min(Telemetry.window_start)).where(
+                Telemetry.device == device, Telemetry.drifted.is_(True)
+            )
+            if calm is not None:
+                query = query.where(Telemetry.window_end > calm)
+            since = session.execute(query).scalar_one()
+        return _utc(since) if since is not None else None
 
     def delete_device(self, device: str) -> None:
         with self.session() as session, session.begin():

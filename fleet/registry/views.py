@@ -7,10 +7,10 @@ from typing import Any
 
 from .models import AuditEntry, Device, Event, Telemetry
 
-__all__ = ["audit_json", "device_json", "drift_text", "event_json", "telemetry_json"]
+__all__ = ["audit_json", "device_json", "drift_text", "event_json", "iso", "telemetry_json"]
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
@@ -48,8 +48,8 @@ def device_json(d: Device) -> dict[str, Any]:
         "bundle_id": d.bundle_id,
         "bundle": d.bundle_name,
         "version": d.bundle_version,
-        "first_seen": _iso(d.first_seen),
-        "last_seen": _iso(d.last_seen),
+        "first_seen": iso(d.first_seen),
+        "last_seen": iso(d.last_seen),
         "latency_p95_ms": d.latency_p95_ms,
         "drift_score": d.drift_score,
         "drifted": d.drifted,
@@ -64,7 +64,7 @@ def event_json(e: Event) -> dict[str, Any]:
     return {
         "device": e.device,
         "seq": e.seq,
-        "at": _iso(e.at),
+        "at": iso(e.at),
         "kind": e.kind,
         "bundle_id": e.bundle_id,
         "message": e.message,
@@ -74,8 +74,8 @@ def event_json(e: Event) -> dict[str, Any]:
 def telemetry_json(t: Telemetry) -> dict[str, Any]:
     return {
         "seq": t.seq,
-        "window_start": _iso(t.window_start),
-        "window_end": _iso(t.window_end),
+        "window_start": iso(t.window_start),
+        "window_end": iso(t.window_end),
         "count": t.count,
         "errors": t.errors,
         "latency_p50_ms": t.latency_p50_ms,
@@ -84,15 +84,21 @@ def telemetry_json(t: Telemetry) -> dict[str, Any]:
         "drift_score": t.drift_score,
         "drifted": t.drifted,
         "drift_severity": t.drift_severity,
+        "drift_threshold": t.drift_threshold,
         "accuracy": _accuracy(t.accuracy_estimate, t.accuracy_low, t.accuracy_high),
         "bundle_version": t.bundle_version,
+        "cpu_percent": t.cpu_percent,
+        "memory_mb": t.memory_mb,
+        "temperature_c": t.temperature_c,
+        "memory_used_percent": t.memory_used_percent,
+        "disk_used_percent": t.disk_used_percent,
         "resolution_s": t.resolution_s,
     }
 
 
 def audit_json(a: AuditEntry) -> dict[str, Any]:
     return {
-        "at": _iso(a.at),
+        "at": iso(a.at),
         "actor": a.actor,
         "action": a.action,
         "fleet": a.fleet,

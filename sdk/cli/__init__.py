@@ -14,7 +14,7 @@ except ModuleNotFoundError as exc:  # a device's install (edgekit[agent]) has no
     ) from exc
 
 from ..logs import setup_logging
-from . import broker, bundle, convert, device, distill, fleet, keys, push, server, trust
+from . import alerts, broker, bundle, convert, device, distill, fleet, keys, push, server, trust
 from ._app import new_app, run, version_callback
 
 __all__ = ["app", "main"]
@@ -27,6 +27,7 @@ app.command("distill")(distill.distill)
 app.add_typer(device.app, name="device")
 app.add_typer(broker.app, name="broker")
 app.add_typer(fleet.app, name="fleet")
+app.add_typer(alerts.app, name="alerts")
 app.add_typer(push.rollout_app, name="rollout")
 app.add_typer(trust.app, name="trust")
 app.command("push")(push.push)

@@ -28,6 +28,17 @@ from .convert import (
 )
 
 
+def _parse_depth(text: Optional[str]) -> Optional[int]:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(
+            f"--depth {text!r} is not a whole number; give how many Conv/Dense layers the student keeps, e.g. --depth 4"
+        ) from None
+
+
 def _print_report(doc: dict[str, Any]) -> None:
     t, s = doc["teacher"], doc["student"]
     table = Table(title=f"{t['path']} → {doc['output']['path']} (student: {s['source']}, {doc['quantize']})")
@@ -40,6 +51,7 @@ def _print_report(doc: dict[str, Any]) -> None:
         return f"{b / a:.3f}x" if a and b is not None else "-"
 
     for label, key, fmt in (
+        ("depth (Conv/Dense layers)", "depth", "d"),
         ("parameters", "params", "d"),
         ("multiply-accumulates", "macs", "d"),
         (f"{doc['quantize']} file size (bytes)", "size", "d"),
@@ -51,6 +63,12 @@ def _print_report(doc: dict[str, Any]) -> None:
         table.add_row("agreement with the teacher", "", pct(s["agreement"]), "")
     console.print(table)
     console.print(f"latency measured on {doc['latency_machine']}", highlight=False)
+    if s["removed_blocks"]:
+        names = ", ".join(
+            b["layers"][0] if len(b["layers"]) == 1 else f"{b['layers'][0]}..{b['layers'][-1]}"
+            for b in s["removed_blocks"]
+        )
+        console.print(f"removed from the teacher: {names}", highlight=False)
     if doc["accuracy_drop_points"] is not None:
         console.print(f"accuracy drop: {doc['accuracy_drop_points']:.2f} points", highlight=False)
     tr = doc["training"]
@@ -87,6 +105,12 @@ def distill(
         None,
         "--width",
         help="Derive the student from the teacher: every Conv/Dense layer but the last W times as wide.",
+    ),
+    depth: Optional[str] = typer.Option(
+        None,
+        "--depth",
+        help="Derive the student from the teacher: remove its shape-keeping blocks, deepest first, "
+        "until at most D Conv/Dense layers are left (with --width: then narrowed).",
     ),
     unlabeled: Optional[Path] = typer.Option(
         None,
@@ -142,6 +166,7 @@ def distill(
         data=data,
         student=student,
         width=parse_number(width, "--width"),
+        depth=_parse_depth(depth),
         unlabeled=unlabeled,
         temperature=temperature,
         alpha=alpha,

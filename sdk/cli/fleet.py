@@ -18,6 +18,12 @@ app = new_app("Watch the fleet: device status, versions, latency, drift and even
 
 REGISTRY_HELP = "Registry URL (sqlite:///PATH or postgresql://...); else $EDGEKIT_REGISTRY, else config."
 BROKER_HELP = "Broker URL (mqtt://host:1883 or mqtts://...); else $EDGEKIT_BROKER, else config."
+PUBLIC_URL: Any = typer.Option(
+    None, "--public-url", help="The dashboard's address as the owner reaches it, for the links in alerts."
+)
+ALERT_INTERVAL: Any = typer.Option(
+    2.0, "--alert-interval", min=0.05, max=3600, help="Seconds between two evaluations of the alert rules."
+)
 
 
 def _registry(url: Optional[str]) -> Any:
@@ -401,12 +407,14 @@ def serve(
         help="Keep each worker's MQTT session this many seconds across disconnects (fixed client ids), "
         "so the broker holds messages for a worker that restarts; 0: clean sessions.",
     ),
+    public_url: Optional[str] = PUBLIC_URL,
+    alert_interval: float = ALERT_INTERVAL,
     json_out: bool = typer.Option(
         False, "--json", help="Print the URLs, then the final counts, as JSON lines."
     ),
 ) -> None:
-    """Run the fleet service: ingest (MQTT -> registry), the rollout controller and the
-    dashboard, until Ctrl-C or SIGTERM."""
+    """Run the fleet service: ingest (MQTT -> registry), the rollout controller, alerts (see
+    `edgekit alerts`) and the dashboard, until Ctrl-C or SIGTERM."""
     from edgekit.fleet.service import FleetService, ServiceConfig
 
     ws = WorkstationConfig.load(broker=broker, registry=registry)
@@ -423,6 +431,8 @@ def serve(
         session_expiry=session_expiry,
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         home=str(ws.home),
+        public_url=public_url,
+        alert_interval=alert_interval,
     )
     _run_service(FleetService(config), json_out)
 
@@ -458,12 +468,14 @@ def up(
     token: Optional[str] = typer.Option(
         None, "--token", envvar="EDGEKIT_DASHBOARD_TOKEN", help="Dashboard token ($EDGEKIT_DASHBOARD_TOKEN)."
     ),
+    public_url: Optional[str] = PUBLIC_URL,
+    alert_interval: float = ALERT_INTERVAL,
     json_out: bool = typer.Option(
         False, "--json", help="Print the URLs, then the final counts, as JSON lines."
     ),
 ) -> None:
     """One command on a laptop: a broker (unless --broker), the registry (SQLite under
-    $EDGEKIT_HOME by default), ingest, the rollout controller and the dashboard. The broker is
+    $EDGEKIT_HOME by default), ingest, the rollout controller, alerts and the dashboard. The broker is
     Mosquitto when it is installed (an account and ACL per device, MQTT 5, retained messages
     kept in $EDGEKIT_HOME/mosquitto), else the embedded amqtt broker (no accounts, no ACLs).
     Prints the URLs; Ctrl-C stops everything, the broker last."""
@@ -494,6 +506,8 @@ def up(
             token=token,
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             home=str(ws.home),
+            public_url=public_url,
+            alert_interval=alert_interval,
         )
         _run_service(FleetService(config), json_out, broker_kind=kind)
     finally:

@@ -479,6 +479,9 @@ def rollback(
     to: Optional[str] = typer.Option(
         None, "--to", help="VERSION (of the current bundle's name) or NAME@VERSION (default: the one before)."
     ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="Only this device (a desired state for it alone, until the next push)."
+    ),
     wait: bool = typer.Option(False, "--wait", help="Wait until every device serves it."),
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="Seconds to wait with --wait."),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
@@ -487,11 +490,15 @@ def rollback(
     server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
-    """Send the whole fleet back to an earlier bundle (a new, higher-numbered desired state)."""
+    """Send the whole fleet (or one --device) back to an earlier bundle (a new, higher-numbered
+    desired state)."""
     from edgekit.fleet.actions import previous_bundle, rolling_back
     from edgekit.fleet.api import outcome_json
     from edgekit.fleet.push import FleetLink
 
+    if device is not None:
+        _rollback_device(fleet, device, to, key_name, broker, registry, server, json_out)
+        return
     remote = server_client(server)
     if remote is not None:
         doc = remote.request("POST", f"api/v1/fleets/{fleet}/rollback", query={"to": to, "timeout": timeout})
@@ -516,3 +523,39 @@ def rollback(
                     print_json(outcome_json(rollout, link))
         finally:
             client.close()
+
+
+def _rollback_device(
+    fleet: str,
+    device: str,
+    to: Optional[str],
+    key_name: str,
+    broker: Optional[str],
+    registry: Optional[str],
+    server: Optional[str],
+    json_out: bool,
+) -> None:
+    """``fleet rollback --device``: one device back (edgekit.fleet.actions.rollback_device)."""
+    from edgekit.fleet.actions import previous_bundle, rollback_device
+    from edgekit.fleet.push import FleetLink
+
+    remote = server_client(server)
+    if remote is not None:
+        doc = remote.request("POST", f"api/v1/fleets/{fleet}/rollback", query={"to": to, "device": device})
+    else:
+        cfg = WorkstationConfig.load(broker=broker, registry=registry)
+        key = signing_key(key_name)
+        with open_control(cfg, key) as control:
+            bundle = previous_bundle(control, fleet, to)
+            client = _connect(cfg)
+            try:
+                link = FleetLink(client, fleet, key, control)
+                link.discover()
+                seq = rollback_device(control, link, device, bundle, "edgekit fleet rollback --device")
+            finally:
+                client.close()
+        doc = {"fleet": fleet, "device": device, "bundle": bundle.manifest.label, "seq": seq}
+    if json_out:
+        print_json(doc)
+    else:
+        console.print(f"device {device} of fleet {fleet} told to go back to {doc['bundle']}")

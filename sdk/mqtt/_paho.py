@@ -32,7 +32,16 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.properties import MQTTException  # type: ignore[attr-defined]  # (2.1 defines it there, 2.2 re-exports)
 
-from .framing import CONNACK, PUBLISH, WRONG_VERSION, MalformedPacketError, PacketReader, pubacks, varint
+from .framing import (
+    CONNACK,
+    PUBLISH,
+    WRONG_VERSION,
+    MalformedPacketError,
+    PacketReader,
+    PacketTooLargeError,
+    pubacks,
+    varint,
+)
 from .message import Message
 
 if TYPE_CHECKING:
@@ -53,6 +62,10 @@ PAHO_MEMBERS = (
     "_create_socket_connection",
     "_in_packet",
     "_packet_handle",
+    "_sock_recv",
+    "_loop_rc_handle",
+    "_thread_main",
+    "_thread_terminate",
 )
 FAST_READ_MEMBERS = (
     "_sock",
@@ -68,7 +81,11 @@ FAST_READ_MEMBERS = (
 
 
 class PahoClient(paho.Client):
-    """paho's client, with Nagle off and the protocol version switchable between attempts."""
+    """paho's client, with Nagle off, the protocol version switchable between attempts, and a
+    read side that cannot die: any exception while reading (a packet paho cannot parse, an
+    exception out of a callback, a packet over ``max_packet_size``) drops the connection, is
+    counted (``owner.read_errors``) and logged, and paho connects again; the network thread
+    itself goes on should anything else escape paho's loop."""
 
     def __init__(self, owner: MqttClient, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -102,6 +119,54 @@ class PahoClient(paho.Client):
         for mid in mids:
             self.ack(mid, 1)
 
+    # -- a read side that cannot die --------------------------------------------------------
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        try:
+            return self._loop_read(max_packets)
+        except Exception as exc:  # noqa: BLE001 - counted and logged in _read_failed, never silent
+            return self._read_failed(exc)
+
+    def _loop_read(self, max_packets: int) -> MQTTErrorCode:
+        return super().loop_read(max_packets)
+
+    def _read_failed(self, exc: Exception) -> MQTTErrorCode:
+        """Reading raised: count and log it, forget the packet being read, drop the connection
+        (``_loop_rc_handle`` closes the socket and calls on_disconnect; paho's loop reconnects)."""
+        self.owner._read_failed(exc)
+        self._in_packet = _in_packet(0, b"")
+        return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        """paho reads a packet's body right after its fixed header: a packet over
+        ``max_packet_size`` is refused there, before any of it is read, and no read asks for
+        more than ``RECV_SIZE`` bytes (Python allocates what a recv asks for up front)."""
+        packet = self._in_packet
+        limit = self.owner._max_packet_size
+        if limit and packet["have_remaining"]:
+            size = 1 + len(packet["remaining_count"]) + packet["remaining_length"]
+            if size > limit:
+                raise PacketTooLargeError(size, limit)
+        return super()._sock_recv(min(bufsize, RECV_SIZE))
+
+    def _thread_main(self) -> None:
+        """paho's network thread, kept alive: an exception out of its loop (not the read side's,
+        handled above) is counted and logged, the connection dropped, and the loop goes on."""
+        try:
+            while True:
+                try:
+                    self.loop_forever(retry_first_connection=True)
+                    return
+                except Exception as exc:  # noqa: BLE001 - counted and logged, then the loop goes on
+                    if self._thread_terminate:
+                        return
+                    self.owner._read_failed(exc)
+                    with contextlib.suppress(Exception):
+                        self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+                    self._reconnect_wait()
+        finally:
+            self._thread = None
+
     def _packet_handle(self) -> MQTTErrorCode:
         """Every packet read goes through here (paho's read side, or ours): a 3.1.1 broker's
         CONNACK to an MQTT 5 CONNECT (2 bytes that paho would misread as MQTT 5) closes the
@@ -130,11 +195,11 @@ class FastReadClient(PahoClient):
 
     def __init__(self, owner: MqttClient, **kwargs: Any) -> None:
         super().__init__(owner, **kwargs)
-        self._reader = PacketReader()
+        self._reader = PacketReader(owner._max_packet_size)
         self._reader_sock: Any = None
         self._acks_queued = False
 
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+    def _loop_read(self, max_packets: int) -> MQTTErrorCode:
         rc = self._read_blocks()
         if self._acks_queued:  # the PUBACKs of what was just read: written now, on this thread
             self._acks_queued = False
@@ -148,7 +213,7 @@ class FastReadClient(PahoClient):
             if sock is None:
                 return MQTTErrorCode.MQTT_ERR_NO_CONN
             if sock is not self._reader_sock:  # a new connection starts a new stream
-                self._reader, self._reader_sock = PacketReader(), sock
+                self._reader, self._reader_sock = PacketReader(self.owner._max_packet_size), sock
             try:
                 data = self._sock_recv(RECV_SIZE)
             except BlockingIOError:
@@ -163,8 +228,7 @@ class FastReadClient(PahoClient):
             try:
                 rc = self._take(data)
             except (MalformedPacketError, MQTTException, struct.error, IndexError, ValueError) as exc:
-                self._easy_log(paho.MQTT_LOG_ERR, "received a malformed packet: %s", exc)
-                rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+                return self._read_failed(exc)  # counted and logged; the connection is dropped
             if rc > 0:  # as paho's own loop_read: MQTT_ERR_AGAIN (-1) is not an error
                 return self._loop_rc_handle(rc)
             if len(data) < RECV_SIZE and not getattr(sock, "pending", lambda: 0)():

@@ -19,6 +19,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from ..errors import BrokerError
 from ._paho import PROTOCOL_VERSIONS, FastReadClient, PahoClient
 from .address import PROTOCOLS, TlsConfig, parse_broker_url
+from .framing import MalformedPacketError
 from .matching import topic_matches
 from .message import Message, Will
 
@@ -186,6 +187,10 @@ class MqttClient:
         self.unroutable = 0
         #: How many times the connection was (re-)established.
         self.connections = 0
+        #: Reads that failed (a malformed packet, one over ``max_packet_size``, an exception
+        #: anywhere in the read side or the network loop): each dropped the connection, was
+        #: logged, and the client connected again.
+        self.read_errors = 0
 
         self._paho.on_connect = self._on_connect
         self._paho.on_disconnect = self._on_disconnect
@@ -457,6 +462,18 @@ class MqttClient:
     def _deliver(self, messages: list[Message]) -> None:
         """Messages decoded by the read side (network thread), in arrival order."""
         self._queue.put((self._route_all, (messages,)))
+
+    def _read_failed(self, exc: Exception) -> None:
+        """The network thread could not go on reading (it drops the connection and reconnects)."""
+        self.read_errors += 1
+        expected = isinstance(exc, MalformedPacketError)  # the broker's bytes, not edgekit's code
+        log.error(
+            "dropped the connection to %s: reading from it failed (%s: %s); reconnecting",
+            self.url,
+            type(exc).__name__,
+            exc,
+            exc_info=not expected,
+        )
 
     def _drop_unroutable(self, qos: int, mid: int) -> None:
         """A message whose topic is not UTF-8 (network thread, either read side): counted, logged and, when the

@@ -4,13 +4,34 @@ encodes itself (PUBACKs). Pure: no socket, no paho; the fuzz targets drive it di
 from __future__ import annotations
 
 import struct
-from typing import Union
+from typing import Optional, Union
 
-__all__ = ["CONNACK", "PUBLISH", "WRONG_VERSION", "MalformedPacketError", "PacketReader", "pubacks", "varint"]
+__all__ = [
+    "CONNACK",
+    "PUBLISH",
+    "WRONG_VERSION",
+    "MalformedPacketError",
+    "PacketReader",
+    "PacketTooLargeError",
+    "pubacks",
+    "varint",
+]
 
 
 class MalformedPacketError(ValueError):
     """The broker sent bytes that are not a well-formed MQTT packet (the connection is dropped)."""
+
+
+class PacketTooLargeError(MalformedPacketError):
+    """The broker sent a packet larger than the client's ``max_packet_size``: refused as soon as
+    its fixed header says so, before any of it is buffered (the connection is dropped)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the broker sent a {size}-byte packet, over this client's max_packet_size of {limit}"
+        )
+        self.size = size
+        self.limit = limit
 
 
 PUBLISH = 0x30
@@ -25,11 +46,14 @@ class PacketReader:
 
     :meth:`feed` takes the next bytes received and returns a buffer and the ``(first byte,
     start, end)`` of every packet completed in it (``buffer[start:end]`` is the packet after
-    its fixed header); an incomplete tail is kept, without copying, for the next call."""
+    its fixed header); an incomplete tail is kept, without copying, for the next call. With
+    ``max_packet_size``, a packet whose fixed header announces more bytes in all raises
+    :class:`PacketTooLargeError` before anything of it is kept."""
 
-    __slots__ = ("_have", "_need", "_pieces")
+    __slots__ = ("_have", "_max", "_need", "_pieces")
 
-    def __init__(self) -> None:
+    def __init__(self, max_packet_size: Optional[int] = None) -> None:
+        self._max = max_packet_size or 0
         self._pieces: list[Union[bytes, memoryview]] = []
         self._have = 0  # bytes held in _pieces
         self._need = 0  # bytes the held packet needs in all (0: its length is not known yet)
@@ -59,6 +83,8 @@ class PacketReader:
                 if shift > 21:
                     raise MalformedPacketError("an MQTT remaining length longer than four bytes")
             end = index + length
+            if self._max and length >= 0 and end - pos > self._max:
+                raise PacketTooLargeError(end - pos, self._max)
             if length < 0 or end > size:
                 self._pieces = [memoryview(data)[pos:]]
                 self._have = size - pos

@@ -65,6 +65,9 @@ def test_agent_windows_become_records_with_growing_seq_across_restarts(make_conf
     assert record.throughput > 0 and record.window_end >= record.window_start
     assert record.memory_rss_bytes is not None and record.memory_rss_bytes > 10_000_000
     assert record.cpu_percent is not None
+    # The board's RAM and the state directory's disk in use, as Linux says (/proc/meminfo, statvfs).
+    assert record.memory_used_percent is not None and 0 < record.memory_used_percent < 100
+    assert record.disk_used_percent is not None and 0 < record.disk_used_percent <= 100
     first_seq = record.seq
     with Agent.from_config(path, background=False) as agent:
         for _ in range(4):

@@ -240,3 +240,66 @@ def test_a_download_that_stalls_is_reported_failed_naming_the_device_and_the_bun
     finally:
         daemon.stop()
         agent.close()
+
+
+def stuck_bundle(watcher: Watcher, path, key) -> str:  # type: ignore[no-untyped-def]
+    """Publish only a bundle's manifest (an upload cut short): a device fetching it waits."""
+    from edgekit.transfer import start_upload
+
+    bundle = read_bundle(path, TrustedKeys([key.public]))
+    start_upload(watcher.client, bundle)
+    return bundle.bundle_id
+
+
+def test_a_newer_desired_state_preempts_a_download_in_progress(mosquitto, watcher, make_config, bundles, key):
+    # The inactivity timeout is an hour: only the preemption can end the first download.
+    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600, download_stall_timeout=3600)
+    agent = Agent.from_config(config, background=False)
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    try:
+        stuck = stuck_bundle(watcher, bundles.v3, key)
+        watcher.desire(key, bundles.v3, seq=1)
+        # A second progress report comes once the manifest arrived and the download began.
+        watcher.wait_for(
+            lambda _: (
+                len([s for s in watcher.states() if s.status == "downloading" and s.target_id == stuck]) >= 2
+            )
+        )
+        assert (daemon.state_dir / "downloads" / stuck).is_dir()
+        watcher.publish_bundle(bundles.v2, key)
+        watcher.desire(key, bundles.v2, seq=2)
+        watcher.wait_for(watcher.serving("2.0.0"), timeout=60)
+        assert not (daemon.state_dir / "downloads" / stuck).exists()  # its space given back
+        assert daemon.agent.status().version == "2.0.0"
+    finally:
+        daemon.stop()
+        agent.close()
+
+
+def test_stop_cancels_a_download_in_progress_and_the_next_start_resumes_it(
+    mosquitto, watcher, make_config, bundles, key
+):
+    import json
+
+    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600, download_stall_timeout=3600)
+    agent = Agent.from_config(config, background=False)
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    stuck = stuck_bundle(watcher, bundles.v1, key)
+    watcher.desire(key, bundles.v1, seq=1)
+    watcher.wait_for(lambda _: any(s.status == "downloading" for s in watcher.states()))
+    workers = list(daemon._threads)
+    # The download would wait an hour for its chunks: stop() ends it (generous bound; the
+    # cancel itself takes a tick of the fetch loop, 0.2 s).
+    daemon.stop(timeout=30)
+    assert not any(thread.is_alive() for thread in workers)
+    agent.close()
+    record = json.loads((daemon.state_dir / "deployment.json").read_text())
+    assert (record["state"], record["bundle_id"]) == ("fetching", stuck)  # kept, to resume
+    watcher.publish_bundle(bundles.v1, key)
+    agent = Agent.from_config(config, background=False)
+    again = AgentDaemon(agent, upload_interval=0.2).start()
+    try:
+        watcher.wait_for(watcher.serving("1.0.0"), timeout=60)
+    finally:
+        again.stop()
+        agent.close()

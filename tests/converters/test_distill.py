@@ -34,6 +34,43 @@ def distill_data(digits_data: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     return DistillData(digits_data.model, out / "few.npz", out / "rest.npy", digits_data.test)
 
 
+def _residual_cnn(filters: int = 12) -> Any:
+    """A teacher deep enough to shorten: a stem Conv2D, two residual blocks (Conv2D, batch
+    normalization, ReLU, Conv2D, Add, ReLU) that keep the 8x8xF shape, max pooling, Dense 10: six
+    Conv/Dense layers, four of them in removable blocks."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((8, 8, 1))
+    h = layers.Conv2D(filters, 3, padding="same", activation="relu", name="stem")(inputs)
+    for i in (1, 2):
+        shortcut = h
+        h = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"res{i}_a")(h)
+        h = layers.BatchNormalization(name=f"res{i}_bn")(h)
+        h = layers.ReLU(name=f"res{i}_relu")(h)
+        h = layers.Conv2D(filters, 3, padding="same", name=f"res{i}_b")(h)
+        h = layers.Add(name=f"res{i}_add")([h, shortcut])
+        h = layers.ReLU(name=f"res{i}_out")(h)
+    h = layers.MaxPooling2D(name="pool")(h)
+    h = layers.Flatten(name="flatten")(h)
+    return keras.Model(inputs, layers.Dense(10, activation="softmax", name="classes")(h))
+
+
+@pytest.fixture(scope="module")
+def residual_teacher(digits_data: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The residual CNN trained on the digits (10 epochs, about 95% on the held-out images)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = _residual_cnn()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    with np.load(digits_data.train) as train:
+        model.fit(train["x"], train["y"], epochs=10, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("residual-teacher") / "residual.keras"
+    model.save(path)
+    return path
+
+
 def _options(paths: DistillData, out: Path, **changes: Any) -> Any:
     from edgekit.converters import DistillOptions
 
@@ -81,6 +118,7 @@ def test_a_saved_model_teacher_teaches_a_given_student(distill_data: DistillData
 
     teacher = keras.models.load_model(distill_data.teacher)
     teacher.export(str(tmp_path / "teacher"), verbose=False)
+    keras.utils.set_random_seed(0)  # the student's initial weights: the same in every run
     narrowed(teacher, 0.5).save(tmp_path / "arch.keras")
     report = distill(
         _options(
@@ -100,11 +138,11 @@ def test_an_h5_teacher_distills(distill_data: DistillData, tmp_path: Path) -> No
     teacher = tmp_path / "teacher.h5"
     keras.models.load_model(distill_data.teacher).save(teacher)  # Keras 3's legacy HDF5 format
     report = distill(
-        _options(distill_data, tmp_path / "out", teacher=teacher, data=distill_data.rest, epochs=3)
+        _options(distill_data, tmp_path / "out", teacher=teacher, data=distill_data.rest, epochs=6)
     ).to_dict()
     assert report["teacher"]["path"] == str(teacher)
     assert report["teacher"]["params"] > report["student"]["params"]
-    assert report["agreement"] >= 0.6  # 3 epochs; chance is 0.1
+    assert report["agreement"] >= 0.6  # 6 epochs (measured 0.89 to 0.92 over seeds 0-2); chance is 0.1
     assert (tmp_path / "out" / "student.keras").exists()
 
 
@@ -183,6 +221,126 @@ def test_width_refuses_layers_it_cannot_narrow_naming_them() -> None:
         narrowed(model, 0.5)
 
 
+def test_blocks_lie_between_the_cuts_of_a_residual_network() -> None:
+    from edgekit.converters.blocks import network_blocks, network_depth
+
+    model = _residual_cnn()
+    blocks = network_blocks(model)
+    residual = ("a", "bn", "relu", "b", "add", "out")
+    # max pooling and flatten change the shape and carry no Conv/Dense layer: in no block.
+    assert [(b.layers, b.depth, b.removable) for b in blocks] == [
+        (("stem",), 1, False),  # 1 channel in, 12 out
+        (tuple(f"res1_{part}" for part in residual), 2, True),
+        (tuple(f"res2_{part}" for part in residual), 2, True),
+        (("classes",), 1, False),  # the classes are never removed
+    ]
+    assert network_depth(model) == 6
+
+
+def test_a_shallower_student_computes_the_teacher_without_its_deepest_blocks() -> None:
+    import keras
+    from edgekit.converters.blocks import network_depth, shortened
+
+    keras.utils.set_random_seed(0)
+    teacher = _residual_cnn()
+    x = np.random.default_rng(0).random((4, 8, 8, 1), dtype=np.float32)
+    before = teacher.predict(x, verbose=0)
+    student, removed = shortened(teacher, 4)
+    assert [b.name for b in removed] == ["res2_a..res2_out"]
+    assert network_depth(student) == 4
+    assert not any(layer.name.startswith("res2") for layer in student.layers)
+    # With the teacher's weights in the layers kept, the student is the teacher's graph with the
+    # block cut out: first block's output straight into the pooling.
+    first_block = keras.Model(teacher.input, teacher.get_layer("res1_out").output)
+    tail = [teacher.get_layer(name) for name in ("pool", "flatten", "classes")]
+    expected = first_block(x)
+    for layer in tail:
+        expected = layer(expected)
+    np.testing.assert_allclose(student.predict(x, verbose=0), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    # Its own variables: changing them leaves the teacher as it was.
+    stem = student.get_layer("stem")
+    stem.set_weights([np.zeros_like(w) for w in stem.get_weights()])
+    np.testing.assert_array_equal(teacher.predict(x, verbose=0), before)
+    # Blocks go whole: asked 3, removing both two-layer blocks gives 2 (one block would leave 4).
+    shallowest, removed = shortened(teacher, 3)
+    assert network_depth(shallowest) == 2 and len(removed) == 2
+
+
+def test_blocks_of_a_plain_sequential_model() -> None:
+    import keras
+    from edgekit.converters.blocks import network_blocks, shortened
+    from keras import layers
+
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)), layers.Conv2D(8, 3, padding="same", name="c1"),
+            layers.Conv2D(8, 3, padding="same", activation="relu", name="c2"), layers.Dropout(0.1, name="drop"),
+            layers.MaxPooling2D(name="pool"), layers.Flatten(name="flat"), layers.Dense(16, name="d1"),
+            layers.Dense(16, name="d2"), layers.Dense(10, name="classes"),
+        ]
+    )  # fmt: skip
+    assert [b.name for b in network_blocks(model) if b.removable] == ["c2..drop", "d2"]
+    student, removed = shortened(model, 4)
+    assert [b.name for b in removed] == ["d2"]
+    assert [layer.name for layer in student.layers if layer.weights] == ["c1", "c2", "d1", "classes"]
+
+
+def test_depth_refuses_a_nested_model_naming_it() -> None:
+    import keras
+    from edgekit.converters.blocks import shortened
+
+    inner = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(8), keras.layers.Dense(8)], name="backbone"
+    )
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8), inner, keras.layers.Dense(3)])
+    with pytest.raises(ConfigError, match=r"nested model backbone.*--student"):
+        shortened(model, 1)
+
+
+def test_cli_distills_a_shallower_student_from_a_deeper_teacher(
+    residual_teacher: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "shallow.keras"
+    result = edgekit(
+        "distill", residual_teacher, "-o", out, "--data", digits_data.train, "--depth", "4", "--epochs", "6",
+        "--eval", digits_data.test, "-q", "int8", "--latency-runs", "5", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["teacher"]["depth"] == 6
+    assert doc["student"]["depth"] == 4 and doc["student"]["source"] == "depth 4"
+    assert [b["layers"][0] for b in doc["student"]["removed_blocks"]] == ["res2_a"]
+    assert doc["params_ratio"] < 0.7 and doc["macs_ratio"] < 0.7
+    assert doc["agreement"] >= 0.9
+    assert doc["accuracy_drop_points"] <= 3.0
+    assert out.exists() and out.with_suffix(".tflite").exists()
+
+
+def test_the_same_seed_gives_the_same_derived_student(
+    residual_teacher: Path, distill_data: DistillData, tmp_path: Path
+) -> None:
+    from edgekit.converters import distill
+    from edgekit.converters.blocks import network_depth
+
+    def student(name: str, seed: int) -> list[np.ndarray]:
+        import keras
+
+        options = _options(
+            distill_data, tmp_path / name, teacher=residual_teacher, depth=2, width=0.5, eval=None, epochs=1,
+            seed=seed,
+        )  # fmt: skip
+        report = distill(options).to_dict()
+        assert report["student"]["source"] == "depth 2, width 0.5"
+        model = keras.models.load_model(tmp_path / name / "student.keras")
+        assert network_depth(model) == 2
+        return [np.asarray(w) for w in model.get_weights()]
+
+    first, again, other = student("first", 3), student("again", 3), student("other", 4)
+    # Fresh weights (the widths changed) drawn from --seed, then trained with it: the same student.
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
 def test_cli_distills_converts_and_bundles_in_one_command(
     distill_data: DistillData, tmp_path: Path, edgekit_home: Path
 ) -> None:
@@ -239,6 +397,7 @@ def bad_distill_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     keras.Sequential(
         [keras.Input((8, 8, 1)), keras.layers.Reshape((64,)), keras.layers.Dense(16), keras.layers.Dense(10)]
     ).save(d / "reshape.keras")
+    _residual_cnn().save(d / "residual.keras")  # untrained: only its graph matters here
     np.save(d / "wrong_shape.npy", np.zeros((10, 7, 7), dtype=np.float32))
     np.save(d / "empty.npy", np.zeros((0, 8, 8, 1), dtype=np.float32))
     (d / "empty_dir").mkdir()
@@ -259,6 +418,10 @@ BAD_FLAGS = [
     ("bundle without mode", ["{teacher}", "-o", "{tmp}/s.keras", "--data", "{few}", "--width", "0.5", "--bundle", "a:1.0.0"], ["--quantize"]),
     ("teacher not a model", ["{notes_txt}", "-o", "{tmp}/s.keras", "--data", "{few}", "--width", "0.5"], ["accepts", ".keras"]),
     ("missing data", ["{teacher}", "-o", "{tmp}/s.keras", "--data", "{tmp}/nope.npz", "--width", "0.5"], ["--data", "does not exist"]),
+    ("depth not a whole number", ["{teacher}", "-o", "{tmp}/s.keras", "--data", "{few}", "--depth", "0.5"], ["--depth '0.5'", "whole number"]),
+    ("depth out of range", ["{teacher}", "-o", "{tmp}/s.keras", "--data", "{few}", "--depth", "0"], ["--depth 0", "out of range"]),
+    ("student and depth", ["{teacher}", "-o", "{tmp}/s.keras", "--data", "{few}", "--depth", "2", "--student", "{five_keras}"], ["one way", "--student", "--depth"]),
+    ("depth without blocks", ["{teacher}", "-o", "{tmp}/s.keras", "--data", "{few}", "--depth", "1"], ["--depth 1", "no block", "--student"]),
     ("student output size", ["{teacher}", "-o", "{tmp}/s.keras", "--data", "{few}", "--student", "{five_keras}"], ["student outputs 5", "10 classes"]),
 ]
 # Refused once the models are loaded: the library raises the error the CLI prints as one line.
@@ -269,6 +432,9 @@ BAD_INPUTS = [
     ("data shape", {"data": "{wrong_shape_npy}", "width": 0.5}, DataError, ["(7, 7)", "(8, 8, 1)"]),
     ("labels out of range", {"data": "{bad_labels_npz}", "width": 0.5}, DataError, ["42", "10 classes"]),
     ("student input shape", {"student": "{seven_keras}"}, ConfigError, ["(7, 7, 1)", "(8, 8, 1)"]),
+    ("depth without blocks", {"depth": 1}, ConfigError, ["no block", "--student", "--width"]),
+    ("depth not below the teacher", {"depth": 2}, ConfigError, ["--depth 2", "teacher's depth of 2", "at most 1"]),
+    ("depth out of reach", {"teacher": "{residual_keras}", "depth": 1}, ConfigError, ["--depth 1 cannot be reached", "give --depth 2 to 5"]),
     ("width on a reshape", {"teacher": "{reshape_keras}", "width": 0.5}, ConfigError, ["Reshape", "--student"]),
 ]
 # fmt: on

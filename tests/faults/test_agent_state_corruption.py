@@ -179,6 +179,38 @@ def test_a_damaged_desired_state_file_is_reported_and_the_device_carries_on(
         agent.close()
 
 
+@pytest.mark.parametrize("how", ["emptied", "garbage", "json-list"])
+def test_a_damaged_deployment_file_is_reported_and_the_deployment_resumes_from_the_broker(
+    mosquitto, watcher, make_config, bundles, key, how
+):
+    """deployment.json names a download in progress (the agent stopped mid-fetch), then is
+    damaged: the agent says so and takes the deployment up again from the retained desired
+    state it applied (desired.json), ending with the bundle served."""
+    from edgekit.transfer import start_upload
+
+    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600, download_stall_timeout=3600)
+    start_upload(watcher.client, read_bundle(bundles.v1, TrustedKeys([key.public])))  # manifest only
+    watcher.desire(key, bundles.v1, seq=3)
+    agent = Agent.from_config(config, background=False)
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    watcher.wait_for(lambda _: any(s.status == "downloading" for s in watcher.states()))
+    daemon.stop()
+    agent.close()
+    damage(Path(agent.config.state_dir) / "deployment.json", how)
+    watcher.publish_bundle(bundles.v1, key)
+    agent = Agent.from_config(config, background=False)
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    try:
+        damaged = watcher.wait_for(
+            lambda _: [e for e in watcher.records("events") if e["kind"] == "store_damaged"]
+        )
+        assert "deployment.json is damaged" in damaged[0]["message"]
+        watcher.wait_for(watcher.serving("1.0.0"))
+    finally:
+        daemon.stop()
+        agent.close()
+
+
 # -- partial and finished downloads -----------------------------------------------------------------
 
 

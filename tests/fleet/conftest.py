@@ -75,6 +75,7 @@ def populate(registry: Registry) -> None:
                 4.0,
                 drift_score=0.01 * seq,
                 drifted=seq == 29,
+                drift_threshold=0.25,
                 bundle_version="1.1.0",
             )
         )

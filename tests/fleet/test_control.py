@@ -14,7 +14,7 @@ import time
 
 import pytest
 from edgekit import TrustedKeys, create_bundle
-from edgekit.errors import BundleError
+from edgekit.errors import BundleError, ConfigError
 from edgekit.fleet.control import ControlPlane
 from edgekit.fleet.rollout import RolloutPolicy, start
 from edgekit.keys import load_signing_key
@@ -189,6 +189,16 @@ def test_commands_say_what_is_missing_in_one_line(edgekit_home):
     )
     nothing = edgekit("fleet", "audit")
     assert nothing.returncode == 0 and "Nothing has been done" in nothing.stdout
+
+
+def test_a_lock_folder_that_cannot_be_made_is_a_config_error(tmp_path):
+    registry = tmp_path / "registry.db"
+    (tmp_path / "registry.db.locks").write_text("a file where the lock folder goes")
+    refused = pytest.raises(
+        ConfigError, match=r"^cannot create the registry's lock folder .*registry\.db\.locks"
+    )
+    with ControlPlane.open(f"sqlite:///{registry}") as control, refused, control.driving("lab", "alice"):
+        pass
 
 
 def leader_pid(control: ControlPlane) -> int | None:

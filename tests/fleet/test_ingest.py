@@ -25,8 +25,11 @@ def test_state_telemetry_and_events_land_in_the_registry(registry_url, start_ing
     # A device heard from by telemetry only is registered with the fleet its records name. Its
     # agent judges drift severity (cam-1's, like an older agent, sends none).
     accuracy = {"estimate": 0.6, "low": 0.5, "high": 0.7, "reference": 0.85, "method": "confidence"}
-    drift = {"drifted": True, "scores": {}, "severity": "model affected", "accuracy": accuracy}
-    publisher.send(tele("cam-2"), telemetry_doc("cam-2", 7, fleet="yard", drift=drift))
+    scores = {"x": {"psi": 0.4, "ks": 0.1, "psi_limit": 0.3}, "y": {"psi": 0.1, "ks": 0.0, "psi_limit": 0.2}}
+    drift = {"drifted": True, "scores": scores, "severity": "model affected", "accuracy": accuracy}
+    drift["psi_threshold"] = 0.2
+    board = {"memory_used_percent": 97.5, "disk_used_percent": 42.0}
+    publisher.send(tele("cam-2"), telemetry_doc("cam-2", 7, fleet="yard", drift=drift, **board))
     assert ingest.wait_for(lambda s: s.telemetry == 4 and s.events == 1 and s.states == 1)
 
     devices = {d.id: d for d in registry.devices()}
@@ -38,6 +41,11 @@ def test_state_telemetry_and_events_land_in_the_registry(registry_url, start_ing
     assert (devices["cam-2"].drift_severity, devices["cam-2"].accuracy_estimate) == ("model affected", 0.6)
     assert (cam.drift_severity, cam.accuracy_estimate) == (None, None)
     assert registry.telemetry("cam-2")[0].accuracy_low == 0.5
+    (board_row,) = registry.telemetry("cam-2")
+    assert (board_row.memory_used_percent, board_row.disk_used_percent) == (97.5, 42.0)
+    # The worst feature's limit (its threshold or noise floor), drawn on the drift chart; an
+    # older agent's record has none.
+    assert board_row.drift_threshold == 0.3 and registry.telemetry("cam-1")[0].drift_threshold is None
     rows = registry.telemetry("cam-1")
     assert [r.seq for r in rows] == [1, 2, 3] and rows[0].memory_mb == 50.0
     assert [e.message for e in registry.events(device="cam-1")] == ["installed digits@1.0.0 (1)"]
@@ -88,6 +96,7 @@ def bad_messages(kind: str, good: dict) -> list[tuple[str, bytes | dict]]:
             ("bad_field", {**good, "window_end": 1e300}),
             ("bad_field", {**good, "drift": {"drifted": "yes"}}),
             ("bad_field", {**good, "drift": {**good["drift"], "severity": "panic"}}),
+            ("bad_field", {**good, "disk_used_percent": 140}),
             (
                 "bad_field",
                 {**good, "drift": {**good["drift"], "severity": "ok", "accuracy": {"estimate": 2}}},

@@ -13,7 +13,7 @@ import uuid
 import pytest
 from edgekit.mqtt import MalformedPacketError, MqttClient, topic_matches
 from edgekit.mqtt._paho import FAST_READ_MEMBERS, PAHO_MEMBERS
-from edgekit.mqtt.framing import PacketReader
+from edgekit.mqtt.framing import PacketReader, PacketTooLargeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mqtt_helpers import Inbox, mqtt_packet
@@ -40,6 +40,18 @@ def test_the_packet_reader_returns_every_packet_whatever_the_reads_cut(packets, 
     points = sorted({c for c in cuts if 0 < c < len(stream)})
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
     assert _read_all(PacketReader(), pieces) == packets
+
+
+def test_the_packet_reader_refuses_a_packet_over_its_limit_from_the_fixed_header_alone() -> None:
+    reader = PacketReader(max_packet_size=100)
+    buffer, packets = reader.feed(mqtt_packet(0x30, b"x" * 98))  # 100 bytes in all: taken
+    assert [bytes(buffer[start:end]) for _, start, end in packets] == [b"x" * 98]
+    with pytest.raises(
+        PacketTooLargeError, match="101-byte packet, over this client's max_packet_size of 100"
+    ):
+        reader.feed(b"\x30\x63")  # announces 99 more bytes: nothing of them was sent or kept
+    with pytest.raises(PacketTooLargeError):
+        PacketReader(max_packet_size=1 << 20).feed(b"\x30\xff\xff\xff\x7f")  # 256 MB announced
 
 
 def test_the_packet_reader_refuses_a_remaining_length_over_four_bytes() -> None:
@@ -224,3 +236,50 @@ def test_every_private_member_of_paho_edgekit_uses_exists_in_the_installed_paho(
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)  # has them all
     missing = [name for name in (*PAHO_MEMBERS, *FAST_READ_MEMBERS) if not hasattr(client, name)]
     assert not missing, f"paho-mqtt {version('paho-mqtt')} lacks {missing}"
+
+
+def _once(function, error: Exception):  # type: ignore[no-untyped-def]
+    """``function``, except that its first call raises ``error``."""
+    calls = [0]
+
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 1:
+            raise error
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("failure", ["callback-raises", "network-loop-raises", "oversized-packet"])
+def test_any_failure_while_reading_drops_the_connection_and_the_client_connects_again(
+    scripted, fast_read, failure: str
+) -> None:
+    """The network thread never dies silently: whatever goes wrong while it reads, the
+    connection is dropped, the failure counted (read_errors) and logged, and the client
+    connects again, subscribes again and receives. An oversized packet is real bytes from the
+    scripted broker; an exception out of a callback or out of paho's loop is a bug edgekit
+    cannot cause on purpose, so it is injected by wrapping that function (a fake for that fault)."""
+    inbox = Inbox()
+    url = f"mqtt://127.0.0.1:{scripted.port}?protocol=3.1.1"
+    with MqttClient(url, reconnect_min=0.05, fast_read=fast_read, max_packet_size=4096) as client:
+        client.subscribe("t/#", inbox)
+        first = scripted.connections[0]
+        if failure == "callback-raises":
+            client._paho.on_message = _once(client._on_message, RuntimeError("injected"))  # paho's read side
+            client._deliver = _once(client._deliver, RuntimeError("injected"))  # type: ignore[method-assign]
+            first.sendall(_publish(b"t/x", b"boom", 3))
+        elif failure == "network-loop-raises":
+            client._paho._loop = _once(client._paho._loop, RuntimeError("injected"))  # type: ignore[method-assign]
+            client.publish("t/wake", b"", qos=0)  # wakes the loop
+        else:
+            # The fixed header of a 200 MB PUBLISH and nothing else: the client must drop the
+            # connection on the header alone, not wait for (or buffer) the body.
+            first.sendall(b"\x32\x80\x80\x80\x64")
+        scripted.wait(lambda b: sum(p[:1] == b"\x82" for p in b.received) == 2)  # subscribed again
+        scripted.connections[1].sendall(_publish(b"t/ok", b"fine", 7))
+        assert inbox.wait_topic("t/ok").payload == b"fine"
+        assert client.read_errors == 1 and client.connected
+        thread = client._paho._thread
+        assert thread is not None and thread.is_alive()
+    assert b"EOF" in scripted.received
