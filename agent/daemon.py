@@ -37,17 +37,20 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from edgekit._version import __version__
 from edgekit.atomic import atomic_write
 from edgekit.desired import DesiredState, decode_desired_state, verify_desired_state
 from edgekit.errors import (
     BrokerError,
+    ConfigError,
     DesiredStateError,
     DownloadCancelledError,
     DownloadStalledError,
     EdgekitError,
+    TopicError,
+    TrustMetadataError,
 )
 from edgekit.manifest import MAX_MESSAGE_SIZE
 from edgekit.mqtt import Message, MqttClient, TlsConfig, Will
@@ -60,11 +63,16 @@ from .agent import Agent
 from .capture import CaptureLink
 from .deployment import DeploymentRecord
 
+if TYPE_CHECKING:
+    from edgekit.roles import DeviceTrust, TrustReport
+
 __all__ = ["AgentDaemon"]
 
 log = logging.getLogger(__name__)
 
 DESIRED_FILE = "desired.json"
+#: Where a device in TUF mode keeps its trusted root and last verified metadata.
+TRUST_DIR = "trust"
 DOWNLOADS_DIR = "downloads"
 UPLOAD_BATCH = 200
 #: Seconds between two download progress reports of a device, at most.
@@ -76,6 +84,19 @@ def _seq_of(envelope: bytes) -> Optional[int]:
         return decode_desired_state(envelope)[0].seq
     except DesiredStateError:
         return None
+
+
+class _Retained:
+    """The fleet's trust metadata as the broker delivered it, as a source for edgekit.roles."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self._files = files
+
+    def root(self, version: int) -> Optional[bytes]:
+        return self._files.get(f"root/{version}")
+
+    def metadata(self, role: str) -> Optional[bytes]:
+        return self._files.get(role)
 
 
 class _Throttle:
@@ -147,6 +168,16 @@ class AgentDaemon:
         self.installed = threading.Event()
         self._trusted = config.trusted()
         self._desired = self._load_desired()
+        #: What the broker holds of the fleet's TUF metadata (unverified bytes, by name).
+        self._trust_files: dict[str, bytes] = {}
+        self._trust_lock = threading.Lock()
+        self._tuf: Optional[DeviceTrust] = self._load_tuf()
+        self._frozen = False
+        self._last_trust_error = ""
+        #: The last report of the fleet's TUF metadata (None: not in TUF mode, or nothing yet).
+        self.trust_report: Optional[TrustReport] = None
+        #: Set each time the device verified a new set of TUF metadata.
+        self.trust_changed = threading.Event()
         self._lock = threading.Lock()
         #: The next deployment to run, and the signed desired state that names it.
         self._target: Optional[tuple[DesiredState, bytes]] = None
@@ -189,6 +220,7 @@ class AgentDaemon:
         self.client.connect(timeout=None)  # keep trying in the background; predict() never waits
         for topic in (self.topics.fleet_desired(self.fleet), self.topics.device_desired(self.device)):
             self.client.subscribe(topic, self._on_desired, qos=1, timeout=None)
+        self.client.subscribe(self.topics.fleet_trust_filter(self.fleet), self._on_trust, qos=1, timeout=None)
         self.capture.start()
         for name, target in (("install", self._worker), ("upload", self._uploader)):
             thread = threading.Thread(target=target, name=f"edgekit-{name}-{self.device}", daemon=True)
@@ -256,6 +288,13 @@ class AgentDaemon:
     def _on_desired(self, message: Message) -> None:
         if not message.payload:
             return  # a cleared retained document
+        if self.tuf_mode:
+            # After the move to TUF, a document signed by one key is not enough any more.
+            self.refused += 1
+            log.info(
+                "device %s ignored a single-key desired state on %s (TUF mode)", self.device, message.topic
+            )
+            return
         try:
             state = verify_desired_state(
                 message.payload, self._trusted, fleet=self.fleet, device=self.device, last_seq=self.last_seq
@@ -276,6 +315,11 @@ class AgentDaemon:
             self.agent.record_event("desired_refused", str(exc), None)
             self._wake_uploader.set()
             return
+        self._accept(state, bytes(message.payload))
+
+    def _accept(self, state: DesiredState, envelope: bytes) -> None:
+        """Apply a verified desired state: ``envelope`` is what the deployment record keeps
+        (the signed single-key envelope, or under TUF the document's canonical bytes)."""
         self._desired = {"seq": state.seq, "bundle": state.bundle_sha256, "version": state.bundle_version}
         self._save_desired()
         log.info(
@@ -287,7 +331,7 @@ class AgentDaemon:
             state.scope,
         )
         with self._lock:
-            self._target = (state, bytes(message.payload))
+            self._target = (state, envelope)
             running = self._running
             if running is not None and running.bundle_sha256 != state.bundle_sha256:
                 # A newer desired state preempts the deployment in progress: its download stops
@@ -325,6 +369,174 @@ class AgentDaemon:
             self._target = (state, envelope)
         log.info("device %s resumes installing %s@%s", self.device, state.bundle_name, state.bundle_version)
         self._wake_worker.set()
+
+    # -- TUF trust (edgekit.roles) ------------------------------------------------------------
+
+    @property
+    def tuf_mode(self) -> bool:
+        """True once the device follows its fleet's TUF metadata (provisioned, or upgraded)."""
+        return self._tuf is not None or (self.state_dir / TRUST_DIR / "root.json").exists()
+
+    def _load_tuf(self) -> Optional[DeviceTrust]:
+        directory = self.state_dir / TRUST_DIR
+        configured = self.agent.config.trust_root
+        if not (directory / "root.json").exists() and configured is None:
+            return None
+        from edgekit.roles import ROLES, DeviceTrust  # python-tuf: only on devices that use it
+
+        local = {}
+        for role in ROLES[1:]:
+            with contextlib.suppress(OSError):
+                local[role] = (directory / f"{role}.json").read_bytes()
+        try:
+            return DeviceTrust(self.fleet, self.device, (directory / "root.json").read_bytes(), local)
+        except (OSError, TrustMetadataError) as exc:
+            if (directory / "root.json").exists():
+                message = f"trust/root.json is damaged ({exc}); starting again from the provisioned root"
+                log.error("device %s: %s", self.device, message)
+                self.agent.record_event("store_damaged", message, None)
+        if configured is None:
+            return None  # tuf_mode stays True (the directory exists): nothing single-key is applied
+        try:
+            return DeviceTrust(self.fleet, self.device, Path(configured).read_bytes(), local)
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.agent.config.source}: trust_root: cannot read {configured}: {exc.strerror}"
+            ) from None
+
+    def _save_trust(self, trust: DeviceTrust) -> None:
+        directory = self.state_dir / TRUST_DIR
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(directory / "root.json", trust.root)
+            for role, data in trust.local.items():
+                atomic_write(directory / f"{role}.json", data)
+        except OSError as exc:
+            log.error("device %s could not save its trust metadata: %s", self.device, exc.strerror or exc)
+
+    def _on_trust(self, message: Message) -> None:
+        try:
+            name = self.topics.trust_name(self.fleet, message.topic)
+        except TopicError:
+            self.refused += 1
+            return
+        with self._trust_lock:
+            if message.payload:
+                self._trust_files[name] = bytes(message.payload)
+            else:
+                self._trust_files.pop(name, None)
+        if name == "upgrade":
+            if message.payload and self._tuf is None and not self.tuf_mode:
+                self._upgrade(bytes(message.payload))
+            return
+        self.check_trust()
+
+    def _upgrade(self, data: bytes) -> None:
+        from edgekit.roles import DeviceTrust, verify_trust_upgrade
+
+        try:
+            root = verify_trust_upgrade(data, self._trusted, self.fleet)
+            trust = DeviceTrust(self.fleet, self.device, root)
+        except TrustMetadataError as exc:
+            self.refused += 1
+            log.warning("device %s refused a trust upgrade: %s", self.device, exc)
+            self.agent.record_event("trust_refused", str(exc), None)
+            self._wake_uploader.set()
+            return
+        self._save_trust(trust)
+        self._tuf = trust
+        message = (
+            f"device {self.device} now trusts fleet {self.fleet}'s TUF root v{trust.root_version}; "
+            "desired states signed by a single key are no longer applied"
+        )
+        log.info("%s", message)
+        self.agent.record_event("trust_upgraded", message, None)
+        self._wake_uploader.set()
+        self.check_trust()
+
+    def check_trust(self, now: Optional[float] = None) -> Optional[TrustReport]:
+        """Verify what the broker holds of the fleet's TUF metadata; apply a new desired state.
+
+        Called on every trust message and by the uploader's loop (so a freeze is noticed when
+        nothing arrives). Returns the report, or None when nothing could be verified."""
+        trust = self._tuf
+        if trust is None:
+            return None
+        with self._trust_lock:  # the dispatcher and the uploader both call this
+            return self._check_trust(trust, now)
+
+    def _check_trust(self, trust: DeviceTrust, now: Optional[float]) -> Optional[TrustReport]:
+        files = dict(self._trust_files)
+        before = trust.root_version
+        first = self.trust_report is None
+        try:
+            report = trust.refresh(_Retained(files), now=now)
+        except TrustMetadataError as exc:
+            if trust.root_version != before:
+                self._save_trust(trust)  # the roots verified before the refused document
+            if exc.reason == "incomplete":
+                log.debug("device %s: %s", self.device, exc)
+                return None
+            self.refused += 1
+            if str(exc) != self._last_trust_error:  # once per distinct refusal, not per retry
+                self._last_trust_error = str(exc)
+                log.warning("device %s refused its fleet's trust metadata: %s", self.device, exc)
+                self.agent.record_event("trust_refused", f"device {self.device}: {exc}", None)
+                self._wake_uploader.set()
+            return None
+        if report.changed:
+            self._save_trust(trust)
+            self._last_trust_error = ""
+        self.trust_report = report
+        self._note_freeze(report)
+        if "root" in report.changed:
+            self.publish_state()  # the fleet sees the root version (and expiry) in the state
+            self.agent.record_event(
+                "trust_root_updated",
+                f"device {self.device} now trusts root v{report.root_version} of fleet {self.fleet}",
+                None,
+            )
+            self._wake_uploader.set()
+        state = report.desired
+        last = self.last_seq
+        if state is not None and (last is None or state.seq > last):
+            self._accept(state, state.to_json())
+        elif (
+            state is not None
+            and (report.changed or first)
+            and state.seq == last
+            and self._desired.get("bundle") == state.bundle_sha256
+            and state.bundle_sha256 not in (self._serving_id(), self._desired.get("failed"))
+        ):
+            with self._lock:
+                running = self._running
+                if self._target is None and (running is None or running.bundle_sha256 != state.bundle_sha256):
+                    self._target = (state, state.to_json())
+            self._wake_worker.set()
+        if report.changed:
+            self.trust_changed.set()
+        return report
+
+    def _note_freeze(self, report: TrustReport) -> None:
+        if report.freeze_suspected and not self._frozen:
+            self._frozen = True
+            expired = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(report.expires.get("timestamp", 0)))
+            message = (
+                f"device {self.device} has had no fresh word from fleet {self.fleet} since {expired}: "
+                "someone may be holding back updates (or the fleet service is down); "
+                "it keeps serving what it runs. Check that `edgekit fleet serve` runs and reaches the broker"
+            )
+            log.error("%s", message)
+            self.agent.record_event("freeze_suspected", message, None)
+            self._wake_uploader.set()
+        elif not report.freeze_suspected and self._frozen:
+            self._frozen = False
+            self.agent.record_event(
+                "freeze_ended",
+                f"device {self.device} has fresh trust metadata from fleet {self.fleet} again",
+                None,
+            )
+            self._wake_uploader.set()
 
     # -- install worker -----------------------------------------------------------------------
 
@@ -407,6 +619,8 @@ class AgentDaemon:
             return
         if record.seq is None or record.seq != self.last_seq or record.envelope is None:
             return  # a newer desired state was applied since: it comes back from the broker
+        if self.tuf_mode:
+            return  # under TUF the fleet's metadata names it again, verified, once it arrives
         try:  # the same checks as when it was applied: signature, fleet, device, expiry
             state = verify_desired_state(
                 record.envelope, self._trusted, fleet=self.fleet, device=self.device, last_seq=record.seq - 1
@@ -557,6 +771,8 @@ class AgentDaemon:
     ) -> None:
         """Publish this device's state (retained); ``wait`` seconds at most for the broker's ack."""
         served = self.agent.served_bundle()  # not status(): no disk read, no drift report
+        trust, applied = self._tuf, self.trust_report
+        expires = applied.expires.get("timestamp") if applied is not None else None
         report = DeviceStateReport(
             device=self.device,
             fleet=self.fleet,
@@ -569,6 +785,8 @@ class AgentDaemon:
             progress=progress,
             error=error,
             agent_version=__version__,
+            trust_root=trust.root_version if trust is not None else None,
+            trust_expires=float(expires) if expires is not None else None,
         )
         if not self.client.connected:
             return  # the connection listener publishes the current state on reconnect
@@ -593,6 +811,8 @@ class AgentDaemon:
         while not self._stop.is_set():
             self._wake_uploader.wait(self.upload_interval)
             self._wake_uploader.clear()
+            if self._tuf is not None:
+                self.check_trust()  # cheap when nothing changed; notices a freeze
             if self.client.connected:
                 self.upload()
 

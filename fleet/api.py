@@ -81,7 +81,7 @@ class ApiContext:
         control = self.control(who)
         client = connect_operator(self.broker, self.username, self.password, home=self.home)
         try:
-            link = FleetLink(client, fleet, self.key(), control)
+            link = FleetLink(client, fleet, self.key(), control, trust_home=self.home)
             link.discover()
             return work(control, link)
         finally:

@@ -200,7 +200,7 @@ class RolloutController:
             assert self._client is not None
             if self._key is None:
                 self._key = load_signing_key(self.home, self.key_name)
-            link = FleetLink(self._client, fleet, self._key, self.control, self.topics)
+            link = FleetLink(self._client, fleet, self._key, self.control, self.topics, trust_home=self.home)
             # What `rollout resume` does too: hear every device's retained state before the
             # first step, so a soaking canary is not taken for one that stopped serving.
             link.discover()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgekit.bundle import Bundle
+from edgekit.config import edgekit_home
 from edgekit.desired import decode_desired_state, new_desired_state, sign_desired_state
 from edgekit.errors import BrokerError, DesiredStateError, MessageError
 from edgekit.keys import SigningKey
@@ -38,6 +39,7 @@ from edgekit.transfer import Upload, clear_bundle, publish_bundle, start_upload
 
 from .control import ControlPlane, FleetRecord
 from .rollout import Action, DeviceReport, Rollout, RolloutPolicy, advance, start
+from .trustrepo import check_authorised, has_repository, load_repository, publish_desired, repository_lock
 
 __all__ = ["FleetLink", "begin_rollout", "run_rollout", "step_rollout"]
 
@@ -65,8 +67,11 @@ class FleetLink:
         key: SigningKey,
         control: ControlPlane,
         topics: Optional[Topics] = None,
+        trust_home: Optional[Path] = None,
     ) -> None:
         self.client = client
+        #: Where fleets' TUF repositories and online keys are (``trust/F``): EDGEKIT_HOME by default.
+        self.trust_home = trust_home if trust_home is not None else edgekit_home()
         self.fleet = fleet
         self.key = key
         self.control = control
@@ -241,6 +246,16 @@ class FleetLink:
             seq=seq,
             device=device,
         )
+        # A fleet with a TUF key hierarchy gets the same state through its online desired role
+        # (devices on TUF follow that; devices still on single-key trust, the envelope below).
+        publish_desired(
+            self.trust_home,
+            state,
+            lambda role, data: self.client.publish(
+                self.topics.fleet_trust(self.fleet, role), data, qos=1, retain=True
+            ).wait(30),
+            now=time.time(),
+        )
         topic = self.topics.device_desired(device) if device else self.topics.fleet_desired(self.fleet)
         self.client.publish(topic, sign_desired_state(state, self.key), qos=1, retain=True).wait(30)
         self.control.record_desired(state)
@@ -307,6 +322,13 @@ def run_rollout(
 
 def begin_rollout(link: FleetLink, bundle: Bundle, policy: RolloutPolicy) -> tuple[Rollout, dict[str, str]]:
     """Start a rollout of ``bundle`` to every device the fleet has; returns it and its labels."""
+    if has_repository(link.trust_home, link.fleet):  # refuse before anything is saved or sent
+        with repository_lock(link.trust_home / "trust" / link.fleet):
+            check_authorised(
+                load_repository(link.trust_home / "trust" / link.fleet),
+                bundle.bundle_id,
+                bundle.manifest.label,
+            )
     previous = link.record.bundle_id if link.record.bundle_id != bundle.bundle_id else None
     labels = {bundle.bundle_id: bundle.manifest.label}
     if previous is not None and link.record.label:

@@ -12,6 +12,9 @@
   process binds itself, so a busy port is a one-line error, not a traceback;
 - the rollout controller (:class:`edgekit.fleet.controller.RolloutController`), which drives
   saved rollouts that nobody drives (``controller=True``, with ``home``);
+- with ``home`` holding fleets' TUF repositories (``edgekit trust init``), a thread that
+  re-signs and publishes their online roles (timestamp, snapshot, desired) before they expire
+  (:func:`edgekit.fleet.trustrepo.keep_fresh`), with each fleet's online key;
 - the alert evaluator and dispatcher (:class:`edgekit.fleet.alerts.Alerting`, ``alerts=True``,
   with ``home``), here in the service process: one evaluator however many workers there are
   (and a lease in the registry keeps it to one across services sharing a registry);
@@ -42,7 +45,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any, Optional
 
-from edgekit.errors import ConfigError
+from edgekit.errors import ConfigError, EdgekitError
 from edgekit.mqtt import MqttClient, parse_broker_url
 from edgekit.topics import DEFAULT_PREFIX, Topics
 
@@ -82,6 +85,8 @@ class ServiceConfig:
     home: Optional[str] = None
     #: The ingest workers read MQTT with edgekit's own read side (False: the MQTT library's; for measuring).
     fast_read: bool = True
+    #: Seconds between two checks of the fleets' online TUF roles (re-signed before they expire).
+    trust_interval: float = 60.0
     #: Evaluate alert rules and deliver alerts (:mod:`edgekit.fleet.alerts`), with ``home``.
     alerts: bool = True
     #: Seconds between two evaluations of the alert rules.
@@ -225,6 +230,7 @@ class FleetService:
         self._threads: list[threading.Thread] = []
         self._server: Any = None
         self._controller: Any = None
+        self._keeper_stop = threading.Event()
         self.alerting: Any = None
         self._socket: Optional[socket.socket] = None
 
@@ -274,6 +280,12 @@ class FleetService:
             # The controller reads rollouts and fleet records, never the catalog: no keys to trust.
             control = ControlPlane(self.registry, actor=f"fleet serve ({operator_name()})")
             self._controller = RolloutController(self.config.broker, home, control).start()
+        if home is not None and (home / "trust").is_dir():
+            thread = threading.Thread(
+                target=self._keep_trust, args=(home,), name="edgekit-service-trust", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
         if self.config.alerts and home is not None:
             from .alerts import Alerting
 
@@ -284,6 +296,39 @@ class FleetService:
         if self._socket is not None:
             self._serve_dashboard(self._socket)
         return self
+
+    def _keep_trust(self, home: Path) -> None:
+        """Every ``trust_interval`` seconds: re-sign and publish the online TUF roles (timestamp,
+        snapshot, desired) of every fleet under ``home/trust`` before they expire."""
+        from edgekit.keys import load_signing_key
+
+        from .push import connect_operator
+        from .trustrepo import keep_fresh
+
+        topics = Topics(self.config.prefix)
+        client: Optional[MqttClient] = None
+
+        def publish(fleet: str, role: str, data: bytes) -> None:
+            nonlocal client
+            if client is None:
+                client = connect_operator(self.config.broker, home=home)
+            client.publish(topics.fleet_trust(fleet, role), data, retain=True).wait(30)
+
+        try:
+            while True:
+                try:
+                    done = keep_fresh(
+                        home, publish, lambda name: load_signing_key(home, name), now=time.time()
+                    )
+                    for fleet, roles in done.items():
+                        log.info("re-signed and published %s of fleet %s", ", ".join(roles), fleet)
+                except EdgekitError as exc:  # the broker is away: try again next time
+                    log.error("could not publish fresh trust metadata: %s", exc)
+                if self._keeper_stop.wait(self.config.trust_interval):
+                    return
+        finally:
+            if client is not None:
+                client.close()
 
     def _listen(self) -> socket.socket:
         host, port = self.config.host, self.config.http_port
@@ -343,6 +388,7 @@ class FleetService:
             self._server.should_exit = True
         if self._controller is not None:
             self._controller.stop()  # finishes the step under way; the rollouts stay saved
+        self._keeper_stop.set()
         if self.alerting is not None:
             self.alerting.stop()  # queued deliveries stay in the registry for the next start
         self._stop.set()

@@ -21,6 +21,7 @@ from .errors import (
     ModelFormatError,
     RuntimeUnavailableError,
     SignatureError,
+    TrustMetadataError,
     UntrustedKeyError,
 )
 from .keys import PublicKey, SigningKey
@@ -48,6 +49,7 @@ __all__ = [
     "SignatureError",
     "SigningKey",
     "TensorSpec",
+    "TrustMetadataError",
     "TrustedKeys",
     "UntrustedKeyError",
     "__version__",

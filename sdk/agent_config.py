@@ -14,6 +14,7 @@ A device's ``agent.toml`` (written by ``edgekit device add``) looks like::
     xnnpack = true                       # false: the runtime's built-in kernels (see docs/agent.md)
     low_memory_install = true            # free the old model before loading the new (docs/agent.md)
     max_bundle_size = 268435456
+    trust_root = "root.json"             # the fleet's TUF root: follow TUF metadata (docs/security.md)
     trusted_keys = '''
     -----BEGIN PUBLIC KEY-----
     ...
@@ -116,6 +117,9 @@ class AgentConfig:
     topic_prefix: str = "edgekit"
     serve_listen: str = ""  # HOST:PORT of the local inference server; "" = none
     serve_token: str = field(default="", repr=False)
+    #: The fleet's initial TUF root (``edgekit trust export-root``). Set: the device follows the
+    #: fleet's TUF metadata (edgekit.roles), and desired states signed by a single key are refused.
+    trust_root: Optional[Path] = None
     source: str = "<keywords>"  # where the config came from, for messages
 
     @property
@@ -262,6 +266,7 @@ def _build(values: dict[str, tuple[Any, str]], base: Path, source: str) -> Agent
         "topic_prefix": _topic_prefix,
         "serve_listen": lambda v, w: _listen(_as_str(v, w), w),
         "serve_token": _as_str,
+        "trust_root": lambda v, w: _path(v, w, base),
     }
     kwargs = {name: checks[name](value, where) for name, (value, where) in values.items()}
     config = AgentConfig(source=source, **kwargs)

@@ -205,13 +205,14 @@ def render_acl(
         f"user {operator}",
         f"topic readwrite {prefix}/#",
         "",
-        "# Each device reads its own fleet's desired state and capture policy.",
+        "# Each device reads its own fleet's desired state, capture policy and TUF metadata.",
     ]
     for cred in sorted(devices, key=lambda c: c.device):
         lines += [
             f"user {cred.username}",
             f"topic read {prefix}/fleets/{cred.fleet}/desired",
             f"topic read {prefix}/fleets/{cred.fleet}/capture",
+            f"topic read {prefix}/fleets/{cred.fleet}/trust/#",
             "",
         ]
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ __all__ = [
     "RuntimeUnavailableError",
     "SignatureError",
     "TopicError",
+    "TrustMetadataError",
     "UntrustedKeyError",
 ]
 
@@ -92,6 +93,17 @@ class DesiredStateError(EdgekitError):
     exit_code = 9
     #: Why, as a stable word for events and metrics: unsigned, untrusted, forged, malformed,
     #: other-fleet, other-device, expired, replayed (see ``edgekit.desired``).
+    reason: str = "malformed"
+
+
+class TrustMetadataError(EdgekitError):
+    """TUF trust metadata (root, targets, desired, snapshot, timestamp) that must not be trusted."""
+
+    exit_code = 17
+    #: Why, as a stable word for events: refused (not enough valid signatures), rollback,
+    #: expired, mismatch (not what the snapshot pins), malformed, unauthorised (a bundle or
+    #: path the delegating role does not allow), incomplete (the pinned version has not
+    #: arrived yet: wait), threshold (a workstation action lacks signatures).
     reason: str = "malformed"
 
 

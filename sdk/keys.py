@@ -105,6 +105,10 @@ class SigningKey:
         """The raw 64-byte Ed25519 signature of ``data``."""
         return self._key.sign(data)
 
+    def cryptography_key(self) -> Ed25519PrivateKey:
+        """The pyca/cryptography key, for signers that take one (python-tuf's CryptoSigner)."""
+        return self._key
+
     def private_pem(self, passphrase: bytes | None = None) -> bytes:
         encryption: serialization.KeySerializationEncryption = (
             serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()

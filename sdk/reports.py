@@ -99,6 +99,10 @@ class DeviceStateReport:
     error: Optional[str] = None
     agent_version: Optional[str] = None
     time: float = 0.0
+    #: Under the TUF key hierarchy: the root version the device trusts, and when the timestamp
+    #: it last verified expires (unix seconds); None on single-key devices and older agents.
+    trust_root: Optional[int] = None
+    trust_expires: Optional[float] = None
 
     @property
     def online(self) -> bool:
@@ -129,6 +133,8 @@ class DeviceStateReport:
             error=f.text("error", MAX_TEXT),
             agent_version=f.text("agent_version", MAX_NAME),
             time=f.time("time", 0.0),
+            trust_root=f.optional_integer("trust_root", top=MAX_SEQ),
+            trust_expires=None if doc.get("trust_expires") is None else f.time("trust_expires"),
         )
 
 

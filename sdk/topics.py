@@ -4,6 +4,10 @@ With the default prefix ``edgekit``::
 
     edgekit/fleets/{fleet}/desired              retained, signed desired state of a fleet
     edgekit/devices/{device}/desired            retained, signed per-device override (canaries)
+    edgekit/fleets/{fleet}/trust/root/{version} retained, every TUF root of the fleet (a chain)
+    edgekit/fleets/{fleet}/trust/{role}         retained, TUF metadata: timestamp, snapshot,
+                                                targets, desired (edgekit.roles)
+    edgekit/fleets/{fleet}/trust/upgrade        retained, the one-time signed move to TUF
     edgekit/bundles/{sha256}/manifest           retained, manifest.json + manifest.sig
     edgekit/bundles/{sha256}/chunks/{i}         retained, raw bytes of transport chunk i
     edgekit/devices/{device}/state              retained, the device's state (will: offline)
@@ -33,6 +37,7 @@ __all__ = ["DEFAULT_PREFIX", "TopicParts", "Topics", "check_device_id", "check_f
 DEFAULT_PREFIX = "edgekit"
 MAX_CHUNKS = 10_000_000
 _INDEX = re.compile(r"^(0|[1-9][0-9]{0,6})$")
+_TRUST_NAME = re.compile(r"^(root/[1-9][0-9]{0,8}|timestamp|snapshot|targets|desired|upgrade)$")
 _PREFIX_LEVEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 FLEET_DESIRED = "fleet_desired"
@@ -113,6 +118,24 @@ class Topics:
 
     def fleet_desired(self, fleet: str) -> str:
         return f"{self.prefix}/fleets/{check_fleet_id(fleet)}/desired"
+
+    def fleet_trust(self, fleet: str, name: str) -> str:
+        """A fleet's TUF metadata: ``name`` is a role, ``root/<version>`` or ``upgrade``."""
+        if not _TRUST_NAME.match(name):
+            raise TopicError(f"invalid trust metadata name {name!r}: a role, root/<version> or upgrade")
+        return f"{self.prefix}/fleets/{check_fleet_id(fleet)}/trust/{name}"
+
+    def fleet_trust_filter(self, fleet: str) -> str:
+        """Subscription filter for all of a fleet's TUF metadata."""
+        return f"{self.prefix}/fleets/{check_fleet_id(fleet)}/trust/#"
+
+    def trust_name(self, fleet: str, topic: str) -> str:
+        """The ``name`` of a fleet trust topic (see :meth:`fleet_trust`); TopicError otherwise."""
+        base = f"{self.prefix}/fleets/{check_fleet_id(fleet)}/trust/"
+        name = topic[len(base) :] if isinstance(topic, str) and topic.startswith(base) else ""
+        if not _TRUST_NAME.match(name):
+            raise TopicError(f"{topic!r} is not a trust metadata topic of fleet {fleet}")
+        return name
 
     def device_desired(self, device: str) -> str:
         return f"{self.prefix}/devices/{check_device_id(device)}/desired"

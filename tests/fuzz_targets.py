@@ -13,6 +13,7 @@ real messages :func:`seeds` writes.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import tempfile
@@ -45,9 +46,11 @@ from edgekit.errors import (
     MessageError,
     ModelFormatError,
     TopicError,
+    TrustMetadataError,
 )
 from edgekit.manifest import Manifest
 from edgekit.reports import DeviceStateReport, decode_json_message
+from edgekit.roles import DeviceTrust, sign_trust_upgrade, verify_trust_upgrade
 from edgekit.tflite import constant_tensors, inspect_tflite
 from edgekit.topics import Topics
 from edgekit.transfer import ChunkAssembler, ChunkResult, manifest_message, verify_manifest_message
@@ -121,6 +124,45 @@ def capture_chunk(ctx: Context, data: bytes) -> None:
     except CaptureError:
         return
     assert 0 <= chunk.part < chunk.parts
+
+
+@functools.lru_cache(maxsize=1)
+def _trust_fleet() -> tuple[dict[str, bytes], bytes]:
+    """A real TUF repository of fleet ``lab`` (metadata files) and a trust upgrade for its root."""
+    from trust_sim import TrustSim
+
+    sim = TrustSim("lab")
+    sim.authorise("1.0.0")
+    sim.desire("1.0.0")
+    return sim.files(), sign_trust_upgrade("lab", sim.root1, _UPGRADE_KEY)
+
+
+_UPGRADE_KEY = SigningKey.generate()
+
+
+def trust_metadata(ctx: Context, data: bytes) -> None:
+    """``data`` as the broker's timestamp, snapshot or desired (first byte picks) on top of a
+    real set: a device lets out only TrustMetadataError, and applies only the authorised bundle."""
+    from trust_sim import Retained, digest
+
+    files, _ = _trust_fleet()
+    role = ("timestamp", "snapshot", "desired", "targets")[data[0] % 4] if data else "timestamp"
+    device = DeviceTrust("lab", "cam-1", files["root/1"])
+    try:
+        report = device.refresh(Retained({**files, role: data[1:]}))
+    except TrustMetadataError as exc:
+        assert getattr(exc, "reason", None), "every refusal names its reason"
+        return
+    assert report.desired is None or report.desired.bundle_sha256 == digest("1.0.0")
+
+
+def trust_upgrade(ctx: Context, data: bytes) -> None:
+    try:
+        root = verify_trust_upgrade(data, TrustedKeys([_UPGRADE_KEY.public]), "lab")
+    except TrustMetadataError as exc:
+        assert getattr(exc, "reason", None), "every refusal names its reason"
+        return
+    assert root == _trust_fleet()[0]["root/1"], "only the signed root comes out"
 
 
 def state_report(ctx: Context, data: bytes) -> None:
@@ -341,6 +383,8 @@ TARGETS: dict[str, Callable[[Context, bytes], None]] = {
     "tflite_model": tflite_model,
     "pointer_file": pointer_file,
     "outbox_files": outbox_files,
+    "trust_metadata": trust_metadata,
+    "trust_upgrade": trust_upgrade,
 }
 
 
@@ -356,7 +400,15 @@ def seeds(ctx: Context) -> dict[str, list[bytes]]:
         now=NOW - 10,
     )
     report = DeviceStateReport(
-        "cam-1", "lab", "downloading", bundle_id=b.bundle_id, target_seq=3, progress=0.5, time=NOW
+        "cam-1",
+        "lab",
+        "downloading",
+        bundle_id=b.bundle_id,
+        target_seq=3,
+        progress=0.5,
+        time=NOW,
+        trust_root=2,
+        trust_expires=float(NOW + 3600),
     )
     record = TelemetryRecord(
         device="cam-1",
@@ -413,4 +465,8 @@ def seeds(ctx: Context) -> dict[str, list[bytes]]:
         "tflite_model": [b.members["model.tflite"], model_without_subgraphs()],
         "pointer_file": [json.dumps(pointer).encode()],
         "outbox_files": [b'{"next_seq": 2, "dropped_total": 0}' + json.dumps({"seq": 1}).encode()],
+        "trust_metadata": [
+            bytes([i]) + _trust_fleet()[0][r] for i, r in enumerate(("timestamp", "snapshot", "desired"))
+        ],
+        "trust_upgrade": [_trust_fleet()[1]],
     }

@@ -29,6 +29,7 @@ JSON_TARGETS = [
     "manifest_message",
     "baseline",
     "pointer_file",
+    "trust_upgrade",
 ]
 
 _json = st.recursive(

@@ -11,8 +11,24 @@ import typer
 
 from ..atomic import atomic_write
 from ..config import edgekit_home
+from ..errors import KeyStoreError
 from ..keys import PASSPHRASE_ENV, export_public_key, init_key, list_keys
 from ._app import console, new_app, print_json
+
+ROLES = ("root", "targets", "online")
+
+
+def _role_path(name: str) -> Path:
+    return edgekit_home() / "keys" / f"{name}.role"
+
+
+def _role_of(name: str) -> Optional[str]:
+    try:
+        role = _role_path(name).read_text().strip()
+    except OSError:
+        return None
+    return role if role in ROLES else None
+
 
 app = new_app("Create and show the Ed25519 keys that sign bundles and desired states.")
 
@@ -26,18 +42,36 @@ def init(
     passphrase: bool = typer.Option(
         False, "--passphrase", help=f"Encrypt the key with a passphrase (prompted; or set {PASSPHRASE_ENV})."
     ),
+    role: Optional[str] = typer.Option(
+        None,
+        "--role",
+        help="root, targets or online: what the key is for in a fleet's trust (`edgekit trust`); "
+        "names it after the role unless --name is given. Keep root and targets keys offline.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Create a signing key under $EDGEKIT_HOME/keys (mode 0600)."""
+    if role is not None and role not in ROLES:
+        raise KeyStoreError(f"unknown key role {role!r}; use one of {', '.join(ROLES)}")
+    if role is not None and name == "default":
+        name = role
     secret: Optional[bytes] = None
     if os.environ.get(PASSPHRASE_ENV):
         secret = os.environ[PASSPHRASE_ENV].encode()
     elif passphrase:
         secret = typer.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
     info = init_key(edgekit_home(), name=name, passphrase=secret, force=force)
+    if role is not None:
+        atomic_write(_role_path(info.name), role.encode())
     if json_out:
         print_json(
-            {"name": info.name, "key_id": info.key_id, "path": str(info.path), "encrypted": info.encrypted}
+            {
+                "name": info.name,
+                "key_id": info.key_id,
+                "path": str(info.path),
+                "encrypted": info.encrypted,
+                "role": role,
+            }
         )
     else:
         console.print(f"Created signing key [bold]{info.name}[/] ({info.key_id[:16]}) at {info.path}")
@@ -66,7 +100,13 @@ def list_(json_out: bool = typer.Option(False, "--json", help="Print the keys as
     if json_out:
         print_json(
             [
-                {"name": k.name, "key_id": k.key_id, "path": str(k.path), "encrypted": k.encrypted}
+                {
+                    "name": k.name,
+                    "key_id": k.key_id,
+                    "path": str(k.path),
+                    "encrypted": k.encrypted,
+                    "role": _role_of(k.name),
+                }
                 for k in keys
             ]
         )
@@ -74,4 +114,7 @@ def list_(json_out: bool = typer.Option(False, "--json", help="Print the keys as
     if not keys:
         console.print("No keys yet; create one with `edgekit keys init`.")
     for k in keys:
-        console.print(f"{k.name:<12} {k.key_id}{'  (encrypted)' if k.encrypted else ''}")
+        role = _role_of(k.name)
+        console.print(
+            f"{k.name:<12} {k.key_id}{'  (encrypted)' if k.encrypted else ''}{f'  role {role}' if role else ''}"
+        )

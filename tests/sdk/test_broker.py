@@ -214,6 +214,24 @@ def test_device_cannot_read_another_fleets_desired_state_even_by_name(secured: S
     assert got.topics() == [T.fleet_desired("shop")]
 
 
+def test_device_reads_its_fleets_trust_metadata_and_not_another_fleets_and_cannot_write_it(
+    secured: Secured,
+) -> None:
+    secured.operator.publish(T.fleet_trust("warehouse", "timestamp"), b"theirs", retain=True).wait(5)
+    secured.operator.publish(T.fleet_trust("shop", "root/2"), b"our root", retain=True).wait(5)
+    secured.operator.publish(T.fleet_trust("shop", "timestamp"), b"ours", retain=True).wait(5)
+    got = Inbox()
+    with secured.device("cam-1") as cam:
+        with contextlib.suppress(BrokerError):
+            cam.subscribe(T.fleet_trust_filter("warehouse"), got)
+        cam.subscribe(T.fleet_trust_filter("shop"), got)
+        got.wait_topic(T.fleet_trust("shop", "timestamp"))
+        got.wait_topic(T.fleet_trust("shop", "root/2"))
+        with pytest.raises(BrokerError, match="refused the message"):
+            cam.publish(T.fleet_trust("shop", "timestamp"), b"forged", retain=True).wait(5)
+    assert sorted(got.topics()) == [T.fleet_trust("shop", "root/2"), T.fleet_trust("shop", "timestamp")]
+
+
 def test_operator_reads_and_writes_everything_under_the_prefix(secured: Secured) -> None:
     seen = Inbox()
     secured.operator.subscribe(T.all_devices_filter("state"), seen)
