@@ -48,33 +48,67 @@ def init(
         help="root, targets or online: what the key is for in a fleet's trust (`edgekit trust`); "
         "names it after the role unless --name is given. Keep root and targets keys offline.",
     ),
+    threshold: Optional[int] = typer.Option(
+        None,
+        "--threshold",
+        help="With --role root: make a set of root keys of which this many must sign a new root "
+        "(NAME-1 ... NAME-N; keep each on different media), for `edgekit trust init --threshold`.",
+    ),
+    count: Optional[int] = typer.Option(
+        None,
+        "--count",
+        help="With --threshold: how many root keys to make (default: threshold + 1, so one may be lost).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Create a signing key under $EDGEKIT_HOME/keys (mode 0600)."""
+    """Create a signing key under $EDGEKIT_HOME/keys (mode 0600); with --role root --threshold K,
+    a set of root keys."""
     if role is not None and role not in ROLES:
         raise KeyStoreError(f"unknown key role {role!r}; use one of {', '.join(ROLES)}")
-    if role is not None and name == "default":
-        name = role
+    names = _key_names(name, role, threshold, count)
     secret: Optional[bytes] = None
     if os.environ.get(PASSPHRASE_ENV):
         secret = os.environ[PASSPHRASE_ENV].encode()
     elif passphrase:
         secret = typer.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
-    info = init_key(edgekit_home(), name=name, passphrase=secret, force=force)
-    if role is not None:
-        atomic_write(_role_path(info.name), role.encode())
+    made = []
+    for key_name in names:
+        info = init_key(edgekit_home(), name=key_name, passphrase=secret, force=force)
+        if role is not None:
+            atomic_write(_role_path(info.name), role.encode())
+        made.append(info)
+    docs = [
+        {"name": i.name, "key_id": i.key_id, "path": str(i.path), "encrypted": i.encrypted, "role": role}
+        for i in made
+    ]
     if json_out:
-        print_json(
-            {
-                "name": info.name,
-                "key_id": info.key_id,
-                "path": str(info.path),
-                "encrypted": info.encrypted,
-                "role": role,
-            }
-        )
-    else:
+        print_json(docs[0] if threshold is None else {"threshold": threshold, "keys": docs})
+        return
+    for info in made:
         console.print(f"Created signing key [bold]{info.name}[/] ({info.key_id[:16]}) at {info.path}")
+    if threshold is not None:
+        console.print(
+            f"Any {threshold} of these {len(made)} root keys can sign a new root. Create the fleet's trust "
+            f"with `edgekit trust init --fleet F --root-keys {','.join(names)} --threshold {threshold}`, "
+            "then move each root key to its own offline medium."
+        )
+
+
+def _key_names(name: str, role: Optional[str], threshold: Optional[int], count: Optional[int]) -> list[str]:
+    """The key(s) ``keys init`` makes: one, named after its role unless named, or a root set."""
+    base = role if role is not None and name == "default" else name
+    if threshold is None:
+        if count is not None:
+            raise KeyStoreError("--count needs --threshold: use --role root --threshold K --count N")
+        return [base]
+    if role != "root":
+        raise KeyStoreError("--threshold makes a set of root keys; add --role root")
+    if threshold < 1:
+        raise KeyStoreError(f"--threshold {threshold} is not a number of keys; use 1 or more")
+    total = threshold + 1 if count is None else count
+    if total < threshold:
+        raise KeyStoreError(f"--count {total} is below --threshold {threshold}: a root could never be signed")
+    return [f"{base}-{i}" for i in range(1, total + 1)]
 
 
 @app.command("export-public")

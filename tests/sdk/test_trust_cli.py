@@ -92,6 +92,31 @@ def test_init_rotate_sign_elsewhere_submit_revoke_status(
     )
 
 
+def test_keys_init_makes_a_root_set_that_trust_init_takes(edgekit_home: Path) -> None:
+    made = run_json("keys", "init", "--role", "root", "--threshold", "2")
+    names = [k["name"] for k in made["keys"]]
+    assert made["threshold"] == 2 and names == ["root-1", "root-2", "root-3"]  # one spare by default
+    assert len({k["key_id"] for k in made["keys"]}) == 3 and {k["role"] for k in made["keys"]} == {"root"}
+    assert [
+        k["name"]
+        for k in run_json(
+            "keys", "init", "--role", "root", "--name", "r", "--threshold", "1", "--count", "1"
+        )["keys"]
+    ] == ["r-1"]
+    run_json("keys", "init", "--role", "targets")
+    run_json("keys", "init", "--role", "online")
+    created = run_json("trust", "init", "--fleet", "shop", "--root-keys", ",".join(names), "--threshold", "2")
+    assert created["roles"]["root"]["threshold"] == 2 and len(created["roles"]["root"]["keys"]) == 3
+    for args, fragment in (
+        (("--threshold", "2"), "add --role root"),
+        (("--role", "targets", "--threshold", "2"), "add --role root"),
+        (("--role", "root", "--threshold", "0"), "use 1 or more"),
+        (("--role", "root", "--threshold", "3", "--count", "2"), "below --threshold 3"),
+        (("--role", "root", "--count", "2"), "--count needs --threshold"),
+    ):
+        assert_one_line_error(edgekit("keys", "init", *args), 3, fragment)
+
+
 def test_bad_input_is_one_line(laptop: Path) -> None:
     assert_one_line_error(edgekit("trust", "status", "--fleet", "nope"), 17, "no trust repository")
     assert_one_line_error(
