@@ -11,6 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 from board import REPO, Board, Installed, build_tree, fetch_wheels, missing
+from device_fixtures import mobilenet_model, models
+
+__all__ = ["mobilenet_model", "models"]  # the digits and MobileNetV2 models, shared with tests/agent
 
 
 @pytest.fixture(scope="session")
