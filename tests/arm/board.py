@@ -47,6 +47,8 @@ MMDEBSTRAP_OPTIONS = (
     "--dpkgopt=path-exclude=/usr/share/man/*",
     "--dpkgopt=path-exclude=/usr/share/locale/*",
     '--aptopt=Acquire::Languages "none"',
+    # No recommends: ca-certificates alone (one process per certificate) took minutes under qemu.
+    '--aptopt=APT::Install-Recommends "false"',
 )
 PYTHON_VERSION = "3.11"  # bookworm's python3
 WHEEL_PLATFORMS = tuple(

@@ -187,6 +187,21 @@ ExecStart=/opt/edgekit/bin/edgekit-agent run --config /etc/edgekit/agent.toml
 Environment=QEMU_CPU={cpu}
 """
 
+# Units a headless test boot does without (logins, consoles, periodic jobs).
+UNNEEDED = (
+    "console-getty.service",
+    "getty.target",
+    "systemd-logind.service",
+    "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "systemd-tmpfiles-clean.timer",
+    "e2scrub_all.timer",
+    "fstrim.timer",
+)
+
 BOOT = r"""
 mkdir -p /run/systemd/nspawn
 mount -t tmpfs tmpfs /run/systemd/nspawn  # nspawn wants it a tmpfs; private to this namespace
@@ -236,6 +251,8 @@ def test_the_unit_boots_under_systemd_says_ready_and_feeds_the_watchdog(installe
     dropin.write_text(CREDENTIALS_DROPIN.format(cpu=board.cpu))
     enabled = board.run("systemctl", "enable", "edgekit-agent.service")
     assert enabled.returncode == 0, enabled.stderr
+    masked = board.run("systemctl", "mask", *UNNEEDED)  # a faster boot under emulation
+    assert masked.returncode == 0, masked.stderr
 
     log = tmp_path / "boot.log"
     with log.open("wb") as out:
@@ -248,7 +265,7 @@ def test_the_unit_boots_under_systemd_says_ready_and_feeds_the_watchdog(installe
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    nspawn = None
+    nspawn = pid1 = None
     try:
         nspawn = _wait(lambda: _children(boot.pid), 30, "systemd-nspawn")[0]
         pid1 = _wait(lambda: _children(nspawn), 60, "the container's systemd")[0]
@@ -285,6 +302,9 @@ def test_the_unit_boots_under_systemd_says_ready_and_feeds_the_watchdog(installe
         except subprocess.TimeoutExpired:
             boot.kill()
             boot.wait(timeout=30)
+        cmdline = Path(f"/proc/{pid1}/cmdline")
+        if pid1 is not None and cmdline.exists() and b"/systemd" in cmdline.read_bytes():
+            os.kill(pid1, signal.SIGKILL)  # the container's init: takes every process in it along
 
 
 def _children(pid: int) -> list[int]:
