@@ -11,7 +11,7 @@ THIRD_PARTY_WHEEL := mediapipe==0.10.14
 # offline (PIP_NO_INDEX=1 PIP_FIND_LINKS=$(WHEELHOUSE)); edgekit itself is built by the test.
 WHEELHOUSE := .cache/wheelhouse
 
-.PHONY: setup test lint typecheck pytest demo mosquitto rabbitmq chromium shellcheck clean py39 test-agent-lean check-examples docs lock audit fuzz soak
+.PHONY: setup test test-arm lint typecheck pytest demo mosquitto rabbitmq chromium shellcheck clean py39 test-agent-lean check-examples docs lock audit fuzz soak
 
 setup: $(STAMP) mosquitto rabbitmq chromium shellcheck $(THIRD_PARTY)/.fetched $(WHEELHOUSE)/.fetched py39
 
@@ -104,7 +104,7 @@ pytest: setup
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-test: setup lint typecheck audit check-examples pytest test-agent-lean
+test: setup lint typecheck audit check-examples pytest test-agent-lean test-arm
 test: AUDIT_ALLOW_UNREACHABLE = 1
 
 # The lock: every dependency of edgekit[all,dev] as pip resolves it, pinned (edgekit excluded).
@@ -146,6 +146,21 @@ test-agent-lean: $(LEAN_STAMP) $(AGENT_MODELS)/.complete
 	@$(LEAN)/bin/python -c "import importlib.util as u, sys; sys.exit('TensorFlow must not be in $(LEAN)' if u.find_spec('tensorflow') else 0)"
 	EDGEKIT_TEST_MODELS=$(AGENT_MODELS) $(LEAN)/bin/pytest -p no:cacheprovider tests/agent \
 	  $(wildcard tests/faults/test_agent_*.py) $(PYTEST_ARGS)
+
+# The emulated ARM lane (tests/arm): Debian bookworm arm64 built with mmdebstrap (cached in
+# .cache/arm64-bookworm, keyed by what goes in) and run through qemu-user: install.sh with the
+# arm64 LiteRT wheel, bundles made here installed and predicting like x86, `edgekit-agent run`
+# taking a `push --wait`. Needs root, mmdebstrap, qemu-user-static and binfmt_misc (.ci/run
+# installs them); where they are missing it says SKIPPED and passes.
+test-arm: $(STAMP) $(THIRD_PARTY)/.fetched $(AGENT_MODELS)/.complete
+	@if reason=$$($(PY) tests/arm/board.py check); then \
+	  $(PY) tests/arm/board.py build >/dev/null && \
+	  EDGEKIT_TEST_MODELS=$(AGENT_MODELS) $(VENV)/bin/pytest -p no:cacheprovider tests/arm $(PYTEST_ARGS); \
+	else \
+	  echo "********************************************************************************"; \
+	  echo "SKIPPED: the ARM lane (tests/arm) cannot run here: $$reason"; \
+	  echo "********************************************************************************"; \
+	fi
 
 demo: $(STAMP)
 	$(PY) examples/quickstart/demo.py
