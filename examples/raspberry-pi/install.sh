@@ -9,8 +9,9 @@ usage() {
 Usage: sudo ./install.sh [--config DEVICE.toml] [options]
 
 Installs the edgekit agent into a venv (LiteRT runtime: edgekit[agent]; where LiteRT has no
-wheel, e.g. 32-bit armv7 or an old Python, tflite-runtime: edgekit[agent-tflite]), the config,
-and the systemd unit edgekit-agent.service, then enables and starts it.
+wheel it tries tflite-runtime: edgekit[agent-tflite], which has wheels for x86-64 only: 32-bit
+armv7 boards have no TFLite runtime on the package index, see README.md), the config, and the
+systemd unit edgekit-agent.service, then enables and starts it.
 
 Options:
   --config FILE           agent config written by `edgekit device add` on the workstation;
