@@ -192,16 +192,16 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
     if rule == "trust_expiry":
         fleet_name = facts.get("fleet")
         expires = _clock(datetime.fromisoformat(str(facts["expires_at"])))
-        devices = ", ".join(facts.get("devices") or [])
+        holders = ", ".join(facts.get("devices") or [])
         if facts.get("expired"):
             happened = (
-                f"The fleet's signed timestamp that {who}'s devices ({devices}) hold expired at {expires}: "
+                f"The fleet's signed timestamp that {who}'s devices ({holders}) hold expired at {expires}: "
                 "the fleet service did not re-sign it, or it does not reach them. They raise "
                 "freeze_suspected."
             )
         else:
             happened = (
-                f"The fleet's signed timestamp that {who}'s devices ({devices}) hold expires at {expires}; "
+                f"The fleet's signed timestamp that {who}'s devices ({holders}) hold expires at {expires}; "
                 "the fleet service normally re-signs it long before that, so it is not running, or "
                 "what it publishes does not reach them."
             )
