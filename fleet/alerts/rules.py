@@ -442,12 +442,14 @@ def _trust(
 
 
 def _trust_expiring(snapshot: Snapshot, settings: Mapping[str, Any], now: datetime) -> list[Condition]:
-    """One condition per fleet whose devices' timestamps expire within ``expiry_warning``,
+    """One condition per fleet whose online devices' timestamps expire within ``expiry_warning``,
     naming those devices (the timestamp is the fleet's: one alert, not one per device)."""
     warning = timedelta(seconds=float(settings["expiry_warning"]))
     by_fleet: dict[str, list[DeviceFacts]] = {}
     for d in snapshot.devices:
-        if d.trust_expires is not None and d.trust_expires - now <= warning:
+        # Online only: an offline device cannot take fresh metadata (the offline rule speaks
+        # for it), and what it reported before it went away expires as it stays off.
+        if d.online and d.trust_expires is not None and d.trust_expires - now <= warning:
             by_fleet.setdefault(d.fleet, []).append(d)
     found = []
     for fleet, devices in sorted(by_fleet.items()):

@@ -713,7 +713,8 @@ def test_a_device_stuck_on_an_old_root_an_expiring_timestamp_and_a_freeze_each_a
 
 def test_trust_rules_are_quiet_for_single_key_devices_and_offline_ones(alerts, hook, edgekit_home):
     """A device that reports no root (single-key trust, or an older agent) and an offline device
-    behind the fleet's root raise no trust alert; the offline one alerts as offline only."""
+    behind the fleet's root, its timestamp about to expire, raise no trust alert; the offline one
+    alerts as offline only."""
     from test_trust_keeper import make_fleet
 
     alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
@@ -723,7 +724,7 @@ def test_trust_rules_are_quiet_for_single_key_devices_and_offline_ones(alerts, h
         [
             DeviceState("cam-1", "lab", True, "serving", T0),
             DeviceState(
-                "cam-2", "lab", False, "offline", T0, trust_root=0, trust_expires=T0 + timedelta(days=1)
+                "cam-2", "lab", False, "offline", T0, trust_root=0, trust_expires=T0 + timedelta(hours=1)
             ),
         ]
     )
