@@ -489,8 +489,12 @@ class AgentDaemon:
             self._last_trust_error = ""
         self.trust_report = report
         self._note_freeze(report)
+        if report.changed & {"root", "timestamp"}:
+            # The fleet sees the root version and the timestamp's expiry in the state: its
+            # trust_expiry alert judges the expiry of what the device applied, so a fresh
+            # timestamp (every ~12 h) is said too, else a healthy device would look stale.
+            self.publish_state()
         if "root" in report.changed:
-            self.publish_state()  # the fleet sees the root version (and expiry) in the state
             self.agent.record_event(
                 "trust_root_updated",
                 f"device {self.device} now trusts root v{report.root_version} of fleet {self.fleet}",

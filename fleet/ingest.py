@@ -475,6 +475,8 @@ def _device_state(report: DeviceStateReport) -> DeviceState:
         bundle_name=report.bundle_name,
         bundle_version=report.bundle_version,
         detail=detail,
+        trust_root=report.trust_root,
+        trust_expires=None if report.trust_expires is None else _utc(report.trust_expires),
     )
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "Expiry",
     "TrustRepository",
     "check_authorised",
+    "current_roots",
     "has_repository",
     "keep_fresh",
     "load_repository",
@@ -662,6 +663,22 @@ def check_authorised(repo: TrustRepository, sha256: str, label: str) -> None:
             f"authorise it with `edgekit trust authorise BUNDLE --fleet {repo.fleet}` (signed by the "
             "targets key, then `edgekit trust submit targets`) and push again",
         )
+
+
+def current_roots(home: str | Path) -> dict[str, int]:
+    """Each fleet with a trust repository under ``home/trust``: its current root version (the
+    newest ``N.root.json``; roots still waiting for signatures live in ``pending/``). Reads
+    file names only, so the alert evaluator can call it every round."""
+    found: dict[str, int] = {}
+    for info in Path(home, "trust").glob("*/fleet.json"):
+        versions = [
+            int(p.name.split(".", 1)[0])
+            for p in info.parent.glob("*.root.json")
+            if p.name.split(".", 1)[0].isdigit()
+        ]
+        if versions:
+            found[info.parent.name] = max(versions)
+    return found
 
 
 def has_repository(home: str | Path, fleet: str) -> bool:

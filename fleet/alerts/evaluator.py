@@ -42,9 +42,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..control import ControlPlane
 from ..registry import Registry
 from ..registry.models import Alert, AlertDelivery, Device, Event, Telemetry
+from ..trustrepo import current_roots
 from .delivery import Dispatcher
 from .messages import render
 from .rules import (
+    FREEZE_EVENTS,
     INSTALL_FIXED,
     INSTALL_PROBLEMS,
     Condition,
@@ -77,8 +79,26 @@ class TickResult:
     queued: int = 0
 
 
+#: How far back the freeze rule looks for a device's freeze_suspected / freeze_ended events.
+FREEZE_WINDOW = timedelta(days=30)
+
+
+def _newest(rows: Sequence[Any]) -> dict[str, EventFacts]:
+    """The newest of ``rows`` (device, seq, at, kind, message) per device."""
+    newest: dict[str, EventFacts] = {}
+    for device, seq, at, kind, message in rows:
+        old = newest.get(device)
+        if old is None or (utc(at), seq) > (old.at, old.seq):
+            newest[device] = EventFacts(device, seq, utc(at), kind, message)
+    return newest
+
+
 def _hold(rule: str, settings: dict[str, Any]) -> float:
-    return float(settings["offline_after"] if rule == "offline" else settings.get("hold", 0.0))
+    if rule == "offline":
+        return float(settings["offline_after"])
+    if rule == "old_root":
+        return float(settings["stuck_after"])
+    return float(settings.get("hold", 0.0))
 
 
 class Measured(NamedTuple):
@@ -161,6 +181,8 @@ class Evaluator:
                 Device.drift_severity,
                 Device.accuracy_estimate,
                 Device.bundle_id,
+                Device.trust_root,
+                Device.trust_expires,
             )
             devices = session.execute(select(*columns)).all()
             since = now - timedelta(days=1)
@@ -170,14 +192,29 @@ class Evaluator:
                     Event.at >= since, Event.kind.in_(kinds)
                 )
             ).all()
-        newest: dict[str, EventFacts] = {}
-        for device, seq, at, kind, message in events:
-            old = newest.get(device)
-            if old is None or (utc(at), seq) > (old.at, old.seq):
-                newest[device] = EventFacts(device, seq, utc(at), kind, message)
+            # A freeze can outlast a day: its events are looked for over FREEZE_WINDOW.
+            freezes = session.execute(
+                select(Event.device, Event.seq, Event.at, Event.kind, Event.message).where(
+                    Event.at >= now - FREEZE_WINDOW, Event.kind.in_(FREEZE_EVENTS)
+                )
+            ).all()
+        newest, frozen = _newest(events), _newest(freezes)
         facts = []
         serving: dict[str, tuple[str, str | None]] = {}
-        for device, fleet, online, status, last_seen, drifted, version, severity, accuracy, bundle in devices:
+        for (
+            device,
+            fleet,
+            online,
+            status,
+            last_seen,
+            drifted,
+            version,
+            severity,
+            accuracy,
+            bundle,
+            trust_root,
+            trust_expires,
+        ) in devices:
             serving[device] = (fleet, bundle)
             measured = perf.get(device, Measured())
             seen = utc(last_seen) if last_seen else None
@@ -198,11 +235,21 @@ class Evaluator:
                     measured.temperature_c,
                     measured.memory_used_percent,
                     measured.disk_used_percent,
+                    trust_root,
+                    utc(trust_expires) if trust_expires else None,
                 )
             )
         failing = {c.name: utc(c.failing_since) for c in channels if c.failing_since is not None}
         return Snapshot(
-            facts, newest, self._rollouts(), fleet_p95, fleet_errors, failing, self._desired(serving)
+            facts,
+            newest,
+            self._rollouts(),
+            fleet_p95,
+            fleet_errors,
+            failing,
+            self._desired(serving),
+            frozen,
+            current_roots(self.home),
         )
 
     def _desired(self, serving: dict[str, tuple[str, str | None]]) -> list[DesiredFacts]:

@@ -163,6 +163,56 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
             f"Sign fresh ones by pushing the same version again: `{push}` "
             "(devices that run it already do not reinstall).",
         )
+    if rule == "freeze":
+        held = facts.get("trust_expires")
+        since_when = f" since {_clock(datetime.fromisoformat(str(held)))}" if held else ""
+        return (
+            f"{who} gets no fresh word from the fleet",
+            f"{who} reported at {at} that it has had no fresh signed word from the fleet{since_when}: "
+            "either the fleet service stopped re-signing it, or someone between the fleet and the "
+            "device (the broker, the network) is holding updates back.",
+            f"{who} keeps serving what it runs, and takes fresh signed metadata as soon as it arrives.",
+            "Check that the fleet service (`edgekit fleet serve` or `fleet up`) is running and reaches "
+            f"the broker; `edgekit trust refresh --fleet {facts.get('fleet') or 'FLEET'}` signs a fresh "
+            "timestamp by hand. If the service runs and this stays, check the broker and the network "
+            "to the device.",
+        )
+    if rule == "old_root":
+        mine, theirs = facts.get("trust_root"), facts.get("fleet_root")
+        return (
+            f"{who} is stuck on an old root of trust",
+            f"{who} still trusts version {mine} of the fleet's root keys since at least {at}, while "
+            f"the fleet is on version {theirs}: it may not follow the newest key changes (a revoked "
+            "or rotated key).",
+            f"{who} keeps serving what it runs; edgekit keeps the new root on the broker for it to take.",
+            f"Run `edgekit trust publish --fleet {facts.get('fleet') or 'FLEET'}` to put every root "
+            "on the broker again; if it stays behind, look at its events in the dashboard for "
+            "`trust_refused` (`edgekit trust status --devices` shows which root every device has).",
+        )
+    if rule == "trust_expiry":
+        fleet_name = facts.get("fleet")
+        expires = _clock(datetime.fromisoformat(str(facts["expires_at"])))
+        holders = ", ".join(facts.get("devices") or [])
+        if facts.get("expired"):
+            happened = (
+                f"The fleet's signed timestamp that {who}'s devices ({holders}) hold expired at {expires}: "
+                "the fleet service did not re-sign it, or it does not reach them. They raise "
+                "freeze_suspected."
+            )
+        else:
+            happened = (
+                f"The fleet's signed timestamp that {who}'s devices ({holders}) hold expires at {expires}; "
+                "the fleet service normally re-signs it long before that, so it is not running, or "
+                "what it publishes does not reach them."
+            )
+        return (
+            f"{who}: its signed timestamp expires at {expires}",
+            happened,
+            "The devices keep serving what they run; edgekit signs nothing new while the service is down.",
+            "Check that the fleet service (`edgekit fleet serve` or `fleet up`) is running and reaches "
+            f"the broker; run `edgekit trust refresh --fleet {fleet_name}` to sign and publish a fresh "
+            "timestamp now.",
+        )
     if rule == "channel":
         name = facts.get("channel")
         return (
@@ -241,6 +291,9 @@ def _resolved_title(rule: str, who: str) -> str:
         "board": f"{who}'s board is back to normal",
         "channel": "the alert channel works again",
         "expiry": f"{who} has fresh signed instructions",
+        "freeze": f"{who} has fresh word from the fleet again",
+        "old_root": f"{who} trusts the fleet's current root",
+        "trust_expiry": f"{who}'s devices have a fresh signed timestamp",
     }.get(rule, f"{who}: {rule} is over")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from edgekit.errors import ConfigError
 
 __all__ = [
+    "FREEZE_EVENTS",
     "INSTALL_PROBLEMS",
     "RULES",
     "Condition",
@@ -43,6 +44,8 @@ INSTALL_PROBLEMS = {
 }
 #: Device events that close an open "install" alert.
 INSTALL_FIXED = ("installed",)
+#: Device events of the "freeze" rule: the newest of them says whether the device is frozen.
+FREEZE_EVENTS = ("freeze_suspected", "freeze_ended")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,23 @@ RULES: dict[str, RuleSpec] = {
         {"enabled": True, "expiry_warning": 7 * 86400.0, "clear_after": 0.0},
         {**_COMMON, "expiry_warning": "seconds before a desired state's expiry at which it alerts"},
     ),
+    "freeze": RuleSpec(
+        "a device on the key hierarchy raised freeze_suspected: the fleet's signed timestamp it holds"
+        " expired and nothing fresh came (until it raises freeze_ended)",
+        {"enabled": True, "hold": 0.0, "clear_after": 0.0},
+        _COMMON,
+    ),
+    "old_root": RuleSpec(
+        "an online device trusts an older root than its fleet's current one for longer than stuck_after",
+        {"enabled": True, "stuck_after": 3600.0, "clear_after": 0.0},
+        {**_COMMON, "stuck_after": "seconds an online device may stay on an older root before it alerts"},
+    ),
+    "trust_expiry": RuleSpec(
+        "the signed timestamp that devices of a fleet applied expires within expiry_warning (or has"
+        " expired): the fleet service did not re-sign it, or it does not reach them",
+        {"enabled": True, "expiry_warning": 6 * 3600.0, "clear_after": 0.0},
+        {**_COMMON, "expiry_warning": "seconds before a device's timestamp expires at which it alerts"},
+    ),
     "channel": RuleSpec(
         "an alert channel has failed every delivery for failing_after",
         {"enabled": True, "failing_after": 600.0, "clear_after": 0.0},
@@ -204,6 +224,9 @@ class DeviceFacts:
     temperature_c: float | None = None
     memory_used_percent: float | None = None
     disk_used_percent: float | None = None
+    #: Under the TUF key hierarchy: the root version it trusts, when its timestamp expires.
+    trust_root: int | None = None
+    trust_expires: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +275,10 @@ class Snapshot:
     failing_channels: Mapping[str, datetime] = field(default_factory=dict)
     #: The newest desired states that devices run by.
     desired: Sequence[DesiredFacts] = ()
+    #: The newest freeze event (freeze_suspected or freeze_ended) of each device, if any.
+    freeze_events: Mapping[str, EventFacts] = field(default_factory=dict)
+    #: Each fleet with a trust repository: its current root version.
+    trust_roots: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -310,6 +337,9 @@ def evaluate(snapshot: Snapshot, settings: Mapping[str, Mapping[str, Any]], now:
                 )
             )
         found.extend(_performance(d, snapshot, settings, on, now, base))
+        found.extend(_trust(d, snapshot, on, now, base))
+    if on["trust_expiry"]:
+        found.extend(_trust_expiring(snapshot, settings["trust_expiry"], now))
     facts: dict[str, Any]
     for r in snapshot.rollouts:
         if not on["rollout"]:
@@ -378,6 +408,59 @@ def _performance(
         if on["board"] and used is not None and used >= float(limit):
             facts = {**base, "part": part, "used_percent": round(used, 1)}
             found.append(Condition("board", f"{d.id}/{part}", now, d.fleet, d.id, facts=facts))
+    return found
+
+
+def _trust(
+    d: DeviceFacts, snapshot: Snapshot, on: Mapping[str, bool], now: datetime, base: Mapping[str, Any]
+) -> list[Condition]:
+    """The freeze and old-root conditions of device ``d``."""
+    found = []
+    event = snapshot.freeze_events.get(d.id)
+    if on["freeze"] and event is not None and event.kind == "freeze_suspected":
+        facts = {
+            **base,
+            "fleet": d.fleet,
+            "message": event.message,
+            "trust_expires": d.trust_expires.isoformat() if d.trust_expires else None,
+        }
+        found.append(Condition("freeze", d.id, event.at, d.fleet, d.id, f"event:{event.seq}", facts))
+    current = snapshot.trust_roots.get(d.fleet)
+    # Online only: an offline device cannot catch up (the offline rule speaks for it), and it
+    # walks the chain of roots within seconds of reconnecting. Since now, like offline: the
+    # first round that sees it behind starts the clock of stuck_after.
+    if (
+        on["old_root"]
+        and d.online
+        and current is not None
+        and d.trust_root is not None
+        and d.trust_root < current
+    ):
+        facts = {**base, "fleet": d.fleet, "trust_root": d.trust_root, "fleet_root": current}
+        found.append(Condition("old_root", d.id, now, d.fleet, d.id, f"root:{current}", facts))
+    return found
+
+
+def _trust_expiring(snapshot: Snapshot, settings: Mapping[str, Any], now: datetime) -> list[Condition]:
+    """One condition per fleet whose online devices' timestamps expire within ``expiry_warning``,
+    naming those devices (the timestamp is the fleet's: one alert, not one per device)."""
+    warning = timedelta(seconds=float(settings["expiry_warning"]))
+    by_fleet: dict[str, list[DeviceFacts]] = {}
+    for d in snapshot.devices:
+        # Online only: an offline device cannot take fresh metadata (the offline rule speaks
+        # for it), and what it reported before it went away expires as it stays off.
+        if d.online and d.trust_expires is not None and d.trust_expires - now <= warning:
+            by_fleet.setdefault(d.fleet, []).append(d)
+    found = []
+    for fleet, devices in sorted(by_fleet.items()):
+        first = min(d.trust_expires for d in devices if d.trust_expires is not None)
+        facts = {
+            "fleet": fleet,
+            "devices": sorted(d.id for d in devices),
+            "expires_at": first.isoformat(),
+            "expired": first <= now,
+        }
+        found.append(Condition("trust_expiry", f"trust:{fleet}", now, fleet, None, facts=facts))
     return found
 
 

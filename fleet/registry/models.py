@@ -57,6 +57,10 @@ class Device(Base):
     accuracy_estimate: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy_low: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Under the TUF key hierarchy: the root version the device trusts and when the timestamp it
+    # applied expires (None on single-key devices and older agents).
+    trust_root: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    trust_expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class CatalogEntry(Base):

@@ -118,6 +118,10 @@ class DeviceState:
     bundle_name: str | None = None
     bundle_version: str | None = None
     detail: str | None = None
+    #: Under the TUF key hierarchy: the root version it trusts, and when the timestamp it applied
+    #: expires (None: a single-key device, an older agent, or a will, which keep what was stored).
+    trust_root: int | None = None
+    trust_expires: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -301,6 +305,10 @@ class Registry:
                     bundle_name=state.bundle_name,
                     bundle_version=state.bundle_version,
                 )
+            if state.trust_root is not None:
+                values["trust_root"] = state.trust_root
+            if state.trust_expires is not None:
+                values["trust_expires"] = _utc(state.trust_expires)
             statement = self._insert(Device).values(
                 id=state.device, last_seq=-1, drifted=False, last_seen=at, first_seen=at, **values
             )

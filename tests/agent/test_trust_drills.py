@@ -198,11 +198,15 @@ def test_drill_freeze_raises_freeze_suspected_and_the_device_keeps_serving(fleet
     assert "keeps serving" in event["message"] and "pi-01" in event["message"]
     assert daemon.agent.predict(models.x_test[:1])[0].shape == (1, 10)
     assert fleet.watcher.states()[-1].status == "serving"
-    # Fresh metadata ends it.
+    stale = fleet.watcher.states("pi-01")[-1].trust_expires
+    assert stale is not None and stale <= time.time()  # what the fleet's alerts see
+    # Fresh metadata ends it, and the device's state carries the new expiry (the fleet's
+    # trust_expiry alert resolves on it).
     fleet.sim.now = time.time()
     fleet.sim.repo.refresh_timestamp([fleet.sim.online], now=fleet.sim.now)
     fleet.publish()
     fleet.wait_event("pi-01", "freeze_ended")
+    fleet.watcher.wait_for(lambda _: (fleet.watcher.states("pi-01")[-1].trust_expires or 0) > stale + 30)
 
 
 def test_drill_a_replayed_older_timestamp_is_refused_and_changes_nothing(fleet, bundles, key):

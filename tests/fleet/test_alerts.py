@@ -24,7 +24,7 @@ from edgekit.fleet.registry import DeviceState, EventRow, Registry, TelemetryRow
 from edgekit.fleet.registry.models import AlertDelivery
 from edgekit.fleet.rollout import Rollout
 from edgekit.topics import Topics
-from fleet_messages import state_doc, telemetry_doc
+from fleet_messages import event_doc, state_doc, telemetry_doc
 from helpers import free_port
 from test_fleet_cli import edgekit
 
@@ -597,3 +597,138 @@ def test_a_board_nearly_out_of_memory_or_disk_alerts_each_on_its_own(alerts, hoo
         resolved["event"] == "resolved"
         and resolved["alert"]["title"] == "Resolved: cam-1's board is back to normal"
     )
+
+
+def test_a_device_stuck_on_an_old_root_an_expiring_timestamp_and_a_freeze_each_alert_then_resolve(
+    alerts, hook, smtp, start_ingest, publisher, edgekit_home
+):
+    """Issue 16: devices on the key hierarchy report their root version and their timestamp's
+    expiry in their state (computed here by the device's own DeviceTrust on the fleet's real
+    metadata), and freeze_suspected / freeze_ended events; ingest takes them from a real
+    Mosquitto into the registry, and the fleet alerts."""
+    from edgekit.fleet.trustrepo import current_roots
+    from edgekit.keys import SigningKey, load_signing_key
+    from edgekit.roles import DeviceTrust
+    from test_trust_keeper import make_fleet
+    from trust_sim import Retained
+
+    alerts.store.add_channel(
+        email_channel("mail", ["owner@shop.example"], f"smtp://127.0.0.1:{smtp.port}?tls=none"), T0
+    )
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    start = T0.timestamp()
+    repo = make_fleet(edgekit_home, now=start)
+    devices = {d: DeviceTrust("lab", d, repo.files()["root/1"]) for d in ("cam-1", "cam-2")}
+    expires = {
+        d: t.refresh(Retained(repo.files()), now=start).expires["timestamp"] for d, t in devices.items()
+    }
+    # The owner rotates the root (v2); only cam-1 receives it.
+    repo.rotate("root", add=[SigningKey.generate().public], now=start)
+    repo.sign("root", load_signing_key(edgekit_home, "root"))
+    repo.submit("root", now=start)
+    repo.save(edgekit_home / "trust" / "lab")
+    assert current_roots(edgekit_home) == {"lab": 2}
+    assert devices["cam-1"].refresh(Retained(repo.files()), now=start).root_version == 2
+    ingest = start_ingest(alerts.registry)
+    sent_states = 0
+
+    def report_states(at: float) -> None:
+        nonlocal sent_states
+        for d, trust in devices.items():
+            doc = state_doc(d, time=at, trust_root=trust.root_version, trust_expires=expires[d])
+            publisher.send(T.device_state(d), doc, retain=True)
+        sent_states += len(devices)
+        assert ingest.wait_for(lambda s: s.states >= sent_states)
+
+    report_states(start)
+    row = {d.id: d for d in alerts.registry.devices()}["cam-2"]
+    assert row.trust_root == 1 and row.trust_expires is not None
+    assert abs(row.trust_expires.timestamp() - expires["cam-2"]) < 1
+
+    assert alerts.round(T0 + timedelta(seconds=1)) == 0  # behind, but not yet for stuck_after (1 h)
+    assert alerts.round(T0 + timedelta(hours=1, seconds=1)) == 2  # mail and webhook
+    (stuck,) = hook.wait_for(lambda b: len(b) == 1, what="the old-root alert")
+    alert = stuck["alert"]
+    assert (alert["rule"], alert["device"], alert["fleet"]) == ("old_root", "cam-2", "lab")
+    assert alert["title"] == "cam-2 is stuck on an old root of trust"
+    assert "still trusts version 1" in alert["what_happened"] and "version 2" in alert["what_happened"]
+    assert "`edgekit trust publish --fleet lab`" in alert["what_you_can_do"]
+    assert alert["link"] == LINK + "devices/cam-2"
+    mail = smtp.wait_for(lambda m: len(m) == 1, what="the old-root mail")[0]
+    assert mail["Subject"] == "[edgekit] cam-2 is stuck on an old root of trust"
+
+    # 19 hours on, nobody re-signed the timestamp (no fleet service): it expires within 6 h.
+    assert alerts.round(T0 + timedelta(hours=19)) == 2
+    expiring = hook.wait_for(lambda b: len(b) == 2, what="the timestamp alert")[-1]["alert"]
+    assert (expiring["rule"], expiring["fleet"], expiring["device"]) == ("trust_expiry", "lab", None)
+    assert expiring["title"] == "fleet lab: its signed timestamp expires at 2026-12-02 12:00 UTC"
+    assert "fleet lab's devices (cam-1, cam-2)" in expiring["what_happened"]
+    assert "`edgekit trust refresh --fleet lab`" in expiring["what_you_can_do"]
+    assert alerts.round(T0 + timedelta(hours=20)) == 0  # one alert per fleet, not one a round
+
+    # A day and an hour on, cam-1's agent notices the freeze and says so.
+    frozen_at = start + 25 * 3600
+    assert devices["cam-1"].refresh(Retained(repo.files()), now=frozen_at).freeze_suspected
+    message = "device cam-1 has had no fresh word from fleet lab since 2026-12-02 12:00 UTC"
+    publisher.send(
+        T.device_events("cam-1"),
+        event_doc("cam-1", 7, kind="freeze_suspected", message=message, time=frozen_at),
+    )
+    assert ingest.wait_for(lambda s: s.events >= 1)
+    assert alerts.round(T0 + timedelta(hours=25, seconds=1)) == 2
+    freeze = hook.wait_for(lambda b: len(b) == 3, what="the freeze alert")[-1]["alert"]
+    assert (freeze["rule"], freeze["device"]) == ("freeze", "cam-1")
+    assert freeze["title"] == "cam-1 gets no fresh word from the fleet"
+    assert "since 2026-12-02 12:00 UTC" in freeze["what_happened"]
+    assert "keeps serving" in freeze["what_edgekit_did"]
+    assert (
+        "fleet service" in freeze["what_you_can_do"]
+        and "trust refresh --fleet lab" in freeze["what_you_can_do"]
+    )
+
+    # The owner runs `edgekit trust refresh` and `trust publish`: both devices take the fresh
+    # metadata (cam-2 walks to root 2), cam-1 says the freeze ended; every alert resolves.
+    fresh_at = frozen_at + 60
+    repo.refresh_timestamp([load_signing_key(edgekit_home, "online")], now=fresh_at)
+    repo.save(edgekit_home / "trust" / "lab")
+    for d, trust in devices.items():
+        report = trust.refresh(Retained(repo.files()), now=fresh_at)
+        assert not report.freeze_suspected and trust.root_version == 2
+        expires[d] = report.expires["timestamp"]
+    publisher.send(
+        T.device_events("cam-1"),
+        event_doc("cam-1", 8, kind="freeze_ended", message="fresh trust metadata again", time=fresh_at),
+    )
+    assert ingest.wait_for(lambda s: s.events >= 2)
+    report_states(fresh_at)
+    assert alerts.round(T0 + timedelta(hours=25, minutes=2)) == 6
+    resolved = hook.wait_for(lambda b: len(b) == 6, what="three resolve messages")[3:]
+    assert {r["event"] for r in resolved} == {"resolved"}
+    assert sorted(r["alert"]["title"] for r in resolved) == [
+        "Resolved: cam-1 has fresh word from the fleet again",
+        "Resolved: cam-2 trusts the fleet's current root",
+        "Resolved: fleet lab's devices have a fresh signed timestamp",
+    ]
+
+
+def test_trust_rules_are_quiet_for_single_key_devices_and_offline_ones(alerts, hook, edgekit_home):
+    """A device that reports no root (single-key trust, or an older agent) and an offline device
+    behind the fleet's root, its timestamp about to expire, raise no trust alert; the offline one
+    alerts as offline only."""
+    from test_trust_keeper import make_fleet
+
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    alerts.store.set_rule("old_root", ["stuck_after=0"], T0)
+    make_fleet(edgekit_home, now=T0.timestamp())
+    alerts.registry.record_states(
+        [
+            DeviceState("cam-1", "lab", True, "serving", T0),
+            DeviceState(
+                "cam-2", "lab", False, "offline", T0, trust_root=0, trust_expires=T0 + timedelta(hours=1)
+            ),
+        ]
+    )
+    assert alerts.round(T0 + timedelta(seconds=1)) == 0  # offline counts from the first round
+    assert alerts.round(T0 + timedelta(minutes=10)) == 1
+    (only,) = hook.wait_for(lambda b: len(b) == 1, what="the offline alert")
+    assert (only["alert"]["rule"], only["alert"]["device"]) == ("offline", "cam-2")
