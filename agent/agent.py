@@ -36,13 +36,15 @@ from typing import Any, Union
 
 import numpy as np
 from edgekit.agent_config import AgentConfig
-from edgekit.errors import BundleError, DataError, InstallError, RuntimeUnavailableError
+from edgekit.bundle import Bundle, read_bundle, verify_manifest_signature
+from edgekit.errors import BundleError, DataError, EdgekitError, InstallError, RuntimeUnavailableError
 from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
 from .drift import DriftMonitor, DriftReport
 from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle, StepSink
 from .outbox import Outbox
+from .shadow import DEFAULT_CPU_BUDGET, DEFAULT_HANG_SECONDS, Shadow, ShadowError
 from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
 
 __all__ = ["Agent", "AgentStatus"]
@@ -226,6 +228,8 @@ class Agent:
         self._system = SystemSampler()
         self._sample_rate = config.drift_sample_rate
         self._served: _Served | None = None
+        self._shadow: Shadow | None = None
+        self._last_shadow: Shadow | None = None  # stopped: its last window not yet reported
         self._pointer_mtime = 0.0
         self._serve(self.store.recover())
         if self._served is None:
@@ -257,6 +261,8 @@ class Agent:
     # -- serving ----------------------------------------------------------------------------
 
     def _serve(self, loaded: LoadedBundle | None) -> None:
+        if getattr(self, "_shadow", None) is not None:  # it was compared with the model now replaced
+            self.stop_shadow()
         served = None if loaded is None else _Served(loaded, self.config)
         with self._lock:
             self._served = served
@@ -292,7 +298,8 @@ class Agent:
                 served.invoke()
                 out = served.get_tensor(served.o0)
                 latencies = self._lat
-                latencies.append(_clock() - start)
+                elapsed = _clock() - start
+                latencies.append(elapsed)
                 if len(latencies) >= LATENCY_CAP:
                     self._latency.fold()
             except (ValueError, RuntimeError) as exc:
@@ -304,6 +311,9 @@ class Agent:
                 out = dequantize(out, served.deq0)
             if _random() < served.rate:
                 served.drift.add(x, out)  # type: ignore[union-attr]  # rate is 0 without a monitor
+            shadow = self._shadow
+            if shadow is not None and _random() < shadow.sample:
+                shadow.offer((x,), (out,), elapsed)  # copies; never blocks, never raises
             return {served.name0: out} if as_dict else [out]
         return self._predict(served, x, as_dict, raw)
 
@@ -345,13 +355,18 @@ class Agent:
                 self._errors += 1
                 raise DataError(f"the runtime rejected the input: {exc}") from None
             latencies = self._lat
-            latencies.append(_clock() - start)
+            elapsed = _clock() - start
+            latencies.append(elapsed)
             if len(latencies) >= LATENCY_CAP:
                 self._latency.fold()
         finally:
             lock.release()
         if _random() < served.rate:
             served.drift.add(feeds[0], served.real_output(outputs[0]))  # type: ignore[union-attr]
+        shadow = self._shadow
+        if shadow is not None and _random() < shadow.sample:
+            real = [dequantize(o, s) if s.quantized else o for o, s in zip(outputs, served.out_specs)]
+            shadow.offer(feeds, real, elapsed)  # copies; never blocks, never raises
         if served.any_quantized_out and not raw:
             outputs = [dequantize(o, s) if s.quantized else o for o, s in zip(outputs, served.out_specs)]
         if as_dict:
@@ -481,6 +496,65 @@ class Agent:
             return False
         return True
 
+    # -- shadow evaluation (docs/shadow.md) -------------------------------------------------
+
+    def start_shadow(
+        self,
+        source: str | os.PathLike[str] | bytes | Bundle,
+        *,
+        sample: float = 0.1,
+        until: float | None = None,
+        cpu_budget: float = DEFAULT_CPU_BUDGET,
+        hang_seconds: float = DEFAULT_HANG_SECONDS,
+    ) -> Shadow:
+        """Load a candidate bundle beside the serving model and run a ``sample`` share of live
+        inputs through it, off the request path (:mod:`edgekit.agent.shadow`). The bundle is
+        verified against the device's trusted keys; ``until`` (UNIX seconds) ends the shadow.
+        Replaces a running shadow. Raises ShadowError (with a ``shadow_refused`` event) when the
+        candidate is refused, incompatible or the board is short of memory; BundleError or
+        SignatureError when it does not verify."""
+        served = self._served
+        if served is None:
+            raise ShadowError("no model is serving: a shadow compares a candidate with the serving model")
+        if isinstance(source, Bundle):
+            bundle = source
+            verify_manifest_signature(bundle.manifest_bytes, bundle.signature, self.store.trusted)
+        else:
+            try:
+                bundle = read_bundle(source, self.store.trusted, self.config.max_bundle_size)
+            except EdgekitError as exc:
+                self.record_event("shadow_refused", f"the shadow candidate was refused: {exc}", None)
+                raise
+        self.stop_shadow()
+        shadow = Shadow(
+            bundle,
+            served.in_specs,
+            served.out_specs,
+            sample=sample,
+            until=until,
+            cpu_budget=cpu_budget,
+            hang_seconds=hang_seconds,
+            runtime=self.config.runtime,
+            xnnpack=self.config.xnnpack,
+            on_event=self.record_event,
+        )
+        self._shadow = shadow
+        return shadow
+
+    def stop_shadow(self) -> dict[str, Any] | None:
+        """Unload the candidate; returns the last (unreported) window's figures, or None."""
+        shadow, self._shadow = self._shadow, None
+        if shadow is None:
+            return None
+        shadow.stop()
+        self._last_shadow = shadow
+        return shadow.window(close=False)
+
+    def shadow_status(self) -> dict[str, Any] | None:
+        """The running (or last failed) shadow's current window: statistics only."""
+        shadow = self._shadow
+        return None if shadow is None else shadow.window(close=False)
+
     # -- telemetry --------------------------------------------------------------------------
 
     def record_event(self, kind: str, message: str, bundle: dict[str, str] | None) -> None:
@@ -500,7 +574,7 @@ class Agent:
             served = self._served
         end = self._window_start
         count = latency.count
-        if count == 0 and errors == 0 and served is None:
+        if count == 0 and errors == 0 and served is None and self._shadow is None:
             return None
         report = served.drift.report() if served is not None and served.drift is not None else None
         drift: dict[str, Any] = {"drifted": False, "complete": False, "samples": 0, "scores": {}}
@@ -537,6 +611,7 @@ class Agent:
             memory_used_percent=self._system.memory_used_percent(),
             disk_used_percent=self._system.disk_used_percent(self.config.state_dir),
             runtime=served.loaded.model.runtime if served is not None else None,
+            shadow=self._shadow_window(),
         )
         try:
             queued = self.telemetry.put(record.to_dict())
@@ -546,6 +621,16 @@ class Agent:
             return None
         _return_freed_memory()  # the window's summaries were transient: give their pages back
         return TelemetryRecord.from_dict(queued)
+
+    def _shadow_window(self) -> dict[str, Any] | None:
+        shadow = self._shadow
+        if shadow is None:
+            shadow, self._last_shadow = self._last_shadow, None  # the stopped one's last figures
+            return None if shadow is None else shadow.window(close=True)
+        window = shadow.window(close=True)
+        if not shadow.active:  # failed or expired: reported once, then gone
+            self._shadow = None
+        return window
 
     def flush_telemetry(self) -> TelemetryRecord | None:
         """Close the current telemetry window now and queue its record (returned, with its seq)."""

@@ -1,0 +1,201 @@
+"""Shadow evaluation on the device: a candidate beside the serving model, statistics only.
+
+Real agents, real TFLite runtimes, the digits models: fp32 serves, the int8 candidate shadows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgekit import create_bundle
+from edgekit.agent import Agent
+from edgekit.agent.shadow import Shadow, ShadowError, wilson_interval
+from edgekit.bundle import read_bundle
+from edgekit.errors import EdgekitError
+from edgekit.reports import TelemetryRecord
+from edgekit.runtime import Model
+from edgekit.trust import TrustedKeys
+
+
+def offline_top1(model_path: Path, xs: np.ndarray) -> np.ndarray:
+    """Each input's top-1 class from a bare runtime, outside the agent."""
+    model = Model(model_path)
+    detail = model.input_details[0]
+    scale, zero = detail["quantization"]
+    classes = []
+    for x in xs:
+        feed = x[None].astype(np.float32)
+        if detail["dtype"] != np.float32:
+            feed = np.clip(np.round(feed / scale + zero), -128, 127).astype(detail["dtype"])
+        (out,) = model.run([feed])
+        classes.append(int(np.argmax(out)))
+    return np.array(classes)
+
+
+def feed(agent: Agent, shadow: Shadow, xs: np.ndarray, batch: int = 16) -> list[np.ndarray]:
+    """predict() every input, letting the shadow catch up between batches (no drops)."""
+    outputs = []
+    for start in range(0, len(xs), batch):
+        for x in xs[start : start + batch]:
+            outputs.append(agent.predict(x)[0])
+        assert shadow.wait_idle()
+    return outputs
+
+
+def events(agent: Agent) -> list[dict[str, object]]:
+    return agent.events.peek()
+
+
+def test_int8_candidate_agreement_matches_the_truth_computed_offline(make_config, bundles, models):
+    xs = models.x_test
+    truth = offline_top1(models.int8, xs) == offline_top1(models.fp32, xs)
+    with Agent.from_config(make_config("agree"), background=False) as agent:
+        agent.install(bundles.v1)  # fp32 serves
+        alone = [agent.predict(x)[0] for x in xs]
+        shadow = agent.start_shadow(bundles.v2, sample=1.0, cpu_budget=1.0)  # int8 candidate
+        served = feed(agent, shadow, xs)
+        record = agent.flush_telemetry()
+    # Callers get the serving model's answers, bit for bit, never the candidate's.
+    assert all(np.array_equal(a, b) for a, b in zip(alone, served))
+    assert record is not None and record.shadow is not None
+    figures = record.shadow
+    assert figures["state"] == "running"
+    assert figures["compared"] == len(xs) and figures["dropped"] == 0
+    assert figures["classified"] == len(xs)
+    assert abs(figures["agreed"] - int(truth.sum())) <= 1  # one borderline rounding at most
+    assert figures["candidate"]["version"] == "2.0.0"
+    assert 0 < figures["abs_error_mean"] <= figures["abs_error_max"] <= 1
+    for key in ("serving_latency_ms", "candidate_latency_ms"):
+        assert figures[key]["p50"] > 0 and figures[key]["p95"] >= figures[key]["p50"]
+    low, high = wilson_interval(figures["agreed"], figures["classified"])
+    assert low <= truth.mean() <= high
+    # Statistics only: nothing of the inputs or outputs travels.
+    wire = json.dumps(record.to_dict())
+    assert len(wire) < 4096 and TelemetryRecord.from_json(wire.encode()).shadow == figures
+    kinds = [e["kind"] for e in events(agent)]
+    assert "shadow_started" in kinds
+
+
+def test_identical_candidate_agrees_fully_and_the_next_window_starts_afresh(make_config, bundles, models):
+    with Agent.from_config(make_config("same"), background=False) as agent:
+        agent.install(bundles.v1)
+        shadow = agent.start_shadow(bundles.v3, sample=1.0, cpu_budget=1.0)  # same fp32 model
+        feed(agent, shadow, models.x_test[:64])
+        first = agent.flush_telemetry()
+        second = agent.flush_telemetry()
+    assert first is not None and first.shadow is not None
+    assert first.shadow["agreement"] == 1.0 and first.shadow["abs_error_max"] == 0.0
+    assert second is not None and second.shadow is not None and second.shadow["compared"] == 0
+
+
+def test_a_shadow_that_falls_behind_drops_and_counts_without_slowing_callers(make_config, bundles, models):
+    xs = np.repeat(models.x_test[:100], 5, axis=0)
+    with Agent.from_config(make_config("behind"), background=False) as agent:
+        agent.install(bundles.v1)
+        shadow = agent.start_shadow(bundles.v2, sample=1.0, cpu_budget=0.01)  # 1% of a core
+        for x in xs:
+            agent.predict(x)
+        figures = agent.stop_shadow()
+    assert figures is not None
+    assert figures["dropped"] > 0
+    assert figures["compared"] + figures["dropped"] <= len(xs)
+    assert figures["compared"] + figures["dropped"] >= len(xs) - 33  # a queue's worth was in flight
+    assert shadow.state == "stopped"
+
+
+def nan_model(fp32: Path, out: Path) -> Path:
+    """The digits model with its last bias set to NaN: every output is NaN (a real broken model)."""
+    model = Model(fp32)
+    content = bytearray(fp32.read_bytes())
+    patched = False
+    for detail in model.interpreter.get_tensor_details():
+        if tuple(detail["shape"]) == (10,) and detail["dtype"] == np.float32:
+            try:
+                bias = model.interpreter.get_tensor(detail["index"])
+            except ValueError:
+                continue
+            at = bytes(content).find(bias.tobytes())
+            if at >= 0 and bias.any():
+                content[at : at + 40] = np.full(10, np.nan, np.float32).tobytes()
+                patched = True
+                break
+    assert patched, "the digits model's last bias was not found"
+    out.write_bytes(bytes(content))
+    return out
+
+
+def test_a_candidate_returning_nan_is_unloaded_and_serving_continues(
+    make_config, bundles, models, key, tmp_path
+):
+    broken = tmp_path / "nan.ekb"
+    create_bundle(
+        nan_model(models.fp32, tmp_path / "nan.tflite"),
+        name="digits",
+        version="4.0.0",
+        key=key,
+        output=broken,
+    )
+    with Agent.from_config(make_config("nan"), background=False) as agent:
+        agent.install(bundles.v1)
+        expected = [agent.predict(x)[0] for x in models.x_test[:40]]
+        shadow = agent.start_shadow(broken, sample=1.0, cpu_budget=1.0)
+        served = [agent.predict(x)[0] for x in models.x_test[:40]]
+        shadow.wait_idle()
+        record = agent.flush_telemetry()
+        after = agent.flush_telemetry()
+    assert all(np.array_equal(a, b) for a, b in zip(expected, served))
+    assert all(np.isfinite(s).all() for s in served)
+    assert record is not None and record.errors == 0
+    assert shadow.state == "failed" and not shadow.active
+    assert record.shadow is not None and record.shadow["state"] == "failed"
+    assert "NaN" in record.shadow["error"]
+    assert after is not None and after.shadow is None  # reported once, then gone
+    failed = [e for e in events(agent) if e["kind"] == "shadow_failed"]
+    assert len(failed) == 1 and "unloaded" in str(failed[0]["message"])
+
+
+def test_a_board_short_of_memory_refuses_the_shadow_and_says_how_much_it_needs(bundles, key):
+    # A fake for a fault the test machine cannot cause: the board's available memory is given
+    # as 70 MiB (serving keeps 64 MiB), so the candidate cannot fit.
+    bundle = read_bundle(bundles.v2, TrustedKeys([key.public]))
+    told: list[tuple[str, str]] = []
+    with pytest.raises(ShadowError) as refused:
+        Shadow(
+            bundle,
+            bundle.manifest.inputs,
+            bundle.manifest.outputs,
+            available=lambda: 64 * 1024 * 1024 + 1024,
+            on_event=lambda kind, message, ident: told.append((kind, message)),
+        )
+    message = str(refused.value)
+    assert "would need about" in message and "MiB" in message and "serving model was left alone" in message
+    assert told == [("shadow_refused", message)]
+
+
+def test_an_untrusted_candidate_is_refused_with_an_event(make_config, bundles):
+    with Agent.from_config(make_config("untrusted"), background=False) as agent:
+        agent.install(bundles.v1)
+        with pytest.raises(EdgekitError):
+            agent.start_shadow(bundles.untrusted)
+        assert agent.shadow_status() is None
+        assert [e["kind"] for e in events(agent)][-1] == "shadow_refused"
+
+
+def test_a_shadow_ends_at_its_end_time(make_config, bundles, models):
+    with Agent.from_config(make_config("until"), background=False) as agent:
+        agent.install(bundles.v1)
+        shadow = agent.start_shadow(bundles.v2, sample=1.0, until=1.0)  # already past
+        agent.predict(models.x_test[0])
+        record = agent.flush_telemetry()
+    assert shadow.state == "expired"
+    assert record is not None and record.shadow is not None and record.shadow["state"] == "expired"
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(95, 100)
+    assert 0.88 < low < 0.89 and 0.97 < high < 0.99
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(10, 10)[1] == 1.0
