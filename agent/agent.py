@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from edgekit.agent_config import AgentConfig
@@ -41,8 +41,20 @@ from edgekit.errors import BundleError, DataError, EdgekitError, InstallError, R
 from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
+if TYPE_CHECKING:  # transfer (and paho) is imported only by agents that fetch from a fleet
+    from edgekit.transfer import StagedBundle
+    from edgekit.trust import TrustedKeys
+
 from .drift import DriftMonitor, DriftReport
-from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle, StepSink
+from .install import (
+    POINTER_FILE,
+    BundleSource,
+    BundleStore,
+    InstallResult,
+    LoadedBundle,
+    StepSink,
+    _is_staged,
+)
 from .outbox import Outbox
 from .shadow import DEFAULT_CPU_BUDGET, DEFAULT_HANG_SECONDS, Shadow, ShadowError
 from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
@@ -198,6 +210,25 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc is among them
     except (OSError, AttributeError):  # not glibc: nothing to do
         return
+
+
+def _staged_as_bundle(staged: StagedBundle, trusted: TrustedKeys) -> Bundle:
+    """A downloaded candidate (every chunk checked against its signed plan) as a Bundle in
+    memory, its signature checked again against ``trusted``."""
+    verified = staged.verified
+    signer = verify_manifest_signature(verified.manifest_bytes, verified.signature, trusted)
+    try:
+        members = {f.name: (staged.directory / f.name).read_bytes() for f in verified.manifest.files}
+    except OSError as exc:
+        raise BundleError(f"the downloaded candidate cannot be read: {exc.strerror or exc}") from None
+    return Bundle(
+        manifest=verified.manifest,
+        manifest_bytes=verified.manifest_bytes,
+        signature=verified.signature,
+        signer=signer,
+        members=members,
+        size=sum(len(m) for m in members.values()),
+    )
 
 
 class Agent:
@@ -500,7 +531,7 @@ class Agent:
 
     def start_shadow(
         self,
-        source: str | os.PathLike[str] | bytes | Bundle,
+        source: str | os.PathLike[str] | bytes | Bundle | StagedBundle,
         *,
         sample: float = 0.1,
         until: float | None = None,
@@ -516,15 +547,19 @@ class Agent:
         served = self._served
         if served is None:
             raise ShadowError("no model is serving: a shadow compares a candidate with the serving model")
-        if isinstance(source, Bundle):
-            bundle = source
-            verify_manifest_signature(bundle.manifest_bytes, bundle.signature, self.store.trusted)
-        else:
-            try:
+        try:
+            if isinstance(source, Bundle):
+                bundle = source
+                verify_manifest_signature(bundle.manifest_bytes, bundle.signature, self.store.trusted)
+            elif isinstance(source, (str, os.PathLike, bytes)):
                 bundle = read_bundle(source, self.store.trusted, self.config.max_bundle_size)
-            except EdgekitError as exc:
-                self.record_event("shadow_refused", f"the shadow candidate was refused: {exc}", None)
-                raise
+            elif _is_staged(source):
+                bundle = _staged_as_bundle(source, self.store.trusted)
+            else:
+                raise TypeError(f"cannot try a {type(source).__name__} in the shadow")
+        except EdgekitError as exc:
+            self.record_event("shadow_refused", f"the shadow candidate was refused: {exc}", None)
+            raise
         self.stop_shadow()
         shadow = Shadow(
             bundle,
@@ -549,6 +584,11 @@ class Agent:
         shadow.stop()
         self._last_shadow = shadow
         return shadow.window(close=False)
+
+    @property
+    def shadow(self) -> Shadow | None:
+        """The shadow evaluation running (or failed and not yet reported), or None."""
+        return self._shadow
 
     def shadow_status(self) -> dict[str, Any] | None:
         """The running (or last failed) shadow's current window: statistics only."""
