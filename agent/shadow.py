@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import queue
 import threading
 import time
@@ -420,14 +419,3 @@ class Shadow:
             if close:
                 self._window = ShadowWindow(now)
             return window.to_dict(now, self.identity, self.state, self.error, self.sample)
-
-
-def wilson_interval(agreed: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of a proportion ``agreed / n``."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = agreed / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgekit.bundle import Bundle
-from edgekit.desired import decode_desired_state, new_desired_state, sign_desired_state
+from edgekit.desired import ShadowRequest, decode_desired_state, new_desired_state, sign_desired_state
 from edgekit.errors import BrokerError, DesiredStateError, MessageError
 from edgekit.keys import SigningKey
 from edgekit.mqtt import Message, MqttClient
@@ -230,8 +230,16 @@ class FleetLink:
         while they already fetch them (:func:`edgekit.transfer.start_upload`)."""
         return start_upload(self.client, bundle, self.topics)
 
-    def desire(self, bundle_id: str, name: str, version: str, device: Optional[str] = None) -> int:
-        """Sign and publish (retained) a desired state; returns its sequence number."""
+    def desire(
+        self,
+        bundle_id: str,
+        name: str,
+        version: str,
+        device: Optional[str] = None,
+        shadow: Optional[ShadowRequest] = None,
+    ) -> int:
+        """Sign and publish (retained) a desired state (with ``shadow``: a candidate to try
+        beside the bundle, docs/shadow.md); returns its sequence number."""
         seq = self.control.next_seq(self.fleet, above=self._seen_seq)
         state = new_desired_state(
             self.fleet,
@@ -240,6 +248,7 @@ class FleetLink:
             bundle_version=version,
             seq=seq,
             device=device,
+            shadow=shadow,
         )
         topic = self.topics.device_desired(device) if device else self.topics.fleet_desired(self.fleet)
         self.client.publish(topic, sign_desired_state(state, self.key), qos=1, retain=True).wait(30)

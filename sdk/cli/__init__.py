@@ -14,7 +14,7 @@ except ModuleNotFoundError as exc:  # a device's install (edgekit[agent]) has no
     ) from exc
 
 from ..logs import setup_logging
-from . import alerts, broker, bundle, convert, device, distill, fleet, keys, push, server
+from . import alerts, broker, bundle, convert, device, distill, fleet, keys, push, server, shadow
 from ._app import new_app, run, version_callback
 
 __all__ = ["app", "main"]
@@ -29,6 +29,7 @@ app.add_typer(broker.app, name="broker")
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(alerts.app, name="alerts")
 app.add_typer(push.rollout_app, name="rollout")
+app.add_typer(shadow.app, name="shadow")
 app.command("push")(push.push)
 fleet.app.command("rollback")(push.rollback)
 app.command("login")(server.login)

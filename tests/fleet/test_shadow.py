@@ -1,0 +1,146 @@
+"""`edgekit push --shadow`, `edgekit shadow status` and `shadow stop` end to end: the real CLI,
+a real Mosquitto, ingest into the registry, and real agents (in this process, so the test can
+feed their predict() the digits test set) serving fp32 while the int8 candidate shadows it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgekit.agent import Agent
+from edgekit.agent.daemon import AgentDaemon
+from edgekit.fleet.registry import Registry
+from edgekit.fleet.shadow import summarize, wilson_interval
+from edgekit.keys import load_own_public_key
+from edgekit.runtime import Model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "agent"))
+from test_daemon import Watcher
+from test_push import edgekit
+
+DEVICES = ["cam-1", "cam-2"]
+
+
+def top1(path: Path, xs: np.ndarray) -> np.ndarray:
+    model = Model(path)
+    detail = model.input_details[0]
+    scale, zero = detail["quantization"]
+    classes = []
+    for x in xs:
+        feed = x[None].astype(np.float32)
+        if detail["dtype"] != np.float32:
+            feed = np.clip(np.round(feed / scale + zero), -128, 127).astype(detail["dtype"])
+        classes.append(int(np.argmax(model.run([feed])[0])))
+    return np.array(classes)
+
+
+@pytest.fixture
+def devices(mosquitto, edgekit_home, tmp_path) -> Iterator[dict[str, AgentDaemon]]:
+    assert edgekit("keys", "init").returncode == 0
+    pem = load_own_public_key(edgekit_home).pem().decode()
+    daemons = {}
+    for device in DEVICES:
+        config = tmp_path / f"{device}.toml"
+        config.write_text(
+            f'device = "{device}"\nfleet = "lab"\nstate_dir = "{tmp_path / device}"\n'
+            f"broker = \"{mosquitto.url}\"\nthreads = 1\ntrusted_keys = '''\n{pem}'''\n"
+            "[telemetry]\ninterval = 3600\n"
+        )
+        agent = Agent.from_config(config, background=False)
+        daemons[device] = AgentDaemon(agent, upload_interval=0.1).start()
+    yield daemons
+    for daemon in daemons.values():
+        daemon.stop()
+        daemon.agent.close()
+
+
+def test_push_shadow_measures_the_candidate_on_every_device_and_status_sums_it_up(
+    mosquitto, edgekit_home, devices, digits_models, start_ingest
+):
+    broker = ["--broker", mosquitto.url]
+    xs = digits_models.x_test
+    truth = float((top1(digits_models.int8, xs) == top1(digits_models.fp32, xs)).mean())
+    watcher = Watcher(mosquitto.url)
+    try:
+        pushed = edgekit(
+            "push", str(digits_models.fp32), "--fleet", "lab", "--name", "digits", "--version", "1.0.0",
+            "--wait", "--timeout", "120", "--json", *broker,
+        )  # fmt: skip
+        assert pushed.returncode == 0, pushed.stderr
+        registry = Registry(f"sqlite:///{edgekit_home / 'registry.db'}")
+        ingest = start_ingest(registry)
+        shadowed = edgekit(
+            "push", str(digits_models.int8), "--fleet", "lab", "--name", "digits", "--version", "2.0.0",
+            "--shadow", "--sample", "1", "--for", "1h", "--json", *broker,
+        )  # fmt: skip
+        assert shadowed.returncode == 0, shadowed.stderr
+        started = json.loads(shadowed.stdout)
+        assert started["serving"] == "digits@1.0.0" and started["candidate"] == "digits@2.0.0"
+
+        def all_say(kind: str):
+            return lambda _: all(
+                any(e["kind"] == kind for e in watcher.records("events", d)) for d in DEVICES
+            )
+
+        watcher.wait_for(all_say("shadow_started"))
+        for daemon in devices.values():
+            agent, shadow = daemon.agent, daemon.agent.shadow
+            assert shadow is not None
+            for start in range(0, len(xs), 16):
+                for x in xs[start : start + 16]:
+                    (out,) = agent.predict(x)
+                    assert out.dtype == np.float32  # the fp32 serving model's answer
+                assert shadow.wait_idle()
+            agent.flush_telemetry()
+            assert agent.status().version == "1.0.0"  # nothing was switched
+        assert ingest.wait_for(lambda stats: stats.telemetry >= len(DEVICES))
+
+        status = edgekit("shadow", "status", "--fleet", "lab", "--json")
+        assert status.returncode == 0, status.stderr
+        doc = json.loads(status.stdout)
+        assert doc["candidate"] == "digits@2.0.0"
+        assert [d["device"] for d in doc["devices"]] == DEVICES
+        total = doc["total"]
+        assert total["compared"] == len(DEVICES) * len(xs) and total["dropped"] == 0
+        assert abs(total["agreement"] - truth) <= 2 / len(xs)
+        assert total["agreement_low"] <= truth <= total["agreement_high"]
+        assert total["latency_ratio"] is not None and total["latency_ratio"] > 0
+        table = edgekit("shadow", "status", "--fleet", "lab")
+        assert table.returncode == 0 and "total" in table.stdout and "digits@2.0.0" in table.stdout
+
+        stopped = edgekit("shadow", "stop", "--fleet", "lab", "--json", *broker)
+        assert stopped.returncode == 0, stopped.stderr
+        watcher.wait_for(all_say("shadow_stopped"))
+        assert all(d.agent.shadow is None for d in devices.values())
+        registry.close()
+    finally:
+        watcher.close()
+
+
+def test_push_shadow_refuses_a_fleet_that_serves_nothing_yet(mosquitto, edgekit_home, digits_models):
+    assert edgekit("keys", "init").returncode == 0
+    result = edgekit("push", str(digits_models.int8), "--fleet", "lab", "--shadow", "--broker", mosquitto.url)
+    assert result.returncode != 0
+    assert "nothing was pushed to fleet lab yet" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_without_shadow_is_refused(edgekit_home, digits_models):
+    result = edgekit("push", str(digits_models.int8), "--fleet", "lab", "--sample", "0.5")
+    assert result.returncode != 0 and "--sample and --for go with --shadow" in result.stderr
+
+
+def test_status_of_a_fleet_without_shadow_says_how_to_start_one(edgekit_home):
+    result = edgekit("shadow", "status", "--fleet", "lab")
+    assert result.returncode == 0 and "edgekit push CANDIDATE --fleet lab --shadow" in result.stdout
+
+
+def test_wilson_interval_and_summary_of_no_windows():
+    low, high = wilson_interval(95, 100)
+    assert 0.88 < low < 0.89 and 0.97 < high < 0.99
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(10, 10)[1] == 1.0
+    assert summarize([])["devices"] == []
