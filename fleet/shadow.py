@@ -65,7 +65,7 @@ def _figures(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
         "agreement": agreed / classified if classified else None,
         "agreement_low": low if classified else None,
         "agreement_high": high if classified else None,
-        "abs_error_mean": sum(m * n for m, n in weighted) / weight if weight else None,  # type: ignore[operator]
+        "abs_error_mean": sum(m * n for m, n in weighted) / weight if weight else None,
         "abs_error_max": max(maxima) if maxima else None,
         "serving_p95_ms": serving_p95,
         "candidate_p95_ms": candidate_p95,
