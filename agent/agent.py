@@ -686,11 +686,12 @@ class Agent:
                 log.exception("telemetry window could not be recorded (%d so far)", self.telemetry_failures)
 
     def close(self) -> None:
-        """Stop the background thread and queue the last window's record."""
+        """Stop the background thread and the shadow, and queue the last window's record."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.stop_shadow()  # its last figures go out with the last record
         self._close_window()
 
     def __enter__(self) -> Agent:
