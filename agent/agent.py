@@ -41,7 +41,7 @@ from edgekit.errors import BundleError, DataError, EdgekitError, InstallError, R
 from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
-if TYPE_CHECKING:  # transfer (and paho) is imported only by agents that fetch from a fleet
+if TYPE_CHECKING:  # edgekit.transfer and its MQTT client load only in agents that fetch from a fleet
     from edgekit.transfer import StagedBundle
     from edgekit.trust import TrustedKeys
 
