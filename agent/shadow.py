@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_BUDGET = 0.25
 DEFAULT_HANG_SECONDS = 10.0
 QUEUE_MAX = 32
+#: The worker thread's nice value (Linux: per thread): below everything serving.
+NICE = 19
 #: Memory left to the serving model and the system when a candidate loads (bytes).
 MEMORY_RESERVE = 64 * 1024 * 1024
 _MEMORY_FACTOR = 3
@@ -276,9 +279,15 @@ class Shadow:
         dropped and counted when the worker is behind."""
         if self.state != RUNNING:
             return
-        busy = self._busy_since
-        if busy is not None and time.perf_counter() - busy > self.hang_seconds:
-            self._fail(f"the candidate {self.label} ran for over {self.hang_seconds:g} s on one input (hung)")
+        if self._queue.full():  # behind: count it without copying anything
+            busy = self._busy_since
+            if busy is not None and time.perf_counter() - busy > self.hang_seconds:
+                self._fail(
+                    f"the candidate {self.label} ran for over {self.hang_seconds:g} s on one input (hung)"
+                )
+                return
+            with self._lock:
+                self._window.dropped += 1
             return
         if self.until is not None and time.time() >= self.until:
             self._finish(EXPIRED, f"the shadow of {self.label} reached its end time")
@@ -297,6 +306,10 @@ class Shadow:
     # -- the worker ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        # Serving keeps priority: on Linux a thread has its own nice value; at 19 the kernel
+        # runs the candidate only on CPU time the serving thread does not want.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         while True:
             item = self._queue.get()
             if item is None or self.state != RUNNING:
@@ -413,6 +426,9 @@ class Shadow:
 
     def window(self, *, close: bool) -> dict[str, Any]:
         """The current window's figures (statistics only); ``close``: start a new window."""
+        busy = self._busy_since
+        if busy is not None and time.perf_counter() - busy > self.hang_seconds:
+            self._fail(f"the candidate {self.label} ran for over {self.hang_seconds:g} s on one input (hung)")
         now = time.time()
         with self._lock:
             window = self._window
