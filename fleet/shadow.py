@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Optional, Protocol
 
-__all__ = ["ShadowWindowLike", "summarize", "wilson_interval"]
+__all__ = ["ShadowWindowLike", "judge", "summarize", "wilson_interval"]
 
 
 class ShadowWindowLike(Protocol):
@@ -99,3 +99,30 @@ def summarize(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
         "devices": devices,
         "total": _figures(windows),
     }
+
+
+def judge(summary: dict[str, Any], min_agreement: float, max_latency_ratio: float) -> list[str]:
+    """Why the candidate must not be promoted, one sentence per failing device (empty: it
+    passes): no inputs compared, the candidate failed, agreement below ``min_agreement``, or
+    its p95 latency above ``max_latency_ratio`` times the serving model's on the same inputs."""
+    if not summary["devices"]:
+        return ["no device has reported a shadow evaluation"]
+    reasons = []
+    for d in summary["devices"]:
+        name = d["device"]
+        if d["state"] == "failed":
+            reasons.append(f"{name}: the candidate failed there ({d['error'] or 'no reason given'})")
+        elif d["compared"] == 0:
+            reasons.append(f"{name}: no input was compared yet")
+        else:
+            if d["agreement"] is not None and d["agreement"] < min_agreement:
+                reasons.append(
+                    f"{name}: agreement {d['agreement']:.1%} is below {min_agreement:.1%} "
+                    f"({d['agreed']} of {d['classified']} inputs)"
+                )
+            ratio = d["latency_ratio"]
+            if ratio is not None and ratio > max_latency_ratio:
+                reasons.append(
+                    f"{name}: the candidate is {ratio:.2f}x as slow (p95), over {max_latency_ratio:.2f}x"
+                )
+    return reasons

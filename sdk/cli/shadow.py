@@ -10,10 +10,11 @@ import typer
 from rich.table import Table
 
 from ..config import WorkstationConfig
+from ..errors import RolloutError
 from ._app import console, new_app, print_json, signing_key
 from .push import BROKER_HELP, REGISTRY_HELP, _connect, open_control
 
-app = new_app("Try a candidate beside the serving model on live inputs: status, stop.")
+app = new_app("Try a candidate beside the serving model on live inputs: status, promote, stop.")
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -137,3 +138,79 @@ def stop(
         print_json({"fleet": fleet, "seq": seq, "shadow": None})
     else:
         console.print(f"fleet {fleet} told to stop its shadow evaluation (desired state seq {seq})")
+
+
+@app.command("promote")
+def promote(
+    fleet: str = typer.Option(..., "--fleet", help="Whose candidate."),
+    min_agreement: float = typer.Option(
+        0.98, "--min-agreement", min=0, max=1, help="Every device's top-1 agreement must reach this."
+    ),
+    max_latency_ratio: float = typer.Option(
+        1.2,
+        "--max-latency-ratio",
+        min=0,
+        help="Candidate p95 / serving p95 on each device must not exceed this.",
+    ),
+    canary: int = typer.Option(
+        0, "--canary", min=0, help="Roll out to N devices first, soak, then the rest."
+    ),
+    key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
+    broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the verdict (and the rollout) as JSON."),
+) -> None:
+    """Start a normal rollout of the candidate only when every device's figures pass; else say
+    which failed on which devices and exit non-zero (nothing is published)."""
+    from edgekit.fleet.actions import pushing
+    from edgekit.fleet.push import FleetLink
+    from edgekit.fleet.registry import Registry
+    from edgekit.fleet.rollout import RolloutPolicy
+    from edgekit.fleet.shadow import judge, summarize
+
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
+    reg = Registry(cfg.registry)
+    try:
+        summary = summarize(reg.shadow_windows(fleet))
+    finally:
+        reg.close()
+    reasons = judge(summary, min_agreement, max_latency_ratio)
+    verdict = {"fleet": fleet, "candidate": summary["candidate"], "passed": not reasons, "reasons": reasons}
+    if reasons:
+        if json_out:
+            print_json(verdict)
+        raise RolloutError(
+            f"{summary['candidate'] or 'the candidate'} was not promoted on fleet {fleet}: "
+            + "; ".join(reasons)
+        )
+    key = signing_key(key_name)
+    with open_control(cfg, key) as control:
+        bundle = control.catalog.find(summary["candidate_id"])
+        if bundle is None:
+            raise RolloutError(
+                f"{summary['candidate']} is not in the catalog of this registry; push it with "
+                f"`edgekit push FILE --fleet {fleet}` instead"
+            )
+        client = _connect(cfg)
+        try:
+            link = FleetLink(client, fleet, key, control)
+            link.discover()
+            with pushing(control, link, bundle, RolloutPolicy(canary=canary), "edgekit shadow promote") as (
+                rollout,
+                _,
+            ):
+                started = {
+                    "bundle": rollout.label,
+                    "phase": rollout.phase,
+                    "canaries": list(rollout.canaries),
+                }
+        finally:
+            client.close()
+    if json_out:
+        print_json({**verdict, "rollout": started})
+    else:
+        console.print(
+            f"{summary['candidate']} passed on every device (agreement >= {min_agreement:.1%}, p95 <= "
+            f"{max_latency_ratio:.2f}x): rollout to fleet {fleet} started ({started['phase']}); follow it "
+            f"with `edgekit rollout status --fleet {fleet}`"
+        )

@@ -116,6 +116,27 @@ def test_push_shadow_measures_the_candidate_on_every_device_and_status_sums_it_u
         assert stopped.returncode == 0, stopped.stderr
         watcher.wait_for(all_say("shadow_stopped"))
         assert all(d.agent.shadow is None for d in devices.values())
+
+        # promote: refused while a device's figures fail, naming it; nothing is published.
+        refused = edgekit("shadow", "promote", "--fleet", "lab", "--min-agreement", "1.0", *broker)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        if truth < 1.0:
+            assert "cam-1: agreement" in refused.stderr and "was not promoted" in refused.stderr
+        slow = edgekit(
+            "shadow", "promote", "--fleet", "lab", "--max-latency-ratio", "0.0001", "--json", *broker
+        )
+        assert slow.returncode != 0
+        verdict = json.loads(slow.stdout)
+        assert not verdict["passed"] and any("as slow" in r for r in verdict["reasons"])
+        assert all(d.agent.status().version == "1.0.0" for d in devices.values())
+        # ... and a normal rollout when they pass.
+        passed = edgekit(
+            "shadow", "promote", "--fleet", "lab", "--min-agreement", "0.9", "--max-latency-ratio", "1000",
+            "--json", *broker,
+        )  # fmt: skip
+        assert passed.returncode == 0, passed.stderr
+        assert json.loads(passed.stdout)["rollout"]["bundle"] == "digits@2.0.0"
+        watcher.wait_for(lambda _: all(watcher.serving("2.0.0", d)(_) for d in DEVICES))
         registry.close()
     finally:
         watcher.close()
@@ -131,6 +152,11 @@ def test_push_shadow_refuses_a_fleet_that_serves_nothing_yet(mosquitto, edgekit_
 def test_sample_without_shadow_is_refused(edgekit_home, digits_models):
     result = edgekit("push", str(digits_models.int8), "--fleet", "lab", "--sample", "0.5")
     assert result.returncode != 0 and "--sample and --for go with --shadow" in result.stderr
+
+
+def test_promote_without_figures_is_refused(edgekit_home):
+    result = edgekit("shadow", "promote", "--fleet", "lab")
+    assert result.returncode != 0 and "no device has reported a shadow evaluation" in result.stderr
 
 
 def test_status_of_a_fleet_without_shadow_says_how_to_start_one(edgekit_home):
