@@ -14,7 +14,7 @@ from edgekit import create_bundle
 from edgekit.agent import Agent
 from edgekit.agent.shadow import Shadow, ShadowError
 from edgekit.bundle import read_bundle
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, MessageError
 from edgekit.reports import TelemetryRecord
 from edgekit.runtime import Model
 from edgekit.trust import TrustedKeys
@@ -190,3 +190,26 @@ def test_a_shadow_ends_at_its_end_time(make_config, bundles, models):
         record = agent.flush_telemetry()
     assert shadow.state == "expired"
     assert record is not None and record.shadow is not None and record.shadow["state"] == "expired"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"compared": -1}, "compared"),
+        ({"agreed": 5, "classified": 4}, "agreed"),
+        ({"state": "exploded"}, "state"),
+        ({"candidate": {"name": "digits"}}, "candidate"),
+        ({"serving_latency_ms": {"p50": "fast"}}, "serving_latency_ms"),
+        ({"agreement": "high"}, "agreement"),
+    ],
+)
+def test_a_malformed_shadow_window_is_refused_by_the_telemetry_decoder(make_config, bundles, change, field):
+    with Agent.from_config(make_config("decode"), background=False) as agent:
+        agent.install(bundles.v1)
+        agent.start_shadow(bundles.v2)
+        record = agent.flush_telemetry()
+    assert record is not None and record.shadow is not None
+    doc = record.to_dict()
+    doc["shadow"] = {**doc["shadow"], **change}
+    with pytest.raises(MessageError, match=field):
+        TelemetryRecord.from_json(json.dumps(doc).encode())
