@@ -466,6 +466,7 @@ class Agent:
 
         def make_room() -> None:
             nonlocal held
+            self.stop_shadow()  # it compares with the model about to go (and frees its memory)
             self._close_window()
             lock.acquire()
             held = True

@@ -299,7 +299,7 @@ class Shadow:
             ]
             sample = _Sample(real, [np.array(o, copy=True) for o in outputs], serving_s)
             self._queue.put_nowait(sample)
-        except queue.Full:
+        except (queue.Full, ValueError, TypeError, MemoryError):  # never fails the caller: counted
             with self._lock:
                 self._window.dropped += 1
 

@@ -213,3 +213,18 @@ def test_a_malformed_shadow_window_is_refused_by_the_telemetry_decoder(make_conf
     doc["shadow"] = {**doc["shadow"], **change}
     with pytest.raises(MessageError, match=field):
         TelemetryRecord.from_json(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("low_memory", [True, False])
+def test_installing_another_serving_model_stops_the_shadow(make_config, bundles, models, low_memory):
+    config = make_config(f"swap-{low_memory}", low_memory_install=str(low_memory).lower())
+    with Agent.from_config(config, background=False) as agent:
+        agent.install(bundles.v1)
+        shadow = agent.start_shadow(bundles.v2, sample=1.0)
+        agent.install(bundles.v3)
+        assert shadow.state == "stopped" and agent.shadow is None
+        agent.predict(models.x_test[0])
+        agent.flush_telemetry()
+        shadows = [r["shadow"] for r in agent.telemetry.peek() if r.get("shadow")]
+    assert [s["state"] for s in shadows][-1:] == ["stopped"]  # its last window, reported once
+    assert [s["state"] for s in shadows].count("stopped") == 1
