@@ -6,6 +6,7 @@ Real agents, real TFLite runtimes, the digits models: fp32 serves, the int8 cand
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +229,48 @@ def test_installing_another_serving_model_stops_the_shadow(make_config, bundles,
         shadows = [r["shadow"] for r in agent.telemetry.peek() if r.get("shadow")]
     assert [s["state"] for s in shadows][-1:] == ["stopped"]  # its last window, reported once
     assert [s["state"] for s in shadows].count("stopped") == 1
+
+
+def test_under_concurrent_http_and_embedded_calls_every_answer_is_the_serving_models(
+    make_config, bundles, models
+):
+    from edgekit.agent.serve import InferenceServer
+    from test_agent_serve import call
+
+    xs = models.x_test[:48]
+    with Agent.from_config(make_config("concurrent"), background=False) as agent:
+        agent.install(bundles.v2)  # int8 serves; the fp32 candidate would answer otherwise
+        expected = [agent.predict(x[None], as_dict=True) for x in xs]
+        shadow = agent.start_shadow(bundles.v1, sample=1.0, cpu_budget=1.0)
+        server = InferenceServer(agent, "127.0.0.1", 0).start()
+        failures: list[str] = []
+
+        def embedded(offset: int) -> None:
+            for round_ in range(5):
+                for i in range(len(xs)):
+                    j = (i + offset + round_) % len(xs)
+                    got = agent.predict(xs[j][None], as_dict=True)
+                    if any(not np.array_equal(got[k], expected[j][k]) for k in got):
+                        failures.append(f"embedded call {j} got another answer")
+
+        def http(offset: int) -> None:
+            for i in range(0, len(xs), 3):
+                j = (i + offset) % len(xs)
+                status, doc = call(
+                    f"{server.url}/v1/predict", json.dumps({"inputs": xs[j][None].tolist()}).encode()
+                )
+                ((name, out),) = doc["outputs"].items()
+                if status != 200 or not np.allclose(np.asarray(out), expected[j][name], rtol=1e-6, atol=0):
+                    failures.append(f"http call {j} got another answer")
+
+        threads = [threading.Thread(target=embedded, args=(k * 5,)) for k in range(3)]
+        threads += [threading.Thread(target=http, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        server.stop()
+        assert shadow.wait_idle()
+        figures = agent.stop_shadow()
+    assert failures == []
+    assert figures is not None and figures["compared"] > 0 and figures["state"] == "stopped"
