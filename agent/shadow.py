@@ -429,6 +429,8 @@ class Shadow:
         busy = self._busy_since
         if busy is not None and time.perf_counter() - busy > self.hang_seconds:
             self._fail(f"the candidate {self.label} ran for over {self.hang_seconds:g} s on one input (hung)")
+        if self.until is not None and time.time() >= self.until:  # also without traffic
+            self._finish(EXPIRED, f"the shadow of {self.label} reached its end time")
         now = time.time()
         with self._lock:
             window = self._window

@@ -183,14 +183,18 @@ def test_an_untrusted_candidate_is_refused_with_an_event(make_config, bundles):
         assert [e["kind"] for e in events(agent)][-1] == "shadow_refused"
 
 
-def test_a_shadow_ends_at_its_end_time(make_config, bundles, models):
-    with Agent.from_config(make_config("until"), background=False) as agent:
+@pytest.mark.parametrize("traffic", [True, False])
+def test_a_shadow_ends_at_its_end_time(make_config, bundles, models, traffic):
+    with Agent.from_config(make_config(f"until-{traffic}"), background=False) as agent:
         agent.install(bundles.v1)
         shadow = agent.start_shadow(bundles.v2, sample=1.0, until=1.0)  # already past
-        agent.predict(models.x_test[0])
+        if traffic:
+            agent.predict(models.x_test[0])
         record = agent.flush_telemetry()
+        after = agent.flush_telemetry()
     assert shadow.state == "expired"
     assert record is not None and record.shadow is not None and record.shadow["state"] == "expired"
+    assert after is not None and after.shadow is None
 
 
 @pytest.mark.parametrize(
