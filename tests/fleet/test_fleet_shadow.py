@@ -8,13 +8,14 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from edgekit.agent import Agent
 from edgekit.agent.daemon import AgentDaemon
 from edgekit.fleet.registry import Registry
-from edgekit.fleet.shadow import summarize, wilson_interval
+from edgekit.fleet.shadow import judge, summarize, wilson_interval
 from edgekit.keys import load_own_public_key
 from edgekit.runtime import Model
 
@@ -170,3 +171,33 @@ def test_wilson_interval_and_summary_of_no_windows():
     assert wilson_interval(0, 0) == (0.0, 1.0)
     assert wilson_interval(10, 10)[1] == 1.0
     assert summarize([])["devices"] == []
+
+
+def row(device: str, **extra: object) -> SimpleNamespace:
+    fields = {
+        "device": device, "candidate_id": "c" * 64, "candidate_label": "digits@2.0.0",
+        "serving_version": "1.0.0", "state": "running", "sample_rate": 0.1, "compared": 200,
+        "dropped": 0, "classified": 200, "agreed": 199, "abs_error_mean": 0.01, "abs_error_max": 0.1,
+        "serving_p95_ms": 2.0, "candidate_p95_ms": 2.2, "error": None,
+    }  # fmt: skip
+    return SimpleNamespace(**{**fields, **extra})
+
+
+def test_judge_names_each_failing_device_and_why():
+    windows = [
+        row("cam-1"),
+        row("cam-2", state="failed", error="it returned NaN or infinity"),
+        row("cam-3", compared=0, classified=0, agreed=0),
+        row("cam-4", agreed=20),
+        row("cam-5", candidate_p95_ms=8.0),
+    ]
+    reasons = judge(summarize(windows), 0.98, 1.2)
+    assert reasons == [
+        "cam-2: the candidate failed there (it returned NaN or infinity)",
+        "cam-3: no input was compared yet",
+        "cam-4: agreement 10.0% is below 98.0% (20 of 200 inputs)",
+        "cam-5: the candidate is 4.00x as slow (p95), over 1.20x",
+    ]
+    assert judge(summarize([row("cam-1")]), 0.98, 1.2) == []
+    total = summarize(windows)["total"]
+    assert total["compared"] == 800 and total["agreed"] == 199 + 199 + 20 + 199 + 0
