@@ -32,18 +32,32 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from edgekit.agent_config import AgentConfig
-from edgekit.errors import BundleError, DataError, InstallError, RuntimeUnavailableError
+from edgekit.bundle import Bundle, read_bundle, verify_manifest_signature
+from edgekit.errors import BundleError, DataError, EdgekitError, InstallError, RuntimeUnavailableError
 from edgekit.runtime import dequantize, quantize, resolve_runtime
 from edgekit.tflite import TensorSpec
 
+if TYPE_CHECKING:  # edgekit.transfer and its MQTT client load only in agents that fetch from a fleet
+    from edgekit.transfer import StagedBundle
+    from edgekit.trust import TrustedKeys
+
 from .capture import CaptureClock, CaptureFilter, Capturer
 from .drift import DriftMonitor, DriftReport
-from .install import POINTER_FILE, BundleSource, BundleStore, InstallResult, LoadedBundle, StepSink
+from .install import (
+    POINTER_FILE,
+    BundleSource,
+    BundleStore,
+    InstallResult,
+    LoadedBundle,
+    StepSink,
+    _is_staged,
+)
 from .outbox import Outbox
+from .shadow import DEFAULT_CPU_BUDGET, DEFAULT_HANG_SECONDS, Shadow, ShadowError
 from .telemetry import LATENCY_CAP, Event, LatencyRecorder, SystemSampler, TelemetryRecord
 
 __all__ = ["Agent", "AgentStatus"]
@@ -199,6 +213,25 @@ def _return_freed_memory() -> None:
         return
 
 
+def _staged_as_bundle(staged: StagedBundle, trusted: TrustedKeys) -> Bundle:
+    """A downloaded candidate (every chunk checked against its signed plan) as a Bundle in
+    memory, its signature checked again against ``trusted``."""
+    verified = staged.verified
+    signer = verify_manifest_signature(verified.manifest_bytes, verified.signature, trusted)
+    try:
+        members = {f.name: (staged.directory / f.name).read_bytes() for f in verified.manifest.files}
+    except OSError as exc:
+        raise BundleError(f"the downloaded candidate cannot be read: {exc.strerror or exc}") from None
+    return Bundle(
+        manifest=verified.manifest,
+        manifest_bytes=verified.manifest_bytes,
+        signature=verified.signature,
+        signer=signer,
+        members=members,
+        size=sum(len(m) for m in members.values()),
+    )
+
+
 class Agent:
     """A device agent serving one installed bundle. Create with :meth:`from_config`."""
 
@@ -247,6 +280,8 @@ class Agent:
         self._system = SystemSampler()
         self._sample_rate = config.drift_sample_rate
         self._served: _Served | None = None
+        self._shadow: Shadow | None = None
+        self._last_shadow: Shadow | None = None  # stopped: its last window not yet reported
         self._pointer_mtime = 0.0
         self._serve(self.store.recover())
         if self._served is None:
@@ -291,6 +326,8 @@ class Agent:
     # -- serving ----------------------------------------------------------------------------
 
     def _serve(self, loaded: LoadedBundle | None) -> None:
+        if getattr(self, "_shadow", None) is not None:  # it was compared with the model now replaced
+            self.stop_shadow()
         served = None if loaded is None else _Served(loaded, self.config)
         with self._lock:
             self._served = served
@@ -326,7 +363,8 @@ class Agent:
                 served.invoke()
                 out = served.get_tensor(served.o0)
                 latencies = self._lat
-                latencies.append(_clock() - start)
+                elapsed = _clock() - start
+                latencies.append(elapsed)
                 if len(latencies) >= LATENCY_CAP:
                     self._latency.fold()
             except (ValueError, RuntimeError) as exc:
@@ -344,6 +382,9 @@ class Agent:
                     capture.observe(x, out, served.loaded.identity)
                 elif _random() < capture.sample_rate:
                     capture.offer(x, [out], "sample", served.loaded.identity())
+            shadow = self._shadow
+            if shadow is not None and _random() < shadow.sample:
+                shadow.offer((x,), (out,), elapsed)  # copies; never blocks, never raises
             return {served.name0: out} if as_dict else [out]
         return self._predict(served, x, as_dict, raw)
 
@@ -385,13 +426,18 @@ class Agent:
                 self._errors += 1
                 raise DataError(f"the runtime rejected the input: {exc}") from None
             latencies = self._lat
-            latencies.append(_clock() - start)
+            elapsed = _clock() - start
+            latencies.append(elapsed)
             if len(latencies) >= LATENCY_CAP:
                 self._latency.fold()
         finally:
             lock.release()
         if _random() < served.rate:
             served.drift.add(feeds[0], served.real_output(outputs[0]))  # type: ignore[union-attr]
+        shadow = self._shadow
+        if shadow is not None and _random() < shadow.sample:
+            real = [dequantize(o, s) if s.quantized else o for o, s in zip(outputs, served.out_specs)]
+            shadow.offer(feeds, real, elapsed)  # copies; never blocks, never raises
         if served.any_quantized_out and not raw:
             outputs = [dequantize(o, s) if s.quantized else o for o, s in zip(outputs, served.out_specs)]
         if self.capture.armed:
@@ -464,6 +510,7 @@ class Agent:
 
         def make_room() -> None:
             nonlocal held
+            self.stop_shadow()  # it compares with the model about to go (and frees its memory)
             self._close_window()
             lock.acquire()
             held = True
@@ -525,6 +572,74 @@ class Agent:
             return False
         return True
 
+    # -- shadow evaluation (docs/shadow.md) -------------------------------------------------
+
+    def start_shadow(
+        self,
+        source: str | os.PathLike[str] | bytes | Bundle | StagedBundle,
+        *,
+        sample: float = 0.1,
+        until: float | None = None,
+        cpu_budget: float = DEFAULT_CPU_BUDGET,
+        hang_seconds: float = DEFAULT_HANG_SECONDS,
+    ) -> Shadow:
+        """Load a candidate bundle beside the serving model and run a ``sample`` share of live
+        inputs through it, off the request path (:mod:`edgekit.agent.shadow`). The bundle is
+        verified against the device's trusted keys; ``until`` (UNIX seconds) ends the shadow.
+        Replaces a running shadow. Raises ShadowError (with a ``shadow_refused`` event) when the
+        candidate is refused, incompatible or the board is short of memory; BundleError or
+        SignatureError when it does not verify."""
+        served = self._served
+        if served is None:
+            raise ShadowError("no model is serving: a shadow compares a candidate with the serving model")
+        try:
+            if isinstance(source, Bundle):
+                bundle = source
+                verify_manifest_signature(bundle.manifest_bytes, bundle.signature, self.store.trusted)
+            elif isinstance(source, (str, os.PathLike, bytes)):
+                bundle = read_bundle(source, self.store.trusted, self.config.max_bundle_size)
+            elif _is_staged(source):
+                bundle = _staged_as_bundle(source, self.store.trusted)
+            else:
+                raise TypeError(f"cannot try a {type(source).__name__} in the shadow")
+        except EdgekitError as exc:
+            self.record_event("shadow_refused", f"the shadow candidate was refused: {exc}", None)
+            raise
+        self.stop_shadow()
+        shadow = Shadow(
+            bundle,
+            served.in_specs,
+            served.out_specs,
+            sample=sample,
+            until=until,
+            cpu_budget=cpu_budget,
+            hang_seconds=hang_seconds,
+            runtime=self.config.runtime,
+            xnnpack=self.config.xnnpack,
+            on_event=self.record_event,
+        )
+        self._shadow = shadow
+        return shadow
+
+    def stop_shadow(self) -> dict[str, Any] | None:
+        """Unload the candidate; returns the last (unreported) window's figures, or None."""
+        shadow, self._shadow = self._shadow, None
+        if shadow is None:
+            return None
+        shadow.stop()
+        self._last_shadow = shadow
+        return shadow.window(close=False)
+
+    @property
+    def shadow(self) -> Shadow | None:
+        """The shadow evaluation running (or failed and not yet reported), or None."""
+        return self._shadow
+
+    def shadow_status(self) -> dict[str, Any] | None:
+        """The running (or last failed) shadow's current window: statistics only."""
+        shadow = self._shadow
+        return None if shadow is None else shadow.window(close=False)
+
     # -- telemetry --------------------------------------------------------------------------
 
     def record_event(self, kind: str, message: str, bundle: dict[str, str] | None) -> None:
@@ -544,7 +659,7 @@ class Agent:
             served = self._served
         end = self._window_start
         count = latency.count
-        if count == 0 and errors == 0 and served is None:
+        if count == 0 and errors == 0 and served is None and self._shadow is None:
             return None
         report = served.drift.report() if served is not None and served.drift is not None else None
         self.capture.drifted = report is not None and report.drifted  # arms the drift trigger
@@ -582,6 +697,7 @@ class Agent:
             memory_used_percent=self._system.memory_used_percent(),
             disk_used_percent=self._system.disk_used_percent(self.config.state_dir),
             runtime=served.loaded.model.runtime if served is not None else None,
+            shadow=self._shadow_window(),
         )
         try:
             queued = self.telemetry.put(record.to_dict())
@@ -591,6 +707,16 @@ class Agent:
             return None
         _return_freed_memory()  # the window's summaries were transient: give their pages back
         return TelemetryRecord.from_dict(queued)
+
+    def _shadow_window(self) -> dict[str, Any] | None:
+        shadow = self._shadow
+        if shadow is None:
+            shadow, self._last_shadow = self._last_shadow, None  # the stopped one's last figures
+            return None if shadow is None else shadow.window(close=True)
+        window = shadow.window(close=True)
+        if not shadow.active:  # failed or expired: reported once, then gone
+            self._shadow = None
+        return window
 
     def flush_telemetry(self) -> TelemetryRecord | None:
         """Close the current telemetry window now and queue its record (returned, with its seq)."""
@@ -607,12 +733,13 @@ class Agent:
                 log.exception("telemetry window could not be recorded (%d so far)", self.telemetry_failures)
 
     def close(self) -> None:
-        """Stop the background thread and queue the last window's record."""
+        """Stop the background thread and the shadow, and queue the last window's record."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         self.capture.close()
+        self.stop_shadow()  # its last figures go out with the last record
         self._close_window()
 
     def __enter__(self) -> Agent:

@@ -62,6 +62,7 @@ from . import deployment
 from .agent import Agent
 from .capture import CaptureLink
 from .deployment import DeploymentRecord
+from .shadow import ShadowError
 
 if TYPE_CHECKING:
     from edgekit.roles import DeviceTrust, TrustReport
@@ -661,8 +662,10 @@ class AgentDaemon:
             if target.bundle_sha256 == self._serving_id():
                 self._enter(deployment.SERVING)
                 self.publish_state()
+                self._follow_shadow(target, cancel)
                 return
             self._apply(target, cancel)
+            self._follow_shadow(target, cancel)
         except DownloadCancelledError:
             if self._stop.is_set():  # kept: the next start resumes it
                 log.info(
@@ -703,6 +706,58 @@ class AgentDaemon:
         finally:
             with self._lock:
                 self._running = None
+
+    def _follow_shadow(self, target: DesiredState, cancel: threading.Event) -> None:
+        """Start, replace or stop the shadow evaluation the desired state asks for (docs/shadow.md):
+        the candidate is fetched like a bundle, verified and loaded beside the serving model; a
+        desired state without a shadow section stops a running one. Failures are reported as
+        events; the serving model is never touched."""
+        request = target.shadow
+        if request is None:
+            if self.agent.stop_shadow() is not None:
+                log.info("device %s: the shadow evaluation stopped (the desired state has none)", self.device)
+            return
+        ident = {
+            "name": request.bundle_name,
+            "version": request.bundle_version,
+            "bundle_id": request.bundle_sha256,
+        }
+        label = f"{request.bundle_name}@{request.bundle_version}"
+        if request.until <= time.time():
+            log.info("device %s: the shadow of %s has already ended", self.device, label)
+            return
+        running = self.agent.shadow_status()
+        if (
+            running is not None
+            and running["candidate"]["bundle_id"] == request.bundle_sha256
+            and running["state"] == "running"
+        ):
+            return  # the same candidate: a re-sent desired state does not restart it
+        directory = self.state_dir / DOWNLOADS_DIR / f"shadow-{request.bundle_sha256}"
+        try:
+            staged = fetch_staged_bundle(
+                self.client,
+                request.bundle_sha256,
+                self._trusted,
+                directory,
+                self.topics,
+                timeout=self.fetch_timeout,
+                stall_timeout=self.agent.config.download_stall_timeout,
+                max_size=self.agent.config.max_bundle_size,
+                cancel=cancel,
+            )
+            self.agent.start_shadow(staged, sample=request.sample, until=float(request.until))
+            log.info("device %s: trying %s in the shadow of the serving model", self.device, label)
+        except DownloadCancelledError:
+            return
+        except ShadowError as exc:  # refused with its own event (memory, shapes)
+            log.error("device %s: %s", self.device, exc)
+        except (EdgekitError, OSError) as exc:
+            message = f"device {self.device} could not try {label} in the shadow: {exc}"
+            log.error("%s", message)
+            self.agent.record_event("shadow_refused", message, ident)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)  # the candidate's model is in memory
 
     def _fail(
         self,

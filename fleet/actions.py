@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 from edgekit.bundle import Bundle
+from edgekit.desired import ShadowRequest
 from edgekit.errors import ConfigError, EdgekitError, RolloutError
 
 from .control import ControlPlane
@@ -32,6 +33,8 @@ __all__ = [
     "resume_rollout",
     "rollback_device",
     "rolling_back",
+    "start_shadow",
+    "stop_shadow",
 ]
 
 # Seconds to wait for a fleet's driving lock: the rollout controller holds it for one step at a
@@ -169,3 +172,55 @@ def abort_rollout(control: ControlPlane, link: FleetLink, holder: str) -> Rollou
         link.carry_out(actions, labels_of(rollout, link.record))
         control.save_rollout(rollout)
     return rollout
+
+
+def _serving(control: ControlPlane, link: FleetLink) -> tuple[str, str, str]:
+    """The bundle the fleet was last told to run: (id, name, version); RolloutError if none."""
+    link.record = control.record(link.fleet)
+    record = link.record
+    if record.bundle_id is None or not record.label:
+        raise RolloutError(
+            f"nothing was pushed to fleet {link.fleet} yet: a shadow compares a candidate with the model "
+            "the fleet serves; push a bundle first"
+        )
+    name, _, version = record.label.rpartition("@")
+    return record.bundle_id, name, version
+
+
+def start_shadow(
+    control: ControlPlane, link: FleetLink, candidate: Bundle, sample: float, duration_s: float, holder: str
+) -> int:
+    """Ask the fleet to try ``candidate`` in the shadow of the bundle it serves for ``duration_s``
+    seconds on a ``sample`` share of live inputs (docs/shadow.md): the candidate's chunks, then a
+    desired state naming the served bundle with a shadow section. Nothing is installed; no
+    request is answered by the candidate. Returns the desired state's seq. Refused
+    (RolloutError) while a rollout is unfinished, or when nothing was pushed yet."""
+    fleet = link.fleet
+    with (
+        audited(control, "shadow", fleet, candidate.manifest.label),
+        control.driving(fleet, holder, wait=LOCK_WAIT),
+    ):
+        control.refuse_if_busy(fleet)
+        bundle_id, name, version = _serving(control, link)
+        if candidate.bundle_id == bundle_id:
+            raise RolloutError(
+                f"{candidate.manifest.label} is what fleet {fleet} serves already; push another candidate"
+            )
+        link.publish_bundle(candidate)  # before the desired state: devices fetch it at once
+        request = ShadowRequest(
+            candidate.bundle_id,
+            candidate.manifest.name,
+            candidate.manifest.version,
+            sample,
+            int(time.time() + duration_s),
+        )
+        return link.desire(bundle_id, name, version, shadow=request)
+
+
+def stop_shadow(control: ControlPlane, link: FleetLink, holder: str) -> int:
+    """End the fleet's shadow evaluation: a desired state naming the served bundle without a
+    shadow section (devices unload the candidate and report its last window). Returns its seq."""
+    fleet = link.fleet
+    with audited(control, "shadow-stop", fleet), control.driving(fleet, holder, wait=LOCK_WAIT):
+        bundle_id, name, version = _serving(control, link)
+        return link.desire(bundle_id, name, version)

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 from edgekit.errors import ConfigError, MessageError, TopicError
 from edgekit.mqtt import Message, MqttClient
@@ -54,7 +54,7 @@ from edgekit.reports import DeviceStateReport, Event, TelemetryRecord
 from edgekit.topics import DEVICE_EVENTS, DEVICE_STATE, DEVICE_TELEMETRY, Topics
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from .registry import BatchResult, DeviceState, EventRow, Registry, TelemetryRow, WriteResult
+from .registry import BatchResult, DeviceState, EventRow, Registry, ShadowRow, TelemetryRow, WriteResult
 
 __all__ = ["Ingest", "IngestStats", "ingest_client"]
 
@@ -67,7 +67,15 @@ DEFAULT_RECEIVE_MAXIMUM = 20000
 _UTC = timezone.utc
 _KINDS = {DEVICE_STATE: "state", DEVICE_TELEMETRY: "telemetry", DEVICE_EVENTS: "events"}
 
-Item = Union[DeviceState, TelemetryRow, EventRow]
+
+class ShadowTelemetry(NamedTuple):
+    """A telemetry window that carries a shadow-evaluation window (docs/shadow.md)."""
+
+    telemetry: TelemetryRow
+    shadow: ShadowRow
+
+
+Item = Union[DeviceState, TelemetryRow, EventRow, ShadowTelemetry]
 #: A decoded message waiting for its batch: the row, the message (to ack), the device's fleet.
 Pending = tuple[Item, Message, Optional[str]]
 
@@ -286,6 +294,8 @@ class Ingest:
                 if record.device != device:
                     raise _mismatch(record.device, device)
                 item, fleet = _telemetry_row(record), record.fleet
+                if record.shadow is not None:
+                    item = ShadowTelemetry(item, _shadow_row(record, record.shadow))
             elif kind == "events":
                 event = Event.from_json(message.payload)
                 if event.device != device:
@@ -349,12 +359,14 @@ class Ingest:
     def _write(self, batch: list[Pending]) -> None:
         states = [i for i, _, _ in batch if isinstance(i, DeviceState)]
         telemetry = [i for i, _, _ in batch if isinstance(i, TelemetryRow)]
+        shadows = [i.shadow for i, _, _ in batch if isinstance(i, ShadowTelemetry)]
+        telemetry += [i.telemetry for i, _, _ in batch if isinstance(i, ShadowTelemetry)]
         events = [i for i, _, _ in batch if isinstance(i, EventRow)]
-        fleets = {i.device: f for i, _, f in batch if f is not None}
+        fleets = {_device_of(i): f for i, _, f in batch if f is not None}
         delay = self.retry_min
         while True:
             try:
-                result = self.registry.write_batch(states, telemetry, events, fleets)
+                result = self.registry.write_batch(states, telemetry, events, fleets, shadows)
                 break
             except (OperationalError, InterfaceError) as exc:
                 # The database is away (restarting, unreachable, locked): keep the batch, retry.
@@ -388,6 +400,10 @@ class Ingest:
                     one = self.registry.write_batch(states=[item])
                 elif isinstance(item, TelemetryRow):
                     one = self.registry.write_batch(telemetry=[item], fleets=fleets)
+                elif isinstance(item, ShadowTelemetry):
+                    one = self.registry.write_batch(
+                        telemetry=[item.telemetry], fleets=fleets, shadows=[item.shadow]
+                    )
                 else:
                     one = self.registry.write_batch(events=[item])
             except SQLAlchemyError as exc:
@@ -416,10 +432,46 @@ class Ingest:
 # -- message -> registry row ---------------------------------------------------------------------
 
 
+def _is_telemetry(item: Item) -> bool:
+    return isinstance(item, (TelemetryRow, ShadowTelemetry))
+
+
+def _device_of(item: Item) -> str:
+    return item.telemetry.device if isinstance(item, ShadowTelemetry) else item.device
+
+
+def _shadow_row(record: TelemetryRecord, shadow: dict[str, Any]) -> ShadowRow:
+    """The shadow section (checked by the decoder) as a registry row."""
+    candidate = shadow["candidate"]
+    serving, trying = shadow["serving_latency_ms"], shadow["candidate_latency_ms"]
+    error = shadow.get("error")
+    return ShadowRow(
+        record.device,
+        record.seq,
+        _utc(record.window_end),
+        candidate["bundle_id"][:64],
+        f"{candidate['name']}@{candidate['version']}"[:140],
+        record.bundle.get("version") if record.bundle else None,
+        shadow["state"],
+        shadow.get("sample_rate"),
+        shadow["compared"],
+        shadow["dropped"],
+        shadow.get("classified", 0),
+        shadow.get("agreed", 0),
+        shadow.get("abs_error_mean"),
+        shadow.get("abs_error_max"),
+        serving.get("p50"),
+        serving.get("p95"),
+        trying.get("p50"),
+        trying.get("p95"),
+        error[:1000] if isinstance(error, str) else None,
+    )
+
+
 def _kind_of(item: Item) -> str:
     if isinstance(item, DeviceState):
         return "state"
-    return "telemetry" if isinstance(item, TelemetryRow) else "events"
+    return "telemetry" if _is_telemetry(item) else "events"
 
 
 def _sum(a: WriteResult, b: WriteResult) -> WriteResult:

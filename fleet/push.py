@@ -29,7 +29,7 @@ from typing import Optional
 
 from edgekit.bundle import Bundle
 from edgekit.config import edgekit_home
-from edgekit.desired import decode_desired_state, new_desired_state, sign_desired_state
+from edgekit.desired import ShadowRequest, decode_desired_state, new_desired_state, sign_desired_state
 from edgekit.errors import BrokerError, DesiredStateError, MessageError
 from edgekit.keys import SigningKey
 from edgekit.mqtt import Message, MqttClient
@@ -235,8 +235,16 @@ class FleetLink:
         while they already fetch them (:func:`edgekit.transfer.start_upload`)."""
         return start_upload(self.client, bundle, self.topics)
 
-    def desire(self, bundle_id: str, name: str, version: str, device: Optional[str] = None) -> int:
-        """Sign and publish (retained) a desired state; returns its sequence number."""
+    def desire(
+        self,
+        bundle_id: str,
+        name: str,
+        version: str,
+        device: Optional[str] = None,
+        shadow: Optional[ShadowRequest] = None,
+    ) -> int:
+        """Sign and publish (retained) a desired state (with ``shadow``: a candidate to try
+        beside the bundle, docs/shadow.md); returns its sequence number."""
         seq = self.control.next_seq(self.fleet, above=self._seen_seq)
         state = new_desired_state(
             self.fleet,
@@ -245,6 +253,7 @@ class FleetLink:
             bundle_version=version,
             seq=seq,
             device=device,
+            shadow=shadow,
         )
         # A fleet with a TUF key hierarchy gets the same state through its online desired role
         # (devices on TUF follow that; devices still on single-key trust, the envelope below).

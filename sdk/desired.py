@@ -46,6 +46,7 @@ from .trust import TrustedKeys
 __all__ = [
     "DESIRED_SCHEMA_VERSION",
     "DesiredState",
+    "ShadowRequest",
     "decode_desired_state",
     "new_desired_state",
     "sign_desired_state",
@@ -76,6 +77,10 @@ _DOC_KEYS = {
 }
 
 
+#: The optional shadow section's fields (docs/shadow.md).
+_SHADOW_KEYS = {"sha256", "name", "version", "sample", "until"}
+
+
 def _format_time(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime(_TIME_FORMAT)
 
@@ -97,6 +102,59 @@ def _parse_time(value: object, what: str) -> int:
 
 
 @dataclass(frozen=True)
+class ShadowRequest:
+    """A candidate bundle to try in the shadow of the serving one (docs/shadow.md): devices
+    fetch, verify and load it beside the serving model and compare a ``sample`` share of live
+    inputs until ``until`` (UNIX seconds). It never answers a request.
+
+    In JSON it is the desired state's optional ``shadow`` section; a document without one is
+    byte for byte what agents before it read. Those older agents refuse a document that has one
+    (``malformed``: "must have exactly the fields ..."), keep serving what they serve, and say so
+    in a ``desired_refused`` event: a shadow needs agents of edgekit 0.3 or later."""
+
+    bundle_sha256: str
+    bundle_name: str
+    bundle_version: str
+    sample: float
+    until: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sha256": self.bundle_sha256,
+            "name": self.bundle_name,
+            "version": self.bundle_version,
+            "sample": self.sample,
+            "until": _format_time(self.until),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: object) -> ShadowRequest:
+        if not isinstance(doc, dict) or set(doc) != _SHADOW_KEYS:
+            raise refuse(
+                DesiredStateError,
+                "malformed",
+                f"the desired state's shadow section must have exactly the fields {sorted(_SHADOW_KEYS)}",
+            )
+        digest, name, version, sample = doc["sha256"], doc["name"], doc["version"], doc["sample"]
+        if not isinstance(digest, str) or not SHA256.match(digest):
+            raise refuse(
+                DesiredStateError, "malformed", "the shadow candidate's sha256 is not 64 lowercase hex digits"
+            )
+        try:
+            check_name(name if isinstance(name, str) else "")
+            check_version(version if isinstance(version, str) else "")
+        except BundleError as exc:
+            raise refuse(DesiredStateError, "malformed", f"the shadow section names an {exc}") from None
+        if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 < sample <= 1:
+            raise refuse(
+                DesiredStateError,
+                "malformed",
+                "the shadow sample rate must be a number above 0 and at most 1",
+            )
+        return cls(digest, name, version, float(sample), _parse_time(doc["until"], "shadow until"))
+
+
+@dataclass(frozen=True)
 class DesiredState:
     """What a fleet, or with ``device`` set one device of it, should run.
 
@@ -112,6 +170,8 @@ class DesiredState:
     expires_at: int
     device: Optional[str] = None
     schema_version: int = DESIRED_SCHEMA_VERSION
+    #: A candidate to try in the shadow of the serving bundle, or None (docs/shadow.md).
+    shadow: Optional[ShadowRequest] = None
 
     @property
     def scope(self) -> str:
@@ -119,7 +179,7 @@ class DesiredState:
         return f"fleet {self.fleet}" if self.device is None else f"device {self.device} of fleet {self.fleet}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "schema": DESIRED_SCHEMA,
             "schema_version": self.schema_version,
             "fleet": self.fleet,
@@ -133,6 +193,9 @@ class DesiredState:
             "issued_at": _format_time(self.issued_at),
             "expires_at": _format_time(self.expires_at),
         }
+        if self.shadow is not None:  # only then: older agents read the rest unchanged
+            doc["shadow"] = self.shadow.to_dict()
+        return doc
 
     def to_json(self) -> bytes:
         """Canonical bytes: sorted keys, no whitespace, ASCII. These bytes are what is signed."""
@@ -158,7 +221,7 @@ class DesiredState:
                 f"desired state schema version {doc.get('schema_version')!r} is not supported "
                 f"(this edgekit reads {DESIRED_SCHEMA_VERSION}); upgrade edgekit",
             )
-        if set(doc) != _DOC_KEYS:
+        if set(doc) - {"shadow"} != _DOC_KEYS:
             raise refuse(
                 DesiredStateError,
                 "malformed",
@@ -200,6 +263,7 @@ class DesiredState:
         expires = _parse_time(doc["expires_at"], "expires_at")
         if expires <= issued:
             raise refuse(DesiredStateError, "malformed", "the desired state expires before it was issued")
+        shadow = ShadowRequest.from_dict(doc["shadow"]) if "shadow" in doc else None
         return cls(
             fleet=fleet,
             bundle_sha256=digest,
@@ -209,6 +273,7 @@ class DesiredState:
             issued_at=issued,
             expires_at=expires,
             device=device,
+            shadow=shadow,
         )
 
 
@@ -222,6 +287,7 @@ def new_desired_state(
     device: Optional[str] = None,
     ttl: int = DEFAULT_TTL,
     now: Optional[float] = None,
+    shadow: Optional[ShadowRequest] = None,
 ) -> DesiredState:
     """A desired state issued now (or at ``now``) that expires ``ttl`` seconds later."""
     issued = int(time.time() if now is None else now)
@@ -234,6 +300,7 @@ def new_desired_state(
         issued_at=issued,
         expires_at=issued + ttl,
         device=device,
+        shadow=shadow,
     )
     # Round-trip through the validator so a bad argument fails here, not on every device.
     return DesiredState.from_json(state.to_json())

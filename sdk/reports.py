@@ -171,6 +171,11 @@ class TelemetryRecord:
     seq: int = 0
     dropped: int = 0
     dropped_total: int = 0
+    # The shadow evaluation's window (docs/shadow.md), statistics only: candidate {name,
+    # version, bundle_id}, state, sample_rate, compared, dropped, classified, agreed, agreement,
+    # abs_error_mean/max, serving_/candidate_latency_ms {p50, p95}, error. None: no shadow
+    # (and from agents before edgekit 0.3).
+    shadow: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": TELEMETRY_SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(self)}
@@ -260,7 +265,41 @@ class TelemetryRecord:
             seq=f.integer("seq", 0, top=MAX_SEQ),
             dropped=f.integer("dropped", 0),
             dropped_total=f.integer("dropped_total", 0, top=MAX_SEQ),
+            shadow=_shadow(doc.get("shadow"), finite),
         )
+
+
+def _shadow(shadow: Any, finite: bool) -> Optional[Dict[str, Any]]:
+    if shadow is None:
+        return None
+    if type(shadow) is not dict:
+        raise Fields({}, "telemetry").bad("shadow", "an object or null")
+    if not finite and not is_finite(shadow):
+        raise Fields({}, "telemetry").bad("shadow", "finite numbers (no NaN or infinity)")
+    f = Fields(shadow, "telemetry shadow")
+    f.integer("compared")
+    f.integer("dropped")
+    agreed, classified = f.integer("agreed", 0), f.integer("classified", 0)
+    if agreed > classified:
+        raise f.bad("agreed", "at most 'classified'")
+    f.one_of("state", ("running", "failed", "stopped", "expired"))
+    f.text("error", 1000)
+    candidate = shadow.get("candidate")
+    if type(candidate) is not dict or not all(
+        type(candidate.get(k)) is str for k in ("name", "version", "bundle_id")
+    ):
+        raise f.bad("candidate", "an object of name, version and bundle_id")
+    for key in ("serving_latency_ms", "candidate_latency_ms"):
+        latency = shadow.get(key)
+        if type(latency) is not dict or not all(
+            v is None or (is_number(v) and v >= 0) for v in (latency.get("p50"), latency.get("p95"))
+        ):
+            raise f.bad(key, "an object of p50, p95 numbers or nulls")
+    for key in ("agreement", "abs_error_mean", "abs_error_max", "sample_rate"):
+        value = shadow.get(key)
+        if value is not None and not is_number(value):
+            raise f.bad(key, "a number or null")
+    return shadow
 
 
 def _percent(f: Fields, key: str) -> Optional[float]:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from .store import BatchResult, DeviceState, EventRow, Registry, TelemetryRow, WriteResult, normalize_url
+from .store import (
+    BatchResult,
+    DeviceState,
+    EventRow,
+    Registry,
+    ShadowRow,
+    TelemetryRow,
+    WriteResult,
+    normalize_url,
+)
 
 __all__ = [
     "BatchResult",
     "DeviceState",
     "EventRow",
     "Registry",
+    "ShadowRow",
     "TelemetryRow",
     "WriteResult",
     "normalize_url",

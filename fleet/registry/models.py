@@ -229,6 +229,34 @@ class Telemetry(Base):
 Index("ix_telemetry_device_end", Telemetry.device, Telemetry.window_end)
 
 
+class ShadowWindow(Base):
+    """One shadow-evaluation window of one device (docs/shadow.md): the telemetry record's
+    ``shadow`` section, keyed like the record it came in ((device, seq): a redelivery is
+    ignored). Statistics only: no input or output is ever stored."""
+
+    __tablename__ = "shadow_windows"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    window_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    candidate_id: Mapped[str] = mapped_column(String(64), index=True)
+    candidate_label: Mapped[str] = mapped_column(String(140))
+    serving_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    compared: Mapped[int] = mapped_column(Integer)
+    dropped: Mapped[int] = mapped_column(Integer)
+    classified: Mapped[int] = mapped_column(Integer)
+    agreed: Mapped[int] = mapped_column(Integer)
+    abs_error_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    abs_error_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    serving_p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    serving_p95_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    candidate_p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    candidate_p95_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
 class Event(Base):
     __tablename__ = "events"
 

@@ -47,7 +47,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Device, Event, Fleet, Telemetry
+from .models import Device, Event, Fleet, ShadowWindow, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,30 @@ class TelemetryRow(NamedTuple):
     memory_used_percent: float | None = None  # the board's RAM in use
     disk_used_percent: float | None = None  # the state directory's filesystem in use
     drift_threshold: float | None = None  # the drift score above which the window counts as drifted
+
+
+class ShadowRow(NamedTuple):
+    """One shadow-evaluation window (the telemetry record's ``shadow`` section)."""
+
+    device: str
+    seq: int
+    window_end: datetime
+    candidate_id: str
+    candidate_label: str
+    serving_version: str | None
+    state: str
+    sample_rate: float | None
+    compared: int
+    dropped: int
+    classified: int
+    agreed: int
+    abs_error_mean: float | None = None
+    abs_error_max: float | None = None
+    serving_p50_ms: float | None = None
+    serving_p95_ms: float | None = None
+    candidate_p50_ms: float | None = None
+    candidate_p95_ms: float | None = None
+    error: str | None = None
 
 
 class EventRow(NamedTuple):
@@ -435,14 +459,18 @@ class Registry:
         telemetry: Sequence[TelemetryRow] = (),
         events: Sequence[EventRow] = (),
         fleets: dict[str, str] | None = None,
+        shadows: Sequence[ShadowRow] = (),
     ) -> BatchResult:
-        """States, then telemetry, then events, in ONE transaction: all of it or none.
+        """States, then telemetry (and the shadow windows some carry), then events, in ONE
+        transaction: all of it or none.
 
         Idempotent, so a batch whose commit failed (or whose outcome is unknown) may be written
         again: rows already present count as duplicates, never twice."""
         with self.session() as session, session.begin():
             applied = self._record_states(session, states)
             written = self._add_telemetry(session, telemetry, fleets)
+            if shadows:
+                self._bulk_insert(session, ShadowWindow, ShadowRow._fields, shadows)
             logged = self._add_events(session, events)
         return BatchResult(applied, written, logged)
 
@@ -578,9 +606,30 @@ class Registry:
             since = session.execute(query).scalar_one()
         return _utc(since) if since is not None else None
 
+    def shadow_windows(self, fleet: str, candidate_id: str | None = None) -> list[ShadowWindow]:
+        """The shadow windows of ``fleet``'s devices for ``candidate_id`` (default: the candidate
+        of the newest window reported), oldest first."""
+        with self.session() as session:
+            in_fleet = select(Device.id).where(Device.fleet == fleet)
+            if candidate_id is None:
+                candidate_id = session.scalars(
+                    select(ShadowWindow.candidate_id)
+                    .where(ShadowWindow.device.in_(in_fleet))
+                    .order_by(ShadowWindow.window_end.desc())
+                    .limit(1)
+                ).first()
+                if candidate_id is None:
+                    return []
+            query = (
+                select(ShadowWindow)
+                .where(ShadowWindow.device.in_(in_fleet), ShadowWindow.candidate_id == candidate_id)
+                .order_by(ShadowWindow.window_end, ShadowWindow.device)
+            )
+            return list(session.scalars(query))
+
     def delete_device(self, device: str) -> None:
         with self.session() as session, session.begin():
-            for model in (Telemetry, Event):
+            for model in (Telemetry, Event, ShadowWindow):
                 session.execute(delete(model).where(model.device == device))
             session.execute(delete(Device).where(Device.id == device))
 

@@ -14,7 +14,21 @@ except ModuleNotFoundError as exc:  # a device's install (edgekit[agent]) has no
     ) from exc
 
 from ..logs import setup_logging
-from . import alerts, broker, bundle, capture, convert, device, distill, fleet, keys, push, server, trust
+from . import (
+    alerts,
+    broker,
+    bundle,
+    capture,
+    convert,
+    device,
+    distill,
+    fleet,
+    keys,
+    push,
+    server,
+    shadow,
+    trust,
+)
 from ._app import new_app, run, version_callback
 
 __all__ = ["app", "main"]
@@ -31,6 +45,7 @@ app.add_typer(alerts.app, name="alerts")
 app.add_typer(capture.app, name="capture")
 app.add_typer(push.rollout_app, name="rollout")
 app.add_typer(trust.app, name="trust")
+app.add_typer(shadow.app, name="shadow")
 app.command("push")(push.push)
 fleet.app.command("rollback")(push.rollback)
 app.command("login")(server.login)

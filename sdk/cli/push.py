@@ -288,8 +288,29 @@ def push(
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
+    shadow: bool = typer.Option(
+        False,
+        "--shadow",
+        help="Do not switch: devices try it beside the serving model on live inputs (docs/shadow.md).",
+    ),
+    sample: float = typer.Option(
+        0.1, "--sample", min=0.0001, max=1.0, help="With --shadow: the share of live inputs compared."
+    ),
+    duration: str = typer.Option(
+        "30m", "--for", help="With --shadow: how long devices keep trying it (90s, 30m, 2h, 1d)."
+    ),
 ) -> None:
-    """Ship a model to a fleet: publish the signed bundle, tell the devices, follow them."""
+    """Ship a model to a fleet: publish the signed bundle, tell the devices, follow them.
+    With --shadow: devices only try it beside the model they serve (`edgekit shadow status`)."""
+    if not shadow and (sample != 0.1 or duration != "30m"):
+        raise typer.BadParameter("--sample and --for go with --shadow")
+    if shadow and (canary or wait):
+        raise typer.BadParameter("--shadow switches nothing: it takes no --canary or --wait")
+    if shadow:
+        _push_shadow(
+            target, fleet, sample, duration, name, version, key_name, broker, registry, server, json_out
+        )
+        return
     from edgekit.fleet.actions import pushing
     from edgekit.fleet.api import outcome_json
     from edgekit.fleet.push import FleetLink
@@ -370,6 +391,65 @@ def push(
                     )
         finally:
             client.close()
+
+
+def _push_shadow(
+    target: str,
+    fleet: str,
+    sample: float,
+    duration: str,
+    name: Optional[str],
+    version: Optional[str],
+    key_name: str,
+    broker: Optional[str],
+    registry: Optional[str],
+    server: Optional[str],
+    json_out: bool,
+) -> None:
+    """``push --shadow``: the candidate's chunks and a desired state asking devices to try it
+    (edgekit.fleet.actions.start_shadow)."""
+    from edgekit.fleet.actions import start_shadow
+
+    from .shadow import parse_duration
+
+    seconds = parse_duration(duration)
+    if server_client(server) is not None:
+        raise RolloutError(
+            "a shadow evaluation is started from a workstation with the broker and registry, not "
+            "through --server yet; run the command without --server (and without `edgekit login`)"
+        )
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
+    key = signing_key(key_name)
+    with open_control(cfg, key) as control:
+        bundle = resolve_target(target, control.catalog, key, version, name)
+        client = _connect(cfg)
+        try:
+            from edgekit.fleet.push import FleetLink
+
+            link = FleetLink(client, fleet, key, control)
+            devices = link.discover()
+            seq = start_shadow(control, link, bundle, sample, seconds, "edgekit push --shadow")
+            serving = link.record.label
+        finally:
+            client.close()
+    doc = {
+        "fleet": fleet,
+        "candidate": bundle.manifest.label,
+        "candidate_id": bundle.bundle_id,
+        "serving": serving,
+        "sample": sample,
+        "seconds": seconds,
+        "seq": seq,
+        "devices": len(devices),
+    }
+    if json_out:
+        print_json(doc)
+        return
+    console.print(
+        f"fleet {fleet} ({len(devices)} device(s) known) tries {bundle.manifest.label} beside {serving} "
+        f"on {sample:.0%} of live inputs for {duration}; nothing is switched. "
+        f"Follow it with `edgekit shadow status --fleet {fleet}`"
+    )
 
 
 def _print_rollout(doc: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from edgekit import ConfigError
-from edgekit.fleet.registry import DeviceState, EventRow, Registry, TelemetryRow
+from edgekit.fleet.registry import DeviceState, EventRow, Registry, ShadowRow, TelemetryRow
 from edgekit.fleet.registry.models import Base
 from edgekit.fleet.registry.store import _bind_processor
 from hypothesis import given, settings
@@ -160,3 +160,50 @@ def test_sqlite_bulk_writes_store_what_sqlalchemy_would(value) -> None:
     theirs = column.dialect_impl(dialect).bind_processor(dialect)
     expected = theirs(value) if theirs else value
     assert (ours(value) if ours else value) == expected
+
+
+def shadow_row(device: str, seq: int, candidate: str = "c" * 64, **extra) -> ShadowRow:
+    fields = {
+        "device": device,
+        "seq": seq,
+        "window_end": T0 + timedelta(minutes=seq + 1),
+        "candidate_id": candidate,
+        "candidate_label": "digits@2.0.0",
+        "serving_version": "1.0.0",
+        "state": "running",
+        "sample_rate": 0.1,
+        "compared": 100,
+        "dropped": 2,
+        "classified": 100,
+        "agreed": 97,
+        "abs_error_mean": 0.01,
+        "abs_error_max": 0.2,
+        "serving_p50_ms": 1.0,
+        "serving_p95_ms": 2.0,
+        "candidate_p50_ms": 1.5,
+        "candidate_p95_ms": 3.0,
+        **extra,
+    }
+    return ShadowRow(**fields)
+
+
+def test_shadow_windows_are_stored_once_and_read_by_fleet_and_candidate(registry_url):
+    registry = Registry(registry_url)
+    registry.record_states(
+        [
+            DeviceState("cam-1", "shop", True, "serving", T0),
+            DeviceState("door-1", "lobby", True, "serving", T0),
+        ]
+    )
+    telemetry = [window("cam-1", s) for s in range(4)] + [window("door-1", 0)]
+    shadows = [shadow_row("cam-1", s, "a" * 64 if s < 2 else "b" * 64) for s in range(4)]
+    shadows.append(shadow_row("door-1", 0, "b" * 64))
+    registry.write_batch(telemetry=telemetry, shadows=shadows)
+    registry.write_batch(telemetry=telemetry[:2], shadows=shadows[:2])  # redelivered: ignored
+    newest = registry.shadow_windows("shop")
+    assert [(w.device, w.seq) for w in newest] == [("cam-1", 2), ("cam-1", 3)]  # the newest candidate
+    assert [w.seq for w in registry.shadow_windows("shop", "a" * 64)] == [0, 1]
+    assert registry.shadow_windows("nowhere") == []
+    registry.delete_device("cam-1")
+    assert registry.shadow_windows("shop") == []
+    registry.close()

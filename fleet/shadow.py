@@ -1,0 +1,128 @@
+"""What the fleet's devices measured of a candidate in the shadow (docs/shadow.md), summed up
+per device and in total, with a confidence interval on agreement. Pure: rows in, a dict out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Optional, Protocol
+
+__all__ = ["ShadowWindowLike", "judge", "summarize", "wilson_interval"]
+
+
+class ShadowWindowLike(Protocol):
+    """A registry ``shadow_windows`` row (:class:`edgekit.fleet.registry.models.ShadowWindow`)."""
+
+    device: str
+    candidate_id: str
+    candidate_label: str
+    serving_version: Optional[str]
+    state: str
+    sample_rate: Optional[float]
+    compared: int
+    dropped: int
+    classified: int
+    agreed: int
+    abs_error_mean: Optional[float]
+    abs_error_max: Optional[float]
+    serving_p95_ms: Optional[float]
+    candidate_p95_ms: Optional[float]
+    error: Optional[str]
+
+
+def wilson_interval(agreed: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of the proportion ``agreed / n``: sound for
+    small ``n`` and for proportions near 0 or 1, where the normal approximation is not."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = agreed / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _figures(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
+    compared = sum(w.compared for w in windows)
+    classified = sum(w.classified for w in windows)
+    agreed = sum(w.agreed for w in windows)
+    weighted = [
+        (w.abs_error_mean, w.compared) for w in windows if w.abs_error_mean is not None and w.compared
+    ]
+    weight = sum(n for _, n in weighted)
+    maxima = [w.abs_error_max for w in windows if w.abs_error_max is not None]
+    low, high = wilson_interval(agreed, classified)
+    # Percentiles of different windows cannot be merged: the median of the windows' p95s.
+    serving = sorted(w.serving_p95_ms for w in windows if w.serving_p95_ms is not None)
+    trying = sorted(w.candidate_p95_ms for w in windows if w.candidate_p95_ms is not None)
+    serving_p95 = serving[len(serving) // 2] if serving else None
+    candidate_p95 = trying[len(trying) // 2] if trying else None
+    return {
+        "compared": compared,
+        "dropped": sum(w.dropped for w in windows),
+        "classified": classified,
+        "agreed": agreed,
+        "agreement": agreed / classified if classified else None,
+        "agreement_low": low if classified else None,
+        "agreement_high": high if classified else None,
+        "abs_error_mean": sum(m * n for m, n in weighted) / weight if weight else None,
+        "abs_error_max": max(maxima) if maxima else None,
+        "serving_p95_ms": serving_p95,
+        "candidate_p95_ms": candidate_p95,
+        "latency_ratio": candidate_p95 / serving_p95 if candidate_p95 and serving_p95 else None,
+    }
+
+
+def summarize(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
+    """Per device (its windows summed, its latest state and error) and in total."""
+    if not windows:
+        return {"candidate": None, "candidate_id": None, "devices": [], "total": _figures([])}
+    by_device: dict[str, list[ShadowWindowLike]] = {}
+    for window in windows:
+        by_device.setdefault(window.device, []).append(window)
+    devices = []
+    for device, own in sorted(by_device.items()):
+        last = own[-1]
+        devices.append(
+            {
+                "device": device,
+                "state": last.state,
+                "serving_version": last.serving_version,
+                "sample_rate": last.sample_rate,
+                "error": next((w.error for w in reversed(own) if w.error), None),
+                **_figures(own),
+            }
+        )
+    return {
+        "candidate": windows[-1].candidate_label,
+        "candidate_id": windows[-1].candidate_id,
+        "devices": devices,
+        "total": _figures(windows),
+    }
+
+
+def judge(summary: dict[str, Any], min_agreement: float, max_latency_ratio: float) -> list[str]:
+    """Why the candidate must not be promoted, one sentence per failing device (empty: it
+    passes): no inputs compared, the candidate failed, agreement below ``min_agreement``, or
+    its p95 latency above ``max_latency_ratio`` times the serving model's on the same inputs."""
+    if not summary["devices"]:
+        return ["no device has reported a shadow evaluation"]
+    reasons = []
+    for d in summary["devices"]:
+        name = d["device"]
+        if d["state"] == "failed":
+            reasons.append(f"{name}: the candidate failed there ({d['error'] or 'no reason given'})")
+        elif d["compared"] == 0:
+            reasons.append(f"{name}: no input was compared yet")
+        else:
+            if d["agreement"] is not None and d["agreement"] < min_agreement:
+                reasons.append(
+                    f"{name}: agreement {d['agreement']:.1%} is below {min_agreement:.1%} "
+                    f"({d['agreed']} of {d['classified']} inputs)"
+                )
+            ratio = d["latency_ratio"]
+            if ratio is not None and ratio > max_latency_ratio:
+                reasons.append(
+                    f"{name}: the candidate is {ratio:.2f}x as slow (p95), over {max_latency_ratio:.2f}x"
+                )
+    return reasons

@@ -1,0 +1,216 @@
+"""``edgekit shadow``: what the fleet's devices measured of a candidate tried in the shadow of
+the serving model (``edgekit push CANDIDATE --shadow``), and stopping it. docs/shadow.md."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from ..config import WorkstationConfig
+from ..errors import RolloutError
+from ._app import console, new_app, print_json, signing_key
+from .push import BROKER_HELP, REGISTRY_HELP, _connect, open_control
+
+app = new_app("Try a candidate beside the serving model on live inputs: status, promote, stop.")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``1d`` in seconds; typer.BadParameter otherwise."""
+    match = _DURATION.match(text.strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 30m, 2h or 1d")
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _agreement(figures: dict[str, Any]) -> str:
+    if figures["agreement"] is None:
+        return "-"
+    return (
+        f"{_percent(figures['agreement'])} "
+        f"({_percent(figures['agreement_low'])}-{_percent(figures['agreement_high'])})"
+    )
+
+
+@app.command("status")
+def status(
+    fleet: str = typer.Option(..., "--fleet", help="Whose shadow evaluation."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Per device and in total: inputs compared and dropped, top-1 agreement with its 95%
+    confidence interval (Wilson), output error, p95 latency of the candidate against the
+    serving model on the same inputs, and whether the candidate failed."""
+    from edgekit.fleet.registry import Registry
+    from edgekit.fleet.shadow import summarize
+
+    reg = Registry(WorkstationConfig.load(registry=registry).registry)
+    try:
+        summary = summarize(reg.shadow_windows(fleet))
+    finally:
+        reg.close()
+    if json_out:
+        print_json({"fleet": fleet, **summary})
+        return
+    if summary["candidate"] is None:
+        console.print(
+            f"No device of fleet {fleet} has reported a shadow evaluation yet. Start one with "
+            f"`edgekit push CANDIDATE --fleet {fleet} --shadow`; devices report every telemetry window."
+        )
+        return
+    table = Table(
+        "device",
+        "state",
+        "compared",
+        "dropped",
+        "agreement (95% CI)",
+        "max error",
+        "p95 serving",
+        "p95 candidate",
+        title=f"{summary['candidate']} in the shadow of fleet {fleet}",
+    )
+    for d in summary["devices"]:
+        state = d["state"] if d["state"] != "failed" else "[bold red]failed[/]"
+        table.add_row(
+            d["device"],
+            state,
+            str(d["compared"]),
+            str(d["dropped"]),
+            _agreement(d),
+            "-" if d["abs_error_max"] is None else f"{d['abs_error_max']:.4g}",
+            _ms(d["serving_p95_ms"]),
+            _ms(d["candidate_p95_ms"]),
+        )
+    total = summary["total"]
+    table.add_row(
+        "[bold]total[/]",
+        "",
+        str(total["compared"]),
+        str(total["dropped"]),
+        _agreement(total),
+        "-" if total["abs_error_max"] is None else f"{total['abs_error_max']:.4g}",
+        _ms(total["serving_p95_ms"]),
+        _ms(total["candidate_p95_ms"]),
+    )
+    console.print(table)
+    for d in summary["devices"]:
+        if d["error"]:
+            console.print(f"[bold red]{d['device']}[/]: {d['error']}")
+
+
+@app.command("stop")
+def stop(
+    fleet: str = typer.Option(..., "--fleet", help="Whose shadow evaluation."),
+    key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
+    broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
+) -> None:
+    """End the fleet's shadow evaluation: devices unload the candidate (a new desired state
+    naming the served bundle, without a shadow section); their last figures stay readable."""
+    from edgekit.fleet.actions import stop_shadow
+    from edgekit.fleet.push import FleetLink
+
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
+    key = signing_key(key_name)
+    with open_control(cfg, key) as control:
+        client = _connect(cfg)
+        try:
+            link = FleetLink(client, fleet, key, control)
+            link.discover()
+            seq = stop_shadow(control, link, "edgekit shadow stop")
+        finally:
+            client.close()
+    if json_out:
+        print_json({"fleet": fleet, "seq": seq, "shadow": None})
+    else:
+        console.print(f"fleet {fleet} told to stop its shadow evaluation (desired state seq {seq})")
+
+
+@app.command("promote")
+def promote(
+    fleet: str = typer.Option(..., "--fleet", help="Whose candidate."),
+    min_agreement: float = typer.Option(
+        0.98, "--min-agreement", min=0, max=1, help="Every device's top-1 agreement must reach this."
+    ),
+    max_latency_ratio: float = typer.Option(
+        1.2,
+        "--max-latency-ratio",
+        min=0,
+        help="Candidate p95 / serving p95 on each device must not exceed this.",
+    ),
+    canary: int = typer.Option(
+        0, "--canary", min=0, help="Roll out to N devices first, soak, then the rest."
+    ),
+    key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
+    broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the verdict (and the rollout) as JSON."),
+) -> None:
+    """Start a normal rollout of the candidate only when every device's figures pass; else say
+    which failed on which devices and exit non-zero (nothing is published)."""
+    from edgekit.fleet.actions import pushing
+    from edgekit.fleet.push import FleetLink
+    from edgekit.fleet.registry import Registry
+    from edgekit.fleet.rollout import RolloutPolicy
+    from edgekit.fleet.shadow import judge, summarize
+
+    cfg = WorkstationConfig.load(broker=broker, registry=registry)
+    reg = Registry(cfg.registry)
+    try:
+        summary = summarize(reg.shadow_windows(fleet))
+    finally:
+        reg.close()
+    reasons = judge(summary, min_agreement, max_latency_ratio)
+    verdict = {"fleet": fleet, "candidate": summary["candidate"], "passed": not reasons, "reasons": reasons}
+    if reasons:
+        if json_out:
+            print_json(verdict)
+        raise RolloutError(
+            f"{summary['candidate'] or 'the candidate'} was not promoted on fleet {fleet}: "
+            + "; ".join(reasons)
+        )
+    key = signing_key(key_name)
+    with open_control(cfg, key) as control:
+        bundle = control.catalog.find(summary["candidate_id"])
+        if bundle is None:
+            raise RolloutError(
+                f"{summary['candidate']} is not in the catalog of this registry; push it with "
+                f"`edgekit push FILE --fleet {fleet}` instead"
+            )
+        client = _connect(cfg)
+        try:
+            link = FleetLink(client, fleet, key, control)
+            link.discover()
+            with pushing(control, link, bundle, RolloutPolicy(canary=canary), "edgekit shadow promote") as (
+                rollout,
+                _,
+            ):
+                started = {
+                    "bundle": rollout.label,
+                    "phase": rollout.phase,
+                    "canaries": list(rollout.canaries),
+                }
+        finally:
+            client.close()
+    if json_out:
+        print_json({**verdict, "rollout": started})
+    else:
+        console.print(
+            f"{summary['candidate']} passed on every device (agreement >= {min_agreement:.1%}, p95 <= "
+            f"{max_latency_ratio:.2f}x): rollout to fleet {fleet} started ({started['phase']}); follow it "
+            f"with `edgekit rollout status --fleet {fleet}`"
+        )
