@@ -39,9 +39,10 @@ from typing import Any, Optional
 import numpy as np
 
 from .atomic import atomic_write
-from .errors import CaptureError, SignatureError, TopicError, UntrustedKeyError
+from .envelope import Kind, open_envelope, seal, verify_envelope
+from .errors import CaptureError, TopicError
 from .keys import SigningKey
-from .schema import SHA256, Fields, decode_json, refuse
+from .schema import Fields, decode_json, refuse
 from .topics import check_fleet_id
 from .trust import TrustedKeys
 
@@ -71,10 +72,15 @@ CAPTURE_POLICY_SCHEMA = "edgekit.capture_policy"
 CAPTURE_POLICY_VERSION = 1
 RECORD_SCHEMA = "edgekit.capture_record"
 RECORD_VERSION = 1
-ENVELOPE_SCHEMA = "edgekit.signed"
-ENVELOPE_VERSION = 1
 TRIGGERS = ("drift", "low-confidence", "sample")
 MAX_POLICY_SIZE = 16 * 1024
+POLICY = Kind(
+    payload_type=CAPTURE_POLICY_SCHEMA,
+    what="the capture policy",
+    error=CaptureError,
+    max_size=MAX_POLICY_SIZE,
+    how_to_sign="`edgekit capture policy set`",
+)
 MAX_SEQ = 2**53 - 1
 #: The largest sealed record a device makes or the fleet accepts (a 4K RGB float frame fits).
 MAX_RECORD_SIZE = 256 * 1024 * 1024
@@ -83,7 +89,6 @@ DEFAULT_CHUNK_SIZE = 256 * 1024
 MAX_NOTE = 500
 _RECORD_MAGIC = b"EKC1"
 _CHUNK_MAGIC = b"EKK1"
-_B64_KEYS = {"schema", "schema_version", "payload_type", "payload", "signer", "signature"}
 _POLICY_KEYS = {
     "schema",
     "schema_version",
@@ -301,64 +306,12 @@ def new_capture_policy(
 
 def sign_capture_policy(policy: CapturePolicy, key: SigningKey) -> bytes:
     """The signed envelope to publish, retained, on the fleet's capture topic."""
-    payload = policy.to_json()
-    envelope = {
-        "schema": ENVELOPE_SCHEMA,
-        "schema_version": ENVELOPE_VERSION,
-        "payload_type": CAPTURE_POLICY_SCHEMA,
-        "payload": base64.b64encode(payload).decode("ascii"),
-        "signer": key.key_id,
-        "signature": base64.b64encode(key.sign(payload)).decode("ascii"),
-    }
-    return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode("ascii")
-
-
-def _b64field(value: object, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise refuse(CaptureError, "malformed", f"the capture policy envelope's {what} is not base64")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise refuse(
-            CaptureError, "malformed", f"the capture policy envelope's {what} is not base64"
-        ) from None
-
-
-def _open_envelope(data: bytes) -> tuple[bytes, str, bytes]:
-    if not data:
-        raise refuse(CaptureError, "unsigned", "the capture policy message is empty; nothing to apply")
-    if len(data) > MAX_POLICY_SIZE:
-        raise refuse(CaptureError, "malformed", f"the capture policy is over {MAX_POLICY_SIZE} bytes")
-    try:
-        envelope = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise refuse(CaptureError, "malformed", "the capture policy message is not JSON") from None
-    if isinstance(envelope, dict) and envelope.get("schema") == CAPTURE_POLICY_SCHEMA:
-        raise refuse(
-            CaptureError,
-            "unsigned",
-            "the capture policy is unsigned; set it with `edgekit capture policy set`, which signs it",
-        )
-    if (
-        not isinstance(envelope, dict)
-        or envelope.get("schema") != ENVELOPE_SCHEMA
-        or set(envelope) != _B64_KEYS
-        or envelope["schema_version"] != ENVELOPE_VERSION
-        or envelope["payload_type"] != CAPTURE_POLICY_SCHEMA
-    ):
-        raise refuse(CaptureError, "malformed", "the capture policy message is not a signed capture policy")
-    signer = envelope["signer"]
-    if not isinstance(signer, str) or not SHA256.match(signer):
-        raise refuse(CaptureError, "unsigned", "the capture policy names no valid signer key id")
-    signature = _b64field(envelope["signature"], "signature")
-    if not signature:
-        raise refuse(CaptureError, "unsigned", "the capture policy has an empty signature; it is unsigned")
-    return _b64field(envelope["payload"], "payload"), signer, signature
+    return seal(policy.to_json(), CAPTURE_POLICY_SCHEMA, key)
 
 
 def decode_capture_policy(data: bytes) -> CapturePolicy:
     """The policy in an envelope, WITHOUT checking the signature (for display only)."""
-    return CapturePolicy.from_json(_open_envelope(data)[0])
+    return CapturePolicy.from_json(open_envelope(data, POLICY).payload)
 
 
 def verify_capture_policy(
@@ -372,20 +325,7 @@ def verify_capture_policy(
     """Verify a signed capture policy for a device of ``fleet`` whose last applied policy had
     ``last_seq``. A policy turned off is returned (``enabled`` False) like any other; an expired
     one is refused (the device then captures nothing)."""
-    payload, signer, signature = _open_envelope(data)
-    try:
-        trusted.verify(payload, signature, signer, "the capture policy")
-    except UntrustedKeyError:
-        raise refuse(
-            CaptureError,
-            "untrusted",
-            f"the capture policy is signed by key {signer[:16]}, which this device does not trust",
-        ) from None
-    except SignatureError:
-        raise refuse(
-            CaptureError, "forged", "the capture policy's signature does not verify: altered or forged"
-        ) from None
-    policy = CapturePolicy.from_json(payload)
+    policy = CapturePolicy.from_json(verify_envelope(data, trusted, POLICY).payload)
     if policy.fleet != fleet:
         raise refuse(
             CaptureError,

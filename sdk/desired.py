@@ -27,8 +27,6 @@ points at an older bundle.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import time
@@ -36,7 +34,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from .errors import BundleError, DesiredStateError, SignatureError, TopicError, UntrustedKeyError
+from .envelope import Kind, open_envelope, seal, verify_envelope
+from .errors import BundleError, DesiredStateError, TopicError
 from .keys import SigningKey
 from .manifest import check_name, check_version
 from .schema import SHA256, refuse
@@ -53,18 +52,22 @@ __all__ = [
     "verify_desired_state",
 ]
 
-ENVELOPE_SCHEMA = "edgekit.signed"
-ENVELOPE_SCHEMA_VERSION = 1
 DESIRED_SCHEMA = "edgekit.desired"
 DESIRED_SCHEMA_VERSION = 1
 #: Refuse envelopes larger than this before parsing anything.
 MAX_ENVELOPE_SIZE = 64 * 1024
 MAX_SEQ = 2**53 - 1
 DEFAULT_TTL = 30 * 24 * 3600
+DESIRED = Kind(
+    payload_type=DESIRED_SCHEMA,
+    what="the desired state",
+    error=DesiredStateError,
+    max_size=MAX_ENVELOPE_SIZE,
+    how_to_sign="`edgekit push`",
+    untrusted_fix="sign it with a key in the device's trusted keys",
+)
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
-_ENVELOPE_KEYS = {"schema", "schema_version", "payload_type", "payload", "signer", "signature"}
 _DOC_KEYS = {
     "schema",
     "schema_version",
@@ -308,88 +311,13 @@ def new_desired_state(
 
 def sign_desired_state(state: DesiredState, key: SigningKey) -> bytes:
     """The signed envelope (JSON bytes) to publish, retained, on the desired-state topic."""
-    payload = state.to_json()
-    envelope = {
-        "schema": ENVELOPE_SCHEMA,
-        "schema_version": ENVELOPE_SCHEMA_VERSION,
-        "payload_type": DESIRED_SCHEMA,
-        "payload": base64.b64encode(payload).decode("ascii"),
-        "signer": key.key_id,
-        "signature": base64.b64encode(key.sign(payload)).decode("ascii"),
-    }
-    return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode("ascii")
-
-
-def _b64(value: object, what: str) -> bytes:
-    if not isinstance(value, str) or not _B64.match(value):
-        raise refuse(DesiredStateError, "malformed", f"the desired state envelope's {what} is not base64")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise refuse(
-            DesiredStateError, "malformed", f"the desired state envelope's {what} is not base64"
-        ) from None
-
-
-def _open_envelope(data: bytes) -> tuple[bytes, str, bytes]:
-    if not isinstance(data, (bytes, bytearray)):
-        raise refuse(DesiredStateError, "malformed", "the desired state must be bytes")
-    if not data:
-        raise refuse(
-            DesiredStateError,
-            "unsigned",
-            "the desired state message is empty (cleared); there is nothing to apply",
-        )
-    if len(data) > MAX_ENVELOPE_SIZE:
-        raise refuse(
-            DesiredStateError,
-            "malformed",
-            f"the desired state message is over {MAX_ENVELOPE_SIZE} bytes; refusing it",
-        )
-    try:
-        envelope = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise refuse(DesiredStateError, "malformed", "the desired state message is not JSON") from None
-    if not isinstance(envelope, dict):
-        raise refuse(DesiredStateError, "malformed", "the desired state message is not a signed envelope")
-    if envelope.get("schema") == DESIRED_SCHEMA:
-        raise refuse(
-            DesiredStateError,
-            "unsigned",
-            "the desired state is unsigned; publish it with a signature (`edgekit push`)",
-        )
-    if envelope.get("schema") != ENVELOPE_SCHEMA or set(envelope) != _ENVELOPE_KEYS:
-        raise refuse(
-            DesiredStateError, "malformed", "the desired state message is not an edgekit signed envelope"
-        )
-    if envelope["schema_version"] != ENVELOPE_SCHEMA_VERSION or isinstance(envelope["schema_version"], bool):
-        raise refuse(
-            DesiredStateError,
-            "malformed",
-            f"signed envelope version {envelope['schema_version']!r} is not supported; upgrade edgekit",
-        )
-    if envelope["payload_type"] != DESIRED_SCHEMA:
-        raise refuse(
-            DesiredStateError,
-            "malformed",
-            f"the signed envelope holds {envelope['payload_type']!r}, not a desired state",
-        )
-    signer = envelope["signer"]
-    if not isinstance(signer, str) or not SHA256.match(signer):
-        raise refuse(DesiredStateError, "unsigned", "the desired state names no valid signer key id")
-    signature = _b64(envelope["signature"], "signature")
-    if not signature:
-        raise refuse(
-            DesiredStateError, "unsigned", "the desired state has an empty signature; it is unsigned"
-        )
-    payload = _b64(envelope["payload"], "payload")
-    return payload, signer, signature
+    return seal(state.to_json(), DESIRED_SCHEMA, key)
 
 
 def decode_desired_state(data: bytes) -> tuple[DesiredState, str]:
     """The document and its claimed signer, WITHOUT checking the signature (for display only)."""
-    payload, signer, _ = _open_envelope(data)
-    return DesiredState.from_json(payload), signer
+    opened = open_envelope(data, DESIRED)
+    return DesiredState.from_json(opened.payload), opened.signer
 
 
 def verify_desired_state(
@@ -409,23 +337,7 @@ def verify_desired_state(
     DesiredStateError saying why: unsigned, untrusted key, bad signature, malformed, other
     fleet, other device, expired, replayed (lower or equal seq).
     """
-    payload, signer, signature = _open_envelope(data)
-    try:
-        trusted.verify(payload, signature, signer, "the desired state")
-    except UntrustedKeyError:
-        raise refuse(
-            DesiredStateError,
-            "untrusted",
-            f"the desired state is signed by key {signer[:16]}, which this device does not trust; "
-            "sign it with a key in the device's trusted keys",
-        ) from None
-    except SignatureError:
-        raise refuse(
-            DesiredStateError,
-            "forged",
-            "the desired state's signature does not verify: it was altered after signing, or forged",
-        ) from None
-    state = DesiredState.from_json(payload)
+    state = DesiredState.from_json(verify_envelope(data, trusted, DESIRED).payload)
     if state.fleet != fleet:
         raise refuse(
             DesiredStateError,
