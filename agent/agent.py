@@ -617,6 +617,9 @@ class Agent:
             runtime=self.config.runtime,
             xnnpack=self.config.xnnpack,
             on_event=self.record_event,
+            drift_window=self.config.drift_window,
+            psi_threshold=self.config.drift_psi_threshold,
+            ks_threshold=self.config.drift_ks_threshold,
         )
         self._shadow = shadow
         return shadow

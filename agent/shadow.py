@@ -48,6 +48,8 @@ from edgekit.errors import BundleError, EdgekitError
 from edgekit.runtime import Model, dequantize, quantize
 from edgekit.tflite import TensorSpec
 
+from .drift import DriftMonitor
+
 __all__ = [
     "DEFAULT_CPU_BUDGET",
     "DEFAULT_HANG_SECONDS",
@@ -147,7 +149,13 @@ class ShadowWindow:
                 self.candidate_s[slot] = candidate_s
 
     def to_dict(
-        self, end: float, candidate: dict[str, str], state: str, error: Optional[str], sample: float
+        self,
+        end: float,
+        candidate: dict[str, str],
+        state: str,
+        error: Optional[str],
+        sample: float,
+        severity: Optional[str] = None,
     ) -> dict[str, Any]:
         return {
             "candidate": candidate,
@@ -171,6 +179,10 @@ class ShadowWindow:
                 "p95": _percentile(self.candidate_s, 0.95),
             },
             "error": error,
+            # The candidate's drift severity on these inputs (ok, inputs changed, model
+            # affected), from its last complete drift window; None before one is complete or
+            # when its bundle has no baseline.
+            "severity": severity,
         }
 
 
@@ -206,6 +218,9 @@ class Shadow:
         xnnpack: bool = True,
         on_event: Optional[EventSink] = None,
         available: Callable[[], Optional[int]] = available_memory_bytes,
+        drift_window: int = 200,
+        psi_threshold: float = 0.1,
+        ks_threshold: float = 0.1,
     ) -> None:
         """Check and load the candidate (ShadowError, with an event, if it cannot be), then start
         the worker. ``bundle`` is already verified against the device's trusted keys."""
@@ -250,6 +265,20 @@ class Shadow:
             out_by_name.get(d["name"], manifest.outputs[0]) for d in self._model.output_details
         ]
         self._in_dtypes = [np.dtype(d["dtype"]) for d in details]
+        # The candidate judged on this device's inputs like a serving model (docs/agent.md,
+        # "Drift"): from its own bundle's baseline and calibration, so a candidate
+        # the field's inputs would hurt shows `model affected` before anyone promotes it.
+        baseline = bundle.baseline()
+        self._drift: Optional[DriftMonitor] = None
+        if baseline is not None and baseline.features:
+            self._drift = DriftMonitor(
+                baseline,
+                drift_window,
+                psi_threshold,
+                ks_threshold,
+                calibration=bundle.calibration(),
+                labels=bundle.labels(),
+            )
         self._serving_in = list(serving_inputs)
         self.sample = sample
         self.until = until
@@ -366,6 +395,8 @@ class Shadow:
                 for c, s in zip(outs, item.serving_outputs)
             ]
         )
+        if self._drift is not None:
+            self._drift.add(item.real_inputs[0], outs[0])
         with self._lock:
             self._window.add(agree, errors, item.serving_s, elapsed)
 
@@ -432,8 +463,9 @@ class Shadow:
         if self.until is not None and time.time() >= self.until:  # also without traffic
             self._finish(EXPIRED, f"the shadow of {self.label} reached its end time")
         now = time.time()
+        severity = self._drift.report().severity if self._drift is not None else None
         with self._lock:
             window = self._window
             if close:
                 self._window = ShadowWindow(now)
-            return window.to_dict(now, self.identity, self.state, self.error, self.sample)
+            return window.to_dict(now, self.identity, self.state, self.error, self.sample, severity)

@@ -28,6 +28,7 @@ class ShadowWindowLike(Protocol):
     serving_p95_ms: Optional[float]
     candidate_p95_ms: Optional[float]
     error: Optional[str]
+    candidate_severity: Optional[str]
 
 
 def wilson_interval(agreed: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -90,6 +91,8 @@ def summarize(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
                 "serving_version": last.serving_version,
                 "sample_rate": last.sample_rate,
                 "error": next((w.error for w in reversed(own) if w.error), None),
+                # The candidate's drift severity on this device's inputs: its latest verdict.
+                "severity": next((w.candidate_severity for w in reversed(own) if w.candidate_severity), None),
                 **_figures(own),
             }
         )
@@ -103,8 +106,10 @@ def summarize(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
 
 def judge(summary: dict[str, Any], min_agreement: float, max_latency_ratio: float) -> list[str]:
     """Why the candidate must not be promoted, one sentence per failing device (empty: it
-    passes): no inputs compared, the candidate failed, agreement below ``min_agreement``, or
-    its p95 latency above ``max_latency_ratio`` times the serving model's on the same inputs."""
+    passes): no inputs compared, the candidate failed, agreement below ``min_agreement``, its
+    p95 latency above ``max_latency_ratio`` times the serving model's on the same inputs, or its
+    drift severity on the device's inputs ``model affected`` (docs/agent.md, "Drift": judged
+    from the candidate's own baseline and calibration)."""
     if not summary["devices"]:
         return ["no device has reported a shadow evaluation"]
     reasons = []
@@ -119,6 +124,11 @@ def judge(summary: dict[str, Any], min_agreement: float, max_latency_ratio: floa
                 reasons.append(
                     f"{name}: agreement {d['agreement']:.1%} is below {min_agreement:.1%} "
                     f"({d['agreed']} of {d['classified']} inputs)"
+                )
+            if d.get("severity") == "model affected":
+                reasons.append(
+                    f"{name}: this device's inputs affect the candidate (drift: model affected): "
+                    "its answers or confidence moved away from the data it was built on"
                 )
             ratio = d["latency_ratio"]
             if ratio is not None and ratio > max_latency_ratio:

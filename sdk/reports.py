@@ -173,7 +173,8 @@ class TelemetryRecord:
     dropped_total: int = 0
     # The shadow evaluation's window (docs/shadow.md), statistics only: candidate {name,
     # version, bundle_id}, state, sample_rate, compared, dropped, classified, agreed, agreement,
-    # abs_error_mean/max, serving_/candidate_latency_ms {p50, p95}, error. None: no shadow
+    # abs_error_mean/max, serving_/candidate_latency_ms {p50, p95}, error, severity (the
+    # candidate's drift severity on the device's inputs, or null). None: no shadow
     # (and from agents before edgekit 0.3).
     shadow: Optional[Dict[str, Any]] = None
 
@@ -284,6 +285,8 @@ def _shadow(shadow: Any, finite: bool) -> Optional[Dict[str, Any]]:
         raise f.bad("agreed", "at most 'classified'")
     f.one_of("state", ("running", "failed", "stopped", "expired"))
     f.text("error", 1000)
+    if shadow.get("severity") is not None:
+        f.one_of("severity", DRIFT_SEVERITIES)
     candidate = shadow.get("candidate")
     if type(candidate) is not dict or not all(
         type(candidate.get(k)) is str for k in ("name", "version", "bundle_id")

@@ -255,6 +255,8 @@ class ShadowWindow(Base):
     candidate_p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     candidate_p95_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The candidate's drift severity on the device's inputs (ok, inputs changed, model affected).
+    candidate_severity: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class Event(Base):

@@ -118,6 +118,7 @@ class ShadowRow(NamedTuple):
     candidate_p50_ms: float | None = None
     candidate_p95_ms: float | None = None
     error: str | None = None
+    candidate_severity: str | None = None
 
 
 class EventRow(NamedTuple):

@@ -80,6 +80,7 @@ def status(
         "max error",
         "p95 serving",
         "p95 candidate",
+        "candidate on these inputs",
         title=f"{summary['candidate']} in the shadow of fleet {fleet}",
     )
     for d in summary["devices"]:
@@ -93,6 +94,7 @@ def status(
             "-" if d["abs_error_max"] is None else f"{d['abs_error_max']:.4g}",
             _ms(d["serving_p95_ms"]),
             _ms(d["candidate_p95_ms"]),
+            d["severity"] or "not judged yet",
         )
     total = summary["total"]
     table.add_row(
@@ -104,6 +106,7 @@ def status(
         "-" if total["abs_error_max"] is None else f"{total['abs_error_max']:.4g}",
         _ms(total["serving_p95_ms"]),
         _ms(total["candidate_p95_ms"]),
+        "",
     )
     console.print(table)
     for d in summary["devices"]:

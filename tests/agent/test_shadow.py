@@ -278,3 +278,23 @@ def test_under_concurrent_http_and_embedded_calls_every_answer_is_the_serving_mo
         figures = agent.stop_shadow()
     assert failures == []
     assert figures is not None and figures["compared"] > 0 and figures["state"] == "stopped"
+
+
+def test_the_candidate_is_judged_on_the_devices_inputs_with_its_own_baseline(make_config, bundles, models):
+    """Drift severity of the candidate, from its bundle's baseline (issue 20: shadow criteria use
+    severity): the digits it was built on leave it unaffected; inverted digits (0% right) make it
+    `model affected`, which `edgekit shadow promote` refuses (tests/fleet/test_fleet_shadow.py)."""
+    clean, inverted = models.x_test, (1.0 - models.x_test).astype(np.float32)
+    verdicts = {}
+    for name, xs in (("clean", clean), ("inverted", inverted)):
+        config = make_config(f"severity-{name}", drift_window=100)
+        with Agent.from_config(config, background=False) as agent:
+            agent.install(bundles.v1)
+            shadow = agent.start_shadow(bundles.v2, sample=1.0, cpu_budget=1.0)
+            feed(agent, shadow, xs[:300])
+            record = agent.flush_telemetry()
+        assert record is not None and record.shadow is not None and record.shadow["compared"] == 300
+        verdicts[name] = record.shadow["severity"]
+    assert verdicts["clean"] in ("ok", "inputs changed") and verdicts["inverted"] == "model affected", (
+        verdicts
+    )

@@ -178,7 +178,7 @@ def row(device: str, **extra: object) -> SimpleNamespace:
         "device": device, "candidate_id": "c" * 64, "candidate_label": "digits@2.0.0",
         "serving_version": "1.0.0", "state": "running", "sample_rate": 0.1, "compared": 200,
         "dropped": 0, "classified": 200, "agreed": 199, "abs_error_mean": 0.01, "abs_error_max": 0.1,
-        "serving_p95_ms": 2.0, "candidate_p95_ms": 2.2, "error": None,
+        "serving_p95_ms": 2.0, "candidate_p95_ms": 2.2, "error": None, "candidate_severity": "ok",
     }  # fmt: skip
     return SimpleNamespace(**{**fields, **extra})
 
@@ -190,6 +190,8 @@ def test_judge_names_each_failing_device_and_why():
         row("cam-3", compared=0, classified=0, agreed=0),
         row("cam-4", agreed=20),
         row("cam-5", candidate_p95_ms=8.0),
+        row("cam-6", candidate_severity="model affected"),
+        row("cam-6", candidate_severity=None),  # a window not judged yet keeps the last verdict
     ]
     reasons = judge(summarize(windows), 0.98, 1.2)
     assert reasons == [
@@ -197,7 +199,10 @@ def test_judge_names_each_failing_device_and_why():
         "cam-3: no input was compared yet",
         "cam-4: agreement 10.0% is below 98.0% (20 of 200 inputs)",
         "cam-5: the candidate is 4.00x as slow (p95), over 1.20x",
+        "cam-6: this device's inputs affect the candidate (drift: model affected): "
+        "its answers or confidence moved away from the data it was built on",
     ]
+    assert judge(summarize([row("cam-7", candidate_severity="inputs changed")]), 0.98, 1.2) == []
     assert judge(summarize([row("cam-1")]), 0.98, 1.2) == []
     total = summarize(windows)["total"]
-    assert total["compared"] == 800 and total["agreed"] == 199 + 199 + 20 + 199 + 0
+    assert total["compared"] == 1200 and total["agreed"] == 199 + 199 + 20 + 199 + 0 + 199 + 199
