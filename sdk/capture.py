@@ -42,7 +42,7 @@ from .atomic import atomic_write
 from .envelope import Kind, open_envelope, seal, verify_envelope
 from .errors import CaptureError, TopicError
 from .keys import SigningKey
-from .schema import Fields, decode_json, refuse
+from .schema import Fields, canonical_json, decode_json, refuse
 from .topics import check_fleet_id
 from .trust import TrustedKeys
 
@@ -174,9 +174,7 @@ class CapturePolicy:
 
     def to_json(self) -> bytes:
         """Canonical bytes (sorted keys, no spaces, ASCII): what is signed."""
-        return json.dumps(
-            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-        ).encode("ascii")
+        return canonical_json(self.to_dict())
 
     @classmethod
     def from_json(cls, data: bytes) -> CapturePolicy:

@@ -38,7 +38,7 @@ from .envelope import Kind, open_envelope, seal, verify_envelope
 from .errors import BundleError, DesiredStateError, TopicError
 from .keys import SigningKey
 from .manifest import check_name, check_version
-from .schema import SHA256, refuse
+from .schema import SHA256, canonical_json, refuse
 from .topics import check_device_id, check_fleet_id
 from .trust import TrustedKeys
 
@@ -202,9 +202,7 @@ class DesiredState:
 
     def to_json(self) -> bytes:
         """Canonical bytes: sorted keys, no whitespace, ASCII. These bytes are what is signed."""
-        return json.dumps(
-            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-        ).encode("ascii")
+        return canonical_json(self.to_dict())
 
     @classmethod
     def from_json(cls, data: bytes) -> DesiredState:

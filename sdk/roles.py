@@ -38,7 +38,7 @@ from typing import Optional, Protocol
 from .desired import DesiredState
 from .errors import ConfigError, DesiredStateError, SignatureError, TrustMetadataError
 from .keys import SigningKey
-from .schema import refuse
+from .schema import canonical_json, refuse
 from .trust import TrustedKeys
 
 if sys.version_info >= (3, 10):  # python-tuf needs 3.10; on 3.9 DeviceTrust says so
@@ -376,9 +376,7 @@ class DeviceTrust:
             )
         doc = target.custom.get("edgekit") if isinstance(target.custom, dict) else None
         try:
-            data = json.dumps(
-                doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-            ).encode()
+            data = canonical_json(doc)
             target.verify_length_and_hashes(data)
             state = DesiredState.from_json(data)
         except (tuf_errors.LengthOrHashMismatchError, DesiredStateError, TypeError, ValueError) as exc:

@@ -19,6 +19,7 @@ library does not beat by much in Python (BENCHMARKS.md, "Wire decoders").
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, Optional, TypeVar
@@ -33,6 +34,7 @@ __all__ = [
     "MEMBER",
     "SHA256",
     "Fields",
+    "canonical_json",
     "decode_json",
     "is_number",
     "refuse",
@@ -59,6 +61,14 @@ def refuse(error: type[E], reason: str, message: str) -> E:
     refused = error(message)
     refused.reason = reason  # type: ignore[attr-defined]
     return refused
+
+
+def canonical_json(doc: Any) -> bytes:
+    """The one canonical encoding of a signed document: sorted keys, no whitespace, ASCII, no
+    NaN. These exact bytes are what a key signs and what a TUF target hashes."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
+        "ascii"
+    )
 
 
 def decode_json(
