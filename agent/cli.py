@@ -108,9 +108,12 @@ def rollback(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     config: Path = args.config
     stop = threading.Event()
+    received: list[int] = []
 
     def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
-        log.info("received signal %d; stopping", signum)
+        # No logging here: a signal that lands while the main thread writes a log line to stderr
+        # would re-enter the stream, raise inside logging (which swallows it) and never set stop.
+        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
@@ -147,6 +150,8 @@ def run(args: argparse.Namespace) -> None:
                 stalled = True
                 log.error("agent %s: a daemon thread died; no more watchdog pings", info.device)
     finally:
+        if received:
+            log.info("agent %s: received %s; stopping", info.device, signal.Signals(received[0]).name)
         notifier.stopping(f"{info.device}: stopping")
         if server is not None:
             server.stop()
