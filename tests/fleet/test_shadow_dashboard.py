@@ -4,7 +4,9 @@ on a real registry with shadow windows written as ingest writes them, in headles
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from edgekit.fleet.api import ApiContext
@@ -143,9 +145,11 @@ def test_an_operator_is_told_why_promote_was_refused_and_stops_the_shadow_by_cli
             "cam-1: agreement 75.0% is below 98.0% (900 of 1200 inputs)",
             "cam-2: the candidate failed there (it returned NaN or infinity)",
         ]
-        assert "was not switched on: nothing changed" in browser.evaluate(
+        assert "was not rolled out: nothing changed" in browser.evaluate(
             "document.querySelector('.shadow-result').textContent"
         )
+        if os.environ.get("EDGEKIT_SCREENSHOTS"):  # =docs/images refreshes the picture in docs/fleet.md
+            browser.screenshot(Path(os.environ["EDGEKIT_SCREENSHOTS"]) / "dashboard-shadow.png", height=900)
         browser.evaluate("document.querySelector('button.stop').click()")
         assert browser.dialogs[-1].startswith("Stop trying digits@2.0.0 on fleet shop?")
         browser.wait_for("document.querySelector('.shadow-result').textContent.includes('told to stop')")

@@ -64,7 +64,7 @@ const edgekitShadow = (() => {
           paragraphs(result, [`${done.candidate} passed on every device: fleet ${fleet} is switching to it ` +
             `(${done.rollout.phase}). Follow it on the rollouts page.`], "passed");
         } else {
-          paragraphs(result, [`${done.candidate || "The new model"} was not switched on: nothing changed.`], "error");
+          paragraphs(result, [`${done.candidate || "The new model"} was not rolled out: nothing changed.`], "error");
           const list = document.createElement("ul");
           list.className = "refusal";
           for (const reason of done.reasons) {
