@@ -455,9 +455,11 @@ class Agent:
         served = self._served
         return None if served is None or served.drift is None else served.drift.report()
 
-    def serving_busy(self) -> bool:
-        """True while a predict() runs the serving model (benchmarks wait for it to finish)."""
-        return self._lock.locked()
+    def serving_activity(self) -> tuple[int, int]:
+        """A value that changes with every prediction served (nothing is added to predict() for
+        it): on-fleet benchmarks run only once it has stood still for a while."""
+        latency = self._latency
+        return id(latency), latency.count
 
     def runtime_name(self) -> str:
         """The runtime this agent runs models with (its config's, resolved); the configured

@@ -73,8 +73,14 @@ log = logging.getLogger(__name__)
 #: The worker thread's nice value (Linux: per thread): below everything serving.
 NICE = 19
 WARMUP_RUNS = 2
-#: Longest wait for the serving model to be idle before one timed run (seconds).
-IDLE_WAIT = 0.05
+#: Serving must have been idle this long (seconds), and three times the last bench run, before
+#: a bench run starts: runs go in the quiet moments between requests.
+QUIET_MIN = 0.005
+#: A device that never goes quiet still runs one bench run this often (seconds), counted as
+#: ``forced`` in the report: the bench progresses slowly instead of never, and serving loses
+#: at most one candidate run's worth of CPU per interval.
+MAX_WAIT = 2.0
+QUIET_MAX = 0.5
 BENCH_FILE = "bench.json"
 OUTBOX_MAX = 200
 
@@ -185,7 +191,7 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
     return (ordered[low] + (ordered[high] - ordered[low]) * (position - low)) * 1000.0
 
 
-def _agreement(model: Model, bundle: Bundle) -> Optional[dict[str, Any]]:
+def _agreement(model: Model, bundle: Bundle, between: Callable[[], bool]) -> Optional[dict[str, Any]]:
     """The health-check inputs run by ``model``, compared with the recorded outputs."""
     manifest = bundle.manifest
     data = bundle.member("healthcheck")
@@ -195,6 +201,7 @@ def _agreement(model: Model, bundle: Bundle) -> Optional[dict[str, Any]]:
     feeds, expected = load_healthcheck(data, len(manifest.inputs), len(manifest.outputs))
     agreed, worst = 0, 0.0
     for s in range(spec.samples):
+        between()
         got = model.run([feed[s] for feed in feeds])
         ok = True
         for j, out_spec in enumerate(manifest.outputs):
@@ -226,12 +233,13 @@ def measure(
     board: dict[str, Any],
     threads: Sequence[int] = (1,),
     runs: int = 50,
-    between: Callable[[], None] = lambda: None,
+    between: Callable[[], bool] = lambda: False,
     cancel: Optional[threading.Event] = None,
 ) -> dict[str, Any]:
     """Measure ``bundle`` (already verified) on this board; the fields of a BenchReport
     (load_ms, by_threads, correctness, memory, temperature, throttled). ``between()`` is called
-    before each timed run (the daemon waits there for the serving model to be idle).
+    before each timed run (the daemon waits there for the serving model to be idle) and says
+    whether the run is forced (serving was not idle; counted per thread count).
     EdgekitError (ModelFormatError, ...) when the candidate cannot be loaded."""
     rss_before, _ = _memory()
     added = 0
@@ -239,21 +247,24 @@ def measure(
     correctness: Optional[dict[str, Any]] = None
     by_threads = []
     for count in threads:
+        between()  # every step that uses the CPU waits for a quiet moment, loading too
         start = time.perf_counter()
         model = Model(bundle.model, runtime=board["runtime"], threads=count, xnnpack=board["xnnpack"])
         loaded = time.perf_counter() - start
         try:
             if load_ms is None:
                 load_ms = loaded * 1000.0
-                correctness = _agreement(model, bundle)
+                correctness = _agreement(model, bundle, between)
             feeds = _inputs(model, bundle)
             for i in range(WARMUP_RUNS):
+                between()
                 model.run(feeds[i % len(feeds)])
             latencies = []
+            forced = 0
             for i in range(runs):
                 if cancel is not None and cancel.is_set():
                     raise DownloadCancelledError("the bench was replaced by a newer request")
-                between()
+                forced += int(between())
                 start = time.perf_counter()
                 model.run(feeds[i % len(feeds)])
                 latencies.append(time.perf_counter() - start)
@@ -273,6 +284,7 @@ def measure(
                 "p99_ms": _percentile(ordered, 0.99),
                 "mean_ms": total / len(ordered) * 1000.0,
                 "per_second": len(ordered) / total if total > 0 else 0.0,
+                "forced": forced,
             }
         )
     _, peak = _memory()
@@ -305,7 +317,7 @@ class BenchLink:
         trusted: Any,
         board: dict[str, Any],
         fetch: Fetcher,
-        busy: Callable[[], bool] = lambda: False,
+        activity: Callable[[], object] = lambda: None,
         on_event: Optional[EventSink] = None,
         wake: Optional[Callable[[], None]] = None,
     ) -> None:
@@ -319,7 +331,11 @@ class BenchLink:
         #: Set each time the reports of one request are all queued (tests wait on it).
         self.finished = threading.Event()
         self._fetch = fetch
-        self._busy = busy
+        self._activity = activity
+        self._marker: object = None
+        self._since = time.monotonic()
+        self._last_run = 0.0
+        self._last_start = 0.0
         self._on_event = on_event
         self._wake = wake
         self._requests: queue.Queue[Optional[BenchRequest]] = queue.Queue()
@@ -372,11 +388,26 @@ class BenchLink:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _between(self) -> None:
-        """Wait (briefly) for the serving model to be idle: bench runs go between requests."""
-        deadline = time.perf_counter() + IDLE_WAIT
-        while self._busy() and time.perf_counter() < deadline:
-            time.sleep(0.0005)
+    def _between(self) -> bool:
+        """Wait for a quiet moment: serving idle for QUIET_MIN seconds and three times the last
+        bench run. True when MAX_WAIT passed without one (the run is forced)."""
+        now = time.monotonic()
+        if self._last_start:
+            self._last_run = now - self._last_start
+        quiet = min(max(QUIET_MIN, 3 * self._last_run), QUIET_MAX)
+        deadline = now + MAX_WAIT
+        while True:
+            marker = self._activity()
+            now = time.monotonic()
+            if marker != self._marker:
+                self._marker, self._since = marker, now
+            elif now - self._since >= quiet:
+                self._last_start = time.monotonic()
+                return False
+            if now >= deadline or self._cancel.is_set():
+                self._last_start = time.monotonic()
+                return True
+            time.sleep(min(quiet / 4, deadline - now) if deadline > now else 0)
 
     def _work(self) -> None:
         # Serving keeps priority: at nice 19 this thread gets only the CPU serving does not want.

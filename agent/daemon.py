@@ -210,7 +210,7 @@ class AgentDaemon:
                 stall_timeout=config.download_stall_timeout,
                 max_size=config.max_bundle_size,
             ),
-            busy=agent.serving_busy,
+            activity=agent.serving_activity,
             on_event=agent.record_event,
             wake=self._wake_uploader.set,
         )

@@ -175,6 +175,7 @@ def _candidate(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "threads": count,
                 **{k: _median(t[k] for t in figures) for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")},
                 "per_second": _median(t["per_second"] for t in figures),
+                "forced": sum(t.get("forced", 0) for t in figures),
             }
         )
     checked = [r for r in done if r["hc_samples"] is not None]

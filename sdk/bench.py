@@ -326,7 +326,8 @@ class BenchReport:
     load_ms: Optional[float] = None
     peak_rss_bytes: Optional[int] = None
     added_rss_bytes: Optional[int] = None
-    #: Per interpreter thread count: threads, runs, p50_ms, p95_ms, p99_ms, mean_ms, per_second.
+    #: Per interpreter thread count: threads, runs, p50_ms, p95_ms, p99_ms, mean_ms, per_second,
+    #: forced (runs made while serving was busy, after waiting MAX_WAIT for a quiet moment).
     by_threads: list[dict[str, Any]] = field(default_factory=list)
     #: The bundle's health-check inputs run here: samples, agreed (within the bundle's
     #: tolerance), max_abs_error; None when the bundle carries no health check.
@@ -404,6 +405,8 @@ class BenchReport:
                         k: t.number(k, low=0.0)
                         for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "per_second")
                     },
+                    # runs made while serving was busy (it never went quiet; see docs/bench.md)
+                    "forced": t.integer("forced", 0, top=MAX_RUNS),
                 }
             )
         correctness = None

@@ -249,6 +249,12 @@ def print_summary(fleet: str, summary: dict[str, Any]) -> None:
                 )
             for failed in c["failed"]:
                 notes.append(f"[bold red]{failed['device']}[/]: {failed['error']}")
+            forced = sum(t["forced"] for t in c["threads"])
+            if forced:
+                notes.append(
+                    f"{forced} timed runs of {c['candidate']} on {group['board_class']} went ahead while the "
+                    "device was busy serving (no quiet moment for 2 s): those latencies include that load"
+                )
             if c["throttled_devices"]:
                 notes.append(
                     f"{', '.join(c['throttled_devices'])} reported CPU throttling while measuring "
