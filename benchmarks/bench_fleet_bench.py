@@ -1,6 +1,6 @@
 """Serving with an on-fleet benchmark running against serving without, in the same process.
 
-    .venv/bin/python benchmarks/bench_fleet_bench.py [--rounds R] [--calls N] [--large-calls M] [--json]
+    .venv/bin/python benchmarks/bench_fleet_bench.py [--rounds R] [--calls N] [--large-calls M] [--paced-calls P] [--json]
 
 An agent serves a model; each round runs ``N`` calls of ``agent.predict(x)`` twice, in turn:
 with nothing else running, and while the device's bench worker measures a candidate (the real
@@ -9,7 +9,9 @@ in its nice-19 worker that waits for the serving model to be idle before each ru
 replaced by the next round's, so it is busy for the whole serving measurement). Reported:
 serving p95 latency and throughput of each, and their ratios to no bench (median of the
 per-round ratios). Cases: the digits fp32 model serving with the int8 one benchmarked at 1 and 2
-interpreter threads, and MobileNetV2 fp32 serving and benchmarked.
+interpreter threads, and MobileNetV2 fp32 serving and benchmarked, back to back (serving never
+idle: the bench waits, one forced run per 2 s) and with a request every 50 ms (the bench runs in
+the gaps, and a request may arrive during one of its runs).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def write_config(path: Path, key: SigningKey, state: Path) -> Path:
     return path
 
 
-def serve(agent: Agent, xs: np.ndarray, calls: int) -> tuple[float, float]:
-    """Serving p95 (ms) and throughput (calls/s) over ``calls`` predict() calls."""
+def serve(agent: Agent, xs: np.ndarray, calls: int, gap: float = 0.0) -> tuple[float, float]:
+    """Serving p95 (ms) and throughput (calls/s) over ``calls`` predict() calls, ``gap`` seconds
+    apart (0: back to back)."""
     latencies = []
     predict = agent.predict
     start = time.perf_counter()
@@ -53,6 +56,8 @@ def serve(agent: Agent, xs: np.ndarray, calls: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         predict(x)
         latencies.append(time.perf_counter() - t0)
+        if gap:
+            time.sleep(gap)
     elapsed = time.perf_counter() - start
     return float(np.percentile(latencies, 95)) * 1000, calls / elapsed
 
@@ -66,7 +71,9 @@ def case(
     calls: int,
     rounds: int,
     threads: tuple[int, ...],
+    gap: float = 0.0,
 ) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(dir=tmp))  # each case its own agent
     serving, candidate = tmp / f"{serving_model.stem}-s.ekb", tmp / f"{candidate_model.stem}-c.ekb"
     create_bundle(serving_model, name="bench", version="1.0.0", key=key, output=serving)
     create_bundle(candidate_model, name="bench", version="2.0.0", key=key, output=candidate)
@@ -92,7 +99,7 @@ def case(
         serve(agent, xs, max(10, calls // 6))  # warm up
         try:
             for round_ in range(rounds):
-                p95, rate = serve(agent, xs, calls)
+                p95, rate = serve(agent, xs, calls, gap)
                 results["off"]["p95"].append(p95)
                 results["off"]["rate"].append(rate)
                 started.clear()
@@ -106,7 +113,7 @@ def case(
                 )
                 link.on_message(sign_bench_request(request, key))  # replaces the previous round's
                 started.wait(30)
-                p95, rate = serve(agent, xs, calls)
+                p95, rate = serve(agent, xs, calls, gap)
                 results["on"]["p95"].append(p95)
                 results["on"]["rate"].append(rate)
         finally:
@@ -128,6 +135,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3000, help="digits predict() calls per mode and round")
     parser.add_argument("--large-calls", type=int, default=60, help="MobileNetV2 calls per mode and round")
+    parser.add_argument(
+        "--paced-calls", type=int, default=40, help="MobileNetV2 calls 50 ms apart per mode and round"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     models = digits_models()
@@ -157,6 +167,17 @@ def main() -> None:
                 args.large_calls,
                 args.rounds,
                 (1,),
+            ),
+            "MobileNetV2 fp32 serving a request every 50 ms, same model benchmarked at 1 thread": case(
+                tmp,
+                key,
+                models / "mobilenet_v2_fp32.tflite",
+                models / "mobilenet_v2_fp32.tflite",
+                large,
+                args.paced_calls,
+                args.rounds,
+                (1,),
+                gap=0.05,
             ),
         }
     if args.json:

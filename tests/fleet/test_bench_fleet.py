@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +184,47 @@ def test_results_of_a_fleet_without_a_benchmark_say_how_to_start_one(edgekit_hom
     assert edgekit("keys", "init").returncode == 0
     result = edgekit("bench", "results", "--fleet", "lab")
     assert result.returncode == 0 and "edgekit bench MODEL ... --fleet lab" in result.stdout
+
+
+def test_bench_works_through_the_generated_broker_acl(mosquitto, edgekit_home, tmp_path, digits_models):
+    """A device with its own broker account (`edgekit device add`, `broker mosquitto-config`)
+    may read its fleet's bench request and publish its own reports."""
+    assert edgekit("keys", "init").returncode == 0
+    config = tmp_path / "cam-1.toml"
+    added = edgekit(
+        "device", "add", "cam-1", "--fleet", "lab", "--broker", mosquitto.url,
+        "--state-dir", str(tmp_path / "cam-1"), "-o", str(config),
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    written = edgekit(
+        "broker", "mosquitto-config", "--port", str(mosquitto.port), "--host", "127.0.0.1",
+        "--user", "root", "--no-persistence", "-o", str(mosquitto.directory),
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    acl = next(mosquitto.directory.glob("*acl*")).read_text()
+    assert "topic read edgekit/fleets/lab/bench" in acl and "pattern write edgekit/devices/%u/bench" in acl
+    mosquitto.stop()
+    mosquitto.start()
+    agent = subprocess.Popen(
+        [str(Path(sys.executable).parent / "edgekit-agent"), "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        from edgekit.fleet.push import connect_operator
+
+        heard = threading.Event()
+        operator = connect_operator(mosquitto.url, home=edgekit_home)
+        operator.subscribe("edgekit/devices/cam-1/state", lambda m: heard.set() if m.payload else None)
+        assert heard.wait(60), "cam-1 never said its state"
+        operator.close()
+        benched = edgekit(
+            "bench", str(digits_models.int8), "--fleet", "lab", "--runs", "5", "--wait", "--timeout", "120",
+            "--json", "--broker", mosquitto.url,
+        )  # fmt: skip
+        assert benched.returncode == 0, benched.stderr
+        (group,) = json.loads(benched.stdout)["classes"]
+        assert group["devices"] == ["cam-1"] and group["candidates"][0]["correct"] is True
+    finally:
+        agent.terminate()
+        agent.wait(30)
