@@ -280,7 +280,10 @@ def verify_bench_request(
     BenchError saying why not (see the module's docstring for the reasons)."""
     request = BenchRequest.from_json(verify_envelope(data, trusted, BENCH).payload)
     if request.fleet != fleet:
-        raise _bad(f"the bench request is for fleet {request.fleet!r}, not {fleet!r}", "other-fleet")
+        raise _bad(
+            f"the bench request is for fleet {request.fleet!r}, not this device's fleet {fleet!r}",
+            "other-fleet",
+        )
     if device not in request.devices:
         raise _bad(f"the bench request (seq {request.seq}) does not name device {device}", "not-chosen")
     if request.expires_at <= (time.time() if now is None else now):
