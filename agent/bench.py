@@ -59,6 +59,7 @@ from edgekit.runtime import Model, dequantize
 from edgekit.transfer import fetch_staged_bundle
 
 from .outbox import Outbox
+from .shadow import MEMORY_RESERVE, available_memory_bytes, estimate_memory_need
 
 __all__ = [
     "BenchLink",
@@ -320,6 +321,7 @@ class BenchLink:
         activity: Callable[[], object] = lambda: None,
         on_event: Optional[EventSink] = None,
         wake: Optional[Callable[[], None]] = None,
+        available: Callable[[], Optional[int]] = available_memory_bytes,
     ) -> None:
         self.device = device
         self.fleet = fleet
@@ -332,6 +334,7 @@ class BenchLink:
         self.finished = threading.Event()
         self._fetch = fetch
         self._activity = activity
+        self._available = available
         self._marker: object = None
         self._since = time.monotonic()
         self._last_run = 0.0
@@ -434,6 +437,7 @@ class BenchLink:
             fields: dict[str, Any]
             try:
                 bundle = self._fetch(candidate, directory, cancel)
+                self._check_memory(bundle, candidate)
                 fields = measure(
                     bundle,
                     board=self.board,
@@ -473,6 +477,20 @@ class BenchLink:
                 self._wake()
         self._event("bench_finished", f"device {self.device} measured {labels}", None)
         self.finished.set()
+
+    def _check_memory(self, bundle: Bundle, candidate: BenchCandidate) -> None:
+        """Refuse (BenchError, reported) a candidate the board cannot hold beside the serving
+        model, as a shadow does: serving is never put at risk by a benchmark."""
+        need = estimate_memory_need(len(bundle.model))
+        free = self._available()
+        if free is not None and free - need < MEMORY_RESERVE:
+            mib = 1024 * 1024
+            raise BenchError(
+                f"not enough memory to measure it beside the serving model: it would need about "
+                f"{need / mib:.1f} MiB and the board has {free / mib:.1f} MiB available (keeping "
+                f"{MEMORY_RESERVE / mib:.0f} MiB for serving); the serving model was left alone. "
+                "Benchmark it on a board with more memory"
+            )
 
     def _event(self, kind: str, message: str, bundle: Optional[dict[str, str]]) -> None:
         if self._on_event is not None:

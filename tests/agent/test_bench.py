@@ -153,3 +153,39 @@ def test_forged_expired_and_other_devices_requests_are_not_run(watcher, device, 
     watcher.wait_for(lambda _: watcher.records("bench"))
     assert [r["bench_seq"] for r in watcher.records("bench")] == [8]
     assert device.bench.refused == 2
+
+
+def test_a_candidate_the_board_cannot_hold_beside_the_serving_model_is_reported_not_loaded(
+    bundles, key, tmp_path
+):
+    # The board's free memory is the one thing faked here: making this runner short of memory
+    # for real would put the test run itself at risk.
+    from edgekit.agent.bench import BenchLink
+
+    bundle = read_bundle(bundles.v2, TrustedKeys([key.public]))
+    events = []
+    link = BenchLink(
+        device="pi-01",
+        fleet="lab",
+        state_dir=tmp_path,
+        trusted=TrustedKeys([key.public]),
+        board=board(),
+        fetch=lambda *_: bundle,
+        on_event=lambda kind, message, _: events.append((kind, message)),
+        available=lambda: 64 * 2**20,  # the reserve for serving, nothing more
+    )
+    link.start()
+    request = new_bench_request(
+        "lab",
+        seq=1,
+        devices=["pi-01"],
+        candidates=[BenchCandidate(bundle.bundle_id, "digits", "2.0.0")],
+    )
+    link.on_message(sign_bench_request(request, key))
+    assert link.finished.wait(30)
+    link.stop()
+    (record,) = link.outbox.peek()
+    report = BenchReport.from_dict(record)
+    assert report.state == "failed" and report.by_threads == []
+    assert "not enough memory to measure it beside the serving model" in report.error
+    assert "the serving model was left alone" in report.error
