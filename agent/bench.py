@@ -471,8 +471,8 @@ class BenchLink:
             )
             try:
                 self.outbox.put(report.to_dict())
-            except OSError as exc:
-                log.error("device %s could not queue its bench report: %s", self.device, exc.strerror or exc)
+            except (OSError, ValueError) as exc:  # a full disk; a figure JSON cannot hold (counted)
+                log.error("device %s could not queue its bench report: %s", self.device, exc)
             if self._wake is not None:
                 self._wake()
         self._event("bench_finished", f"device {self.device} measured {labels}", None)
