@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# The device's venv: edgekit[agent-tflite] without TensorFlow (make test-agent-lean).
+LEAN := .venv-lean
+LEAN_STAMP := $(LEAN)/.installed
 THIRD_PARTY := .cache/third-party
 # A real third-party .tflite shipped inside a PyPI package, used by the bundle round-trip tests.
 THIRD_PARTY_WHEEL := mediapipe==0.10.14
@@ -100,7 +103,7 @@ typecheck: $(STAMP)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	$(VENV)/bin/mypy
 
-pytest: setup
+pytest: setup $(LEAN_STAMP)  # the lean venv's tflite-runtime agent is one board class in tests/fleet/test_bench_fleet.py
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
@@ -127,8 +130,6 @@ audit: $(STAMP)
 # The device environment: tflite-runtime 2.14 with numpy<2 and NO TensorFlow, running the agent
 # tests. Models cannot be trained there, so the main venv exports the same digits models to
 # .cache/agent-models first (tests/agent/export_models.py); nothing binary is committed.
-LEAN := .venv-lean
-LEAN_STAMP := $(LEAN)/.installed
 AGENT_MODELS := .cache/agent-models
 
 $(LEAN_STAMP): pyproject.toml

@@ -455,6 +455,20 @@ class Agent:
         served = self._served
         return None if served is None or served.drift is None else served.drift.report()
 
+    def serving_activity(self) -> tuple[int, int]:
+        """A value that changes with every prediction served (nothing is added to predict() for
+        it): on-fleet benchmarks run only once it has stood still for a while."""
+        latency = self._latency
+        return id(latency), latency.count
+
+    def runtime_name(self) -> str:
+        """The runtime this agent runs models with (its config's, resolved); the configured
+        name when none imports."""
+        try:
+            return resolve_runtime(self.config.runtime)
+        except RuntimeUnavailableError:
+            return self.config.runtime
+
     def served_bundle(self) -> LoadedBundle | None:
         """The bundle being served (manifest, directory, model), or None: cheap, for hot paths
         that need only what is served (``status()`` also reads the store and the drift report)."""

@@ -60,6 +60,7 @@ from edgekit.transfer import fetch_staged_bundle
 
 from . import deployment
 from .agent import Agent
+from .bench import BenchLink, describe_board, fetch_candidate
 from .capture import CaptureLink
 from .deployment import DeploymentRecord
 from .shadow import ShadowError
@@ -195,6 +196,24 @@ class AgentDaemon:
         self.client = client or self._new_client()
         #: Field-data capture: the fleet's signed policy in, sealed records out (docs/capture.md).
         self.capture = CaptureLink(agent.capture, self.client, self.topics, wake=self._wake_uploader.set)
+        #: On-fleet benchmarks: the fleet's signed request in, reports out (docs/bench.md).
+        self.bench = BenchLink(
+            device=self.device,
+            fleet=self.fleet,
+            state_dir=self.state_dir,
+            trusted=self._trusted,
+            board=describe_board(agent.runtime_name(), config.xnnpack),
+            fetch=fetch_candidate(
+                self.client,
+                self.topics,
+                self._trusted,
+                stall_timeout=config.download_stall_timeout,
+                max_size=config.max_bundle_size,
+            ),
+            activity=agent.serving_activity,
+            on_event=agent.record_event,
+            wake=self._wake_uploader.set,
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -223,6 +242,13 @@ class AgentDaemon:
             self.client.subscribe(topic, self._on_desired, qos=1, timeout=None)
         self.client.subscribe(self.topics.fleet_trust_filter(self.fleet), self._on_trust, qos=1, timeout=None)
         self.capture.start()
+        self.client.subscribe(
+            self.topics.fleet_bench(self.fleet),
+            lambda m: self.bench.on_message(m.payload),
+            qos=1,
+            timeout=None,
+        )
+        self.bench.start()
         for name, target in (("install", self._worker), ("upload", self._uploader)):
             thread = threading.Thread(target=target, name=f"edgekit-{name}-{self.device}", daemon=True)
             thread.start()
@@ -237,6 +263,7 @@ class AgentDaemon:
             self._cancel.set()
         self._wake_worker.set()
         self._wake_uploader.set()
+        self.bench.stop(timeout)
         for thread in self._threads:
             thread.join(timeout)
         if self.client.connected:
@@ -880,7 +907,12 @@ class AgentDaemon:
         (True), or ``timeout`` seconds pass (False)."""
         with self._uploaded:
             return self._uploaded.wait_for(
-                lambda: len(self.agent.events) == 0 and len(self.agent.telemetry) == 0, timeout
+                lambda: (
+                    len(self.agent.events) == 0
+                    and len(self.agent.telemetry) == 0
+                    and len(self.bench.outbox) == 0
+                ),
+                timeout,
             )
 
     def upload(self) -> int:
@@ -897,6 +929,7 @@ class AgentDaemon:
         for outbox, topic in (
             (self.agent.events, self.topics.device_events(self.device)),
             (self.agent.telemetry, self.topics.device_telemetry(self.device)),
+            (self.bench.outbox, self.topics.device_bench(self.device)),
         ):
             while True:
                 records = outbox.peek(UPLOAD_BATCH)

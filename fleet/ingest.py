@@ -40,6 +40,7 @@ sends the acknowledgements. :meth:`Ingest.stop` disconnects, then writes what it
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -48,13 +49,23 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Optional, Union
 
+from edgekit.bench import BenchReport, board_class
 from edgekit.errors import ConfigError, MessageError, TopicError
 from edgekit.mqtt import Message, MqttClient
 from edgekit.reports import DeviceStateReport, Event, TelemetryRecord
-from edgekit.topics import DEVICE_EVENTS, DEVICE_STATE, DEVICE_TELEMETRY, Topics
+from edgekit.topics import DEVICE_BENCH, DEVICE_EVENTS, DEVICE_STATE, DEVICE_TELEMETRY, Topics
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from .registry import BatchResult, DeviceState, EventRow, Registry, ShadowRow, TelemetryRow, WriteResult
+from .registry import (
+    BatchResult,
+    BenchRow,
+    DeviceState,
+    EventRow,
+    Registry,
+    ShadowRow,
+    TelemetryRow,
+    WriteResult,
+)
 
 __all__ = ["Ingest", "IngestStats", "ingest_client"]
 
@@ -65,7 +76,12 @@ DEFAULT_MAX_DELAY = 0.2
 #: Unacknowledged QoS 1 messages the broker may have in flight to one ingest client.
 DEFAULT_RECEIVE_MAXIMUM = 20000
 _UTC = timezone.utc
-_KINDS = {DEVICE_STATE: "state", DEVICE_TELEMETRY: "telemetry", DEVICE_EVENTS: "events"}
+_KINDS = {
+    DEVICE_STATE: "state",
+    DEVICE_TELEMETRY: "telemetry",
+    DEVICE_EVENTS: "events",
+    DEVICE_BENCH: "bench",
+}
 
 
 class ShadowTelemetry(NamedTuple):
@@ -75,7 +91,7 @@ class ShadowTelemetry(NamedTuple):
     shadow: ShadowRow
 
 
-Item = Union[DeviceState, TelemetryRow, EventRow, ShadowTelemetry]
+Item = Union[DeviceState, TelemetryRow, EventRow, ShadowTelemetry, BenchRow]
 #: A decoded message waiting for its batch: the row, the message (to ack), the device's fleet.
 Pending = tuple[Item, Message, Optional[str]]
 
@@ -90,6 +106,7 @@ class IngestStats:
     telemetry_duplicates: int = 0
     events: int = 0
     event_duplicates: int = 0
+    bench: int = 0  # bench reports stored (docs/bench.md)
     batches: int = 0
     db_errors: int = 0
     rejected: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -206,7 +223,7 @@ class Ingest:
     def filters(self) -> list[str]:
         """The subscription filters this worker uses."""
         share = f"$share/{self.shared_group}/" if self.shared_group else ""
-        found = [share + self.topics.all_devices_filter(leaf) for leaf in ("telemetry", "events")]
+        found = [share + self.topics.all_devices_filter(leaf) for leaf in ("telemetry", "events", "bench")]
         if self.owns_state:
             found.insert(0, self.topics.all_devices_filter("state"))
         return found
@@ -296,6 +313,11 @@ class Ingest:
                 item, fleet = _telemetry_row(record), record.fleet
                 if record.shadow is not None:
                     item = ShadowTelemetry(item, _shadow_row(record, record.shadow))
+            elif kind == "bench":
+                report = BenchReport.from_json(message.payload)
+                if report.device != device:
+                    raise _mismatch(report.device, device)
+                item, fleet = _bench_row(report), report.fleet
             elif kind == "events":
                 event = Event.from_json(message.payload)
                 if event.device != device:
@@ -313,10 +335,10 @@ class Ingest:
                 if not message.payload:
                     self.client.ack(message)  # a cleared retained state: nothing to record
                     return
-                report = DeviceStateReport.from_json(message.payload)
-                if report.device != device:
-                    raise _mismatch(report.device, device)
-                item = _device_state(report)
+                state = DeviceStateReport.from_json(message.payload)
+                if state.device != device:
+                    raise _mismatch(state.device, device)
+                item = _device_state(state)
         except MessageError as exc:
             self._reject(message, kind, exc.reason, str(exc))
             return
@@ -362,11 +384,12 @@ class Ingest:
         shadows = [i.shadow for i, _, _ in batch if isinstance(i, ShadowTelemetry)]
         telemetry += [i.telemetry for i, _, _ in batch if isinstance(i, ShadowTelemetry)]
         events = [i for i, _, _ in batch if isinstance(i, EventRow)]
-        fleets = {_device_of(i): f for i, _, f in batch if f is not None}
+        bench = [i for i, _, _ in batch if isinstance(i, BenchRow)]
+        fleets = {_device_of(i): f for i, _, f in batch if f is not None and not isinstance(i, BenchRow)}
         delay = self.retry_min
         while True:
             try:
-                result = self.registry.write_batch(states, telemetry, events, fleets, shadows)
+                result = self.registry.write_batch(states, telemetry, events, fleets, shadows, bench)
                 break
             except (OperationalError, InterfaceError) as exc:
                 # The database is away (restarting, unreachable, locked): keep the batch, retry.
@@ -404,6 +427,8 @@ class Ingest:
                     one = self.registry.write_batch(
                         telemetry=[item.telemetry], fleets=fleets, shadows=[item.shadow]
                     )
+                elif isinstance(item, BenchRow):
+                    one = self.registry.write_batch(bench=[item])
                 else:
                     one = self.registry.write_batch(events=[item])
             except SQLAlchemyError as exc:
@@ -413,6 +438,7 @@ class Ingest:
                 total.states + one.states,
                 _sum(total.telemetry, one.telemetry),
                 _sum(total.events, one.events),
+                total.bench + one.bench,
             )
         return total
 
@@ -425,6 +451,7 @@ class Ingest:
             stats.telemetry_duplicates += result.telemetry.duplicates
             stats.events += result.events.inserted
             stats.event_duplicates += result.events.duplicates
+            stats.bench += result.bench
         with self.committed:
             self.committed.notify_all()
 
@@ -472,6 +499,8 @@ def _shadow_row(record: TelemetryRecord, shadow: dict[str, Any]) -> ShadowRow:
 def _kind_of(item: Item) -> str:
     if isinstance(item, DeviceState):
         return "state"
+    if isinstance(item, BenchRow):
+        return "bench"
     return "telemetry" if _is_telemetry(item) else "events"
 
 
@@ -511,6 +540,42 @@ def _telemetry_row(record: TelemetryRecord) -> TelemetryRow:
         record.memory_used_percent,
         record.disk_used_percent,
         record.drift_threshold,
+    )
+
+
+def _mib(n: Optional[int]) -> Optional[float]:
+    return None if n is None else round(n / 2**20, 3)
+
+
+def _bench_row(report: BenchReport) -> BenchRow:
+    """A bench report (checked by the decoder) as a registry row."""
+    board, candidate, checked = report.board, report.candidate, report.correctness or {}
+    return BenchRow(
+        report.device,
+        report.seq,
+        report.fleet,
+        _utc(report.time),
+        report.bench_seq,
+        candidate["bundle_id"],
+        f"{candidate['name']}@{candidate['version']}"[:140],
+        board_class(board)[:700],
+        board["model"],
+        board["cpu"],
+        board["machine"],
+        board["cores"],
+        board["runtime"],
+        board["xnnpack"],
+        report.state,
+        report.error,
+        report.load_ms,
+        _mib(report.peak_rss_bytes),
+        _mib(report.added_rss_bytes),
+        json.dumps(report.by_threads, separators=(",", ":")),
+        checked.get("samples"),
+        checked.get("agreed"),
+        checked.get("max_abs_error"),
+        report.temperature_c,
+        report.throttled,
     )
 
 

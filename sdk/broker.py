@@ -196,6 +196,7 @@ def render_acl(
         f"pattern write {prefix}/devices/%u/telemetry",
         f"pattern write {prefix}/devices/%u/events",
         f"pattern write {prefix}/devices/%u/capture",
+        f"pattern write {prefix}/devices/%u/bench",
         f"pattern read {prefix}/devices/%u/capture_ack",
         f"pattern read {prefix}/devices/%u/state",
         f"pattern read {prefix}/devices/%u/desired",
@@ -205,13 +206,14 @@ def render_acl(
         f"user {operator}",
         f"topic readwrite {prefix}/#",
         "",
-        "# Each device reads its own fleet's desired state, capture policy and TUF metadata.",
+        "# Each device reads its own fleet's desired state, capture policy, bench request and TUF metadata.",
     ]
     for cred in sorted(devices, key=lambda c: c.device):
         lines += [
             f"user {cred.username}",
             f"topic read {prefix}/fleets/{cred.fleet}/desired",
             f"topic read {prefix}/fleets/{cred.fleet}/capture",
+            f"topic read {prefix}/fleets/{cred.fleet}/bench",
             f"topic read {prefix}/fleets/{cred.fleet}/trust/#",
             "",
         ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "AccuracyGateError",
     "AuthError",
+    "BenchError",
     "BrokerError",
     "BundleError",
     "ConfigError",
@@ -118,6 +119,15 @@ class HealthCheckError(InstallError):
     """A model's outputs on its bundled health-check inputs differ from what its author recorded."""
 
     exit_code = 11
+
+
+class BenchError(EdgekitError):
+    """An on-fleet benchmark that cannot be asked for or is refused by a device: unknown or no
+    devices, bad thread counts, a request unsigned, untrusted, expired or replayed (``reason``
+    says which; docs/bench.md)."""
+
+    exit_code = 19
+    reason: str = "malformed"
 
 
 class AccuracyGateError(EdgekitError):

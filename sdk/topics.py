@@ -16,6 +16,8 @@ With the default prefix ``edgekit``::
     edgekit/fleets/{fleet}/capture              retained, the signed capture policy (docs/capture.md)
     edgekit/devices/{device}/capture            chunks of sealed capture records, QoS 1
     edgekit/devices/{device}/capture_ack        the fleet's acknowledgements of those records
+    edgekit/fleets/{fleet}/bench                retained, the signed bench request (docs/bench.md)
+    edgekit/devices/{device}/bench              the device's bench reports, QoS 1
 
 ``{sha256}`` is the bundle digest: the SHA-256 of the bundle's exact ``manifest.json`` bytes
 (see :attr:`edgekit.bundle.Bundle.bundle_id`). Fleet and device ids are 1-64 characters of
@@ -50,6 +52,8 @@ DEVICE_EVENTS = "device_events"
 FLEET_CAPTURE = "fleet_capture"
 DEVICE_CAPTURE = "device_capture"
 DEVICE_CAPTURE_ACK = "device_capture_ack"
+FLEET_BENCH = "fleet_bench"
+DEVICE_BENCH = "device_bench"
 _DEVICE_LEAVES = {
     "desired": DEVICE_DESIRED,
     "state": DEVICE_STATE,
@@ -57,7 +61,9 @@ _DEVICE_LEAVES = {
     "events": DEVICE_EVENTS,
     "capture": DEVICE_CAPTURE,
     "capture_ack": DEVICE_CAPTURE_ACK,
+    "bench": DEVICE_BENCH,
 }
+_FLEET_LEAVES = {"desired": FLEET_DESIRED, "capture": FLEET_CAPTURE, "bench": FLEET_BENCH}
 
 
 def _check_id(value: object, what: str) -> str:
@@ -161,6 +167,14 @@ class Topics:
         """The fleet's acknowledgements of the device's capture records."""
         return f"{self.prefix}/devices/{check_device_id(device)}/capture_ack"
 
+    def fleet_bench(self, fleet: str) -> str:
+        """The fleet's signed bench request (retained, docs/bench.md)."""
+        return f"{self.prefix}/fleets/{check_fleet_id(fleet)}/bench"
+
+    def device_bench(self, device: str) -> str:
+        """The device's bench reports (QoS 1)."""
+        return f"{self.prefix}/devices/{check_device_id(device)}/bench"
+
     def bundle_manifest(self, sha256: str) -> str:
         return f"{self.prefix}/bundles/{_check_sha256(sha256)}/manifest"
 
@@ -175,9 +189,9 @@ class Topics:
 
     def all_devices_filter(self, leaf: str) -> str:
         """Subscription filter for one leaf (``state``, ``telemetry``, ``events``) of every device."""
-        if leaf not in ("state", "telemetry", "events", "desired", "capture"):
+        if leaf not in ("state", "telemetry", "events", "desired", "capture", "bench"):
             raise TopicError(
-                f"unknown device topic {leaf!r}; use state, telemetry, events, desired or capture"
+                f"unknown device topic {leaf!r}; use state, telemetry, events, desired, capture or bench"
             )
         return f"{self.prefix}/devices/+/{leaf}"
 
@@ -192,9 +206,8 @@ class Topics:
         if "/".join(levels[: self._depth]) != self.prefix:
             raise TopicError(f"{topic!r} is not under the topic prefix {self.prefix!r}")
         rest = levels[self._depth :]
-        if len(rest) == 3 and rest[0] == "fleets" and rest[2] in ("desired", "capture"):
-            kind = FLEET_DESIRED if rest[2] == "desired" else FLEET_CAPTURE
-            return TopicParts(kind, fleet=check_fleet_id(rest[1]))
+        if len(rest) == 3 and rest[0] == "fleets" and rest[2] in _FLEET_LEAVES:
+            return TopicParts(_FLEET_LEAVES[rest[2]], fleet=check_fleet_id(rest[1]))
         if len(rest) == 3 and rest[0] == "devices" and rest[2] in _DEVICE_LEAVES:
             return TopicParts(_DEVICE_LEAVES[rest[2]], device=check_device_id(rest[1]))
         if len(rest) == 3 and rest[0] == "bundles" and rest[2] == "manifest":

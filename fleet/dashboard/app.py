@@ -42,6 +42,7 @@ from ..push import FleetLink
 from ..registry import Registry
 from ..registry.views import audit_json, device_json, event_json, iso, telemetry_json
 from ..rollout import RolloutPolicy
+from .bench import bench_routes
 from .metrics import FleetMetrics
 from .rollouts import rollout_views
 from .sessions import SESSION_SECONDS, Sessions
@@ -448,6 +449,7 @@ def create_app(
         Route("/login", login_page),
         Route("/metrics", prometheus),
         *shadow_routes(registry, act),
+        *bench_routes(registry),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     if api is not None:

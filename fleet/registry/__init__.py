@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .store import (
     BatchResult,
+    BenchRow,
     DeviceState,
     EventRow,
     Registry,
@@ -15,6 +16,7 @@ from .store import (
 
 __all__ = [
     "BatchResult",
+    "BenchRow",
     "DeviceState",
     "EventRow",
     "Registry",

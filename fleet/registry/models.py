@@ -259,6 +259,43 @@ class ShadowWindow(Base):
     candidate_severity: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
+class BenchResult(Base):
+    """What one device measured of one candidate in an on-fleet benchmark (docs/bench.md),
+    keyed by the device's report number ((device, seq): a redelivery is ignored). ``by_threads``
+    is the report's JSON list of per-thread-count figures."""
+
+    __tablename__ = "bench_results"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    bench_seq: Mapped[int] = mapped_column(BigInteger)
+    candidate_id: Mapped[str] = mapped_column(String(64))
+    candidate_label: Mapped[str] = mapped_column(String(140))
+    board_class: Mapped[str] = mapped_column(String(700))
+    board_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    board_cpu: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    machine: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    cores: Mapped[int] = mapped_column(Integer)
+    runtime: Mapped[str] = mapped_column(String(32))
+    xnnpack: Mapped[bool] = mapped_column(Boolean)
+    state: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    load_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    peak_rss_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    added_rss_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    by_threads: Mapped[str] = mapped_column(Text)
+    hc_samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    hc_agreed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    hc_max_error: Mapped[float | None] = mapped_column(Float, nullable=True)
+    temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    throttled: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+Index("ix_bench_results_fleet_bench_seq", BenchResult.fleet, BenchResult.bench_seq)
+
+
 class Event(Base):
     __tablename__ = "events"
 

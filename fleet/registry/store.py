@@ -47,7 +47,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Device, Event, Fleet, ShadowWindow, Telemetry
+from .models import BenchResult, Device, Event, Fleet, ShadowWindow, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,36 @@ class ShadowRow(NamedTuple):
     candidate_severity: str | None = None
 
 
+class BenchRow(NamedTuple):
+    """One bench report (edgekit.bench.BenchReport) as stored."""
+
+    device: str
+    seq: int
+    fleet: str
+    at: datetime
+    bench_seq: int
+    candidate_id: str
+    candidate_label: str
+    board_class: str
+    board_model: str | None
+    board_cpu: str | None
+    machine: str | None
+    cores: int
+    runtime: str
+    xnnpack: bool
+    state: str
+    error: str | None
+    load_ms: float | None
+    peak_rss_mb: float | None
+    added_rss_mb: float | None
+    by_threads: str  # JSON
+    hc_samples: int | None
+    hc_agreed: int | None
+    hc_max_error: float | None
+    temperature_c: float | None
+    throttled: str | None
+
+
 class EventRow(NamedTuple):
     device: str
     seq: int
@@ -162,6 +192,7 @@ class BatchResult:
     states: int
     telemetry: WriteResult
     events: WriteResult
+    bench: int = 0  # bench reports stored (new ones)
 
 
 class Registry:
@@ -461,6 +492,7 @@ class Registry:
         events: Sequence[EventRow] = (),
         fleets: dict[str, str] | None = None,
         shadows: Sequence[ShadowRow] = (),
+        bench: Sequence[BenchRow] = (),
     ) -> BatchResult:
         """States, then telemetry (and the shadow windows some carry), then events, in ONE
         transaction: all of it or none.
@@ -473,7 +505,8 @@ class Registry:
             if shadows:
                 self._bulk_insert(session, ShadowWindow, ShadowRow._fields, shadows)
             logged = self._add_events(session, events)
-        return BatchResult(applied, written, logged)
+            benched = self._bulk_insert(session, BenchResult, BenchRow._fields, bench) if bench else 0
+        return BatchResult(applied, written, logged, benched)
 
     def apply_retention(self, now: datetime, keep_raw: timedelta, bucket: timedelta) -> int:
         """Fold raw telemetry older than ``keep_raw`` into one row per device and ``bucket``.
@@ -628,9 +661,26 @@ class Registry:
             )
             return list(session.scalars(query))
 
+    def bench_results(self, fleet: str, bench_seq: int | None = None) -> list[BenchResult]:
+        """The bench reports of ``fleet`` for ``bench_seq`` (default: the newest benchmark
+        reported), by board class, candidate and device."""
+        with self.session() as session:
+            if bench_seq is None:
+                bench_seq = session.execute(
+                    select(func.max(BenchResult.bench_seq)).where(BenchResult.fleet == fleet)
+                ).scalar_one()
+                if bench_seq is None:
+                    return []
+            query = (
+                select(BenchResult)
+                .where(BenchResult.fleet == fleet, BenchResult.bench_seq == bench_seq)
+                .order_by(BenchResult.board_class, BenchResult.candidate_label, BenchResult.device)
+            )
+            return list(session.scalars(query))
+
     def delete_device(self, device: str) -> None:
         with self.session() as session, session.begin():
-            for model in (Telemetry, Event, ShadowWindow):
+            for model in (Telemetry, Event, ShadowWindow, BenchResult):
                 session.execute(delete(model).where(model.device == device))
             session.execute(delete(Device).where(Device.id == device))
 

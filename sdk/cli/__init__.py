@@ -16,6 +16,7 @@ except ModuleNotFoundError as exc:  # a device's install (edgekit[agent]) has no
 from ..logs import setup_logging
 from . import (
     alerts,
+    bench,
     broker,
     bundle,
     capture,
@@ -46,6 +47,7 @@ app.add_typer(capture.app, name="capture")
 app.add_typer(push.rollout_app, name="rollout")
 app.add_typer(trust.app, name="trust")
 app.add_typer(shadow.app, name="shadow")
+app.add_typer(bench.app, name="bench")
 app.command("push")(push.push)
 fleet.app.command("rollback")(push.rollback)
 app.command("login")(server.login)
