@@ -10,8 +10,8 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
