@@ -712,10 +712,15 @@ class Agent:
         return TelemetryRecord.from_dict(queued)
 
     def _shadow_window(self) -> dict[str, Any] | None:
+        # A stopped candidate's last figures go first, also when another candidate replaced it:
+        # reported any later (after the new one failed, say), they would be the fleet's newest
+        # window and make the old candidate the one `shadow status` and `promote` judge.
+        stopped, self._last_shadow = self._last_shadow, None
+        if stopped is not None:
+            return stopped.window(close=True)
         shadow = self._shadow
         if shadow is None:
-            shadow, self._last_shadow = self._last_shadow, None  # the stopped one's last figures
-            return None if shadow is None else shadow.window(close=True)
+            return None
         window = shadow.window(close=True)
         if not shadow.active:  # failed or expired: reported once, then gone
             self._shadow = None

@@ -1,5 +1,6 @@
-"""Shadow evaluation when the candidate hangs: a real agent, real TFLite runtimes, the digits
-bundles (fp32 serves; the int8 candidate shadows it)."""
+"""Shadow evaluation when the candidate hangs, and when one candidate replaces another: real
+agents, real TFLite runtimes, the digits bundles (fp32 serves; the int8 or another fp32 candidate
+shadows it)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,26 @@ def test_a_candidate_that_hangs_on_one_input_is_unloaded_while_predict_keeps_ans
     assert "digits@2.0.0 ran for over 0.2 s on one input (hung)" in str(failed[0]["message"])
     assert "it was unloaded and the serving model answered every request" in str(failed[0]["message"])
     assert failed[0]["bundle"]["version"] == "2.0.0"
+
+
+def test_a_replaced_candidates_last_window_is_reported_before_the_next_candidates(
+    make_config, bundles, models
+):
+    """Else the old candidate's last window, sent after the new one ended, would be the fleet's
+    newest and `shadow status` / `promote` would judge the old candidate."""
+    xs = models.x_test[:20]
+    with Agent.from_config(make_config("replace"), background=False) as agent:
+        agent.install(bundles.v1)
+        first = agent.start_shadow(bundles.v2, sample=1.0, cpu_budget=1.0)
+        for x in xs:
+            agent.predict(x)
+        assert first.wait_idle()
+        agent.start_shadow(bundles.v3, sample=1.0, until=1.0)  # replaces it; already past its end
+        agent.predict(xs[0])
+        records = [agent.flush_telemetry() for _ in range(3)]
+    shadows = [r.shadow if r is not None else None for r in records]
+    assert shadows[0] is not None and shadows[1] is not None
+    assert (shadows[0]["candidate"]["version"], shadows[0]["state"]) == ("2.0.0", "stopped")
+    assert shadows[0]["compared"] == len(xs)
+    assert (shadows[1]["candidate"]["version"], shadows[1]["state"]) == ("3.0.0", "expired")
+    assert shadows[2] is None
