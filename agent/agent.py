@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 _clock = time.perf_counter
 _random = random.random
+#: The calling thread's CPU time: what a shadow compares of the two models (docs/shadow.md).
+_cpu = time.thread_time
 
 Inputs = Union[np.ndarray, Sequence[np.ndarray], Mapping[str, np.ndarray]]
 
@@ -352,18 +354,23 @@ class Agent:
         ):
             # The common case (one input of exactly the model's shape and dtype, one output),
             # kept short: on a small model it is most of what the agent adds to a bare call.
+            shadow = self._shadow
+            shadowed = shadow is not None and _random() < shadow.sample
             lock = self._lock
             lock.acquire()
             if served is not self._served:  # swapped by a low-memory install: see _acquire_for
                 lock.release()
                 return self.predict(x, as_dict=as_dict, raw=raw)
             try:
+                cpu = _cpu() if shadowed else 0.0
                 start = _clock()
                 served.set_tensor(served.i0, x)
                 served.invoke()
                 out = served.get_tensor(served.o0)
                 latencies = self._lat
                 elapsed = _clock() - start
+                if shadowed:
+                    cpu = _cpu() - cpu
                 latencies.append(elapsed)
                 if len(latencies) >= LATENCY_CAP:
                     self._latency.fold()
@@ -382,9 +389,9 @@ class Agent:
                     capture.observe(x, out, served.loaded.identity)
                 elif _random() < capture.sample_rate:
                     capture.offer(x, [out], "sample", served.loaded.identity())
-            shadow = self._shadow
-            if shadow is not None and _random() < shadow.sample:
-                shadow.offer((x,), (out,), elapsed)  # copies; never blocks, never raises
+            if shadowed and shadow is not None:
+                # the serving model's CPU time, as the candidate's is measured: see Shadow._compare
+                shadow.offer((x,), (out,), cpu)  # copies; never blocks, never raises
             return {served.name0: out} if as_dict else [out]
         return self._predict(served, x, as_dict, raw)
 
@@ -413,9 +420,12 @@ class Agent:
             with lock:
                 self._errors += 1
             raise
+        shadow = self._shadow
+        shadowed = shadow is not None and _random() < shadow.sample
         if not self._acquire_for(served):
             return self.predict(x, as_dict=as_dict, raw=raw)
         try:
+            cpu = _cpu() if shadowed else 0.0
             start = _clock()
             try:
                 for index, value in zip(served.in_idx, feeds):
@@ -427,6 +437,8 @@ class Agent:
                 raise DataError(f"the runtime rejected the input: {exc}") from None
             latencies = self._lat
             elapsed = _clock() - start
+            if shadowed:
+                cpu = _cpu() - cpu
             latencies.append(elapsed)
             if len(latencies) >= LATENCY_CAP:
                 self._latency.fold()
@@ -434,10 +446,9 @@ class Agent:
             lock.release()
         if _random() < served.rate:
             served.drift.add(feeds[0], served.real_output(outputs[0]))  # type: ignore[union-attr]
-        shadow = self._shadow
-        if shadow is not None and _random() < shadow.sample:
+        if shadowed and shadow is not None:
             real = [dequantize(o, s) if s.quantized else o for o, s in zip(outputs, served.out_specs)]
-            shadow.offer(feeds, real, elapsed)  # copies; never blocks, never raises
+            shadow.offer(feeds, real, cpu)  # copies; never blocks, never raises
         if served.any_quantized_out and not raw:
             outputs = [dequantize(o, s) if s.quantized else o for o, s in zip(outputs, served.out_specs)]
         if self.capture.armed:
@@ -726,10 +737,15 @@ class Agent:
         return TelemetryRecord.from_dict(queued)
 
     def _shadow_window(self) -> dict[str, Any] | None:
+        # A stopped candidate's last figures go first, also when another candidate replaced it:
+        # reported any later (after the new one failed, say), they would be the fleet's newest
+        # window and make the old candidate the one `shadow status` and `promote` judge.
+        stopped, self._last_shadow = self._last_shadow, None
+        if stopped is not None:
+            return stopped.window(close=True)
         shadow = self._shadow
         if shadow is None:
-            shadow, self._last_shadow = self._last_shadow, None  # the stopped one's last figures
-            return None if shadow is None else shadow.window(close=True)
+            return None
         window = shadow.window(close=True)
         if not shadow.active:  # failed or expired: reported once, then gone
             self._shadow = None

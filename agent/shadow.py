@@ -10,12 +10,14 @@ inputs, off the request path, and only statistics come out of it.
 How it works:
 
 - ``predict()`` copies a sampled share (``sample``) of its inputs, with the serving model's
-  outputs and latency, to a bounded queue (:data:`QUEUE_MAX`) and returns at once. When the
+  outputs and the CPU time of its run, to a bounded queue (:data:`QUEUE_MAX`) and returns at once. When the
   queue is full the sample is dropped and counted: the serving path never waits for the shadow.
 - One worker thread runs the candidate on each queued input and compares: top-1 agreement
   (classification outputs: one output whose last axis has more than one class) and the mean and
-  max absolute error on dequantized (real) output values; latency of both models on the same
-  inputs. After each run the worker sleeps in proportion to the CPU time it spent, so that it
+  max absolute error on dequantized (real) output values; the latency of both models on the same
+  inputs, as the CPU time of each run on its thread (the worker runs at nice 19 and waits behind
+  serving by design: wall-clock time would count that wait against the candidate, and an
+  identical candidate measured 4-6x the serving model on a busy agent). After each run the worker sleeps in proportion to the CPU time it spent, so that it
   uses at most ``cpu_budget`` of one core (default 0.25).
 - A candidate that raises, returns NaN or infinity, or takes longer than ``hang_seconds`` on one
   input is unloaded and an event (``shadow_failed``) says why; the serving model never notices.
@@ -304,8 +306,9 @@ class Shadow:
         return self.state == RUNNING
 
     def offer(self, feeds: Sequence[np.ndarray], outputs: Sequence[np.ndarray], serving_s: float) -> None:
-        """Queue a copy of one served input (as fed to the serving model) and its real outputs;
-        dropped and counted when the worker is behind."""
+        """Queue a copy of one served input (as fed to the serving model), its real outputs and
+        the serving run's CPU time (``serving_s``, seconds); dropped and counted when the worker
+        is behind."""
         if self.state != RUNNING:
             return
         if self._queue.full():  # behind: count it without copying anything
@@ -374,9 +377,14 @@ class Shadow:
         feeds = []
         for value, spec, dtype in zip(item.real_inputs, self._in_specs, self._in_dtypes):
             feeds.append(quantize(value, spec) if spec.quantized else value.astype(dtype, copy=False))
-        self._busy_since = start = time.perf_counter()
+        self._busy_since = time.perf_counter()  # wall clock: a hang is judged by it
+        cpu0 = time.thread_time()
         raw = model.run(feeds)
-        elapsed = time.perf_counter() - start
+        # The candidate's latency is the CPU time of its run on this thread (one interpreter
+        # thread, so all of it): the worker runs at nice 19 and waits behind serving, other
+        # processes and the GIL by design, and that waiting would make even the serving model
+        # itself look several times slower here than where it serves.
+        elapsed = time.thread_time() - cpu0
         self._busy_since = None
         outs = [
             dequantize(o, s) if s.quantized else o.astype(np.float32, copy=False)

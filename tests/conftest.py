@@ -4,6 +4,8 @@
   the end of the test; tests may rewrite its config (ACLs) and restart it.
 - ``digits_models``: tiny Keras CNNs trained on scikit-learn's digits and converted to fp32
   and int8 .tflite, once per session (TensorFlow import and training cost seconds).
+- ``digits_candidates``: shadow candidates built from the digits Keras model (the same answers
+  at ~1 ms, shuffled classes, ~3x the compute, NaN), once per session.
 - ``diabetes_regressor``: a tiny Keras regressor on scikit-learn's diabetes data, as .tflite.
 - ``third_party_tflite``: a real .tflite model shipped inside a PyPI package (MediaPipe's
   face detector), fetched by `make test` as a wheel; never downloaded at test time.
@@ -191,6 +193,70 @@ def digits_models(tmp_path_factory: pytest.TempPathFactory) -> DigitsModels:
     data = out / "digits_test.npz"
     np.savez(data, x=x_test, y=y_test)
     return DigitsModels(keras_path, fp32, int8, x_test, y_test, data)
+
+
+#: How the shuffled candidate's outputs are permuted: class 0 stays, 1..9 rotate (one fixed
+#: point, so it agrees with the serving model exactly on the inputs served as class 0: ~10%).
+SHUFFLED_CLASSES = (0, 2, 3, 4, 5, 6, 7, 8, 9, 1)
+#: The paced models' work block: the conv features upsampled this many times, through an
+#: identity 3x3 convolution, max-pooled back (exact: max of equal values). About 1 ms of compute.
+PACE_UPSAMPLE = 32
+
+
+@dataclass(frozen=True)
+class DigitsCandidates:
+    """A serving model and shadow candidates built from the digits Keras model (docs/shadow.md),
+    as fp32 .tflite. Each runs the trained conv layer, then one work block (``PACE_UPSAMPLE``) whose
+    result is its input bit for bit, then a head: on these ~1 ms models a latency ratio measures
+    compute, where the bare digits model's ~4 us would be lost in timer and cache noise."""
+
+    serving: Path  # the trained model's answers, bit for bit, at ~1 ms per input
+    shuffled: Path  # the final layer's units permuted (``classes``): ~10% top-1 agreement
+    slow: Path  # the serving model's answers bit for bit, through three work blocks: ~3x the compute
+    nan: Path  # the final bias NaN: every output is NaN (a real fault of a broken export)
+    classes: tuple[int, ...] = SHUFFLED_CLASSES  # shuffled's output j is the trained model's classes[j]
+
+
+@pytest.fixture(scope="session")
+def digits_candidates(
+    digits_models: DigitsModels, tmp_path_factory: pytest.TempPathFactory
+) -> DigitsCandidates:
+    """Built once per session from ``digits_models``' Keras model (well under a second each)."""
+    import keras
+
+    trained = keras.models.load_model(digits_models.keras_path)
+    conv, flatten, dense = trained.layers
+    kernel, bias = dense.get_weights()
+    out = tmp_path_factory.mktemp("digits-candidates")
+
+    def paced(weights: list[np.ndarray], blocks: int = 1) -> bytes:
+        inputs = keras.Input(shape=(8, 8, 1), batch_size=1)
+        hidden = conv(inputs)
+        channels = int(hidden.shape[-1])
+        identity = np.zeros((3, 3, channels, channels), np.float32)
+        identity[1, 1] = np.eye(channels, dtype=np.float32)
+        for _ in range(blocks):  # the runtime computes it all: nothing here is constant-folded
+            hidden = keras.layers.UpSampling2D(PACE_UPSAMPLE)(hidden)
+            work = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)
+            hidden = work(hidden)
+            work.set_weights([identity])
+            hidden = keras.layers.MaxPooling2D(PACE_UPSAMPLE)(hidden)
+        last = keras.layers.Dense(10, activation="softmax")
+        outputs = last(flatten(hidden))
+        last.set_weights(weights)
+        return convert_to_tflite(keras.Model(inputs, outputs))
+
+    order = list(SHUFFLED_CLASSES)
+    paths = {}
+    for name, content in (
+        ("serving", paced([kernel, bias])),
+        ("shuffled", paced([kernel[:, order], bias[order]])),
+        ("slow", paced([kernel, bias], blocks=3)),
+        ("nan", paced([kernel, np.full_like(bias, np.nan)])),
+    ):
+        paths[name] = out / f"digits_{name}.tflite"
+        paths[name].write_bytes(content)
+    return DigitsCandidates(**paths)
 
 
 @dataclass(frozen=True)
