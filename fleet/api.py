@@ -102,6 +102,8 @@ def rollout_json(control: ControlPlane, fleet: str) -> dict[str, Any]:
         "devices": list(rollout.devices),
         "failed": dict(rollout.failed),
         "reason": rollout.reason,
+        # The shadow phase's length (push --canary N --shadow-first), or null without one.
+        "shadow_first_s": rollout.rollout_policy.shadow_s or None,
         "started_by": info.started_by,
         "started_at": info.started_at.isoformat(),
     }

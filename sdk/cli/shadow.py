@@ -36,6 +36,10 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
+def _mib(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value / (1024 * 1024):.1f} MiB"
+
+
 def _agreement(figures: dict[str, Any]) -> str:
     if figures["agreement"] is None:
         return "-"
@@ -54,12 +58,12 @@ def status(
     """Per device and in total: inputs compared and dropped, top-1 agreement with its 95%
     confidence interval (Wilson), output error, p95 latency of the candidate against the
     serving model on the same inputs, and whether the candidate failed."""
+    from edgekit.fleet.control import ControlPlane
     from edgekit.fleet.registry import Registry
-    from edgekit.fleet.shadow import summarize
 
     reg = Registry(WorkstationConfig.load(registry=registry).registry)
     try:
-        summary = summarize(reg.shadow_windows(fleet))
+        summary = ControlPlane(reg).shadow_summary(fleet)  # only the devices asked
     finally:
         reg.close()
     if json_out:
@@ -80,6 +84,7 @@ def status(
         "max error",
         "p95 serving",
         "p95 candidate",
+        "peak memory",
         "candidate on these inputs",
         title=f"{summary['candidate']} in the shadow of fleet {fleet}",
     )
@@ -94,6 +99,7 @@ def status(
             "-" if d["abs_error_max"] is None else f"{d['abs_error_max']:.4g}",
             _ms(d["serving_p95_ms"]),
             _ms(d["candidate_p95_ms"]),
+            _mib(d["peak_memory_bytes"]),
             d["severity"] or "not judged yet",
         )
     total = summary["total"]
@@ -106,6 +112,7 @@ def status(
         "-" if total["abs_error_max"] is None else f"{total['abs_error_max']:.4g}",
         _ms(total["serving_p95_ms"]),
         _ms(total["candidate_p95_ms"]),
+        _mib(total["peak_memory_bytes"]),
         "",
     )
     console.print(table)
@@ -166,15 +173,16 @@ def promote(
     """Start a normal rollout of the candidate only when every device's figures pass; else say
     which failed on which devices and exit non-zero (nothing is published)."""
     from edgekit.fleet.actions import pushing
+    from edgekit.fleet.control import ControlPlane
     from edgekit.fleet.push import FleetLink
     from edgekit.fleet.registry import Registry
     from edgekit.fleet.rollout import RolloutPolicy
-    from edgekit.fleet.shadow import judge, summarize
+    from edgekit.fleet.shadow import judge
 
     cfg = WorkstationConfig.load(broker=broker, registry=registry)
     reg = Registry(cfg.registry)
     try:
-        summary = summarize(reg.shadow_windows(fleet))
+        summary = ControlPlane(reg).shadow_summary(fleet)  # only the devices asked
     finally:
         reg.close()
     reasons = judge(summary, min_agreement, max_latency_ratio)
