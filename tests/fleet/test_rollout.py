@@ -250,7 +250,9 @@ def test_a_candidate_failing_in_the_shadow_aborts_at_once():
     rollout = begin_shadow()
     failed = {"state": "failed", "error": "it returned NaN or infinity"}
     rollout, actions = advance(rollout, shadowing(cam_1=failed), SHADOW_POLICY, now=5)
-    assert rollout.phase == ABORTED and "canary cam-1: the candidate digits@2.0.0 failed there" in rollout.reason
+    assert (
+        rollout.phase == ABORTED and "canary cam-1: the candidate digits@2.0.0 failed there" in rollout.reason
+    )
     assert "NaN" in rollout.reason and actions == [Action(OLD, "cam-1"), Action(OLD, "cam-2")]
 
 
@@ -273,7 +275,7 @@ def test_a_shadow_phase_survives_a_restart_and_needs_a_served_bundle(tmp_path):
     rollout.save(tmp_path / "r.json")
     loaded = Rollout.load(tmp_path / "r.json")
     assert loaded == rollout and loaded.rollout_policy == SHADOW_POLICY
-    rollout, actions = advance(loaded, shadowing(), loaded.rollout_policy, now=901)
+    rollout, _ = advance(loaded, shadowing(), loaded.rollout_policy, now=901)
     assert rollout.phase == CANARY
     with pytest.raises(ConfigError, match="serves nothing yet"):
         start("shop", NEW, "digits@2.0.0", reports(), None, SHADOW_POLICY, now=0)
