@@ -416,6 +416,12 @@ def push(
                         f"no device of fleet {fleet} has reported yet; devices that join later fetch "
                         f"{bundle.manifest.label} from the broker"
                     )
+                elif rollout.phase == "shadow":
+                    console.print(
+                        f"the canaries ({', '.join(rollout.canaries)}) try it in the shadow of the bundle "
+                        f"they serve first; the rollout controller of `edgekit fleet up` (or `edgekit "
+                        f"rollout resume --fleet {fleet}`) judges their figures and goes on or aborts"
+                    )
                 elif rollout.canaries:
                     console.print(
                         f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` (or the "
@@ -505,14 +511,14 @@ def _push_shadow(
     cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
     with open_control(cfg, key) as control:
-        bundle = resolve_target(target, control.catalog, key, version, name)
         client = _connect(cfg)
         try:
             from edgekit.fleet.push import FleetLink
 
             link = FleetLink(client, fleet, key, control)
             devices = link.discover()
-            asked = shadow_devices(link, count, names or ())  # before anything is published
+            asked = shadow_devices(link, count, names or ())  # before anything is catalogued or sent
+            bundle = resolve_target(target, control.catalog, key, version, name)
             seq = start_shadow(control, link, bundle, sample, seconds, "edgekit push --shadow", asked)
             serving = link.record.label
         finally:
