@@ -14,26 +14,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Optional
+from typing import Any, Optional
 
 from edgekit.bundle import Bundle
 from edgekit.desired import ShadowRequest
-from edgekit.errors import ConfigError, EdgekitError, RolloutError
+from edgekit.errors import ConfigError, EdgekitError, PromotionRefusedError, RolloutError
 
 from .control import ControlPlane
 from .push import FleetLink, begin_rollout, labels_of, step_rollout
 from .rollout import SHADOW, Rollout, RolloutPolicy, abort, choose_devices
+from .shadow import judge
 
 __all__ = [
     "LOCK_WAIT",
     "abort_rollout",
     "audited",
     "previous_bundle",
+    "promote_shadow",
     "pushing",
     "resume_rollout",
     "rollback_device",
     "rolling_back",
     "shadow_devices",
+    "shadow_verdict",
     "start_shadow",
     "stop_shadow",
 ]
@@ -269,3 +272,46 @@ def stop_shadow(control: ControlPlane, link: FleetLink, holder: str) -> int:
     with audited(control, "shadow-stop", fleet), control.driving(fleet, holder, wait=LOCK_WAIT):
         bundle_id, name, version = _serving(control, link)
         return link.desire(bundle_id, name, version)
+
+
+def shadow_verdict(
+    control: ControlPlane, fleet: str, min_agreement: float, max_latency_ratio: float
+) -> dict[str, Any]:
+    """Judge the fleet's shadow candidate (edgekit.fleet.shadow.judge) from the windows in the
+    registry: the verdict ``shadow promote --json`` prints when it passes, else
+    PromotionRefusedError naming each failing device and why. Audited either way. Needs no
+    broker: a refusal publishes nothing."""
+    summary = control.shadow_summary(fleet)  # only the devices asked
+    reasons = judge(summary, min_agreement, max_latency_ratio)
+    verdict = {
+        "fleet": fleet,
+        "candidate": summary["candidate"],
+        "candidate_id": summary["candidate_id"],
+        "passed": not reasons,
+        "reasons": reasons,
+    }
+    with audited(control, "shadow-promote", fleet, summary["candidate"]):
+        if reasons:
+            raise PromotionRefusedError(
+                f"{summary['candidate'] or 'the candidate'} was not promoted on fleet {fleet}: "
+                + "; ".join(reasons),
+                verdict,
+            )
+    return verdict
+
+
+def promote_shadow(
+    control: ControlPlane, link: FleetLink, verdict: dict[str, Any], canary: int, holder: str
+) -> dict[str, Any]:
+    """Start a normal rollout (:func:`pushing`) of the candidate a passed :func:`shadow_verdict`
+    names: the verdict with the ``rollout`` started. Its desired state has no shadow section,
+    so it ends the shadow too."""
+    bundle = control.catalog.find(verdict["candidate_id"])
+    if bundle is None:
+        raise RolloutError(
+            f"{verdict['candidate']} is not in the catalog of this registry; push it with "
+            f"`edgekit push FILE --fleet {link.fleet}` instead"
+        )
+    with pushing(control, link, bundle, RolloutPolicy(canary=canary), holder) as (rollout, _):
+        started = {"bundle": rollout.label, "phase": rollout.phase, "canaries": list(rollout.canaries)}
+    return {**verdict, "rollout": started}

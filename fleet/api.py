@@ -1,5 +1,5 @@
-"""The fleet service's operator API, ``/api/v1/``: what ``edgekit push|rollout|fleet rollback
---server URL`` (and the dashboard's buttons) call. Every action goes through
+"""The fleet service's operator API, ``/api/v1/``: what ``edgekit push|rollout|shadow|fleet
+rollback --server URL`` (and the dashboard's buttons) call. Every action goes through
 :mod:`edgekit.fleet.actions`, the code the CLI runs on its own registry.
 
 Authentication: ``Authorization: Bearer TOKEN``, where TOKEN is a session opened by ``POST
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,15 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from edgekit.bundle import Bundle, create_bundle
-from edgekit.errors import AuthError, BrokerError, BundleError, ConfigError, EdgekitError, RolloutError
+from edgekit.errors import (
+    AuthError,
+    BrokerError,
+    BundleError,
+    ConfigError,
+    EdgekitError,
+    PromotionRefusedError,
+    RolloutError,
+)
 from edgekit.keys import SigningKey, load_signing_key
 from edgekit.provision import DEFAULT_STATE_DIR, provision_device
 from edgekit.trust import TrustedKeys
@@ -33,14 +42,25 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .accounts import Accounts, Identity
-from .actions import abort_rollout, previous_bundle, pushing, rollback_device, rolling_back
+from .actions import (
+    abort_rollout,
+    previous_bundle,
+    promote_shadow,
+    pushing,
+    rollback_device,
+    rolling_back,
+    shadow_devices,
+    shadow_verdict,
+    start_shadow,
+    stop_shadow,
+)
 from .control import ControlPlane
 from .push import FleetLink, connect_operator
 from .registry import Registry
 from .registry.views import audit_json
 from .rollout import RolloutPolicy
 
-__all__ = ["ApiContext", "api_routes", "outcome_json", "rollout_json"]
+__all__ = ["ApiContext", "api_routes", "outcome_json", "rollout_json", "shadow_json", "shadow_started_json"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +146,37 @@ def outcome_json(rollout: Any, link: FleetLink) -> dict[str, Any]:
     }
 
 
+def shadow_json(registry: Registry, fleet: str) -> dict[str, Any]:
+    """What ``edgekit shadow status --json`` prints: the fleet's shadow windows of its newest
+    candidate, per device and in total (edgekit.fleet.shadow.summarize), of the devices asked
+    only (``push --shadow --devices N``: ControlPlane.shadow_summary)."""
+    return {"fleet": fleet, **ControlPlane(registry).shadow_summary(fleet)}
+
+
+def shadow_started_json(
+    link: FleetLink,
+    candidate: Bundle,
+    sample: float,
+    seconds: float,
+    seq: int,
+    devices: int,
+    asked: Optional[list[str]] = None,
+) -> dict[str, Any]:
+    """What ``push --shadow --json`` prints once :func:`start_shadow` asked the fleet (``asked``:
+    the devices asked to try it; None: every device)."""
+    return {
+        "asked": asked,
+        "fleet": link.fleet,
+        "candidate": candidate.manifest.label,
+        "candidate_id": candidate.bundle_id,
+        "serving": link.record.label,
+        "sample": sample,
+        "seconds": seconds,
+        "seq": seq,
+        "devices": devices,
+    }
+
+
 _STATUS = {AuthError: 401, RolloutError: 409, BundleError: 400, ConfigError: 400, BrokerError: 503}
 
 Handler = Callable[[Request, Identity], Awaitable[JSONResponse]]
@@ -133,7 +184,10 @@ Handler = Callable[[Request, Identity], Awaitable[JSONResponse]]
 
 def _error(exc: EdgekitError) -> JSONResponse:
     status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
-    return JSONResponse({"error": str(exc), "exit_code": exc.exit_code}, status_code=status)
+    doc: dict[str, Any] = {"error": str(exc), "exit_code": exc.exit_code}
+    if isinstance(exc, PromotionRefusedError):
+        doc["verdict"] = exc.verdict  # what `shadow promote --json` prints
+    return JSONResponse(doc, status_code=status)
 
 
 def api_routes(ctx: ApiContext) -> list[Route]:
@@ -292,6 +346,69 @@ def api_routes(ctx: ApiContext) -> list[Route]:
             await run_in_threadpool(provision_through, ctx, who, device, fleet, broker, state_dir, tls, force)
         )
 
+    async def shadow_status(request: Request, who: Identity) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+        return JSONResponse(await run_in_threadpool(shadow_json, ctx.registry, fleet))
+
+    async def shadow_start(request: Request, who: Identity) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+        q = request.query_params
+        sample, seconds = _number(q, "sample", 0.1), _number(q, "seconds", 1800.0)
+        if not 0 < sample <= 1:
+            raise ConfigError(
+                f"sample {sample:g}: give the share of live inputs compared, above 0 and at most 1"
+            )
+        if seconds <= 0:
+            raise ConfigError(f"seconds {seconds:g}: give how long devices try the candidate, above 0")
+        body = await request.body()
+        if len(body) > MAX_UPLOAD:
+            raise BundleError(f"upload of {len(body)} bytes is over the {MAX_UPLOAD} byte limit")
+
+        count = None if q.get("devices") in (None, "") else int(_number(q, "devices", 0))
+        names = [n for n in (q.get("device") or "").split(",") if n]
+        if count is not None and (count < 1 or names):
+            raise ConfigError("devices: give a number of devices (at least 1), or device=NAME,..., not both")
+
+        def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
+            asked = shadow_devices(link, count, names)  # before anything is catalogued or sent
+            candidate = _resolve(
+                control, ctx.key(), body, q.get("kind", "bundle"), q.get("name"), q.get("version")
+            )
+            holder = f"edgekit push --shadow --server ({who.name})"
+            seq = start_shadow(control, link, candidate, sample, seconds, holder, asked)
+            return shadow_started_json(link, candidate, sample, seconds, seq, len(link.devices()), asked)
+
+        return JSONResponse(await run_in_threadpool(ctx.with_link, who, fleet, work))
+
+    async def shadow_promote(request: Request, who: Identity) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+        q = request.query_params
+        min_agreement = _number(q, "min_agreement", 0.98)
+        max_latency_ratio = _number(q, "max_latency_ratio", 1.2)
+        canary = int(_number(q, "canary", 0))
+        if not 0 <= min_agreement <= 1 or max_latency_ratio < 0 or canary < 0:
+            raise ConfigError(
+                "min_agreement is a share from 0 to 1, max_latency_ratio and canary are 0 or more"
+            )
+        control = ctx.control(who)
+        verdict = await run_in_threadpool(shadow_verdict, control, fleet, min_agreement, max_latency_ratio)
+
+        def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
+            return promote_shadow(
+                control, link, verdict, canary, f"edgekit shadow promote --server ({who.name})"
+            )
+
+        return JSONResponse(await run_in_threadpool(ctx.with_link, who, fleet, work))
+
+    async def shadow_stop(request: Request, who: Identity) -> JSONResponse:
+        fleet = request.path_params["fleet"]
+
+        def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
+            seq = stop_shadow(control, link, f"edgekit shadow stop --server ({who.name})")
+            return {"fleet": fleet, "seq": seq, "shadow": None}
+
+        return JSONResponse(await run_in_threadpool(ctx.with_link, who, fleet, work))
+
     return [
         Route("/api/v1/devices", guarded(device_add, act=True), methods=["POST"]),
         Route("/api/v1/login", login, methods=["POST"]),
@@ -302,6 +419,10 @@ def api_routes(ctx: ApiContext) -> list[Route]:
         Route("/api/v1/fleets/{fleet}/push", guarded(push, act=True), methods=["POST"]),
         Route("/api/v1/fleets/{fleet}/abort", guarded(abort, act=True), methods=["POST"]),
         Route("/api/v1/fleets/{fleet}/rollback", guarded(rollback, act=True), methods=["POST"]),
+        Route("/api/v1/fleets/{fleet}/shadow", guarded(shadow_status)),
+        Route("/api/v1/fleets/{fleet}/shadow", guarded(shadow_start, act=True), methods=["POST"]),
+        Route("/api/v1/fleets/{fleet}/shadow/promote", guarded(shadow_promote, act=True), methods=["POST"]),
+        Route("/api/v1/fleets/{fleet}/shadow/stop", guarded(shadow_stop, act=True), methods=["POST"]),
     ]
 
 
@@ -339,6 +460,20 @@ def provision_through(
         "config": config,
         "files": files,
     }
+
+
+def _number(query: Any, name: str, default: float) -> float:
+    """A number from the query string; ConfigError (400) naming it when it is not one."""
+    text = query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} {text!r} is not a finite number")
+    return value
 
 
 def _resolve(

@@ -25,6 +25,7 @@ __all__ = [
     "KeyStoreError",
     "MessageError",
     "ModelFormatError",
+    "PromotionRefusedError",
     "RolloutError",
     "RuntimeUnavailableError",
     "SignatureError",
@@ -173,6 +174,15 @@ class RolloutError(EdgekitError):
     """A rollout was aborted, or devices failed or did not answer in time."""
 
     exit_code = 15
+
+
+class PromotionRefusedError(RolloutError):
+    """``edgekit shadow promote`` refused: the candidate's figures failed on some devices.
+    ``verdict`` is what ``--json`` prints (``passed``, ``reasons``: one per failing device)."""
+
+    def __init__(self, message: str, verdict: dict[str, object]) -> None:
+        super().__init__(message)
+        self.verdict = verdict
 
 
 class DeliveryError(EdgekitError):

@@ -45,6 +45,7 @@ from ..rollout import RolloutPolicy
 from .metrics import FleetMetrics
 from .rollouts import rollout_views
 from .sessions import SESSION_SECONDS, Sessions
+from .shadow import shadow_routes
 
 STATIC = Path(__file__).resolve().parent / "static"
 TOKEN_COOKIE = "edgekit_token"
@@ -446,6 +447,7 @@ def create_app(
         Route("/api/logout", logout, methods=["POST"]),
         Route("/login", login_page),
         Route("/metrics", prometheus),
+        *shadow_routes(registry, act),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     if api is not None:

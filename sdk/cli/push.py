@@ -216,8 +216,10 @@ def _push_through(
     query: dict[str, Any],
     name: Optional[str],
     version: Optional[str],
+    endpoint: str = "push",
 ) -> dict[str, Any]:
-    """Upload (or name) what to push to the fleet service; it starts the rollout."""
+    """Upload (or name) what to push to the fleet service; it starts the rollout (``endpoint``
+    ``shadow``: the shadow evaluation)."""
     path = Path(target)
     if path.suffix == ".ekb" and path.is_file():
         kind, body = "bundle", path.read_bytes()
@@ -244,7 +246,7 @@ def _push_through(
         kind, body, name = "catalog", b"", target
     doc: dict[str, Any] = server.request(
         "POST",
-        f"api/v1/fleets/{fleet}/push",
+        f"api/v1/fleets/{fleet}/{endpoint}",
         query={**query, "kind": kind, "name": name, "version": version},
         body=body,
     )
@@ -503,47 +505,43 @@ def _push_shadow(
     from .shadow import parse_duration
 
     seconds = parse_duration(duration)
-    if server_client(server) is not None:
-        raise RolloutError(
-            "a shadow evaluation is started from a workstation with the broker and registry, not "
-            "through --server yet; run the command without --server (and without `edgekit login`)"
-        )
-    cfg = WorkstationConfig.load(broker=broker, registry=registry)
-    key = signing_key(key_name)
-    with open_control(cfg, key) as control:
-        client = _connect(cfg)
-        try:
-            from edgekit.fleet.push import FleetLink
+    remote = server_client(server)
+    if remote is not None:  # the service bundles, signs and asks the fleet
+        query = {
+            "sample": sample,
+            "seconds": seconds,
+            "devices": count,
+            "device": ",".join(names) if names else None,  # device ids have no commas
+        }
+        doc = _push_through(remote, target, fleet, query, name, version, "shadow")
+    else:
+        from edgekit.fleet.api import shadow_started_json
+        from edgekit.fleet.push import FleetLink
 
-            link = FleetLink(client, fleet, key, control)
-            devices = link.discover()
-            asked = shadow_devices(link, count, names or ())  # before anything is catalogued or sent
-            bundle = resolve_target(target, control.catalog, key, version, name)
-            seq = start_shadow(control, link, bundle, sample, seconds, "edgekit push --shadow", asked)
-            serving = link.record.label
-        finally:
-            client.close()
-    doc = {
-        "fleet": fleet,
-        "candidate": bundle.manifest.label,
-        "candidate_id": bundle.bundle_id,
-        "serving": serving,
-        "sample": sample,
-        "seconds": seconds,
-        "seq": seq,
-        "devices": len(devices),
-        "asked": asked,  # the devices asked to try it; null: every device
-    }
+        cfg = WorkstationConfig.load(broker=broker, registry=registry)
+        key = signing_key(key_name)
+        with open_control(cfg, key) as control:
+            client = _connect(cfg)
+            try:
+                link = FleetLink(client, fleet, key, control)
+                devices = link.discover()
+                asked = shadow_devices(link, count, names or ())  # before anything is catalogued or sent
+                bundle = resolve_target(target, control.catalog, key, version, name)
+                seq = start_shadow(control, link, bundle, sample, seconds, "edgekit push --shadow", asked)
+                doc = shadow_started_json(link, bundle, sample, seconds, seq, len(devices), asked)
+            finally:
+                client.close()
     if json_out:
         print_json(doc)
         return
+    asked = doc.get("asked")
     who = (
-        f"fleet {fleet} ({len(devices)} device(s) known) tries"
+        f"fleet {fleet} ({doc['devices']} device(s) known) tries"
         if asked is None
-        else f"{', '.join(asked)} of fleet {fleet} (of {len(devices)} known) try"
+        else f"{', '.join(asked)} of fleet {fleet} (of {doc['devices']} known) try"
     )
     console.print(
-        f"{who} {bundle.manifest.label} beside {serving} "
+        f"{who} {doc['candidate']} beside {doc['serving']} "
         f"on {sample:.0%} of live inputs for {duration}; nothing is switched. "
         f"Follow it with `edgekit shadow status --fleet {fleet}`"
     )

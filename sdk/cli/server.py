@@ -21,7 +21,7 @@ import typer
 
 from ..atomic import atomic_write
 from ..config import edgekit_home
-from ..errors import AuthError, ConfigError, EdgekitError
+from ..errors import AuthError, ConfigError, EdgekitError, PromotionRefusedError
 from ._app import console, print_json
 
 SERVER_ENV = "EDGEKIT_SERVER"
@@ -115,7 +115,9 @@ def _refusal(exc: urllib.error.HTTPError, url: str) -> EdgekitError:
         doc = json.loads(exc.read())
         message, code = str(doc["error"]), int(doc.get("exit_code", 1))
     except (ValueError, KeyError, TypeError):
-        message, code = f"the fleet service at {url} answered {exc.code} {exc.reason}", 1
+        doc, message, code = {}, f"the fleet service at {url} answered {exc.code} {exc.reason}", 1
+    if isinstance(doc.get("verdict"), dict):  # `shadow promote` refused: its verdict, for --json
+        return PromotionRefusedError(message, doc["verdict"])
     if exc.code in (401, 403):
         hint = f"; run `edgekit login --server {url}`" if exc.code == 401 and "login" not in message else ""
         return AuthError(message + hint)

@@ -10,9 +10,10 @@ import typer
 from rich.table import Table
 
 from ..config import WorkstationConfig
-from ..errors import RolloutError
+from ..errors import PromotionRefusedError
 from ._app import console, new_app, print_json, signing_key
 from .push import BROKER_HELP, REGISTRY_HELP, _connect, open_control
+from .server import SERVER_HELP, server_client
 
 app = new_app("Try a candidate beside the serving model on live inputs: status, promote, stop.")
 
@@ -53,21 +54,26 @@ def _agreement(figures: dict[str, Any]) -> str:
 def status(
     fleet: str = typer.Option(..., "--fleet", help="Whose shadow evaluation."),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Per device and in total: inputs compared and dropped, top-1 agreement with its 95%
     confidence interval (Wilson), output error, p95 latency of the candidate against the
     serving model on the same inputs, and whether the candidate failed."""
-    from edgekit.fleet.control import ControlPlane
+    from edgekit.fleet.api import shadow_json
     from edgekit.fleet.registry import Registry
 
-    reg = Registry(WorkstationConfig.load(registry=registry).registry)
-    try:
-        summary = ControlPlane(reg).shadow_summary(fleet)  # only the devices asked
-    finally:
-        reg.close()
+    remote = server_client(server)
+    if remote is not None:
+        summary: dict[str, Any] = remote.request("GET", f"api/v1/fleets/{fleet}/shadow")
+    else:
+        reg = Registry(WorkstationConfig.load(registry=registry).registry)
+        try:
+            summary = shadow_json(reg, fleet)
+        finally:
+            reg.close()
     if json_out:
-        print_json({"fleet": fleet, **summary})
+        print_json(summary)
         return
     if summary["candidate"] is None:
         console.print(
@@ -127,6 +133,7 @@ def stop(
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """End the fleet's shadow evaluation: devices unload the candidate (a new desired state
@@ -134,16 +141,20 @@ def stop(
     from edgekit.fleet.actions import stop_shadow
     from edgekit.fleet.push import FleetLink
 
-    cfg = WorkstationConfig.load(broker=broker, registry=registry)
-    key = signing_key(key_name)
-    with open_control(cfg, key) as control:
-        client = _connect(cfg)
-        try:
-            link = FleetLink(client, fleet, key, control)
-            link.discover()
-            seq = stop_shadow(control, link, "edgekit shadow stop")
-        finally:
-            client.close()
+    remote = server_client(server)
+    if remote is not None:
+        seq = int(remote.request("POST", f"api/v1/fleets/{fleet}/shadow/stop")["seq"])
+    else:
+        cfg = WorkstationConfig.load(broker=broker, registry=registry)
+        key = signing_key(key_name)
+        with open_control(cfg, key) as control:
+            client = _connect(cfg)
+            try:
+                link = FleetLink(client, fleet, key, control)
+                link.discover()
+                seq = stop_shadow(control, link, "edgekit shadow stop")
+            finally:
+                client.close()
     if json_out:
         print_json({"fleet": fleet, "seq": seq, "shadow": None})
     else:
@@ -168,60 +179,43 @@ def promote(
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict (and the rollout) as JSON."),
 ) -> None:
     """Start a normal rollout of the candidate only when every device's figures pass; else say
     which failed on which devices and exit non-zero (nothing is published)."""
-    from edgekit.fleet.actions import pushing
-    from edgekit.fleet.control import ControlPlane
+    from edgekit.fleet.actions import promote_shadow, shadow_verdict
     from edgekit.fleet.push import FleetLink
-    from edgekit.fleet.registry import Registry
-    from edgekit.fleet.rollout import RolloutPolicy
-    from edgekit.fleet.shadow import judge
 
-    cfg = WorkstationConfig.load(broker=broker, registry=registry)
-    reg = Registry(cfg.registry)
+    remote = server_client(server)
     try:
-        summary = ControlPlane(reg).shadow_summary(fleet)  # only the devices asked
-    finally:
-        reg.close()
-    reasons = judge(summary, min_agreement, max_latency_ratio)
-    verdict = {"fleet": fleet, "candidate": summary["candidate"], "passed": not reasons, "reasons": reasons}
-    if reasons:
-        if json_out:
-            print_json(verdict)
-        raise RolloutError(
-            f"{summary['candidate'] or 'the candidate'} was not promoted on fleet {fleet}: "
-            + "; ".join(reasons)
-        )
-    key = signing_key(key_name)
-    with open_control(cfg, key) as control:
-        bundle = control.catalog.find(summary["candidate_id"])
-        if bundle is None:
-            raise RolloutError(
-                f"{summary['candidate']} is not in the catalog of this registry; push it with "
-                f"`edgekit push FILE --fleet {fleet}` instead"
+        if remote is not None:
+            query = {"min_agreement": min_agreement, "max_latency_ratio": max_latency_ratio, "canary": canary}
+            done: dict[str, Any] = remote.request(
+                "POST", f"api/v1/fleets/{fleet}/shadow/promote", query=query
             )
-        client = _connect(cfg)
-        try:
-            link = FleetLink(client, fleet, key, control)
-            link.discover()
-            with pushing(control, link, bundle, RolloutPolicy(canary=canary), "edgekit shadow promote") as (
-                rollout,
-                _,
-            ):
-                started = {
-                    "bundle": rollout.label,
-                    "phase": rollout.phase,
-                    "canaries": list(rollout.canaries),
-                }
-        finally:
-            client.close()
+        else:
+            cfg = WorkstationConfig.load(broker=broker, registry=registry)
+            with open_control(cfg, None) as judging:  # no key, no broker: a refusal publishes nothing
+                verdict = shadow_verdict(judging, fleet, min_agreement, max_latency_ratio)
+            key = signing_key(key_name)
+            with open_control(cfg, key) as control:
+                client = _connect(cfg)
+                try:
+                    link = FleetLink(client, fleet, key, control)
+                    link.discover()
+                    done = promote_shadow(control, link, verdict, canary, "edgekit shadow promote")
+                finally:
+                    client.close()
+    except PromotionRefusedError as refused:
+        if json_out:
+            print_json(refused.verdict)
+        raise
     if json_out:
-        print_json({**verdict, "rollout": started})
+        print_json(done)
     else:
         console.print(
-            f"{summary['candidate']} passed on every device (agreement >= {min_agreement:.1%}, p95 <= "
-            f"{max_latency_ratio:.2f}x): rollout to fleet {fleet} started ({started['phase']}); follow it "
-            f"with `edgekit rollout status --fleet {fleet}`"
+            f"{done['candidate']} passed on every device (agreement >= {min_agreement:.1%}, p95 <= "
+            f"{max_latency_ratio:.2f}x): rollout to fleet {fleet} started ({done['rollout']['phase']}); "
+            f"follow it with `edgekit rollout status --fleet {fleet}`"
         )

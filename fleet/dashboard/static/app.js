@@ -487,6 +487,8 @@ const edgekit = (() => {
   }
 
   return {
+    // For the pages' own scripts (shadow.js): the same fetches, session and cells.
+    lib: { get, post, whoAmI, every, stamp, cell, badge, clock, role: () => session.role },
     loginPage,
     overview: () => every(refreshOverview),
     rolloutsPage: () => every(refreshRollouts),
