@@ -18,6 +18,7 @@ from edgekit.fleet.controller import RolloutController
 from edgekit.fleet.registry import Registry
 from edgekit.keys import load_own_public_key
 from test_push import control_of, edgekit
+from test_serve import serve  # noqa: F401 - serve is a fixture
 from watcher import Watcher
 
 DEVICES = ["cam-1", "cam-2", "cam-3"]
@@ -267,3 +268,45 @@ def test_a_shadow_first_rollout_needs_a_served_bundle(mosquitto, edgekit_home, d
     )  # fmt: skip
     assert result.returncode != 0 and "a shadow phase compares" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_named_devices_through_the_fleet_service(
+    serve,  # noqa: F811 - the fixture imported above
+    mosquitto,
+    edgekit_home,
+    devices,
+    digits_models,
+    registry_url,
+    tmp_path,
+):
+    from edgekit.topics import Topics
+    from test_api import laptop, one_line
+    from test_dashboard_accounts import retained_desired_state
+    from test_shadow_server import add_user
+
+    watcher = Watcher(mosquitto.url)
+    try:
+        push_v1(mosquitto, registry_url, digits_models)
+        served = serve("--registry", registry_url)
+        url = served.urls["dashboard"]
+        add_user(registry_url, "alice", "operator", "alice-secret")
+        alice = tmp_path / "alice-laptop"
+        signed = laptop(alice, url, "login", "--account", "alice", "--password-stdin", stdin="alice-secret\n")
+        assert signed.returncode == 0, signed.stderr
+        unknown = laptop(alice, url, "push", str(digits_models.int8), "--fleet", "lab", "--name", "digits",
+                         "--version", "2.0.0", "--shadow", "--device", "cam-9")  # fmt: skip
+        one_line(unknown, unknown.returncode or 1, "fleet lab has no device cam-9")
+        shadowed = laptop(alice, url, "push", str(digits_models.int8), "--fleet", "lab", "--name", "digits",
+                          "--version", "2.0.0", "--shadow", "--device", "cam-2", "--json")  # fmt: skip
+        assert shadowed.returncode == 0, shadowed.stderr
+        started = json.loads(shadowed.stdout)
+        assert started["asked"] == ["cam-2"]
+        told = retained_desired_state(mosquitto.url, Topics().fleet_desired("lab"))
+        assert told["seq"] == started["seq"] and told["shadow"]["devices"] == ["cam-2"]
+        watcher.wait_for(lambda _: said(watcher, "cam-2", "shadow_started"))
+        words = laptop(alice, url, "push", "digits", "--fleet", "lab", "--version", "2.0.0", "--shadow",
+                       "--devices", "1")  # fmt: skip
+        assert words.returncode == 0 and "cam-1 of fleet lab (of 3 known) try digits@2.0.0" in words.stdout
+        assert served.stop()["stopped"]
+    finally:
+        watcher.close()
