@@ -740,7 +740,8 @@ class AgentDaemon:
         desired state without a shadow section stops a running one. Failures are reported as
         events; the serving model is never touched."""
         request = target.shadow
-        if request is None:
+        if request is None or not request.asks(self.device):
+            # No shadow, or one for other devices of the fleet (`push --shadow --devices N`).
             if self.agent.stop_shadow() is not None:
                 log.info("device %s: the shadow evaluation stopped (the desired state has none)", self.device)
             return

@@ -27,6 +27,9 @@ How it works:
   runtime's copy, packed weights, tensors) and compared with the board's available memory
   (``MemAvailable``) less a reserve for the serving model (:data:`MEMORY_RESERVE`); when short,
   the shadow is refused with an event (``shadow_refused``) saying how much it would need.
+- Each window carries the agent's peak resident memory with both models loaded
+  (``peak_memory_bytes``): the highest of its RSS sampled when the candidate loaded, after each
+  comparison and when the window closes.
 - Reports carry statistics only, never inputs or outputs.
 
 Pure numbers live in :class:`ShadowWindow`; :class:`Shadow` owns the candidate and the thread.
@@ -51,6 +54,7 @@ from edgekit.runtime import Model, dequantize, quantize
 from edgekit.tflite import TensorSpec
 
 from .drift import DriftMonitor
+from .telemetry import SystemSampler
 
 __all__ = [
     "DEFAULT_CPU_BUDGET",
@@ -130,7 +134,12 @@ class ShadowWindow:
         self.abs_error_max = 0.0
         self.serving_s: list[float] = []
         self.candidate_s: list[float] = []
+        self.peak_memory: Optional[int] = None  # bytes: the highest RSS sampled in the window
         self._rng = np.random.default_rng(0)
+
+    def note_memory(self, rss: Optional[int]) -> None:
+        if rss is not None and (self.peak_memory is None or rss > self.peak_memory):
+            self.peak_memory = rss
 
     def add(self, agree: Optional[bool], abs_error: np.ndarray, serving_s: float, candidate_s: float) -> None:
         self.compared += 1
@@ -181,6 +190,8 @@ class ShadowWindow:
                 "p95": _percentile(self.candidate_s, 0.95),
             },
             "error": error,
+            # The agent's peak resident memory with both models loaded in this window (sampled).
+            "peak_memory_bytes": self.peak_memory,
             # The candidate's drift severity on these inputs (ok, inputs changed, model
             # affected), from its last complete drift window; None before one is complete or
             # when its bundle has no baseline.
@@ -220,6 +231,7 @@ class Shadow:
         xnnpack: bool = True,
         on_event: Optional[EventSink] = None,
         available: Callable[[], Optional[int]] = available_memory_bytes,
+        rss: Callable[[], Optional[int]] = SystemSampler.memory_rss_bytes,
         drift_window: int = 200,
         psi_threshold: float = 0.1,
         ks_threshold: float = 0.1,
@@ -289,7 +301,9 @@ class Shadow:
         self.state = RUNNING
         self.error: Optional[str] = None
         self._lock = threading.Lock()
+        self._rss = rss
         self._window = ShadowWindow(time.time())
+        self._window.note_memory(rss())  # both models are loaded now
         self._queue: queue.Queue[Optional[_Sample]] = queue.Queue(QUEUE_MAX)
         self._busy_since: Optional[float] = None
         self._thread = threading.Thread(target=self._work, name=f"edgekit-shadow-{self.label}", daemon=True)
@@ -405,8 +419,10 @@ class Shadow:
         )
         if self._drift is not None:
             self._drift.add(item.real_inputs[0], outs[0])
+        rss = self._rss()  # after a run of both: their tensors are allocated
         with self._lock:
             self._window.add(agree, errors, item.serving_s, elapsed)
+            self._window.note_memory(rss)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until every queued input was compared (or the shadow ended); False on timeout.
@@ -472,8 +488,11 @@ class Shadow:
             self._finish(EXPIRED, f"the shadow of {self.label} reached its end time")
         now = time.time()
         severity = self._drift.report().severity if self._drift is not None else None
+        rss = self._rss() if self.state == RUNNING else None  # once unloaded, not both any more
         with self._lock:
             window = self._window
+            window.note_memory(rss)
             if close:
                 self._window = ShadowWindow(now)
+                self._window.note_memory(rss)
             return window.to_dict(now, self.identity, self.state, self.error, self.sample, severity)

@@ -12,7 +12,7 @@ rollout controller.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -22,8 +22,8 @@ from edgekit.errors import ConfigError, EdgekitError, PromotionRefusedError, Rol
 
 from .control import ControlPlane
 from .push import FleetLink, begin_rollout, labels_of, step_rollout
-from .rollout import Rollout, RolloutPolicy, abort
-from .shadow import judge, summarize
+from .rollout import SHADOW, Rollout, RolloutPolicy, abort, choose_devices
+from .shadow import judge
 
 __all__ = [
     "LOCK_WAIT",
@@ -35,6 +35,7 @@ __all__ = [
     "resume_rollout",
     "rollback_device",
     "rolling_back",
+    "shadow_devices",
     "shadow_verdict",
     "start_shadow",
     "stop_shadow",
@@ -78,8 +79,15 @@ def pushing(
     ):
         control.refuse_if_busy(fleet)
         link.record = control.record(fleet)  # as the last driver left it
+        if policy.shadow_s and link.record.bundle_id in (None, bundle.bundle_id):
+            raise RolloutError(
+                f"fleet {fleet} serves nothing else yet: a shadow phase compares {bundle.manifest.label} "
+                "with the bundle the fleet serves; push that first, or push without --shadow-first"
+            )
         upload = link.start_upload(bundle)
         rollout, labels = begin_rollout(link, bundle, policy)
+        if rollout.phase == SHADOW:  # `shadow status` shows the canaries' figures
+            control.save_shadow_asked(fleet, bundle.bundle_id, list(rollout.canaries))
         upload.finish(progress=progress)
         yield rollout, labels
 
@@ -190,14 +198,48 @@ def _serving(control: ControlPlane, link: FleetLink) -> tuple[str, str, str]:
     return record.bundle_id, name, version
 
 
+def shadow_devices(
+    link: FleetLink, count: Optional[int] = None, names: Sequence[str] = ()
+) -> Optional[list[str]]:
+    """The devices of ``link``'s fleet to ask to try a candidate (``push --shadow --devices N``
+    or ``--device D``): ``count`` of the known devices, chosen like canaries (online ones first,
+    by name), or the ``names`` given; None: every device. ConfigError for a device the fleet
+    does not have or more devices than it has (call ``link.discover()`` first)."""
+    fleet = link.fleet
+    heard = sorted(link.states)
+    if names:
+        unknown = sorted(set(names) - set(heard))
+        if unknown:
+            raise ConfigError(
+                f"fleet {fleet} has no device {', '.join(unknown)} (devices heard from: "
+                f"{', '.join(heard) or 'none'}); name devices of the fleet with --device"
+            )
+        return sorted(set(names))
+    if count is None:
+        return None
+    if count > len(heard):
+        raise ConfigError(
+            f"--devices {count} asks for more devices than fleet {fleet} has ({len(heard)} heard from); "
+            f"give at most {len(heard)}"
+        )
+    return sorted(choose_devices(link.reports(), count))
+
+
 def start_shadow(
-    control: ControlPlane, link: FleetLink, candidate: Bundle, sample: float, duration_s: float, holder: str
+    control: ControlPlane,
+    link: FleetLink,
+    candidate: Bundle,
+    sample: float,
+    duration_s: float,
+    holder: str,
+    devices: Optional[Sequence[str]] = None,
 ) -> int:
-    """Ask the fleet to try ``candidate`` in the shadow of the bundle it serves for ``duration_s``
-    seconds on a ``sample`` share of live inputs (docs/shadow.md): the candidate's chunks, then a
-    desired state naming the served bundle with a shadow section. Nothing is installed; no
-    request is answered by the candidate. Returns the desired state's seq. Refused
-    (RolloutError) while a rollout is unfinished, or when nothing was pushed yet."""
+    """Ask the fleet (or only ``devices`` of it: :func:`shadow_devices`) to try ``candidate``
+    in the shadow of the bundle it serves for ``duration_s`` seconds on a ``sample`` share of
+    live inputs (docs/shadow.md): the candidate's chunks, then a desired state naming the served
+    bundle with a shadow section. Nothing is installed; no request is answered by the
+    candidate. Returns the desired state's seq. Refused (RolloutError) while a rollout is
+    unfinished, or when nothing was pushed yet."""
     fleet = link.fleet
     with (
         audited(control, "shadow", fleet, candidate.manifest.label),
@@ -210,13 +252,16 @@ def start_shadow(
                 f"{candidate.manifest.label} is what fleet {fleet} serves already; push another candidate"
             )
         link.publish_bundle(candidate)  # before the desired state: devices fetch it at once
+        asked = None if devices is None else sorted(set(devices))
         request = ShadowRequest(
             candidate.bundle_id,
             candidate.manifest.name,
             candidate.manifest.version,
             sample,
             int(time.time() + duration_s),
+            None if asked is None else tuple(asked),
         )
+        control.save_shadow_asked(fleet, candidate.bundle_id, asked)
         return link.desire(bundle_id, name, version, shadow=request)
 
 
@@ -236,7 +281,7 @@ def shadow_verdict(
     registry: the verdict ``shadow promote --json`` prints when it passes, else
     PromotionRefusedError naming each failing device and why. Audited either way. Needs no
     broker: a refusal publishes nothing."""
-    summary = summarize(control.registry.shadow_windows(fleet))
+    summary = control.shadow_summary(fleet)  # only the devices asked
     reasons = judge(summary, min_agreement, max_latency_ratio)
     verdict = {
         "fleet": fleet,

@@ -49,6 +49,7 @@ from .actions import (
     pushing,
     rollback_device,
     rolling_back,
+    shadow_devices,
     shadow_verdict,
     start_shadow,
     stop_shadow,
@@ -58,7 +59,6 @@ from .push import FleetLink, connect_operator
 from .registry import Registry
 from .registry.views import audit_json
 from .rollout import RolloutPolicy
-from .shadow import summarize
 
 __all__ = ["ApiContext", "api_routes", "outcome_json", "rollout_json", "shadow_json", "shadow_started_json"]
 
@@ -122,6 +122,8 @@ def rollout_json(control: ControlPlane, fleet: str) -> dict[str, Any]:
         "devices": list(rollout.devices),
         "failed": dict(rollout.failed),
         "reason": rollout.reason,
+        # The shadow phase's length (push --canary N --shadow-first), or null without one.
+        "shadow_first_s": rollout.rollout_policy.shadow_s or None,
         "started_by": info.started_by,
         "started_at": info.started_at.isoformat(),
     }
@@ -146,15 +148,24 @@ def outcome_json(rollout: Any, link: FleetLink) -> dict[str, Any]:
 
 def shadow_json(registry: Registry, fleet: str) -> dict[str, Any]:
     """What ``edgekit shadow status --json`` prints: the fleet's shadow windows of its newest
-    candidate, per device and in total (edgekit.fleet.shadow.summarize)."""
-    return {"fleet": fleet, **summarize(registry.shadow_windows(fleet))}
+    candidate, per device and in total (edgekit.fleet.shadow.summarize), of the devices asked
+    only (``push --shadow --devices N``: ControlPlane.shadow_summary)."""
+    return {"fleet": fleet, **ControlPlane(registry).shadow_summary(fleet)}
 
 
 def shadow_started_json(
-    link: FleetLink, candidate: Bundle, sample: float, seconds: float, seq: int, devices: int
+    link: FleetLink,
+    candidate: Bundle,
+    sample: float,
+    seconds: float,
+    seq: int,
+    devices: int,
+    asked: Optional[list[str]] = None,
 ) -> dict[str, Any]:
-    """What ``push --shadow --json`` prints once :func:`start_shadow` asked the fleet."""
+    """What ``push --shadow --json`` prints once :func:`start_shadow` asked the fleet (``asked``:
+    the devices asked to try it; None: every device)."""
     return {
+        "asked": asked,
         "fleet": link.fleet,
         "candidate": candidate.manifest.label,
         "candidate_id": candidate.bundle_id,
@@ -353,13 +364,19 @@ def api_routes(ctx: ApiContext) -> list[Route]:
         if len(body) > MAX_UPLOAD:
             raise BundleError(f"upload of {len(body)} bytes is over the {MAX_UPLOAD} byte limit")
 
+        count = None if q.get("devices") in (None, "") else int(_number(q, "devices", 0))
+        names = [n for n in (q.get("device") or "").split(",") if n]
+        if count is not None and (count < 1 or names):
+            raise ConfigError("devices: give a number of devices (at least 1), or device=NAME,..., not both")
+
         def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
+            asked = shadow_devices(link, count, names)  # before anything is catalogued or sent
             candidate = _resolve(
                 control, ctx.key(), body, q.get("kind", "bundle"), q.get("name"), q.get("version")
             )
             holder = f"edgekit push --shadow --server ({who.name})"
-            seq = start_shadow(control, link, candidate, sample, seconds, holder)
-            return shadow_started_json(link, candidate, sample, seconds, seq, len(link.devices()))
+            seq = start_shadow(control, link, candidate, sample, seconds, holder, asked)
+            return shadow_started_json(link, candidate, sample, seconds, seq, len(link.devices()), asked)
 
         return JSONResponse(await run_in_threadpool(ctx.with_link, who, fleet, work))
 

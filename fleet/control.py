@@ -347,6 +347,44 @@ class ControlPlane:
         with self.registry.session() as session:
             return list(session.scalars(select(DesiredRecord)))
 
+    # -- shadow evaluations -----------------------------------------------------------------------
+
+    def save_shadow_asked(self, fleet: str, candidate_id: str, devices: Optional[list[str]]) -> None:
+        """Remember which devices of ``fleet`` were asked to try ``candidate_id`` in the shadow
+        (None: every device), for ``shadow status`` and ``promote`` (docs/shadow.md)."""
+        value = json.dumps({"candidate_id": candidate_id, "devices": devices})
+        with self.registry.session() as session:
+            row = session.get(ControlMeta, f"shadow:{fleet}")
+            if row is None:
+                session.add(ControlMeta(key=f"shadow:{fleet}", value=value))
+            else:
+                row.value = value
+            session.commit()
+
+    def shadow_asked(self, fleet: str, candidate_id: Optional[str]) -> Optional[list[str]]:
+        """The devices last asked to try ``candidate_id`` in the shadow; None: every device (or
+        not known: it was not asked through this control plane)."""
+        with self.registry.session() as session:
+            row = session.get(ControlMeta, f"shadow:{fleet}")
+        if row is None or candidate_id is None:
+            return None
+        try:
+            doc = json.loads(row.value)
+            devices = doc["devices"] if doc["candidate_id"] == candidate_id else None
+        except (ValueError, KeyError, TypeError):
+            log.warning("the shadow record of fleet %s is unreadable; judging every device", fleet)
+            return None
+        return None if devices is None else [str(d) for d in devices]
+
+    def shadow_summary(self, fleet: str) -> dict[str, Any]:
+        """What the fleet's devices measured of its newest shadow candidate
+        (:func:`edgekit.fleet.shadow.summarize`), only of the devices that were asked."""
+        from .shadow import summarize
+
+        windows = self.registry.shadow_windows(fleet)
+        candidate = windows[-1].candidate_id if windows else None
+        return summarize(windows, devices=self.shadow_asked(fleet, candidate))
+
     # -- rollouts -------------------------------------------------------------------------------
 
     def rollout_info(self, fleet: str) -> Optional[RolloutInfo]:

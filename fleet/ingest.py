@@ -493,6 +493,7 @@ def _shadow_row(record: TelemetryRecord, shadow: dict[str, Any]) -> ShadowRow:
         trying.get("p95"),
         error[:1000] if isinstance(error, str) else None,
         shadow.get("severity"),
+        shadow.get("peak_memory_bytes"),
     )
 
 

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +39,8 @@ from edgekit.topics import Topics
 from edgekit.transfer import Upload, clear_bundle, publish_bundle, start_upload
 
 from .control import ControlPlane, FleetRecord
-from .rollout import Action, DeviceReport, Rollout, RolloutPolicy, advance, start
+from .rollout import SHADOW, Action, DeviceReport, Rollout, RolloutPolicy, advance, start
+from .shadow import summarize
 from .trustrepo import check_authorised, has_repository, load_repository, publish_desired, repository_lock
 
 __all__ = ["FleetLink", "begin_rollout", "run_rollout", "step_rollout"]
@@ -288,7 +290,7 @@ class FleetLink:
     def carry_out(self, actions: list[Action], labels: dict[str, str]) -> None:
         for action in actions:
             name, _, version = labels[action.bundle_id].partition("@")
-            self.desire(action.bundle_id, name, version, action.device)
+            self.desire(action.bundle_id, name, version, action.device, shadow=action.shadow)
 
     def clear_bundle(self, bundle_id: str, chunk_count: int) -> None:
         clear_bundle(self.client, bundle_id, chunk_count, self.topics)
@@ -298,12 +300,41 @@ def step_rollout(link: FleetLink, rollout: Rollout, policy: RolloutPolicy, label
     """One step: advance with what the devices say now, publish what that asks for, save (when
     the rollout changed: devices report often, download progress included; each save is two
     fsyncs, and ``rollout`` as given is the one saved last)."""
-    new, actions = advance(rollout, link.reports(), policy, time.time())
+    reports = link.reports()
+    if rollout.phase == SHADOW:
+        reports = with_shadow_figures(link.control, rollout, reports)
+    new, actions = advance(rollout, reports, policy, time.time())
     if actions:
         link.carry_out(actions, labels)
     if new != rollout or actions:
         link.control.save_rollout(new)
     return new
+
+
+#: Seconds of clock difference allowed between a device and the workstation when picking the
+#: shadow windows of a rollout's shadow phase (those that ended after the phase began).
+CLOCK_SLACK = 60.0
+
+
+def with_shadow_figures(
+    control: ControlPlane, rollout: Rollout, reports: list[DeviceReport]
+) -> list[DeviceReport]:
+    """``reports`` with each canary's shadow figures of the rollout's bundle since its shadow
+    phase began: the windows ingest stored in the registry (``edgekit fleet serve`` / ``fleet
+    up`` run it), so a restarted controller judges what the devices measured meanwhile."""
+    since = rollout.phase_since - CLOCK_SLACK
+    windows = [
+        w
+        for w in control.registry.shadow_windows(rollout.fleet, rollout.bundle_id)
+        if w.device in rollout.canaries and _epoch(w.window_end) >= since
+    ]
+    figures = {d["device"]: d for d in summarize(windows)["devices"]}
+    return [replace(r, shadow=figures.get(r.device)) for r in reports]
+
+
+def _epoch(moment: datetime) -> float:
+    """UNIX seconds of a registry time (SQLite gives it back without its zone: UTC)."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def run_rollout(

@@ -1,7 +1,11 @@
 """Canary rollouts as a pure state machine.
 
 A rollout moves one fleet to one bundle: first to a few canary devices, which then soak (serve
-real traffic for a while), then to the whole fleet. It aborts on a canary's failed install or
+real traffic for a while), then to the whole fleet. With a shadow phase (``push --canary N
+--shadow-first 15m``, docs/shadow.md) the canaries first try the bundle in the shadow of the
+one they serve, and only when their shadow figures pass (:func:`edgekit.fleet.shadow.judge`:
+agreement, latency, candidate failures, drift) do they install it; otherwise the rollout aborts
+naming the canary and the figure, and nothing was switched anywhere. It aborts on a canary's failed install or
 health check, on a canary's error rate or p95-latency regression beyond the policy's bounds,
 on drift that affects the model (severity ``model affected``; ``inputs changed`` does not
 abort; an agent without severities aborts on any drift), or on a canary that does not install
@@ -24,13 +28,26 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.atomic import atomic_write
+from edgekit.desired import ShadowRequest
 from edgekit.errors import ConfigError
 
-__all__ = ["Action", "DeviceReport", "Rollout", "RolloutPolicy", "abort", "advance", "start"]
+from .shadow import judge
+
+__all__ = [
+    "Action",
+    "DeviceReport",
+    "Rollout",
+    "RolloutPolicy",
+    "abort",
+    "advance",
+    "choose_devices",
+    "start",
+]
 
 ROLLOUT_SCHEMA = "edgekit.rollout"
 ROLLOUT_SCHEMA_VERSION = 1
 
+SHADOW = "shadow"  # the canaries try the bundle in the shadow of the one they serve
 CANARY = "canary"  # waiting for the canaries to serve the new bundle
 SOAK = "soak"  # canaries serve it; watching them
 FLEET = "fleet"  # the whole fleet was told; waiting for every device
@@ -47,11 +64,23 @@ class RolloutPolicy:
     max_error_rate: float = 0.05
     max_p95_regression: float = 0.5  # abort if a canary's p95 exceeds its pre-rollout p95 by 50 %
     abort_on_drift: bool = True
-    min_samples: int = 20  # predictions a canary must serve before error rate and latency are judged
+    min_samples: int = 20  # predictions a canary must serve (or compare in the shadow) before they are judged
+    # The shadow phase (0: none): seconds the canaries try the bundle in the shadow first, the
+    # share of their live inputs compared, and what their figures must reach to go on.
+    shadow_s: float = 0.0
+    shadow_sample: float = 0.1
+    min_agreement: float = 0.98
+    max_latency_ratio: float = 1.2
 
     def __post_init__(self) -> None:
         if self.canary < 0 or self.soak_s < 0 or self.install_timeout_s <= 0:
             raise ConfigError("rollout policy: canary and soak must be >= 0 and the install timeout > 0")
+        if self.shadow_s < 0 or not 0 < self.shadow_sample <= 1:
+            raise ConfigError("rollout policy: the shadow phase must be >= 0 s and its sample within 0..1")
+        if not 0 <= self.min_agreement <= 1 or self.max_latency_ratio < 0:
+            raise ConfigError("rollout policy: min agreement must be within 0..1 and the latency ratio >= 0")
+        if self.shadow_s and not self.canary:
+            raise ConfigError("rollout policy: a shadow phase needs at least one canary")
         if not 0 <= self.max_error_rate <= 1 or self.max_p95_regression < 0:
             raise ConfigError(
                 "rollout policy: max error rate must be within 0..1 and the p95 regression >= 0"
@@ -75,14 +104,19 @@ class DeviceReport:
     #: The worst drift severity reported (ok / inputs changed / model affected); None when the
     #: device's agent does not judge severity (then ``drifted`` decides).
     drift_severity: str | None = None
+    #: In the shadow phase: this device's shadow figures of the rollout's bundle since the
+    #: phase began (one ``devices`` entry of :func:`edgekit.fleet.shadow.summarize`), or None.
+    shadow: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class Action:
-    """Publish a desired state naming ``bundle_id``, for one device or (``device`` None) the fleet."""
+    """Publish a desired state naming ``bundle_id``, for one device or (``device`` None) the
+    fleet; with ``shadow``, asking it to try that candidate beside ``bundle_id``."""
 
     bundle_id: str
     device: str | None = None
+    shadow: ShadowRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +159,7 @@ class Rollout:
             doc["devices"] = tuple(doc["devices"])
             doc["canaries"] = tuple(doc["canaries"])
             rollout = cls(**doc)
-            if rollout.phase not in (CANARY, SOAK, FLEET, DONE, ABORTED):
+            if rollout.phase not in (SHADOW, CANARY, SOAK, FLEET, DONE, ABORTED):
                 raise ValueError(f"unknown phase {rollout.phase!r}")
             return rollout
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -145,6 +179,12 @@ class Rollout:
             ) from None
 
 
+def choose_devices(reports: Sequence[DeviceReport], count: int) -> list[str]:
+    """``count`` devices, as canaries are chosen: online ones first, then by name."""
+    ordered = sorted(reports, key=lambda r: (not r.online, r.device))
+    return [r.device for r in ordered[:count]]
+
+
 def start(
     fleet: str,
     bundle_id: str,
@@ -156,8 +196,13 @@ def start(
 ) -> tuple[Rollout, list[Action]]:
     """Begin a rollout: the canaries (online devices first, by name) are told first; with no
     canary the whole fleet is told at once."""
-    ordered = sorted(reports, key=lambda r: (not r.online, r.device))
-    canaries = tuple(r.device for r in ordered[: policy.canary])
+    canaries = tuple(choose_devices(reports, policy.canary))
+    shadow_first = bool(canaries and policy.shadow_s)
+    if shadow_first and previous_bundle_id is None:
+        raise ConfigError(
+            f"fleet {fleet} serves nothing yet: a shadow phase compares {label} with the bundle the "
+            "fleet serves; push one first (or push without --shadow-first)"
+        )
     rollout = Rollout(
         fleet=fleet,
         bundle_id=bundle_id,
@@ -165,7 +210,7 @@ def start(
         previous_bundle_id=previous_bundle_id,
         devices=tuple(sorted(r.device for r in reports)),
         canaries=canaries,
-        phase=CANARY if canaries else FLEET,
+        phase=SHADOW if shadow_first else CANARY if canaries else FLEET,
         phase_since=now,
         started_at=now,
         baseline_p95_ms={r.device: r.p95_ms for r in reports if r.p95_ms is not None},
@@ -173,7 +218,24 @@ def start(
     )
     if not canaries:
         return rollout, [Action(bundle_id)]
+    if shadow_first:
+        return rollout, _shadow_actions(rollout, policy, now)
     return rollout, [Action(bundle_id, device) for device in canaries]
+
+
+def _shadow_actions(rollout: Rollout, policy: RolloutPolicy, now: float) -> list[Action]:
+    """Each canary: keep serving the previous bundle, try the rollout's beside it. The shadow
+    lasts as long as the phase may (its time, then the install timeout to gather enough)."""
+    assert rollout.previous_bundle_id is not None
+    name, _, version = rollout.label.rpartition("@")
+    request = ShadowRequest(
+        rollout.bundle_id,
+        name,
+        version,
+        policy.shadow_sample,
+        int(now + policy.shadow_s + policy.install_timeout_s) + 1,
+    )
+    return [Action(rollout.previous_bundle_id, device, request) for device in rollout.canaries]
 
 
 def abort(rollout: Rollout, reason: str, now: float) -> tuple[Rollout, list[Action]]:
@@ -219,6 +281,45 @@ def _canary_problem(rollout: Rollout, report: DeviceReport, policy: RolloutPolic
     return None
 
 
+def _shadow_step(
+    rollout: Rollout, by_device: Mapping[str, DeviceReport], policy: RolloutPolicy, now: float
+) -> tuple[Rollout, list[Action]]:
+    """The shadow phase: abort at once when the candidate fails on a canary; once the phase's
+    time is up and every canary compared ``min_samples`` inputs (or the install timeout more
+    passed), judge their figures: install on the canaries, or abort saying which canary failed
+    which figure."""
+    empty: Mapping[str, Any] = {}
+    figures = {d: (by_device.get(d) or DeviceReport(d)).shadow for d in rollout.canaries}
+    for device, fig in figures.items():
+        if fig is not None and fig.get("state") == "failed":
+            return abort(
+                rollout,
+                f"in the shadow phase, canary {device}: the candidate {rollout.label} failed there "
+                f"({fig.get('error') or 'no reason given'})",
+                now,
+            )
+    elapsed = now - rollout.phase_since
+    if elapsed < policy.shadow_s:
+        return rollout, []
+    short = [d for d, fig in figures.items() if (fig or empty).get("compared", 0) < policy.min_samples]
+    if short and elapsed <= policy.shadow_s + policy.install_timeout_s:
+        return rollout, []  # enough time, not yet enough inputs: wait for them (up to the timeout)
+    reasons = [
+        f"canary {d} compared {(figures[d] or empty).get('compared', 0)} input(s), fewer than the "
+        f"{policy.min_samples} needed to judge (is it serving requests? did it refuse the shadow?)"
+        for d in short
+    ]
+    reported = [fig for d, fig in figures.items() if fig is not None and d not in short]
+    if reported:
+        judged = judge({"devices": reported}, policy.min_agreement, policy.max_latency_ratio)
+        reasons += [f"canary {r}" for r in judged]
+    if reasons:
+        return abort(rollout, f"in the shadow phase, {rollout.label} did not pass: {'; '.join(reasons)}", now)
+    return replace(rollout, phase=CANARY, phase_since=now), [
+        Action(rollout.bundle_id, device) for device in rollout.canaries
+    ]
+
+
 def advance(
     rollout: Rollout, reports: Sequence[DeviceReport], policy: RolloutPolicy, now: float
 ) -> tuple[Rollout, list[Action]]:
@@ -226,6 +327,8 @@ def advance(
     if rollout.finished:
         return rollout, []
     by_device = {r.device: r for r in reports}
+    if rollout.phase == SHADOW:
+        return _shadow_step(rollout, by_device, policy, now)
     if rollout.phase in (CANARY, SOAK):
         for device in rollout.canaries:
             report = by_device.get(device, DeviceReport(device, online=False))

@@ -29,6 +29,7 @@ class ShadowWindowLike(Protocol):
     candidate_p95_ms: Optional[float]
     error: Optional[str]
     candidate_severity: Optional[str]
+    peak_memory_bytes: Optional[int]
 
 
 def wilson_interval(agreed: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -56,6 +57,8 @@ def _figures(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
     # Percentiles of different windows cannot be merged: the median of the windows' p95s.
     serving = sorted(w.serving_p95_ms for w in windows if w.serving_p95_ms is not None)
     trying = sorted(w.candidate_p95_ms for w in windows if w.candidate_p95_ms is not None)
+    # Rows from before the figure (and plain test rows) may lack it: read with a default.
+    peaks = [p for p in (getattr(w, "peak_memory_bytes", None) for w in windows) if p is not None]
     serving_p95 = serving[len(serving) // 2] if serving else None
     candidate_p95 = trying[len(trying) // 2] if trying else None
     return {
@@ -71,20 +74,48 @@ def _figures(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
         "serving_p95_ms": serving_p95,
         "candidate_p95_ms": candidate_p95,
         "latency_ratio": candidate_p95 / serving_p95 if candidate_p95 and serving_p95 else None,
+        # The agent's peak resident memory with both models loaded (the highest sampled).
+        "peak_memory_bytes": max(peaks) if peaks else None,
     }
 
 
-def summarize(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
-    """Per device (its windows summed, its latest state and error) and in total."""
+def _not_reported(device: str) -> dict[str, Any]:
+    """A device asked to try the candidate that has not reported a window yet."""
+    return {
+        "device": device,
+        "state": "not reported",
+        "serving_version": None,
+        "sample_rate": None,
+        "error": None,
+        "severity": None,
+        **_figures([]),
+    }
+
+
+def summarize(windows: Sequence[ShadowWindowLike], devices: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Per device (its windows summed, its latest state and error) and in total. With
+    ``devices`` (those asked to try the candidate: ``push --shadow --devices N``), only those
+    count, and one that has not reported yet is listed as ``not reported``."""
+    asked = None if devices is None else set(devices)
+    if asked is not None:
+        windows = [w for w in windows if w.device in asked]
     if not windows:
-        return {"candidate": None, "candidate_id": None, "devices": [], "total": _figures([])}
-    by_device: dict[str, list[ShadowWindowLike]] = {}
+        return {
+            "candidate": None,
+            "candidate_id": None,
+            "devices": [_not_reported(d) for d in sorted(asked or ())],
+            "total": _figures([]),
+        }
+    by_device: dict[str, list[ShadowWindowLike]] = {d: [] for d in sorted(asked or ())}
     for window in windows:
         by_device.setdefault(window.device, []).append(window)
-    devices = []
+    summaries = []
     for device, own in sorted(by_device.items()):
+        if not own:
+            summaries.append(_not_reported(device))
+            continue
         last = own[-1]
-        devices.append(
+        summaries.append(
             {
                 "device": device,
                 "state": last.state,
@@ -99,7 +130,7 @@ def summarize(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
     return {
         "candidate": windows[-1].candidate_label,
         "candidate_id": windows[-1].candidate_id,
-        "devices": devices,
+        "devices": summaries,
         "total": _figures(windows),
     }
 
@@ -115,7 +146,9 @@ def judge(summary: dict[str, Any], min_agreement: float, max_latency_ratio: floa
     reasons = []
     for d in summary["devices"]:
         name = d["device"]
-        if d["state"] == "failed":
+        if d["state"] == "not reported":
+            reasons.append(f"{name}: it was asked to try the candidate and has not reported yet")
+        elif d["state"] == "failed":
             reasons.append(f"{name}: the candidate failed there ({d['error'] or 'no reason given'})")
         elif d["compared"] == 0:
             reasons.append(f"{name}: no input was compared yet")

@@ -80,8 +80,10 @@ _DOC_KEYS = {
 }
 
 
-#: The optional shadow section's fields (docs/shadow.md).
+#: The optional shadow section's fields (docs/shadow.md); ``devices`` is optional too.
 _SHADOW_KEYS = {"sha256", "name", "version", "sample", "until"}
+#: At most this many devices named in a shadow section (the envelope's size bounds it anyway).
+MAX_SHADOW_DEVICES = 1000
 
 
 def _format_time(epoch: int) -> str:
@@ -113,30 +115,43 @@ class ShadowRequest:
     In JSON it is the desired state's optional ``shadow`` section; a document without one is
     byte for byte what agents before it read. Those older agents refuse a document that has one
     (``malformed``: "must have exactly the fields ..."), keep serving what they serve, and say so
-    in a ``desired_refused`` event: a shadow needs agents of edgekit 0.3 or later."""
+    in a ``desired_refused`` event: a shadow needs agents of edgekit 0.3 or later.
+
+    ``devices`` (sorted device ids, or None: every device the document reaches) names the
+    devices asked to try the candidate; the others ignore the section (``push --shadow
+    --devices N``). Agents before it refuse a section that has it, as above."""
 
     bundle_sha256: str
     bundle_name: str
     bundle_version: str
     sample: float
     until: int
+    devices: Optional[tuple[str, ...]] = None
+
+    def asks(self, device: Optional[str]) -> bool:
+        """Whether ``device`` is asked to try the candidate."""
+        return self.devices is None or device in self.devices
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "sha256": self.bundle_sha256,
             "name": self.bundle_name,
             "version": self.bundle_version,
             "sample": self.sample,
             "until": _format_time(self.until),
         }
+        if self.devices is not None:  # only then: agents before it read the rest unchanged
+            doc["devices"] = list(self.devices)
+        return doc
 
     @classmethod
     def from_dict(cls, doc: object) -> ShadowRequest:
-        if not isinstance(doc, dict) or set(doc) != _SHADOW_KEYS:
+        if not isinstance(doc, dict) or set(doc) - {"devices"} != _SHADOW_KEYS:
             raise refuse(
                 DesiredStateError,
                 "malformed",
-                f"the desired state's shadow section must have exactly the fields {sorted(_SHADOW_KEYS)}",
+                f"the desired state's shadow section must have exactly the fields {sorted(_SHADOW_KEYS)} "
+                "(and optionally devices)",
             )
         digest, name, version, sample = doc["sha256"], doc["name"], doc["version"], doc["sample"]
         if not isinstance(digest, str) or not SHA256.match(digest):
@@ -154,7 +169,31 @@ class ShadowRequest:
                 "malformed",
                 "the shadow sample rate must be a number above 0 and at most 1",
             )
-        return cls(digest, name, version, float(sample), _parse_time(doc["until"], "shadow until"))
+        devices = _shadow_devices(doc["devices"]) if "devices" in doc else None
+        return cls(digest, name, version, float(sample), _parse_time(doc["until"], "shadow until"), devices)
+
+
+def _shadow_devices(value: object) -> tuple[str, ...]:
+    """The shadow section's ``devices``: a non-empty, sorted list of distinct device ids."""
+    if (
+        not isinstance(value, list)
+        or not 0 < len(value) <= MAX_SHADOW_DEVICES
+        or not all(isinstance(d, str) for d in value)
+    ):
+        raise refuse(
+            DesiredStateError,
+            "malformed",
+            f"the shadow section's devices must be a list of 1 to {MAX_SHADOW_DEVICES} device ids",
+        )
+    try:
+        devices = tuple(check_device_id(d) for d in value)
+    except TopicError as exc:
+        raise refuse(DesiredStateError, "malformed", f"the shadow section names an {exc}") from None
+    if list(devices) != sorted(set(devices)):
+        raise refuse(
+            DesiredStateError, "malformed", "the shadow section's devices must be sorted and distinct"
+        )
+    return devices
 
 
 @dataclass(frozen=True)

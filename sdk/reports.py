@@ -174,7 +174,8 @@ class TelemetryRecord:
     # The shadow evaluation's window (docs/shadow.md), statistics only: candidate {name,
     # version, bundle_id}, state, sample_rate, compared, dropped, classified, agreed, agreement,
     # abs_error_mean/max, serving_/candidate_latency_ms {p50, p95}, error, severity (the
-    # candidate's drift severity on the device's inputs, or null). None: no shadow
+    # candidate's drift severity on the device's inputs, or null), peak_memory_bytes (the
+    # agent's peak RSS with both models loaded, sampled; null from older agents). None: no shadow
     # (and from agents before edgekit 0.3).
     shadow: Optional[Dict[str, Any]] = None
 
@@ -284,6 +285,7 @@ def _shadow(shadow: Any, finite: bool) -> Optional[Dict[str, Any]]:
     if agreed > classified:
         raise f.bad("agreed", "at most 'classified'")
     f.one_of("state", ("running", "failed", "stopped", "expired"))
+    f.optional_integer("peak_memory_bytes", top=MAX_SEQ)  # since edgekit 0.3 (both models loaded)
     f.text("error", 1000)
     if shadow.get("severity") is not None:
         f.one_of("severity", DRIFT_SEVERITIES)

@@ -17,6 +17,7 @@ from ..rollout import Rollout
 __all__ = ["rollout_views"]
 
 PHASES = {
+    "shadow": "the canaries try it in the shadow of what they serve",
     "canary": "installing on the canaries",
     "soak": "the canaries serve it; watching them",
     "fleet": "sent to the whole fleet",

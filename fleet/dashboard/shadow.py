@@ -35,6 +35,7 @@ STATES = {
     "failed": "the new model failed here and was unloaded; the current model kept serving",
     "stopped": "stopped",
     "expired": "finished: its time was up",
+    "not reported": "asked to try the new model; it has not reported yet",
 }
 
 SEVERITY = {
@@ -95,8 +96,15 @@ def dropped_words(figures: dict[str, Any]) -> Optional[str]:
     return f"{dropped:,} inputs were skipped because the device was busy (serving comes first)."
 
 
+def memory_words(figures: dict[str, Any]) -> Optional[str]:
+    peak = figures.get("peak_memory_bytes")
+    if peak is None:
+        return None
+    return f"With both models loaded, edgekit used at most {peak / (1024 * 1024):.0f} MiB of memory."
+
+
 def _device_view(d: dict[str, Any]) -> dict[str, Any]:
-    words = [agreement_words(d), speed_words(d), dropped_words(d)]
+    words = [agreement_words(d), speed_words(d), dropped_words(d), memory_words(d)]
     return {
         **d,
         "state_words": STATES.get(d["state"], d["state"]),

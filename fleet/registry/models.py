@@ -257,6 +257,8 @@ class ShadowWindow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     # The candidate's drift severity on the device's inputs (ok, inputs changed, model affected).
     candidate_severity: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # The agent's peak resident memory with both models loaded during the window (bytes).
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class BenchResult(Base):

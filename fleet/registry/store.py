@@ -119,6 +119,7 @@ class ShadowRow(NamedTuple):
     candidate_p95_ms: float | None = None
     error: str | None = None
     candidate_severity: str | None = None
+    peak_memory_bytes: int | None = None
 
 
 class BenchRow(NamedTuple):

@@ -301,17 +301,43 @@ def push(
     duration: str = typer.Option(
         "30m", "--for", help="With --shadow: how long devices keep trying it (90s, 30m, 2h, 1d)."
     ),
+    shadow_count: Optional[int] = typer.Option(
+        None,
+        "--devices",
+        min=1,
+        help="With --shadow: only N devices try it (online ones first, by name, like canaries).",
+    ),
+    shadow_names: Optional[list[str]] = typer.Option(
+        None, "--device", help="With --shadow: only this device tries it (repeat for several)."
+    ),
+    shadow_first: Optional[str] = typer.Option(
+        None,
+        "--shadow-first",
+        help="With --canary N: the canaries first try it in the shadow this long (15m); the "
+        "rollout goes on only if their figures pass, else it aborts.",
+    ),
+    min_agreement: float = typer.Option(
+        0.98, "--min-agreement", min=0, max=1, help="With --shadow-first: each canary's top-1 agreement."
+    ),
+    max_latency_ratio: float = typer.Option(
+        1.2,
+        "--max-latency-ratio",
+        min=0,
+        help="With --shadow-first: at most this candidate p95 / serving p95 on each canary.",
+    ),
 ) -> None:
     """Ship a model to a fleet: publish the signed bundle, tell the devices, follow them.
-    With --shadow: devices only try it beside the model they serve (`edgekit shadow status`)."""
-    if not shadow and (sample != 0.1 or duration != "30m"):
-        raise typer.BadParameter("--sample and --for go with --shadow")
-    if shadow and (canary or wait):
-        raise typer.BadParameter("--shadow switches nothing: it takes no --canary or --wait")
+    With --shadow: devices only try it beside the model they serve (`edgekit shadow status`).
+    With --canary N --shadow-first 15m: the canaries try it in the shadow before installing it."""
+    _check_shadow_options(
+        shadow, canary, wait, sample, duration, shadow_count, shadow_names, shadow_first,
+        min_agreement, max_latency_ratio,
+    )  # fmt: skip
     if shadow:
         _push_shadow(
-            target, fleet, sample, duration, name, version, key_name, broker, registry, server, json_out
-        )
+            target, fleet, sample, duration, name, version, key_name, broker, registry, server, json_out,
+            shadow_count, shadow_names or [],
+        )  # fmt: skip
         return
     from edgekit.fleet.actions import pushing
     from edgekit.fleet.api import outcome_json
@@ -325,9 +351,15 @@ def push(
         max_error_rate=max_error_rate,
         max_p95_regression=max_p95_regression,
         abort_on_drift=not ignore_drift,
+        **_shadow_phase(shadow_first, sample, min_agreement, max_latency_ratio),
     )
     remote = server_client(server)
     if remote is not None:
+        if shadow_first is not None:
+            raise RolloutError(
+                "a rollout with a shadow phase is started from a workstation with the broker and "
+                "registry, not through --server yet; run the command without --server"
+            )
         query = {
             "canary": canary,
             "soak": soak,
@@ -386,6 +418,12 @@ def push(
                         f"no device of fleet {fleet} has reported yet; devices that join later fetch "
                         f"{bundle.manifest.label} from the broker"
                     )
+                elif rollout.phase == "shadow":
+                    console.print(
+                        f"the canaries ({', '.join(rollout.canaries)}) try it in the shadow of the bundle "
+                        f"they serve first; the rollout controller of `edgekit fleet up` (or `edgekit "
+                        f"rollout resume --fleet {fleet}`) judges their figures and goes on or aborts"
+                    )
                 elif rollout.canaries:
                     console.print(
                         f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` (or the "
@@ -393,6 +431,56 @@ def push(
                     )
         finally:
             client.close()
+
+
+def _check_shadow_options(
+    shadow: bool,
+    canary: int,
+    wait: bool,
+    sample: float,
+    duration: str,
+    count: Optional[int],
+    names: Optional[list[str]],
+    shadow_first: Optional[str],
+    min_agreement: float,
+    max_latency_ratio: float,
+) -> None:
+    """Which shadow options go together (typer.BadParameter: one line naming the fix)."""
+    if not shadow and duration != "30m":
+        raise typer.BadParameter("--for goes with --shadow")
+    if not shadow and shadow_first is None and sample != 0.1:
+        raise typer.BadParameter("--sample and --for go with --shadow (--sample also with --shadow-first)")
+    if shadow and (canary or wait or shadow_first is not None):
+        raise typer.BadParameter(
+            "--shadow switches nothing: it takes no --canary, --wait or --shadow-first "
+            "(for a rollout with a shadow phase: --canary N --shadow-first 15m, without --shadow)"
+        )
+    if (count is not None or names) and not shadow:
+        raise typer.BadParameter("--devices and --device go with --shadow (a rollout's canaries: --canary N)")
+    if count is not None and names:
+        raise typer.BadParameter("give --devices N or --device D (repeatable), not both")
+    if shadow_first is not None and not canary:
+        raise typer.BadParameter("--shadow-first needs --canary N: the canaries try it in the shadow first")
+    if shadow_first is None and (min_agreement != 0.98 or max_latency_ratio != 1.2):
+        raise typer.BadParameter(
+            "--min-agreement and --max-latency-ratio go with --shadow-first (or `edgekit shadow promote`)"
+        )
+
+
+def _shadow_phase(
+    shadow_first: Optional[str], sample: float, min_agreement: float, max_latency_ratio: float
+) -> dict[str, Any]:
+    """The rollout policy's shadow-phase fields for ``--shadow-first`` (none without it)."""
+    if shadow_first is None:
+        return {}
+    from .shadow import parse_duration
+
+    return {
+        "shadow_s": parse_duration(shadow_first),
+        "shadow_sample": sample,
+        "min_agreement": min_agreement,
+        "max_latency_ratio": max_latency_ratio,
+    }
 
 
 def _push_shadow(
@@ -407,19 +495,25 @@ def _push_shadow(
     registry: Optional[str],
     server: Optional[str],
     json_out: bool,
+    count: Optional[int] = None,
+    names: Optional[list[str]] = None,
 ) -> None:
-    """``push --shadow``: the candidate's chunks and a desired state asking devices to try it
-    (edgekit.fleet.actions.start_shadow)."""
-    from edgekit.fleet.actions import start_shadow
+    """``push --shadow``: the candidate's chunks and a desired state asking devices (all, or
+    ``count`` of them, or those ``names``) to try it (edgekit.fleet.actions.start_shadow)."""
+    from edgekit.fleet.actions import shadow_devices, start_shadow
 
     from .shadow import parse_duration
 
     seconds = parse_duration(duration)
     remote = server_client(server)
     if remote is not None:  # the service bundles, signs and asks the fleet
-        doc = _push_through(
-            remote, target, fleet, {"sample": sample, "seconds": seconds}, name, version, "shadow"
-        )
+        query = {
+            "sample": sample,
+            "seconds": seconds,
+            "devices": count,
+            "device": ",".join(names) if names else None,  # device ids have no commas
+        }
+        doc = _push_through(remote, target, fleet, query, name, version, "shadow")
     else:
         from edgekit.fleet.api import shadow_started_json
         from edgekit.fleet.push import FleetLink
@@ -427,20 +521,27 @@ def _push_shadow(
         cfg = WorkstationConfig.load(broker=broker, registry=registry)
         key = signing_key(key_name)
         with open_control(cfg, key) as control:
-            bundle = resolve_target(target, control.catalog, key, version, name)
             client = _connect(cfg)
             try:
                 link = FleetLink(client, fleet, key, control)
                 devices = link.discover()
-                seq = start_shadow(control, link, bundle, sample, seconds, "edgekit push --shadow")
-                doc = shadow_started_json(link, bundle, sample, seconds, seq, len(devices))
+                asked = shadow_devices(link, count, names or ())  # before anything is catalogued or sent
+                bundle = resolve_target(target, control.catalog, key, version, name)
+                seq = start_shadow(control, link, bundle, sample, seconds, "edgekit push --shadow", asked)
+                doc = shadow_started_json(link, bundle, sample, seconds, seq, len(devices), asked)
             finally:
                 client.close()
     if json_out:
         print_json(doc)
         return
+    asked = doc.get("asked")
+    who = (
+        f"fleet {fleet} ({doc['devices']} device(s) known) tries"
+        if asked is None
+        else f"{', '.join(asked)} of fleet {fleet} (of {doc['devices']} known) try"
+    )
     console.print(
-        f"fleet {fleet} ({doc['devices']} device(s) known) tries {doc['candidate']} beside {doc['serving']} "
+        f"{who} {doc['candidate']} beside {doc['serving']} "
         f"on {sample:.0%} of live inputs for {duration}; nothing is switched. "
         f"Follow it with `edgekit shadow status --fleet {fleet}`"
     )
@@ -453,6 +554,11 @@ def _print_rollout(doc: dict[str, Any]) -> None:
     )
     console.print(f"started by {doc['started_by']} at {doc['started_at'][:16].replace('T', ' ')} UTC")
     console.print(f"canaries: {', '.join(doc['canaries']) or '-'}; devices: {len(doc['devices'])}")
+    if doc.get("shadow_first_s"):
+        console.print(
+            f"shadow phase: the canaries try it beside the bundle they serve for {doc['shadow_first_s']:g} s "
+            "first; it goes on only if their shadow figures pass"
+        )
     for device, why in sorted(doc["failed"].items()):
         console.print(f"  failed: {device}: {why}")
 

@@ -37,6 +37,10 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
+def _mib(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value / (1024 * 1024):.1f} MiB"
+
+
 def _agreement(figures: dict[str, Any]) -> str:
     if figures["agreement"] is None:
         return "-"
@@ -86,6 +90,7 @@ def status(
         "max error",
         "p95 serving",
         "p95 candidate",
+        "peak memory",
         "candidate on these inputs",
         title=f"{summary['candidate']} in the shadow of fleet {fleet}",
     )
@@ -100,6 +105,7 @@ def status(
             "-" if d["abs_error_max"] is None else f"{d['abs_error_max']:.4g}",
             _ms(d["serving_p95_ms"]),
             _ms(d["candidate_p95_ms"]),
+            _mib(d["peak_memory_bytes"]),
             d["severity"] or "not judged yet",
         )
     total = summary["total"]
@@ -112,6 +118,7 @@ def status(
         "-" if total["abs_error_max"] is None else f"{total['abs_error_max']:.4g}",
         _ms(total["serving_p95_ms"]),
         _ms(total["candidate_p95_ms"]),
+        _mib(total["peak_memory_bytes"]),
         "",
     )
     console.print(table)

@@ -206,6 +206,8 @@ def test_a_shadow_ends_at_its_end_time(make_config, bundles, models, traffic):
         ({"candidate": {"name": "digits"}}, "candidate"),
         ({"serving_latency_ms": {"p50": "fast"}}, "serving_latency_ms"),
         ({"agreement": "high"}, "agreement"),
+        ({"peak_memory_bytes": -1}, "peak_memory_bytes"),
+        ({"peak_memory_bytes": 1.5}, "peak_memory_bytes"),
     ],
 )
 def test_a_malformed_shadow_window_is_refused_by_the_telemetry_decoder(make_config, bundles, change, field):
@@ -298,3 +300,27 @@ def test_the_candidate_is_judged_on_the_devices_inputs_with_its_own_baseline(mak
     assert verdicts["clean"] in ("ok", "inputs changed") and verdicts["inverted"] == "model affected", (
         verdicts
     )
+
+
+def test_each_window_reports_the_peak_memory_with_both_models_loaded(make_config, bundles, models):
+    with Agent.from_config(make_config("peak"), background=False) as agent:
+        agent.install(bundles.v1)
+        shadow = agent.start_shadow(bundles.v2, sample=1.0, cpu_budget=1.0)
+        feed(agent, shadow, models.x_test[:64])
+        rss_now = agent.flush_telemetry()
+        assert rss_now is not None and rss_now.shadow is not None
+        first = rss_now.shadow["peak_memory_bytes"]
+        # The agent's own RSS, sampled while both are loaded: about what the record says now.
+        assert rss_now.memory_rss_bytes is not None and first >= 0.9 * rss_now.memory_rss_bytes > 0
+        # Memory taken in the next window (the worker samples after each comparison) raises it.
+        ballast = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
+        feed(agent, shadow, models.x_test[64:96])
+        second = agent.flush_telemetry()
+        del ballast
+        assert second is not None and second.shadow is not None
+        assert second.shadow["peak_memory_bytes"] >= first + 48 * 1024 * 1024
+        assert TelemetryRecord.from_json(json.dumps(second.to_dict()).encode()).shadow == second.shadow
+        agent.stop_shadow()
+        stopped = agent.flush_telemetry()  # the stopped shadow's last window: not both loaded any more
+    assert stopped is not None and stopped.shadow is not None
+    assert stopped.shadow["state"] == "stopped"

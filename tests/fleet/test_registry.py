@@ -207,3 +207,38 @@ def test_shadow_windows_are_stored_once_and_read_by_fleet_and_candidate(registry
     registry.delete_device("cam-1")
     assert registry.shadow_windows("shop") == []
     registry.close()
+
+
+def test_shadow_peak_memory_is_stored_and_only_the_devices_asked_are_summed(registry_url):
+    from edgekit.fleet.control import ControlPlane
+
+    registry = Registry(registry_url)
+    registry.record_states([DeviceState(d, "shop", True, "serving", T0) for d in ("cam-1", "cam-2", "cam-3")])
+    registry.write_batch(
+        telemetry=[window("cam-1", 0), window("cam-1", 1), window("cam-2", 0)],
+        shadows=[
+            shadow_row("cam-1", 0, peak_memory_bytes=300 * 2**20),
+            shadow_row("cam-1", 1, peak_memory_bytes=310 * 2**20),
+            shadow_row("cam-2", 0),  # an agent from before the figure
+        ],
+    )
+    assert [w.peak_memory_bytes for w in registry.shadow_windows("shop")] == [300 * 2**20, None, 310 * 2**20]
+    control = ControlPlane(registry)
+    everyone = control.shadow_summary("shop")  # not asked through this control plane: every device
+    assert [d["device"] for d in everyone["devices"]] == ["cam-1", "cam-2"]
+    assert everyone["devices"][0]["peak_memory_bytes"] == 310 * 2**20
+    assert everyone["devices"][1]["peak_memory_bytes"] is None
+    assert everyone["total"]["peak_memory_bytes"] == 310 * 2**20
+    control.save_shadow_asked("shop", "c" * 64, ["cam-1", "cam-3"])
+    asked = control.shadow_summary("shop")
+    assert [(d["device"], d["state"]) for d in asked["devices"]] == [
+        ("cam-1", "running"),
+        ("cam-3", "not reported"),
+    ]
+    assert asked["total"]["compared"] == 200  # cam-2 was not asked: not counted
+    from edgekit.fleet.shadow import judge
+
+    assert judge(asked, 0.9, 2.0) == ["cam-3: it was asked to try the candidate and has not reported yet"]
+    control.save_shadow_asked("shop", "d" * 64, None)  # another candidate: every device again
+    assert len(control.shadow_summary("shop")["devices"]) == 2
+    registry.close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 from edgekit import ConfigError
+from edgekit.desired import ShadowRequest
 from edgekit.fleet.rollout import (
     ABORTED,
     CANARY,
     DONE,
     FLEET,
+    SHADOW,
     SOAK,
     Action,
     DeviceReport,
@@ -167,3 +169,117 @@ def test_corrupt_or_missing_state_and_bad_policies_are_config_errors(tmp_path):
         RolloutPolicy(canary=-1)
     with pytest.raises(ConfigError):
         RolloutPolicy(max_error_rate=2)
+
+
+# -- the shadow phase (push --canary N --shadow-first) -----------------------------------------
+
+SHADOW_POLICY = RolloutPolicy(
+    canary=2,
+    soak_s=60,
+    install_timeout_s=300,
+    min_samples=20,
+    shadow_s=900,
+    shadow_sample=0.5,
+    min_agreement=0.98,
+    max_latency_ratio=1.2,
+)
+
+
+def figures(device: str, **extra: object) -> dict:
+    base = {
+        "device": device, "state": "running", "compared": 200, "classified": 200, "agreed": 199,
+        "agreement": 199 / 200, "latency_ratio": 1.1, "error": None, "severity": "ok",
+    }  # fmt: skip
+    return {**base, **extra}
+
+
+def shadowing(**extra: dict) -> list[DeviceReport]:
+    """Every device serves OLD; the canaries report shadow figures (``extra`` per canary)."""
+    return [
+        DeviceReport(
+            r.device,
+            bundle_id=OLD,
+            p95_ms=10.0,
+            shadow=figures(r.device, **extra.get(r.device.replace("-", "_"), {}))
+            if r.device in ("cam-1", "cam-2")
+            else None,
+        )
+        for r in reports()
+    ]
+
+
+def begin_shadow() -> Rollout:
+    rollout, actions = start("shop", NEW, "digits@2.0.0", reports(), OLD, SHADOW_POLICY, now=0)
+    assert rollout.phase == SHADOW and rollout.canaries == ("cam-1", "cam-2")
+    # The canaries keep serving OLD and try NEW beside it, until the phase cannot last longer.
+    request = ShadowRequest(NEW, "digits", "2.0.0", 0.5, 900 + 300 + 1)
+    assert actions == [Action(OLD, "cam-1", request), Action(OLD, "cam-2", request)]
+    return rollout
+
+
+def test_a_shadow_phase_that_passes_installs_on_the_canaries_then_soaks_as_usual():
+    rollout = begin_shadow()
+    rollout, actions = advance(rollout, shadowing(), SHADOW_POLICY, now=600)
+    assert rollout.phase == SHADOW and actions == []  # 10 min of 15: not judged yet
+    rollout, actions = advance(rollout, shadowing(), SHADOW_POLICY, now=901)
+    assert rollout.phase == CANARY and rollout.phase_since == 901
+    assert actions == [Action(NEW, "cam-1"), Action(NEW, "cam-2")]  # no shadow section: it ends
+    rollout, _ = advance(rollout, serving_canaries(), SHADOW_POLICY, now=910)
+    assert rollout.phase == SOAK
+
+
+@pytest.mark.parametrize(
+    ("cam_2", "fragment"),
+    [
+        ({"agreed": 20, "agreement": 0.1}, "canary cam-2: agreement 10.0% is below 98.0%"),
+        ({"latency_ratio": 3.0}, "canary cam-2: the candidate is 3.00x as slow"),
+        ({"severity": "model affected"}, "canary cam-2: this device's inputs affect the candidate"),
+    ],
+)
+def test_a_shadow_phase_whose_figures_fail_aborts_naming_the_canary_and_the_figure(cam_2, fragment):
+    rollout = begin_shadow()
+    rollout, actions = advance(rollout, shadowing(cam_2=cam_2), SHADOW_POLICY, now=901)
+    assert rollout.phase == ABORTED
+    assert rollout.reason.startswith("in the shadow phase, digits@2.0.0 did not pass: ")
+    assert fragment in rollout.reason and "cam-1" not in rollout.reason
+    # Every canary is told to serve OLD, with no shadow: nothing was switched, the shadow ends.
+    assert actions == [Action(OLD, "cam-1"), Action(OLD, "cam-2")]
+
+
+def test_a_candidate_failing_in_the_shadow_aborts_at_once():
+    rollout = begin_shadow()
+    failed = {"state": "failed", "error": "it returned NaN or infinity"}
+    rollout, actions = advance(rollout, shadowing(cam_1=failed), SHADOW_POLICY, now=5)
+    assert (
+        rollout.phase == ABORTED and "canary cam-1: the candidate digits@2.0.0 failed there" in rollout.reason
+    )
+    assert "NaN" in rollout.reason and actions == [Action(OLD, "cam-1"), Action(OLD, "cam-2")]
+
+
+def test_a_shadow_phase_waits_for_enough_inputs_then_gives_up_naming_the_canary():
+    rollout = begin_shadow()
+    few = {"compared": 3, "classified": 3, "agreed": 3, "agreement": 1.0}
+    rollout, actions = advance(rollout, shadowing(cam_2=few), SHADOW_POLICY, now=950)
+    assert rollout.phase == SHADOW and actions == []  # time is up, but cam-2 compared 3 of 20
+    silent = [r for r in shadowing() if r.device != "cam-1"]  # cam-1 reported nothing at all
+    rollout, actions = advance(rollout, silent, SHADOW_POLICY, now=1000)
+    assert rollout.phase == SHADOW
+    rollout, actions = advance(rollout, silent, SHADOW_POLICY, now=1201)
+    assert rollout.phase == ABORTED
+    assert "canary cam-1 compared 0 input(s), fewer than the 20 needed" in rollout.reason
+    assert "cam-2" not in rollout.reason
+
+
+def test_a_shadow_phase_survives_a_restart_and_needs_a_served_bundle(tmp_path):
+    rollout = begin_shadow()
+    rollout.save(tmp_path / "r.json")
+    loaded = Rollout.load(tmp_path / "r.json")
+    assert loaded == rollout and loaded.rollout_policy == SHADOW_POLICY
+    rollout, _ = advance(loaded, shadowing(), loaded.rollout_policy, now=901)
+    assert rollout.phase == CANARY
+    with pytest.raises(ConfigError, match="serves nothing yet"):
+        start("shop", NEW, "digits@2.0.0", reports(), None, SHADOW_POLICY, now=0)
+    with pytest.raises(ConfigError, match="needs at least one canary"):
+        RolloutPolicy(canary=0, shadow_s=60)
+    with pytest.raises(ConfigError, match="min agreement"):
+        RolloutPolicy(canary=1, shadow_s=60, min_agreement=1.5)

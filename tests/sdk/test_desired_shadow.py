@@ -90,3 +90,45 @@ def test_a_malformed_shadow_section_is_refused(shadow, words):
     with pytest.raises(DesiredStateError, match=words) as refused:
         DesiredState.from_json(json.dumps(doc).encode())
     assert refused.value.reason == "malformed"  # type: ignore[attr-defined]
+
+
+def test_a_shadow_section_can_name_the_devices_asked_and_only_those_are_asked():
+    key = SigningKey.generate()
+    request = ShadowRequest(B, "digits", "2.0.0", 0.1, 2_000_000_000, devices=("cam-1", "cam-3"))
+    state = new_desired_state(
+        "lab", bundle_sha256=A, bundle_name="digits", bundle_version="1.0.0", seq=3, shadow=request
+    )
+    assert json.loads(state.to_json())["shadow"]["devices"] == ["cam-1", "cam-3"]
+    verified = verify_desired_state(sign_desired_state(state, key), TrustedKeys([key.public]), fleet="lab")
+    assert verified.shadow == request
+    assert verified.shadow.asks("cam-1") and not verified.shadow.asks("cam-2")
+    # Without devices: every device the document reaches, and the section is what it was.
+    everyone = ShadowRequest(B, "digits", "2.0.0", 0.1, 2_000_000_000)
+    assert everyone.asks("cam-2") and "devices" not in everyone.to_dict()
+
+
+SECTION = {"sha256": B, "name": "digits", "version": "2.0.0", "sample": 0.1, "until": "2033-05-18T03:33:20Z"}
+
+
+@pytest.mark.parametrize(
+    ("devices", "words"),
+    [
+        ([], "1 to 1000 device ids"),
+        ("cam-1", "1 to 1000 device ids"),
+        ([1], "1 to 1000 device ids"),
+        (["cam-2", "cam-1"], "sorted and distinct"),
+        (["cam-1", "cam-1"], "sorted and distinct"),
+        (["cam/1"], "shadow section names an"),
+        ([f"cam-{i:04d}" for i in range(1001)], "1 to 1000 device ids"),
+    ],
+)
+def test_a_malformed_shadow_devices_list_is_refused(devices, words):
+    doc = json.loads(
+        new_desired_state(
+            "lab", bundle_sha256=A, bundle_name="digits", bundle_version="1.0.0", seq=1
+        ).to_json()
+    )
+    doc["shadow"] = {**SECTION, "devices": devices}
+    with pytest.raises(DesiredStateError, match=words) as refused:
+        DesiredState.from_json(json.dumps(doc).encode())
+    assert refused.value.reason == "malformed"  # type: ignore[attr-defined]
