@@ -282,6 +282,11 @@ def api_routes(ctx: ApiContext) -> list[Route]:
                 max_error_rate=float(q.get("max_error_rate", 0.05)),
                 max_p95_regression=float(q.get("max_p95_regression", 0.5)),
                 abort_on_drift=q.get("ignore_drift", "false") != "true",
+                # The shadow phase (push --canary N --shadow-first): 0 s is none.
+                shadow_s=_number(q, "shadow_s", 0.0),
+                shadow_sample=_number(q, "shadow_sample", 0.1),
+                min_agreement=_number(q, "min_agreement", 0.98),
+                max_latency_ratio=_number(q, "max_latency_ratio", 1.2),
             )
         except ValueError as exc:
             raise ConfigError(f"bad rollout setting: {exc}") from None

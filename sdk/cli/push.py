@@ -355,12 +355,8 @@ def push(
     )
     remote = server_client(server)
     if remote is not None:
-        if shadow_first is not None:
-            raise RolloutError(
-                "a rollout with a shadow phase is started from a workstation with the broker and "
-                "registry, not through --server yet; run the command without --server"
-            )
         query = {
+            **_shadow_phase(shadow_first, sample, min_agreement, max_latency_ratio),
             "canary": canary,
             "soak": soak,
             "timeout": timeout,

@@ -307,6 +307,15 @@ def test_named_devices_through_the_fleet_service(
         words = laptop(alice, url, "push", "digits", "--fleet", "lab", "--version", "2.0.0", "--shadow",
                        "--devices", "1")  # fmt: skip
         assert words.returncode == 0 and "cam-1 of fleet lab (of 3 known) try digits@2.0.0" in words.stdout
+        # A canary rollout with a shadow phase, through the service too: the canary tries it first.
+        first = laptop(alice, url, "push", "digits", "--fleet", "lab", "--version", "2.0.0", "--canary", "1",
+                       "--shadow-first", "15m", "--sample", "0.5", "--min-agreement", "0.9", "--json")  # fmt: skip
+        assert first.returncode == 0, first.stderr
+        rollout = json.loads(first.stdout)
+        assert rollout["phase"] == "shadow" and rollout["canaries"] == ["cam-1"]
+        told = retained_desired_state(mosquitto.url, Topics().device_desired("cam-1"))  # the canary's own
+        assert told["shadow"]["name"] == "digits" and told["shadow"]["sample"] == 0.5
+        assert rollout_status(registry_url)["shadow_first_s"] == 900.0
         assert served.stop()["stopped"]
     finally:
         watcher.close()
