@@ -100,6 +100,8 @@ def test_the_bench_page_renders_in_headless_chromium(served, registry):
     assert "51 °C" in page and "not reported" in page  # the VM has no thermal zone
     assert "digits@2.0.0 gave other answers than on the workstation on pi-1" in page
     assert "pi-1 reported CPU throttling while measuring digits@2.0.0" in page
+    fleet_page = chromium_dom(served + "/fleets/shop")  # the fleet's page links to it
+    assert 'id="bench-link" href="/fleets/shop/bench"' in fleet_page
 
 
 def test_ingest_stores_bench_reports_once_and_counts_and_drops_malformed_ones(
