@@ -103,7 +103,9 @@ typecheck: $(STAMP)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	$(VENV)/bin/mypy
 
-pytest: setup $(LEAN_STAMP)  # the lean venv's tflite-runtime agent is one board class in tests/fleet/test_bench_fleet.py
+# The lean venv first: its tflite-runtime agent is a board class of its own in
+# tests/fleet/test_bench_fleet.py.
+pytest: setup $(LEAN_STAMP)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
