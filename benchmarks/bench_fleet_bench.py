@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import digits_models
-from edgekit import SigningKey, TrustedKeys, create_bundle
+from _serving import bundles, ratios, serve, write_config
+from edgekit import SigningKey, TrustedKeys
 from edgekit.agent import Agent
 from edgekit.agent.bench import BenchLink, describe_board
 from edgekit.bench import MAX_RUNS, BenchCandidate, new_bench_request, sign_bench_request
 from edgekit.bundle import read_bundle
-
-
-def write_config(path: Path, key: SigningKey, state: Path) -> Path:
-    path.write_text(
-        f'device = "bench"\nfleet = "bench"\nstate_dir = "{state}"\nthreads = 1\n'
-        f"trusted_keys = '''\n{key.public.pem().decode()}'''\n"
-    )
-    return path
-
-
-def serve(agent: Agent, xs: np.ndarray, calls: int, gap: float = 0.0) -> tuple[float, float]:
-    """Serving p95 (ms) and throughput (calls/s) over ``calls`` predict() calls, ``gap`` seconds
-    apart (0: back to back)."""
-    latencies = []
-    predict = agent.predict
-    start = time.perf_counter()
-    for i in range(calls):
-        x = xs[i % len(xs)]
-        t0 = time.perf_counter()
-        predict(x)
-        latencies.append(time.perf_counter() - t0)
-        if gap:
-            time.sleep(gap)
-    elapsed = time.perf_counter() - start
-    return float(np.percentile(latencies, 95)) * 1000, calls / elapsed
 
 
 def case(
@@ -74,9 +48,7 @@ def case(
     gap: float = 0.0,
 ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(dir=tmp))  # each case its own agent
-    serving, candidate = tmp / f"{serving_model.stem}-s.ekb", tmp / f"{candidate_model.stem}-c.ekb"
-    create_bundle(serving_model, name="bench", version="1.0.0", key=key, output=serving)
-    create_bundle(candidate_model, name="bench", version="2.0.0", key=key, output=candidate)
+    serving, candidate = bundles(tmp, key, serving_model, candidate_model)
     bundle = read_bundle(candidate, TrustedKeys([key.public]))
     state = tmp / f"state-{serving_model.stem}"
     results: dict[str, dict[str, list[float]]] = {m: {"p95": [], "rate": []} for m in ("off", "on")}
@@ -118,16 +90,7 @@ def case(
                 results["on"]["rate"].append(rate)
         finally:
             link.stop()
-    base_p95, base_rate = results["off"]["p95"], results["off"]["rate"]
-    return {
-        mode: {
-            "p95_ms": statistics.median(r["p95"]),
-            "per_s": statistics.median(r["rate"]),
-            "p95_ratio": statistics.median([a / b for a, b in zip(r["p95"], base_p95)]),
-            "throughput_ratio": statistics.median([a / b for a, b in zip(r["rate"], base_rate)]),
-        }
-        for mode, r in results.items()
-    }
+    return ratios(results, "off")
 
 
 def main() -> None:

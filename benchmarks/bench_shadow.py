@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import digits_models
+from _serving import bundles, ratios, serve, write_config
 from edgekit import SigningKey, create_bundle
 from edgekit.agent import Agent
 from edgekit.runtime import Model
-
-
-def write_config(path: Path, key: SigningKey, state: Path) -> Path:
-    path.write_text(
-        f'device = "bench"\nfleet = "bench"\nstate_dir = "{state}"\nthreads = 1\n'
-        f"trusted_keys = '''\n{key.public.pem().decode()}'''\n"
-    )
-    return path
 
 
 def top1(path: Path, xs: np.ndarray) -> np.ndarray:
@@ -50,20 +42,6 @@ def top1(path: Path, xs: np.ndarray) -> np.ndarray:
             feed = np.clip(np.round(feed / scale + zero), -128, 127).astype(detail["dtype"])
         out.append(int(np.argmax(model.run([feed])[0])))
     return np.array(out)
-
-
-def run(agent: Agent, xs: np.ndarray, calls: int) -> tuple[float, float]:
-    """Serving p95 (ms) and throughput (calls/s) over ``calls`` predict() calls."""
-    latencies = []
-    predict = agent.predict
-    start = time.perf_counter()
-    for i in range(calls):
-        x = xs[i % len(xs)]
-        t0 = time.perf_counter()
-        predict(x)
-        latencies.append(time.perf_counter() - t0)
-    elapsed = time.perf_counter() - start
-    return float(np.percentile(latencies, 95)) * 1000, calls / elapsed
 
 
 def modes_case(
@@ -80,18 +58,16 @@ def modes_case(
     results: dict[str, dict[str, list[float]]] = {
         str(m): {"p95": [], "rate": [], "compared": [], "dropped": []} for m in modes
     }
-    serving, candidate = tmp / f"{serving_model.stem}-s.ekb", tmp / f"{candidate_model.stem}-c.ekb"
-    create_bundle(serving_model, name="bench", version="1.0.0", key=key, output=serving)
-    create_bundle(candidate_model, name="bench", version="2.0.0", key=key, output=candidate)
+    serving, candidate = bundles(tmp, key, serving_model, candidate_model)
     config = write_config(tmp / f"{serving_model.stem}.toml", key, tmp / f"state-{serving_model.stem}")
     with Agent.from_config(config, background=False) as agent:
         agent.install(serving)
-        run(agent, xs, max(10, calls // 6))  # warm up
+        serve(agent, xs, max(10, calls // 6))  # warm up
         for _ in range(rounds):
             for mode in modes:
                 if mode is not None:
                     agent.start_shadow(candidate, sample=mode)
-                p95, rate = run(agent, xs, calls)
+                p95, rate = serve(agent, xs, calls)
                 figures = agent.stop_shadow() if mode is not None else None
                 row = results[str(mode)]
                 row["p95"].append(p95)
@@ -99,18 +75,11 @@ def modes_case(
                 row["compared"].append(figures["compared"] if figures else 0)
                 row["dropped"].append(figures["dropped"] if figures else 0)
             agent.flush_telemetry()
-    base_p95, base_rate = results["None"]["p95"], results["None"]["rate"]
-    return {
-        m: {
-            "p95_ms": statistics.median(r["p95"]),
-            "per_s": statistics.median(r["rate"]),
-            "p95_ratio": statistics.median([a / b for a, b in zip(r["p95"], base_p95)]),
-            "throughput_ratio": statistics.median([a / b for a, b in zip(r["rate"], base_rate)]),
-            "compared_per_round": statistics.median(r["compared"]),
-            "dropped_per_round": statistics.median(r["dropped"]),
-        }
-        for m, r in results.items()
-    }
+    summary = ratios(results, "None")
+    for mode, r in results.items():
+        summary[mode]["compared_per_round"] = statistics.median(r["compared"])
+        summary[mode]["dropped_per_round"] = statistics.median(r["dropped"])
+    return summary
 
 
 def agreement_case(tmp: Path, key: SigningKey, models: Path, xs: np.ndarray) -> dict[str, Any]:
