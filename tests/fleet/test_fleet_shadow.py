@@ -39,12 +39,15 @@ def top1(path: Path, xs: np.ndarray) -> np.ndarray:
     return np.array(classes)
 
 
-@pytest.fixture
-def devices(mosquitto, edgekit_home, tmp_path) -> Iterator[dict[str, AgentDaemon]]:
+def fleet_of_agents(
+    mosquitto, edgekit_home: Path, tmp_path: Path, names: list[str]
+) -> Iterator[dict[str, AgentDaemon]]:
+    """Real agents of fleet ``lab`` in this process, one daemon each on the broker, trusting a
+    new workstation key (for the ``devices`` fixtures of the shadow tests)."""
     assert edgekit("keys", "init").returncode == 0
     pem = load_own_public_key(edgekit_home).pem().decode()
     daemons = {}
-    for device in DEVICES:
+    for device in names:
         config = tmp_path / f"{device}.toml"
         config.write_text(
             f'device = "{device}"\nfleet = "lab"\nstate_dir = "{tmp_path / device}"\n'
@@ -57,6 +60,11 @@ def devices(mosquitto, edgekit_home, tmp_path) -> Iterator[dict[str, AgentDaemon
     for daemon in daemons.values():
         daemon.stop()
         daemon.agent.close()
+
+
+@pytest.fixture
+def devices(mosquitto, edgekit_home, tmp_path) -> Iterator[dict[str, AgentDaemon]]:
+    yield from fleet_of_agents(mosquitto, edgekit_home, tmp_path, DEVICES)
 
 
 def test_push_shadow_measures_the_candidate_on_every_device_and_status_sums_it_up(

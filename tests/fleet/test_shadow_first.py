@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from edgekit.agent import Agent
 from edgekit.agent.daemon import AgentDaemon
 from edgekit.fleet.controller import RolloutController
 from edgekit.fleet.registry import Registry
-from edgekit.keys import load_own_public_key
+from test_fleet_shadow import fleet_of_agents
 from test_push import control_of, edgekit
 from test_serve import serve  # noqa: F401 - serve is a fixture
 from watcher import Watcher
@@ -42,22 +41,7 @@ def shuffled_digits(digits_models, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def devices(mosquitto, edgekit_home, tmp_path) -> Iterator[dict[str, AgentDaemon]]:
-    assert edgekit("keys", "init").returncode == 0
-    pem = load_own_public_key(edgekit_home).pem().decode()
-    daemons = {}
-    for device in DEVICES:
-        config = tmp_path / f"{device}.toml"
-        config.write_text(
-            f'device = "{device}"\nfleet = "lab"\nstate_dir = "{tmp_path / device}"\n'
-            f"broker = \"{mosquitto.url}\"\nthreads = 1\ntrusted_keys = '''\n{pem}'''\n"
-            "[telemetry]\ninterval = 3600\n"
-        )
-        agent = Agent.from_config(config, background=False)
-        daemons[device] = AgentDaemon(agent, upload_interval=0.1).start()
-    yield daemons
-    for daemon in daemons.values():
-        daemon.stop()
-        daemon.agent.close()
+    yield from fleet_of_agents(mosquitto, edgekit_home, tmp_path, DEVICES)
 
 
 def said(watcher: Watcher, device: str, kind: str) -> bool:
