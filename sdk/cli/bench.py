@@ -17,7 +17,7 @@ from ..bench import DEFAULT_RUNS, MAX_RUNS, BenchReport, parse_threads
 from ..config import WorkstationConfig
 from ..errors import BenchError, MessageError
 from ._app import console, err_console, print_json, signing_key
-from .push import BROKER_HELP, REGISTRY_HELP, _connect, open_control, resolve_target
+from .push import BROKER_HELP, REGISTRY_HELP, fleet_link, open_control, resolve_target
 
 
 class _RunByDefault(TyperGroup):
@@ -76,7 +76,6 @@ def run(
     inputs and says whether its answers match the workstation's. Results arrive in the registry
     (`edgekit bench results`); `--wait` prints them here as they come."""
     from edgekit.fleet.bench import choose_devices, row_of_report, start_bench, summarize
-    from edgekit.fleet.push import FleetLink
 
     counts = parse_threads(threads)
     if not 1 <= runs <= MAX_RUNS:
@@ -87,12 +86,9 @@ def run(
     key = signing_key(key_name)
     with open_control(cfg, key) as control:
         bundles = [resolve_target(target, control.catalog, key, None) for target in candidates]
-        client = _connect(cfg)
-        try:
-            link = FleetLink(client, fleet, key, control)
-            link.discover()
+        with fleet_link(cfg, control, key, fleet) as link:
             chosen = choose_devices(link, device, devices)
-            heard = _Reports(client, link.topics.all_devices_filter("bench")) if wait else None
+            heard = _Reports(link.client, link.topics.all_devices_filter("bench")) if wait else None
             seq = start_bench(control, link, bundles, chosen, threads=counts, runs=runs)
             labels = [b.manifest.label for b in bundles]
             asked: dict[str, Any] = {
@@ -115,8 +111,6 @@ def run(
                     console.print(f"results as they arrive: edgekit bench results --fleet {fleet}")
                 return
             reports, missing = heard.wait(seq, chosen, len(bundles), timeout)
-        finally:
-            client.close()
     summary = summarize([row_of_report(r) for r in reports])
     if json_out:
         print_json({**asked, **summary, "missing": missing})

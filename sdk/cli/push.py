@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,6 +89,21 @@ def open_control(cfg: WorkstationConfig, key: Optional[SigningKey]) -> Any:
     trusted = TrustedKeys([key.public]) if key is not None else None
     cfg.home.mkdir(parents=True, exist_ok=True)  # the default registry lives there
     return ControlPlane.open(cfg.registry, trusted, home=cfg.home)
+
+
+@contextmanager
+def fleet_link(cfg: WorkstationConfig, control: Any, key: SigningKey, fleet: str) -> Iterator[Any]:
+    """The fleet as the broker shows it (:class:`edgekit.fleet.push.FleetLink`): connected as
+    the operator, the devices' retained states collected (``link.devices()``); closed after."""
+    from edgekit.fleet.push import FleetLink
+
+    client = _connect(cfg)
+    try:
+        link = FleetLink(client, fleet, key, control)
+        link.discover()
+        yield link
+    finally:
+        client.close()
 
 
 def _device_table(link: Any, rollout: Any) -> Table:
@@ -341,7 +357,6 @@ def push(
         return
     from edgekit.fleet.actions import pushing
     from edgekit.fleet.api import outcome_json
-    from edgekit.fleet.push import FleetLink
     from edgekit.fleet.rollout import RolloutPolicy
 
     policy = RolloutPolicy(
@@ -372,10 +387,8 @@ def push(
     key = signing_key(key_name)
     with open_control(cfg, key) as control:
         bundle = resolve_target(target, control.catalog, key, version, name)
-        client = _connect(cfg)
-        try:
-            link = FleetLink(client, fleet, key, control)
-            devices = link.discover()
+        with fleet_link(cfg, control, key, fleet) as link:
+            devices = link.devices()
             total = bundle.manifest.chunks.total_size
             holder = "edgekit push --wait" if wait else "edgekit push"
             with ExitStack() as held:  # the fleet's driving lock, from the start to the end of the drive
@@ -425,8 +438,6 @@ def push(
                         f"the canaries install it now; `edgekit rollout resume --fleet {fleet}` (or the "
                         "rollout controller of `edgekit fleet up`) takes the rollout on to the fleet"
                     )
-        finally:
-            client.close()
 
 
 def _check_shadow_options(
@@ -512,21 +523,15 @@ def _push_shadow(
         doc = _push_through(remote, target, fleet, query, name, version, "shadow")
     else:
         from edgekit.fleet.api import shadow_started_json
-        from edgekit.fleet.push import FleetLink
 
         cfg = WorkstationConfig.load(broker=broker, registry=registry)
         key = signing_key(key_name)
-        with open_control(cfg, key) as control:
-            client = _connect(cfg)
-            try:
-                link = FleetLink(client, fleet, key, control)
-                devices = link.discover()
-                asked = shadow_devices(link, count, names or ())  # before anything is catalogued or sent
-                bundle = resolve_target(target, control.catalog, key, version, name)
-                seq = start_shadow(control, link, bundle, sample, seconds, "edgekit push --shadow", asked)
-                doc = shadow_started_json(link, bundle, sample, seconds, seq, len(devices), asked)
-            finally:
-                client.close()
+        with open_control(cfg, key) as control, fleet_link(cfg, control, key, fleet) as link:
+            devices = link.devices()
+            asked = shadow_devices(link, count, names or ())  # before anything is catalogued or sent
+            bundle = resolve_target(target, control.catalog, key, version, name)
+            seq = start_shadow(control, link, bundle, sample, seconds, "edgekit push --shadow", asked)
+            doc = shadow_started_json(link, bundle, sample, seconds, seq, len(devices), asked)
     if json_out:
         print_json(doc)
         return
@@ -670,7 +675,6 @@ def rollback(
     desired state)."""
     from edgekit.fleet.actions import previous_bundle, rolling_back
     from edgekit.fleet.api import outcome_json
-    from edgekit.fleet.push import FleetLink
 
     if device is not None:
         _rollback_device(fleet, device, to, key_name, broker, registry, server, json_out)
@@ -686,10 +690,8 @@ def rollback(
     key = signing_key(key_name)
     with open_control(cfg, key) as control:
         bundle = previous_bundle(control, fleet, to)
-        client = _connect(cfg)
-        try:
-            link = FleetLink(client, fleet, key, control)
-            devices = link.discover()
+        with fleet_link(cfg, control, key, fleet) as link:
+            devices = link.devices()
             with rolling_back(control, link, bundle, timeout, "edgekit fleet rollback") as (rollout, labels):
                 if not json_out:
                     console.print(f"fleet {fleet} told to go back to {bundle.manifest.label}")
@@ -697,8 +699,6 @@ def rollback(
                     _drive(link, rollout, labels, timeout, json_out)
                 elif json_out:
                     print_json(outcome_json(rollout, link))
-        finally:
-            client.close()
 
 
 def _rollback_device(
@@ -713,7 +713,6 @@ def _rollback_device(
 ) -> None:
     """``fleet rollback --device``: one device back (edgekit.fleet.actions.rollback_device)."""
     from edgekit.fleet.actions import previous_bundle, rollback_device
-    from edgekit.fleet.push import FleetLink
 
     remote = server_client(server)
     if remote is not None:
@@ -723,13 +722,8 @@ def _rollback_device(
         key = signing_key(key_name)
         with open_control(cfg, key) as control:
             bundle = previous_bundle(control, fleet, to)
-            client = _connect(cfg)
-            try:
-                link = FleetLink(client, fleet, key, control)
-                link.discover()
+            with fleet_link(cfg, control, key, fleet) as link:
                 seq = rollback_device(control, link, device, bundle, "edgekit fleet rollback --device")
-            finally:
-                client.close()
         doc = {"fleet": fleet, "device": device, "bundle": bundle.manifest.label, "seq": seq}
     if json_out:
         print_json(doc)

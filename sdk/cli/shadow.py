@@ -12,7 +12,7 @@ from rich.table import Table
 from ..config import WorkstationConfig
 from ..errors import PromotionRefusedError
 from ._app import console, new_app, print_json, signing_key
-from .push import BROKER_HELP, REGISTRY_HELP, _connect, open_control
+from .push import BROKER_HELP, REGISTRY_HELP, fleet_link, open_control
 from .server import SERVER_HELP, server_client
 
 app = new_app("Try a candidate beside the serving model on live inputs: status, promote, stop.")
@@ -139,7 +139,6 @@ def stop(
     """End the fleet's shadow evaluation: devices unload the candidate (a new desired state
     naming the served bundle, without a shadow section); their last figures stay readable."""
     from edgekit.fleet.actions import stop_shadow
-    from edgekit.fleet.push import FleetLink
 
     remote = server_client(server)
     if remote is not None:
@@ -147,14 +146,8 @@ def stop(
     else:
         cfg = WorkstationConfig.load(broker=broker, registry=registry)
         key = signing_key(key_name)
-        with open_control(cfg, key) as control:
-            client = _connect(cfg)
-            try:
-                link = FleetLink(client, fleet, key, control)
-                link.discover()
-                seq = stop_shadow(control, link, "edgekit shadow stop")
-            finally:
-                client.close()
+        with open_control(cfg, key) as control, fleet_link(cfg, control, key, fleet) as link:
+            seq = stop_shadow(control, link, "edgekit shadow stop")
     if json_out:
         print_json({"fleet": fleet, "seq": seq, "shadow": None})
     else:
@@ -185,7 +178,6 @@ def promote(
     """Start a normal rollout of the candidate only when every device's figures pass; else say
     which failed on which devices and exit non-zero (nothing is published)."""
     from edgekit.fleet.actions import promote_shadow, shadow_verdict
-    from edgekit.fleet.push import FleetLink
 
     remote = server_client(server)
     try:
@@ -199,14 +191,8 @@ def promote(
             with open_control(cfg, None) as judging:  # no key, no broker: a refusal publishes nothing
                 verdict = shadow_verdict(judging, fleet, min_agreement, max_latency_ratio)
             key = signing_key(key_name)
-            with open_control(cfg, key) as control:
-                client = _connect(cfg)
-                try:
-                    link = FleetLink(client, fleet, key, control)
-                    link.discover()
-                    done = promote_shadow(control, link, verdict, canary, "edgekit shadow promote")
-                finally:
-                    client.close()
+            with open_control(cfg, key) as control, fleet_link(cfg, control, key, fleet) as link:
+                done = promote_shadow(control, link, verdict, canary, "edgekit shadow promote")
     except PromotionRefusedError as refused:
         if json_out:
             print_json(refused.verdict)
