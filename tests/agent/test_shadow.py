@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -269,8 +270,14 @@ def test_under_concurrent_http_and_embedded_calls_every_answer_is_the_serving_mo
                 if status != 200 or not np.allclose(np.asarray(out), expected[j][name], rtol=1e-6, atol=0):
                     failures.append(f"http call {j} got another answer")
 
-        threads = [threading.Thread(target=embedded, args=(k * 5,)) for k in range(3)]
-        threads += [threading.Thread(target=http, args=(k,)) for k in range(2)]
+        def guarded(work: Callable[[int], None], offset: int) -> None:
+            try:
+                work(offset)
+            except Exception as exc:  # a caller that died would otherwise go unnoticed
+                failures.append(f"{work.__name__} caller {offset} raised {exc!r}")
+
+        threads = [threading.Thread(target=guarded, args=(embedded, k * 5)) for k in range(3)]
+        threads += [threading.Thread(target=guarded, args=(http, k)) for k in range(2)]
         for t in threads:
             t.start()
         for t in threads:
