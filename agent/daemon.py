@@ -585,6 +585,18 @@ class AgentDaemon:
                 target, self._target = self._target, None
             if target is None or self._stop.is_set():
                 continue
+            state = target[0]
+            if state.bundle_sha256 == self._desired.get("failed") and state.seq == self._desired.get("seq"):
+                # The retained document came back (on the broker's thread) while the deployment
+                # found on disk was being rolled back here: it names what just failed. Only a
+                # new desired state retries it.
+                log.info(
+                    "device %s: not retrying %s@%s, which failed",
+                    self.device,
+                    state.bundle_name,
+                    state.bundle_version,
+                )
+                continue
             self._deploy(*target)
             self._wake_uploader.set()
 
