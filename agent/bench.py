@@ -387,6 +387,7 @@ class BenchLink:
         # the one before: a newer request replaces the bench in progress, whenever it arrives).
         self._requests: queue.Queue[Optional[tuple[BenchRequest, threading.Event]]] = queue.Queue()
         self._cancel = threading.Event()
+        self._running = threading.Event()  # the cancel event of the request the worker runs
         self._lock = threading.Lock()  # self._cancel, self._progress and BENCH_FILE
         self._thread: Optional[threading.Thread] = None
         #: The request followed and which of its candidates were reported (BENCH_FILE).
@@ -521,7 +522,7 @@ class BenchLink:
             elif now - self._since >= quiet:
                 self._last_start = time.monotonic()
                 return False
-            if now >= deadline or self._cancel.is_set():
+            if now >= deadline or self._running.is_set():
                 self._last_start = time.monotonic()
                 return True
             time.sleep(min(quiet / 4, deadline - now) if deadline > now else 0)
@@ -537,6 +538,7 @@ class BenchLink:
             if not self._requests.empty():
                 continue  # a newer one is waiting: it replaces this one
             request, cancel = item
+            self._running = cancel  # a wait for a quiet moment ends when this request is replaced
             try:
                 self._run(request, cancel)
             except DownloadCancelledError:
