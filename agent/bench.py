@@ -10,9 +10,11 @@ model is never replaced or touched):
 - **latency** per interpreter thread count: two warm-up runs, then ``runs`` timed runs on the
   bundle's health-check inputs (real inputs when the bundle was made with data), p50, p95, p99
   and mean in milliseconds, and runs per second back to back;
-- **memory**: the agent process's peak resident set (``VmHWM``: what the board must hold with
-  the serving model and the candidate loaded) and what loading and running the candidate added
-  to the resident set;
+- **memory**: the agent process's peak resident set while this candidate was measured (what
+  the board must hold with the serving model and the candidate loaded: the highest ``VmRSS``
+  sampled after loading, the health check, the warm-up and the timed runs, and ``VmHWM`` reset
+  for this candidate through ``/proc/self/clear_refs`` where the kernel permits it), and what
+  the candidate added over the resident set before it;
 - **correctness**: the bundle's health-check inputs, compared with the outputs the workstation
   recorded, within the bundle's own tolerance: an arch-specific wrong answer shows here;
 - **temperature and throttling**, where the board reports them (the hottest
@@ -185,6 +187,43 @@ def _memory() -> tuple[Optional[int], Optional[int]]:
     return rss, hwm
 
 
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM to its current resident set (``/proc/self/clear_refs`` "5"),
+    so VmHWM then is the peak of what follows; False where the kernel does not permit it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class _Peak:
+    """One candidate's peak resident set: the highest VmRSS sampled after each step (load, the
+    health check, the warm-up, the timed runs), and VmHWM when it was reset at the start."""
+
+    def __init__(self) -> None:
+        self.before, _ = _memory()
+        self.highest = self.before
+        self.exact = _reset_peak()
+
+    def sample(self) -> None:
+        rss, _ = _memory()
+        if rss is not None and (self.highest is None or rss > self.highest):
+            self.highest = rss
+
+    def result(self) -> tuple[Optional[int], Optional[int]]:
+        """(peak bytes, bytes the candidate added over the resident set before it)."""
+        self.sample()
+        peak = self.highest
+        if self.exact:
+            _, hwm = _memory()
+            if hwm is not None and (peak is None or hwm > peak):
+                peak = hwm
+        added = None if peak is None or self.before is None else max(0, peak - self.before)
+        return peak, added
+
+
 def _percentile(ordered: Sequence[float], q: float) -> float:
     position = q * (len(ordered) - 1)
     low = int(position)
@@ -242,8 +281,7 @@ def measure(
     before each timed run (the daemon waits there for the serving model to be idle) and says
     whether the run is forced (serving was not idle; counted per thread count).
     EdgekitError (ModelFormatError, ...) when the candidate cannot be loaded."""
-    rss_before, _ = _memory()
-    added = 0
+    peak = _Peak()  # this candidate's own peak, not the process's lifetime high-water mark
     load_ms: Optional[float] = None
     correctness: Optional[dict[str, Any]] = None
     by_threads = []
@@ -253,13 +291,16 @@ def measure(
         model = Model(bundle.model, runtime=board["runtime"], threads=count, xnnpack=board["xnnpack"])
         loaded = time.perf_counter() - start
         try:
+            peak.sample()
             if load_ms is None:
                 load_ms = loaded * 1000.0
                 correctness = _agreement(model, bundle, between)
+                peak.sample()
             feeds = _inputs(model, bundle)
             for i in range(WARMUP_RUNS):
                 between()
                 model.run(feeds[i % len(feeds)])
+            peak.sample()
             latencies = []
             forced = 0
             for i in range(runs):
@@ -269,9 +310,7 @@ def measure(
                 start = time.perf_counter()
                 model.run(feeds[i % len(feeds)])
                 latencies.append(time.perf_counter() - start)
-            rss, _ = _memory()
-            if rss is not None and rss_before is not None:
-                added = max(added, rss - rss_before)
+            peak.sample()
         finally:
             model.close()
         ordered = sorted(latencies)
@@ -288,13 +327,13 @@ def measure(
                 "forced": forced,
             }
         )
-    _, peak = _memory()
+    peak_bytes, added = peak.result()
     return {
         "load_ms": load_ms,
         "by_threads": by_threads,
         "correctness": correctness,
-        "peak_rss_bytes": peak,
-        "added_rss_bytes": added if rss_before is not None else None,
+        "peak_rss_bytes": peak_bytes,
+        "added_rss_bytes": added,
         "temperature_c": read_temperature(),
         "throttled": read_throttled(),
     }
@@ -330,6 +369,9 @@ class BenchLink:
         self.board = board
         self.outbox = Outbox(self.state_dir / "outbox" / "bench", OUTBOX_MAX)
         self.refused = 0
+        #: Candidates (or whole requests) lost to an unexpected error: counted, logged with its
+        #: traceback, and reported as failed; the worker goes on with the next.
+        self.errors = 0
         #: Set each time the reports of one request are all queued (tests wait on it).
         self.finished = threading.Event()
         self._fetch = fetch
@@ -341,19 +383,34 @@ class BenchLink:
         self._last_start = 0.0
         self._on_event = on_event
         self._wake = wake
-        self._requests: queue.Queue[Optional[BenchRequest]] = queue.Queue()
+        # Each request comes with the event that cancels it (made by on_message, which also sets
+        # the one before: a newer request replaces the bench in progress, whenever it arrives).
+        self._requests: queue.Queue[Optional[tuple[BenchRequest, threading.Event]]] = queue.Queue()
         self._cancel = threading.Event()
+        self._running = threading.Event()  # the cancel event of the request the worker runs
+        self._lock = threading.Lock()  # self._cancel, self._progress and BENCH_FILE
         self._thread: Optional[threading.Thread] = None
-        self._last_seq = self._load_seq()
+        #: The request followed and which of its candidates were reported (BENCH_FILE).
+        self._progress = self._load_progress()
+        self._last_seq = _int(self._progress.get("seq"))
+        self._report_interrupted()  # before any new request can replace what BENCH_FILE says
 
     # -- the request --------------------------------------------------------------------------
 
-    def _load_seq(self) -> Optional[int]:
+    def _load_progress(self) -> dict[str, Any]:
         try:
-            seq = json.loads((self.state_dir / BENCH_FILE).read_bytes()).get("seq")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+            progress = json.loads((self.state_dir / BENCH_FILE).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return progress if isinstance(progress, dict) else {}
+
+    def _save_progress(self) -> None:
+        """BENCH_FILE: the seq followed (a restart does not run it again), its candidates and
+        those already reported (a restart reports the others as failed). Under self._lock."""
+        try:
+            atomic_write(self.state_dir / BENCH_FILE, json.dumps(self._progress).encode())
+        except OSError as exc:
+            log.error("device %s could not save %s: %s", self.device, BENCH_FILE, exc.strerror or exc)
 
     def on_message(self, payload: bytes) -> None:
         """A message on the fleet's bench topic (the MQTT dispatcher thread: cheap)."""
@@ -372,12 +429,17 @@ class BenchLink:
             self._event("bench_refused", f"device {self.device} refused a bench request: {exc}", None)
             return
         self._last_seq = request.seq
-        try:  # a restart does not run it again
-            atomic_write(self.state_dir / BENCH_FILE, json.dumps({"seq": request.seq}).encode())
-        except OSError as exc:
-            log.error("device %s could not save %s: %s", self.device, BENCH_FILE, exc.strerror or exc)
-        self._cancel.set()  # a newer request replaces one in progress
-        self._requests.put(request)
+        cancel = threading.Event()
+        with self._lock:
+            self._progress = {
+                "seq": request.seq,
+                "candidates": [_ident(c) for c in request.candidates],
+                "reported": [],
+            }
+            self._save_progress()  # a restart does not run it again
+            self._cancel.set()  # a newer request replaces one in progress
+            self._cancel = cancel
+        self._requests.put((request, cancel))
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -386,10 +448,63 @@ class BenchLink:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._cancel.set()
+        with self._lock:
+            self._cancel.set()
         self._requests.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        """True while the worker runs (the daemon's watchdog checks it)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _report_interrupted(self) -> None:
+        """A request the agent stopped or restarted during is not run again (docs/bench.md): its
+        candidates not yet reported are reported failed, so the owner sees why they are missing."""
+        with self._lock:
+            progress = self._progress
+            seq = _int(progress.get("seq"))
+            candidates = progress.get("candidates")
+            reported = progress.get("reported")
+            if seq is None or not isinstance(candidates, list) or not isinstance(reported, list):
+                return
+            left = [c for c in candidates if isinstance(c, dict) and c.get("bundle_id") not in reported]
+            for ident in left:
+                label = f"{ident.get('name')}@{ident.get('version')}"
+                try:
+                    report = BenchReport(
+                        device=self.device,
+                        fleet=self.fleet,
+                        bench_seq=seq,
+                        candidate=ident,
+                        board=self.board,
+                        state="failed",
+                        error=(
+                            f"device {self.device} did not measure {label}: the agent restarted during "
+                            "the benchmark, which is not run again; ask again with `edgekit bench`"
+                        ),
+                    )
+                    self.outbox.put(report.to_dict())
+                except (EdgekitError, OSError, ValueError, TypeError) as exc:  # a damaged BENCH_FILE
+                    log.error(
+                        "device %s could not report bench seq %d as interrupted: %s", self.device, seq, exc
+                    )
+                progress["reported"] = [*reported, ident.get("bundle_id")]
+                reported = progress["reported"]
+            if left:
+                log.warning("device %s: bench seq %d was interrupted by a restart", self.device, seq)
+                self._save_progress()
+                if self._wake is not None:
+                    self._wake()
+
+    def _reported(self, seq: int, bundle_id: str) -> None:
+        with self._lock:
+            if self._progress.get("seq") != seq:
+                return  # a newer request replaced it
+            reported = self._progress.get("reported")
+            if isinstance(reported, list):
+                reported.append(bundle_id)
+                self._save_progress()
 
     def _between(self) -> bool:
         """Wait for a quiet moment: serving idle for QUIET_MIN seconds and three times the last
@@ -407,7 +522,7 @@ class BenchLink:
             elif now - self._since >= quiet:
                 self._last_start = time.monotonic()
                 return False
-            if now >= deadline or self._cancel.is_set():
+            if now >= deadline or self._running.is_set():
                 self._last_start = time.monotonic()
                 return True
             time.sleep(min(quiet / 4, deadline - now) if deadline > now else 0)
@@ -417,22 +532,28 @@ class BenchLink:
         with contextlib.suppress(AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         while True:
-            request = self._requests.get()
-            if request is None:
+            item = self._requests.get()
+            if item is None:
                 return
             if not self._requests.empty():
                 continue  # a newer one is waiting: it replaces this one
-            self._cancel = threading.Event()
+            request, cancel = item
+            self._running = cancel  # a wait for a quiet moment ends when this request is replaced
             try:
-                self._run(request, self._cancel)
+                self._run(request, cancel)
             except DownloadCancelledError:
                 log.info("device %s: bench seq %d was replaced or stopped", self.device, request.seq)
+            except Exception:  # counted and logged: the worker must outlive any one request
+                self.errors += 1
+                log.exception(
+                    "device %s: bench seq %d ended by an unexpected error", self.device, request.seq
+                )
 
     def _run(self, request: BenchRequest, cancel: threading.Event) -> None:
         labels = ", ".join(c.label for c in request.candidates)
         self._event("bench_started", f"device {self.device} is measuring {labels}", None)
         for candidate in request.candidates:
-            ident = {"bundle_id": candidate.sha256, "name": candidate.name, "version": candidate.version}
+            ident = _ident(candidate)
             directory = self.state_dir / "downloads" / f"bench-{candidate.sha256}"
             fields: dict[str, Any]
             try:
@@ -457,6 +578,15 @@ class BenchLink:
                     {},
                 )
                 log.error("%s", error)
+            except Exception as exc:  # a bug or a bundle nothing foresaw: counted, logged, reported
+                self.errors += 1
+                state, error, fields = (
+                    "failed",
+                    f"device {self.device} could not measure {candidate.label}: an unexpected error "
+                    f"in the agent ({type(exc).__name__}: {exc}); the serving model was not touched",
+                    {},
+                )
+                log.exception("device %s could not measure %s", self.device, candidate.label)
             finally:
                 shutil.rmtree(directory, ignore_errors=True)
             report = BenchReport(
@@ -473,6 +603,7 @@ class BenchLink:
                 self.outbox.put(report.to_dict())
             except (OSError, ValueError) as exc:  # a full disk; a figure JSON cannot hold (counted)
                 log.error("device %s could not queue its bench report: %s", self.device, exc)
+            self._reported(request.seq, candidate.sha256)
             if self._wake is not None:
                 self._wake()
         self._event("bench_finished", f"device {self.device} measured {labels}", None)
@@ -497,6 +628,14 @@ class BenchLink:
             self._on_event(kind, message, bundle)
         if self._wake is not None:
             self._wake()
+
+
+def _ident(candidate: BenchCandidate) -> dict[str, str]:
+    return {"bundle_id": candidate.sha256, "name": candidate.name, "version": candidate.version}
+
+
+def _int(value: object) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _seq(payload: bytes) -> Optional[int]:

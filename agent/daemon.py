@@ -271,8 +271,11 @@ class AgentDaemon:
         self.client.close()
 
     def alive(self) -> bool:
-        """True while the install worker and the uploader run (what the systemd watchdog vouches for)."""
-        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+        """True while the install worker, the uploader and the bench worker run (what the
+        systemd watchdog vouches for)."""
+        return (
+            bool(self._threads) and all(thread.is_alive() for thread in self._threads) and self.bench.alive()
+        )
 
     def __enter__(self) -> AgentDaemon:
         return self.start()

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from edgekit.bench import (
     DEFAULT_TTL,
+    MAX_DEVICES,
     BenchCandidate,
     BenchReport,
     board_class,
@@ -53,17 +54,27 @@ def choose_devices(link: FleetLink, devices: Sequence[str], count: Optional[int]
                 f"fleet {fleet} has no device {', '.join(unknown)} (devices heard from: {heard}); "
                 "name one of those with --device"
             )
+        if len(set(devices)) > MAX_DEVICES:
+            raise BenchError(f"{len(set(devices))} devices named; one benchmark asks at most {MAX_DEVICES}")
         return sorted(set(devices))
     ranked = sorted(known, key=lambda d: (not known[d].online, d))
     if count is not None:
         if count < 1:
             raise BenchError("--devices must be at least 1")
+        if count > MAX_DEVICES:
+            raise BenchError(f"--devices {count}: one benchmark asks at most {MAX_DEVICES} devices")
         if count > len(ranked):
             raise BenchError(
                 f"--devices {count}: fleet {fleet} has only {len(ranked)} device(s) ({heard}); "
                 f"ask for {len(ranked)} or fewer"
             )
         return sorted(ranked[:count])
+    if len(ranked) > MAX_DEVICES:
+        # Checked here, before any chunk is published: one request names at most MAX_DEVICES.
+        raise BenchError(
+            f"fleet {fleet} has {len(ranked)} devices and one benchmark asks at most {MAX_DEVICES}; "
+            f"choose some with --devices N (N up to {MAX_DEVICES}), online ones first"
+        )
     return sorted(ranked)
 
 
@@ -122,6 +133,7 @@ def row_of_report(report: BenchReport) -> dict[str, Any]:
         "error": report.error,
         "load_ms": report.load_ms,
         "peak_rss_mb": None if report.peak_rss_bytes is None else report.peak_rss_bytes / 2**20,
+        "added_rss_mb": None if report.added_rss_bytes is None else report.added_rss_bytes / 2**20,
         "by_threads": report.by_threads,
         "hc_samples": checked.get("samples"),
         "hc_agreed": checked.get("agreed"),
@@ -145,6 +157,7 @@ def row_of_result(result: Any) -> dict[str, Any]:
         "error": result.error,
         "load_ms": result.load_ms,
         "peak_rss_mb": result.peak_rss_mb,
+        "added_rss_mb": result.added_rss_mb,
         "by_threads": json.loads(result.by_threads),
         "hc_samples": result.hc_samples,
         "hc_agreed": result.hc_agreed,
@@ -187,6 +200,7 @@ def _candidate(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "failed": [{"device": r["device"], "error": r["error"]} for r in rows if r["state"] != "done"],
         "load_ms": _median(r["load_ms"] for r in done),
         "peak_rss_mb": _max(r["peak_rss_mb"] for r in done),
+        "added_rss_mb": _max(r["added_rss_mb"] for r in done),  # what the candidate added
         "threads": threads,
         # Health-check agreement with the workstation's outputs: True on every device checked,
         # False when one disagreed (named in disagreeing_devices), None when none could check.

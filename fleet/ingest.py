@@ -387,9 +387,12 @@ class Ingest:
         bench = [i for i, _, _ in batch if isinstance(i, BenchRow)]
         fleets = {_device_of(i): f for i, _, f in batch if f is not None and not isinstance(i, BenchRow)}
         delay = self.retry_min
+        foreign: dict[int, str] = {}  # id(bench row) -> why it is refused
         while True:
             try:
-                result = self.registry.write_batch(states, telemetry, events, fleets, shadows, bench)
+                foreign = self._foreign_bench(bench, states, fleets)
+                kept = [b for b in bench if id(b) not in foreign]
+                result = self.registry.write_batch(states, telemetry, events, fleets, shadows, kept)
                 break
             except (OperationalError, InterfaceError) as exc:
                 # The database is away (restarting, unreachable, locked): keep the batch, retry.
@@ -404,10 +407,36 @@ class Ingest:
                 # A row the database refuses (should not pass the decoders): isolate it.
                 self._db_error()
                 log.warning("registry refused a batch (%s); writing it row by row", _short(exc))
-                result = self._write_one_by_one(batch, fleets)
+                result = self._write_one_by_one([p for p in batch if id(p[0]) not in foreign], fleets)
                 break
-        self.client.ack_many([message for _, message, _ in batch])
+        for item, message, _ in batch:
+            if id(item) in foreign:
+                self._reject(message, "bench", "other_fleet", foreign[id(item)])
+        self.client.ack_many([message for item, message, _ in batch if id(item) not in foreign])
         self._count(result)
+
+    def _foreign_bench(
+        self, bench: list[BenchRow], states: list[DeviceState], fleets: dict[str, str]
+    ) -> dict[int, str]:
+        """The bench reports (by id) not filed under their device's fleet in the registry (or in
+        this batch's states, written first): a device of fleet A may not add rows to fleet B, as
+        shadow windows are only read for a fleet's own devices."""
+        if not bench:
+            return {}
+        known = self.registry.device_fleets(b.device for b in bench)
+        for device, claimed in fleets.items():  # telemetry registers a device it is the first of
+            known.setdefault(device, claimed)
+        known.update({s.device: s.fleet for s in states})
+        refused: dict[int, str] = {}
+        for row in bench:
+            registered = known.get(row.device)
+            if registered is None:
+                refused[id(row)] = f"device {row.device!r} is not in the registry yet (no state heard)"
+            elif registered != row.fleet:
+                refused[id(row)] = (
+                    f"device {row.device!r} of fleet {registered!r} sent a bench report for fleet {row.fleet!r}"
+                )
+        return refused
 
     def _db_error(self) -> None:
         with self._lock:

@@ -286,17 +286,18 @@ def verify_bench_request(
         )
     if device not in request.devices:
         raise _bad(f"the bench request (seq {request.seq}) does not name device {device}", "not-chosen")
-    if request.expires_at <= (time.time() if now is None else now):
-        raise _bad(
-            f"the bench request (seq {request.seq}) expired at {_format_time(request.expires_at)}; "
-            "ask again with `edgekit bench` (or the device clock is wrong)",
-            "expired",
-        )
+    # Replay first: the retained copy of a request already followed is not news once it expired.
     if last_seq is not None and request.seq <= last_seq:
         raise _bad(
             f"the bench request has seq {request.seq}, not above the last one followed (seq {last_seq}); "
             "a replay or the retained copy, ignoring it",
             "replayed",
+        )
+    if request.expires_at <= (time.time() if now is None else now):
+        raise _bad(
+            f"the bench request (seq {request.seq}) expired at {_format_time(request.expires_at)}; "
+            "ask again with `edgekit bench` (or the device clock is wrong)",
+            "expired",
         )
     return request
 

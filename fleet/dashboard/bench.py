@@ -6,6 +6,7 @@ each candidate's figures side by side (the same summary `edgekit bench results` 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ def bench_routes(registry: Registry) -> list[Route]:
 
     async def api(request: Request) -> JSONResponse:
         text = request.query_params.get("bench", "")
-        seq = int(text) if text.isdigit() else None
+        if text and not re.fullmatch(r"[0-9]{1,18}", text):
+            why = f"bench={text[:40]!r} is not a benchmark number; give one like ?bench=12, or none for the newest"
+            return JSONResponse({"error": why}, status_code=400)
+        seq = int(text) if text else None
         return JSONResponse(await run_in_threadpool(bench_view, registry, request.path_params["fleet"], seq))
 
     async def page(request: Request) -> FileResponse:

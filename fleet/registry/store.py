@@ -573,6 +573,16 @@ class Registry:
                 query = query.where(Device.fleet == fleet)
             return list(session.execute(query).scalars())
 
+    def device_fleets(self, devices: Iterable[str]) -> dict[str, str]:
+        """The fleet the registry has for each of ``devices`` it knows (ingest scopes bench
+        reports by it: a device reports only into its own fleet)."""
+        wanted = sorted(set(devices))
+        if not wanted:
+            return {}
+        with self.session() as session:
+            rows = session.execute(select(Device.id, Device.fleet).where(Device.id.in_(wanted)))
+            return {device: fleet for device, fleet in rows}
+
     def telemetry(self, device: str, since: datetime | None = None, limit: int = 1000) -> list[Telemetry]:
         with self.session() as session:
             query = select(Telemetry).where(Telemetry.device == device)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import click
 import typer
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -110,7 +111,7 @@ def run(
                 else:
                     console.print(f"results as they arrive: edgekit bench results --fleet {fleet}")
                 return
-            reports, missing = heard.wait(seq, chosen, len(bundles), timeout)
+            reports, missing = heard.wait(fleet, seq, chosen, len(bundles), timeout)
     summary = summarize([row_of_report(r) for r in reports])
     if json_out:
         print_json({**asked, **summary, "missing": missing})
@@ -135,30 +136,40 @@ class _Reports:
         try:
             report = BenchReport.from_json(message.payload)
         except MessageError as exc:
-            err_console.print(f"ignored a malformed bench report on {message.topic}: {exc}", highlight=False)
+            err_console.print(
+                escape(f"ignored a malformed bench report on {message.topic}: {exc}"), highlight=False
+            )
             return
         with self._changed:
             self._reports.append(report)
             self._changed.notify_all()
 
     def wait(
-        self, seq: int, devices: Sequence[str], candidates: int, timeout: float
+        self, fleet: str, seq: int, devices: Sequence[str], candidates: int, timeout: float
     ) -> tuple[list[BenchReport], list[str]]:
-        """The reports of benchmark ``seq`` once every device sent one per candidate (or at
+        """The reports of ``fleet``'s benchmark ``seq`` from ``devices`` once every device sent one per candidate (or at
         ``timeout``), and the devices still missing."""
         deadline = time.monotonic() + timeout
 
+        chosen = set(devices)
+
+        def mine() -> list[BenchReport]:
+            # Only the chosen devices' reports for this fleet's benchmark: a device of another
+            # fleet with the same bench seq, or one not asked, is not part of this table.
+            return [
+                r for r in self._reports if r.bench_seq == seq and r.fleet == fleet and r.device in chosen
+            ]
+
         def missing() -> list[str]:
             got: dict[str, set[str]] = {}
-            for r in self._reports:
-                if r.bench_seq == seq:
-                    got.setdefault(r.device, set()).add(r.candidate["bundle_id"])
+            for r in mine():
+                got.setdefault(r.device, set()).add(r.candidate["bundle_id"])
             return [d for d in devices if len(got.get(d, ())) < candidates]
 
         with self._changed:
             while missing() and time.monotonic() < deadline:
                 self._changed.wait(deadline - time.monotonic())
-            ours = {(r.device, r.candidate["bundle_id"]): r for r in self._reports if r.bench_seq == seq}
+            ours = {(r.device, r.candidate["bundle_id"]): r for r in mine()}
             return list(ours.values()), missing()
 
 
@@ -198,10 +209,19 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f} ms"
 
 
+def _memory(peak: Optional[float], added: Optional[float]) -> str:
+    if peak is None:
+        return "-"
+    return f"{peak:.0f} MiB" if added is None else f"{peak:.0f} MiB (+{added:.1f} MiB)"
+
+
 def print_summary(fleet: str, summary: dict[str, Any]) -> None:
     """One table per board class, a row per candidate, then what the owner must know."""
     notes = []
     for group in summary["classes"]:
+        # Every string below that a device reported (board class, candidate label, device names,
+        # errors) is escaped: "[/x]" in an error is text, not Rich markup.
+        board = escape(group["board_class"])
         table = Table(
             "model",
             "devices",
@@ -211,11 +231,12 @@ def print_summary(fleet: str, summary: dict[str, Any]) -> None:
             "p95",
             "p99",
             "runs/s by threads",
-            "peak memory",
+            "peak memory (candidate added)",
             "hottest",
-            title=f"benchmark {summary['bench_seq']} of fleet {fleet}: {group['board_class']}",
+            title=f"benchmark {summary['bench_seq']} of fleet {escape(fleet)}: {board}",
         )
         for c in group["candidates"]:
+            label = escape(c["candidate"])
             first = c["threads"][0] if c["threads"] else {}
             if c["correct"] is None:
                 correct = "not checked" if not c["failed"] else "[bold red]failed[/]"
@@ -224,7 +245,7 @@ def print_summary(fleet: str, summary: dict[str, Any]) -> None:
             else:
                 correct = f"[bold red]NO ({c['health_check_agreed']}/{c['health_check_samples']})[/]"
             table.add_row(
-                c["candidate"],
+                label,
                 str(len(c["devices"])),
                 correct,
                 _ms(c["load_ms"]),
@@ -232,27 +253,27 @@ def print_summary(fleet: str, summary: dict[str, Any]) -> None:
                 _ms(first.get("p95_ms")),
                 _ms(first.get("p99_ms")),
                 "  ".join(f"{t['threads']}t: {t['per_second']:.0f}/s" for t in c["threads"]) or "-",
-                "-" if c["peak_rss_mb"] is None else f"{c['peak_rss_mb']:.0f} MiB",
+                _memory(c["peak_rss_mb"], c["added_rss_mb"]),
                 "not reported" if c["temperature_c"] is None else f"{c['temperature_c']:.0f} °C",
             )
             if c["correct"] is False:
                 notes.append(
-                    f"[bold red]{c['candidate']} gave other answers than on the workstation on "
-                    f"{', '.join(c['disagreeing_devices'])} ({group['board_class']}): do not roll it out "
+                    f"[bold red]{label} gave other answers than on the workstation on "
+                    f"{escape(', '.join(c['disagreeing_devices']))} ({board}): do not roll it out "
                     "to these boards; try another quantization mode or runtime there[/]"
                 )
             for failed in c["failed"]:
-                notes.append(f"[bold red]{failed['device']}[/]: {failed['error']}")
+                notes.append(f"[bold red]{escape(failed['device'])}[/]: {escape(failed['error'] or '')}")
             forced = sum(t["forced"] for t in c["threads"])
             if forced:
                 notes.append(
-                    f"{forced} timed runs of {c['candidate']} on {group['board_class']} went ahead while the "
+                    f"{forced} timed runs of {label} on {board} went ahead while the "
                     "device was busy serving (no quiet moment for 2 s): those latencies include that load"
                 )
             if c["throttled_devices"]:
                 notes.append(
-                    f"{', '.join(c['throttled_devices'])} reported CPU throttling while measuring "
-                    f"{c['candidate']}: its figures there are pessimistic (check cooling and power)"
+                    f"{escape(', '.join(c['throttled_devices']))} reported CPU throttling while measuring "
+                    f"{label}: its figures there are pessimistic (check cooling and power)"
                 )
         console.print(table)
     console.print(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from edgekit.bench import BenchReport
 from edgekit.fleet.dashboard import create_app
@@ -107,7 +109,11 @@ def test_the_bench_page_renders_in_headless_chromium(served, registry):
 def test_ingest_stores_bench_reports_once_and_counts_and_drops_malformed_ones(
     registry, publisher, start_ingest
 ):
+    from edgekit.reports import DeviceStateReport
+
     ingest = start_ingest(registry)
+    # vm-1 is in fleet shop (its state first: ingest files bench reports under the device's fleet)
+    publisher.send("edgekit/devices/vm-1/state", DeviceStateReport("vm-1", "shop", "serving").to_json())
     good = report("vm-1", X86, "1.0.0", 1).to_dict()
     bad_field = {**good, "seq": 2, "by_threads": [{"threads": 0}]}
     other_device = {**good, "seq": 3, "device": "vm-2"}
@@ -124,3 +130,77 @@ def test_ingest_stores_bench_reports_once_and_counts_and_drops_malformed_ones(
     }
     (row,) = registry.bench_results("shop")
     assert (row.device, row.candidate_label, row.hc_agreed) == ("vm-1", "digits@1.0.0", 4)
+
+
+def test_the_bench_api_refuses_a_bench_number_that_is_not_one_in_one_line(registry):
+    client = TestClient(create_app(registry))
+    for text in ("²", "-1", "x", "1e3"):  # "²".isdigit() is True, int("²") is not a number
+        answer = client.get("/api/fleets/shop/bench", params={"bench": text})
+        assert answer.status_code == 400, text
+        assert "is not a benchmark number; give one like ?bench=12" in answer.json()["error"]
+    stored(registry)
+    assert client.get("/api/fleets/shop/bench?bench=7").json()["bench_seq"] == 7
+
+
+def test_ingest_drops_bench_reports_filed_under_another_fleet_than_the_devices_own(
+    registry, publisher, start_ingest
+):
+    # The registry has cam-1 in fleet shop and door-1 in fleet lobby (tests/fleet/conftest.py).
+    ingest = start_ingest(registry)
+    mine = report("cam-1", X86, "1.0.0", 1).to_dict()
+    intruder = {**report("door-1", X86, "1.0.0", 1).to_dict()}  # door-1 of lobby claims fleet shop
+    ghost = report("ghost-1", X86, "1.0.0", 1).to_dict()  # never heard from: no fleet known
+    publisher.send("edgekit/devices/door-1/bench", intruder)
+    publisher.send("edgekit/devices/ghost-1/bench", ghost)
+    publisher.send("edgekit/devices/cam-1/bench", mine)
+    assert ingest.wait_for(lambda s: s.rejected_total >= 2 and s.bench >= 1)
+    assert ingest.snapshot().rejected == {("bench", "other_fleet"): 2}
+    assert [row.device for row in registry.bench_results("shop")] == ["cam-1"]
+    assert registry.bench_results("lobby") == []
+
+
+def test_bench_wait_keeps_only_the_chosen_devices_reports_for_its_fleet(mosquitto, publisher):
+    from edgekit.cli.bench import _Reports
+    from edgekit.mqtt import MqttClient
+
+    client = MqttClient(mosquitto.url).connect()
+    try:
+        heard = _Reports(client, "edgekit/devices/+/bench")
+        elsewhere = {**report("door-1", X86, "1.0.0", 1).to_dict(), "fleet": "lobby"}  # same seq 7
+        publisher.send("edgekit/devices/door-1/bench", elsewhere)
+        publisher.send("edgekit/devices/pi-9/bench", report("pi-9", PI, "1.0.0", 1).to_dict())  # not asked
+        publisher.send("edgekit/devices/vm-1/bench", report("vm-1", X86, "1.0.0", 1).to_dict())
+        reports, missing = heard.wait("shop", 7, ["vm-1"], 1, timeout=30)
+    finally:
+        client.close()
+    assert [(r.device, r.fleet) for r in reports] == [("vm-1", "shop")] and missing == []
+
+
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_bench_results_prints_what_devices_sent_as_text_not_markup(registry, registry_url, edgekit_home):
+    from test_push import edgekit
+
+    odd = {**PI, "model": "[bold]Pi[/bold] [/x]"}
+    reports = [
+        report("pi-1", odd, "1.0.0", 1),
+        report("pi-1", odd, "2.0.0", 2),
+    ]
+    failed = BenchReport(
+        device="pi-1",
+        fleet="shop",
+        bench_seq=7,
+        candidate={"bundle_id": "3" * 64, "name": "digits", "version": "3.0.0"},
+        board={**odd, "runtime": "ai_edge_litert", "xnnpack": True},
+        state="failed",
+        error="device pi-1 could not measure digits@3.0.0: bad tensor [/x] [red]",
+        seq=3,
+    )
+    registry.write_batch(bench=[_bench_row(r) for r in [*reports, failed]])
+    shown = edgekit("bench", "results", "--fleet", "shop", "--registry", registry_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "Traceback" not in shown.stderr
+    assert "bad tensor [/x] [red]" in shown.stdout and "[bold]Pi[/bold] [/x]" in shown.stdout
+    assert "90 MiB (+3.0 MiB)" in shown.stdout  # what the candidate added, beside the peak
+    as_json = edgekit("bench", "results", "--fleet", "shop", "--json", "--registry", registry_url)
+    (group,) = json.loads(as_json.stdout)["classes"]
+    assert group["candidates"][0]["peak_rss_mb"] == 90 and group["candidates"][0]["added_rss_mb"] == 3

@@ -234,3 +234,24 @@ def test_bench_works_through_the_generated_broker_acl(mosquitto, edgekit_home, t
     finally:
         agent.terminate()
         agent.wait(30)
+
+
+def test_more_devices_than_one_request_holds_are_refused_before_anything_is_published():
+    # choose_devices reads only the fleet's name and its devices' states: a FleetLink's two
+    # fields, given here with real state reports of 501 devices (no broker holds 501 agents here).
+    from types import SimpleNamespace
+
+    from edgekit.errors import BenchError
+    from edgekit.fleet.bench import choose_devices
+    from edgekit.reports import DeviceStateReport
+
+    states = {f"cam-{i:03d}": DeviceStateReport(f"cam-{i:03d}", "big", "serving") for i in range(501)}
+    link = SimpleNamespace(fleet="big", states=states)
+    with pytest.raises(BenchError) as caught:
+        choose_devices(link, [], None)  # the default: every device heard from
+    said = str(caught.value)
+    assert "fleet big has 501 devices and one benchmark asks at most 500" in said
+    assert "--devices N" in said and "\n" not in said
+    assert len(choose_devices(link, [], 500)) == 500
+    with pytest.raises(BenchError, match="at most 500"):
+        choose_devices(link, [], 501)

@@ -66,6 +66,14 @@ def test_requests_for_another_fleet_or_device_expired_or_replayed_are_refused():
     )
 
 
+def test_the_retained_copy_of_a_request_already_followed_is_a_replay_even_once_it_expired():
+    # A day later every reconnect gets the retained copy: the device must see "already followed"
+    # (ignored quietly), not "expired" (a bench_refused event each time).
+    old = sign_bench_request(request(ttl=60, now=1_000_000), KEY)
+    assert "not above the last one followed" in refused(old, "replayed", last_seq=3)
+    assert "expired" in refused(old, "expired", last_seq=2)  # a newer one that expired: refused
+
+
 @pytest.mark.parametrize(
     ("extra", "said"),
     [

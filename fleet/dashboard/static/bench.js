@@ -45,7 +45,7 @@
       table.dataset.boardClass = group.board_class;
       const head = table.createTHead().insertRow();
       for (const name of ["model", "devices", "answers match workstation", "load", "p50", "p95", "p99",
-        "runs/s by threads", "peak memory", "hottest"]) {
+        "runs/s by threads", "peak memory (candidate added)", "hottest"]) {
         const th = document.createElement("th");
         th.textContent = name;
         head.appendChild(th);
@@ -65,7 +65,8 @@
         cell(row, ms(first.p95_ms));
         cell(row, ms(first.p99_ms));
         cell(row, c.threads.map((t) => `${t.threads}t: ${Math.round(t.per_second)}/s`).join("  ") || "-");
-        cell(row, c.peak_rss_mb === null ? "-" : `${Math.round(c.peak_rss_mb)} MiB`);
+        cell(row, c.peak_rss_mb === null ? "-" : `${Math.round(c.peak_rss_mb)} MiB` +
+          (c.added_rss_mb === null ? "" : ` (+${c.added_rss_mb.toFixed(1)} MiB)`));
         cell(row, c.temperature_c === null ? "not reported" : `${Math.round(c.temperature_c)} °C`);
         if (c.correct === false) {
           note(`${c.candidate} gave other answers than on the workstation on ${c.disagreeing_devices.join(", ")} ` +
