@@ -107,7 +107,7 @@ typecheck: $(STAMP)
 # tests/fleet/test_bench_fleet.py.
 pytest: setup $(LEAN_STAMP)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
-	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 test: setup lint typecheck audit check-examples pytest test-agent-lean test-arm
 test: AUDIT_ALLOW_UNREACHABLE = 1
@@ -151,7 +151,7 @@ test-agent-lean: $(LEAN_STAMP) $(AGENT_MODELS)/.complete
 	  $(wildcard tests/faults/test_agent_*.py) $(PYTEST_ARGS)
 
 # The emulated ARM lane (tests/arm): Debian bookworm arm64 built with mmdebstrap (cached in
-# .cache/arm64-bookworm, keyed by what goes in) and run through qemu-user: install.sh with the
+# ~/.cache/edgekit/arm64-bookworm, keyed by what goes in, shared by clones) and run through qemu-user: install.sh with the
 # arm64 LiteRT wheel, bundles made here installed and predicting like x86, `edgekit-agent run`
 # taking a `push --wait`. Needs root, mmdebstrap, qemu-user-static and binfmt_misc (.ci/run
 # installs them); where they are missing it says SKIPPED and passes.

@@ -6,7 +6,8 @@ and run through qemu-user (binfmt_misc), driven from the host.
 
 The tree is Debian bookworm arm64 (the base of Raspberry Pi OS 64-bit: Python 3.11) with what
 `examples/raspberry-pi/install.sh` needs (python3, python3-venv) and systemd (for
-`systemd-nspawn --boot`). It is cached under ``.cache/arm64-bookworm/<key>/`` where the key is a
+`systemd-nspawn --boot`). It is cached under ``~/.cache/edgekit/arm64-bookworm/<key>/`` (outside
+the clone; ``EDGEKIT_ARM_CACHE`` moves it) where the key is a
 hash of everything that goes in (suite, architecture, mirror, packages, options); a build is
 written beside and renamed into place, so an interrupted one is never used. The wheels of
 ``edgekit[agent]``'s dependencies for arm64 / CPython 3.11 are fetched beside it (keyed by
@@ -20,6 +21,7 @@ Each test session runs on a copy of the tree. Commands run in it with ``unshare 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,14 +29,20 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CPUINFO_PI4 = HERE / "cpuinfo-pi4.txt"
-CACHE = REPO / ".cache" / "arm64-bookworm"
+# Outside the clone, so a fresh clone on the same machine (CI) reuses the ~5 min tree build; the
+# keys below make sharing it safe. EDGEKIT_ARM_CACHE moves it.
+CACHE = Path(
+    os.environ.get("EDGEKIT_ARM_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgekit" / "arm64-bookworm"
+)
 
 SUITE = "bookworm"
 ARCH = "arm64"
@@ -121,12 +129,25 @@ def _log(message: str) -> None:
     print(f"arm-lane: {message}", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    """One builder at a time: clones on one machine share the cache."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_tree() -> Path:
     """The cached tree, built first when missing (a few minutes: dpkg runs under emulation)."""
+    with _cache_lock():
+        return _build_tree()
+
+
+def _build_tree() -> Path:
     target = tree_dir()
     if (target / ".complete").exists():
         return target / "root"
-    CACHE.mkdir(parents=True, exist_ok=True)
     for stale in CACHE.glob("tree-*"):  # older recipes, and builds that were cut off
         shutil.rmtree(stale, ignore_errors=True)
     partial = CACHE / f"tree-{tree_key()}.partial"
@@ -156,6 +177,11 @@ def build_tree() -> Path:
 def fetch_wheels() -> Path:
     """The arm64 / CPython 3.11 wheels of edgekit[agent]'s dependencies (edgekit itself excluded:
     the tests build it from the current sources)."""
+    with _cache_lock():
+        return _fetch_wheels()
+
+
+def _fetch_wheels() -> Path:
     target = wheels_dir()
     if (target / ".complete").exists():
         return target
