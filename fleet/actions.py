@@ -275,14 +275,18 @@ def stop_shadow(control: ControlPlane, link: FleetLink, holder: str) -> int:
 
 
 def shadow_verdict(
-    control: ControlPlane, fleet: str, min_agreement: float, max_latency_ratio: float
+    control: ControlPlane,
+    fleet: str,
+    min_agreement: float,
+    max_latency_ratio: float,
+    max_error: Optional[float] = None,
 ) -> dict[str, Any]:
     """Judge the fleet's shadow candidate (edgekit.fleet.shadow.judge) from the windows in the
     registry: the verdict ``shadow promote --json`` prints when it passes, else
     PromotionRefusedError naming each failing device and why. Audited either way. Needs no
     broker: a refusal publishes nothing."""
     summary = control.shadow_summary(fleet)  # only the devices asked
-    reasons = judge(summary, min_agreement, max_latency_ratio)
+    reasons = judge(summary, min_agreement, max_latency_ratio, max_error)
     verdict = {
         "fleet": fleet,
         "candidate": summary["candidate"],

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from edgekit.bundle import Bundle, create_bundle
+from edgekit.desired import LONGEST_S
 from edgekit.errors import (
     AuthError,
     BrokerError,
@@ -124,6 +125,9 @@ def rollout_json(control: ControlPlane, fleet: str) -> dict[str, Any]:
         "reason": rollout.reason,
         # The shadow phase's length (push --canary N --shadow-first), or null without one.
         "shadow_first_s": rollout.rollout_policy.shadow_s or None,
+        "max_error": rollout.rollout_policy.max_error,
+        # What `push --wait --server` needs to give each phase its time (the soak's length).
+        "soak_s": rollout.rollout_policy.soak_s,
         "started_by": info.started_by,
         "started_at": info.started_at.isoformat(),
     }
@@ -277,8 +281,8 @@ def api_routes(ctx: ApiContext) -> list[Route]:
         try:
             policy = RolloutPolicy(
                 canary=int(q.get("canary", 0)),
-                soak_s=float(q.get("soak", 60)),
-                install_timeout_s=float(q.get("timeout", 600)),
+                soak_s=_number(q, "soak", 60.0),
+                install_timeout_s=_number(q, "timeout", 600.0),
                 max_error_rate=float(q.get("max_error_rate", 0.05)),
                 max_p95_regression=float(q.get("max_p95_regression", 0.5)),
                 abort_on_drift=q.get("ignore_drift", "false") != "true",
@@ -287,6 +291,7 @@ def api_routes(ctx: ApiContext) -> list[Route]:
                 shadow_sample=_number(q, "shadow_sample", 0.1),
                 min_agreement=_number(q, "min_agreement", 0.98),
                 max_latency_ratio=_number(q, "max_latency_ratio", 1.2),
+                max_error=_optional_number(q, "max_error"),
             )
         except ValueError as exc:
             raise ConfigError(f"bad rollout setting: {exc}") from None
@@ -363,8 +368,11 @@ def api_routes(ctx: ApiContext) -> list[Route]:
             raise ConfigError(
                 f"sample {sample:g}: give the share of live inputs compared, above 0 and at most 1"
             )
-        if seconds <= 0:
-            raise ConfigError(f"seconds {seconds:g}: give how long devices try the candidate, above 0")
+        if not 0 < seconds <= LONGEST_S:
+            raise ConfigError(
+                f"seconds {seconds:g}: give how long devices try the candidate, above 0 and at most "
+                f"{LONGEST_S} ({LONGEST_S // 86400} days)"
+            )
         body = await request.body()
         if len(body) > MAX_UPLOAD:
             raise BundleError(f"upload of {len(body)} bytes is over the {MAX_UPLOAD} byte limit")
@@ -391,12 +399,20 @@ def api_routes(ctx: ApiContext) -> list[Route]:
         min_agreement = _number(q, "min_agreement", 0.98)
         max_latency_ratio = _number(q, "max_latency_ratio", 1.2)
         canary = int(_number(q, "canary", 0))
-        if not 0 <= min_agreement <= 1 or max_latency_ratio < 0 or canary < 0:
+        max_error = _optional_number(q, "max_error")
+        if (
+            not 0 <= min_agreement <= 1
+            or max_latency_ratio < 0
+            or canary < 0
+            or (max_error is not None and max_error < 0)
+        ):
             raise ConfigError(
-                "min_agreement is a share from 0 to 1, max_latency_ratio and canary are 0 or more"
+                "min_agreement is a share from 0 to 1, max_latency_ratio, max_error and canary are 0 or more"
             )
         control = ctx.control(who)
-        verdict = await run_in_threadpool(shadow_verdict, control, fleet, min_agreement, max_latency_ratio)
+        verdict = await run_in_threadpool(
+            shadow_verdict, control, fleet, min_agreement, max_latency_ratio, max_error
+        )
 
         def work(control: ControlPlane, link: FleetLink) -> dict[str, Any]:
             return promote_shadow(
@@ -479,6 +495,11 @@ def _number(query: Any, name: str, default: float) -> float:
     if not math.isfinite(value):
         raise ConfigError(f"{name} {text!r} is not a finite number")
     return value
+
+
+def _optional_number(query: Any, name: str) -> Optional[float]:
+    """A number from the query string, or None when it is not given."""
+    return None if query.get(name) in (None, "") else _number(query, name, 0.0)
 
 
 def _resolve(

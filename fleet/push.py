@@ -39,7 +39,7 @@ from edgekit.topics import Topics
 from edgekit.transfer import Upload, clear_bundle, publish_bundle, start_upload
 
 from .control import ControlPlane, FleetRecord
-from .rollout import SHADOW, Action, DeviceReport, Rollout, RolloutPolicy, advance, start
+from .rollout import SHADOW, Action, DeviceReport, Rollout, RolloutPolicy, advance, phase_deadline, start
 from .shadow import summarize
 from .trustrepo import check_authorised, has_repository, load_repository, publish_desired, repository_lock
 
@@ -346,17 +346,19 @@ def run_rollout(
     timeout: float,
     on_change: Optional[Callable[[Rollout, FleetLink], None]] = None,
 ) -> Rollout:
-    """Advance ``rollout`` until it is finished or ``timeout`` seconds pass; saved after every
-    step. The caller holds :func:`driving` for the fleet."""
-    deadline = time.monotonic() + timeout
+    """Advance ``rollout`` until it is finished or a phase outlasts its time by ``timeout``
+    seconds (:func:`~edgekit.fleet.rollout.phase_deadline`: a shadow phase or soak is waited out
+    first); saved after every step. The caller holds :func:`driving` for the fleet."""
+    began = time.time()  # wall-clock, like the rollout's phase_since
     link.watch_telemetry_of(rollout.bundle_id)
     while not rollout.finished:
         rollout = step_rollout(link, rollout, policy, labels)
         if on_change is not None:
             on_change(rollout, link)
-        if rollout.finished or time.monotonic() >= deadline:
+        deadline = phase_deadline(rollout, policy, timeout, began)
+        if rollout.finished or time.time() >= deadline:
             break
-        link.wait_change(min(1.0, max(0.0, deadline - time.monotonic())))
+        link.wait_change(min(1.0, max(0.0, deadline - time.time())))
     return rollout
 
 

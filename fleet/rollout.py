@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.atomic import atomic_write
-from edgekit.desired import ShadowRequest
+from edgekit.desired import LONGEST_S, ShadowRequest
 from edgekit.errors import ConfigError
 
 from .shadow import judge
@@ -41,6 +41,7 @@ __all__ = [
     "abort",
     "advance",
     "choose_devices",
+    "phase_deadline",
     "start",
 ]
 
@@ -71,8 +72,19 @@ class RolloutPolicy:
     shadow_sample: float = 0.1
     min_agreement: float = 0.98
     max_latency_ratio: float = 1.2
+    #: The largest absolute difference allowed between the two models' outputs (dequantized),
+    #: or None: not judged. Outputs that are not classes can only be judged by it: without it
+    #: their shadow phase does not pass (edgekit.fleet.shadow.judge).
+    max_error: float | None = None
 
     def __post_init__(self) -> None:
+        if max(self.soak_s, self.install_timeout_s, self.shadow_s) > LONGEST_S:
+            raise ConfigError(
+                f"rollout policy: the soak, the timeout and the shadow phase may each last at most "
+                f"{LONGEST_S // 86400} days"
+            )
+        if self.max_error is not None and not self.max_error >= 0:
+            raise ConfigError("rollout policy: the max output error must be 0 or more")
         if self.canary < 0 or self.soak_s < 0 or self.install_timeout_s <= 0:
             raise ConfigError("rollout policy: canary and soak must be >= 0 and the install timeout > 0")
         if self.shadow_s < 0 or not 0 < self.shadow_sample <= 1:
@@ -238,6 +250,20 @@ def _shadow_actions(rollout: Rollout, policy: RolloutPolicy, now: float) -> list
     return [Action(rollout.previous_bundle_id, device, request) for device in rollout.canaries]
 
 
+#: Seconds a driver waits beyond a phase's own timeout, so that the controller's own verdict
+#: (abort, late devices) is what ends the phase, not the driver giving up a moment before it.
+DEADLINE_GRACE_S = 5.0
+
+
+def phase_deadline(rollout: Rollout, policy: RolloutPolicy, timeout: float, since: float) -> float:
+    """When a driver following ``rollout`` (``push --wait``, ``rollout resume``) gives up on its
+    current phase: ``timeout`` seconds after the phase's own time is up (the shadow phase's
+    length, the soak; none for the others), counted from ``since`` (when the drive began) at the
+    earliest. So ``--timeout`` applies per phase, and a 15 min shadow phase is waited out."""
+    own = policy.shadow_s if rollout.phase == SHADOW else policy.soak_s if rollout.phase == SOAK else 0.0
+    return max(since, rollout.phase_since + own) + timeout + DEADLINE_GRACE_S
+
+
 def abort(rollout: Rollout, reason: str, now: float) -> tuple[Rollout, list[Action]]:
     """Stop the rollout and send the canaries back to the previous bundle (a new, higher-
     numbered desired state each: a device never goes back to an older document)."""
@@ -285,9 +311,9 @@ def _shadow_step(
     rollout: Rollout, by_device: Mapping[str, DeviceReport], policy: RolloutPolicy, now: float
 ) -> tuple[Rollout, list[Action]]:
     """The shadow phase: abort at once when the candidate fails on a canary; once the phase's
-    time is up and every canary compared ``min_samples`` inputs (or the install timeout more
-    passed), judge their figures: install on the canaries, or abort saying which canary failed
-    which figure."""
+    time is up, abort as soon as a canary that compared ``min_samples`` inputs fails a figure;
+    when every canary compared that many (or the install timeout more passed), judge their
+    figures: install on the canaries, or abort saying which canary failed which figure."""
     empty: Mapping[str, Any] = {}
     figures = {d: (by_device.get(d) or DeviceReport(d)).shadow for d in rollout.canaries}
     for device, fig in figures.items():
@@ -302,17 +328,25 @@ def _shadow_step(
     if elapsed < policy.shadow_s:
         return rollout, []
     short = [d for d, fig in figures.items() if (fig or empty).get("compared", 0) < policy.min_samples]
-    if short and elapsed <= policy.shadow_s + policy.install_timeout_s:
-        return rollout, []  # enough time, not yet enough inputs: wait for them (up to the timeout)
+    reported = [fig for d, fig in figures.items() if fig is not None and d not in short]
+    judged = [
+        f"canary {r}"
+        for r in (
+            judge({"devices": reported}, policy.min_agreement, policy.max_latency_ratio, policy.max_error)
+            if reported
+            else []
+        )
+    ]
+    if short and not judged and elapsed <= policy.shadow_s + policy.install_timeout_s:
+        # Enough time, not yet enough inputs, and no canary judged has failed: wait for them
+        # (up to the timeout). One that has failed ends the phase now: waiting changes nothing.
+        return rollout, []
     reasons = [
         f"canary {d} compared {(figures[d] or empty).get('compared', 0)} input(s), fewer than the "
         f"{policy.min_samples} needed to judge (is it serving requests? did it refuse the shadow?)"
         for d in short
-    ]
-    reported = [fig for d, fig in figures.items() if fig is not None and d not in short]
-    if reported:
-        judged = judge({"devices": reported}, policy.min_agreement, policy.max_latency_ratio)
-        reasons += [f"canary {r}" for r in judged]
+        if not judged  # a failure decided it: the short ones were not waited for
+    ] + judged
     if reasons:
         return abort(rollout, f"in the shadow phase, {rollout.label} did not pass: {'; '.join(reasons)}", now)
     return replace(rollout, phase=CANARY, phase_since=now), [

@@ -135,12 +135,21 @@ def summarize(windows: Sequence[ShadowWindowLike], devices: Optional[Sequence[st
     }
 
 
-def judge(summary: dict[str, Any], min_agreement: float, max_latency_ratio: float) -> list[str]:
-    """Why the candidate must not be promoted, one sentence per failing device (empty: it
+def judge(
+    summary: dict[str, Any],
+    min_agreement: float,
+    max_latency_ratio: float,
+    max_error: Optional[float] = None,
+) -> list[str]:
+    """Why the candidate must not be promoted, one sentence per failing figure (empty: it
     passes): no inputs compared, the candidate failed, agreement below ``min_agreement``, its
+    largest output difference above ``max_error`` (on dequantized values; None: not judged), its
     p95 latency above ``max_latency_ratio`` times the serving model's on the same inputs, or its
     drift severity on the device's inputs ``model affected`` (docs/agent.md, "Drift": judged
-    from the candidate's own baseline and calibration)."""
+    from the candidate's own baseline and calibration).
+
+    Outputs that are not classes (a regression, several outputs) have no agreement: without
+    ``max_error`` nothing says the two models answer alike, so such a device does not pass."""
     if not summary["devices"]:
         return ["no device has reported a shadow evaluation"]
     reasons = []
@@ -157,6 +166,16 @@ def judge(summary: dict[str, Any], min_agreement: float, max_latency_ratio: floa
                 reasons.append(
                     f"{name}: agreement {d['agreement']:.1%} is below {min_agreement:.1%} "
                     f"({d['agreed']} of {d['classified']} inputs)"
+                )
+            worst = d.get("abs_error_max")
+            if max_error is not None and worst is not None and worst > max_error:
+                reasons.append(
+                    f"{name}: the outputs differ by up to {worst:.4g}, over the {max_error:.4g} allowed"
+                )
+            if d["agreement"] is None and max_error is None:
+                reasons.append(
+                    f"{name}: its outputs are not classes, so agreement could not be judged; give "
+                    "--max-error (the largest output difference you accept) to judge them"
                 )
             if d.get("severity") == "model affected":
                 reasons.append(

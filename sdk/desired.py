@@ -44,6 +44,7 @@ from .trust import TrustedKeys
 
 __all__ = [
     "DESIRED_SCHEMA_VERSION",
+    "LONGEST_S",
     "DesiredState",
     "ShadowRequest",
     "decode_desired_state",
@@ -54,6 +55,9 @@ __all__ = [
 
 DESIRED_SCHEMA = "edgekit.desired"
 DESIRED_SCHEMA_VERSION = 1
+#: The longest a shadow, a rollout's phase or a timeout may last, in seconds (365 days): a
+#: document's times must stay within the calendar (``_format_time``), and longer is a typo.
+LONGEST_S = 365 * 86400
 #: Refuse envelopes larger than this before parsing anything.
 MAX_ENVELOPE_SIZE = 64 * 1024
 MAX_SEQ = 2**53 - 1

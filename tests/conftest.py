@@ -6,7 +6,8 @@
   and int8 .tflite, once per session (TensorFlow import and training cost seconds).
 - ``digits_candidates``: shadow candidates built from the digits Keras model (the same answers
   at ~1 ms, shuffled classes, ~3x the compute, NaN), once per session.
-- ``diabetes_regressor``: a tiny Keras regressor on scikit-learn's diabetes data, as .tflite.
+- ``diabetes_regressor``: a tiny Keras regressor on scikit-learn's diabetes data, as .tflite
+  (and the same answering 0.5 higher: a regression candidate that differs).
 - ``third_party_tflite``: a real .tflite model shipped inside a PyPI package (MediaPipe's
   face detector), fetched by `make test` as a wheel; never downloaded at test time.
 """
@@ -265,6 +266,7 @@ class Regressor:
     x: np.ndarray  # (N, 10) float32, standardised
     y: np.ndarray  # (N,) the disease-progression target, standardised
     data_npz: Path  # x only, for a baseline
+    shifted: Path  # the same regressor answering 0.5 higher: a candidate that differs by 0.5
 
 
 @pytest.fixture(scope="session")
@@ -292,7 +294,12 @@ def diabetes_regressor(tmp_path_factory: pytest.TempPathFactory) -> Regressor:
     fp32.write_bytes(convert_to_tflite(model))
     data_npz = out / "diabetes.npz"
     np.savez(data_npz, x=x[:300])
-    return Regressor(fp32, x, y, data_npz)
+    last = model.layers[-1]
+    kernel, bias = last.get_weights()
+    last.set_weights([kernel, bias + 0.5])
+    shifted = out / "diabetes_shifted.tflite"
+    shifted.write_bytes(convert_to_tflite(model))
+    return Regressor(fp32, x, y, data_npz, shifted)
 
 
 @pytest.fixture(scope="session")

@@ -149,7 +149,7 @@ def _setting(doc: dict[str, Any], name: str, default: float, low: float, high: f
 
 def shadow_routes(registry: Registry, act: Act) -> list[Route]:
     """The page ``/shadow``, ``GET /api/shadow``, and the operator's ``POST /api/shadow/{fleet}/promote`` (JSON
-    ``{min_agreement, max_latency_ratio, canary}``: refused, it answers the verdict with its
+    ``{min_agreement, max_latency_ratio, canary, max_error}``: refused, it answers the verdict with its
     reasons) and ``POST /api/shadow/{fleet}/stop``."""
 
     async def views(request: Request) -> JSONResponse:
@@ -164,13 +164,16 @@ def shadow_routes(registry: Registry, act: Act) -> list[Route]:
             min_agreement = _setting(doc, "min_agreement", 0.98, 0, 1)
             max_latency_ratio = _setting(doc, "max_latency_ratio", 1.2, 0, 1000)
             canary = int(_setting(doc, "canary", 0, 0, 10_000))
+            # None (or absent): output differences are not judged (outputs that are not
+            # classes then do not pass: edgekit.fleet.shadow.judge).
+            max_error = None if doc.get("max_error") is None else _setting(doc, "max_error", 0, 0, 1e12)
         except (ValueError, ConfigError) as exc:
-            why = f"send {{min_agreement, max_latency_ratio, canary}} as JSON: {exc}"
+            why = f"send {{min_agreement, max_latency_ratio, canary, max_error}} as JSON: {exc}"
             return JSONResponse({"error": why}, status_code=400)
 
         def work(control: ControlPlane, link: FleetLink, holder: str) -> dict[str, Any]:
             try:
-                verdict = shadow_verdict(control, fleet, min_agreement, max_latency_ratio)
+                verdict = shadow_verdict(control, fleet, min_agreement, max_latency_ratio, max_error)
             except PromotionRefusedError as refused:  # the page lists the reasons
                 return {**refused.verdict, "error": str(refused)}
             return promote_shadow(control, link, verdict, canary, holder)

@@ -144,7 +144,7 @@ def _judge(outcome: dict[str, Any], timeout: float, waiting: list[str], json_out
         )
     if phase != "done":
         raise RolloutError(
-            f"timed out after {timeout:g}s in phase {phase}; still waiting for "
+            f"timed out in phase {phase} ({timeout:g} s after its own time was up); still waiting for "
             f"{', '.join(waiting) or 'no device'}; `edgekit rollout resume --fleet {fleet}` goes on"
         )
     if outcome["failed"]:
@@ -187,14 +187,26 @@ def _drive(link: Any, rollout: Any, labels: dict[str, str], timeout: float, json
 
 def _follow(server: ServerClient, fleet: str, timeout: float, json_out: bool) -> None:
     """``--wait`` through a fleet service: its rollout controller drives; watch until the end."""
-    deadline = time.monotonic() + timeout
     doc = server.request("GET", f"api/v1/fleets/{fleet}/rollout")
+    phase, deadline = doc["phase"], time.monotonic() + timeout + _own_time(doc)
     with console.status(f"{doc['bundle']} → fleet {fleet}: {doc['phase']}", spinner="dots") as status:
         while doc["phase"] not in ("done", "aborted") and time.monotonic() < deadline:
             time.sleep(1.0)  # polling a remote API: no event reaches us from the service
             doc = server.request("GET", f"api/v1/fleets/{fleet}/rollout")
+            if doc["phase"] != phase:  # --timeout is per phase: a new phase, a new deadline
+                phase, deadline = doc["phase"], time.monotonic() + timeout + _own_time(doc)
             status.update(f"{doc['bundle']} → fleet {fleet}: {doc['phase']}")
     _judge(doc, timeout, [], json_out)
+
+
+def _own_time(doc: dict[str, Any]) -> float:
+    """The seconds a remote rollout's phase lasts by itself (the shadow phase, the soak), which
+    ``--timeout`` comes on top of (edgekit.fleet.rollout.phase_deadline, for a local drive)."""
+    if doc["phase"] == "shadow":
+        return float(doc.get("shadow_first_s") or 0.0)
+    if doc["phase"] == "soak":
+        return float(doc.get("soak_s") or 0.0)
+    return 0.0
 
 
 def _started_remotely(
@@ -279,7 +291,10 @@ def push(
         False, "--wait", help="Wait until every device serves it; non-zero exit if not."
     ),
     timeout: float = typer.Option(
-        600.0, "--timeout", min=1, help="Seconds to wait for installs (per phase)."
+        600.0,
+        "--timeout",
+        min=1,
+        help="Seconds to wait for installs, per phase (after a phase's own time: --shadow-first, --soak).",
     ),
     soak: float = typer.Option(
         60.0, "--soak", min=0, help="Seconds the canaries serve before the fleet gets it."
@@ -341,13 +356,20 @@ def push(
         min=0,
         help="With --shadow-first: at most this candidate p95 / serving p95 on each canary.",
     ),
+    max_error: Optional[float] = typer.Option(
+        None,
+        "--max-error",
+        min=0,
+        help="With --shadow-first: largest absolute output difference allowed on each canary "
+        "(dequantized); needed for outputs that are not classes.",
+    ),
 ) -> None:
     """Ship a model to a fleet: publish the signed bundle, tell the devices, follow them.
     With --shadow: devices only try it beside the model they serve (`edgekit shadow status`).
     With --canary N --shadow-first 15m: the canaries try it in the shadow before installing it."""
     _check_shadow_options(
         shadow, canary, wait, sample, duration, shadow_count, shadow_names, shadow_first,
-        min_agreement, max_latency_ratio,
+        min_agreement, max_latency_ratio, max_error,
     )  # fmt: skip
     if shadow:
         _push_shadow(
@@ -366,12 +388,12 @@ def push(
         max_error_rate=max_error_rate,
         max_p95_regression=max_p95_regression,
         abort_on_drift=not ignore_drift,
-        **_shadow_phase(shadow_first, sample, min_agreement, max_latency_ratio),
+        **_shadow_phase(shadow_first, sample, min_agreement, max_latency_ratio, max_error),
     )
     remote = server_client(server)
     if remote is not None:
         query = {
-            **_shadow_phase(shadow_first, sample, min_agreement, max_latency_ratio),
+            **_shadow_phase(shadow_first, sample, min_agreement, max_latency_ratio, max_error),
             "canary": canary,
             "soak": soak,
             "timeout": timeout,
@@ -451,6 +473,7 @@ def _check_shadow_options(
     shadow_first: Optional[str],
     min_agreement: float,
     max_latency_ratio: float,
+    max_error: Optional[float] = None,
 ) -> None:
     """Which shadow options go together (typer.BadParameter: one line naming the fix)."""
     if not shadow and duration != "30m":
@@ -468,14 +491,19 @@ def _check_shadow_options(
         raise typer.BadParameter("give --devices N or --device D (repeatable), not both")
     if shadow_first is not None and not canary:
         raise typer.BadParameter("--shadow-first needs --canary N: the canaries try it in the shadow first")
-    if shadow_first is None and (min_agreement != 0.98 or max_latency_ratio != 1.2):
+    if shadow_first is None and (min_agreement != 0.98 or max_latency_ratio != 1.2 or max_error is not None):
         raise typer.BadParameter(
-            "--min-agreement and --max-latency-ratio go with --shadow-first (or `edgekit shadow promote`)"
+            "--min-agreement, --max-latency-ratio and --max-error go with --shadow-first "
+            "(or `edgekit shadow promote`)"
         )
 
 
 def _shadow_phase(
-    shadow_first: Optional[str], sample: float, min_agreement: float, max_latency_ratio: float
+    shadow_first: Optional[str],
+    sample: float,
+    min_agreement: float,
+    max_latency_ratio: float,
+    max_error: Optional[float] = None,
 ) -> dict[str, Any]:
     """The rollout policy's shadow-phase fields for ``--shadow-first`` (none without it)."""
     if shadow_first is None:
@@ -487,6 +515,7 @@ def _shadow_phase(
         "shadow_sample": sample,
         "min_agreement": min_agreement,
         "max_latency_ratio": max_latency_ratio,
+        "max_error": max_error,
     }
 
 

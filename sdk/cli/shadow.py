@@ -22,11 +22,16 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float:
-    """``90s``, ``30m``, ``2h``, ``1d`` in seconds; typer.BadParameter otherwise."""
+    """``90s``, ``30m``, ``2h``, ``1d`` in seconds, at most 365 days; typer.BadParameter otherwise."""
+    from edgekit.desired import LONGEST_S
+
     match = _DURATION.match(text.strip())
     if match is None or float(match.group(1)) <= 0:
         raise typer.BadParameter(f"{text!r} is not a duration like 90s, 30m, 2h or 1d")
-    return float(match.group(1)) * _UNIT[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if seconds > LONGEST_S:
+        raise typer.BadParameter(f"{text!r} is too long: give at most {LONGEST_S // 86400}d")
+    return seconds
 
 
 def _percent(value: Optional[float]) -> str:
@@ -169,6 +174,12 @@ def promote(
     canary: int = typer.Option(
         0, "--canary", min=0, help="Roll out to N devices first, soak, then the rest."
     ),
+    max_error: Optional[float] = typer.Option(
+        None,
+        "--max-error",
+        min=0,
+        help="Largest absolute output difference allowed (dequantized); needed for outputs that are not classes.",
+    ),
     key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
@@ -182,14 +193,19 @@ def promote(
     remote = server_client(server)
     try:
         if remote is not None:
-            query = {"min_agreement": min_agreement, "max_latency_ratio": max_latency_ratio, "canary": canary}
+            query = {
+                "min_agreement": min_agreement,
+                "max_latency_ratio": max_latency_ratio,
+                "canary": canary,
+                "max_error": max_error,
+            }
             done: dict[str, Any] = remote.request(
                 "POST", f"api/v1/fleets/{fleet}/shadow/promote", query=query
             )
         else:
             cfg = WorkstationConfig.load(broker=broker, registry=registry)
             with open_control(cfg, None) as judging:  # no key, no broker: a refusal publishes nothing
-                verdict = shadow_verdict(judging, fleet, min_agreement, max_latency_ratio)
+                verdict = shadow_verdict(judging, fleet, min_agreement, max_latency_ratio, max_error)
             key = signing_key(key_name)
             with open_control(cfg, key) as control, fleet_link(cfg, control, key, fleet) as link:
                 done = promote_shadow(control, link, verdict, canary, "edgekit shadow promote")
@@ -202,6 +218,8 @@ def promote(
     else:
         console.print(
             f"{done['candidate']} passed on every device (agreement >= {min_agreement:.1%}, p95 <= "
-            f"{max_latency_ratio:.2f}x): rollout to fleet {fleet} started ({done['rollout']['phase']}); "
+            f"{max_latency_ratio:.2f}x"
+            + ("" if max_error is None else f", outputs within {max_error:.4g}")
+            + f"): rollout to fleet {fleet} started ({done['rollout']['phase']}); "
             f"follow it with `edgekit rollout status --fleet {fleet}`"
         )

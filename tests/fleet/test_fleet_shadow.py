@@ -20,6 +20,7 @@ from edgekit.keys import load_own_public_key
 from edgekit.runtime import Model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "agent"))
+from device_fixtures import key, make_config  # noqa: F401 - fixtures
 from test_daemon import Watcher
 from test_push import edgekit
 
@@ -214,3 +215,40 @@ def test_judge_names_each_failing_device_and_why():
     assert judge(summarize([row("cam-1")]), 0.98, 1.2) == []
     total = summarize(windows)["total"]
     assert total["compared"] == 1200 and total["agreed"] == 199 + 199 + 20 + 199 + 0 + 199 + 199
+
+
+def test_a_regression_candidate_is_judged_by_its_output_error_not_by_latency_alone(
+    diabetes_regressor,
+    key,  # noqa: F811 - the fixture imported above
+    make_config,  # noqa: F811 - the fixture imported above
+    tmp_path,
+):
+    """A real agent serves a regressor and tries one that answers 0.5 higher: no agreement can
+    be computed, so judge() refuses unless --max-error is given, and then the error decides."""
+    from edgekit import create_bundle
+    from edgekit.fleet.ingest import _shadow_row
+
+    reg = diabetes_regressor
+    for model, version in ((reg.fp32, "1.0.0"), (reg.shifted, "2.0.0")):
+        create_bundle(model, name="diabetes", version=version, key=key, output=tmp_path / f"{version}.ekb")
+    with Agent.from_config(make_config("regress"), background=False) as agent:
+        agent.install(tmp_path / "1.0.0.ekb")
+        shadow = agent.start_shadow(tmp_path / "2.0.0.ekb", sample=1.0, cpu_budget=1.0)
+        for start in range(0, 40, 8):  # letting the shadow catch up: nothing dropped
+            for x in reg.x[start : start + 8]:
+                agent.predict(x[None])
+            assert shadow.wait_idle()
+        record = agent.flush_telemetry()
+    assert record is not None and record.shadow is not None
+    summary = summarize([_shadow_row(record, record.shadow)])
+    (device,) = summary["devices"]
+    assert device["compared"] == 40 and device["classified"] == 0 and device["agreement"] is None
+    assert device["abs_error_max"] == pytest.approx(0.5, abs=1e-3)
+    name = record.device
+    assert judge(summary, 0.98, 1000) == [
+        f"{name}: its outputs are not classes, so agreement could not be judged; give --max-error "
+        "(the largest output difference you accept) to judge them"
+    ]
+    (over,) = judge(summary, 0.98, 1000, max_error=0.1)
+    assert over.startswith(f"{name}: the outputs differ by up to 0.5") and "over the 0.1 allowed" in over
+    assert judge(summary, 0.98, 1000, max_error=0.6) == []

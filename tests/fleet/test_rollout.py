@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from edgekit import ConfigError
 from edgekit.desired import ShadowRequest
@@ -18,6 +20,7 @@ from edgekit.fleet.rollout import (
     RolloutPolicy,
     abort,
     advance,
+    phase_deadline,
     start,
 )
 
@@ -283,3 +286,70 @@ def test_a_shadow_phase_survives_a_restart_and_needs_a_served_bundle(tmp_path):
         RolloutPolicy(canary=0, shadow_s=60)
     with pytest.raises(ConfigError, match="min agreement"):
         RolloutPolicy(canary=1, shadow_s=60, min_agreement=1.5)
+
+
+def test_a_shadow_phase_aborts_once_a_judged_canary_fails_without_waiting_for_short_ones():
+    rollout = begin_shadow()
+    few = {"compared": 3, "classified": 3, "agreed": 3, "agreement": 1.0}
+    bad = {"agreed": 20, "agreement": 0.1}
+    # cam-1 compared too few, cam-2 enough and fails agreement: no need to wait for cam-1.
+    rollout, actions = advance(rollout, shadowing(cam_1=few, cam_2=bad), SHADOW_POLICY, now=901)
+    assert rollout.phase == ABORTED
+    assert "canary cam-2: agreement 10.0% is below 98.0%" in rollout.reason
+    assert "cam-1" not in rollout.reason
+    assert actions == [Action(OLD, "cam-1"), Action(OLD, "cam-2")]
+    # Before the phase's time is up nothing is judged, a failing figure included.
+    rollout = begin_shadow()
+    rollout, actions = advance(rollout, shadowing(cam_1=few, cam_2=bad), SHADOW_POLICY, now=600)
+    assert rollout.phase == SHADOW and actions == []
+
+
+def test_outputs_that_are_not_classes_are_judged_by_max_error_only_when_given(tmp_path):
+    """A regression candidate has no agreement: without --max-error the phase does not pass
+    on latency alone; with it, the largest output difference decides."""
+    regression = {"classified": 0, "agreed": 0, "agreement": None, "abs_error_max": 0.3}
+    rollout = begin_shadow()
+    rollout, _ = advance(rollout, shadowing(cam_1=regression, cam_2=regression), SHADOW_POLICY, now=901)
+    assert rollout.phase == ABORTED
+    assert "canary cam-1: its outputs are not classes, so agreement could not be judged" in rollout.reason
+    assert "--max-error" in rollout.reason
+
+    strict = replace(SHADOW_POLICY, max_error=0.1)
+    rollout, _ = start("shop", NEW, "digits@2.0.0", reports(), OLD, strict, now=0)
+    rollout.save(tmp_path / "r.json")  # the gate is part of the saved policy
+    rollout = Rollout.load(tmp_path / "r.json")
+    assert rollout.rollout_policy.max_error == 0.1
+    close = {**regression, "abs_error_max": 0.05}
+    over, _ = advance(rollout, shadowing(cam_1=close, cam_2=regression), rollout.rollout_policy, now=901)
+    assert over.phase == ABORTED
+    assert "canary cam-2: the outputs differ by up to 0.3, over the 0.1 allowed" in over.reason
+    assert "cam-1" not in over.reason
+    passed, _ = advance(rollout, shadowing(cam_1=close, cam_2=close), rollout.rollout_policy, now=901)
+    assert passed.phase == CANARY
+
+
+def test_a_drive_gives_each_phase_its_own_time_then_the_timeout():
+    """`push --wait --timeout T` waits T per phase, after the phase's own time: a 900 s shadow
+    phase with T 300 is not given up before the controller's own verdict at 900 + 300 s."""
+    rollout = begin_shadow()
+    deadline = phase_deadline(rollout, SHADOW_POLICY, 300, since=0)
+    assert deadline > 900 + 300
+    silent = [r for r in shadowing() if r.device != "cam-1"]
+    judged, _ = advance(rollout, silent, SHADOW_POLICY, now=900 + 300 + 0.5)
+    assert judged.phase == ABORTED and deadline > 900 + 300 + 0.5  # the controller spoke first
+    # A drive resumed late in the phase gets the rest of it; one resumed after it, the timeout.
+    assert phase_deadline(rollout, SHADOW_POLICY, 300, since=600) == deadline
+    assert phase_deadline(rollout, SHADOW_POLICY, 300, since=5000) == deadline - 900 + 5000
+    soaking = replace(rollout, phase=SOAK, phase_since=1000)
+    assert phase_deadline(soaking, SHADOW_POLICY, 300, since=0) > 1000 + 60 + 300
+    installing = replace(rollout, phase=CANARY, phase_since=1000)
+    assert 1000 + 300 < phase_deadline(installing, SHADOW_POLICY, 300, since=0) < 1000 + 60 + 300
+
+
+def test_durations_longer_than_a_year_are_refused():
+    """A desired state's times must stay in the calendar: 99999999 days is a typo, refused."""
+    for field in ("shadow_s", "soak_s", "install_timeout_s"):
+        with pytest.raises(ConfigError, match="at most 365 days"):
+            RolloutPolicy(canary=1, **{field: 1e12})
+    with pytest.raises(ConfigError, match="max output error"):
+        RolloutPolicy(canary=1, shadow_s=60, max_error=-1)

@@ -238,6 +238,10 @@ def test_shadow_options_that_do_not_go_together_are_refused(edgekit_home, digits
         (["--shadow", "--shadow-first", "15m"], "--shadow switches nothing"),
         (["--canary", "1", "--min-agreement", "0.9"], "go with --shadow-first"),
         (["--canary", "1", "--shadow-first", "soon"], "is not a duration"),
+        # A desired state's times must stay in the calendar: at most a year, said in one line.
+        (["--canary", "1", "--shadow-first", "99999999d"], "'99999999d' is too long: give at most 365d"),
+        (["--shadow", "--for", "99999999d"], "'99999999d' is too long: give at most 365d"),
+        (["--canary", "1", "--max-error", "0.1"], "--max-error go with --shadow-first"),
     ):
         result = edgekit("push", model, "--fleet", "lab", *args)
         assert result.returncode != 0 and words in result.stderr, (args, result.stderr)

@@ -135,6 +135,16 @@ def test_an_operator_tries_judges_stops_and_promotes_a_candidate_through_the_ser
         "cam-2: agreement 75.0% is below 90.0% (150 of 200 inputs)"
     ]
 
+    # --max-error goes through too: the outputs differ by up to 0.1 on both devices.
+    strict = laptop(alice, url, "shadow", "promote", "--fleet", "lab", "--min-agreement", "0.7",
+                    "--max-error", "0.05", "--json")  # fmt: skip
+    there = edgekit("shadow", "promote", "--fleet", "lab", "--min-agreement", "0.7", "--max-error", "0.05",
+                    "--json", *here)  # fmt: skip
+    assert strict.returncode == 15 and json.loads(strict.stdout) == json.loads(there.stdout)
+    assert json.loads(strict.stdout)["reasons"] == [
+        f"{d}: the outputs differ by up to 0.1, over the 0.05 allowed" for d in ("cam-1", "cam-2")
+    ]
+
     stopped = laptop(alice, url, "shadow", "stop", "--fleet", "lab", "--json")
     assert stopped.returncode == 0, stopped.stderr
     assert json.loads(stopped.stdout)["seq"] > started["seq"] and json.loads(stopped.stdout)["shadow"] is None
@@ -196,4 +206,15 @@ def test_bad_input_is_refused_with_one_line(
         400, "min_agreement 'most' is not a number",
     )  # fmt: skip
     assert refused("POST", "api/v1/fleets/lab/shadow/promote?canary=-1")[0] == 400
+    assert refused("POST", "api/v1/fleets/lab/shadow/promote?max_error=-1")[0] == 400
+    # Durations past the calendar (a typo): one line, not a 500 from formatting the end time.
+    assert refused("POST", "api/v1/fleets/lab/shadow?seconds=1e12") == (
+        400, "seconds 1e+12: give how long devices try the candidate, above 0 and at most 31536000 (365 days)",
+    )  # fmt: skip
+    status, why = refused("POST", "api/v1/fleets/lab/push?canary=1&shadow_s=1e12")
+    assert status == 400 and "at most 365 days" in why
+    duration = edgekit(
+        "push", "digits", "--fleet", "lab", "--shadow", "--for", "99999999d", "--server", url, env=env
+    )
+    assert duration.returncode == 2 and "too long: give at most 365d" in duration.stderr
     assert served.stop()["stopped"]

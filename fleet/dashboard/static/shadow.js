@@ -40,7 +40,8 @@ const edgekitShadow = (() => {
     bar.className = "shadow-actions";
     bar.innerHTML = "<label>agreement at least <input class='min-agreement' type='number' min='0' max='100' " +
       "step='0.5' value='98'>%</label> <label>at most <input class='max-latency-ratio' type='number' min='0' " +
-      "step='0.1' value='1.2'>× as slow</label> <label>canaries <input class='canary' type='number' min='0' " +
+      "step='0.1' value='1.2'>× as slow</label> <label>outputs differ by at most <input class='max-error' " +
+      "type='number' min='0' step='any' placeholder='not judged'></label> <label>canaries <input class='canary' type='number' min='0' " +
       "value='0'></label> ";
     const result = document.createElement("div");
     result.className = "shadow-result";
@@ -51,6 +52,8 @@ const edgekitShadow = (() => {
       const minAgreement = Number(bar.querySelector(".min-agreement").value) / 100;
       const maxRatio = Number(bar.querySelector(".max-latency-ratio").value);
       const canary = Math.max(0, Number(bar.querySelector(".canary").value) || 0);
+      const maxErrorText = bar.querySelector(".max-error").value.trim();
+      const maxError = maxErrorText === "" ? null : Number(maxErrorText);
       const sure = confirm(`Switch fleet ${fleet} to ${view.candidate}?\n\nOnly if on every device it agreed ` +
         `with the current model on at least ${(minAgreement * 100).toFixed(1)}% of inputs and is at most ` +
         `${maxRatio}× as slow; otherwise nothing changes and you see why. ` +
@@ -59,7 +62,7 @@ const edgekitShadow = (() => {
       result.replaceChildren();
       try {
         const done = await post(`/api/shadow/${encodeURIComponent(fleet)}/promote`,
-          { min_agreement: minAgreement, max_latency_ratio: maxRatio, canary });
+          { min_agreement: minAgreement, max_latency_ratio: maxRatio, canary, max_error: maxError });
         if (done.passed) {
           paragraphs(result, [`${done.candidate} passed on every device: fleet ${fleet} is switching to it ` +
             `(${done.rollout.phase}). Follow it on the rollouts page.`], "passed");
