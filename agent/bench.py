@@ -358,6 +358,7 @@ class BenchLink:
         board: dict[str, Any],
         fetch: Fetcher,
         activity: Callable[[], object] = lambda: None,
+        authorised: Callable[[], Optional[frozenset[str]]] = lambda: None,
         on_event: Optional[EventSink] = None,
         wake: Optional[Callable[[], None]] = None,
         available: Callable[[], Optional[int]] = available_memory_bytes,
@@ -376,6 +377,8 @@ class BenchLink:
         self.finished = threading.Event()
         self._fetch = fetch
         self._activity = activity
+        #: Under TUF: the bundles the device's verified targets lists (None: single-key trust).
+        self._authorised = authorised
         self._available = available
         self._marker: object = None
         self._since = time.monotonic()
@@ -418,7 +421,12 @@ class BenchLink:
             return  # a cleared retained request
         try:
             request = verify_bench_request(
-                payload, self.trusted, fleet=self.fleet, device=self.device, last_seq=self._last_seq
+                payload,
+                self.trusted,
+                fleet=self.fleet,
+                device=self.device,
+                last_seq=self._last_seq,
+                authorised=self._authorised(),
             )
         except BenchError as exc:
             reason = getattr(exc, "reason", "malformed")

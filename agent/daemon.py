@@ -211,6 +211,7 @@ class AgentDaemon:
                 max_size=config.max_bundle_size,
             ),
             activity=agent.serving_activity,
+            authorised=self._authorised,
             on_event=agent.record_event,
             wake=self._wake_uploader.set,
         )
@@ -444,6 +445,15 @@ class AgentDaemon:
                 atomic_write(directory / f"{role}.json", data)
         except OSError as exc:
             log.error("device %s could not save its trust metadata: %s", self.device, exc.strerror or exc)
+
+    def _authorised(self) -> Optional[frozenset[str]]:
+        """Under TUF, the bundles the fleet's verified targets lists (empty until something is
+        verified): the only ones a bench request or a shadow section may name. None under
+        single-key trust."""
+        if not self.tuf_mode:
+            return None
+        report = self.trust_report
+        return frozenset() if report is None else report.authorised
 
     def _on_trust(self, message: Message) -> None:
         try:
@@ -776,6 +786,17 @@ class AgentDaemon:
             and running["state"] == "running"
         ):
             return  # the same candidate: a re-sent desired state does not restart it
+        authorised = self._authorised()
+        if authorised is not None and request.bundle_sha256 not in authorised:
+            # Under TUF the desired role may name only bundles targets lists, the candidate too.
+            message = (
+                f"device {self.device} did not try {label} in the shadow: fleet {self.fleet}'s targets role "
+                "does not authorise it, so nothing was fetched and the serving model carries on; authorise it "
+                f"with `edgekit trust authorise BUNDLE --fleet {self.fleet}` (signed by the targets key)"
+            )
+            log.warning("%s", message)
+            self.agent.record_event("shadow_refused", message, ident)
+            return
         directory = self.state_dir / DOWNLOADS_DIR / f"shadow-{request.bundle_sha256}"
         try:
             staged = fetch_staged_bundle(

@@ -24,6 +24,7 @@ from .control import ControlPlane
 from .push import FleetLink, begin_rollout, labels_of, step_rollout
 from .rollout import SHADOW, Rollout, RolloutPolicy, abort, choose_devices
 from .shadow import judge
+from .trustrepo import require_authorised
 
 __all__ = [
     "LOCK_WAIT",
@@ -251,6 +252,8 @@ def start_shadow(
             raise RolloutError(
                 f"{candidate.manifest.label} is what fleet {fleet} serves already; push another candidate"
             )
+        # Devices on TUF try only a candidate targets authorises: refused before anything is sent.
+        require_authorised(link.trust_home, fleet, [(candidate.bundle_id, candidate.manifest.label)])
         link.publish_bundle(candidate)  # before the desired state: devices fetch it at once
         asked = None if devices is None else sorted(set(devices))
         request = ShadowRequest(

@@ -31,6 +31,7 @@ from edgekit.errors import BenchError
 from .actions import audited
 from .control import ControlPlane
 from .push import FleetLink
+from .trustrepo import require_authorised
 
 __all__ = ["choose_devices", "row_of_report", "row_of_result", "start_bench", "summarize"]
 
@@ -98,6 +99,8 @@ def start_bench(
             raise BenchError("name at least one model or bundle to benchmark")
         if len({c.bundle_id for c in candidates}) != len(candidates):
             raise BenchError("the same bundle is named twice; name each candidate once")
+        # Devices on TUF measure only candidates targets authorises: refused before anything is sent.
+        require_authorised(link.trust_home, fleet, [(c.bundle_id, c.manifest.label) for c in candidates])
         for bundle in candidates:
             link.publish_bundle(bundle)
         seq = control.next_seq(fleet)

@@ -41,7 +41,7 @@ from edgekit.transfer import Upload, clear_bundle, publish_bundle, start_upload
 from .control import ControlPlane, FleetRecord
 from .rollout import SHADOW, Action, DeviceReport, Rollout, RolloutPolicy, advance, phase_deadline, start
 from .shadow import summarize
-from .trustrepo import check_authorised, has_repository, load_repository, publish_desired, repository_lock
+from .trustrepo import publish_desired, require_authorised
 
 __all__ = ["FleetLink", "begin_rollout", "run_rollout", "step_rollout"]
 
@@ -364,13 +364,8 @@ def run_rollout(
 
 def begin_rollout(link: FleetLink, bundle: Bundle, policy: RolloutPolicy) -> tuple[Rollout, dict[str, str]]:
     """Start a rollout of ``bundle`` to every device the fleet has; returns it and its labels."""
-    if has_repository(link.trust_home, link.fleet):  # refuse before anything is saved or sent
-        with repository_lock(link.trust_home / "trust" / link.fleet):
-            check_authorised(
-                load_repository(link.trust_home / "trust" / link.fleet),
-                bundle.bundle_id,
-                bundle.manifest.label,
-            )
+    # Refused before anything is saved or sent; the shadow phase's candidate is this bundle too.
+    require_authorised(link.trust_home, link.fleet, [(bundle.bundle_id, bundle.manifest.label)])
     previous = link.record.bundle_id if link.record.bundle_id != bundle.bundle_id else None
     labels = {bundle.bundle_id: bundle.manifest.label}
     if previous is not None and link.record.label:

@@ -61,6 +61,7 @@ __all__ = [
     "load_repository",
     "publish_desired",
     "repository_lock",
+    "require_authorised",
     "role_summary",
     "tuf_key",
 ]
@@ -102,7 +103,10 @@ def _bytes(md: Metadata[Any]) -> bytes:
 
 
 def _seq_of(target: TargetFile) -> int:
-    seq = target.unrecognized_fields.get("custom", {}).get("edgekit", {}).get("seq", 0)
+    doc = target.unrecognized_fields.get("custom", {}).get("edgekit", {})
+    if isinstance(doc, str):  # a document with a shadow section, as its text (set_desired)
+        doc = json.loads(doc)
+    seq = doc.get("seq", 0) if isinstance(doc, dict) else 0
     return seq if isinstance(seq, int) else 0
 
 
@@ -452,7 +456,10 @@ class TrustRepository:
             path = desired_target_path(state.device)
             doc = state.to_json()
             target = TargetFile.from_data(path, doc, ["sha256"])
-            target.unrecognized_fields["custom"] = {"edgekit": json.loads(doc)}
+            # The document as JSON; with a shadow section, as its exact text: its sample rate is a
+            # number with a fraction, which TUF's canonical JSON (securesystemslib) cannot sign.
+            carried = doc.decode("ascii") if state.shadow is not None else json.loads(doc)
+            target.unrecognized_fields["custom"] = {"edgekit": carried}
             desired.targets[path] = target
         fleet_wide = desired.targets.get(desired_target_path())
         if fleet_wide is not None:
@@ -661,8 +668,22 @@ def check_authorised(repo: TrustRepository, sha256: str, label: str) -> None:
             "unauthorised",
             f"{label} is not authorised for fleet {repo.fleet}: its devices would refuse it; "
             f"authorise it with `edgekit trust authorise BUNDLE --fleet {repo.fleet}` (signed by the "
-            "targets key, then `edgekit trust submit targets`) and push again",
+            "targets key, then `edgekit trust submit targets`) and try again",
         )
+
+
+def require_authorised(home: str | Path, fleet: str, bundles: Sequence[tuple[str, str]]) -> None:
+    """If ``fleet`` has a trust repository under ``home/trust``: TrustMetadataError naming the
+    fix unless targets authorises every ``(sha256, label)`` of ``bundles``. A push, a shadow
+    candidate and a bench candidate all go through it before anything is saved or sent (devices
+    on TUF would refuse them)."""
+    if not has_repository(home, fleet):
+        return
+    directory = Path(home) / "trust" / fleet
+    with repository_lock(directory):
+        repo = load_repository(directory)
+        for sha256, label in bundles:
+            check_authorised(repo, sha256, label)
 
 
 def current_roots(home: str | Path) -> dict[str, int]:
@@ -704,6 +725,9 @@ def publish_desired(
     with repository_lock(directory):
         repo = load_repository(directory)
         check_authorised(repo, state.bundle_sha256, f"{state.bundle_name}@{state.bundle_version}")
+        if state.shadow is not None:  # devices on TUF refuse a shadow candidate targets does not list
+            shadow = state.shadow
+            check_authorised(repo, shadow.bundle_sha256, f"{shadow.bundle_name}@{shadow.bundle_version}")
         if repo.online_key is None:
             raise refuse(
                 TrustMetadataError,

@@ -9,7 +9,9 @@ to try and the number of timed runs. It travels in the signed envelope of
 its fleet, names the device, has not expired, and has a ``seq`` above the last request it
 followed (:func:`verify_bench_request`: bytes and keys in, a request out, or a
 :class:`~edgekit.errors.BenchError` whose ``reason`` is ``unsigned``, ``untrusted``,
-``forged``, ``malformed``, ``other-fleet``, ``not-chosen``, ``expired`` or ``replayed``).
+``forged``, ``malformed``, ``other-fleet``, ``not-chosen``, ``expired``, ``replayed``, or,
+on a device under the TUF key hierarchy, ``unauthorised``: a candidate its fleet's verified
+``targets`` role does not list).
 
 A :class:`BenchReport` is what a device measured of one candidate, sent on
 ``devices/{device}/bench``; :meth:`BenchReport.from_json` is the one strict decoder the agent's
@@ -275,9 +277,14 @@ def verify_bench_request(
     device: str,
     last_seq: Optional[int] = None,
     now: Optional[float] = None,
+    authorised: Optional[frozenset[str]] = None,
 ) -> BenchRequest:
     """The request for ``device`` of ``fleet``, its signature checked against ``trusted``, or a
-    BenchError saying why not (see the module's docstring for the reasons)."""
+    BenchError saying why not (see the module's docstring for the reasons).
+
+    ``authorised``: on a device under the TUF key hierarchy, the digests its verified
+    ``targets`` role lists (:attr:`edgekit.roles.TrustReport.authorised`; empty when nothing is
+    verified yet); every candidate must be one of them. None under single-key trust."""
     request = BenchRequest.from_json(verify_envelope(data, trusted, BENCH).payload)
     if request.fleet != fleet:
         raise _bad(
@@ -299,6 +306,15 @@ def verify_bench_request(
             "ask again with `edgekit bench` (or the device clock is wrong)",
             "expired",
         )
+    if authorised is not None:
+        outside = [c for c in request.candidates if c.sha256 not in authorised]
+        if outside:
+            raise _bad(
+                f"the bench request (seq {request.seq}) names {', '.join(c.label for c in outside)}, which "
+                f"fleet {fleet}'s targets role does not authorise; nothing was fetched or run. Authorise it "
+                f"with `edgekit trust authorise BUNDLE --fleet {fleet}` (signed by the targets key) and ask again",
+                "unauthorised",
+            )
     return request
 
 

@@ -8,8 +8,9 @@ A fleet's trust is one TUF repository (https://theupdateframework.github.io/spec
   paths ``bundles/<sha256 of manifest.json>``, and delegates ``fleet`` and ``device/*`` to
 - **desired** (online, held by the fleet service, short expiry): its targets ``fleet`` and
   ``device/<id>`` carry the desired state (:class:`edgekit.desired.DesiredState`, as the
-  target's ``custom["edgekit"]``, hashed like a file), which may name only a bundle targets
-  lists;
+  target's ``custom["edgekit"]``, hashed like a file; a document with a shadow section as its
+  exact text, since TUF's canonical JSON has no fractions), which may name only a bundle
+  targets lists, and a shadow candidate the device tries only if targets lists it too;
 - **snapshot** and **timestamp** (online, short expiry): pin the versions of targets and
   desired, and of snapshot, so a device notices rollback, mix-and-match and a freeze.
 
@@ -376,7 +377,9 @@ class DeviceTrust:
             )
         doc = target.custom.get("edgekit") if isinstance(target.custom, dict) else None
         try:
-            data = canonical_json(doc)
+            # A document with a shadow section comes as its exact text (TUF's canonical JSON has
+            # no numbers with fractions, and the shadow sample rate is one); others as JSON.
+            data = doc.encode("ascii") if isinstance(doc, str) else canonical_json(doc)
             target.verify_length_and_hashes(data)
             state = DesiredState.from_json(data)
         except (tuf_errors.LengthOrHashMismatchError, DesiredStateError, TypeError, ValueError) as exc:

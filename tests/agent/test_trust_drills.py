@@ -14,7 +14,9 @@ import pytest
 from edgekit import SigningKey, TrustedKeys
 from edgekit.agent import Agent
 from edgekit.agent.daemon import AgentDaemon
+from edgekit.bench import BenchCandidate, new_bench_request, sign_bench_request
 from edgekit.bundle import read_bundle
+from edgekit.desired import ShadowRequest, new_desired_state
 from edgekit.fleet.trustrepo import Expiry
 from edgekit.mqtt import MqttClient
 from edgekit.roles import sign_trust_upgrade
@@ -262,3 +264,79 @@ def test_drill_a_device_on_single_key_trust_moves_to_tuf_with_a_signed_upgrade_o
     device.agent.close()
     again = fleet.start("pi-01", tuf=False)
     assert again.tuf_mode
+
+
+def shadow_state(sim: TrustSim, serving: BundleRef, candidate: BundleRef) -> None:
+    """What the online desired role signs for `push --shadow`: serve ``serving``, try ``candidate``."""
+    sim.seq += 1
+    shadow = ShadowRequest(candidate.sha256, candidate.name, candidate.version, 1.0, int(time.time()) + 600)
+    state = new_desired_state(
+        sim.fleet,
+        bundle_sha256=serving.sha256,
+        bundle_name=serving.name,
+        bundle_version=serving.version,
+        seq=sim.seq,
+        now=sim.now,
+        shadow=shadow,
+    )
+    sim.repo.set_desired([state], [sim.online], now=sim.now)
+
+
+def test_a_shadow_candidate_targets_does_not_authorise_is_refused_and_an_authorised_one_is_tried(
+    fleet, bundles, key, models
+):
+    v1, v2 = ref(bundles.v1, key), ref(bundles.v2, key)
+    for path in (bundles.v1, bundles.v2):
+        fleet.watcher.publish_bundle(path, key)
+    authorise_bundles(fleet.sim, v1)
+    # The online desired role (alone: a stolen online key) names a candidate targets never listed.
+    shadow_state(fleet.sim, v1, v2)
+    fleet.publish()
+    daemon = fleet.start("pi-01")
+    fleet.watcher.wait_for(fleet.watcher.serving("1.0.0"))
+    refused = fleet.wait_event("pi-01", "shadow_refused")[-1]
+    assert "targets role does not authorise" in refused["message"] and "2.0.0" in refused["message"]
+    assert refused["bundle"]["bundle_id"] == v2.sha256
+    assert daemon.agent.shadow_status() is None
+    assert daemon.agent.predict(models.x_test[:1])[0].shape == (1, 10)
+    assert daemon.agent.status().version == "1.0.0"
+    # Once targets (the offline key) authorises it, the same request is followed.
+    authorise_bundles(fleet.sim, v2)
+    shadow_state(fleet.sim, v1, v2)
+    fleet.publish()
+    fleet.wait_event("pi-01", "shadow_started")
+    assert daemon.agent.shadow_status()["candidate"]["bundle_id"] == v2.sha256  # type: ignore[index]
+    assert len(fleet.events("pi-01", "shadow_refused")) == 1
+
+
+def test_a_bench_request_naming_a_bundle_targets_does_not_authorise_is_refused_before_any_fetch(
+    fleet, bundles, key
+):
+    v1, v3 = ref(bundles.v1, key), ref(bundles.v3, key)
+    for path in (bundles.v1, bundles.v3):
+        fleet.watcher.publish_bundle(path, key)
+    authorise_bundles(fleet.sim, v1)
+    desire_bundle(fleet.sim, v1)
+    fleet.publish()
+    daemon = fleet.start("pi-01")
+    fleet.watcher.wait_for(fleet.watcher.serving("1.0.0"))
+
+    def request(seq: int, *refs: BundleRef) -> bytes:
+        candidates = [BenchCandidate(r.sha256, r.name, r.version) for r in refs]
+        return sign_bench_request(
+            new_bench_request(FLEET, seq=seq, devices=["pi-01"], candidates=candidates, threads=(1,), runs=3),
+            key,  # the single key this device trusts too: not enough for a bundle targets never listed
+        )
+
+    topic = TOPICS.fleet_bench(FLEET)
+    fleet.watcher.client.publish(topic, request(1, v1, v3), qos=1, retain=True).wait(10)
+    refused = fleet.wait_event("pi-01", "bench_refused")[-1]
+    assert "3.0.0" in refused["message"] and "targets role does not authorise" in refused["message"]
+    assert "1.0.0" not in refused["message"].split("names")[1].split("which")[0]
+    assert daemon.bench.refused == 1
+    assert not (daemon.state_dir / "downloads" / f"bench-{v1.sha256}").exists()
+    # A request naming only authorised candidates is followed.
+    fleet.watcher.client.publish(topic, request(2, v1), qos=1, retain=True).wait(10)
+    fleet.watcher.wait_for(lambda _: fleet.watcher.records("bench"))
+    assert [r["bench_seq"] for r in fleet.watcher.records("bench")] == [2]
+    assert not fleet.events("pi-01", "bench_started")[0]["message"].count("3.0.0")

@@ -79,3 +79,54 @@ def test_push_reaches_tuf_and_single_key_devices_and_an_unauthorised_bundle_is_r
         watcher.wait_for(all_serving(watcher, devices, "2.0.0"))
     finally:
         watcher.close()
+
+
+def test_push_shadow_and_bench_on_a_tuf_fleet_reach_devices_only_with_a_candidate_targets_authorised(
+    fleet, mosquitto, digits_models, tmp_path, edgekit_home
+):
+    pending = str(edgekit_home / "trust" / "lab" / "pending" / "targets.json")
+    for role in ("root", "targets", "online"):
+        ok("keys", "init", "--role", role)
+    ok("trust", "init", "--fleet", "lab", "--root-keys", "root", "--threshold", "1")
+    v1 = bundle(digits_models.fp32, "1.0.0", tmp_path / "v1.ekb")
+    ok("trust", "authorise", str(v1), "--fleet", "lab")
+    ok("trust", "sign", pending, "--key", "targets")
+    ok("trust", "submit", "targets", "--fleet", "lab")
+    ok("trust", "publish", "--fleet", "lab", "--broker", mosquitto.url)
+    root = tmp_path / "root.json"
+    assert edgekit("trust", "export-root", "--fleet", "lab", "-o", str(root)).returncode == 0
+
+    watcher = Watcher(mosquitto.url)
+    try:
+        start_tuf_agent(fleet, "cam-2", root)
+        watcher.wait_for(lambda _: watcher.states("cam-2"))
+        assert push_and_wait(v1, mosquitto.url)["phase"] == "done"
+        watcher.wait_for(all_serving(watcher, ["cam-2"], "1.0.0"))
+
+        # A candidate targets has not authorised: refused before anything is sent, for both.
+        v2 = bundle(digits_models.int8, "2.0.0", tmp_path / "v2.ekb")
+        shadow = ("push", str(v2), "--fleet", "lab", "--shadow", "--sample", "1", "--for", "1h")
+        bench = ("bench", str(v2), "--fleet", "lab", "--threads", "1", "--runs", "3")
+        for command in (shadow, bench):
+            refused = edgekit(*command, "--broker", mosquitto.url)
+            assert refused.returncode == 17, refused.stderr
+            assert "Traceback" not in refused.stderr and "trust authorise" in refused.stderr
+            assert "digits@2.0.0 is not authorised for fleet lab" in refused.stderr
+
+        # Authorised by the targets key: the TUF device tries it in the shadow, and measures it.
+        ok("trust", "authorise", str(v2), "--fleet", "lab")
+        ok("trust", "sign", pending, "--key", "targets")
+        ok("trust", "submit", "targets", "--fleet", "lab")
+        ok("trust", "publish", "--fleet", "lab", "--broker", mosquitto.url)
+        for command in (shadow, bench):
+            done = edgekit(*command, "--broker", mosquitto.url)
+            assert done.returncode == 0, done.stderr
+        watcher.wait_for(
+            lambda _: any(e["kind"] == "shadow_started" for e in watcher.records("events", "cam-2"))
+        )
+        watcher.wait_for(lambda _: watcher.records("bench", "cam-2"), timeout=120)
+        assert [r["candidate"]["version"] for r in watcher.records("bench", "cam-2")] == ["2.0.0"]
+        refusals = [e for e in watcher.records("events", "cam-2") if e["kind"].endswith("_refused")]
+        assert refusals == []
+    finally:
+        watcher.close()

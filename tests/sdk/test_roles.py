@@ -66,6 +66,29 @@ def test_the_online_key_cannot_name_a_bundle_targets_does_not_authorise(sim: Tru
     assert refused(device, sim.files(), sim.now).reason == "unauthorised"
 
 
+def test_a_desired_state_with_a_shadow_section_is_signed_and_read_back_with_its_fraction(
+    sim: TrustSim,
+) -> None:
+    # TUF's canonical JSON cannot sign a fraction (the sample rate): the document travels as its text.
+    from dataclasses import replace
+
+    from edgekit.desired import ShadowRequest
+
+    device = device_of(sim)
+    device.refresh(Retained(sim.files()), now=sim.now)
+    state = sim.state("1.0.0")
+    shadow = ShadowRequest(digest("1.1.0"), "model", "1.1.0", 0.25, int(sim.now) + 600)
+    sim.repo.set_desired([replace(state, shadow=shadow)], [sim.online], now=sim.now)
+    report = device.refresh(Retained(sim.files()), now=sim.now)
+    assert report.desired is not None and report.desired.shadow == shadow
+    assert sim.repo.last_seq() == state.seq  # the registry's floor reads the text form too
+    # The text is signed like any document: altered in transit, it is refused.
+    files = sim.files()
+    assert b"0.25" in files["desired"]
+    files["desired"] = files["desired"].replace(b"0.25", b"0.75")
+    assert refused(device_of(sim), files, sim.now).reason in {"refused", "malformed", "mismatch"}
+
+
 def test_a_stolen_online_key_works_until_revoked_then_never(sim: TrustSim) -> None:
     device = device_of(sim)
     stolen = sim.online
