@@ -11,12 +11,15 @@ main venv from the same training code.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from edgekit import SigningKey, create_bundle
+from edgekit.agent import Agent
+from edgekit.agent.daemon import AgentDaemon
 from helpers import make_unhealthy, retar, tar_members
 
 MODELS_ENV = "EDGEKIT_TEST_MODELS"
@@ -163,3 +166,15 @@ def mobilenet_model(request: pytest.FixtureRequest) -> Path:
         return path
     built: Path = request.getfixturevalue("mobilenet_v2_built")
     return built
+
+
+@pytest.fixture
+def device(mosquitto, make_config) -> Iterator[AgentDaemon]:
+    """Agent ``pi-01`` of fleet ``lab`` with its daemon on the test's Mosquitto (telemetry kept
+    for explicit flushes, uploads every 0.2 s)."""
+    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600)
+    agent = Agent.from_config(config, background=False)
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    yield daemon
+    daemon.stop()
+    agent.close()

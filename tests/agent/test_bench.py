@@ -4,14 +4,11 @@ agent daemon following a signed bench request. Runs without TensorFlow."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from edgekit import TrustedKeys
-from edgekit.agent import Agent
 from edgekit.agent.bench import describe_board, measure
-from edgekit.agent.daemon import AgentDaemon
 from edgekit.bench import BenchCandidate, BenchReport, board_class, new_bench_request, sign_bench_request
 from edgekit.bundle import read_bundle
 from edgekit.errors import MessageError
@@ -90,16 +87,6 @@ def test_a_bench_report_that_is_malformed_is_refused_by_the_decoder():
     for payload in (b"{", b'{"schema": "edgekit.bench_report", "schema_version": 1}', b"[]"):
         with pytest.raises(MessageError):
             BenchReport.from_json(payload)
-
-
-@pytest.fixture
-def device(mosquitto, make_config) -> Iterator[AgentDaemon]:
-    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600)
-    agent = Agent.from_config(config, background=False)
-    daemon = AgentDaemon(agent, upload_interval=0.2).start()
-    yield daemon
-    daemon.stop()
-    agent.close()
 
 
 def request_for(watcher, key, paths, devices=("pi-01",), seq=1, signer=None, **extra) -> bytes:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from edgekit import TrustedKeys
 from edgekit.agent import Agent
@@ -14,16 +12,6 @@ from edgekit.mqtt import Message
 from watcher import TOPICS, Watcher, watcher
 
 __all__ = ["Watcher", "watcher"]  # tests/fleet/test_push.py imports Watcher from here
-
-
-@pytest.fixture
-def device(mosquitto, make_config) -> Iterator[AgentDaemon]:
-    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600)
-    agent = Agent.from_config(config, background=False)
-    daemon = AgentDaemon(agent, upload_interval=0.2).start()
-    yield daemon
-    daemon.stop()
-    agent.close()
 
 
 def test_a_signed_desired_state_installs_the_bundle_from_the_broker(watcher, device, bundles, key, models):

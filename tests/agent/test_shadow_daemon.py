@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
-import pytest
 from edgekit import TrustedKeys
-from edgekit.agent import Agent
-from edgekit.agent.daemon import AgentDaemon
 from edgekit.bundle import inspect_bundle, read_bundle
 from edgekit.desired import ShadowRequest
 from watcher import watcher
 
 __all__ = ["watcher"]
-
-
-@pytest.fixture
-def device(mosquitto, make_config) -> Iterator[AgentDaemon]:
-    config = make_config("pi-01", broker=mosquitto.url, telemetry_interval=3600)
-    agent = Agent.from_config(config, background=False)
-    daemon = AgentDaemon(agent, upload_interval=0.2).start()
-    yield daemon
-    daemon.stop()
-    agent.close()
 
 
 def kinds(watcher) -> list[str]:
