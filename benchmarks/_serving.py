@@ -14,6 +14,15 @@ from edgekit import SigningKey, create_bundle
 from edgekit.agent import Agent
 
 
+def serving_inputs(models: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The digits test set, each in the model's own (1, 8, 8, 1) shape, and eight random
+    224x224x3 images for MobileNetV2."""
+    with np.load(models / "digits_test.npz") as data:
+        xs = data["x"].astype(np.float32)[:, None]
+    large = np.random.default_rng(0).random((8, 1, 224, 224, 3)).astype(np.float32)
+    return xs, large
+
+
 def write_config(path: Path, key: SigningKey, state: Path) -> Path:
     """An agent config for device ``bench`` of fleet ``bench``, one interpreter thread."""
     path.write_text(

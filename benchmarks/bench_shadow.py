@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import digits_models
-from _serving import bundles, ratios, serve, write_config
+from _serving import bundles, ratios, serve, serving_inputs, write_config
 from edgekit import SigningKey, create_bundle
 from edgekit.agent import Agent
 from edgekit.runtime import Model
@@ -118,9 +118,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     models = digits_models()
-    with np.load(models / "digits_test.npz") as data:
-        xs = data["x"].astype(np.float32)[:, None]  # (N, 1, 8, 8, 1): the model's own shape
-    large = np.random.default_rng(0).random((8, 1, 224, 224, 3)).astype(np.float32)
+    xs, large = serving_inputs(models)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         key = SigningKey.generate()
