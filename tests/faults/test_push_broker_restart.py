@@ -23,11 +23,11 @@ from test_push import Fleet, edgekit, push_and_wait
 DEVICES = ["cam-1", "cam-2", "cam-3"]
 
 
-def downloaded(watcher: Watcher, device: str, since: int = 0) -> float:
-    """The furthest download progress ``device`` reported in the messages from ``since`` on."""
+def downloaded(watcher: Watcher, device: str) -> float:
+    """The furthest download progress ``device`` reported."""
     topic = f"edgekit/devices/{device}/state"
     progress = [0.0]
-    for message in watcher.messages[since:]:
+    for message in watcher.messages:
         if message.topic == topic and message.payload:
             state = DeviceStateReport.from_json(message.payload)
             if state.status == "downloading":
@@ -59,14 +59,18 @@ def test_a_broker_restart_in_the_middle_of_a_push_does_not_stop_the_rollout(
             lambda _: any(s.status == "downloading" for d in DEVICES for s in watcher.states(d)),
             timeout=60,
         )
-        mosquitto.stop(graceful=True)
+        # Cut mid-download: these devices had said "downloading" and nothing since (read before
+        # the stop: a broker stopping sends the devices' wills, "offline", to the watcher).
+        cut = [d for d in DEVICES if (states := watcher.states(d)) and states[-1].status == "downloading"]
         before = {d: downloaded(watcher, d) for d in DEVICES}
-        seen = len(watcher.messages)
+        mosquitto.stop(graceful=True)
+        assert cut and all(before[d] < 1.0 for d in cut), (cut, before)
         mosquitto.start()
         outcome = push.result(timeout=180)  # asserts the push exited 0
-        # The downloads went on after the restart: some device stored chunks it did not have.
-        after = {d: downloaded(watcher, d, since=seen) for d in DEVICES}
-        assert any(after[d] > before[d] for d in DEVICES), (before, after)
+        # The downloads went on after the restart: the devices cut mid-download serve the bundle.
+        # (Their progress reports after the restart are not proof to look for: with the bundle
+        # fetched faster than a progress report, and the watcher's own reconnect after the
+        # broker's, none may be seen; that made this test fail once in CI.)
         assert outcome["phase"] == "done" and outcome["failed"] == {}
         assert {d: s["version"] for d, s in outcome["devices"].items()} == dict.fromkeys(DEVICES, "1.0.0")
         watcher.close()
