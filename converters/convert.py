@@ -122,6 +122,8 @@ class ConversionReport:
     baseline_source: str | None = None
     bundle: dict[str, Any] | None = None
     eval_source: str | None = None
+    # the DATA that set the int8/int16x8 ranges (--calibration, or --train with --qat)
+    calibration_source: str | None = None
     machine: str = field(default_factory=platform.machine)
 
     @property
@@ -148,6 +150,7 @@ class ConversionReport:
             "io": self.io,
             "float_layers": list(self.float_layers),
             "eval_data": self.eval_source,
+            "calibration_data": self.calibration_source,
             "reference": self.reference.to_dict(),
             "converted": self.converted.to_dict(),
             "size_ratio": round(self.size_ratio, 6),
@@ -190,7 +193,9 @@ def parse_bundle_spec(spec: str) -> tuple[str, str]:
 
 
 def _validate(options: ConvertOptions, signing_key: SigningKey | None) -> tuple[str, float | None]:
-    io = check_mode(options.quantize, options.io, options.calibration is not None)
+    # --qat calibrates from --train when no --calibration is given (a missing --train is named below)
+    qat_calibrates = options.qat and options.quantize == "int8"
+    io = check_mode(options.quantize, options.io, options.calibration is not None or qat_calibrates)
     if options.float_layers:
         if options.quantize != "int8":
             raise ConfigError("--float-layers applies to --quantize int8 only")
@@ -219,7 +224,7 @@ def _validate(options: ConvertOptions, signing_key: SigningKey | None) -> tuple[
         raise ConfigError("--train is only used with --prune SPARSITY or --qat")
     if options.qat:
         if options.quantize != "int8":
-            raise ConfigError("--qat trains for int8; add --quantize int8 (and --calibration DATA)")
+            raise ConfigError("--qat trains for int8; add --quantize int8")
         if sparsity is not None:
             raise ConfigError(
                 "--qat and --prune cannot be combined yet; prune first, then convert with --qat"
@@ -264,7 +269,9 @@ def check_data_paths(*flags: tuple[str, Path | None]) -> None:
     """Every DATA given exists (before anything slow runs)."""
     for flag, path in flags:
         if path is not None and not path.exists():
-            raise DataError(f"{flag} {path} does not exist; give a .npy or .npz file or a folder of images")
+            raise DataError(
+                f"{flag} {path} does not exist; give a .npy or .npz file, a folder of images, or a folder from `edgekit capture pull`"
+            )
 
 
 def checked_data(path: Path, spec: TensorSpec, what: str, need_labels: bool) -> Dataset:
@@ -277,7 +284,7 @@ def checked_data(path: Path, spec: TensorSpec, what: str, need_labels: bool) -> 
     if need_labels and dataset.y is None:
         raise DataError(
             f"{what} data {dataset.source} has no labels; give an .npz with x and y, "
-            "or a folder of images in one sub-folder per class"
+            "a folder of images in one sub-folder per class, or a `capture pull` folder with a labels.csv"
         )
     return Dataset(x=x, y=dataset.y, source=dataset.source, classes=dataset.classes)
 
@@ -396,6 +403,8 @@ def _convert(
         timings["pruning"] = pruning.seconds
         steps.end()
 
+    if calibration is None and options.qat:
+        calibration = train  # --qat without --calibration: the training inputs set the int8 ranges
     cal_x = None if calibration is None else calibration.x
     qat = ptq_bytes = None
     if options.qat:
@@ -485,6 +494,7 @@ def _convert(
         worst_layers=tuple(worst),
         max_accuracy_drop=options.max_accuracy_drop,
         eval_source=None if evaluation is None else evaluation.source,
+        calibration_source=None if calibration is None else calibration.source,
         baseline_source=str(baseline_path) if (options.bundle and baseline_path) else None,
     )
     drop = report.accuracy_drop

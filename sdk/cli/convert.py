@@ -160,6 +160,8 @@ def _print_report(doc: dict[str, Any]) -> None:
             f"{pct(conv['accuracy'])} with ({q['epochs']} epochs, {q['seconds']:.1f}s)",
             highlight=False,
         )
+    if doc["calibration_data"]:
+        console.print(f"int8 ranges calibrated from {doc['calibration_data']}", highlight=False)
     if doc["worst_layers"]:
         worst = Table(title="largest int8 quantization error")
         worst.add_column("op")
@@ -206,18 +208,23 @@ def convert(
     calibration: Optional[Path] = typer.Option(
         None,
         "--calibration",
-        help="DATA of typical inputs (.npy, .npz or image folder); needed by int8 and int16x8.",
+        help="DATA of typical inputs (.npy, .npz, image folder, or a folder from `edgekit capture pull`); "
+        "needed by int8 and int16x8 (with --qat, --train is used when this is not given).",
     ),
     prune: Optional[str] = typer.Option(
         None, "--prune", help="Target sparsity, a fraction (0.75) or percent (75%); needs --train."
     ),
     qat: bool = typer.Option(
-        False, "--qat", help="Quantization-aware training for --quantize int8 (fine-tunes on --train)."
+        False,
+        "--qat",
+        help="Quantization-aware training for --quantize int8 (fine-tunes on --train; calibrates from it "
+        "unless --calibration is given).",
     ),
     train: Optional[Path] = typer.Option(
         None,
         "--train",
-        help="Labelled DATA (.npz with x and y, or class folders) to fine-tune on (--prune, --qat).",
+        help="Labelled DATA (.npz with x and y, class folders, or a `capture pull` folder with labels.csv) "
+        "to fine-tune on (--prune, --qat; --qat also calibrates from it without --calibration).",
     ),
     epochs: int = typer.Option(8, "--epochs", help="Fine-tuning epochs (--prune, --qat)."),
     sparsity_pattern: str = typer.Option(
@@ -228,7 +235,8 @@ def convert(
     eval_data: Optional[Path] = typer.Option(
         None,
         "--eval",
-        help="DATA to compare the converted model with the float reference (labels give accuracy).",
+        help="DATA to compare the converted model with the float reference (.npy, .npz, image folder or "
+        "`capture pull` folder; labels give accuracy).",
     ),
     max_accuracy_drop: Optional[str] = typer.Option(
         None,

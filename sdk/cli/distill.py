@@ -96,7 +96,10 @@ def distill(
         help="Where to write the student (.keras); its .tflite goes next to it with -q.",
     ),
     data: Optional[Path] = typer.Option(
-        None, "--data", help="Training DATA (.npy, .npz with x and optional y, or an image folder)."
+        None,
+        "--data",
+        help="Training DATA (.npy, .npz with x and optional y, an image folder, or a folder from "
+        "`edgekit capture pull`, labelled by its labels.csv if it has one).",
     ),
     student: Optional[Path] = typer.Option(
         None, "--student", help="The student's architecture (.keras or .h5), trained from its weights."
@@ -129,7 +132,10 @@ def distill(
         30, "--epochs", help="Training epochs at most (stops earlier when no better)."
     ),
     eval_data: Optional[Path] = typer.Option(
-        None, "--eval", help="DATA to compare student and teacher on (labels give accuracy)."
+        None,
+        "--eval",
+        help="DATA to compare student and teacher on (.npy, .npz, image folder or `capture pull` folder; "
+        "labels give accuracy).",
     ),
     max_accuracy_drop: Optional[str] = typer.Option(
         None,

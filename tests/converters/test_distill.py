@@ -103,6 +103,27 @@ def test_teacher_targets_on_unlabelled_data_beat_the_same_student_on_its_labels_
     assert (tmp_path / "soft" / "student.keras").exists()
 
 
+def test_the_teachers_soft_targets_beat_hard_labels_on_the_same_data(
+    distill_data: DistillData, tmp_path: Path
+) -> None:
+    """The test above also gives the distilled student more inputs; this one isolates the soft
+    targets: the same 150 labelled samples, seed, epochs and architecture, no unlabelled data;
+    only --alpha differs (0.5 at temperature 4 against 0, the labels alone)."""
+    from edgekit.converters import distill
+
+    same = {"epochs": 80, "seed": 0, "temperature": 4.0}
+    hard = distill(_options(distill_data, tmp_path / "hard", alpha=0.0, **same)).to_dict()
+    soft = distill(_options(distill_data, tmp_path / "soft", alpha=0.5, **same)).to_dict()
+    assert soft["training"]["labelled_samples"] == hard["training"]["labelled_samples"] == 150
+    assert soft["training"]["unlabelled_samples"] == hard["training"]["unlabelled_samples"] == 0
+    # Measured on seeds 0, 1, 2 at 40 and 80 epochs (teacher 84.9%): accuracy +2.3 to +5.8 points,
+    # agreement with the teacher +6.5 to +10.1 points (seed 0, 80 epochs: 83.9% against 78.6%).
+    # The margins are under half the smallest gain seen. Trained too briefly (12 epochs, 60 steps)
+    # the soft targets lost instead (26% against 41%): the student had not fit the labels yet.
+    assert soft["student"]["accuracy"] >= hard["student"]["accuracy"] + 0.01
+    assert soft["agreement"] >= hard["agreement"] + 0.03
+
+
 def test_unlabelled_data_alone_is_enough(distill_data: DistillData, tmp_path: Path) -> None:
     from edgekit.converters import distill
 

@@ -3,6 +3,7 @@ MobileNet-style model (depthwise blocks, batch normalization, a residual add).""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,23 @@ def test_qat_reports_post_training_int8_beside_it(options: Any) -> None:
     assert qat["ptq"]["accuracy"] is not None and qat["ptq_accuracy_drop_points"] is not None
     assert doc["converted"]["accuracy"] >= doc["reference"]["accuracy"] - 0.03
     assert Path(doc["output"]["path"]).stat().st_size == doc["converted"]["size"]
+    assert doc["calibration_data"] == str(options.calibration)  # --calibration wins over --train
+
+
+def test_cli_qat_with_train_only_calibrates_from_the_training_data(digits_data: Any, tmp_path: Path) -> None:
+    """The issue's form, `convert MODEL --quantize int8 --qat --train DATA`: no --calibration."""
+    out, report = tmp_path / "qat.tflite", tmp_path / "report.json"
+    result = edgekit(
+        "convert", digits_data.model, "-o", out, "--quantize", "int8", "--qat", "--train", digits_data.train,
+        "--epochs", "1", "--eval", digits_data.test, "--latency-runs", "3", "--report", report,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"int8 ranges calibrated from {digits_data.train}" in " ".join(result.stdout.split())
+    doc = json.loads(report.read_text())
+    assert doc["calibration_data"] == str(digits_data.train)
+    assert doc["quantize"] == "int8" and doc["qat"]["epochs"] == 1 and doc["output"]["written"]
+    assert doc["converted"]["accuracy"] >= doc["reference"]["accuracy"] - 0.03
+    assert out.stat().st_size == doc["converted"]["size"]
 
 
 def _mobilenet_style(classes: int = 10) -> Any:
@@ -111,6 +129,8 @@ def test_qat_refuses_layers_it_cannot_handle_naming_them() -> None:
 BAD_QAT = [
     ("qat without int8", ["-q", "fp16", "--qat", "--train", "{train}"], ["--qat", "--quantize int8"]),
     ("qat without train", ["-q", "int8", "--calibration", "{calibration}", "--qat"], ["--qat needs --train"]),
+    ("qat without train or calibration", ["-q", "int8", "--qat"], ["--qat needs --train"]),
+    ("int8 without calibration or qat", ["-q", "int8"], ["--quantize int8 needs --calibration"]),
     ("qat with prune", ["-q", "int8", "--calibration", "{calibration}", "--qat", "--train", "{train}", "--prune", "0.5"], ["--prune"]),
     ("train without qat or prune", ["-q", "int8", "--calibration", "{calibration}", "--train", "{train}"], ["--qat"]),
 ]
