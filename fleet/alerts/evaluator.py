@@ -42,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..control import ControlPlane
 from ..registry import Registry
 from ..registry.models import Alert, AlertDelivery, Device, Event, Telemetry
+from ..rollout import SHADOW, SOAK
 from ..trustrepo import current_roots
 from .delivery import Dispatcher
 from .messages import render
@@ -326,19 +327,50 @@ class Evaluator:
         return perf, fleet_p95, fleet_errors
 
     def _rollouts(self) -> list[RolloutFacts]:
-        """Every fleet's current rollout, from the control plane in the registry."""
-        return [
-            RolloutFacts(
-                r.fleet,
-                r.label,
-                r.phase,
-                datetime.fromtimestamp(r.phase_since, timezone.utc),
-                datetime.fromtimestamp(r.started_at, timezone.utc),
-                r.reason,
-                tuple(r.canaries),
+        """Every fleet's current rollout, from the control plane in the registry, with the
+        planned wait of its phase and the newest progress its devices reported."""
+        found = []
+        for r in (info.rollout for info in ControlPlane(self.registry).rollouts()):
+            started = datetime.fromtimestamp(r.started_at, timezone.utc)
+            planned, progressed = 0.0, None
+            if not r.finished:
+                try:
+                    policy = r.rollout_policy
+                    planned = policy.shadow_s if r.phase == SHADOW else policy.soak_s if r.phase == SOAK else 0.0
+                except (ConfigError, TypeError):
+                    planned = 0.0  # a policy this version cannot read: judged by its steps alone
+                progressed = self._progressed(r.bundle_id, {*r.devices, *r.canaries}, started)
+            found.append(
+                RolloutFacts(
+                    r.fleet,
+                    r.label,
+                    r.phase,
+                    datetime.fromtimestamp(r.phase_since, timezone.utc),
+                    started,
+                    r.reason,
+                    tuple(r.canaries),
+                    planned,
+                    progressed,
+                )
             )
-            for r in (info.rollout for info in ControlPlane(self.registry).rollouts())
-        ]
+        return found
+
+    def _progressed(self, bundle_id: str, devices: set[str], since: datetime) -> Optional[datetime]:
+        """When a device of a rollout last reported progress on its bundle: the newest event
+        about that bundle (installed, or a failure it decided on) since the rollout began. A
+        download that stalls is no progress."""
+        if not devices:
+            return None
+        with self.registry.session() as session:
+            at = session.execute(
+                select(func.max(Event.at)).where(
+                    Event.bundle_id == bundle_id,
+                    Event.device.in_(sorted(devices)),
+                    Event.at >= since,
+                    Event.kind != "download_stalled",
+                )
+            ).scalar()
+        return utc(at) if at is not None else None
 
     # -- alerts -----------------------------------------------------------------------------
 

@@ -85,7 +85,8 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
         if facts.get("stalled"):
             return (
                 f"The rollout of {label} is stuck",
-                f"The rollout of {label} has been in its {facts.get('phase')} phase since {at} without moving on.",
+                f"The rollout of {label} is in its {facts.get('phase')} phase and nothing has moved since "
+                f"{at}: no device reported progress on it, and the rollout took no step.",
                 "edgekit keeps waiting for the devices; nothing was rolled back.",
                 "Check that the canary devices are online; abort with `edgekit rollout abort` if needed.",
             )
@@ -244,10 +245,11 @@ def render(
     where = f" (fleet {fleet})" if fleet and device else ""
     if event == "resolved":
         lasted = _duration((now - since).total_seconds())
-        subject = f"Resolved: {_resolved_title(rule, who)}"
+        over = _resolved_title(rule, who, facts)
+        subject = f"Resolved: {over}"
         flaps = int(facts.get("flaps") or 0)
         body = [
-            f"{_resolved_title(rule, who)}{where} at {_clock(now)}, after {lasted}.",
+            f"{over}{where} at {_clock(now)}, after {lasted}.",
             f"Earlier: {happened}",
             f"It came and went {flaps} more times before it settled." if flaps else "",
         ]
@@ -280,12 +282,16 @@ def render(
     return {"subject": f"[edgekit] {subject}", "text": text, "json": doc}
 
 
-def _resolved_title(rule: str, who: str) -> str:
+def _resolved_title(rule: str, who: str, facts: Mapping[str, Any]) -> str:
+    if rule == "rollout":
+        label = facts.get("label", "the new version")
+        if facts.get("stalled"):
+            return f"{who}: the rollout of {label} moved on"
+        return f"{who}: a new rollout replaced the stopped rollout of {label}"
     return {
         "offline": f"{who} is back online",
         "drift": f"{who}: inputs look like the training data again",
         "install": f"{who} installed an update successfully",
-        "rollout": f"{who}: the rollout problem is over (a new rollout replaced it)",
         "latency": f"{who} answers as fast as usual again",
         "errors": f"{who}'s error rate is back to usual",
         "board": f"{who}'s board is back to normal",

@@ -81,9 +81,14 @@ RULES: dict[str, RuleSpec] = {
         _COMMON,
     ),
     "rollout": RuleSpec(
-        "a rollout was aborted, or stalled (no step for stall_after)",
+        "a rollout was aborted, or stalled: no device progressed (and the rollout took no step) for"
+        " stall_after, not counting a soak's or shadow phase's own planned time",
         {"enabled": True, "stall_after": 1800.0, "clear_after": 0.0},
-        {**_COMMON, "stall_after": "seconds a rollout may stay in one phase before it counts as stalled"},
+        {
+            **_COMMON,
+            "stall_after": "seconds without progress (a device's install or report on the new version,"
+            " or a step of the rollout) before a rollout counts as stalled",
+        },
     ),
     "latency": RuleSpec(
         "a device's p95 latency is above ratio x the fleet's level over the last day",
@@ -260,6 +265,20 @@ class RolloutFacts:
     started_at: datetime
     reason: str | None
     canaries: tuple[str, ...] = ()
+    #: Seconds the current phase waits by design (a soak, a shadow phase): not a stall.
+    planned_s: float = 0.0
+    #: The newest progress a device of the rollout reported on its version (an event about
+    #: that bundle since the rollout began), if any.
+    progressed_at: datetime | None = None
+
+    @property
+    def quiet_since(self) -> datetime:
+        """Since when nothing moved: the later of the last step (the phase's start, plus its
+        planned wait) and the newest device progress."""
+        moved = self.phase_since + timedelta(seconds=self.planned_s)
+        if self.progressed_at is not None and self.progressed_at > moved:
+            return self.progressed_at
+        return moved
 
 
 @dataclass(frozen=True)
@@ -268,7 +287,7 @@ class Snapshot:
     #: The newest install-related event of each device (problem or fix), if any.
     install_events: Mapping[str, EventFacts] = field(default_factory=dict)
     rollouts: Sequence[RolloutFacts] = ()
-    #: Per fleet over the last day: median p95 (ms) and error rate.
+    #: Per fleet over the last day: the average p95 (ms) of its telemetry windows and error rate.
     fleet_p95_ms: Mapping[str, float] = field(default_factory=dict)
     fleet_error_rate: Mapping[str, float] = field(default_factory=dict)
     #: Channels that fail: name -> since when.
@@ -357,11 +376,10 @@ def evaluate(snapshot: Snapshot, settings: Mapping[str, Mapping[str, Any]], now:
             )
         elif r.phase != "done":
             stall = timedelta(seconds=float(settings["rollout"]["stall_after"]))
-            if now - r.phase_since >= stall:
-                facts = {**facts, "stalled": True}
-                found.append(
-                    Condition("rollout", f"fleet:{r.fleet}", r.phase_since, r.fleet, None, origin, facts)
-                )
+            quiet = r.quiet_since
+            if now - quiet >= stall:
+                facts = {**facts, "stalled": True, "quiet_since": quiet.isoformat()}
+                found.append(Condition("rollout", f"fleet:{r.fleet}", quiet, r.fleet, None, origin, facts))
     if on["expiry"]:
         warning = timedelta(seconds=float(settings["expiry"]["expiry_warning"]))
         for desired in snapshot.desired:
