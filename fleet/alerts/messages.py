@@ -64,13 +64,34 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
             if isinstance(accuracy, (int, float))
             else ""
         )
-        return (
-            f"{who}: inputs no longer look like the training data",
-            f"{who} has reported drift since {at}: what it sees differs from what its model was trained on, "
-            f"and its predictions are likely affected.{estimate}",
-            "edgekit keeps serving the current model and keeps measuring.",
+        todo = (
             "Check the device's surroundings (camera angle, lighting, sensor); "
-            "if the change is here to stay, retrain with recent data and push the new model.",
+            "if the change is here to stay, retrain with recent data and push the new model."
+        )
+        severity = facts.get("severity")
+        if severity == "inputs changed":
+            return (
+                f"{who}: inputs no longer look like the training data",
+                f"{who} has reported since {at} that what it sees differs from what its model was trained "
+                f"on; its answers look the same so far, so its model seems unaffected.{estimate}",
+                "edgekit keeps serving the current model and keeps measuring; it tells you if the model "
+                "becomes affected.",
+                todo,
+            )
+        if severity is None:  # an agent too old to judge severity: its drift flag alone
+            return (
+                f"{who}: inputs no longer look like the training data",
+                f"{who} has reported drift since {at}: what it sees differs from what its model was "
+                "trained on, and its predictions may be affected.",
+                "edgekit keeps serving the current model and keeps measuring.",
+                todo,
+            )
+        return (
+            f"{who}: its model is likely making more mistakes",
+            f"{who} has reported since {at} that its model is likely affected by a change in what it "
+            f"sees: its estimated accuracy fell, or its answers shifted along with its inputs.{estimate}",
+            "edgekit keeps serving the current model and keeps measuring.",
+            todo,
         )
     if rule == "install":
         verb = INSTALL_PROBLEMS.get(str(facts.get("event")), "had trouble with")
@@ -283,6 +304,10 @@ def render(
 
 
 def _resolved_title(rule: str, who: str, facts: Mapping[str, Any]) -> str:
+    if rule == "drift":
+        if facts.get("severity") == "model affected":
+            return f"{who}: its model no longer looks affected by drift"
+        return f"{who}: inputs look like the training data again"
     if rule == "rollout":
         label = facts.get("label", "the new version")
         if facts.get("stalled"):
@@ -290,7 +315,6 @@ def _resolved_title(rule: str, who: str, facts: Mapping[str, Any]) -> str:
         return f"{who}: a new rollout replaced the stopped rollout of {label}"
     return {
         "offline": f"{who} is back online",
-        "drift": f"{who}: inputs look like the training data again",
         "install": f"{who} installed an update successfully",
         "latency": f"{who} answers as fast as usual again",
         "errors": f"{who}'s error rate is back to usual",

@@ -124,7 +124,7 @@ def test_drift_a_failed_install_and_an_aborted_rollout_each_raise_their_alert_th
         assert (doc["schema"], doc["schema_version"], doc["event"]) == ("edgekit.alert", 1, "opened")
         assert doc["text"] and doc["alert"]["what_happened"] and doc["alert"]["what_you_can_do"]
     assert by_rule["drift"]["alert"]["link"] == LINK + "devices/cam-1"
-    assert "no longer look like the training data" in by_rule["drift"]["alert"]["title"]
+    assert by_rule["drift"]["alert"]["title"] == "cam-1: its model is likely making more mistakes"
     assert "accuracy at 62%" in by_rule["drift"]["alert"]["what_happened"]
     assert "failed to install" in by_rule["install"]["alert"]["title"]
     assert "the model does not load" in by_rule["install"]["alert"]["what_happened"]
@@ -132,7 +132,7 @@ def test_drift_a_failed_install_and_an_aborted_rollout_each_raise_their_alert_th
     assert "30.0%" in by_rule["rollout"]["alert"]["what_happened"]
     subjects = sorted(m["Subject"] for m in mails)
     assert subjects == sorted(f"[edgekit] {b['alert']['title']}" for b in hooks)
-    drift_mail = next(m for m in mails if "training data" in m["Subject"])
+    drift_mail = next(m for m in mails if "mistakes" in m["Subject"])
     assert "cam-1" in drift_mail["Subject"] and LINK + "devices/cam-1" in body(drift_mail)
     assert drift_mail["To"] == "owner@shop.example"
 
@@ -150,7 +150,7 @@ def test_drift_a_failed_install_and_an_aborted_rollout_each_raise_their_alert_th
     resolved = {b["alert"]["rule"]: b["alert"]["title"] for b in hooks if b["event"] == "resolved"}
     assert resolved == {
         "install": "Resolved: cam-2 installed an update successfully",
-        "drift": "Resolved: cam-1: inputs look like the training data again",
+        "drift": "Resolved: cam-1: its model no longer looks affected by drift",
     }
     listed = json.loads(
         edgekit("alerts", "list", "--open", "--json", "--registry", alerts.registry.url).stdout
@@ -442,6 +442,9 @@ def test_bad_input_and_broken_servers_are_one_line_each(tmp_path, edgekit_home, 
     store = AlertStore(Registry(registry), edgekit_home)
     with pytest.raises(ConfigError, match="use a number"):
         store.set_rule("offline", ["offline_after=soon"], T0)
+    assert "drift on=always: use model-affected or inputs-changed" in _one_line(
+        edgekit("alerts", "rule", "set", "drift", "on=always", "--registry", registry)
+    )
     with pytest.raises(ConfigError, match="no alert rule 'ofline'"):
         store.set_rule("ofline", ["enabled=no"], T0)
     with pytest.raises(ConfigError, match="no alert 7"):
@@ -859,3 +862,31 @@ def test_a_board_at_80_c_alerts_after_hold_then_resolves(alerts, hook):
     assert alerts.round(later) == 1
     resolved = hook.wait_for(lambda m: len(m) == 2, what="the resolve message")[-1]
     assert resolved["alert"]["title"] == "Resolved: cam-1's board is back to normal"
+
+
+def test_the_drift_rule_can_alert_on_inputs_changed_too(alerts, hook):
+    """By default only `model affected` alerts (issue 20); `alerts rule set drift
+    on=inputs-changed` makes a device whose inputs changed alert too, in words that say its
+    model seems unaffected, and back to model-affected it resolves."""
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    alerts.store.set_rule("drift", ["clear_after=0"], T0)
+    alerts.states(T0, True, "cam-1", "cam-2")
+    alerts.registry.add_telemetry(
+        [
+            window("cam-1", 1, T0, drift_score=1.7, drifted=True, drift_severity="inputs changed"),
+            window("cam-2", 1, T0, drift_score=0.1, drift_severity="ok"),
+        ]
+    )
+    assert alerts.round(T0) == 0  # the default: inputs changed is shown, not sent
+    listed = edgekit("alerts", "rule", "set", "drift", "on=inputs-changed", "--registry", alerts.registry.url)
+    assert listed.returncode == 0 and "on=inputs-changed" in listed.stdout
+    assert alerts.round(T0 + timedelta(seconds=1)) == 1
+    (opened,) = hook.wait_for(lambda m: len(m) == 1, what="the inputs-changed alert")
+    assert opened["alert"]["title"] == "cam-1: inputs no longer look like the training data"
+    assert "its answers look the same so far" in opened["alert"]["what_happened"]
+    assert opened["alert"]["facts"]["severity"] == "inputs changed"
+
+    alerts.store.set_rule("drift", ["on=model-affected"], T0)
+    assert alerts.round(T0 + timedelta(seconds=2)) == 1
+    resolved = hook.wait_for(lambda m: len(m) == 2, what="the resolve message")[-1]
+    assert resolved["alert"]["title"] == "Resolved: cam-1: inputs look like the training data again"
