@@ -336,8 +336,14 @@ def create_app(
         if isinstance(who, JSONResponse):
             return who
         try:
-            row = AlertStore(registry, None).ack(int(request.path_params["alert"]), who.name, _now())
-        except (ConfigError, ValueError) as exc:
+            alert_id = int(request.path_params["alert"])
+        except ValueError:
+            why = f"no alert {request.path_params['alert']!r}: an alert's id is a number"
+            audit(who.name, "alert-ack", None, target, "failed", why)
+            return JSONResponse({"error": why}, status_code=404)
+        try:
+            row = AlertStore(registry, None).ack(alert_id, who.name, _now())
+        except ConfigError as exc:  # audited by ack
             return JSONResponse({"error": str(exc)}, status_code=404)
         return JSONResponse(alert_json(row))
 

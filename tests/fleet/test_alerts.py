@@ -399,6 +399,9 @@ def test_secrets_are_stored_0600_and_never_printed(tmp_path, edgekit_home, hook)
         result = edgekit("alerts", *args, "--registry", registry)
         outputs.append(result.stdout + result.stderr)
     assert not any("hunter2" in o or "edgekit-secret-token" in o for o in outputs), outputs
+    listed = json.loads(outputs[2])
+    port = hook.url.split("/")[2].rsplit(":", 1)[1]
+    assert listed[1]["target"] == f"webhook to http://127.0.0.1:{port}/..."  # the port, not the path
     tested = json.loads(result.stdout)
     assert [(t["channel"], t["ok"]) for t in tested] == [("email-1", False), ("webhook-1", True)]
     assert "cannot reach the mail server 127.0.0.1:1" in tested[0]["error"]
@@ -442,6 +445,9 @@ def test_bad_input_and_broken_servers_are_one_line_each(tmp_path, edgekit_home, 
     store = AlertStore(Registry(registry), edgekit_home)
     with pytest.raises(ConfigError, match="use a number"):
         store.set_rule("offline", ["offline_after=soon"], T0)
+    assert "use smtp://[user@]host[:port] (STARTTLS)" in _one_line(  # not eaten as markup
+        edgekit("alerts", "channel", "add", "--email", "a@shop.example", "--smtp", "ftp://x", "--registry", registry)
+    )
     assert "drift on=always: use model-affected or inputs-changed" in _one_line(
         edgekit("alerts", "rule", "set", "drift", "on=always", "--registry", registry)
     )
