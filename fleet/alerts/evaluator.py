@@ -336,7 +336,9 @@ class Evaluator:
             if not r.finished:
                 try:
                     policy = r.rollout_policy
-                    planned = policy.shadow_s if r.phase == SHADOW else policy.soak_s if r.phase == SOAK else 0.0
+                    planned = (
+                        policy.shadow_s if r.phase == SHADOW else policy.soak_s if r.phase == SOAK else 0.0
+                    )
                 except (ConfigError, TypeError):
                     planned = 0.0  # a policy this version cannot read: judged by its steps alone
                 progressed = self._progressed(r.bundle_id, {*r.devices, *r.canaries}, started)

@@ -39,6 +39,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def _sentence(text: str) -> str:
+    """``text`` ending as a sentence ends (a device's event message usually has no full stop)."""
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 def link_for(base: str | None, device: str | None) -> str | None:
     """The dashboard page of ``device`` (else the dashboard), under ``base``."""
     if not base:
@@ -97,7 +103,7 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
         verb = INSTALL_PROBLEMS.get(str(facts.get("event")), "had trouble with")
         return (
             f"{who} {verb} an update",
-            f"{who} {verb} an update at {at}: {facts.get('message', '')}",
+            f"{who} {verb} an update at {at}: {_sentence(str(facts.get('message') or 'no detail given'))}",
             f"{who} keeps serving the version it had ({facts.get('version') or 'unknown'}).",
             "Look at the device's events in the dashboard; fix the bundle and push it again.",
         )
@@ -109,7 +115,9 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
                 f"The rollout of {label} is in its {facts.get('phase')} phase and nothing has moved since "
                 f"{at}: no device reported progress on it, and the rollout took no step.",
                 "edgekit keeps waiting for the devices; nothing was rolled back.",
-                "Check that the canary devices are online; abort with `edgekit rollout abort` if needed.",
+                "Check that the fleet service (`edgekit fleet serve` or `fleet up`), which drives rollouts, "
+                "is running and that the devices are online; `edgekit rollout resume --fleet "
+                f"{who.removeprefix('fleet ')}` takes it on now, `edgekit rollout abort` stops it.",
             )
         names = list(facts.get("canaries") or [])
         if len(names) == 1:
@@ -319,7 +327,7 @@ def _resolved_title(rule: str, who: str, facts: Mapping[str, Any]) -> str:
         "latency": f"{who} answers as fast as usual again",
         "errors": f"{who}'s error rate is back to usual",
         "board": f"{who}'s board is back to normal",
-        "channel": "the alert channel works again",
+        "channel": f"Alerts reach channel {facts.get('channel')} again",
         "expiry": f"{who} has fresh signed instructions",
         "freeze": f"{who} has fresh word from the fleet again",
         "old_root": f"{who} trusts the fleet's current root",

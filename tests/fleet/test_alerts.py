@@ -446,7 +446,17 @@ def test_bad_input_and_broken_servers_are_one_line_each(tmp_path, edgekit_home, 
     with pytest.raises(ConfigError, match="use a number"):
         store.set_rule("offline", ["offline_after=soon"], T0)
     assert "use smtp://[user@]host[:port] (STARTTLS)" in _one_line(  # not eaten as markup
-        edgekit("alerts", "channel", "add", "--email", "a@shop.example", "--smtp", "ftp://x", "--registry", registry)
+        edgekit(
+            "alerts",
+            "channel",
+            "add",
+            "--email",
+            "a@shop.example",
+            "--smtp",
+            "ftp://x",
+            "--registry",
+            registry,
+        )
     )
     assert "drift on=always: use model-affected or inputs-changed" in _one_line(
         edgekit("alerts", "rule", "set", "drift", "on=always", "--registry", registry)
