@@ -282,6 +282,9 @@ def create_app(
 
     async def push(request: Request) -> JSONResponse:
         fleet = request.path_params["fleet"]
+        refused = operator(request, "push", fleet)  # before the body: a forged push is a 403, audited
+        if isinstance(refused, JSONResponse):
+            return refused
         try:
             doc = await request.json()
             name, version, canary = str(doc["name"]), str(doc["version"]), int(doc.get("canary", 0))
