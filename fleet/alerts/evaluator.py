@@ -20,6 +20,12 @@ them with the alerts table in one transaction:
 
 Only one evaluator works on a registry at a time, however many services share it: each tick
 first takes (or renews) a lease row in the registry, and a tick without the lease does nothing.
+In a service (:class:`Alerting`) the evaluator also runs only while its process holds the
+``alert-evaluator`` leader lock of the control plane (:meth:`~edgekit.fleet.control.ControlPlane.leader`,
+as the rollout controller does): a PostgreSQL advisory lock, or a file lock on SQLite, that
+the database or the kernel frees the moment its holder dies. The others try to take it every
+``interval`` seconds, so after a kill -9 of the leader another service evaluates within one
+interval (it takes the dead holder's lease over at once instead of waiting for it to expire).
 """
 
 from __future__ import annotations
@@ -161,6 +167,13 @@ class Evaluator:
         snapshot = self.snapshot(now, settings, channels)
         conditions = evaluate(snapshot, settings, now)
         return self._reconcile(conditions, settings, channels, now)
+
+    def take_over(self, now: Optional[datetime] = None) -> None:
+        """Take the lease whoever holds it: for a caller that holds the evaluator's leader lock
+        (any other holder is dead; waiting for its lease to expire would only delay alerts)."""
+        now = utc(now or now_utc())
+        self.store.take_lease(self.holder, now, self.lease_ttl, force=True)
+        self._lease_until = now + timedelta(seconds=self.lease_ttl)
 
     def release(self) -> None:
         self._lease_until = None
@@ -495,6 +508,8 @@ class Alerting:
         self._rounds = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: Whether this process runs the evaluator now (holds its leader lock).
+        self.leading = threading.Event()
 
     def start(self) -> Alerting:
         for target, name in ((self._evaluate, "evaluator"), (self.dispatcher.run, "dispatcher")):
@@ -519,18 +534,47 @@ class Alerting:
             return bool(self._rounds.wait_for(lambda: predicate(self.totals), timeout))
 
     def _evaluate(self) -> None:
+        """Evaluate while this process holds the evaluator's leader lock; else try for it every
+        ``interval`` seconds (a dead leader's lock is freed at once: see the module's doc)."""
+        from ..control import ControlPlane, operator_name
+
+        control = ControlPlane(self.evaluator.registry, actor=f"fleet serve ({operator_name()})")
+        while not self._stop.is_set():
+            try:
+                with control.leader("alert-evaluator") as leading:
+                    if leading:
+                        self._lead()
+            except Exception:  # counted and logged: the evaluator must outlive any database trouble
+                self.errors += 1
+                log.exception("alerts: the evaluator lost its lock or its database; trying again")
+            self._stop.wait(self.interval)
+
+    def _lead(self) -> None:
+        log.info("alerts: this process runs the alert evaluator")
+        self.leading.set()
+        try:
+            self.evaluator.take_over(self.clock())
+            self._rounds_while_leading()
+        finally:
+            self.leading.clear()
+
+    def _rounds_while_leading(self) -> None:
         while not self._stop.is_set():
             try:
                 result = self.evaluator.tick(self.clock())
-                if result is not None:
-                    if result.queued:
-                        self.dispatcher.wake()
-                    with self._rounds:
-                        t = self.totals
-                        self.totals = TickResult(
-                            t.opened + result.opened, t.resolved + result.resolved, t.queued + result.queued
-                        )
-                        self._rounds.notify_all()
+                if result is None:
+                    # Another evaluator took the lease (one without the lock, or a leader whose
+                    # lock this process's database connection lost): let the lock go, try again.
+                    log.warning("alerts: another evaluator holds the lease; stepping back")
+                    return
+                if result.queued:
+                    self.dispatcher.wake()
+                with self._rounds:
+                    t = self.totals
+                    self.totals = TickResult(
+                        t.opened + result.opened, t.resolved + result.resolved, t.queued + result.queued
+                    )
+                    self._rounds.notify_all()
             except (SQLAlchemyError, OSError, ConfigError) as exc:
                 self.errors += 1
                 log.error("alerts: an evaluation round failed (%s); trying again", exc)
