@@ -93,6 +93,7 @@ check-examples: shellcheck $(STAMP)
 # docs/cli-reference.md is generated from the CLI itself; tests/docs fails when it is stale.
 docs: $(STAMP)
 	$(PY) docs/gen_cli.py
+	$(PY) docs/gen_alert_samples.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -34,6 +34,7 @@ __all__ = [
     "promote_shadow",
     "pushing",
     "resume_rollout",
+    "resuming",
     "rollback_device",
     "rolling_back",
     "shadow_devices",
@@ -152,10 +153,13 @@ def rollback_device(control: ControlPlane, link: FleetLink, device: str, bundle:
     return seq
 
 
-def resume_rollout(control: ControlPlane, link: FleetLink, holder: str) -> Rollout:
+@contextmanager
+def resuming(control: ControlPlane, link: FleetLink, holder: str) -> Iterator[Rollout]:
     """Take the fleet's unfinished rollout one step on now, with what the devices say (their
     retained states, heard afresh by ``link.discover()``): what the rollout controller does each
-    round, for a rollout that seems stuck. RolloutError if it is finished."""
+    round. The block begins after that step, holding the fleet's driving lock, so ``rollout
+    resume`` drives the rollout on to its end under it; the audit entry is written when the
+    block ends, with how it ended. RolloutError if the rollout is finished."""
     fleet = link.fleet
     rollout = control.rollout(fleet)
     with (
@@ -167,7 +171,14 @@ def resume_rollout(control: ControlPlane, link: FleetLink, holder: str) -> Rollo
             raise RolloutError(f"the rollout of {rollout.label} to fleet {fleet} is already {rollout.phase}")
         link.record = control.record(fleet)
         link.watch_telemetry_of(rollout.bundle_id)
-        return step_rollout(link, rollout, rollout.rollout_policy, labels_of(rollout, link.record))
+        yield step_rollout(link, rollout, rollout.rollout_policy, labels_of(rollout, link.record))
+
+
+def resume_rollout(control: ControlPlane, link: FleetLink, holder: str) -> Rollout:
+    """:func:`resuming` for one step (the dashboard's "Resume now"); the rollout controller
+    takes it on from there."""
+    with resuming(control, link, holder) as rollout:
+        return rollout
 
 
 def abort_rollout(control: ControlPlane, link: FleetLink, holder: str) -> Rollout:

@@ -17,7 +17,7 @@
   (:func:`edgekit.fleet.trustrepo.keep_fresh`), with each fleet's online key;
 - the alert evaluator and dispatcher (:class:`edgekit.fleet.alerts.Alerting`, ``alerts=True``,
   with ``home``), here in the service process: one evaluator however many workers there are
-  (and a lease in the registry keeps it to one across services sharing a registry);
+  (and the ``alert-evaluator`` leader lock keeps it to one across services sharing a registry);
 - every MQTT connection uses the URL's account, else the operator account under ``home``;
 - **metrics across processes**: each worker sends the increase of its counters (telemetry
   ingested and duplicates, events, states, rejections by kind and reason, database errors)

@@ -135,7 +135,7 @@ def webhook_channel(name: str, url: str, form: str | None = None, per_hour: int 
             f"--webhook {_safe(url)}: use an http:// or https:// URL, e.g. https://hooks.example.com/edgekit"
         )
     try:
-        parts.port  # noqa: B018 - parsing it is the check
+        port = parts.port
     except ValueError:
         raise ConfigError(f"--webhook {_safe(url)}: the port must be a number from 1 to 65535") from None
     if form is None:
@@ -144,7 +144,13 @@ def webhook_channel(name: str, url: str, form: str | None = None, per_hour: int 
         raise ConfigError(
             f"--format {form}: use json (the edgekit.alert document) or text (Slack, Mattermost)"
         )
-    settings = {"host": parts.hostname, "scheme": parts.scheme, "form": form, "per_hour": per_hour}
+    settings = {
+        "host": parts.hostname,
+        "port": port,
+        "scheme": parts.scheme,
+        "form": form,
+        "per_hour": per_hour,
+    }
     return ChannelSpec(_check_name(name), WEBHOOK, settings, {"url": url})
 
 
@@ -169,7 +175,10 @@ def describe(kind: str, settings: Mapping[str, Any]) -> str:
         tls = " (no TLS)" if settings.get("tls") == "none" else ""
         return f"mail to {', '.join(settings['to'])} via {scheme}://{user}{settings['host']}:{settings['port']}{tls}"
     form = " (text form)" if settings.get("form") == "text" else ""
-    return f"webhook to {settings.get('scheme', 'https')}://{settings.get('host')}/...{form}"
+    host = str(settings.get("host"))
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address, as it is written in a URL
+    port = f":{settings['port']}" if settings.get("port") else ""
+    return f"webhook to {settings.get('scheme', 'https')}://{host}{port}/...{form}"
 
 
 class Secrets:

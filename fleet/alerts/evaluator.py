@@ -20,6 +20,12 @@ them with the alerts table in one transaction:
 
 Only one evaluator works on a registry at a time, however many services share it: each tick
 first takes (or renews) a lease row in the registry, and a tick without the lease does nothing.
+In a service (:class:`Alerting`) the evaluator also runs only while its process holds the
+``alert-evaluator`` leader lock of the control plane (:meth:`~edgekit.fleet.control.ControlPlane.leader`,
+as the rollout controller does): a PostgreSQL advisory lock, or a file lock on SQLite, that
+the database or the kernel frees the moment its holder dies. The others try to take it every
+``interval`` seconds, so after a kill -9 of the leader another service evaluates within one
+interval (it takes the dead holder's lease over at once instead of waiting for it to expire).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..control import ControlPlane
 from ..registry import Registry
 from ..registry.models import Alert, AlertDelivery, Device, Event, Telemetry
+from ..rollout import SHADOW, SOAK
 from ..trustrepo import current_roots
 from .delivery import Dispatcher
 from .messages import render
@@ -160,6 +167,13 @@ class Evaluator:
         snapshot = self.snapshot(now, settings, channels)
         conditions = evaluate(snapshot, settings, now)
         return self._reconcile(conditions, settings, channels, now)
+
+    def take_over(self, now: Optional[datetime] = None) -> None:
+        """Take the lease whoever holds it: for a caller that holds the evaluator's leader lock
+        (any other holder is dead; waiting for its lease to expire would only delay alerts)."""
+        now = utc(now or now_utc())
+        self.store.take_lease(self.holder, now, self.lease_ttl, force=True)
+        self._lease_until = now + timedelta(seconds=self.lease_ttl)
 
     def release(self) -> None:
         self._lease_until = None
@@ -326,19 +340,52 @@ class Evaluator:
         return perf, fleet_p95, fleet_errors
 
     def _rollouts(self) -> list[RolloutFacts]:
-        """Every fleet's current rollout, from the control plane in the registry."""
-        return [
-            RolloutFacts(
-                r.fleet,
-                r.label,
-                r.phase,
-                datetime.fromtimestamp(r.phase_since, timezone.utc),
-                datetime.fromtimestamp(r.started_at, timezone.utc),
-                r.reason,
-                tuple(r.canaries),
+        """Every fleet's current rollout, from the control plane in the registry, with the
+        planned wait of its phase and the newest progress its devices reported."""
+        found = []
+        for r in (info.rollout for info in ControlPlane(self.registry).rollouts()):
+            started = datetime.fromtimestamp(r.started_at, timezone.utc)
+            planned, progressed = 0.0, None
+            if not r.finished:
+                try:
+                    policy = r.rollout_policy
+                    planned = (
+                        policy.shadow_s if r.phase == SHADOW else policy.soak_s if r.phase == SOAK else 0.0
+                    )
+                except (ConfigError, TypeError):
+                    planned = 0.0  # a policy this version cannot read: judged by its steps alone
+                progressed = self._progressed(r.bundle_id, {*r.devices, *r.canaries}, started)
+            found.append(
+                RolloutFacts(
+                    r.fleet,
+                    r.label,
+                    r.phase,
+                    datetime.fromtimestamp(r.phase_since, timezone.utc),
+                    started,
+                    r.reason,
+                    tuple(r.canaries),
+                    planned,
+                    progressed,
+                )
             )
-            for r in (info.rollout for info in ControlPlane(self.registry).rollouts())
-        ]
+        return found
+
+    def _progressed(self, bundle_id: str, devices: set[str], since: datetime) -> Optional[datetime]:
+        """When a device of a rollout last reported progress on its bundle: the newest event
+        about that bundle (installed, or a failure it decided on) since the rollout began. A
+        download that stalls is no progress."""
+        if not devices:
+            return None
+        with self.registry.session() as session:
+            at = session.execute(
+                select(func.max(Event.at)).where(
+                    Event.bundle_id == bundle_id,
+                    Event.device.in_(sorted(devices)),
+                    Event.at >= since,
+                    Event.kind != "download_stalled",
+                )
+            ).scalar()
+        return utc(at) if at is not None else None
 
     # -- alerts -----------------------------------------------------------------------------
 
@@ -461,6 +508,8 @@ class Alerting:
         self._rounds = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: Whether this process runs the evaluator now (holds its leader lock).
+        self.leading = threading.Event()
 
     def start(self) -> Alerting:
         for target, name in ((self._evaluate, "evaluator"), (self.dispatcher.run, "dispatcher")):
@@ -485,18 +534,47 @@ class Alerting:
             return bool(self._rounds.wait_for(lambda: predicate(self.totals), timeout))
 
     def _evaluate(self) -> None:
+        """Evaluate while this process holds the evaluator's leader lock; else try for it every
+        ``interval`` seconds (a dead leader's lock is freed at once: see the module's doc)."""
+        from ..control import ControlPlane, operator_name
+
+        control = ControlPlane(self.evaluator.registry, actor=f"fleet serve ({operator_name()})")
+        while not self._stop.is_set():
+            try:
+                with control.leader("alert-evaluator") as leading:
+                    if leading:
+                        self._lead()
+            except Exception:  # counted and logged: the evaluator must outlive any database trouble
+                self.errors += 1
+                log.exception("alerts: the evaluator lost its lock or its database; trying again")
+            self._stop.wait(self.interval)
+
+    def _lead(self) -> None:
+        log.info("alerts: this process runs the alert evaluator")
+        self.leading.set()
+        try:
+            self.evaluator.take_over(self.clock())
+            self._rounds_while_leading()
+        finally:
+            self.leading.clear()
+
+    def _rounds_while_leading(self) -> None:
         while not self._stop.is_set():
             try:
                 result = self.evaluator.tick(self.clock())
-                if result is not None:
-                    if result.queued:
-                        self.dispatcher.wake()
-                    with self._rounds:
-                        t = self.totals
-                        self.totals = TickResult(
-                            t.opened + result.opened, t.resolved + result.resolved, t.queued + result.queued
-                        )
-                        self._rounds.notify_all()
+                if result is None:
+                    # Another evaluator took the lease (one without the lock, or a leader whose
+                    # lock this process's database connection lost): let the lock go, try again.
+                    log.warning("alerts: another evaluator holds the lease; stepping back")
+                    return
+                if result.queued:
+                    self.dispatcher.wake()
+                with self._rounds:
+                    t = self.totals
+                    self.totals = TickResult(
+                        t.opened + result.opened, t.resolved + result.resolved, t.queued + result.queued
+                    )
+                    self._rounds.notify_all()
             except (SQLAlchemyError, OSError, ConfigError) as exc:
                 self.errors += 1
                 log.error("alerts: an evaluation round failed (%s); trying again", exc)

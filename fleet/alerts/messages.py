@@ -39,6 +39,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def _sentence(text: str) -> str:
+    """``text`` ending as a sentence ends (a device's event message usually has no full stop)."""
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 def link_for(base: str | None, device: str | None) -> str | None:
     """The dashboard page of ``device`` (else the dashboard), under ``base``."""
     if not base:
@@ -64,19 +70,40 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
             if isinstance(accuracy, (int, float))
             else ""
         )
-        return (
-            f"{who}: inputs no longer look like the training data",
-            f"{who} has reported drift since {at}: what it sees differs from what its model was trained on, "
-            f"and its predictions are likely affected.{estimate}",
-            "edgekit keeps serving the current model and keeps measuring.",
+        todo = (
             "Check the device's surroundings (camera angle, lighting, sensor); "
-            "if the change is here to stay, retrain with recent data and push the new model.",
+            "if the change is here to stay, retrain with recent data and push the new model."
+        )
+        severity = facts.get("severity")
+        if severity == "inputs changed":
+            return (
+                f"{who}: inputs no longer look like the training data",
+                f"{who} has reported since {at} that what it sees differs from what its model was trained "
+                f"on; its answers look the same so far, so its model seems unaffected.{estimate}",
+                "edgekit keeps serving the current model and keeps measuring; it tells you if the model "
+                "becomes affected.",
+                todo,
+            )
+        if severity is None:  # an agent too old to judge severity: its drift flag alone
+            return (
+                f"{who}: inputs no longer look like the training data",
+                f"{who} has reported drift since {at}: what it sees differs from what its model was "
+                "trained on, and its predictions may be affected.",
+                "edgekit keeps serving the current model and keeps measuring.",
+                todo,
+            )
+        return (
+            f"{who}: its model is likely making more mistakes",
+            f"{who} has reported since {at} that its model is likely affected by a change in what it "
+            f"sees: its estimated accuracy fell, or its answers shifted along with its inputs.{estimate}",
+            "edgekit keeps serving the current model and keeps measuring.",
+            todo,
         )
     if rule == "install":
         verb = INSTALL_PROBLEMS.get(str(facts.get("event")), "had trouble with")
         return (
             f"{who} {verb} an update",
-            f"{who} {verb} an update at {at}: {facts.get('message', '')}",
+            f"{who} {verb} an update at {at}: {_sentence(str(facts.get('message') or 'no detail given'))}",
             f"{who} keeps serving the version it had ({facts.get('version') or 'unknown'}).",
             "Look at the device's events in the dashboard; fix the bundle and push it again.",
         )
@@ -85,9 +112,12 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
         if facts.get("stalled"):
             return (
                 f"The rollout of {label} is stuck",
-                f"The rollout of {label} has been in its {facts.get('phase')} phase since {at} without moving on.",
+                f"The rollout of {label} is in its {facts.get('phase')} phase and nothing has moved since "
+                f"{at}: no device reported progress on it, and the rollout took no step.",
                 "edgekit keeps waiting for the devices; nothing was rolled back.",
-                "Check that the canary devices are online; abort with `edgekit rollout abort` if needed.",
+                "Check that the fleet service (`edgekit fleet serve` or `fleet up`), which drives rollouts, "
+                "is running and that the devices are online; `edgekit rollout resume --fleet "
+                f"{who.removeprefix('fleet ')}` takes it on now, `edgekit rollout abort` stops it.",
             )
         names = list(facts.get("canaries") or [])
         if len(names) == 1:
@@ -244,10 +274,11 @@ def render(
     where = f" (fleet {fleet})" if fleet and device else ""
     if event == "resolved":
         lasted = _duration((now - since).total_seconds())
-        subject = f"Resolved: {_resolved_title(rule, who)}"
+        over = _resolved_title(rule, who, facts)
+        subject = f"Resolved: {over}"
         flaps = int(facts.get("flaps") or 0)
         body = [
-            f"{_resolved_title(rule, who)}{where} at {_clock(now)}, after {lasted}.",
+            f"{over}{where} at {_clock(now)}, after {lasted}.",
             f"Earlier: {happened}",
             f"It came and went {flaps} more times before it settled." if flaps else "",
         ]
@@ -280,16 +311,23 @@ def render(
     return {"subject": f"[edgekit] {subject}", "text": text, "json": doc}
 
 
-def _resolved_title(rule: str, who: str) -> str:
+def _resolved_title(rule: str, who: str, facts: Mapping[str, Any]) -> str:
+    if rule == "drift":
+        if facts.get("severity") == "model affected":
+            return f"{who}: its model no longer looks affected by drift"
+        return f"{who}: inputs look like the training data again"
+    if rule == "rollout":
+        label = facts.get("label", "the new version")
+        if facts.get("stalled"):
+            return f"{who}: the rollout of {label} moved on"
+        return f"{who}: a new rollout replaced the stopped rollout of {label}"
     return {
         "offline": f"{who} is back online",
-        "drift": f"{who}: inputs look like the training data again",
         "install": f"{who} installed an update successfully",
-        "rollout": f"{who}: the rollout problem is over (a new rollout replaced it)",
         "latency": f"{who} answers as fast as usual again",
         "errors": f"{who}'s error rate is back to usual",
         "board": f"{who}'s board is back to normal",
-        "channel": "the alert channel works again",
+        "channel": f"Alerts reach channel {facts.get('channel')} again",
         "expiry": f"{who} has fresh signed instructions",
         "freeze": f"{who} has fresh word from the fleet again",
         "old_root": f"{who} trusts the fleet's current root",

@@ -44,6 +44,8 @@ INSTALL_PROBLEMS = {
 }
 #: Device events that close an open "install" alert.
 INSTALL_FIXED = ("installed",)
+#: The values a rule setting that is a word may take.
+CHOICES = {("drift", "on"): ("model-affected", "inputs-changed")}
 #: Device events of the "freeze" rule: the newest of them says whether the device is frozen.
 FREEZE_EVENTS = ("freeze_suspected", "freeze_ended")
 
@@ -70,10 +72,16 @@ RULES: dict[str, RuleSpec] = {
         {**_COMMON, "offline_after": "seconds a device may be offline before it alerts"},
     ),
     "drift": RuleSpec(
-        "a device's model is affected by drift: its inputs changed and its estimated accuracy fell"
-        " (inputs changed alone does not alert)",
-        {"enabled": True, "hold": 0.0, "clear_after": 300.0},
-        _COMMON,
+        "a device's model is likely making more mistakes because what it sees changed (drift"
+        " severity 'model affected': its estimated accuracy fell, or its answers shifted along with"
+        " its inputs); with on=inputs-changed also a device whose inputs changed while its answers"
+        " look the same",
+        {"enabled": True, "on": "model-affected", "hold": 0.0, "clear_after": 300.0},
+        {
+            **_COMMON,
+            "on": "model-affected (default: only a model likely affected alerts) or inputs-changed"
+            " (any change in what the device sees alerts)",
+        },
     ),
     "install": RuleSpec(
         "a device refused an install, failed one or its health check, or rolled back",
@@ -81,9 +89,14 @@ RULES: dict[str, RuleSpec] = {
         _COMMON,
     ),
     "rollout": RuleSpec(
-        "a rollout was aborted, or stalled (no step for stall_after)",
+        "a rollout was aborted, or stalled: no device progressed (and the rollout took no step) for"
+        " stall_after, not counting a soak's or shadow phase's own planned time",
         {"enabled": True, "stall_after": 1800.0, "clear_after": 0.0},
-        {**_COMMON, "stall_after": "seconds a rollout may stay in one phase before it counts as stalled"},
+        {
+            **_COMMON,
+            "stall_after": "seconds without progress (a device's install or report on the new version,"
+            " or a step of the rollout) before a rollout counts as stalled",
+        },
     ),
     "latency": RuleSpec(
         "a device's p95 latency is above ratio x the fleet's level over the last day",
@@ -179,6 +192,11 @@ def parse_setting(rule: str, key: str, value: str) -> tuple[str, Any]:
         raise ConfigError(f"rule {rule} has no setting {key!r}; its settings are: {', '.join(spec.defaults)}")
     default = spec.defaults[key]
     text = value.strip().lower()
+    if isinstance(default, str):
+        choices = CHOICES.get((rule, key), ())
+        if text not in choices:
+            raise ConfigError(f"{rule} {key}={value}: use {' or '.join(choices)}")
+        return key, text
     if isinstance(default, bool):
         if text in ("true", "yes", "on", "1"):
             return key, True
@@ -260,6 +278,20 @@ class RolloutFacts:
     started_at: datetime
     reason: str | None
     canaries: tuple[str, ...] = ()
+    #: Seconds the current phase waits by design (a soak, a shadow phase): not a stall.
+    planned_s: float = 0.0
+    #: The newest progress a device of the rollout reported on its version (an event about
+    #: that bundle since the rollout began), if any.
+    progressed_at: datetime | None = None
+
+    @property
+    def quiet_since(self) -> datetime:
+        """Since when nothing moved: the later of the last step (the phase's start, plus its
+        planned wait) and the newest device progress."""
+        moved = self.phase_since + timedelta(seconds=self.planned_s)
+        if self.progressed_at is not None and self.progressed_at > moved:
+            return self.progressed_at
+        return moved
 
 
 @dataclass(frozen=True)
@@ -268,7 +300,7 @@ class Snapshot:
     #: The newest install-related event of each device (problem or fix), if any.
     install_events: Mapping[str, EventFacts] = field(default_factory=dict)
     rollouts: Sequence[RolloutFacts] = ()
-    #: Per fleet over the last day: median p95 (ms) and error rate.
+    #: Per fleet over the last day: the average p95 (ms) of its telemetry windows and error rate.
     fleet_p95_ms: Mapping[str, float] = field(default_factory=dict)
     fleet_error_rate: Mapping[str, float] = field(default_factory=dict)
     #: Channels that fail: name -> since when.
@@ -299,12 +331,15 @@ class Condition:
         return (self.rule, self.subject)
 
 
-def drift_flagged(device: DeviceFacts) -> bool:
-    """Whether the drift rule sees a problem on ``device``: its model is affected (its
-    estimated accuracy fell), not merely its inputs changed. An agent too old to report a
-    severity is judged by its drift flag."""
+def drift_flagged(device: DeviceFacts, on: str = "model-affected") -> bool:
+    """Whether the drift rule sees a problem on ``device``: by default (``on`` model-affected)
+    its model is likely affected (severity ``model affected``), not merely its inputs changed;
+    with ``on`` inputs-changed, any severity but ``ok``. An agent too old to report a severity
+    is judged by its drift flag."""
     if device.drift_severity is None:
         return device.drifted
+    if on == "inputs-changed":
+        return device.drift_severity in ("inputs changed", "model affected")
     return device.drift_severity == "model affected"
 
 
@@ -320,7 +355,7 @@ def evaluate(snapshot: Snapshot, settings: Mapping[str, Mapping[str, Any]], now:
             # when it last said something, which for an idle device can be long before it
             # went away: an MQTT will carries the time the device connected.)
             found.append(Condition("offline", d.id, now, d.fleet, d.id, facts=base))
-        if on["drift"] and drift_flagged(d):
+        if on["drift"] and drift_flagged(d, str(settings["drift"].get("on", "model-affected"))):
             drift = {**base, "severity": d.drift_severity, "accuracy": d.accuracy_estimate}
             found.append(Condition("drift", d.id, now, d.fleet, d.id, facts=drift))
         event = snapshot.install_events.get(d.id)
@@ -357,11 +392,10 @@ def evaluate(snapshot: Snapshot, settings: Mapping[str, Mapping[str, Any]], now:
             )
         elif r.phase != "done":
             stall = timedelta(seconds=float(settings["rollout"]["stall_after"]))
-            if now - r.phase_since >= stall:
-                facts = {**facts, "stalled": True}
-                found.append(
-                    Condition("rollout", f"fleet:{r.fleet}", r.phase_since, r.fleet, None, origin, facts)
-                )
+            quiet = r.quiet_since
+            if now - quiet >= stall:
+                facts = {**facts, "stalled": True, "quiet_since": quiet.isoformat()}
+                found.append(Condition("rollout", f"fleet:{r.fleet}", quiet, r.fleet, None, origin, facts))
     if on["expiry"]:
         warning = timedelta(seconds=float(settings["expiry"]["expiry_warning"]))
         for desired in snapshot.desired:

@@ -192,19 +192,19 @@ class AlertStore:
 
     # -- the lease --------------------------------------------------------------------------
 
-    def take_lease(self, holder: str, now: datetime, ttl: float) -> bool:
-        """Hold (or keep) the evaluator's lease until ``now + ttl``; False if another holds it."""
+    def take_lease(self, holder: str, now: datetime, ttl: float, *, force: bool = False) -> bool:
+        """Hold (or keep) the evaluator's lease until ``now + ttl``; False if another holds it.
+        ``force``: take it whoever holds it (the caller holds the evaluator's leader lock, so
+        any other holder is dead)."""
+        free = or_(
+            AlertLease.holder.is_(None),
+            AlertLease.holder == holder,
+            AlertLease.expires_at < now,
+        )
         with self.registry.session() as session, session.begin():
             result = session.execute(
                 update(AlertLease)
-                .where(
-                    AlertLease.name == "evaluator",
-                    or_(
-                        AlertLease.holder.is_(None),
-                        AlertLease.holder == holder,
-                        AlertLease.expires_at < now,
-                    ),
-                )
+                .where(AlertLease.name == "evaluator", *(() if force else (free,)))
                 .values(holder=holder, expires_at=now + timedelta(seconds=ttl))
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]

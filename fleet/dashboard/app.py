@@ -282,6 +282,9 @@ def create_app(
 
     async def push(request: Request) -> JSONResponse:
         fleet = request.path_params["fleet"]
+        refused = operator(request, "push", fleet)  # before the body: a forged push is a 403, audited
+        if isinstance(refused, JSONResponse):
+            return refused
         try:
             doc = await request.json()
             name, version, canary = str(doc["name"]), str(doc["version"]), int(doc.get("canary", 0))
@@ -336,8 +339,14 @@ def create_app(
         if isinstance(who, JSONResponse):
             return who
         try:
-            row = AlertStore(registry, None).ack(int(request.path_params["alert"]), who.name, _now())
-        except (ConfigError, ValueError) as exc:
+            alert_id = int(request.path_params["alert"])
+        except ValueError:
+            why = f"no alert {request.path_params['alert']!r}: an alert's id is a number"
+            audit(who.name, "alert-ack", None, target, "failed", why)
+            return JSONResponse({"error": why}, status_code=404)
+        try:
+            row = AlertStore(registry, None).ack(alert_id, who.name, _now())
+        except ConfigError as exc:  # audited by ack
             return JSONResponse({"error": str(exc)}, status_code=404)
         return JSONResponse(alert_json(row))
 

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .._version import __version__
 from ..config import edgekit_home
@@ -62,7 +63,9 @@ def run(app: typer.Typer, argv: Optional[Sequence[str]] = None, prog: str = "edg
     try:
         code = app(args=list(argv) if argv is not None else None, prog_name=prog, standalone_mode=False)
     except EdgekitError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # Escaped: messages name things in brackets (smtp://[user@]host[:port], edgekit[convert])
+        # that rich would otherwise take for its markup and drop.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         err_console.print("aborted", highlight=False)

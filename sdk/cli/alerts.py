@@ -194,7 +194,7 @@ def rule_list(
     table = Table("rule", "watches", "settings")
     for name, values in settings.items():
         shown = ", ".join(f"{k}={_show(v)}" for k, v in values.items())
-        table.add_row(name, RULES[name].description, shown)
+        table.add_row(name, escape(RULES[name].description), escape(shown))
     console.print(table)
 
 
@@ -220,7 +220,7 @@ def rule_set(
         values = store.set_rule(name, settings, _now())
     finally:
         store.registry.close()
-    console.print(f"{name}: " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
+    console.print(escape(f"{name}: " + ", ".join(f"{k}={_show(v)}" for k, v in values.items())))
 
 
 @app.command("list")

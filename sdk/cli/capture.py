@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from ..capture import TRIGGERS, init_capture_key, load_capture_key, load_capture_public
 from ..config import WorkstationConfig, edgekit_home
@@ -237,7 +238,7 @@ def pull(
         print_json(result.to_dict())
         return
     for line in result.refused:
-        err_console.print(f"[yellow]refused:[/] {line}", highlight=False)
+        err_console.print(f"[yellow]refused:[/] {escape(line)}", highlight=False)
     console.print(
         f"{result.written} new records in {output} ({result.already} already there, "
         f"{len(result.refused)} refused); label them in {output / 'labels.csv'} (see README.md)"

@@ -627,7 +627,7 @@ def rollout_resume(
 ) -> None:
     """Drive a saved rollout on to its end (after `push` without --wait, a crash or a sleep).
     With --server the service's rollout controller drives it; this follows it to the end."""
-    from edgekit.fleet.actions import LOCK_WAIT, audited
+    from edgekit.fleet.actions import resuming
     from edgekit.fleet.push import FleetLink, labels_of
 
     remote = server_client(server)
@@ -643,13 +643,10 @@ def rollout_resume(
             return
         client = _connect(cfg)
         try:
-            with (
-                audited(control, "rollout-resume", fleet, rollout.label),
-                control.driving(fleet, "edgekit rollout resume", wait=LOCK_WAIT),
-            ):
-                rollout = control.rollout(fleet)  # as the last driver left it
-                link = FleetLink(client, fleet, key, control)
-                link.discover()
+            link = FleetLink(client, fleet, key, control)
+            link.discover()
+            # The dashboard's "Resume now" (one step, audited), then on to the end under its lock.
+            with resuming(control, link, "edgekit rollout resume") as rollout:
                 _drive(link, rollout, labels_of(rollout, link.record), timeout, json_out)
         finally:
             client.close()

@@ -124,7 +124,7 @@ def test_drift_a_failed_install_and_an_aborted_rollout_each_raise_their_alert_th
         assert (doc["schema"], doc["schema_version"], doc["event"]) == ("edgekit.alert", 1, "opened")
         assert doc["text"] and doc["alert"]["what_happened"] and doc["alert"]["what_you_can_do"]
     assert by_rule["drift"]["alert"]["link"] == LINK + "devices/cam-1"
-    assert "no longer look like the training data" in by_rule["drift"]["alert"]["title"]
+    assert by_rule["drift"]["alert"]["title"] == "cam-1: its model is likely making more mistakes"
     assert "accuracy at 62%" in by_rule["drift"]["alert"]["what_happened"]
     assert "failed to install" in by_rule["install"]["alert"]["title"]
     assert "the model does not load" in by_rule["install"]["alert"]["what_happened"]
@@ -132,7 +132,7 @@ def test_drift_a_failed_install_and_an_aborted_rollout_each_raise_their_alert_th
     assert "30.0%" in by_rule["rollout"]["alert"]["what_happened"]
     subjects = sorted(m["Subject"] for m in mails)
     assert subjects == sorted(f"[edgekit] {b['alert']['title']}" for b in hooks)
-    drift_mail = next(m for m in mails if "training data" in m["Subject"])
+    drift_mail = next(m for m in mails if "mistakes" in m["Subject"])
     assert "cam-1" in drift_mail["Subject"] and LINK + "devices/cam-1" in body(drift_mail)
     assert drift_mail["To"] == "owner@shop.example"
 
@@ -150,7 +150,7 @@ def test_drift_a_failed_install_and_an_aborted_rollout_each_raise_their_alert_th
     resolved = {b["alert"]["rule"]: b["alert"]["title"] for b in hooks if b["event"] == "resolved"}
     assert resolved == {
         "install": "Resolved: cam-2 installed an update successfully",
-        "drift": "Resolved: cam-1: inputs look like the training data again",
+        "drift": "Resolved: cam-1: its model no longer looks affected by drift",
     }
     listed = json.loads(
         edgekit("alerts", "list", "--open", "--json", "--registry", alerts.registry.url).stdout
@@ -399,6 +399,9 @@ def test_secrets_are_stored_0600_and_never_printed(tmp_path, edgekit_home, hook)
         result = edgekit("alerts", *args, "--registry", registry)
         outputs.append(result.stdout + result.stderr)
     assert not any("hunter2" in o or "edgekit-secret-token" in o for o in outputs), outputs
+    listed = json.loads(outputs[2])
+    port = hook.url.split("/")[2].rsplit(":", 1)[1]
+    assert listed[1]["target"] == f"webhook to http://127.0.0.1:{port}/..."  # the port, not the path
     tested = json.loads(result.stdout)
     assert [(t["channel"], t["ok"]) for t in tested] == [("email-1", False), ("webhook-1", True)]
     assert "cannot reach the mail server 127.0.0.1:1" in tested[0]["error"]
@@ -442,6 +445,22 @@ def test_bad_input_and_broken_servers_are_one_line_each(tmp_path, edgekit_home, 
     store = AlertStore(Registry(registry), edgekit_home)
     with pytest.raises(ConfigError, match="use a number"):
         store.set_rule("offline", ["offline_after=soon"], T0)
+    assert "use smtp://[user@]host[:port] (STARTTLS)" in _one_line(  # not eaten as markup
+        edgekit(
+            "alerts",
+            "channel",
+            "add",
+            "--email",
+            "a@shop.example",
+            "--smtp",
+            "ftp://x",
+            "--registry",
+            registry,
+        )
+    )
+    assert "drift on=always: use model-affected or inputs-changed" in _one_line(
+        edgekit("alerts", "rule", "set", "drift", "on=always", "--registry", registry)
+    )
     with pytest.raises(ConfigError, match="no alert rule 'ofline'"):
         store.set_rule("ofline", ["enabled=no"], T0)
     with pytest.raises(ConfigError, match="no alert 7"):
@@ -732,3 +751,158 @@ def test_trust_rules_are_quiet_for_single_key_devices_and_offline_ones(alerts, h
     assert alerts.round(T0 + timedelta(minutes=10)) == 1
     (only,) = hook.wait_for(lambda b: len(b) == 1, what="the offline alert")
     assert (only["alert"]["rule"], only["alert"]["device"]) == ("offline", "cam-2")
+
+
+def stalled_rollout(phase: str, since: datetime, **policy: float) -> Rollout:
+    return Rollout(
+        fleet="lab",
+        bundle_id="b" * 64,
+        label="digits@2.0.0",
+        previous_bundle_id="a" * 64,
+        devices=("cam-1", "cam-2", "cam-3"),
+        canaries=("cam-1",),
+        phase=phase,
+        phase_since=since.timestamp(),
+        started_at=T0.timestamp() - 60,
+        policy={"canary": 1, **policy},
+    )
+
+
+def test_a_rollout_is_stalled_only_when_nothing_moved_for_stall_after(alerts, hook):
+    """A one-hour soak is the rollout's plan, not a stall (stall_after 10 min); once it is over
+    and nothing moves for 10 min the rollout is stuck, and the alert resolves when it moves on.
+    In the fleet phase each device's install is progress; a stalled download or an event about
+    another bundle is not."""
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    alerts.store.set_rule("rollout", ["stall_after=10m"], T0)
+    alerts.states(T0, True, "cam-1", "cam-2", "cam-3")
+    control = ControlPlane(alerts.registry)
+    control.save_rollout(stalled_rollout("soak", T0, soak_s=3600.0), new=True)
+    b = "b" * 64
+    alerts.registry.add_events([EventRow("cam-1", 1, T0 - timedelta(seconds=30), "installed", "ok", b)])
+    assert alerts.round(T0 + timedelta(minutes=45)) == 0  # soaking, as planned, for an hour
+    assert alerts.round(T0 + timedelta(minutes=69)) == 0  # 9 min past the soak's end
+    assert alerts.round(T0 + timedelta(minutes=70)) == 1
+    (opened,) = hook.wait_for(lambda m: len(m) == 1, what="the stalled alert")
+    assert opened["alert"]["title"] == "The rollout of digits@2.0.0 is stuck"
+    assert "soak phase and nothing has moved since 2026-12-01 13:00 UTC" in opened["alert"]["what_happened"]
+    assert opened["alert"]["since"].startswith("2026-12-01T13:00:00")
+
+    fleet_phase = T0 + timedelta(minutes=71)  # the controller takes its step: to the whole fleet
+    control.save_rollout(stalled_rollout("fleet", fleet_phase, soak_s=3600.0))
+    assert alerts.round(fleet_phase + timedelta(seconds=1)) == 1
+    resolved = hook.wait_for(lambda m: len(m) == 2, what="the resolve message")[-1]
+    assert resolved["alert"]["title"] == "Resolved: fleet lab: the rollout of digits@2.0.0 moved on"
+
+    alerts.registry.add_events(
+        [EventRow("cam-2", 1, fleet_phase + timedelta(minutes=8), "installed", "ok", b)]
+    )
+    assert alerts.round(fleet_phase + timedelta(minutes=15)) == 0  # cam-2 installed 7 min ago
+    alerts.registry.add_events(
+        [
+            EventRow("cam-3", 1, fleet_phase + timedelta(minutes=12), "download_stalled", "slow", b),
+            EventRow("cam-3", 2, fleet_phase + timedelta(minutes=13), "installed", "other", "c" * 64),
+        ]
+    )
+    assert alerts.round(fleet_phase + timedelta(minutes=17, seconds=59)) == 0
+    assert alerts.round(fleet_phase + timedelta(minutes=18)) == 1  # 10 min since cam-2 installed
+    again = hook.wait_for(lambda m: len(m) == 3, what="stalled again")[-1]
+    assert again["event"] == "opened" and "fleet phase" in again["alert"]["what_happened"]
+    assert again["alert"]["id"] != opened["alert"]["id"]
+
+
+def test_a_device_slower_than_its_fleet_alerts_then_resolves(alerts, hook):
+    """cam-1's p95 is 10 ms where its fleet's average is 4 ms (ratio 2): an alert naming both;
+    it resolves once its recent windows are back to the fleet's level."""
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    alerts.store.set_rule("latency", ["clear_after=0"], T0)
+    devices = ("cam-1", "cam-2", "cam-3", "cam-4")
+    alerts.states(T0, True, *devices)
+    alerts.registry.add_telemetry(
+        [window(d, 1, T0)._replace(latency_p95_ms=10.0 if d == "cam-1" else 2.0) for d in devices]
+    )
+    assert alerts.round(T0) == 1
+    (opened,) = hook.wait_for(lambda m: len(m) == 1, what="the latency alert")
+    assert opened["alert"]["title"] == "cam-1 is slow" and opened["alert"]["device"] == "cam-1"
+    assert "cam-1 answers in 10.0 ms (p95)" in opened["alert"]["what_happened"]
+    assert "against 4.0 ms usual for its fleet" in opened["alert"]["what_happened"]
+
+    later = T0 + timedelta(minutes=20)  # the window (15 min) holds only the new reading
+    alerts.registry.add_telemetry([window("cam-1", 2, later)])
+    alerts.evaluator.performance_interval = 0
+    assert alerts.round(later) == 1
+    resolved = hook.wait_for(lambda m: len(m) == 2, what="the resolve message")[-1]
+    assert resolved["alert"]["title"] == "Resolved: cam-1 answers as fast as usual again"
+
+
+def test_a_device_failing_more_predictions_than_its_fleet_alerts_then_resolves(alerts, hook):
+    """cam-1 fails 20% of its predictions where its fleet fails 5% overall (ratio 2, min_rate
+    1%): an alert; cam-2 at 4% stays quiet (under 2 x 5%); back to none, it resolves."""
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    alerts.store.set_rule("errors", ["clear_after=0"], T0)
+    alerts.states(T0, True, "cam-1", "cam-2", "cam-3", "cam-4")
+    failing = {"cam-1": 20, "cam-2": 4, "cam-3": 0, "cam-4": 0}
+    alerts.registry.add_telemetry([window(d, 1, T0)._replace(errors=n) for d, n in failing.items()])
+    assert alerts.round(T0) == 1
+    (opened,) = hook.wait_for(lambda m: len(m) == 1, what="the error-rate alert")
+    assert opened["alert"]["title"] == "cam-1 fails predictions"
+    assert opened["alert"]["what_happened"].startswith("20.0% of cam-1's predictions fail since")
+    assert "against 6.0% usual for its fleet" in opened["alert"]["what_happened"]
+
+    later = T0 + timedelta(minutes=20)
+    alerts.registry.add_telemetry([window("cam-1", 2, later)])
+    alerts.evaluator.performance_interval = 0
+    assert alerts.round(later) == 1
+    resolved = hook.wait_for(lambda m: len(m) == 2, what="the resolve message")[-1]
+    assert resolved["alert"]["title"] == "Resolved: cam-1's error rate is back to usual"
+
+
+def test_a_board_at_80_c_alerts_after_hold_then_resolves(alerts, hook):
+    """cam-1 at 80.0 C (the default limit: a Pi throttles there) for longer than `hold` (60 s)
+    alerts; cam-2 at 79.9 C does not; cooled down, the alert resolves."""
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    alerts.store.set_rule("board", ["clear_after=0"], T0)
+    alerts.states(T0, True, "cam-1", "cam-2")
+    alerts.registry.add_telemetry(
+        [window("cam-1", 1, T0, temperature_c=80.0), window("cam-2", 1, T0, temperature_c=79.9)]
+    )
+    assert alerts.round(T0) == 0  # not yet: it must last `hold`
+    assert alerts.round(T0 + timedelta(seconds=61)) == 1
+    (opened,) = hook.wait_for(lambda m: len(m) == 1, what="the temperature alert")
+    assert opened["alert"]["title"] == "cam-1 is too hot"
+    assert opened["alert"]["what_happened"].startswith("cam-1's board is at 80.0 C since")
+
+    later = T0 + timedelta(minutes=20)
+    alerts.registry.add_telemetry([window("cam-1", 2, later, temperature_c=62.0)])
+    alerts.evaluator.performance_interval = 0
+    assert alerts.round(later) == 1
+    resolved = hook.wait_for(lambda m: len(m) == 2, what="the resolve message")[-1]
+    assert resolved["alert"]["title"] == "Resolved: cam-1's board is back to normal"
+
+
+def test_the_drift_rule_can_alert_on_inputs_changed_too(alerts, hook):
+    """By default only `model affected` alerts (issue 20); `alerts rule set drift
+    on=inputs-changed` makes a device whose inputs changed alert too, in words that say its
+    model seems unaffected, and back to model-affected it resolves."""
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    alerts.store.set_rule("drift", ["clear_after=0"], T0)
+    alerts.states(T0, True, "cam-1", "cam-2")
+    alerts.registry.add_telemetry(
+        [
+            window("cam-1", 1, T0, drift_score=1.7, drifted=True, drift_severity="inputs changed"),
+            window("cam-2", 1, T0, drift_score=0.1, drift_severity="ok"),
+        ]
+    )
+    assert alerts.round(T0) == 0  # the default: inputs changed is shown, not sent
+    listed = edgekit("alerts", "rule", "set", "drift", "on=inputs-changed", "--registry", alerts.registry.url)
+    assert listed.returncode == 0 and "on=inputs-changed" in listed.stdout
+    assert alerts.round(T0 + timedelta(seconds=1)) == 1
+    (opened,) = hook.wait_for(lambda m: len(m) == 1, what="the inputs-changed alert")
+    assert opened["alert"]["title"] == "cam-1: inputs no longer look like the training data"
+    assert "its answers look the same so far" in opened["alert"]["what_happened"]
+    assert opened["alert"]["facts"]["severity"] == "inputs changed"
+
+    alerts.store.set_rule("drift", ["on=model-affected"], T0)
+    assert alerts.round(T0 + timedelta(seconds=2)) == 1
+    resolved = hook.wait_for(lambda m: len(m) == 2, what="the resolve message")[-1]
+    assert resolved["alert"]["title"] == "Resolved: cam-1: inputs look like the training data again"

@@ -16,6 +16,7 @@ import pytest
 from edgekit import TrustedKeys, create_bundle
 from edgekit.errors import BundleError, ConfigError
 from edgekit.fleet.control import ControlPlane
+from edgekit.fleet.registry.models import AlertLease
 from edgekit.fleet.rollout import RolloutPolicy, start
 from edgekit.keys import load_signing_key
 from test_push import BIN, Fleet, all_serving, edgekit, fleet, push_and_wait  # noqa: F401 - fleet is a fixture
@@ -205,6 +206,17 @@ def leader_pid(control: ControlPlane) -> int | None:
     return control.lock_pid("role:rollout-controller")
 
 
+def evaluator_pid(control: ControlPlane) -> int | None:
+    return control.lock_pid("role:alert-evaluator")
+
+
+def lease_pid(control: ControlPlane) -> int | None:
+    """The process id in the alert evaluator's lease (``host:pid:nonce``): who evaluated last."""
+    with control.registry.session() as session:
+        holder = session.get(AlertLease, "evaluator").holder
+    return int(holder.split(":")[1]) if holder else None
+
+
 def test_killing_the_leading_fleet_serve_mid_canary_hands_the_rollout_to_the_other(
     serve,  # noqa: F811 - the fixture imported above
     fleet: Fleet,  # noqa: F811 - the fixture imported above
@@ -213,9 +225,11 @@ def test_killing_the_leading_fleet_serve_mid_canary_hands_the_rollout_to_the_oth
     digits_models,
     monkeypatch,
 ):
-    """Two `fleet serve` on one PostgreSQL registry: one leads the rollout controller. kill -9 of
-    the leader (with its workers) while a canary soaks: the other leads within 15 s, finishes the
-    rollout, and no step is done twice (one desired state per step: the counter says so)."""
+    """Two `fleet serve` on one PostgreSQL registry: one leads the rollout controller and runs
+    the alert evaluator. kill -9 of the leader (with its workers) while a canary soaks: the
+    other leads within 15 s and evaluates alerts within 15 s (it holds the evaluator's lock and
+    has taken the lease), finishes the rollout, and no step is done twice (one desired state
+    per step: the counter says so)."""
     monkeypatch.setenv("EDGEKIT_REGISTRY", postgres_url)
     devices = ["cam-1", "cam-2", "cam-3"]
     watcher = Watcher(mosquitto.url)
@@ -229,6 +243,8 @@ def test_killing_the_leading_fleet_serve_mid_canary_hands_the_rollout_to_the_oth
         wait_until(lambda: leader_pid(control) in (first.process.pid, second.process.pid), first, "a leader")
         leader, other = (first, second) if leader_pid(control) == first.process.pid else (second, first)
         assert leader is first, "the first to start leads"
+        wait_until(lambda: evaluator_pid(control) == first.process.pid, first, "the first evaluating")
+        wait_until(lambda: lease_pid(control) == first.process.pid, first, "the first's lease")
 
         canary = edgekit(
             "push", str(digits_models.int8), "--fleet", "lab", "--canary", "1", "--soak", "5",
@@ -239,8 +255,15 @@ def test_killing_the_leading_fleet_serve_mid_canary_hands_the_rollout_to_the_oth
         assert control.rollout("lab").phase in ("canary", "soak")
 
         os.killpg(leader.process.pid, signal.SIGKILL)  # the leader's machine is gone
+        killed = time.monotonic()
         leader.process.wait(10)
         wait_until(lambda: leader_pid(control) == other.process.pid, other, "the other leading", timeout=15)
+        wait_until(  # within 15 s of the same kill
+            lambda: evaluator_pid(control) == lease_pid(control) == other.process.pid,
+            other,
+            "the other evaluating alerts",
+            timeout=max(0.0, killed + 15 - time.monotonic()),
+        )
 
         watcher.wait_for(all_serving(watcher, devices, "2.0.0"), timeout=120)  # seq 3: the fleet's
         wait_until(lambda: control.rollout("lab").finished, other, "the rollout finished", timeout=30)

@@ -86,7 +86,7 @@ def test_open_alerts_are_listed(registry, tmp_path):
     # and is judged by its drift flag.
     assert set(alerts) == {("offline", "cam-2"), ("drift", "door-1"), ("drift", "cam-1")}
     assert alerts["offline", "cam-2"]["summary"] == "cam-2 is offline"
-    assert alerts["drift", "door-1"]["summary"] == "door-1: inputs no longer look like the training data"
+    assert alerts["drift", "door-1"]["summary"] == "door-1: its model is likely making more mistakes"
 
 
 def test_prometheus_metrics_with_a_cardinality_cap(registry):

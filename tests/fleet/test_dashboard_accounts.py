@@ -18,9 +18,10 @@ from edgekit.errors import ConfigError
 from edgekit.fleet.accounts import Accounts
 from edgekit.fleet.alerts import AlertStore, Evaluator
 from edgekit.fleet.api import ApiContext
-from edgekit.fleet.control import ControlPlane
+from edgekit.fleet.control import ControlPlane, FleetRecord
 from edgekit.fleet.dashboard import check_bind, create_app
 from edgekit.fleet.registry.models import Account
+from edgekit.fleet.rollout import Rollout
 from edgekit.keys import load_own_public_key
 from edgekit.mqtt import MqttClient
 from edgekit.topics import Topics
@@ -105,6 +106,44 @@ def test_operators_act_viewers_read_and_every_refusal_is_audited(shop):
     assert viewer.get("/api/devices").status_code == 401
 
 
+def test_forged_pushes_aborts_and_rollbacks_are_refused_and_audited(shop):
+    """A forged form (an operator's session, no CSRF token) and a viewer with a valid token are
+    refused (403) on every action, each refusal audited; an acknowledgement of an alert id that
+    is no number is a 404, audited too."""
+    app = create_app(shop)
+    viewer, viewer_csrf = signed_in(app, VIEWER)
+    operator, csrf = signed_in(app, OPERATOR)
+    actions = [
+        ("push", "/api/fleets/shop/push", {"name": "digits", "version": "1.1.0", "canary": 1}),
+        ("push", "/api/fleets/shop/push", None),  # refused before its body is read
+        ("rollout-abort", "/api/rollouts/shop/abort", None),
+        ("rollout-resume", "/api/rollouts/shop/resume", None),
+        ("rollback", "/api/fleets/shop/rollback", None),
+        ("device-rollback", "/api/devices/cam-1/rollback", None),
+    ]
+    before = len(audit_log(shop))
+    for _action, path, body in actions:
+        forged = operator.post(path, json=body)  # the session's cookie rides along; no token
+        assert forged.status_code == 403 and "CSRF" in forged.json()["error"], path
+        as_viewer = viewer.post(path, json=body, headers={"X-CSRF-Token": viewer_csrf})
+        assert as_viewer.status_code == 403 and "viewer" in as_viewer.json()["error"], path
+    log = [(e.actor, e.action, e.result, e.fleet) for e in list(reversed(audit_log(shop)))[before:]]
+    assert log == [
+        entry
+        for action, _path, _body in actions
+        for entry in ((OPERATOR[0], action, "refused", "shop"), (VIEWER[0], action, "refused", "shop"))
+    ]
+    bad = operator.post("/api/alerts/abc/ack", headers={"X-CSRF-Token": csrf})
+    assert bad.status_code == 404 and "is a number" in bad.json()["error"]
+    (entry, *_) = audit_log(shop)
+    assert (entry.actor, entry.action, entry.result, entry.target) == (
+        OPERATOR[0],
+        "alert-ack",
+        "failed",
+        "alert abc",
+    )
+
+
 def test_the_token_keeps_working_for_scripts_and_metrics(shop):
     app = create_app(shop, token="s3cret-token")
     bearer = {"Authorization": "Bearer s3cret-token"}
@@ -186,6 +225,68 @@ def test_an_operator_acknowledges_an_alert_by_clicking_and_a_viewer_sees_no_butt
         browser.goto(served + "/devices/cam-1")
         browser.wait_for("document.querySelectorAll('canvas').length >= 3")
         browser.screenshot(Path(SCREENSHOTS) / "dashboard-device.png", height=1100)
+
+
+#: Buttons a person can press on the page (the sign-out button aside; a hidden panel's do not count).
+ACTION_BUTTONS = (
+    "[...document.querySelectorAll('button')]"
+    ".filter((b) => b.id !== 'sign-out' && b.offsetParent !== null).map((b) => b.className || b.id)"
+)
+#: Each page, and what says it has drawn everything (its refresh ends by stamping the time).
+PAGES = ("/fleets/shop", "/rollouts", "/devices/cam-1")
+DRAWN = "document.getElementById('updated').textContent.startsWith('updated')"
+
+
+@pytest.mark.parametrize("registry_url", ["sqlite"], indirect=True)
+def test_a_viewer_sees_no_action_button_on_the_fleet_rollouts_and_device_pages(
+    shop, browser, edgekit_home, digits_models, tmp_path
+):
+    """Where an operator gets buttons (a catalog version to push and the fleet's rollback on the
+    fleet page, abort and resume on an unfinished rollout, a device's rollback), a viewer
+    signed in to the same pages gets none."""
+    assert edgekit("keys", "init").returncode == 0
+    made = edgekit("bundle", "create", str(digits_models.fp32), "--name", "digits", "--version", "1.2.0",
+                   "-o", str(tmp_path / "digits-1.2.0.ekb"))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    control = ControlPlane(shop, TrustedKeys([load_own_public_key(edgekit_home)]))
+    control.catalog.add(tmp_path / "digits-1.2.0.ekb")
+    history = [{"id": "b" * 64, "label": "digits@1.0.0"}, {"id": "a" * 64, "label": "digits@1.1.0"}]
+    control.save_record(FleetRecord("shop", bundle_id="a" * 64, label="digits@1.1.0", history=history))
+    unfinished = Rollout(
+        fleet="shop",
+        bundle_id="c" * 64,
+        label="digits@1.2.0",
+        previous_bundle_id="a" * 64,
+        devices=("cam-1", "cam-2"),
+        canaries=("cam-1",),
+        phase="soak",
+        phase_since=NOW.timestamp(),
+        started_at=NOW.timestamp(),
+        policy={"canary": 1},
+    )
+    control.save_rollout(unfinished, new=True)
+    expected = {
+        "/fleets/shop": ["rollback", "push"],
+        "/rollouts": ["abort", "resume"],
+        "/devices/cam-1": ["rollback-device"],
+    }
+    with serving(create_app(shop)) as base:
+        sign_in(browser, base, OPERATOR)
+        for page in PAGES:
+            browser.goto(base + page)
+            browser.wait_for(f"{DRAWN} && {ACTION_BUTTONS}.length >= {len(expected[page])}")
+            assert browser.evaluate(ACTION_BUTTONS) == expected[page], page
+        browser.goto(base + "/fleets/shop")
+        browser.wait_for(DRAWN)
+        browser.evaluate("document.getElementById('sign-out').click()")
+        browser.wait_for("location.pathname === '/login'")
+
+        sign_in(browser, base, VIEWER)
+        for page in PAGES:
+            browser.goto(base + page)
+            browser.wait_for(DRAWN)
+            assert browser.evaluate(ACTION_BUTTONS) == [], page
+    assert not [e for e in audit_log(shop) if e.action not in ("sign-in", "alert-ack")]  # nothing was done
 
 
 def fill(browser: Browser, who: tuple[str, str]) -> None:

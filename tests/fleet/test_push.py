@@ -363,6 +363,10 @@ def test_a_rollout_left_running_is_resumed_and_another_aborted(fleet, mosquitto,
         )
         assert resumed.returncode == 0, resumed.stderr
         watcher.wait_for(all_serving(watcher, devices, "2.0.0"))
+        # One implementation with the dashboard's "Resume now": the same audit entry.
+        audit = json.loads(edgekit("fleet", "audit", "--json").stdout)
+        resumes = [(e["action"], e["target"], e["result"]) for e in audit if e["action"] == "rollout-resume"]
+        assert resumes == [("rollout-resume", "digits@2.0.0", "ok")]
 
         keras = edgekit(
             "push",
