@@ -383,7 +383,9 @@ class Capturer:
             return True
         return self._run(job)
 
-    def _offer_many(self, items: list[tuple[np.ndarray, np.ndarray]], trigger: str, bundle: dict[str, str]) -> int:
+    def _offer_many(
+        self, items: list[tuple[np.ndarray, np.ndarray]], trigger: str, bundle: dict[str, str]
+    ) -> int:
         """:meth:`offer` for several inputs (copies of their own) at once: each takes the hour's
         slot or is capped, and they go to the writer as one job. Returns how many were taken."""
         policy = self.policy

@@ -50,9 +50,19 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .control import ControlPlane
 from .registry import Registry
-from .registry.models import CaptureRecordRow, ControlMeta, Device
+from .registry.models import CapturePolicyRow, CaptureRecordRow, ControlMeta, Device
 
-__all__ = ["CaptureSink", "PullResult", "current_policy", "pull", "purge", "set_policy", "turn_off"]
+__all__ = [
+    "CaptureSink",
+    "KeptPolicy",
+    "PullResult",
+    "current_policy",
+    "policy_history",
+    "pull",
+    "purge",
+    "set_policy",
+    "turn_off",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +107,19 @@ def publish_policy(
             session.add(ControlMeta(key=_meta_key(policy.fleet), value=text))
         else:
             row.value = text
+        if session.get(CapturePolicyRow, (policy.fleet, policy.seq)) is None:
+            session.add(
+                CapturePolicyRow(
+                    fleet=policy.fleet,
+                    seq=policy.seq,
+                    enabled=policy.enabled,
+                    note=policy.note,
+                    signer=key.key_id,
+                    issued_at=datetime.fromtimestamp(policy.issued_at, timezone.utc),
+                    document=policy.to_json().decode("utf-8"),
+                    envelope=text,
+                )
+            )
         session.commit()
     return envelope
 
@@ -140,6 +163,43 @@ def current_policy(control: ControlPlane, fleet: str) -> Optional[CapturePolicy]
     if row is None:
         return None
     return decode_capture_policy(base64.b64decode(row.value))
+
+
+@dataclass(frozen=True)
+class KeptPolicy:
+    """A capture policy as the registry keeps it: the policy, who signed it, when."""
+
+    policy: CapturePolicy
+    signer: str  # key id of the signing key
+    issued_at: datetime
+
+
+def policy_history(control: ControlPlane, fleet: str) -> dict[int, KeptPolicy]:
+    """Every capture policy signed for ``fleet`` that the registry kept, by number. (A policy set
+    before the registry kept them all, the latest, comes from ``capture policy show``'s copy.)"""
+    kept: dict[int, KeptPolicy] = {}
+    with control.registry.session() as session:
+        rows = list(session.scalars(select(CapturePolicyRow).where(CapturePolicyRow.fleet == fleet)))
+        meta = session.get(ControlMeta, _meta_key(fleet))
+    for row in rows:
+        with contextlib.suppress(CaptureError):
+            kept[row.seq] = KeptPolicy(
+                decode_capture_policy(base64.b64decode(row.envelope)), row.signer, row.issued_at
+            )
+    if meta is not None:
+        with contextlib.suppress(CaptureError, ValueError):
+            from edgekit.capture import POLICY
+            from edgekit.envelope import open_envelope
+
+            envelope = base64.b64decode(meta.value)
+            latest = decode_capture_policy(envelope)
+            if latest.seq not in kept:
+                kept[latest.seq] = KeptPolicy(
+                    latest,
+                    open_envelope(envelope, POLICY).signer,
+                    datetime.fromtimestamp(latest.issued_at, timezone.utc),
+                )
+    return dict(sorted(kept.items()))
 
 
 class _audited:
@@ -403,7 +463,7 @@ def pull(
             result.written += 1
         atomic_write(index, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())
         _write_labels_template(directory, lines)
-        _write_readme(directory, fleet, current_policy(control, fleet), lines)
+        _write_readme(directory, fleet, policy_history(control, fleet), lines)
         note.append(f"{result.written} records into {directory}, {len(result.refused)} refused")
     return result
 
@@ -415,8 +475,40 @@ def _write_labels_template(directory: Path, lines: list[dict[str, Any]]) -> None
     atomic_write(directory / "labels-template.csv", ("\n".join(rows) + "\n").encode())
 
 
+def _policy_lines(history: dict[int, KeptPolicy], lines: list[dict[str, Any]]) -> list[str]:
+    """Each policy the records were collected under (its number, what it allowed, who signed it
+    and when, its note), with how many records it collected; then the fleet's policy now."""
+    counts: dict[int, int] = {}
+    for line in lines:
+        seq = line.get("policy_seq")
+        if isinstance(seq, int):
+            counts[seq] = counts.get(seq, 0) + 1
+    text = []
+    for seq in sorted(counts):
+        kept = history.get(seq)
+        head = f"- **Policy {seq}** ({counts[seq]} record{'s' if counts[seq] != 1 else ''})"
+        if kept is None:
+            text.append(
+                f"{head}: not kept in this fleet's registry (signed elsewhere, or before it kept them)."
+            )
+            continue
+        text.append(
+            f"{head}, signed {kept.issued_at:%Y-%m-%d %H:%M} UTC by key {kept.signer[:16]}: "
+            f"{kept.policy.describe()}."
+        )
+        if kept.policy.note:
+            text.append(f"  Why, for whom (the policy's note): {kept.policy.note}")
+    if not counts:
+        text.append("- (no records yet)")
+    if history:
+        latest = history[max(history)].policy
+        now = "capture is off" if not latest.enabled else latest.describe()
+        text += ["", f"The fleet's policy now (policy {latest.seq}): {now}."]
+    return text
+
+
 def _write_readme(
-    directory: Path, fleet: str, policy: Optional[CapturePolicy], lines: list[dict[str, Any]]
+    directory: Path, fleet: str, history: dict[int, KeptPolicy], lines: list[dict[str, Any]]
 ) -> None:
     devices = sorted({line["device"] for line in lines})
     triggers = sorted({line["trigger"] for line in lines})
@@ -426,12 +518,10 @@ def _write_readme(
         f"{len(lines)} records from {len(devices)} device(s) ({', '.join(devices) or 'none'}); triggers: "
         f"{', '.join(triggers) or 'none'}.",
         "",
-        "Collected under the owner's signed capture policy:",
+        "Collected under the owner's signed capture policies (each record's `policy_seq` in `records.jsonl`):",
         "",
-        f"> {policy.describe()}" if policy is not None else "> (no policy on record)",
+        *_policy_lines(history, lines),
     ]
-    if policy is not None and policy.note:
-        text += ["", f"Why, for whom (the policy's note): {policy.note}"]
     text += [
         "",
         "- `records.jsonl`: one line per record: device, time, bundle, trigger, the model's outputs and top class.",
