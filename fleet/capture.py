@@ -469,7 +469,7 @@ def pull(
 
 
 def _write_labels_template(directory: Path, lines: list[dict[str, Any]]) -> None:
-    rows = ["id,predicted"] + [
+    rows = ["id,label"] + [
         f"{line['id']},{line['top_class'] if line['top_class'] is not None else ''}" for line in lines
     ]
     atomic_write(directory / "labels-template.csv", ("\n".join(rows) + "\n").encode())
@@ -526,9 +526,11 @@ def _write_readme(
         "",
         "- `records.jsonl`: one line per record: device, time, bundle, trigger, the model's outputs and top class.",
         "- `inputs/ID.npy`: the input the model saw (one sample, no batch axis); `images/ID.png` when it is an image.",
-        "- `labels.csv` (yours to write, `id,label`): copy `labels-template.csv` (the model's guess per record) and correct it.",
-        "  With it, this folder is a DATA argument of `edgekit convert --eval/--calibration/--train`; without it, for",
-        "  calibration only. Only labelled records are used when it exists.",
+        "- `labels.csv` (yours to write, `id,label`): copy `labels-template.csv` to `labels.csv`; it holds the model's",
+        "  guess for each record as its label: look at each image and correct the wrong ones (an integer class). Leave a",
+        "  label blank to leave that record out (they are counted when the folder is read). With `labels.csv`, this folder",
+        "  is a DATA argument of `edgekit convert --eval/--calibration/--train`; without it, for `--calibration` and",
+        "  `--baseline` only.",
         "",
         "This data was captured from your devices' inputs: keep it as your privacy notice says, and delete it",
         f"(`edgekit capture purge --fleet {fleet}` for the copies on the fleet) when it is no longer needed.",

@@ -240,7 +240,8 @@ def pull(
         err_console.print(f"[yellow]refused:[/] {line}", highlight=False)
     console.print(
         f"{result.written} new records in {output} ({result.already} already there, "
-        f"{len(result.refused)} refused); label them in {output / 'labels.csv'} (see README.md)"
+        f"{len(result.refused)} refused); to label them, copy {output / 'labels-template.csv'} to "
+        f"labels.csv and correct the model's guesses (see README.md)"
     )
 
 
