@@ -44,7 +44,7 @@ from edgekit.capture import (
 from edgekit.errors import CaptureError, TopicError
 from edgekit.keys import SigningKey
 from edgekit.mqtt import Message, MqttClient
-from edgekit.topics import DEVICE_CAPTURE, Topics
+from edgekit.topics import DEVICE_CAPTURE, Topics, check_fleet_id
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -433,6 +433,7 @@ def pull(
 ) -> PullResult:
     """Open the fleet's stored records into ``directory`` (created; records already there are
     kept and not written again). Audited (``capture-pull``)."""
+    check_fleet_id(fleet)  # before anything is written
     directory = Path(directory)
     result = PullResult(str(directory))
     with _audited(control, "capture-pull", fleet) as note:
@@ -550,6 +551,7 @@ def purge(
 ) -> int:
     """Delete the fleet's stored records (received before ``before``, else all); with ``client``
     and ``devices``, ask those devices to delete what they still hold. Audited (``capture-purge``)."""
+    check_fleet_id(fleet)
     topics = topics or Topics()
     with _audited(control, "capture-purge", fleet) as note:
         query = delete(CaptureRecordRow).where(CaptureRecordRow.fleet == fleet)

@@ -7,10 +7,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 from device_fixtures import key  # noqa: F401 - a fixture
 from edgekit.capture import load_capture_key, new_capture_policy, seal_record
 from edgekit.fleet.control import ControlPlane
 from edgekit.fleet.registry.models import CaptureRecordRow
+from helpers import assert_one_line_error
 from test_push import edgekit
 
 PASS = "correct horse battery"
@@ -190,3 +192,27 @@ def test_labelling_as_the_docs_say_copy_the_template_correct_it_convert(
     report = json.loads(converted.stdout)
     assert report["converted"]["accuracy"] is not None and report["eval_data"] == str(out)
     assert "left out" in converted.stderr
+
+
+@pytest.mark.parametrize("fleet", ["bad fleet!", "nope/x"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["capture", "policy", "show"],
+        ["capture", "policy", "off"],
+        ["capture", "policy", "set"],
+        ["capture", "pull", "-o", "{out}"],
+        ["capture", "purge"],
+    ],
+)
+def test_capture_commands_refuse_an_invalid_fleet_id_with_one_line(command, fleet, tmp_path):
+    out = tmp_path / "ds"
+    env = {
+        **os.environ,
+        "EDGEKIT_REGISTRY": f"sqlite:///{tmp_path / 'r.db'}",
+        "EDGEKIT_CAPTURE_PASSPHRASE": PASS,
+    }
+    result = edgekit(*[part.format(out=out) for part in command], "--fleet", fleet, env=env)
+    assert result.returncode == 13
+    assert_one_line_error(result, f"invalid fleet id {fleet!r}", "letters, digits")
+    assert not out.exists()  # pull wrote nothing
