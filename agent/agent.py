@@ -272,7 +272,6 @@ class Agent:
             on_event=self.record_event,
             capture_filter=capture_filter,
             clock=capture_clock,
-            drift_rate=config.drift_sample_rate,
         )
         self._lock = threading.Lock()  # the interpreter and the window counters
         self._latency = LatencyRecorder()
@@ -381,9 +380,11 @@ class Agent:
                 lock.release()
             if served.deq0 is not None:
                 out = dequantize(out, served.deq0)
+            capture = self.capture
             if _random() < served.rate:
                 served.drift.add(x, out)  # type: ignore[union-attr]  # rate is 0 without a monitor
-            capture = self.capture
+                if capture.drift_on:  # the drift trigger holds the window's sampled inputs
+                    capture.drift_sample(x, out, served.drift, served.loaded.identity)
             if capture.armed:  # a signed capture policy is on
                 if capture.always:
                     capture.observe(x, out, served.loaded.identity)
@@ -445,7 +446,10 @@ class Agent:
         finally:
             lock.release()
         if _random() < served.rate:
-            served.drift.add(feeds[0], served.real_output(outputs[0]))  # type: ignore[union-attr]
+            real_out = served.real_output(outputs[0])
+            served.drift.add(feeds[0], real_out)  # type: ignore[union-attr]
+            if self.capture.drift_on:  # the drift trigger holds the window's sampled inputs
+                self.capture.drift_sample(feeds[0], real_out, served.drift, served.loaded.identity)
         if shadowed and shadow is not None:
             real = [dequantize(o, s) if s.quantized else o for o, s in zip(outputs, served.out_specs)]
             shadow.offer(feeds, real, cpu)  # copies; never blocks, never raises
@@ -690,7 +694,6 @@ class Agent:
         if count == 0 and errors == 0 and served is None and self._shadow is None:
             return None
         report = served.drift.report() if served is not None and served.drift is not None else None
-        self.capture.drifted = report is not None and report.drifted  # arms the drift trigger
         drift: dict[str, Any] = {"drifted": False, "complete": False, "samples": 0, "scores": {}}
         if report is not None:
             drift = {

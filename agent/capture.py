@@ -20,8 +20,11 @@ A :class:`Capturer` lives in ``state_dir/capture``:
   disk or any error while capturing is counted and logged, never raised into ``predict()``.
 
 Triggers (:meth:`Capturer.observe`, called by ``Agent.predict``): ``sample`` (a random fraction
-of predictions), ``low-confidence`` (the top output below the threshold) and ``drift`` (while
-the drift monitor flags drift, inputs are kept at the drift sampling rate). The app's
+of predictions), ``low-confidence`` (the top output below the threshold) and ``drift``
+(:meth:`Capturer.drift_sample`: the inputs the drift monitor sampled into its current window
+are held in memory, a uniform sample of at most :data:`WINDOW_MAX_INPUTS` inputs, the policy's
+``max_per_hour`` and :data:`WINDOW_MAX_BYTES` bytes; when the window fills and the monitor flags
+it, those inputs are captured, within the policy's limits as any other). The app's
 ``capture_filter(x, trigger)`` sees each input first and returns the array to keep (blurred,
 cropped) or None to veto it.
 
@@ -67,6 +70,11 @@ CaptureFilter = Callable[[np.ndarray, str], Optional[np.ndarray]]
 EventSink = Callable[[str, str, Optional[dict[str, str]]], None]
 HOUR = 3600.0
 _SUFFIX = ".ekc"
+#: The drift window's sampled inputs held in memory for the ``drift`` trigger, at most this
+#: many (also at most the policy's ``max_per_hour``: more could never be kept) ...
+WINDOW_MAX_INPUTS = 256
+#: ... and at most this many bytes of inputs (also at most the policy's ``max_bytes``).
+WINDOW_MAX_BYTES = 32 * 2**20
 
 
 def _boot_id() -> str:
@@ -140,7 +148,6 @@ class Capturer:
         on_event: Optional[EventSink] = None,
         capture_filter: Optional[CaptureFilter] = None,
         clock: Optional[CaptureClock] = None,
-        drift_rate: float = 0.1,
     ) -> None:
         self.directory = Path(directory)
         self.records = self.directory / "records"
@@ -149,15 +156,19 @@ class Capturer:
         self.trusted = trusted
         self.filter = capture_filter
         self.clock = clock or CaptureClock()
-        self.drift_rate = drift_rate
         self.stats = CaptureStats()
         self._on_event = on_event
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # a policy applied, records acknowledged
         self.policy: Optional[CapturePolicy] = None
         self.last_seq: Optional[int] = None
-        #: Set by the agent from the drift report: while True the ``drift`` trigger fires.
-        self.drifted = False
+        # The drift window's sampled inputs (drift_sample): a uniform sample (reservoir) of
+        # (input, output) copies, how many the window has seen, and the monitor's window seen.
+        self._window: list[tuple[np.ndarray, np.ndarray]] = []
+        self._window_seen = 0
+        self._window_index: tuple[int, int] = (0, -1)
+        self._window_lock = threading.Lock()
+        self.windows_captured = 0  # drift windows flagged whose inputs were offered
         # The hot path reads these three (0 / None when the trigger is off).
         self.sample_rate = 0.0
         self.confidence_below: Optional[float] = None
@@ -248,8 +259,10 @@ class Capturer:
             policy.confidence_below if policy is not None and "low-confidence" in triggers else None
         )
         self.drift_on = "drift" in triggers
-        #: Every prediction must be looked at (low-confidence, drift); else only the sampled ones.
-        self.always = self.drift_on or self.confidence_below is not None
+        if not self.drift_on:
+            self._window, self._window_seen = [], 0
+        #: Every prediction must be looked at (low-confidence); else only the sampled ones.
+        self.always = self.confidence_below is not None
         self.armed = on
 
     @property
@@ -287,10 +300,52 @@ class Capturer:
             trigger = "sample"
         elif self.confidence_below is not None and float(np.max(out)) < self.confidence_below:
             trigger = "low-confidence"
-        elif self.drift_on and self.drifted and random.random() < self.drift_rate:
-            trigger = "drift"
         if trigger is not None:
             self.offer(x, [out], trigger, bundle())
+
+    def drift_sample(
+        self, x: np.ndarray, out: np.ndarray, monitor: Any, bundle: Callable[[], dict[str, str]]
+    ) -> None:
+        """Called by ``predict()`` for each input the drift monitor sampled, right after
+        ``monitor.add``, while a policy with the ``drift`` trigger is on. Holds a uniform sample
+        of the window's inputs (reservoir sampling, bounded: see :data:`WINDOW_MAX_INPUTS`); when
+        this input fills the window and the monitor flags it, offers them. Never raises."""
+        policy = self.policy
+        if policy is None:
+            return
+        try:
+            size = max(int(monitor.window), 1)
+            # The monitor's window this input is in (a new bundle brings a new monitor).
+            index = (id(monitor), (int(monitor.sampled) - 1) // size)
+            full = int(monitor.sampled) % size == 0
+            x = np.asarray(x)
+            room = min(
+                WINDOW_MAX_INPUTS,
+                policy.max_per_hour,
+                min(WINDOW_MAX_BYTES, policy.max_bytes) // max(x.nbytes, 1),
+            )
+            with self._window_lock:
+                if index != self._window_index:  # a new window: what the last one held goes
+                    self._window, self._window_seen, self._window_index = [], 0, index
+                self._window_seen += 1
+                if len(self._window) < room:
+                    self._window.append((np.array(x, copy=True), np.array(out, copy=True)))
+                elif room > 0:
+                    slot = random.randrange(self._window_seen)
+                    if slot < room:
+                        self._window[slot] = (np.array(x, copy=True), np.array(out, copy=True))
+                if not full:
+                    return
+                held, self._window, self._window_seen = self._window, [], 0
+            report = monitor.report()  # the window just filled: judged now
+            if not (report.complete and report.drifted) or not held:
+                return
+            self.windows_captured += 1
+            self._offer_many(held, "drift", bundle())
+        except Exception as exc:  # noqa: BLE001 - capture never fails predict()
+            with self._lock:
+                self.stats.failed += 1
+            log.warning("device %s: the drift window's capture failed (%s); serving on", self.device, exc)
 
     def offer(self, x: np.ndarray, outputs: list[np.ndarray], trigger: str, bundle: dict[str, str]) -> bool:
         """Keep one input if the policy and its limits allow. The hour's slot is taken here, at
@@ -328,6 +383,36 @@ class Capturer:
             return True
         return self._run(job)
 
+    def _offer_many(
+        self, items: list[tuple[np.ndarray, np.ndarray]], trigger: str, bundle: dict[str, str]
+    ) -> int:
+        """:meth:`offer` for several inputs (copies of their own) at once: each takes the hour's
+        slot or is capped, and they go to the writer as one job. Returns how many were taken."""
+        policy = self.policy
+        wall = self.clock.wall()
+        if policy is None or not policy.active(wall):
+            return 0
+        jobs = []
+        with self._lock:
+            for x, out in items:
+                if self._count_hour(wall) >= policy.max_per_hour:
+                    self.stats.capped += 1
+                    continue
+                slot = [wall, self.clock.mono(), self.clock.boot()]
+                self._hour.append(slot)
+                jobs.append((policy, x, [out], trigger, bundle, wall, slot))
+        if self._jobs is not None:
+            try:
+                self._jobs.put_nowait(jobs)
+            except queue.Full:
+                with self._lock:
+                    self.stats.busy += len(jobs)  # the slots stay taken: never more than the cap
+                return 0
+        else:
+            for job in jobs:
+                self._run(job)
+        return len(jobs)
+
     def _run(self, job: tuple[Any, ...]) -> bool:
         with self._write_lock:
             try:
@@ -356,7 +441,8 @@ class Capturer:
             job = jobs.get()
             if job is None:
                 return
-            self._run(job)
+            for one in job if isinstance(job, list) else [job]:
+                self._run(one)
             jobs.task_done()
 
     def flush(self) -> None:

@@ -44,15 +44,25 @@ from edgekit.capture import (
 from edgekit.errors import CaptureError, TopicError
 from edgekit.keys import SigningKey
 from edgekit.mqtt import Message, MqttClient
-from edgekit.topics import DEVICE_CAPTURE, Topics
+from edgekit.topics import DEVICE_CAPTURE, Topics, check_fleet_id
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .control import ControlPlane
 from .registry import Registry
-from .registry.models import CaptureRecordRow, ControlMeta, Device
+from .registry.models import CapturePolicyRow, CaptureRecordRow, ControlMeta, Device
 
-__all__ = ["CaptureSink", "PullResult", "current_policy", "pull", "purge", "set_policy", "turn_off"]
+__all__ = [
+    "CaptureSink",
+    "KeptPolicy",
+    "PullResult",
+    "current_policy",
+    "policy_history",
+    "pull",
+    "purge",
+    "set_policy",
+    "turn_off",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +107,19 @@ def publish_policy(
             session.add(ControlMeta(key=_meta_key(policy.fleet), value=text))
         else:
             row.value = text
+        if session.get(CapturePolicyRow, (policy.fleet, policy.seq)) is None:
+            session.add(
+                CapturePolicyRow(
+                    fleet=policy.fleet,
+                    seq=policy.seq,
+                    enabled=policy.enabled,
+                    note=policy.note,
+                    signer=key.key_id,
+                    issued_at=datetime.fromtimestamp(policy.issued_at, timezone.utc),
+                    document=policy.to_json().decode("utf-8"),
+                    envelope=text,
+                )
+            )
         session.commit()
     return envelope
 
@@ -140,6 +163,43 @@ def current_policy(control: ControlPlane, fleet: str) -> Optional[CapturePolicy]
     if row is None:
         return None
     return decode_capture_policy(base64.b64decode(row.value))
+
+
+@dataclass(frozen=True)
+class KeptPolicy:
+    """A capture policy as the registry keeps it: the policy, who signed it, when."""
+
+    policy: CapturePolicy
+    signer: str  # key id of the signing key
+    issued_at: datetime
+
+
+def policy_history(control: ControlPlane, fleet: str) -> dict[int, KeptPolicy]:
+    """Every capture policy signed for ``fleet`` that the registry kept, by number. (A policy set
+    before the registry kept them all, the latest, comes from ``capture policy show``'s copy.)"""
+    kept: dict[int, KeptPolicy] = {}
+    with control.registry.session() as session:
+        rows = list(session.scalars(select(CapturePolicyRow).where(CapturePolicyRow.fleet == fleet)))
+        meta = session.get(ControlMeta, _meta_key(fleet))
+    for row in rows:
+        with contextlib.suppress(CaptureError):
+            kept[row.seq] = KeptPolicy(
+                decode_capture_policy(base64.b64decode(row.envelope)), row.signer, row.issued_at
+            )
+    if meta is not None:
+        with contextlib.suppress(CaptureError, ValueError):
+            from edgekit.capture import POLICY
+            from edgekit.envelope import open_envelope
+
+            envelope = base64.b64decode(meta.value)
+            latest = decode_capture_policy(envelope)
+            if latest.seq not in kept:
+                kept[latest.seq] = KeptPolicy(
+                    latest,
+                    open_envelope(envelope, POLICY).signer,
+                    datetime.fromtimestamp(latest.issued_at, timezone.utc),
+                )
+    return dict(sorted(kept.items()))
 
 
 class _audited:
@@ -373,6 +433,7 @@ def pull(
 ) -> PullResult:
     """Open the fleet's stored records into ``directory`` (created; records already there are
     kept and not written again). Audited (``capture-pull``)."""
+    check_fleet_id(fleet)  # before anything is written
     directory = Path(directory)
     result = PullResult(str(directory))
     with _audited(control, "capture-pull", fleet) as note:
@@ -403,20 +464,52 @@ def pull(
             result.written += 1
         atomic_write(index, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())
         _write_labels_template(directory, lines)
-        _write_readme(directory, fleet, current_policy(control, fleet), lines)
+        _write_readme(directory, fleet, policy_history(control, fleet), lines)
         note.append(f"{result.written} records into {directory}, {len(result.refused)} refused")
     return result
 
 
 def _write_labels_template(directory: Path, lines: list[dict[str, Any]]) -> None:
-    rows = ["id,predicted"] + [
+    rows = ["id,label"] + [
         f"{line['id']},{line['top_class'] if line['top_class'] is not None else ''}" for line in lines
     ]
     atomic_write(directory / "labels-template.csv", ("\n".join(rows) + "\n").encode())
 
 
+def _policy_lines(history: dict[int, KeptPolicy], lines: list[dict[str, Any]]) -> list[str]:
+    """Each policy the records were collected under (its number, what it allowed, who signed it
+    and when, its note), with how many records it collected; then the fleet's policy now."""
+    counts: dict[int, int] = {}
+    for line in lines:
+        seq = line.get("policy_seq")
+        if isinstance(seq, int):
+            counts[seq] = counts.get(seq, 0) + 1
+    text = []
+    for seq in sorted(counts):
+        kept = history.get(seq)
+        head = f"- **Policy {seq}** ({counts[seq]} record{'s' if counts[seq] != 1 else ''})"
+        if kept is None:
+            text.append(
+                f"{head}: not kept in this fleet's registry (signed elsewhere, or before it kept them)."
+            )
+            continue
+        text.append(
+            f"{head}, signed {kept.issued_at:%Y-%m-%d %H:%M} UTC by key {kept.signer[:16]}: "
+            f"{kept.policy.describe()}."
+        )
+        if kept.policy.note:
+            text.append(f"  Why, for whom (the policy's note): {kept.policy.note}")
+    if not counts:
+        text.append("- (no records yet)")
+    if history:
+        latest = history[max(history)].policy
+        now = "capture is off" if not latest.enabled else latest.describe()
+        text += ["", f"The fleet's policy now (policy {latest.seq}): {now}."]
+    return text
+
+
 def _write_readme(
-    directory: Path, fleet: str, policy: Optional[CapturePolicy], lines: list[dict[str, Any]]
+    directory: Path, fleet: str, history: dict[int, KeptPolicy], lines: list[dict[str, Any]]
 ) -> None:
     devices = sorted({line["device"] for line in lines})
     triggers = sorted({line["trigger"] for line in lines})
@@ -426,19 +519,19 @@ def _write_readme(
         f"{len(lines)} records from {len(devices)} device(s) ({', '.join(devices) or 'none'}); triggers: "
         f"{', '.join(triggers) or 'none'}.",
         "",
-        "Collected under the owner's signed capture policy:",
+        "Collected under the owner's signed capture policies (each record's `policy_seq` in `records.jsonl`):",
         "",
-        f"> {policy.describe()}" if policy is not None else "> (no policy on record)",
+        *_policy_lines(history, lines),
     ]
-    if policy is not None and policy.note:
-        text += ["", f"Why, for whom (the policy's note): {policy.note}"]
     text += [
         "",
         "- `records.jsonl`: one line per record: device, time, bundle, trigger, the model's outputs and top class.",
         "- `inputs/ID.npy`: the input the model saw (one sample, no batch axis); `images/ID.png` when it is an image.",
-        "- `labels.csv` (yours to write, `id,label`): copy `labels-template.csv` (the model's guess per record) and correct it.",
-        "  With it, this folder is a DATA argument of `edgekit convert --eval/--calibration/--train`; without it, for",
-        "  calibration only. Only labelled records are used when it exists.",
+        "- `labels.csv` (yours to write, `id,label`): copy `labels-template.csv` to `labels.csv`; it holds the model's",
+        "  guess for each record as its label: look at each image and correct the wrong ones (an integer class). Leave a",
+        "  label blank to leave that record out (they are counted when the folder is read). With `labels.csv`, this folder",
+        "  is a DATA argument of `edgekit convert --eval/--calibration/--train`; without it, for `--calibration` and",
+        "  `--baseline` only.",
         "",
         "This data was captured from your devices' inputs: keep it as your privacy notice says, and delete it",
         f"(`edgekit capture purge --fleet {fleet}` for the copies on the fleet) when it is no longer needed.",
@@ -458,6 +551,7 @@ def purge(
 ) -> int:
     """Delete the fleet's stored records (received before ``before``, else all); with ``client``
     and ``devices``, ask those devices to delete what they still hold. Audited (``capture-purge``)."""
+    check_fleet_id(fleet)
     topics = topics or Topics()
     with _audited(control, "capture-purge", fleet) as note:
         query = delete(CaptureRecordRow).where(CaptureRecordRow.fleet == fleet)

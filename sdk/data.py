@@ -4,13 +4,16 @@ a folder of captured field data (``edgekit capture pull``).
 A folder whose sub-folders hold the images gets labels from the sub-folder names (sorted);
 images are resized to the model's input and scaled to [0, 1]. A capture folder (it has
 ``records.jsonl``) gives the inputs the devices saw, as they saw them (``inputs/*.npy``), in
-record order; with a ``labels.csv`` (``id,label``: the record id and an integer class), only the
-labelled records, with those labels. Every mismatch is a
+record order; with a ``labels.csv`` (``id,label``: the record id and an integer class; ``capture
+pull`` writes ``labels-template.csv`` in that form, prefilled with the model's guesses), only the
+labelled records, with those labels: a row whose label is left blank is left out, and counted
+(``Dataset.unlabelled``, and a warning). Every mismatch is a
 :class:`~edgekit.errors.DataError` naming what was expected and what was found.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ __all__ = ["IMAGE_SUFFIXES", "Dataset", "fit_to_input", "load_data"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -32,6 +37,8 @@ class Dataset:
     y: np.ndarray | None
     source: str
     classes: tuple[str, ...] = ()
+    #: Captured records left out because ``labels.csv`` leaves their label blank.
+    unlabelled: int = 0
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -131,26 +138,37 @@ def _load_images(folder: Path, image_shape: tuple[int, ...] | None) -> Dataset:
     return Dataset(x=np.stack(images), y=labels, source=str(folder), classes=tuple(classes))
 
 
-def _read_labels(path: Path) -> dict[str, int]:
+def _read_labels(path: Path) -> tuple[dict[str, int], int]:
+    """The labels of ``labels.csv`` and how many rows leave the label blank (left out)."""
     import csv
 
     labels: dict[str, int] = {}
+    blank = 0
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
-    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["id", "label"]:
+    header = [c.strip().lower() for c in rows[0][:2]] if rows else []
+    if header == ["id", "predicted"]:
+        raise DataError(
+            f"{path} has the header id,predicted (an older labels-template.csv): correct the guesses, "
+            "then rename the column predicted to label"
+        )
+    if header != ["id", "label"]:
         raise DataError(f"{path} must start with the header id,label (one record id and its class per line)")
     for number, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip():
             continue
-        if len(row) < 2 or not row[1].strip().lstrip("-").isdigit():
+        if len(row) < 2 or not row[1].strip():
+            blank += 1  # not labelled (yet): left out
+            continue
+        if not row[1].strip().lstrip("-").isdigit():
             raise DataError(
                 f"{path} line {number}: expected id,label with an integer label, got {','.join(row)!r}"
             )
         labels[row[0].strip()] = int(row[1])
-    return labels
+    return labels, blank
 
 
 def _load_capture(folder: Path) -> Dataset:
@@ -169,9 +187,20 @@ def _load_capture(folder: Path) -> Dataset:
         raise DataError(f"{folder} holds no captured inputs (a labels-only policy keeps outputs only)")
     labels_file = folder / "labels.csv"
     y = None
+    unlabelled = 0
     if labels_file.exists():
-        labels = _read_labels(labels_file)
+        labels, blank = _read_labels(labels_file)
+        before = len(records)
         records = [r for r in records if r.get("id") in labels]
+        unlabelled = before - len(records)
+        if unlabelled:
+            log.warning(
+                "%s: %d of %d records have no label%s and are left out",
+                labels_file,
+                unlabelled,
+                before,
+                f" ({blank} left blank)" if blank else "",
+            )
         if not records:
             raise DataError(
                 f"{labels_file} labels none of the records in {folder}; use the ids of records.jsonl"
@@ -189,7 +218,7 @@ def _load_capture(folder: Path) -> Dataset:
                 f"{file} has shape {arrays[-1].shape}, others {arrays[0].shape}: pull one model's captures "
                 "at a time (--device, --since)"
             )
-    return _checked(Dataset(x=np.stack(arrays), y=y, source=str(folder)))
+    return _checked(Dataset(x=np.stack(arrays), y=y, source=str(folder), unlabelled=unlabelled))
 
 
 def fit_to_input(x: np.ndarray, spec: TensorSpec, source: str) -> np.ndarray:

@@ -393,6 +393,22 @@ class AlertLease(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class CapturePolicyRow(Base):
+    """Every capture policy signed for a fleet (docs/capture.md), kept for good: a dataset's
+    README names the policies its records were collected under, even after newer ones."""
+
+    __tablename__ = "capture_policies"
+
+    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    note: Mapped[str] = mapped_column(Text, default="")
+    signer: Mapped[str] = mapped_column(String(64))  # key id of the signing key
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    document: Mapped[str] = mapped_column(Text)  # the policy as signed (JSON): triggers, limits
+    envelope: Mapped[str] = mapped_column(Text)  # the signed envelope, base64
+
+
 class CaptureRecordRow(Base):
     """One sealed capture record from a device (docs/capture.md): ciphertext only; the fleet
     cannot open it. Keyed by (device, seq): a record sent again is stored once."""

@@ -15,6 +15,7 @@ from rich.markup import escape
 from ..capture import TRIGGERS, init_capture_key, load_capture_key, load_capture_public
 from ..config import WorkstationConfig, edgekit_home
 from ..errors import ConfigError
+from ..topics import check_device_id, check_fleet_id
 from ._app import console, err_console, new_app, print_json, signing_key
 from .push import BROKER_HELP, REGISTRY_HELP, _connect, open_control
 
@@ -131,6 +132,7 @@ def policy_set(
     """Sign and publish a capture policy: devices of the fleet capture within it, nothing more."""
     from edgekit.fleet.capture import set_policy
 
+    check_fleet_id(fleet)
     bad = [t for t in on if t not in TRIGGERS]
     if bad:
         raise ConfigError(f"--on {bad[0]!r} is not a trigger; use {', '.join(TRIGGERS)}")
@@ -171,6 +173,7 @@ def policy_off(
     """Turn capture off: a newer signed policy; devices stop at once (what they hold still uploads)."""
     from edgekit.fleet.capture import turn_off
 
+    check_fleet_id(fleet)
     cfg = WorkstationConfig.load(broker=broker, registry=registry)
     key = signing_key(key_name)
     with open_control(cfg, key) as control:
@@ -194,6 +197,7 @@ def policy_show(
     """Show the capture policy set last for a fleet."""
     from edgekit.fleet.capture import current_policy
 
+    check_fleet_id(fleet)
     cfg = WorkstationConfig.load(registry=registry)
     with open_control(cfg, None) as control:
         policy = current_policy(control, fleet)
@@ -227,6 +231,9 @@ def pull(
     """Decrypt the fleet's captured records into a dataset folder (inputs, records.jsonl, README.md)."""
     from edgekit.fleet.capture import pull as pull_records
 
+    check_fleet_id(fleet)
+    if device is not None:
+        check_device_id(device)
     if trigger is not None and trigger not in TRIGGERS:
         raise ConfigError(f"--trigger {trigger!r} is not a trigger; use {', '.join(TRIGGERS)}")
     moment = parse_moment(since, "--since") if since else None
@@ -241,7 +248,8 @@ def pull(
         err_console.print(f"[yellow]refused:[/] {escape(line)}", highlight=False)
     console.print(
         f"{result.written} new records in {output} ({result.already} already there, "
-        f"{len(result.refused)} refused); label them in {output / 'labels.csv'} (see README.md)"
+        f"{len(result.refused)} refused); to label them, copy {output / 'labels-template.csv'} to "
+        f"labels.csv and correct the model's guesses (see README.md)"
     )
 
 
@@ -261,6 +269,9 @@ def purge(
     """Delete captured records kept by the fleet (and, with --device, on those devices)."""
     from edgekit.fleet.capture import purge as purge_records
 
+    check_fleet_id(fleet)
+    for name in device:
+        check_device_id(name)
     moment = parse_moment(before, "--before") if before else None
     cfg = WorkstationConfig.load(broker=broker, registry=registry)
     with open_control(cfg, None) as control:

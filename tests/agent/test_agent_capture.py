@@ -198,31 +198,61 @@ def test_the_apps_filter_can_transform_or_veto(make_config, bundles, models, key
             assert record.bundle["name"] == "digits" and record.input_shape == (1, 8, 8, 1)
 
 
-def test_low_confidence_and_drift_triggers(make_config, bundles, models, key, owner):
-    with Agent.from_config(make_config("triggers"), background=False, drift_sample_rate=1.0) as agent:
+def test_low_confidence_trigger(make_config, bundles, models, key, owner):
+    with Agent.from_config(make_config("triggers"), background=False) as agent:
         agent.install(bundles.v1)
         agent.capture.apply(
-            signed(
-                key,
-                policy(owner, triggers=("low-confidence", "drift"), confidence_below=0.9, max_per_hour=10**5),
-            )
+            signed(key, policy(owner, triggers=("low-confidence",), confidence_below=0.9, max_per_hour=10**5))
         )
         for x in models.x_test[:100]:
             agent.predict(x)
         low = held(agent, owner)
         assert low and all(r.trigger == "low-confidence" and (r.top_score or 1) < 0.9 for r in low)
         assert len(low) < 100  # confident answers are not kept
-        before = len(low)
-        shifted = 1.0 - models.x_test  # inverted: the drift monitor flags it
-        for x in shifted[: agent.config.drift_window]:
+
+
+def _inputs(records: list) -> set[bytes]:
+    return {r.input_bytes for r in records}
+
+
+def test_drift_captures_the_inputs_of_the_flagged_window_within_the_filter_and_the_cap(
+    make_config, bundles, models, key, owner
+):
+    vetoed: set[bytes] = set()
+
+    def no_odd_frames(x: np.ndarray, trigger: str) -> np.ndarray | None:
+        assert trigger == "drift"
+        return None if x.tobytes() in vetoed else x
+
+    config = make_config("drift", drift_window=100, drift_sample_rate=1.0, telemetry_interval=3600)
+    with Agent.from_config(config, background=False, capture_filter=no_odd_frames) as agent:
+        agent.install(bundles.v1)
+        agent.capture.apply(signed(key, policy(owner, triggers=("drift",), max_per_hour=80)))
+        normal, inverted = models.x_test, (1.0 - models.x_test).astype(np.float32)
+        for x in normal[:100]:  # a window like the baseline: not flagged, nothing kept
             agent.predict(x)
-        agent.flush_telemetry()
-        assert agent.capture.drifted
-        agent.capture.confidence_below = None  # only drift now
-        for x in models.x_test[:30]:
+        assert agent.drift().complete and not agent.drift().drifted and len(agent.capture) == 0
+        window = inverted[:100]
+        vetoed.update(x[None].tobytes() for x in window[1::2])  # the app drops every other frame
+        for x in window[:99]:
             agent.predict(x)
-        triggers = [r.trigger for r in held(agent, owner)]
-        assert triggers.count("drift") == 30 and len(triggers) > before + 29
+        assert len(agent.capture) == 0  # held in memory until the window is judged
+        agent.predict(window[99])  # fills the window: flagged, its inputs are captured
+        assert agent.drift().drifted
+        first = held(agent, owner)
+        # Exactly the drifted window's inputs the filter let through: the 50 even frames (the
+        # window of 100 fits the policy's 80 a hour only as a uniform sample of 80 of them).
+        assert {r.trigger for r in first} == {"drift"}
+        assert _inputs(first) <= {x[None].tobytes() for x in window[::2]}
+        stats = agent.capture.stats
+        assert len(first) == stats.captured and stats.captured + stats.vetoed == 80
+        # The next drifted window: only what is left of the hour's 80 is taken, from that window.
+        for x in inverted[100:200]:
+            agent.predict(x)
+        second = [r for r in held(agent, owner) if r.input_bytes not in _inputs(first)]
+        assert len(second) == 80 - len(first) and stats.capped == 80 - len(second)
+        assert _inputs(second) <= {x[None].tobytes() for x in inverted[100:200]}
+        assert agent.capture.windows_captured == 2
 
 
 def test_with_the_capture_thread_predict_never_writes_and_the_cap_still_holds(

@@ -6,17 +6,18 @@ that converts; refusals are events; a bad record is refused on pull and the rest
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 from device_fixtures import bundles, key, make_config, models, other_key  # noqa: F401 - fixtures
-from edgekit import TrustedKeys
+from edgekit import SigningKey, TrustedKeys, create_bundle
 from edgekit.agent import Agent
 from edgekit.agent.daemon import AgentDaemon
+from edgekit.broker import operator_credentials
 from edgekit.capture import (
     CaptureKey,
     init_capture_key,
@@ -27,22 +28,28 @@ from edgekit.capture import (
 from edgekit.data import load_data
 from edgekit.fleet.capture import CaptureSink, current_policy, pull, purge, set_policy, turn_off
 from edgekit.fleet.control import ControlPlane
+from edgekit.fleet.push import connect_operator
 from edgekit.fleet.registry.models import CaptureRecordRow
+from edgekit.keys import load_signing_key
 from edgekit.mqtt import Message, MqttClient
 from edgekit.topics import Topics
+from helpers import edgekit
 from test_serve import serve  # noqa: F401 - a fixture
 
 TOPICS = Topics()
 
 
 class Spy:
-    """Every message on the broker, as an operator-level account sees it."""
+    """Every message on the broker, as an operator-level account sees it (on a broker with
+    accounts, logged in as the operator: everything under the prefix)."""
 
-    def __init__(self, url: str) -> None:
-        self.client = MqttClient(url, client_id="capture-spy").connect(timeout=10)
+    def __init__(self, url: str, username: str | None = None, password: str | None = None) -> None:
+        self.client = MqttClient(url, client_id="capture-spy", username=username, password=password).connect(
+            timeout=10
+        )
         self.messages: list[Message] = []
         self.changed = threading.Condition()
-        self.client.subscribe("#", self._on)
+        self.client.subscribe("#" if username is None else "edgekit/#", self._on)
 
     def _on(self, message: Message) -> None:
         with self.changed:
@@ -96,73 +103,173 @@ def rig(mosquitto, registry_url, make_config, bundles, key, edgekit_home) -> Ite
     control.close()
 
 
-def test_drift_capture_pull_label_convert_push_and_drift_clears(rig, models, key, tmp_path, digits_models):
-    agent = rig.device.agent
+@dataclass
+class Shop:
+    """A fleet as an owner sets it up: `edgekit keys init`, `device add`, the broker's own config
+    (`broker mosquitto-config`: accounts and ACLs, no anonymous access), the device's agent with its
+    daemon, the fleet's capture sink and a spy, both logged in as the operator."""
+
+    control: ControlPlane
+    operator: MqttClient
+    device: AgentDaemon
+    sink: CaptureSink
+    spy: Spy
+    owner: CaptureKey
+    key: SigningKey
+    broker: str
+    registry: str
+
+
+@pytest.fixture
+def shop(mosquitto, registry_url, edgekit_home, tmp_path, models) -> Iterator[Shop]:
+    assert edgekit("keys", "init").returncode == 0
+    config = tmp_path / "pi-01.toml"
+    added = edgekit(
+        "device", "add", "pi-01", "--fleet", "lab", "--broker", mosquitto.url,
+        "--state-dir", str(tmp_path / "pi-01"), "-o", str(config),
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    written = edgekit(
+        "broker", "mosquitto-config", "--port", str(mosquitto.port), "--host", "127.0.0.1",
+        "--user", "root", "--no-persistence", "-o", str(mosquitto.directory),
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    mosquitto.stop()
+    mosquitto.start()
+    # Every sampled input judged, in windows of 100; telemetry flushed by hand.
+    text = config.read_text()
+    for old, new in (("sample_rate = 0.05", "sample_rate = 1.0"), ("window = 200", "window = 100"),
+                     ("interval = 60", "interval = 3600"), ("threads = 0", "threads = 1")):  # fmt: skip
+        assert old in text
+        text = text.replace(old, new)
+    config.write_text(text)
+    signer = load_signing_key(edgekit_home)
+    v1 = tmp_path / "digits-1.0.0.ekb"
+    create_bundle(
+        models.fp32, name="digits", version="1.0.0", key=signer, output=v1, baseline=models.data_npz
+    )
+    account = operator_credentials(edgekit_home)
+    control = ControlPlane.open(registry_url, TrustedKeys([signer.public]), home=edgekit_home)
+    spy = Spy(mosquitto.url, account.username, account.password)
+    operator = connect_operator(mosquitto.url, home=edgekit_home)
+    sink = CaptureSink(
+        control.registry,
+        MqttClient(
+            mosquitto.url, client_id="capture-sink", username=account.username, password=account.password
+        ),
+    ).start()
+    agent = Agent.from_config(config, background=False)
+    agent.install(v1)  # what the device served before it drifted
+    daemon = AgentDaemon(agent, upload_interval=0.2).start()
+    owner = init_capture_key(edgekit_home, b"owner passphrase")
+    yield Shop(control, operator, daemon, sink, spy, owner, signer, mosquitto.url, registry_url)
+    daemon.stop()
+    agent.close()
+    sink.stop()
+    operator.close()
+    spy.client.close()
+    control.close()
+
+
+def _windows(data: bytes, size: int = 16) -> set[bytes]:
+    return {data[i : i + size] for i in range(len(data) - size + 1)}
+
+
+def _accuracy(agent: Agent, xs: np.ndarray, ys: np.ndarray) -> float:
+    return float(np.mean([int(np.argmax(agent.predict(x)[0])) == int(y) for x, y in zip(xs, ys)]))
+
+
+def test_drift_capture_pull_label_finetune_convert_push_and_drift_clears(
+    shop, models, digits_models, tmp_path
+):
+    """The issue's round trip: a drifted device -> capture -> pull -> label -> fine-tune ->
+    convert -> `edgekit push --wait` -> the device no longer drifts, and answers the drifted
+    inputs better than before."""
+    agent = shop.device.agent
     set_policy(
-        rig.control,
-        rig.operator,
-        key,
+        shop.control,
+        shop.operator,
+        shop.key,
         "lab",
-        rig.owner.public_raw,
+        shop.owner.public_raw,
         triggers=("drift",),
         max_per_hour=1000,
         note="retrain the shelf model after the lights changed",
     )
     assert agent.capture.wait_for(lambda c: c.armed, 30)
     inverted = (1.0 - models.x_test).astype(np.float32)  # the device's camera now sees this
-    for x in inverted[:100]:
+    seen, held_out, truth_out = inverted[:200], inverted[200:], models.y_test[200:]
+    for x in seen:  # two windows of 100, both flagged: their inputs are captured
         agent.predict(x)
-    agent.flush_telemetry()
-    assert agent.drift().drifted and agent.capture.drifted
-    seen = inverted[:200]
-    for x in seen:
-        agent.predict(x)
+    assert agent.drift().drifted
     assert agent.capture.stats.by_trigger == {"drift": 200}
     # Uploaded in chunks, stored by the fleet (ciphertext), acknowledged, deleted on the device.
-    assert rig.sink.wait_for(200, timeout=120)
+    assert shop.sink.wait_for(200, timeout=120)
     assert agent.capture.wait_for(lambda c: len(c) == 0, 60)
-    # Nobody on the broker saw a byte of what the camera saw.
-    payloads = [m.payload for m in rig.spy.messages]
-    assert any(m.topic == TOPICS.device_capture("pi-01") for m in rig.spy.messages)
+    # Nobody on the broker, not even the operator's account, saw a byte of what the camera saw:
+    # no 16-byte run of any captured input (nor the whole input) is in any message.
+    messages = list(shop.spy.messages)
+    assert any(m.topic == TOPICS.device_capture("pi-01") for m in messages)
+    on_the_wire: set[bytes] = set()
+    for message in messages:
+        on_the_wire |= _windows(message.payload)
     for x in seen:
-        raw = x.tobytes()
-        assert not any(raw[64:96] in p for p in payloads)
-    # The owner pulls them into a dataset, labels it, and it is DATA for convert.
+        raw = x[None].tobytes()
+        assert not any(raw in m.payload for m in messages)
+        assert not (_windows(raw) & on_the_wire)
+    turn_off(shop.control, shop.operator, shop.key, "lab")  # enough: the owner turns it off
+    assert agent.capture.wait_for(lambda c: not c.armed, 30)
+
+    # The owner pulls them into a dataset and labels it.
     out = tmp_path / "field"
-    result = pull(rig.control, rig.owner, "lab", out)
+    result = pull(shop.control, shop.owner, "lab", out)
     assert result.written == 200 and result.refused == []
     lines = [json.loads(t) for t in (out / "records.jsonl").read_text().splitlines()]
     assert {line["trigger"] for line in lines} == {"drift"} and lines[0]["bundle"]["version"] == "1.0.0"
+    assert {np.load(out / line["input"]).tobytes() for line in lines} == {x.tobytes() for x in seen}
     assert (out / lines[0]["image"]).exists()
     readme = (out / "README.md").read_text()
     assert "retrain the shelf model" in readme and "when drift is flagged" in readme
-    truth = {tuple(np.round(x.ravel(), 5)): int(y) for x, y in zip(inverted, models.y_test)}
-    rows = ["id,label"] + [
-        f"{line['id']},{truth[tuple(np.round(np.load(out / line['input']).ravel(), 5))]}" for line in lines
-    ]
+    truth = {x.tobytes(): int(y) for x, y in zip(inverted, models.y_test)}
+    rows = ["id,label"] + [f"{line['id']},{truth[np.load(out / line['input']).tobytes()]}" for line in lines]
     (out / "labels.csv").write_text("\n".join(rows) + "\n")
     data = load_data(out)
     assert data.x.shape == (200, 8, 8, 1) and data.y is not None and len(set(data.y.tolist())) > 5
+
+    # Fine-tuned on the labelled field data, converted with it as the drift baseline, bundled.
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.models.load_model(digits_models.keras_path)
+    model.fit(data.x, data.y, epochs=6, batch_size=1, verbose=0)
+    tuned = tmp_path / "digits-field.keras"
+    model.save(tuned)
     from edgekit.converters import ConvertOptions, convert
 
     report = convert(
         ConvertOptions(
-            model=digits_models.keras_path,
-            output=tmp_path / "field" / ".." / "v2.tflite",
-            eval=out,
-            baseline=out,
-            bundle="digits:2.1.0",
+            model=tuned, output=tmp_path / "v2.tflite", eval=out, baseline=out, bundle="digits:2.0.0"
         ),
-        signing_key=key,
+        signing_key=shop.key,
     )
     assert report.eval_source == str(out) and report.converted.accuracy is not None
-    # The new bundle's baseline is what the device now sees: installed, the drift clears.
-    agent.install(Path(report.bundle["path"]))  # type: ignore[index]
-    for x in inverted[200:300]:
-        agent.predict(x)
-    assert not agent.drift().drifted
-    actions = [e.action for e in rig.control.audit_log("lab")]
-    assert "capture-policy" in actions and "capture-pull" in actions
+    before = _accuracy(agent, held_out, truth_out)  # inputs the fine-tuning never saw
+
+    # Pushed to the device like any release: the real CLI, the real broker, the real agent.
+    pushed = edgekit(
+        "push", str(report.bundle["path"]), "--fleet", "lab", "--wait", "--timeout", "120",  # type: ignore[index]
+        "--broker", shop.broker, "--json",
+        env={**os.environ, "EDGEKIT_REGISTRY": shop.registry, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["devices"]["pi-01"]["version"] == "2.0.0"
+    assert agent.status().version == "2.0.0"
+    after = _accuracy(agent, held_out, truth_out)
+    drift = agent.drift()
+    assert drift is not None and drift.complete and not drift.drifted  # the drift cleared
+    assert after >= before + 0.3, (before, after)  # and the device answers what it now sees
+    actions = [e.action for e in shop.control.audit_log("lab")]
+    assert "capture-policy" in actions and "capture-pull" in actions and "push" in actions
 
 
 def test_refused_policies_capture_nothing_and_are_events(rig, models, key, other_key, mosquitto):
@@ -310,3 +417,41 @@ def test_fleet_serve_stores_and_acknowledges_what_devices_capture(
         operator.close()
         control.close()
         served.stop()
+
+
+def test_the_dataset_readme_names_every_policy_its_records_were_collected_under(rig, models, key, tmp_path):
+    agent = rig.device.agent
+
+    def collect(note: str, count: int, cap: int) -> int:
+        policy = set_policy(
+            rig.control, rig.operator, key, "lab", rig.owner.public_raw,
+            triggers=("sample",), sample_rate=1.0, max_per_hour=cap, note=note,
+        )  # fmt: skip
+        assert agent.capture.wait_for(lambda c: c.policy is not None and c.policy.seq == policy.seq, 30)
+        for x in models.x_test[:count]:
+            agent.predict(x)
+        return policy.seq
+
+    first = collect("policy A: count shelf gaps, staff only", 3, cap=3)
+    second = collect("policy B: check the new lighting, faces blurred", 4, cap=7)  # the hour holds 3
+    off = turn_off(rig.control, rig.operator, key, "lab")
+    assert agent.capture.wait_for(lambda c: not c.armed, 30)
+    assert rig.sink.wait_for(7, timeout=60)
+    result = pull(rig.control, rig.owner, "lab", tmp_path / "ds")
+    assert result.written == 7
+    lines = [json.loads(t) for t in (tmp_path / "ds" / "records.jsonl").read_text().splitlines()]
+    assert sorted(line["policy_seq"] for line in lines) == [first] * 3 + [second] * 4
+    readme = (tmp_path / "ds" / "README.md").read_text()
+    for seq, count, note in (
+        (first, 3, "policy A: count shelf gaps"),
+        (second, 4, "policy B: check the new"),
+    ):
+        (entry,) = [
+            i
+            for i, t in enumerate(readme.splitlines())
+            if t.startswith(f"- **Policy {seq}** ({count} records)")
+        ]
+        assert "a random 1 of predictions" in readme.splitlines()[entry]
+        assert note in readme.splitlines()[entry + 1]
+    assert f"The fleet's policy now (policy {off.seq}): capture is off." in readme
+    assert f"Policy {off.seq}**" not in readme  # it collected nothing
