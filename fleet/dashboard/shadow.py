@@ -56,7 +56,8 @@ def _percent(value: float) -> str:
 
 
 def _ms(value: float) -> str:
-    return f"{value:.1f} ms"
+    """Three decimals below 1 ms: a tiny model's 0.004 ms is not 0.0 ms."""
+    return f"{value:.1f} ms" if value >= 1 else f"{value:.3f} ms"
 
 
 def agreement_words(figures: dict[str, Any]) -> str:

@@ -43,7 +43,12 @@ def _latency(figures: dict[str, Any], model: str) -> str:
     p50, p95 = figures.get(f"{model}_p50_ms"), figures.get(f"{model}_p95_ms")  # p50: not from an older server
     if p50 is None and p95 is None:
         return "-"
-    return " / ".join("-" if v is None else f"{v:.1f}" for v in (p50, p95)) + " ms"
+    return " / ".join("-" if v is None else _ms(v) for v in (p50, p95)) + " ms"
+
+
+def _ms(value: float) -> str:
+    """Milliseconds, with three decimals below 1 ms (a tiny model's 0.004 ms is not 0.0)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
 def _mib(value: Optional[int]) -> str:

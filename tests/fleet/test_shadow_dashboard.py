@@ -164,3 +164,17 @@ def test_an_operator_is_told_why_promote_was_refused_and_stops_the_shadow_by_cli
     assert "shadow" not in state and state["bundle"]["version"] == "1.1.0"
     log = [(e.actor, e.action, e.result) for e in ControlPlane(shop).audit_log()[:2]]
     assert log == [(OPERATOR[0], "shadow-stop", "ok"), (OPERATOR[0], "shadow-promote", "failed")]
+
+
+def test_a_tiny_models_latency_is_shown_in_microseconds_not_as_zero():
+    from edgekit.fleet.dashboard.shadow import speed_words
+
+    figures = {
+        "serving_p50_ms": 0.003, "serving_p95_ms": 0.004, "candidate_p50_ms": 0.005,
+        "candidate_p95_ms": 0.006, "latency_ratio": 1.5,
+    }  # fmt: skip
+    assert speed_words(figures) == (
+        "The new model answers within 0.006 ms, the current one within 0.004 ms on the same inputs "
+        "(95% of answers): 1.50× as long. Half of its answers come within 0.005 ms, the current "
+        "one's within 0.003 ms."
+    )

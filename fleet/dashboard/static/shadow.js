@@ -5,7 +5,8 @@ const edgekitShadow = (() => {
   const { get, post, whoAmI, every, stamp, cell, badge, role } = edgekit.lib;
 
   function percent(value) { return value == null ? "–" : `${(value * 100).toFixed(1)}%`; }
-  function ms(value) { return value == null ? "–" : `${value.toFixed(1)} ms`; }
+  // Three decimals below 1 ms: a tiny model's 0.004 ms is not 0.0 ms.
+  function ms(value) { return value == null ? "–" : `${value.toFixed(value >= 1 ? 1 : 3)} ms`; }
   // "1.0 ms / 2.1 ms": half of the answers within the first, 95% within the second.
   function latency(p50, p95) { return `${ms(p50)} / ${ms(p95)}`; }
 
