@@ -370,8 +370,9 @@ class Shadow:
 
     def _work(self) -> None:
         """The worker: it ends only with the shadow. Any exception from a candidate's run (or a
-        bug here) unloads the candidate and reports it (``shadow_failed``, logged with its
-        traceback); whatever ends the thread ends the shadow with it, never silently."""
+        bug here) unloads the candidate and reports it (``shadow_failed``; logged, with the
+        traceback of anything but the runtime's and edgekit's own errors); whatever ends the
+        thread ends the shadow with it, never silently."""
         try:
             self._loop()
         except BaseException as exc:  # not a candidate's run (that is caught in _loop): a bug
@@ -436,13 +437,15 @@ class Shadow:
             feeds.append(quantize(value, spec) if spec.quantized else value.astype(dtype, copy=False))
         self._busy_since = time.perf_counter()  # wall clock: a hang is judged by it
         cpu0 = time.thread_time()
-        raw = model.run(feeds)
+        try:
+            raw = model.run(feeds)
+        finally:  # returned or raised: not hung (so _unload frees its interpreter now)
+            self._busy_since = None
         # The candidate's latency is the CPU time of its run on this thread (one interpreter
         # thread, so all of it): the worker runs at nice 19 and waits behind serving, other
         # processes and the GIL by design, and that waiting would make even the serving model
         # itself look several times slower here than where it serves.
         elapsed = time.thread_time() - cpu0
-        self._busy_since = None
         outs = [
             dequantize(o, s) if s.quantized else o.astype(np.float32, copy=False)
             for o, s in zip(raw, self._out_specs)
