@@ -272,10 +272,14 @@ class AgentDaemon:
         self.client.close()
 
     def alive(self) -> bool:
-        """True while the install worker, the uploader and the bench worker run (what the
-        systemd watchdog vouches for)."""
+        """True while the install worker, the uploader, the bench worker and a running shadow's
+        worker run (what the systemd watchdog vouches for)."""
+        shadow = self.agent.shadow
         return (
-            bool(self._threads) and all(thread.is_alive() for thread in self._threads) and self.bench.alive()
+            bool(self._threads)
+            and all(thread.is_alive() for thread in self._threads)
+            and self.bench.alive()
+            and (shadow is None or shadow.alive())
         )
 
     def __enter__(self) -> AgentDaemon:

@@ -19,8 +19,12 @@ How it works:
   serving by design: wall-clock time would count that wait against the candidate, and an
   identical candidate measured 4-6x the serving model on a busy agent). After each run the worker sleeps in proportion to the CPU time it spent, so that it
   uses at most ``cpu_budget`` of one core (default 0.25).
-- A candidate that raises, returns NaN or infinity, or takes longer than ``hang_seconds`` on one
+- A candidate that raises (any exception from its run: the runtime refusing an input, a
+  kernel failing, ...), returns NaN or infinity, or takes longer than ``hang_seconds`` on one
   input is unloaded and an event (``shadow_failed``) says why; the serving model never notices.
+  The worker never ends silently: whatever ends it fails the shadow with an event, and
+  :meth:`Shadow.alive` (the daemon's watchdog) is False if it ever ended with the shadow running.
+  A native crash (a segfault in the runtime) takes the whole agent process down with it.
   (A hung run cannot be interrupted in Python: its thread is abandoned and the candidate's
   interpreter is freed when that run returns.)
 - Before loading, the candidate's memory need is estimated (three times the model's size: the
@@ -41,6 +45,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -199,6 +204,18 @@ class ShadowWindow:
         }
 
 
+def _reason(exc: Exception) -> str:
+    """An exception as the reason a candidate failed: its message (the runtime's, or "it
+    returned NaN or infinity"), with its type when that says more than an empty message."""
+    text = str(exc).strip()
+    if isinstance(exc, RuntimeError) and text:  # the runtime's own words, its lines run together
+        text = re.sub(r"(?<=\S)(?=Node number )", ". ", text).rstrip(".")
+        return f"the runtime could not run it ({text})"
+    if isinstance(exc, (ValueError, EdgekitError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class _Sample:
     real_inputs: list[np.ndarray]  # real-valued (dequantized) inputs, copied
@@ -352,6 +369,25 @@ class Shadow:
     # -- the worker ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        """The worker: it ends only with the shadow. Any exception from a candidate's run (or a
+        bug here) unloads the candidate and reports it (``shadow_failed``; logged, with the
+        traceback of anything but the runtime's and edgekit's own errors); whatever ends the
+        thread ends the shadow with it, never silently."""
+        try:
+            self._loop()
+        except BaseException as exc:  # not a candidate's run (that is caught in _loop): a bug
+            log.exception("the shadow worker of %s ended unexpectedly", self.label)
+            self._fail(
+                f"the shadow of {self.label} ended by an unexpected error in the agent "
+                f"({type(exc).__name__}: {exc})"
+            )
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self.state == RUNNING:  # cannot happen: said out loud if it does
+                self._fail(f"the shadow worker of {self.label} ended while the candidate was loaded")
+
+    def _loop(self) -> None:
         # Serving keeps priority: on Linux a thread has its own nice value; at 19 the kernel
         # runs the candidate only on CPU time the serving thread does not want.
         with contextlib.suppress(AttributeError, OSError):
@@ -364,9 +400,12 @@ class Shadow:
             cpu0 = time.thread_time()
             try:
                 self._compare(item)
-            except (ValueError, RuntimeError, TypeError, ArithmeticError, MemoryError, EdgekitError) as exc:
-                # the candidate failed: unloaded and reported; serving goes on
-                self._fail(f"the candidate {self.label} failed on a live input: {exc}")
+            except Exception as exc:
+                # The candidate failed (the runtime raised, it returned NaN, or anything else a
+                # run or a comparison can raise): unloaded and reported; serving goes on.
+                if not isinstance(exc, (ValueError, RuntimeError, EdgekitError)):
+                    log.exception("the candidate %s failed on a live input", self.label)
+                self._fail(f"the candidate {self.label} failed on a live input: {_reason(exc)}")
                 self._queue.task_done()
                 return
             self._queue.task_done()
@@ -375,6 +414,11 @@ class Shadow:
             pause = spent * (1.0 - self.cpu_budget) / self.cpu_budget
             if pause > 0 and self._stop_wait(pause):
                 return
+
+    def alive(self) -> bool:
+        """False only when the worker ended while the shadow is still running (the daemon's
+        watchdog checks it); a failed, stopped or expired shadow has no worker to watch."""
+        return self.state != RUNNING or self._thread.is_alive()
 
     def _stop_wait(self, seconds: float) -> bool:
         end = time.perf_counter() + seconds
@@ -393,13 +437,15 @@ class Shadow:
             feeds.append(quantize(value, spec) if spec.quantized else value.astype(dtype, copy=False))
         self._busy_since = time.perf_counter()  # wall clock: a hang is judged by it
         cpu0 = time.thread_time()
-        raw = model.run(feeds)
+        try:
+            raw = model.run(feeds)
+        finally:  # returned or raised: not hung (so _unload frees its interpreter now)
+            self._busy_since = None
         # The candidate's latency is the CPU time of its run on this thread (one interpreter
         # thread, so all of it): the worker runs at nice 19 and waits behind serving, other
         # processes and the GIL by design, and that waiting would make even the serving model
         # itself look several times slower here than where it serves.
         elapsed = time.thread_time() - cpu0
-        self._busy_since = None
         outs = [
             dequantize(o, s) if s.quantized else o.astype(np.float32, copy=False)
             for o, s in zip(raw, self._out_specs)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from edgekit.bench import (
     DEFAULT_TTL,
+    MAX_CANDIDATES,
     MAX_DEVICES,
     BenchCandidate,
     BenchReport,
@@ -79,6 +80,14 @@ def choose_devices(link: FleetLink, devices: Sequence[str], count: Optional[int]
     return sorted(ranked)
 
 
+def too_many_candidates(count: int) -> str:
+    """The refusal of a benchmark of more than MAX_CANDIDATES models, in an owner's words."""
+    return (
+        f"{count} models given, and one benchmark measures at most {MAX_CANDIDATES}: "
+        "name fewer, and run another `edgekit bench` for the rest"
+    )
+
+
 def start_bench(
     control: ControlPlane,
     link: FleetLink,
@@ -97,6 +106,8 @@ def start_bench(
     with audited(control, "bench", fleet, labels[:200]):
         if not candidates:
             raise BenchError("name at least one model or bundle to benchmark")
+        if len(candidates) > MAX_CANDIDATES:
+            raise BenchError(too_many_candidates(len(candidates)))
         if len({c.bundle_id for c in candidates}) != len(candidates):
             raise BenchError("the same bundle is named twice; name each candidate once")
         # Devices on TUF measure only candidates targets authorises: refused before anything is sent.

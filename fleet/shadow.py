@@ -25,7 +25,9 @@ class ShadowWindowLike(Protocol):
     agreed: int
     abs_error_mean: Optional[float]
     abs_error_max: Optional[float]
+    serving_p50_ms: Optional[float]
     serving_p95_ms: Optional[float]
+    candidate_p50_ms: Optional[float]
     candidate_p95_ms: Optional[float]
     error: Optional[str]
     candidate_severity: Optional[str]
@@ -44,6 +46,12 @@ def wilson_interval(agreed: int, n: int, z: float = 1.96) -> tuple[float, float]
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _median(values: Sequence[Optional[float]]) -> Optional[float]:
+    """The middle one of the values given (the upper one of an even count), or None."""
+    known = sorted(v for v in values if v is not None)
+    return known[len(known) // 2] if known else None
+
+
 def _figures(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
     compared = sum(w.compared for w in windows)
     classified = sum(w.classified for w in windows)
@@ -54,13 +62,13 @@ def _figures(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
     weight = sum(n for _, n in weighted)
     maxima = [w.abs_error_max for w in windows if w.abs_error_max is not None]
     low, high = wilson_interval(agreed, classified)
-    # Percentiles of different windows cannot be merged: the median of the windows' p95s.
-    serving = sorted(w.serving_p95_ms for w in windows if w.serving_p95_ms is not None)
-    trying = sorted(w.candidate_p95_ms for w in windows if w.candidate_p95_ms is not None)
+    # Percentiles of different windows cannot be merged: the median of the windows' p50s and p95s.
+    serving_p50 = _median([w.serving_p50_ms for w in windows])
+    candidate_p50 = _median([w.candidate_p50_ms for w in windows])
+    serving_p95 = _median([w.serving_p95_ms for w in windows])
+    candidate_p95 = _median([w.candidate_p95_ms for w in windows])
     # Rows from before the figure (and plain test rows) may lack it: read with a default.
     peaks = [p for p in (getattr(w, "peak_memory_bytes", None) for w in windows) if p is not None]
-    serving_p95 = serving[len(serving) // 2] if serving else None
-    candidate_p95 = trying[len(trying) // 2] if trying else None
     return {
         "compared": compared,
         "dropped": sum(w.dropped for w in windows),
@@ -71,7 +79,9 @@ def _figures(windows: Sequence[ShadowWindowLike]) -> dict[str, Any]:
         "agreement_high": high if classified else None,
         "abs_error_mean": sum(m * n for m, n in weighted) / weight if weight else None,
         "abs_error_max": max(maxima) if maxima else None,
+        "serving_p50_ms": serving_p50,
         "serving_p95_ms": serving_p95,
+        "candidate_p50_ms": candidate_p50,
         "candidate_p95_ms": candidate_p95,
         "latency_ratio": candidate_p95 / serving_p95 if candidate_p95 and serving_p95 else None,
         # The agent's peak resident memory with both models loaded (the highest sampled).

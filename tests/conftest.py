@@ -5,7 +5,7 @@
 - ``digits_models``: tiny Keras CNNs trained on scikit-learn's digits and converted to fp32
   and int8 .tflite, once per session (TensorFlow import and training cost seconds).
 - ``digits_candidates``: shadow candidates built from the digits Keras model (the same answers
-  at ~1 ms, shuffled classes, ~3x the compute, NaN), once per session.
+  at ~1 ms, shuffled classes, ~3x the compute, NaN, a run the runtime fails), once per session.
 - ``diabetes_regressor``: a tiny Keras regressor on scikit-learn's diabetes data, as .tflite
   (and the same answering 0.5 higher: a regression candidate that differs).
 - ``third_party_tflite``: a real .tflite model shipped inside a PyPI package (MediaPipe's
@@ -215,6 +215,12 @@ class DigitsCandidates:
     shuffled: Path  # the final layer's units permuted (``classes``): ~10% top-1 agreement
     slow: Path  # the serving model's answers bit for bit, through three work blocks: ~3x the compute
     nan: Path  # the final bias NaN: every output is NaN (a real fault of a broken export)
+    # The serving model's head plus a table lookup (GATHER) whose row is 1000 where the input's
+    # top-left pixel is exactly 0 (every digit: the images' corners are blank) and 0 elsewhere
+    # (the health check's random inputs): on live inputs the runtime's GATHER kernel fails the
+    # run ("gather index out of bounds"), a real crash inside the runtime the device cannot
+    # foresee at load (same shapes, same dtypes, loads and allocates fine).
+    crash: Path
     classes: tuple[int, ...] = SHUFFLED_CLASSES  # shuffled's output j is the trained model's classes[j]
 
 
@@ -230,7 +236,15 @@ def digits_candidates(
     kernel, bias = dense.get_weights()
     out = tmp_path_factory.mktemp("digits-candidates")
 
-    def paced(weights: list[np.ndarray], blocks: int = 1) -> bytes:
+    class CornerLookup(keras.layers.Layer):
+        """A row of a 10 x 10 table, added to the logits: row 1000 (out of bounds) where the
+        input's top-left pixel is exactly 0, else row 0."""
+
+        def call(self, x):  # type: ignore[no-untyped-def]
+            row = keras.ops.cast(keras.ops.equal(x[:, 0, 0, 0], 0.0), "int32") * 1000
+            return keras.ops.take(keras.ops.convert_to_tensor(np.eye(10, dtype=np.float32)), row, axis=0)
+
+    def paced(weights: list[np.ndarray], blocks: int = 1, crash: bool = False) -> bytes:
         inputs = keras.Input(shape=(8, 8, 1), batch_size=1)
         hidden = conv(inputs)
         channels = int(hidden.shape[-1])
@@ -242,9 +256,11 @@ def digits_candidates(
             hidden = work(hidden)
             work.set_weights([identity])
             hidden = keras.layers.MaxPooling2D(PACE_UPSAMPLE)(hidden)
-        last = keras.layers.Dense(10, activation="softmax")
+        last = keras.layers.Dense(10, activation=None if crash else "softmax")
         outputs = last(flatten(hidden))
         last.set_weights(weights)
+        if crash:
+            outputs = keras.layers.Softmax()(outputs + CornerLookup()(inputs))
         return convert_to_tflite(keras.Model(inputs, outputs))
 
     order = list(SHUFFLED_CLASSES)
@@ -254,6 +270,7 @@ def digits_candidates(
         ("shuffled", paced([kernel[:, order], bias[order]])),
         ("slow", paced([kernel, bias], blocks=3)),
         ("nan", paced([kernel, np.full_like(bias, np.nan)])),
+        ("crash", paced([kernel, bias], crash=True)),
     ):
         paths[name] = out / f"digits_{name}.tflite"
         paths[name].write_bytes(content)

@@ -56,7 +56,8 @@ def _percent(value: float) -> str:
 
 
 def _ms(value: float) -> str:
-    return f"{value:.1f} ms"
+    """Three decimals below 1 ms: a tiny model's 0.004 ms is not 0.0 ms."""
+    return f"{value:.1f} ms" if value >= 1 else f"{value:.3f} ms"
 
 
 def agreement_words(figures: dict[str, Any]) -> str:
@@ -83,10 +84,14 @@ def speed_words(figures: dict[str, Any]) -> Optional[str]:
     if serving is None or trying is None or ratio is None:
         return None
     how = "as long" if ratio >= 1 else "the time"
-    return (
+    words = (
         f"The new model answers within {_ms(trying)}, the current one within {_ms(serving)} on the same "
         f"inputs (95% of answers): {ratio:.2f}× {how}."
     )
+    serving_p50, trying_p50 = figures.get("serving_p50_ms"), figures.get("candidate_p50_ms")
+    if serving_p50 is not None and trying_p50 is not None:
+        words += f" Half of its answers come within {_ms(trying_p50)}, the current one's within {_ms(serving_p50)}."
+    return words
 
 
 def dropped_words(figures: dict[str, Any]) -> Optional[str]:

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from ..bench import DEFAULT_RUNS, MAX_RUNS, BenchReport, parse_threads
+from ..bench import DEFAULT_RUNS, MAX_CANDIDATES, MAX_RUNS, BenchReport, parse_threads
 from ..config import WorkstationConfig
 from ..errors import BenchError, MessageError
 from ._app import console, err_console, print_json, signing_key
@@ -48,8 +48,8 @@ app = typer.Typer(
 def run(
     candidates: list[str] = typer.Argument(
         ...,
-        help="Models to measure, each in turn: bundles (.ekb, or a name in the catalog), .tflite "
-        "or Keras models (bundled with defaults, signed with your key).",
+        help=f"Models to measure, each in turn (at most {MAX_CANDIDATES}): bundles (.ekb, or a name "
+        "in the catalog), .tflite or Keras models (bundled with defaults, signed with your key).",
         show_default=False,
     ),
     fleet: str = typer.Option(..., "--fleet", help="Whose devices measure."),
@@ -76,8 +76,10 @@ def run(
     keeps priority and is never replaced). Each device also runs the bundle's health-check
     inputs and says whether its answers match the workstation's. Results arrive in the registry
     (`edgekit bench results`); `--wait` prints them here as they come."""
-    from edgekit.fleet.bench import choose_devices, row_of_report, start_bench, summarize
+    from edgekit.fleet.bench import choose_devices, row_of_report, start_bench, summarize, too_many_candidates
 
+    if len(candidates) > MAX_CANDIDATES:  # before bundling and publishing any of them
+        raise BenchError(too_many_candidates(len(candidates)))
     counts = parse_threads(threads)
     if not 1 <= runs <= MAX_RUNS:
         raise BenchError(f"--runs {runs}: give a number of timed runs from 1 to {MAX_RUNS}")

@@ -38,8 +38,17 @@ def _percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _ms(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
+def _latency(figures: dict[str, Any], model: str) -> str:
+    """``model``'s (``serving`` or ``candidate``) p50 / p95 latency: ``1.0 / 2.1 ms``."""
+    p50, p95 = figures.get(f"{model}_p50_ms"), figures.get(f"{model}_p95_ms")  # p50: not from an older server
+    if p50 is None and p95 is None:
+        return "-"
+    return " / ".join("-" if v is None else _ms(v) for v in (p50, p95)) + " ms"
+
+
+def _ms(value: float) -> str:
+    """Milliseconds, with three decimals below 1 ms (a tiny model's 0.004 ms is not 0.0)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
 def _mib(value: Optional[int]) -> str:
@@ -63,8 +72,8 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Per device and in total: inputs compared and dropped, top-1 agreement with its 95%
-    confidence interval (Wilson), output error, p95 latency of the candidate against the
-    serving model on the same inputs, and whether the candidate failed."""
+    confidence interval (Wilson), output error, p50 and p95 latency of the candidate against
+    the serving model on the same inputs, and whether the candidate failed."""
     from edgekit.fleet.api import shadow_json
     from edgekit.fleet.registry import Registry
 
@@ -93,8 +102,8 @@ def status(
         "dropped",
         "agreement (95% CI)",
         "max error",
-        "p95 serving",
-        "p95 candidate",
+        "serving p50 / p95",
+        "candidate p50 / p95",
         "peak memory",
         "candidate on these inputs",
         title=f"{summary['candidate']} in the shadow of fleet {fleet}",
@@ -108,8 +117,8 @@ def status(
             str(d["dropped"]),
             _agreement(d),
             "-" if d["abs_error_max"] is None else f"{d['abs_error_max']:.4g}",
-            _ms(d["serving_p95_ms"]),
-            _ms(d["candidate_p95_ms"]),
+            _latency(d, "serving"),
+            _latency(d, "candidate"),
             _mib(d["peak_memory_bytes"]),
             d["severity"] or "not judged yet",
         )
@@ -121,8 +130,8 @@ def status(
         str(total["dropped"]),
         _agreement(total),
         "-" if total["abs_error_max"] is None else f"{total['abs_error_max']:.4g}",
-        _ms(total["serving_p95_ms"]),
-        _ms(total["candidate_p95_ms"]),
+        _latency(total, "serving"),
+        _latency(total, "candidate"),
         _mib(total["peak_memory_bytes"]),
         "",
     )

@@ -157,6 +157,38 @@ def test_a_candidate_returning_nan_is_unloaded_and_serving_continues(
     assert len(failed) == 1 and "unloaded" in str(failed[0]["message"])
 
 
+def test_any_exception_from_a_candidate_run_unloads_it_and_the_worker_says_so(make_config, bundles, models):
+    """Whatever a candidate's run raises, not only the errors the runtime raises today: the
+    candidate is unloaded, reported with the exception's type, and serving goes on. A fake: the
+    candidate's run replaced by one raising LookupError, an error no runtime here raises (a real
+    failure of the runtime, a RuntimeError, is the crashing candidate of
+    tests/fleet/test_shadow_agents.py)."""
+    xs = models.x_test[:24]
+    with Agent.from_config(make_config("oops"), background=False) as agent:
+        agent.install(bundles.v1)
+        expected = [agent.predict(x)[0] for x in xs]
+        shadow = agent.start_shadow(bundles.v2, sample=1.0, cpu_budget=1.0)
+        candidate = shadow._model
+        assert candidate is not None
+
+        def run(feeds: list[np.ndarray]) -> list[np.ndarray]:
+            raise LookupError("a tensor index the candidate does not have")
+
+        candidate.run = run  # type: ignore[method-assign]
+        served = [agent.predict(x)[0] for x in xs]
+        assert shadow.wait_idle()
+        shadow._thread.join(10)
+        record = agent.flush_telemetry()
+    assert all(np.array_equal(a, b) for a, b in zip(expected, served))
+    assert shadow.state == "failed" and shadow._model is None  # unloaded
+    assert not shadow._thread.is_alive() and shadow.alive()  # it ended by failing the shadow, not silently
+    assert record is not None and record.errors == 0 and record.shadow is not None
+    assert record.shadow["state"] == "failed"
+    assert "failed on a live input: LookupError: a tensor index" in record.shadow["error"]
+    (failed,) = [e for e in events(agent) if e["kind"] == "shadow_failed"]
+    assert "LookupError" in str(failed["message"]) and "unloaded" in str(failed["message"])
+
+
 def test_a_board_short_of_memory_refuses_the_shadow_and_says_how_much_it_needs(bundles, key):
     # A fake for a fault the test machine cannot cause: the board's available memory is given
     # as 70 MiB (serving keeps 64 MiB), so the candidate cannot fit.

@@ -67,3 +67,20 @@ def test_a_candidate_the_device_does_not_trust_is_refused_and_serving_goes_on(
     assert "pi-01 could not try digits@9.0.0" in refused[0]["message"]  # type: ignore[index]
     assert device.agent.shadow is None
     assert device.agent.status().version == "1.0.0"
+
+
+def test_the_watchdog_counts_a_running_shadows_worker(device, bundles):
+    device.agent.install(bundles.v1)
+    shadow = device.agent.start_shadow(bundles.v2, sample=1.0)
+    assert device.alive() and shadow.alive()
+    # A worker that ended while its candidate is still loaded and marked running. The worker
+    # cannot end so for real (whatever ends it fails the shadow with an event): faked by silencing
+    # that failure and sending it the end-of-work sentinel, so the watchdog's check is seen to bite.
+    shadow._fail = lambda message: None  # type: ignore[method-assign]
+    shadow._queue.put(None)
+    shadow._thread.join(10)
+    assert shadow.state == "running" and not shadow.alive()
+    assert not device.alive()  # no more watchdog pings: systemd restarts the agent
+    del shadow._fail  # the real one again
+    device.agent.stop_shadow()
+    assert device.alive()

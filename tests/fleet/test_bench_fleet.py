@@ -182,6 +182,11 @@ def test_bench_refuses_unknown_devices_and_bad_flags_in_one_line(
         assert result.returncode == 19, (flags, result.stderr)
         assert said in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # More than MAX_CANDIDATES (8) models: refused before any is bundled or published.
+    nine = edgekit("bench", *[model] * 9, "--fleet", "lab", *broker)
+    assert nine.returncode == 19 and "Traceback" not in nine.stderr
+    assert "9 models given, and one benchmark measures at most 8" in nine.stderr, nine.stderr
+    assert len(nine.stderr.strip().splitlines()) == 1, nine.stderr
     empty = edgekit("bench", model, "--fleet", "nobody", *broker)
     assert empty.returncode == 19 and "no device of fleet nobody has been heard from" in empty.stderr
 

@@ -119,8 +119,15 @@ def test_push_shadow_measures_the_candidate_on_every_device_and_status_sums_it_u
         assert abs(total["agreement"] - truth) <= 2 / len(xs)
         assert total["agreement_low"] <= truth <= total["agreement_high"]
         assert total["latency_ratio"] is not None and total["latency_ratio"] > 0
+        for figures in (total, *doc["devices"]):  # p50 and p95 of both models, as measured
+            for model in ("serving", "candidate"):
+                assert 0 < figures[f"{model}_p50_ms"] <= figures[f"{model}_p95_ms"], figures
         table = edgekit("shadow", "status", "--fleet", "lab")
         assert table.returncode == 0 and "total" in table.stdout and "digits@2.0.0" in table.stdout
+        assert "serving p50 / p95" in table.stdout and "candidate p50 / p95" in table.stdout
+        p50, p95 = total["candidate_p50_ms"], total["candidate_p95_ms"]
+        assert p95 < 1  # the digits model: microseconds, shown as such (not 0.0 ms)
+        assert f"{p50:.3f} / {p95:.3f} ms" in table.stdout, table.stdout
 
         stopped = edgekit("shadow", "stop", "--fleet", "lab", "--json", *broker)
         assert stopped.returncode == 0, stopped.stderr
@@ -187,7 +194,8 @@ def row(device: str, **extra: object) -> SimpleNamespace:
         "device": device, "candidate_id": "c" * 64, "candidate_label": "digits@2.0.0",
         "serving_version": "1.0.0", "state": "running", "sample_rate": 0.1, "compared": 200,
         "dropped": 0, "classified": 200, "agreed": 199, "abs_error_mean": 0.01, "abs_error_max": 0.1,
-        "serving_p95_ms": 2.0, "candidate_p95_ms": 2.2, "error": None, "candidate_severity": "ok",
+        "serving_p50_ms": 1.0, "serving_p95_ms": 2.0, "candidate_p50_ms": 1.1, "candidate_p95_ms": 2.2,
+        "error": None, "candidate_severity": "ok",
     }  # fmt: skip
     return SimpleNamespace(**{**fields, **extra})
 
@@ -215,6 +223,13 @@ def test_judge_names_each_failing_device_and_why():
     assert judge(summarize([row("cam-1")]), 0.98, 1.2) == []
     total = summarize(windows)["total"]
     assert total["compared"] == 1200 and total["agreed"] == 199 + 199 + 20 + 199 + 0 + 199 + 199
+    # Latency per device and in total: p50 and p95 of each model (the median of the windows').
+    cam5 = summarize(windows)["devices"][4]
+    assert (cam5["serving_p50_ms"], cam5["serving_p95_ms"], cam5["candidate_p50_ms"]) == (1.0, 2.0, 1.1)
+    assert cam5["candidate_p95_ms"] == 8.0
+    faster = [row("cam-1", candidate_p50_ms=0.5), row("cam-2", candidate_p50_ms=0.7), row("cam-3")]
+    total = summarize(faster)["total"]
+    assert (total["serving_p50_ms"], total["candidate_p50_ms"], total["candidate_p95_ms"]) == (1.0, 0.7, 2.2)
 
 
 def test_a_regression_candidate_is_judged_by_its_output_error_not_by_latency_alone(

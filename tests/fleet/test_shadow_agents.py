@@ -4,7 +4,7 @@ their telemetry ingested into the registry, and the real `edgekit push --shadow`
 status` and `shadow promote`. The models are real, built from the digits Keras model
 (tests/conftest.py ``digits_candidates``): the fleet serves it paced to ~1 ms per input; the
 candidates are the same model, its output classes shuffled, the same outputs behind ~3x the
-compute, and a broken export that returns NaN."""
+compute, a broken export that returns NaN, and one whose run the runtime fails on live inputs."""
 
 from __future__ import annotations
 
@@ -254,7 +254,7 @@ def test_an_identical_candidate_agrees_fully_is_not_resumed_by_a_restart_and_is_
     watcher.wait_for(lambda _: all(watcher.serving("2.0.0", d)(_) for d in DEVICES), timeout=60)
 
 
-def test_shuffled_slow_and_crashing_candidates_are_refused_naming_each_device(
+def test_shuffled_slow_nan_and_crashing_candidates_are_refused_naming_each_device(
     lab, digits_models, digits_candidates
 ):
     fleet, watcher, broker, registry = lab["fleet"], lab["watcher"], lab["broker"], lab["registry"]
@@ -323,3 +323,29 @@ def test_shuffled_slow_and_crashing_candidates_are_refused_naming_each_device(
     assert [r.split(":")[0] for r in verdict["reasons"]] == DEVICES
     assert all("the candidate failed there" in r and "NaN" in r for r in verdict["reasons"])
     assert all(watcher.states(d)[-1].bundle_version == "1.0.0" for d in DEVICES)
+
+    # A candidate the runtime itself fails: it loads (the same shapes and dtypes, its tensors
+    # allocate), then on live inputs its GATHER kernel looks up a row out of bounds and the run
+    # raises inside the runtime. Unloaded and reported; every request answered by the serving
+    # model, none failed; the agents keep running.
+    crashing = push_shadow(broker, digits_candidates.crash, "5.0.0")["candidate_id"]
+    wait_started(watcher, crashing)  # not refused at load
+    answers = feed(fleet, xs, expected)
+    assert answers.served == len(DEVICES) * INPUTS
+    assert answers.failed == [] and answers.not_serving_models == []
+    watcher.wait_for(lambda _: all(events_of(watcher, "shadow_failed", d, crashing) for d in DEVICES))
+    for device in DEVICES:
+        (event,) = events_of(watcher, "shadow_failed", device, crashing)
+        message = event["message"]
+        assert "digits@5.0.0 failed on a live input: the runtime could not run it" in message, message
+        assert "gather index out of bounds" in message and "unloaded" in message, message
+        assert fleet.processes[device].poll() is None  # the agent lives on
+    wait_registry(
+        lab, lambda s: s["candidate_id"] == crashing and all(d["state"] == "failed" for d in s["devices"])
+    )
+    verdict, _ = refused()
+    assert verdict["candidate"] == "digits@5.0.0"
+    assert [r.split(":")[0] for r in verdict["reasons"]] == DEVICES
+    assert all("the candidate failed there" in r and "gather index" in r for r in verdict["reasons"])
+    assert all(watcher.states(d)[-1].bundle_version == "1.0.0" for d in DEVICES)
+    assert all("Traceback" not in (fleet.root / f"{d}.log").read_text() for d in DEVICES)

@@ -71,7 +71,8 @@ def test_the_view_says_per_device_and_in_total_what_the_new_model_measured(regis
     assert cam1["words"] == [
         "The new model agreed with the current one on 97% of 1,200 inputs (96–98%).",
         "The new model answers within 2.4 ms, the current one within 2.0 ms on the same inputs "
-        "(95% of answers): 1.20× as long.",
+        "(95% of answers): 1.20× as long. Half of its answers come within 1.1 ms, the current one's "
+        "within 1.0 ms.",
         "12 inputs were skipped because the device was busy (serving comes first).",
     ]
     assert cam1["severity_words"].startswith("this device's inputs differ from the data the new model")
@@ -85,6 +86,9 @@ def test_the_view_says_per_device_and_in_total_what_the_new_model_measured(regis
     total = view["total"]
     assert (total["compared"], total["dropped"], total["agreed"]) == (1240, 12, 1204)
     assert total["words"][0] == "The new model agreed with the current one on 97% of 1,240 inputs (96–98%)."
+    assert (total["serving_p50_ms"], total["serving_p95_ms"]) == (1.0, 2.0)
+    assert (total["candidate_p50_ms"], total["candidate_p95_ms"]) == (1.1, 2.4)
+    assert "Half of its answers come within 1.1 ms, the current one's within 1.0 ms." in total["words"][1]
 
 
 def test_a_viewer_may_not_promote_or_stop(shop):  # noqa: F811 - the fixture imported above
@@ -110,7 +114,10 @@ def test_the_page_renders_the_sentences_in_headless_chromium(registry):
     assert "digits@2.0.0 tried beside the serving model on 2 device(s) of fleet shop" in page
     assert "The new model agreed with the current one on 97% of 1,200 inputs (96–98%)." in page
     assert "Why it failed: it returned NaN or infinity" in page and 'data-state="failed"' in page
-    assert "agreement 97.1% (96.0%–97.9%)" in page and "2.0 ms / 2.4 ms" in page
+    assert "agreement 97.1% (96.0%–97.9%)" in page
+    # Half and 95% of the answers within, per model: in cam-1's row and in the total.
+    assert "current model: half / 95% of answers within" in page
+    assert page.count("<td>1.0 ms / 2.0 ms</td><td>1.1 ms / 2.4 ms</td>") == 3, page  # cam-1, cam-2, total
     assert "button" not in page.split('id="shadows"')[1]  # nobody signed in: no buttons
 
 
@@ -157,3 +164,17 @@ def test_an_operator_is_told_why_promote_was_refused_and_stops_the_shadow_by_cli
     assert "shadow" not in state and state["bundle"]["version"] == "1.1.0"
     log = [(e.actor, e.action, e.result) for e in ControlPlane(shop).audit_log()[:2]]
     assert log == [(OPERATOR[0], "shadow-stop", "ok"), (OPERATOR[0], "shadow-promote", "failed")]
+
+
+def test_a_tiny_models_latency_is_shown_in_microseconds_not_as_zero():
+    from edgekit.fleet.dashboard.shadow import speed_words
+
+    figures = {
+        "serving_p50_ms": 0.003, "serving_p95_ms": 0.004, "candidate_p50_ms": 0.005,
+        "candidate_p95_ms": 0.006, "latency_ratio": 1.5,
+    }  # fmt: skip
+    assert speed_words(figures) == (
+        "The new model answers within 0.006 ms, the current one within 0.004 ms on the same inputs "
+        "(95% of answers): 1.50× as long. Half of its answers come within 0.005 ms, the current "
+        "one's within 0.003 ms."
+    )

@@ -39,7 +39,9 @@ def reported(registry_url: str, candidate_id: str, cam2_agreed: int) -> None:
             agreed=agreed,
             abs_error_mean=0.01,
             abs_error_max=0.1,
+            serving_p50_ms=1.0,
             serving_p95_ms=2.0,
+            candidate_p50_ms=1.1,
             candidate_p95_ms=2.2,
             candidate_severity="ok",
         )
@@ -116,6 +118,9 @@ def test_an_operator_tries_judges_stops_and_promotes_a_candidate_through_the_ser
     table = laptop(alice, url, "shadow", "status", "--fleet", "lab")
     assert table.returncode == 0 and "digits@2.0.0 in the shadow of fleet lab" in table.stdout
     assert "total" in table.stdout and "75.0%" in table.stdout
+    assert "1.0 / 2.0 ms" in table.stdout and "1.1 / 2.2 ms" in table.stdout  # p50 / p95 of each model
+    total = json.loads(remote.stdout)["total"]
+    assert (total["serving_p50_ms"], total["candidate_p50_ms"]) == (1.0, 1.1)
 
     # A viewer may not act: 403, one line, audited.
     for args in (("shadow", "promote", "--fleet", "lab"), ("shadow", "stop", "--fleet", "lab"),

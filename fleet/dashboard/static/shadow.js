@@ -5,7 +5,10 @@ const edgekitShadow = (() => {
   const { get, post, whoAmI, every, stamp, cell, badge, role } = edgekit.lib;
 
   function percent(value) { return value == null ? "–" : `${(value * 100).toFixed(1)}%`; }
-  function ms(value) { return value == null ? "–" : `${value.toFixed(1)} ms`; }
+  // Three decimals below 1 ms: a tiny model's 0.004 ms is not 0.0 ms.
+  function ms(value) { return value == null ? "–" : `${value.toFixed(value >= 1 ? 1 : 3)} ms`; }
+  // "1.0 ms / 2.1 ms": half of the answers within the first, 95% within the second.
+  function latency(p50, p95) { return `${ms(p50)} / ${ms(p95)}`; }
 
   function paragraphs(parent, lines, className) {
     for (const line of lines) {
@@ -27,7 +30,8 @@ const edgekitShadow = (() => {
     paragraphs(what, d.words);
     if (d.error) paragraphs(what, [`Why it failed: ${d.error}`], "error");
     cell(row, d.abs_error_max == null ? null : d.abs_error_max.toPrecision(4));
-    cell(row, `${ms(d.serving_p95_ms)} / ${ms(d.candidate_p95_ms)}`);
+    cell(row, latency(d.serving_p50_ms, d.serving_p95_ms));
+    cell(row, latency(d.candidate_p50_ms, d.candidate_p95_ms));
     cell(row, d.severity === "model affected" ? badge(d.severity_words, "affected")
       : d.severity === "inputs changed" ? badge(d.severity_words, "drifted") : d.severity_words);
     return row;
@@ -116,7 +120,8 @@ const edgekitShadow = (() => {
         section.dataset.fleet = view.fleet;
         section.innerHTML = "<h2></h2><div class='shadow-total'></div><table class='shadow-devices'><thead><tr>" +
           "<th>device</th><th>state</th><th>what it measured</th><th>largest output difference</th>" +
-          "<th>95% of answers within (current / new)</th><th>the new model on these inputs</th></tr></thead>" +
+          "<th>current model: half / 95% of answers within</th><th>new model: half / 95% of answers within</th>" +
+          "<th>the new model on these inputs</th></tr></thead>" +
           "<tbody></tbody></table>";
         root.appendChild(section);
         actions(view, section);
@@ -137,7 +142,8 @@ const edgekitShadow = (() => {
       cell(sum, `agreement ${percent(view.total.agreement)} (${percent(view.total.agreement_low)}–` +
         `${percent(view.total.agreement_high)})`);
       cell(sum, view.total.abs_error_max == null ? null : view.total.abs_error_max.toPrecision(4));
-      cell(sum, `${ms(view.total.serving_p95_ms)} / ${ms(view.total.candidate_p95_ms)}`);
+      cell(sum, latency(view.total.serving_p50_ms, view.total.serving_p95_ms));
+      cell(sum, latency(view.total.candidate_p50_ms, view.total.candidate_p95_ms));
       cell(sum, "");
       body.appendChild(sum);
     }
