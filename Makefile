@@ -153,8 +153,9 @@ test-agent-lean: $(LEAN_STAMP) $(AGENT_MODELS)/.complete
 
 # The emulated ARM lane (tests/arm): Debian bookworm arm64 built with mmdebstrap (cached in
 # ~/.cache/edgekit/arm64-bookworm, keyed by what goes in, shared by clones) and run through qemu-user: install.sh with the
-# arm64 LiteRT wheel, bundles made here installed and predicting like x86, `edgekit-agent run`
-# taking a `push --wait`. Needs root, mmdebstrap, qemu-user-static and binfmt_misc (.ci/run
+# arm64 LiteRT wheel, bundles made here installed and predicting like x86 (Pi 4 and Pi 5 CPUs), `edgekit-agent run`
+# taking a `push --wait`; and Debian bullseye armhf (cached beside it in ~/.cache/edgekit/armhf-bullseye):
+# the 32-bit route with Debian's numpy and tflite-runtime 2.11.0. Needs root, mmdebstrap, qemu-user-static and binfmt_misc (.ci/run
 # installs them); where they are missing it says SKIPPED and passes.
 test-arm: $(STAMP) $(THIRD_PARTY)/.fetched $(AGENT_MODELS)/.complete
 	@if reason=$$($(PY) tests/arm/board.py check); then \

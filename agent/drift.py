@@ -397,7 +397,9 @@ class DriftMonitor:
             # Many features, few values each (vectors): compare against every cut at once.
             idx = (~(values[:, :, None] < self._cuts[None, :, :])).sum(axis=2)
             idx = np.minimum(idx, self._ncuts[None, :])
-        flat = (idx + self._offsets[None, :]).reshape(-1)
+        # bincount takes the platform's index type: int32 on a 32-bit board (armhf), where an
+        # int64 array is refused ("Cannot cast array data from dtype('int64') to dtype('int32')").
+        flat = (idx + self._offsets[None, :]).reshape(-1).astype(np.intp, copy=False)
         counts: np.ndarray = np.bincount(flat, minlength=features * self._bins).reshape(features, self._bins)
         return counts
 

@@ -194,7 +194,7 @@ def output_counts(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     classes = probabilities.shape[1]
     predicted = np.bincount(probabilities.argmax(axis=1), minlength=classes)
     confidence = np.clip(
-        (probabilities.max(axis=1) * CONFIDENCE_BINS).astype(np.int64), 0, CONFIDENCE_BINS - 1
+        (probabilities.max(axis=1) * CONFIDENCE_BINS).astype(np.intp), 0, CONFIDENCE_BINS - 1
     )
     return predicted, np.bincount(confidence, minlength=CONFIDENCE_BINS)
 

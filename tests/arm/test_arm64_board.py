@@ -16,17 +16,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from board import Board, Installed
+from board import CPUINFO_PI5, Board, Installed
 from edgekit import SigningKey, create_bundle
-from edgekit.bundle import read_bundle
 from edgekit.keys import load_own_public_key, load_signing_key
 from edgekit.provision import agent_config_text
-from edgekit.trust import TrustedKeys
 from helpers import free_port
-from on_board import run as run_bundles
+from lane import assert_board_predicts_like_x86, bundles_job
 from watcher import Watcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fleet"))
@@ -52,8 +51,6 @@ def test_x86_bundles_install_on_arm64_pass_their_health_checks_and_predict_like_
     board = installed.board
     assert installed.result.returncode == 0, installed.result.stdout + installed.result.stderr
     key = SigningKey.generate()
-    job = board.host / "job"
-    job.mkdir()
     rng = np.random.default_rng(0)
     sources = {
         # name: (model, baseline (real inputs for the health check), inputs to predict on)
@@ -64,35 +61,27 @@ def test_x86_bundles_install_on_arm64_pass_their_health_checks_and_predict_like_
         # keras.applications MobileNetV2 (weights=None, seeded), built on the host: 14 MB fp32.
         "mobilenet-v2": (mobilenet_model, None, rng.random((2, 1, 224, 224, 3), dtype=np.float32)),
     }
-    spec: dict = {"pem": key.public.pem().decode(), "bundles": {}}
-    for name, (model, baseline, inputs) in sources.items():
-        create_bundle(
-            model, name=name, version="1.0.0", key=key, output=job / f"{name}.ekb", baseline=baseline
-        )
-        np.savez(job / f"{name}.npz", x=inputs)
-        spec["bundles"][name] = {"bundle": f"{name}.ekb", "inputs": f"{name}.npz"}
-    (job / "job.json").write_text(json.dumps(spec))
-    (job / "on_board.py").write_bytes((Path(__file__).parent / "on_board.py").read_bytes())
+    bundles_job(board.host / "job", sources, key)
+    assert_board_predicts_like_x86(board, board.host / "job", list(sources), key, tmp_path, "ai_edge_litert")
 
-    ran = board.python("/host/job/on_board.py", "/host/job/job.json", "/host/job/arm64", timeout=900)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    on_arm = json.loads((job / "arm64" / "results.json").read_text())
-    on_x86 = run_bundles(job / "job.json", tmp_path / "x86")
 
-    trusted = TrustedKeys([key.public])
-    with np.load(job / "arm64" / "outputs.npz") as arm, np.load(tmp_path / "x86" / "outputs.npz") as x86:
-        assert sorted(arm.files) == sorted(x86.files)
-        for name in sources:
-            # Installed: verified, loaded, health check passed on the board's own kernels.
-            assert on_arm[name]["version"] == "1.0.0" and on_arm[name]["changed"] is True
-            assert on_arm[name]["runtime"] == "ai_edge_litert" == on_x86[name]["runtime"]
-            health = read_bundle(job / f"{name}.ekb", trusted).manifest.healthcheck
-            assert health is not None
-            assert on_arm[name]["healthcheck_error"] <= health.atol
-            for output in (f for f in arm.files if f.startswith(f"{name}/")):
-                np.testing.assert_allclose(
-                    arm[output], x86[output], atol=health.atol, rtol=health.rtol, err_msg=output
-                )
+def test_on_a_pi_5_cpu_the_digits_bundles_install_and_predict_like_x86(
+    installed: Installed, models, tmp_path
+):
+    """The same venv under the Pi 5's core (QEMU_CPU=cortex-a76, a Pi 5's /proc/cpuinfo): it has
+    instructions the Pi 4's lacks (dot product, fp16 arithmetic), which LiteRT's kernels pick at
+    run time, so the int8 path differs from the a72 run above. Digits only: the lane's time."""
+    pi5 = replace(installed.board, cpu="cortex-a76", cpuinfo=CPUINFO_PI5)
+    assert installed.result.returncode == 0, installed.result.stdout + installed.result.stderr
+    cpu = pi5.run("cat", "/proc/cpuinfo")
+    assert "Raspberry Pi 5" in cpu.stdout, cpu.stderr
+    key = SigningKey.generate()
+    sources = {
+        "digits-int8": (models.int8, models.data_npz, models.x_test[:40, None]),
+        "digits-fp32": (models.fp32, models.data_npz, models.x_test[:40, None]),
+    }
+    bundles_job(pi5.host / "job-pi5", sources, key)
+    assert_board_predicts_like_x86(pi5, pi5.host / "job-pi5", list(sources), key, tmp_path, "ai_edge_litert")
 
 
 def _agent_pid(process: subprocess.Popen[bytes]) -> int:

@@ -1,14 +1,11 @@
-"""The armhf half of the ARM lane: why there is no emulated 32-bit board to test on.
+"""The armhf half of the ARM lane, against the package index: why 32-bit Bookworm cannot run the
+agent, and why the 32-bit board (test_armhf_board.py) is bullseye with Debian's numpy.
 
 A 32-bit Raspberry Pi OS (armv7l; Pi Zero 2 W and Pi 3 on their 32-bit image) needs a TFLite
 runtime, numpy and cryptography as wheels: pip on a Pi cannot build TensorFlow Lite. This asks
-the package index this machine installs from, as pip on such a board would ask it, and asserts
-what examples/raspberry-pi/README.md tells owners. The day the index changes (a LiteRT armv7l
-wheel appears, say), this fails, and the armhf board this lane lacks can be built.
-
-Measured beside it (README.md): Debian bullseye armhf with its own numpy 1.19.5 and
-tflite-runtime 2.13.0 from the index installs but cannot load a model (the wheel is built against
-numpy's C API 0xe, Debian's numpy is 0xd). So no 32-bit image runs the agent today.
+the package index this machine installs from, as pip on such a board would ask it, on every run,
+and asserts what examples/raspberry-pi/README.md tells owners. The day the index changes (a LiteRT
+armv7l wheel appears, say), this fails, and the 32-bit route can change.
 """
 
 from __future__ import annotations
