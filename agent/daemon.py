@@ -174,6 +174,8 @@ class AgentDaemon:
         self._trust_files: dict[str, bytes] = {}
         self._trust_lock = threading.Lock()
         self._tuf: Optional[DeviceTrust] = self._load_tuf()
+        #: The newest root version announced (trust_root_updated), the one loaded from disk at start.
+        self._root_announced = self._tuf.root_version if self._tuf is not None else 0
         self._frozen = False
         self._last_trust_error = ""
         #: The last report of the fleet's TUF metadata (None: not in TUF mode, or nothing yet).
@@ -515,6 +517,7 @@ class AgentDaemon:
         except TrustMetadataError as exc:
             if trust.root_version != before:
                 self._save_trust(trust)  # the roots verified before the refused document
+                self._root_updated(trust.root_version)
             if exc.reason == "incomplete":
                 log.debug("device %s: %s", self.device, exc)
                 return None
@@ -536,12 +539,7 @@ class AgentDaemon:
             # timestamp (every ~12 h) is said too, else a healthy device would look stale.
             self.publish_state()
         if "root" in report.changed:
-            self.agent.record_event(
-                "trust_root_updated",
-                f"device {self.device} now trusts root v{report.root_version} of fleet {self.fleet}",
-                None,
-            )
-            self._wake_uploader.set()
+            self._root_updated(report.root_version)
         state = report.desired
         last = self.last_seq
         if state is not None and (last is None or state.seq > last):
@@ -561,6 +559,19 @@ class AgentDaemon:
         if report.changed:
             self.trust_changed.set()
         return report
+
+    def _root_updated(self, version: int) -> None:
+        """Say once that the device trusts a newer root (also when the refresh that verified it
+        then stopped short: the re-signed documents of the new root may arrive after it)."""
+        if version <= self._root_announced:
+            return
+        self._root_announced = version
+        self.agent.record_event(
+            "trust_root_updated",
+            f"device {self.device} now trusts root v{version} of fleet {self.fleet}",
+            None,
+        )
+        self._wake_uploader.set()
 
     def _note_freeze(self, report: TrustReport) -> None:
         if report.freeze_suspected and not self._frozen:

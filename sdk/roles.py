@@ -195,6 +195,8 @@ class DeviceTrust:
         self.local: dict[str, bytes] = {k: bytes(v) for k, v in (local or {}).items() if k in ROLES[1:]}
         #: The report of the last refresh that loaded everything; None after one that stopped short.
         self._last: Optional[TrustReport] = None
+        #: After a root rotation, until a refresh completes: the timestamp the transport held then.
+        self._rotated: Optional[tuple[Optional[bytes]]] = None
 
     @property
     def root_version(self) -> int:
@@ -233,6 +235,7 @@ class DeviceTrust:
                 raise _refused(f"root v{trusted.root.version + 1}", exc) from None
             self.root, self._root_version = data, trusted.root.version
             changed.add(Root.type)
+            self._rotated = (source.metadata(Timestamp.type),)
 
         # 2. Timestamp: the local copy (ignored if the rotated keys no longer verify it: the
         # fast-forward recovery of the specification, 5.3.11), then the transport's.
@@ -270,6 +273,7 @@ class DeviceTrust:
                 changed,
             )
         self._last = self._report(trusted, changed, False)
+        self._rotated = None
         return self._last
 
     def _load_local(self, role: str, update: Callable[[bytes], object]) -> None:
@@ -299,6 +303,21 @@ class DeviceTrust:
             except (tuf_errors.RepositoryError, ValueError):
                 pass  # not valid as the pinned version: take the transport's
         remote = _size_ok(source.metadata(role))
+        if (
+            remote is not None
+            and remote == local
+            and self._rotated is not None
+            and source.metadata(Timestamp.type) == self._rotated[0]
+        ):
+            # A new root no longer verifies the copy held, and the transport holds nothing newer
+            # yet, nor a newer timestamp: the documents re-signed for that root (a targets key
+            # rotation) are published after it and on their way. Once a newer timestamp
+            # arrives without them, the old copy is refused.
+            raise refuse(
+                TrustMetadataError,
+                "incomplete",
+                f"the fleet's {role} metadata is re-signed under root v{trusted.root.version}; waiting for it",
+            )
         if remote is None or _version_of(remote) != pinned:
             # Retained messages arrive in any order: the snapshot may name a version the
             # transport does not hold yet. Not an attack by itself: a device waits (and a

@@ -428,6 +428,12 @@ def status(
         keys = ", ".join(k[:16] for k in entry["keys"])
         when = f"v{entry['version']}, expires {entry['expires']}" if "version" in entry else "not signed yet"
         console.print(f"{role:<10} {entry['threshold']} of {len(entry['keys'])}: {keys}  ({when})")
+        if "pending_keys" in entry:
+            new = ", ".join(k[:16] for k in entry["pending_keys"])
+            console.print(
+                f"{'':<10} pending: {entry['pending_threshold']} of {len(entry['pending_keys'])}: {new}  "
+                "(once the change waiting for signatures is submitted)"
+            )
     for role in summary["pending"]:
         console.print(
             f"pending    {role}: waiting for signatures (`edgekit trust sign`, `edgekit trust submit`)"
