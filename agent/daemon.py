@@ -57,6 +57,7 @@ from edgekit.mqtt import Message, MqttClient, TlsConfig, Will
 from edgekit.reports import DeviceStateReport
 from edgekit.topics import Topics
 from edgekit.transfer import fetch_staged_bundle
+from edgekit.trust import TrustedKeys
 
 from . import deployment
 from .agent import Agent
@@ -198,6 +199,8 @@ class AgentDaemon:
         self.client = client or self._new_client()
         #: Field-data capture: the fleet's signed policy in, sealed records out (docs/capture.md).
         self.capture = CaptureLink(agent.capture, self.client, self.topics, wake=self._wake_uploader.set)
+        if self.tuf_mode:
+            self._capture_under_tuf()
         #: On-fleet benchmarks: the fleet's signed request in, reports out (docs/bench.md).
         self.bench = BenchLink(
             device=self.device,
@@ -448,6 +451,19 @@ class AgentDaemon:
         except OSError as exc:
             log.error("device %s could not save its trust metadata: %s", self.device, exc.strerror or exc)
 
+    def _capture_under_tuf(self) -> None:
+        """From now on a capture policy must be signed by a key of the fleet's desired role (the
+        online key, as the verified targets lists it), not by the single key."""
+        capturer = self.agent.capture
+        capturer.policy_keys = self._capture_keys
+        capturer.reload()
+
+    def _capture_keys(self) -> Optional[TrustedKeys]:
+        report = self.trust_report
+        if report is None or not report.desired_keys:
+            return None
+        return TrustedKeys(report.desired_keys)
+
     def _authorised(self) -> Optional[frozenset[str]]:
         """Under TUF, the bundles the fleet's verified targets lists (empty until something is
         verified): the only ones a bench request or a shadow section may name. None under
@@ -488,6 +504,7 @@ class AgentDaemon:
             return
         self._save_trust(trust)
         self._tuf = trust
+        self._capture_under_tuf()
         message = (
             f"device {self.device} now trusts fleet {self.fleet}'s TUF root v{trust.root_version}; "
             "desired states signed by a single key are no longer applied"
@@ -511,7 +528,8 @@ class AgentDaemon:
     def _check_trust(self, trust: DeviceTrust, now: Optional[float]) -> Optional[TrustReport]:
         files = dict(self._trust_files)
         before = trust.root_version
-        first = self.trust_report is None
+        previous = self.trust_report
+        first = previous is None
         try:
             report = trust.refresh(_Retained(files), now=now)
         except TrustMetadataError as exc:
@@ -532,6 +550,8 @@ class AgentDaemon:
             self._save_trust(trust)
             self._last_trust_error = ""
         self.trust_report = report
+        if first or previous is None or previous.desired_keys != report.desired_keys:
+            self.agent.capture.reload()  # the keys that may sign a capture policy (re)appeared
         self._note_freeze(report)
         if report.changed & {"root", "timestamp"}:
             # The fleet sees the root version and the timestamp's expiry in the state: its

@@ -38,7 +38,7 @@ from typing import Optional, Protocol
 
 from .desired import DesiredState
 from .errors import ConfigError, DesiredStateError, SignatureError, TrustMetadataError
-from .keys import SigningKey
+from .keys import PublicKey, SigningKey
 from .schema import canonical_json, refuse
 from .trust import TrustedKeys
 
@@ -105,6 +105,9 @@ class TrustReport:
     freeze_suspected: bool = False
     #: Roles whose verified copy changed in this refresh (root included when it rotated).
     changed: frozenset[str] = field(default_factory=frozenset)
+    #: The keys of the desired role (the online keys), as the verified targets delegates it:
+    #: what may sign the fleet's other online documents (a capture policy).
+    desired_keys: tuple[PublicKey, ...] = ()
 
     @property
     def desired(self) -> Optional[DesiredState]:
@@ -155,6 +158,27 @@ def _version_of(data: bytes) -> Optional[int]:
     except (ValueError, TypeError, KeyError, RecursionError):
         return None
     return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def _delegated_keys(targets: Targets) -> tuple[PublicKey, ...]:
+    """The Ed25519 keys the targets delegates the desired role to (under edgekit's key ids)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    delegations = targets.delegations
+    if delegations is None or delegations.roles is None or DESIRED_ROLE not in delegations.roles:
+        return ()
+    found = []
+    for keyid in delegations.roles[DESIRED_ROLE].keyids:
+        key = (delegations.keys or {}).get(keyid)
+        if key is None or key.keytype != "ed25519":
+            continue
+        try:
+            public = PublicKey(Ed25519PublicKey.from_public_bytes(bytes.fromhex(key.keyval["public"])))
+        except (KeyError, ValueError, TypeError):
+            continue
+        if public.key_id == keyid:
+            found.append(public)
+    return tuple(found)
 
 
 def _size_ok(data: Optional[bytes]) -> Optional[bytes]:
@@ -371,6 +395,7 @@ class DeviceTrust:
                 fleet_state = self._desired(delegated, role, None, authorised)
                 device_state = self._desired(delegated, role, self.device, authorised)
         return TrustReport(
+            desired_keys=_delegated_keys(trusted.targets) if Targets.type in trusted else (),
             root_version=trusted.root.version,
             versions=versions,
             expires=expires,

@@ -547,3 +547,43 @@ def test_a_bench_request_naming_a_bundle_targets_does_not_authorise_is_refused_b
     fleet.watcher.wait_for(lambda _: fleet.watcher.records("bench"))
     assert [r["bench_seq"] for r in fleet.watcher.records("bench")] == [2]
     assert not fleet.events("pi-01", "bench_started")[0]["message"].count("3.0.0")
+
+
+def test_on_tuf_a_capture_policy_must_be_signed_by_the_online_key_and_the_single_key_is_refused(
+    fleet, bundles, key
+):
+    from edgekit.capture import CaptureKey, new_capture_policy, sign_capture_policy
+
+    v1 = ref(bundles.v1, key)
+    fleet.watcher.publish_bundle(bundles.v1, key)
+    authorise_bundles(fleet.sim, v1)
+    desire_bundle(fleet.sim, v1)
+    fleet.publish()
+    daemon = fleet.start("pi-01")
+    fleet.watcher.wait_for(fleet.watcher.serving("1.0.0"))
+    owner, thief = CaptureKey.generate(), CaptureKey.generate()
+    topic = TOPICS.fleet_capture(FLEET)
+
+    def policy(seq: int, recipient: bytes) -> object:
+        return new_capture_policy(FLEET, seq=seq, recipient=recipient, triggers=("sample",), sample_rate=1.0)
+
+    # The single key the device still lists in trusted_keys (stolen, say) tries to turn capture
+    # on, sealed to the thief's key: refused with an event, nothing captured.
+    stolen = sign_capture_policy(policy(5, thief.public_raw), key)  # type: ignore[arg-type]
+    fleet.watcher.client.publish(topic, stolen, qos=1, retain=True).wait(10)
+    refused = fleet.wait_event("pi-01", "capture_policy_refused")[-1]
+    assert "not signed by the fleet's online key" in refused["message"]
+    assert not daemon.agent.capture.armed and daemon.agent.capture.policy is None
+    # Signed by the fleet's online key (the desired role's, in the verified targets): applied.
+    good = sign_capture_policy(policy(6, owner.public_raw), fleet.sim.online)  # type: ignore[arg-type]
+    fleet.watcher.client.publish(topic, good, qos=1, retain=True).wait(10)
+    fleet.wait_event("pi-01", "capture_policy_applied")
+    assert daemon.agent.capture.armed
+    assert daemon.agent.capture.policy.recipient_id == owner.key_id  # type: ignore[union-attr]
+    # After a restart the saved policy holds again once the metadata is verified.
+    daemon.stop()
+    daemon.agent.close()
+    fleet.daemons.pop("pi-01")
+    again = fleet.start("pi-01")
+    assert again.agent.capture.wait_for(lambda c: c.armed, 30)
+    assert again.agent.capture.policy.seq == 6  # type: ignore[union-attr]
