@@ -6,18 +6,22 @@ in tests/sdk/test_roles.py; docs/security.md names each test."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Optional
 
 import pytest
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from edgekit import SigningKey, TrustedKeys
 from edgekit.agent import Agent
 from edgekit.agent.daemon import AgentDaemon
 from edgekit.bench import BenchCandidate, new_bench_request, sign_bench_request
 from edgekit.bundle import read_bundle
-from edgekit.desired import ShadowRequest, new_desired_state
+from edgekit.desired import ShadowRequest, new_desired_state, sign_desired_state
 from edgekit.fleet.trustrepo import Expiry
 from edgekit.mqtt import MqttClient
 from edgekit.roles import sign_trust_upgrade
@@ -27,6 +31,7 @@ from watcher import TOPICS, Watcher, watcher
 __all__ = ["watcher"]
 
 FLEET = "lab"
+PRETUF = Path(__file__).resolve().parents[1] / "fixtures" / "pretuf_state"
 
 
 def ref(path: Path, key: SigningKey) -> BundleRef:
@@ -56,10 +61,15 @@ class Fleet:
         self.root_file = tmp_path / "root.json"
         self.root_file.write_bytes(self.sim.root1)
 
-    def start(self, device: str, *, tuf: bool = True) -> AgentDaemon:
+    def start(self, device: str, *, tuf: bool = True, also_trust: Optional[SigningKey] = None) -> AgentDaemon:
         extra = {"trust_root": str(self.root_file)} if tuf else {}
         path = self.make_config(device, broker=self.broker, telemetry_interval=3600, **extra)
-        path.write_text(path.read_text().replace('device = "pi-01"', f'device = "{device}"'))
+        text = path.read_text().replace('device = "pi-01"', f'device = "{device}"')
+        if also_trust is not None:
+            text = text.replace(
+                "trusted_keys = '''\n", f"trusted_keys = '''\n{also_trust.public.pem().decode()}"
+            )
+        path.write_text(text)
         agent = Agent.from_config(path, background=False)
         daemon = AgentDaemon(agent, upload_interval=0.2).start()
         self.daemons[device] = daemon
@@ -435,17 +445,23 @@ def test_drill_a_replayed_older_timestamp_is_refused_and_changes_nothing(fleet, 
     assert daemon.agent.status().version == "1.0.0"
 
 
-def test_drill_a_device_on_single_key_trust_moves_to_tuf_with_a_signed_upgrade_once(
+def test_drill_a_device_state_from_the_pre_tuf_release_moves_to_tuf_with_a_signed_upgrade_once(
     fleet, bundles, key, other_key
 ):
-    v1, v2 = ref(bundles.v1, key), ref(bundles.v2, key)
-    for path in (bundles.v1, bundles.v2):
-        fleet.watcher.publish_bundle(path, key)
-    # Today's format: a desired state signed by the single key, applied by a device without TUF.
-    device = fleet.start("pi-01", tuf=False)
-    fleet.watcher.desire(key, bundles.v1, seq=7)
+    # The state directory the release before the key hierarchy wrote (tests/fixtures/pretuf_state:
+    # its agent installed digits 1.0.0 from a desired state seq 7 signed by its single key).
+    old_key = SigningKey(load_pem_private_key((PRETUF / "signing.key.pem").read_bytes(), None))  # type: ignore[arg-type]
+    shutil.copytree(PRETUF / "state", fleet.tmp_path / "pi-01-state")
+    installed = next((PRETUF / "state" / "bundles").iterdir())
+    manifest = (installed / "manifest.json").read_bytes()
+    v1 = BundleRef(hashlib.sha256(manifest).hexdigest(), "digits", "1.0.0", len(manifest))
+    v2 = ref(bundles.v2, key)
+    fleet.watcher.publish_bundle(bundles.v2, key)
+    # Today's agent on that directory, trusting the old single key (and the key of the test's bundles).
+    device = fleet.start("pi-01", tuf=False, also_trust=old_key)
     fleet.watcher.wait_for(fleet.watcher.serving("1.0.0"))
-    assert not device.tuf_mode
+    assert not device.tuf_mode and device.last_seq == 7
+    assert device.agent.status().bundle_id == v1.sha256
     # An upgrade signed by a key the device does not trust is refused.
     upgrade = TOPICS.fleet_trust(FLEET, "upgrade")
     fleet.watcher.client.publish(
@@ -453,23 +469,30 @@ def test_drill_a_device_on_single_key_trust_moves_to_tuf_with_a_signed_upgrade_o
     ).wait(10)
     fleet.wait_event("pi-01", "trust_refused")
     assert not device.tuf_mode
-    # Signed by the current key: the device takes the TUF root, then follows TUF metadata only.
+    # Signed by the release's single key: the device takes the TUF root, then follows TUF metadata only.
     authorise_bundles(fleet.sim, v1, v2)
     fleet.sim.seq = 7
     desire_bundle(fleet.sim, v2)
     fleet.publish()
-    fleet.watcher.client.publish(upgrade, sign_trust_upgrade(FLEET, fleet.sim.root1, key), retain=True).wait(
-        10
-    )
+    fleet.watcher.client.publish(
+        upgrade, sign_trust_upgrade(FLEET, fleet.sim.root1, old_key), retain=True
+    ).wait(10)
     fleet.wait_event("pi-01", "trust_upgraded")
     fleet.watcher.wait_for(fleet.watcher.serving("2.0.0"))
-    fleet.watcher.desire(key, bundles.v1, seq=50)  # single-key documents are ignored from now on
-    fleet.watcher.wait_for(lambda _: device.refused >= 1)
+    refused = device.refused
+    # Single-key documents (the release's key) are ignored from now on.
+    old_doc = new_desired_state(
+        FLEET, bundle_sha256=v1.sha256, bundle_name="digits", bundle_version="1.0.0", seq=50
+    )
+    fleet.watcher.client.publish(
+        TOPICS.fleet_desired(FLEET), sign_desired_state(old_doc, old_key), retain=True
+    ).wait(10)
+    fleet.watcher.wait_for(lambda _: device.refused > refused)
     assert device.agent.status().version == "2.0.0"
     # After a restart it is still in TUF mode (the root is in its state directory).
     device.stop()
     device.agent.close()
-    again = fleet.start("pi-01", tuf=False)
+    again = fleet.start("pi-01", tuf=False, also_trust=old_key)
     assert again.tuf_mode
 
 
