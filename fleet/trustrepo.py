@@ -56,6 +56,7 @@ __all__ = [
     "TrustRepository",
     "check_authorised",
     "current_roots",
+    "desired_expiries",
     "has_repository",
     "keep_fresh",
     "load_repository",
@@ -786,6 +787,24 @@ def current_roots(home: str | Path) -> dict[str, int]:
         ]
         if versions:
             found[info.parent.name] = max(versions)
+    return found
+
+
+def desired_expiries(home: str | Path) -> dict[str, tuple[datetime, int]]:
+    """Each fleet with a trust repository under ``home/trust`` whose desired role is signed:
+    when it expires and its version (read as JSON, not verified: the repository is the fleet's
+    own). For the alert evaluator's ``expiry`` rule on devices on the key hierarchy."""
+    found: dict[str, tuple[datetime, int]] = {}
+    for path in Path(home, "trust").glob(f"*/{DESIRED_ROLE}.json"):
+        try:
+            doc = json.loads(path.read_bytes())
+            if not doc.get("signatures"):
+                continue
+            signed = doc["signed"]
+            expires = datetime.strptime(signed["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+            found[path.parent.name] = (expires, int(signed["version"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # a damaged file: `edgekit trust status` says what is wrong with it
     return found
 
 

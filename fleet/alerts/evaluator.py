@@ -42,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..control import ControlPlane
 from ..registry import Registry
 from ..registry.models import Alert, AlertDelivery, Device, Event, Telemetry
-from ..trustrepo import current_roots
+from ..trustrepo import current_roots, desired_expiries
 from .delivery import Dispatcher
 from .messages import render
 from .rules import (
@@ -250,6 +250,7 @@ class Evaluator:
             self._desired(serving),
             frozen,
             current_roots(self.home),
+            desired_expiries(self.home),
         )
 
     def _desired(self, serving: dict[str, tuple[str, str | None]]) -> list[DesiredFacts]:
