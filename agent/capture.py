@@ -142,6 +142,7 @@ class Capturer:
         capture_filter: Optional[CaptureFilter] = None,
         clock: Optional[CaptureClock] = None,
         drift_rate: float = 0.1,
+        policy_keys: Optional[Callable[[], Optional[TrustedKeys]]] = None,
     ) -> None:
         self.directory = Path(directory)
         self.records = self.directory / "records"
@@ -156,7 +157,7 @@ class Capturer:
         #: Set by the daemon on a device that follows its fleet's TUF metadata: the keys that may
         #: sign a capture policy there (the desired role's, from the verified targets; None until
         #: some is verified). None on single-key trust, where ``trusted`` signs policies.
-        self.policy_keys: Optional[Callable[[], Optional[TrustedKeys]]] = None
+        self.policy_keys = policy_keys
         self._waiting: Optional[bytes] = None  # a policy that came before any verified metadata
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # a policy applied, records acknowledged
@@ -280,6 +281,7 @@ class Capturer:
             self._set(None)
             self._load()
             waiting, self._waiting = self._waiting, None
+            self._changed.notify_all()
         if waiting is not None:
             try:
                 self.apply(waiting)

@@ -610,3 +610,21 @@ def test_on_tuf_a_capture_policy_must_be_signed_by_the_online_key_and_the_single
     again = fleet.start("pi-01")
     assert again.agent.capture.wait_for(lambda c: c.armed, 30)
     assert again.agent.capture.policy.seq == 6  # type: ignore[union-attr]
+    # The online key is revoked: once the device verifies the new keys, the policy the old key
+    # signed no longer holds (said as an event); the replacement key sets it again.
+    fresh = SigningKey.generate()
+    fleet.sim.repo.revoke(fleet.sim.online.key_id, replacement=fresh.public, now=fleet.sim.now)
+    for root_key in fleet.sim.root_keys[:2]:
+        fleet.sim.repo.sign("root", root_key)
+    fleet.sim.repo.submit("root", now=fleet.sim.now)
+    fleet.sim.repo.sign("targets", fleet.sim.targets_key)
+    fleet.sim.online = fresh
+    fleet.sim.repo.submit("targets", online=[fresh], now=fleet.sim.now)
+    fleet.publish()
+    assert again.agent.capture.wait_for(lambda c: not c.armed, 30)
+    dropped = fleet.wait_event("pi-01", "capture_policy_refused", count=2)[-1]
+    assert "not signed by the fleet's online key" in dropped["message"]
+    renewed = sign_capture_policy(policy(7, owner.public_raw), fresh)  # type: ignore[arg-type]
+    fleet.watcher.client.publish(topic, renewed, qos=1, retain=True).wait(10)
+    assert again.agent.capture.wait_for(lambda c: c.armed, 30)
+    assert again.agent.capture.policy.seq == 7  # type: ignore[union-attr]
