@@ -52,6 +52,7 @@ from edgekit.errors import (
     TopicError,
     TrustMetadataError,
 )
+from edgekit.keys import PublicKey
 from edgekit.manifest import MAX_MESSAGE_SIZE
 from edgekit.mqtt import Message, MqttClient, TlsConfig, Will
 from edgekit.reports import DeviceStateReport
@@ -177,6 +178,8 @@ class AgentDaemon:
         self._tuf: Optional[DeviceTrust] = self._load_tuf()
         #: The newest root version announced (trust_root_updated), the one loaded from disk at start.
         self._root_announced = self._tuf.root_version if self._tuf is not None else 0
+        #: The desired role's keys in the last verified targets: what may sign a capture policy.
+        self._policy_signers: tuple[PublicKey, ...] = ()
         self._frozen = False
         self._last_trust_error = ""
         #: The last report of the fleet's TUF metadata (None: not in TUF mode, or nothing yet).
@@ -459,10 +462,7 @@ class AgentDaemon:
         capturer.reload()
 
     def _capture_keys(self) -> Optional[TrustedKeys]:
-        report = self.trust_report
-        if report is None or not report.desired_keys:
-            return None
-        return TrustedKeys(report.desired_keys)
+        return TrustedKeys(self._policy_signers) if self._policy_signers else None
 
     def _authorised(self) -> Optional[frozenset[str]]:
         """Under TUF, the bundles the fleet's verified targets lists (empty until something is
@@ -528,8 +528,7 @@ class AgentDaemon:
     def _check_trust(self, trust: DeviceTrust, now: Optional[float]) -> Optional[TrustReport]:
         files = dict(self._trust_files)
         before = trust.root_version
-        previous = self.trust_report
-        first = previous is None
+        first = self.trust_report is None
         try:
             report = trust.refresh(_Retained(files), now=now)
         except TrustMetadataError as exc:
@@ -550,8 +549,11 @@ class AgentDaemon:
             self._save_trust(trust)
             self._last_trust_error = ""
         self.trust_report = report
-        if first or previous is None or previous.desired_keys != report.desired_keys:
-            self.agent.capture.reload()  # the keys that may sign a capture policy (re)appeared
+        if report.desired_keys and report.desired_keys != self._policy_signers:
+            # The keys that may sign a capture policy appeared or changed (a report that stopped
+            # short of targets, in a freeze, keeps the last ones).
+            self._policy_signers = report.desired_keys
+            self.agent.capture.reload()
         self._note_freeze(report)
         if report.changed & {"root", "timestamp"}:
             # The fleet sees the root version and the timestamp's expiry in the state: its
