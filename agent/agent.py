@@ -272,6 +272,11 @@ class Agent:
             on_event=self.record_event,
             capture_filter=capture_filter,
             clock=capture_clock,
+            # On TUF (provisioned, or upgraded: the root is on disk) a capture policy waits for
+            # the daemon's verified metadata: the single key in trusted_keys does not sign one.
+            policy_keys=_no_keys_yet
+            if config.trust_root or (state / "trust" / "root.json").exists()
+            else None,
         )
         self._lock = threading.Lock()  # the interpreter and the window counters
         self._latency = LatencyRecorder()
@@ -783,3 +788,8 @@ class Agent:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _no_keys_yet() -> None:
+    """What may sign a capture policy on a TUF device before its daemon verified any metadata."""
+    return None

@@ -60,6 +60,7 @@ from edgekit.capture import (
     verify_capture_policy,
 )
 from edgekit.errors import CaptureError
+from edgekit.schema import refuse
 from edgekit.trust import TrustedKeys
 
 __all__ = ["CaptureClock", "CaptureFilter", "CaptureLink", "CaptureStats", "Capturer"]
@@ -148,6 +149,7 @@ class Capturer:
         on_event: Optional[EventSink] = None,
         capture_filter: Optional[CaptureFilter] = None,
         clock: Optional[CaptureClock] = None,
+        policy_keys: Optional[Callable[[], Optional[TrustedKeys]]] = None,
     ) -> None:
         self.directory = Path(directory)
         self.records = self.directory / "records"
@@ -158,6 +160,11 @@ class Capturer:
         self.clock = clock or CaptureClock()
         self.stats = CaptureStats()
         self._on_event = on_event
+        #: Set by the daemon on a device that follows its fleet's TUF metadata: the keys that may
+        #: sign a capture policy there (the desired role's, from the verified targets; None until
+        #: some is verified). None on single-key trust, where ``trusted`` signs policies.
+        self.policy_keys = policy_keys
+        self._waiting: Optional[bytes] = None  # a policy that came before any verified metadata
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # a policy applied, records acknowledged
         self.policy: Optional[CapturePolicy] = None
@@ -234,21 +241,66 @@ class Capturer:
         if self.last_seq is None or not isinstance(envelope, str):
             return
         try:
-            policy = verify_capture_policy(
-                base64.b64decode(envelope),
-                self.trusted,
-                fleet=self.fleet,
-                last_seq=self.last_seq - 1,
-                now=self.clock.wall(),
-            )
+            policy = self._verify(base64.b64decode(envelope), self.last_seq - 1)
         except (CaptureError, ValueError) as exc:
+            if getattr(exc, "reason", None) == "waiting":
+                return
             log.warning(
                 "device %s: the saved capture policy no longer holds (%s); capturing nothing",
                 self.device,
                 exc,
             )
+            if getattr(exc, "reason", None) == "single-key":
+                self.event("capture_policy_refused", f"device {self.device}: {exc}")
             return
         self._set(policy)
+
+    def _verify(self, envelope: bytes, last_seq: Optional[int]) -> CapturePolicy:
+        """A policy checked against the keys that may sign one on this device: under TUF the
+        fleet's desired role keys only (a single key no longer turns capture on)."""
+        if self.policy_keys is None:
+            return verify_capture_policy(
+                envelope, self.trusted, fleet=self.fleet, last_seq=last_seq, now=self.clock.wall()
+            )
+        keys = self.policy_keys()
+        if keys is None:
+            raise refuse(
+                CaptureError,
+                "waiting",
+                f"device {self.device} has verified none of its fleet's TUF metadata yet; "
+                "the capture policy is checked once it has",
+            )
+        try:
+            return verify_capture_policy(
+                envelope, keys, fleet=self.fleet, last_seq=last_seq, now=self.clock.wall()
+            )
+        except CaptureError as exc:
+            if getattr(exc, "reason", None) != "untrusted":
+                raise
+            raise refuse(
+                CaptureError,
+                "single-key",
+                "the capture policy is not signed by the fleet's online key: this device follows the "
+                "fleet's TUF keys, where a single key no longer turns capture on; set the policy with "
+                "`edgekit capture policy set` on the machine that holds the fleet's online key",
+            ) from None
+
+    def reload(self) -> None:
+        """Check the saved policy (and one that came before any verified metadata) again: the
+        keys that may sign one changed (TUF metadata verified, or rotated)."""
+        with self._lock:
+            self._set(None)
+            self._load()
+            waiting, self._waiting = self._waiting, None
+            self._changed.notify_all()
+        if waiting is not None:
+            try:
+                self.apply(waiting)
+            except CaptureError as exc:
+                if getattr(exc, "reason", None) not in ("waiting", "replayed"):
+                    self.event(
+                        "capture_policy_refused", f"device {self.device} refused a capture policy: {exc}"
+                    )
 
     def _set(self, policy: Optional[CapturePolicy]) -> None:
         self.policy = policy
@@ -271,9 +323,12 @@ class Capturer:
 
     def apply(self, envelope: bytes) -> CapturePolicy:
         """Verify and apply a signed policy; CaptureError (the device keeps what it had) if refused."""
-        policy = verify_capture_policy(
-            envelope, self.trusted, fleet=self.fleet, last_seq=self.last_seq, now=self.clock.wall()
-        )
+        try:
+            policy = self._verify(envelope, self.last_seq)
+        except CaptureError as exc:
+            if getattr(exc, "reason", None) == "waiting":
+                self._waiting = bytes(envelope)
+            raise
         doc = {"seq": policy.seq, "envelope": base64.b64encode(envelope).decode("ascii")}
         with self._lock:
             self.last_seq = policy.seq
@@ -652,6 +707,9 @@ class CaptureLink:
             reason = getattr(exc, "reason", "malformed")
             if reason == "replayed" and _policy_seq(message.payload) == cap.last_seq:
                 return  # the retained copy of the policy applied last, seen again on reconnect
+            if reason == "waiting":
+                log.info("device %s: %s", cap.device, exc)
+                return  # checked again (Capturer.reload) once the fleet's TUF metadata is verified
             self.refused += 1
             log.warning("device %s refused a capture policy: %s", cap.device, exc)
             cap.event("capture_policy_refused", f"device {cap.device} refused a capture policy: {exc}")

@@ -52,11 +52,13 @@ from edgekit.errors import (
     TopicError,
     TrustMetadataError,
 )
+from edgekit.keys import PublicKey
 from edgekit.manifest import MAX_MESSAGE_SIZE
 from edgekit.mqtt import Message, MqttClient, TlsConfig, Will
 from edgekit.reports import DeviceStateReport
 from edgekit.topics import Topics
 from edgekit.transfer import fetch_staged_bundle
+from edgekit.trust import TrustedKeys
 
 from . import deployment
 from .agent import Agent
@@ -174,6 +176,10 @@ class AgentDaemon:
         self._trust_files: dict[str, bytes] = {}
         self._trust_lock = threading.Lock()
         self._tuf: Optional[DeviceTrust] = self._load_tuf()
+        #: The newest root version announced (trust_root_updated), the one loaded from disk at start.
+        self._root_announced = self._tuf.root_version if self._tuf is not None else 0
+        #: The desired role's keys in the last verified targets: what may sign a capture policy.
+        self._policy_signers: tuple[PublicKey, ...] = ()
         self._frozen = False
         self._last_trust_error = ""
         #: The last report of the fleet's TUF metadata (None: not in TUF mode, or nothing yet).
@@ -196,6 +202,8 @@ class AgentDaemon:
         self.client = client or self._new_client()
         #: Field-data capture: the fleet's signed policy in, sealed records out (docs/capture.md).
         self.capture = CaptureLink(agent.capture, self.client, self.topics, wake=self._wake_uploader.set)
+        if self.tuf_mode:
+            self._capture_under_tuf()
         #: On-fleet benchmarks: the fleet's signed request in, reports out (docs/bench.md).
         self.bench = BenchLink(
             device=self.device,
@@ -450,6 +458,16 @@ class AgentDaemon:
         except OSError as exc:
             log.error("device %s could not save its trust metadata: %s", self.device, exc.strerror or exc)
 
+    def _capture_under_tuf(self) -> None:
+        """From now on a capture policy must be signed by a key of the fleet's desired role (the
+        online key, as the verified targets lists it), not by the single key."""
+        capturer = self.agent.capture
+        capturer.policy_keys = self._capture_keys
+        capturer.reload()
+
+    def _capture_keys(self) -> Optional[TrustedKeys]:
+        return TrustedKeys(self._policy_signers) if self._policy_signers else None
+
     def _authorised(self) -> Optional[frozenset[str]]:
         """Under TUF, the bundles the fleet's verified targets lists (empty until something is
         verified): the only ones a bench request or a shadow section may name. None under
@@ -490,6 +508,7 @@ class AgentDaemon:
             return
         self._save_trust(trust)
         self._tuf = trust
+        self._capture_under_tuf()
         message = (
             f"device {self.device} now trusts fleet {self.fleet}'s TUF root v{trust.root_version}; "
             "desired states signed by a single key are no longer applied"
@@ -519,6 +538,7 @@ class AgentDaemon:
         except TrustMetadataError as exc:
             if trust.root_version != before:
                 self._save_trust(trust)  # the roots verified before the refused document
+                self._root_updated(trust.root_version)
             if exc.reason == "incomplete":
                 log.debug("device %s: %s", self.device, exc)
                 return None
@@ -533,6 +553,11 @@ class AgentDaemon:
             self._save_trust(trust)
             self._last_trust_error = ""
         self.trust_report = report
+        if report.desired_keys and report.desired_keys != self._policy_signers:
+            # The keys that may sign a capture policy appeared or changed (a report that stopped
+            # short of targets, in a freeze, keeps the last ones).
+            self._policy_signers = report.desired_keys
+            self.agent.capture.reload()
         self._note_freeze(report)
         if report.changed & {"root", "timestamp"}:
             # The fleet sees the root version and the timestamp's expiry in the state: its
@@ -540,12 +565,7 @@ class AgentDaemon:
             # timestamp (every ~12 h) is said too, else a healthy device would look stale.
             self.publish_state()
         if "root" in report.changed:
-            self.agent.record_event(
-                "trust_root_updated",
-                f"device {self.device} now trusts root v{report.root_version} of fleet {self.fleet}",
-                None,
-            )
-            self._wake_uploader.set()
+            self._root_updated(report.root_version)
         state = report.desired
         last = self.last_seq
         if state is not None and (last is None or state.seq > last):
@@ -565,6 +585,19 @@ class AgentDaemon:
         if report.changed:
             self.trust_changed.set()
         return report
+
+    def _root_updated(self, version: int) -> None:
+        """Say once that the device trusts a newer root (also when the refresh that verified it
+        then stopped short: the re-signed documents of the new root may arrive after it)."""
+        if version <= self._root_announced:
+            return
+        self._root_announced = version
+        self.agent.record_event(
+            "trust_root_updated",
+            f"device {self.device} now trusts root v{version} of fleet {self.fleet}",
+            None,
+        )
+        self._wake_uploader.set()
 
     def _note_freeze(self, report: TrustReport) -> None:
         if report.freeze_suspected and not self._frozen:

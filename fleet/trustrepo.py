@@ -56,6 +56,7 @@ __all__ = [
     "TrustRepository",
     "check_authorised",
     "current_roots",
+    "desired_expiries",
     "has_repository",
     "keep_fresh",
     "load_repository",
@@ -112,6 +113,16 @@ def _seq_of(target: TargetFile) -> int:
 
 def _short(keyid: str) -> str:
     return keyid[:16]
+
+
+def _delegated_keys(targets: Targets) -> tuple[list[str], int]:
+    assert targets.delegations is not None and targets.delegations.roles is not None
+    delegated = targets.delegations.roles[DESIRED_ROLE]
+    return list(delegated.keyids), delegated.threshold
+
+
+def _verifies(delegator: Root | Targets, role: str, md: Metadata[Any]) -> bool:
+    return bool(delegator.get_verification_result(role, md.signed_bytes, md.signatures).verified)
 
 
 class TrustRepository:
@@ -214,15 +225,39 @@ class TrustRepository:
         return self.roots[-1]
 
     def keys_of(self, role: str) -> tuple[list[str], int]:
-        """Key ids and threshold of a role (``desired`` read from the targets delegation)."""
+        """Key ids and threshold of a role (``desired`` read from the targets delegation, the
+        pending targets if there is one: what the online roles are signed against)."""
         if role == DESIRED_ROLE:
-            targets = self._targets_signed()
-            assert targets.delegations is not None and targets.delegations.roles is not None
-            delegated = targets.delegations.roles[DESIRED_ROLE]
-            return list(delegated.keyids), delegated.threshold
+            return _delegated_keys(self._targets_signed())
         root = self.pending[Root.type].signed if not self.roots else self.root.signed
         found = root.roles[role]
         return list(found.keyids), found.threshold
+
+    def current_keys(self, role: str) -> Optional[tuple[list[str], int]]:
+        """Key ids and threshold of a role as devices know it now (the last submitted root and
+        targets); None before anything was submitted."""
+        if role == DESIRED_ROLE:
+            md = self.roles.get(Targets.type)
+            return _delegated_keys(md.signed) if md is not None and md.signatures else None
+        if not self.roots:
+            return None
+        found = self.root.signed.roles[role]
+        return list(found.keyids), found.threshold
+
+    def pending_keys(self, role: str) -> Optional[tuple[list[str], int]]:
+        """Key ids and threshold of a role in the change waiting for signatures (None: no
+        pending document changes that role's keys)."""
+        if role == DESIRED_ROLE:
+            md = self.pending.get(Targets.type)
+            found = _delegated_keys(md.signed) if md is not None else None
+        else:
+            root_md = self.pending.get(Root.type)
+            found = (
+                (list(root_md.signed.roles[role].keyids), root_md.signed.roles[role].threshold)
+                if root_md is not None
+                else None
+            )
+        return None if found is None or found == self.current_keys(role) else found
 
     def _targets_signed(self) -> Targets:
         md = self.pending.get(Targets.type) or self.roles[Targets.type]
@@ -275,7 +310,12 @@ class TrustRepository:
             if self.roots:
                 ids |= set(self.root.signed.roles[Root.type].keyids)
             return keyid in ids
-        return keyid in self.keys_of(Targets.type)[0]
+        # Targets: a key of the current root, or of the pending one (a targets key rotation:
+        # the new key signs the re-signed targets before the new root is submitted).
+        ids = set(self.keys_of(Targets.type)[0])
+        if Root.type in self.pending:
+            ids |= set(self.pending[Root.type].signed.roles[Targets.type].keyids)
+        return keyid in ids
 
     def add_signature(self, role: str, signed_copy: bytes) -> int:
         """Merge the signatures of a copy of the pending document (signed elsewhere); returns
@@ -323,13 +363,50 @@ class TrustRepository:
             if self.roots:
                 self._check(self.root.signed, Root.type, md, f"root v{md.signed.version} (by the old root)")
             self._check(md.signed, Root.type, md, f"root v{md.signed.version} (by itself)")
+            targets = self._targets_for(md)
             self.roots.append(md)
+            if targets is not None:  # the targets re-signed by the new targets key goes with it
+                self.roles[Targets.type] = targets
+                del self.pending[Targets.type]
         else:
+            if Root.type in self.pending and not _verifies(self.root.signed, Targets.type, md):
+                new_root = self.pending[Root.type].signed
+                if _verifies(new_root, Targets.type, md):
+                    raise refuse(
+                        TrustMetadataError,
+                        "threshold",
+                        f"the pending targets is signed for the targets keys of the pending root "
+                        f"v{new_root.version}; submit that root first (`edgekit trust submit root "
+                        f"--fleet {self.fleet}`), which applies this targets with it",
+                    )
             self._check(self.root.signed, Targets.type, md, "targets")
             self.roles[Targets.type] = md
         del self.pending[role]
         if online and Targets.type not in self.pending:
             self._publish_online(online, now=now)
+
+    def _targets_for(self, root_md: Metadata[Root]) -> Optional[Metadata[Targets]]:
+        """Before a new root is applied: if it changes the targets keys so that the current
+        targets no longer verifies, the pending (re-signed) targets that does, to apply with it;
+        TrustMetadataError when there is none (devices would refuse the fleet's targets)."""
+        current = self.roles.get(Targets.type)
+        if not self.roots or current is None or not current.signatures:
+            return None  # the first root: targets is submitted after it
+        new_root = root_md.signed
+        if _verifies(new_root, Targets.type, current):
+            return None
+        pending = self.pending.get(Targets.type)
+        if pending is not None and _verifies(new_root, Targets.type, pending):
+            return pending
+        keys, threshold = list(new_root.roles[Targets.type].keyids), new_root.roles[Targets.type].threshold
+        raise refuse(
+            TrustMetadataError,
+            "threshold",
+            f"root v{new_root.version} changes the targets keys, and the pending targets is not signed by "
+            f"{threshold} of the new ones ({', '.join(_short(k) for k in keys)}): devices would refuse the "
+            f"fleet's targets. Sign {Targets.type} with the new targets key first (`edgekit trust sign "
+            f"pending/targets.json --key NEW`), then submit root again",
+        )
 
     def _new_root(self, now: float) -> Root:
         base = self.pending.get(Root.type)
@@ -389,6 +466,10 @@ class TrustRepository:
         if threshold is not None:
             root.roles[role].threshold = threshold
         self._check_threshold(role, len(root.roles[role].keyids), root.roles[role].threshold)
+        if role == Targets.type:
+            # Devices check targets against the new root's targets keys: a re-signed targets
+            # (a new version) waits for the new key's signature and is applied with the root.
+            self._new_targets(now)
         return Root.type
 
     @staticmethod
@@ -420,6 +501,8 @@ class TrustRepository:
                 needs.append(
                     self.rotate(role, add=[replacement] if replacement else [], remove=[keyid], now=now)
                 )
+                if role == Targets.type:
+                    needs.append(Targets.type)  # re-signed by the replacement (rotate)
         if not needs:
             raise refuse(
                 TrustMetadataError,
@@ -594,11 +677,16 @@ def role_summary(repo: TrustRepository) -> dict[str, Any]:
     out: dict[str, Any] = {"fleet": repo.fleet, "roles": {}, "pending": sorted(repo.pending)}
     for role in (Root.type, Targets.type, DESIRED_ROLE, Snapshot.type, Timestamp.type):
         try:
-            ids, threshold = repo.keys_of(role)
+            current, pending = repo.current_keys(role), repo.pending_keys(role)
         except (KeyError, AssertionError):
             continue
         md = repo.root if role == Root.type and repo.roots else repo.roles.get(role)
+        # ``keys``: what devices check against now (nothing submitted yet: the pending ones);
+        # ``pending_keys``: what the change waiting for signatures would make them.
+        ids, threshold = current or pending or ([], 0)
         entry: dict[str, Any] = {"keys": ids, "threshold": threshold}
+        if pending is not None and current is not None:
+            entry["pending_keys"], entry["pending_threshold"] = pending
         if md is not None and (md.signatures or role == Root.type):
             entry["version"] = md.signed.version
             entry["expires"] = md.signed.expires.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -699,6 +787,24 @@ def current_roots(home: str | Path) -> dict[str, int]:
         ]
         if versions:
             found[info.parent.name] = max(versions)
+    return found
+
+
+def desired_expiries(home: str | Path) -> dict[str, tuple[datetime, int]]:
+    """Each fleet with a trust repository under ``home/trust`` whose desired role is signed:
+    when it expires and its version (read as JSON, not verified: the repository is the fleet's
+    own). For the alert evaluator's ``expiry`` rule on devices on the key hierarchy."""
+    found: dict[str, tuple[datetime, int]] = {}
+    for path in Path(home, "trust").glob(f"*/{DESIRED_ROLE}.json"):
+        try:
+            doc = json.loads(path.read_bytes())
+            if not doc.get("signatures"):
+                continue
+            signed = doc["signed"]
+            expires = datetime.strptime(signed["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+            found[path.parent.name] = (expires, int(signed["version"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # a damaged file: `edgekit trust status` says what is wrong with it
     return found
 
 

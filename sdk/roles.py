@@ -38,7 +38,7 @@ from typing import Optional, Protocol
 
 from .desired import DesiredState
 from .errors import ConfigError, DesiredStateError, SignatureError, TrustMetadataError
-from .keys import SigningKey
+from .keys import PublicKey, SigningKey
 from .schema import canonical_json, refuse
 from .trust import TrustedKeys
 
@@ -105,6 +105,9 @@ class TrustReport:
     freeze_suspected: bool = False
     #: Roles whose verified copy changed in this refresh (root included when it rotated).
     changed: frozenset[str] = field(default_factory=frozenset)
+    #: The keys of the desired role (the online keys), as the verified targets delegates it:
+    #: what may sign the fleet's other online documents (a capture policy).
+    desired_keys: tuple[PublicKey, ...] = ()
 
     @property
     def desired(self) -> Optional[DesiredState]:
@@ -157,6 +160,27 @@ def _version_of(data: bytes) -> Optional[int]:
     return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
+def _delegated_keys(targets: Targets) -> tuple[PublicKey, ...]:
+    """The Ed25519 keys the targets delegates the desired role to (under edgekit's key ids)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    delegations = targets.delegations
+    if delegations is None or delegations.roles is None or DESIRED_ROLE not in delegations.roles:
+        return ()
+    found = []
+    for keyid in delegations.roles[DESIRED_ROLE].keyids:
+        key = (delegations.keys or {}).get(keyid)
+        if key is None or key.keytype != "ed25519":
+            continue
+        try:
+            public = PublicKey(Ed25519PublicKey.from_public_bytes(bytes.fromhex(key.keyval["public"])))
+        except (KeyError, ValueError, TypeError):
+            continue
+        if public.key_id == keyid:
+            found.append(public)
+    return tuple(found)
+
+
 def _size_ok(data: Optional[bytes]) -> Optional[bytes]:
     if data is None or len(data) > MAX_METADATA_SIZE:
         return None
@@ -195,6 +219,8 @@ class DeviceTrust:
         self.local: dict[str, bytes] = {k: bytes(v) for k, v in (local or {}).items() if k in ROLES[1:]}
         #: The report of the last refresh that loaded everything; None after one that stopped short.
         self._last: Optional[TrustReport] = None
+        #: After a root rotation, until a refresh completes: the timestamp the transport held then.
+        self._rotated: Optional[tuple[Optional[bytes]]] = None
 
     @property
     def root_version(self) -> int:
@@ -233,6 +259,7 @@ class DeviceTrust:
                 raise _refused(f"root v{trusted.root.version + 1}", exc) from None
             self.root, self._root_version = data, trusted.root.version
             changed.add(Root.type)
+            self._rotated = (source.metadata(Timestamp.type),)
 
         # 2. Timestamp: the local copy (ignored if the rotated keys no longer verify it: the
         # fast-forward recovery of the specification, 5.3.11), then the transport's.
@@ -270,6 +297,7 @@ class DeviceTrust:
                 changed,
             )
         self._last = self._report(trusted, changed, False)
+        self._rotated = None
         return self._last
 
     def _load_local(self, role: str, update: Callable[[bytes], object]) -> None:
@@ -299,6 +327,21 @@ class DeviceTrust:
             except (tuf_errors.RepositoryError, ValueError):
                 pass  # not valid as the pinned version: take the transport's
         remote = _size_ok(source.metadata(role))
+        if (
+            remote is not None
+            and remote == local
+            and self._rotated is not None
+            and source.metadata(Timestamp.type) == self._rotated[0]
+        ):
+            # A new root no longer verifies the copy held, and the transport holds nothing newer
+            # yet, nor a newer timestamp: the documents re-signed for that root (a targets key
+            # rotation) are published after it and on their way. Once a newer timestamp
+            # arrives without them, the old copy is refused.
+            raise refuse(
+                TrustMetadataError,
+                "incomplete",
+                f"the fleet's {role} metadata is re-signed under root v{trusted.root.version}; waiting for it",
+            )
         if remote is None or _version_of(remote) != pinned:
             # Retained messages arrive in any order: the snapshot may name a version the
             # transport does not hold yet. Not an attack by itself: a device waits (and a
@@ -352,6 +395,7 @@ class DeviceTrust:
                 fleet_state = self._desired(delegated, role, None, authorised)
                 device_state = self._desired(delegated, role, self.device, authorised)
         return TrustReport(
+            desired_keys=_delegated_keys(trusted.targets) if Targets.type in trusted else (),
             root_version=trusted.root.version,
             versions=versions,
             expires=expires,

@@ -49,7 +49,7 @@ from ..control import ControlPlane
 from ..registry import Registry
 from ..registry.models import Alert, AlertDelivery, Device, Event, Telemetry
 from ..rollout import SHADOW, SOAK
-from ..trustrepo import current_roots
+from ..trustrepo import current_roots, desired_expiries
 from .delivery import Dispatcher
 from .messages import render
 from .rules import (
@@ -264,6 +264,7 @@ class Evaluator:
             self._desired(serving),
             frozen,
             current_roots(self.home),
+            desired_expiries(self.home),
         )
 
     def _desired(self, serving: dict[str, tuple[str, str | None]]) -> list[DesiredFacts]:

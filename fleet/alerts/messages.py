@@ -175,6 +175,20 @@ def _words(rule: str, facts: Mapping[str, Any], who: str, since: datetime) -> tu
         runs = f"{who}'s devices ({', '.join(devices)})" if who.startswith("fleet ") else who
         bundle, _, number = str(label).rpartition("@")
         push = f"edgekit push {bundle} --version {number} --fleet {facts.get('fleet')}"
+        if facts.get("role") == "desired":  # devices on the key hierarchy (edgekit trust)
+            state = "expired" if facts.get("expired") else "expire"
+            return (
+                f"{who}: its signed instructions expire on {expires[:10]}",
+                f"The fleet's signed instructions (its desired role) telling {runs} to run {label} "
+                f"{state} at {expires}: from then on devices refuse the fleet's metadata and take no "
+                "new instructions, and a new device installs nothing.",
+                "edgekit keeps every device serving what it runs. The fleet service re-signs these "
+                "instructions before they expire when it holds the fleet's online key.",
+                "Check that `edgekit fleet serve` runs with the fleet's online key, or sign fresh ones "
+                "by pushing the same version again"
+                + (f": `{push}`" if bundle else "")
+                + f"; then `edgekit trust publish --fleet {facts.get('fleet')}` if the service is not running.",
+            )
         if facts.get("expired"):
             happened = (
                 f"The signed instructions telling {runs} to run {label} expired at {expires}: a device "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -154,8 +154,13 @@ RULES: dict[str, RuleSpec] = {
     "expiry": RuleSpec(
         "the signed desired state a device runs by expires within expiry_warning (then a device that"
         " restarts from scratch or joins refuses it)",
-        {"enabled": True, "expiry_warning": 7 * 86400.0, "clear_after": 0.0},
-        {**_COMMON, "expiry_warning": "seconds before a desired state's expiry at which it alerts"},
+        {"enabled": True, "expiry_warning": 7 * 86400.0, "role_warning": 2 * 86400.0, "clear_after": 0.0},
+        {
+            **_COMMON,
+            "expiry_warning": "seconds before a desired state's expiry at which it alerts",
+            "role_warning": "on the key hierarchy: seconds before the fleet's signed desired role (7 days,"
+            " re-signed by the fleet service at half) expires at which it alerts",
+        },
     ),
     "freeze": RuleSpec(
         "a device on the key hierarchy raised freeze_suspected: the fleet's signed timestamp it holds"
@@ -311,6 +316,8 @@ class Snapshot:
     freeze_events: Mapping[str, EventFacts] = field(default_factory=dict)
     #: Each fleet with a trust repository: its current root version.
     trust_roots: Mapping[str, int] = field(default_factory=dict)
+    #: Each fleet with a trust repository: when its signed desired role expires, and its version.
+    trust_desired: Mapping[str, tuple[datetime, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -398,9 +405,15 @@ def evaluate(snapshot: Snapshot, settings: Mapping[str, Mapping[str, Any]], now:
                 found.append(Condition("rollout", f"fleet:{r.fleet}", quiet, r.fleet, None, origin, facts))
     if on["expiry"]:
         warning = timedelta(seconds=float(settings["expiry"]["expiry_warning"]))
+        # A device on the key hierarchy does not check a desired state's own expires_at: what
+        # expires for it is the fleet's desired role (7 days, re-signed by the fleet service).
+        tuf = {d.id for d in snapshot.devices if d.trust_root is not None}
         for desired in snapshot.desired:
-            if desired.applied_by and desired.expires_at - now <= warning:
-                found.append(_expiring(desired, now))
+            applied = tuple(d for d in desired.applied_by if d not in tuf)
+            if applied and desired.expires_at - now <= warning:
+                found.append(_expiring(replace(desired, applied_by=applied), now))
+        role_warning = timedelta(seconds=float(settings["expiry"]["role_warning"]))
+        found.extend(_desired_role_expiring(snapshot, role_warning, now))
     if on["channel"]:
         after = timedelta(seconds=float(settings["channel"]["failing_after"]))
         for name, since in snapshot.failing_channels.items():
@@ -495,6 +508,28 @@ def _trust_expiring(snapshot: Snapshot, settings: Mapping[str, Any], now: dateti
             "expired": first <= now,
         }
         found.append(Condition("trust_expiry", f"trust:{fleet}", now, fleet, None, facts=facts))
+    return found
+
+
+def _desired_role_expiring(snapshot: Snapshot, warning: timedelta, now: datetime) -> list[Condition]:
+    """One condition per fleet whose signed desired role (its trust repository's) expires within
+    ``warning`` while devices on the key hierarchy run by it; a new version is a new occurrence."""
+    found = []
+    for fleet, (expires, version) in sorted(snapshot.trust_desired.items()):
+        devices = sorted(d.id for d in snapshot.devices if d.fleet == fleet and d.trust_root is not None)
+        if not devices or expires - now > warning:
+            continue
+        labels = [d.label for d in snapshot.desired if d.fleet == fleet and d.device is None]
+        facts = {
+            "fleet": fleet,
+            "label": labels[0] if labels else "what they run",
+            "expires_at": expires.isoformat(),
+            "expired": expires <= now,
+            "devices": devices,
+            "role": "desired",
+        }
+        subject = f"desired-role:{fleet}"
+        found.append(Condition("expiry", subject, now, fleet, None, f"desired-role:{version}", facts))
     return found
 
 

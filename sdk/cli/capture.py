@@ -14,7 +14,8 @@ from rich.markup import escape
 
 from ..capture import TRIGGERS, init_capture_key, load_capture_key, load_capture_public
 from ..config import WorkstationConfig, edgekit_home
-from ..errors import ConfigError
+from ..errors import ConfigError, KeyStoreError, TrustMetadataError
+from ..schema import refuse
 from ..topics import check_device_id, check_fleet_id
 from ._app import console, err_console, new_app, print_json, signing_key
 from .push import BROKER_HELP, REGISTRY_HELP, _connect, open_control
@@ -94,6 +95,31 @@ def keys_init(
         )
 
 
+def _policy_signer(fleet: str, key: Any) -> Any:
+    """The key that signs fleet F's capture policy: on a fleet with a TUF key hierarchy, its
+    online key (devices on TUF accept a policy from the desired role's keys only), else ``key``."""
+    from edgekit.fleet.trustrepo import has_repository, load_repository
+
+    home = edgekit_home()
+    if not has_repository(home, fleet):
+        return key
+    online = load_repository(home / "trust" / fleet).online_key
+    if online is None:
+        raise refuse(
+            TrustMetadataError,
+            "malformed",
+            f"fleet {fleet}'s trust repository names no online key to sign the capture policy with; "
+            "re-create it with `edgekit trust init`",
+        )
+    try:
+        return signing_key(online)
+    except KeyStoreError as exc:
+        raise KeyStoreError(
+            f"{exc}; on fleet {fleet} (TUF keys) the capture policy is signed by the fleet's online key, "
+            "which must be on this machine"
+        ) from None
+
+
 @policy_app.command("set")
 def policy_set(
     fleet: str = typer.Option(..., "--fleet", help="The fleet whose devices may capture."),
@@ -124,7 +150,11 @@ def policy_set(
     valid_for: str = typer.Option(
         "365d", "--valid-for", help="The policy expires after this; devices then stop capturing."
     ),
-    key_name: str = typer.Option("default", "--key-name", help="Signing key under $EDGEKIT_HOME/keys."),
+    key_name: str = typer.Option(
+        "default",
+        "--key-name",
+        help="Signing key under $EDGEKIT_HOME/keys (a fleet with TUF keys: its online key signs instead).",
+    ),
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the policy as JSON."),
@@ -153,7 +183,7 @@ def policy_set(
     with open_control(cfg, key) as control:
         client = _connect(cfg)
         try:
-            policy = set_policy(control, client, key, fleet, recipient, **options)
+            policy = set_policy(control, client, _policy_signer(fleet, key), fleet, recipient, **options)
         finally:
             client.close()
     if json_out:
@@ -179,7 +209,7 @@ def policy_off(
     with open_control(cfg, key) as control:
         client = _connect(cfg)
         try:
-            policy = turn_off(control, client, key, fleet)
+            policy = turn_off(control, client, _policy_signer(fleet, key), fleet)
         finally:
             client.close()
     if json_out:

@@ -212,10 +212,12 @@ def submit(
             raise refuse(TrustMetadataError, "malformed", f"cannot read {path}: {exc.strerror}") from None
     now = time.time()
     repo.save(_dir(fleet))  # the signatures are kept even if the threshold is not met yet
+    with_targets = role == "root" and "targets" in repo.pending
     repo.submit(role, online=_online(online_key) if repo.roots else [], now=now)
     repo.save(_dir(fleet))
+    what = "root and the re-signed targets" if with_targets and "targets" not in repo.pending else role
     _report(
-        repo, json_out, f"Applied the new {role} of fleet {fleet}; publish it with `edgekit trust publish`"
+        repo, json_out, f"Applied the new {what} of fleet {fleet}; publish it with `edgekit trust publish`"
     )
 
 
@@ -428,6 +430,12 @@ def status(
         keys = ", ".join(k[:16] for k in entry["keys"])
         when = f"v{entry['version']}, expires {entry['expires']}" if "version" in entry else "not signed yet"
         console.print(f"{role:<10} {entry['threshold']} of {len(entry['keys'])}: {keys}  ({when})")
+        if "pending_keys" in entry:
+            new = ", ".join(k[:16] for k in entry["pending_keys"])
+            console.print(
+                f"{'':<10} pending: {entry['pending_threshold']} of {len(entry['pending_keys'])}: {new}  "
+                "(once the change waiting for signatures is submitted)"
+            )
     for role in summary["pending"]:
         console.print(
             f"pending    {role}: waiting for signatures (`edgekit trust sign`, `edgekit trust submit`)"
@@ -493,6 +501,7 @@ def upgrade(
     fleet: str = FLEET,
     key: str = typer.Option("default", "--key", help="The single key devices trust today."),
     broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL (default: config)."),
+    json_out: bool = JSON,
 ) -> None:
     """Move fleet F's devices from single-key trust to its TUF root, once (signed by --key)."""
     from edgekit.fleet.push import connect_operator
@@ -505,13 +514,25 @@ def upgrade(
         raise refuse(
             TrustMetadataError, "threshold", f"fleet {fleet} has no signed root yet; `trust submit root`"
         )
-    message = sign_trust_upgrade(fleet, root, signing_key(key))
+    signer = signing_key(key)
+    message = sign_trust_upgrade(fleet, root, signer)
     cfg = WorkstationConfig.load(broker=broker)
     client = connect_operator(cfg.broker, home=cfg.home)
     try:
         client.publish(Topics().fleet_trust(fleet, "upgrade"), message, retain=True).wait(30)
     finally:
         client.close()
+    if json_out:
+        print_json(
+            {
+                "fleet": fleet,
+                "published": "upgrade",
+                "root_version": 1,
+                "signer": signer.key_id,
+                "bytes": len(message),
+            }
+        )
+        return
     console.print(
         f"Published the trust upgrade of fleet {fleet}; publish its metadata with `edgekit trust publish`"
     )

@@ -1,22 +1,27 @@
 """Trust drills (issue 16) with a real Mosquitto and real agents following their fleet's TUF
-metadata (edgekit.roles): a stolen online key, root rotation 2 of 3, a freeze, a rollback, and
-the one-time move from single-key trust. The same attacks without a broker, one by one, are in
-tests/sdk/test_roles.py; docs/security.md names each test."""
+metadata (edgekit.roles): a stolen online key, root rotation 2 of 3, a targets key rotated out, a
+freeze, a rollback, mix-and-match, fast-forward, and the one-time move from single-key trust
+(from a state directory the pre-TUF release wrote). Each attack is also a test without a broker
+in tests/sdk/test_roles.py; docs/security.md names each test."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Optional
 
 import pytest
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from edgekit import SigningKey, TrustedKeys
 from edgekit.agent import Agent
 from edgekit.agent.daemon import AgentDaemon
 from edgekit.bench import BenchCandidate, new_bench_request, sign_bench_request
 from edgekit.bundle import read_bundle
-from edgekit.desired import ShadowRequest, new_desired_state
+from edgekit.desired import ShadowRequest, new_desired_state, sign_desired_state
 from edgekit.fleet.trustrepo import Expiry
 from edgekit.mqtt import MqttClient
 from edgekit.roles import sign_trust_upgrade
@@ -26,6 +31,7 @@ from watcher import TOPICS, Watcher, watcher
 __all__ = ["watcher"]
 
 FLEET = "lab"
+PRETUF = Path(__file__).resolve().parents[1] / "fixtures" / "pretuf_state"
 
 
 def ref(path: Path, key: SigningKey) -> BundleRef:
@@ -55,10 +61,15 @@ class Fleet:
         self.root_file = tmp_path / "root.json"
         self.root_file.write_bytes(self.sim.root1)
 
-    def start(self, device: str, *, tuf: bool = True) -> AgentDaemon:
+    def start(self, device: str, *, tuf: bool = True, also_trust: Optional[SigningKey] = None) -> AgentDaemon:
         extra = {"trust_root": str(self.root_file)} if tuf else {}
         path = self.make_config(device, broker=self.broker, telemetry_interval=3600, **extra)
-        path.write_text(path.read_text().replace('device = "pi-01"', f'device = "{device}"'))
+        text = path.read_text().replace('device = "pi-01"', f'device = "{device}"')
+        if also_trust is not None:
+            text = text.replace(
+                "trusted_keys = '''\n", f"trusted_keys = '''\n{also_trust.public.pem().decode()}"
+            )
+        path.write_text(text)
         agent = Agent.from_config(path, background=False)
         daemon = AgentDaemon(agent, upload_interval=0.2).start()
         self.daemons[device] = daemon
@@ -139,6 +150,46 @@ def test_drill_a_stolen_online_key_works_until_revoked_then_every_device_refuses
         refused = fleet.wait_event(device, "trust_refused")
         assert "timestamp" in refused[-1]["message"] and device in refused[-1]["message"]
         assert fleet.daemons[device].agent.status().version == "1.0.0"
+    # Nor can it re-delegate the desired role to itself without the offline keys: a targets it
+    # signs, even pinned by a snapshot and timestamp the current online key signed, is refused.
+    current = fleet.sim.files()
+    targets_version = json.loads(current["targets"])["signed"]["version"] + 1
+    forged_targets = resign(current["targets"], stolen, lambda t: setattr(t, "version", targets_version))
+    snapshot = resign(
+        current["snapshot"],
+        fresh,
+        lambda s: (
+            setattr(s, "version", s.version + 50),
+            setattr(s.meta["targets.json"], "version", targets_version),
+        ),
+    )
+    snapshot_version = json.loads(snapshot)["signed"]["version"]
+    timestamp = resign(
+        current["timestamp"],
+        fresh,
+        lambda t: (
+            setattr(t, "version", t.version + 50),
+            setattr(t.snapshot_meta, "version", snapshot_version),
+        ),
+    )
+    fleet.publish({**current, "targets": forged_targets, "snapshot": snapshot, "timestamp": timestamp})
+    for device in devices:
+        refused = fleet.wait_event(device, "trust_refused", count=2)
+        assert "targets" in refused[-1]["message"] and "signed by 0/1" in refused[-1]["message"]
+        assert fleet.daemons[device].agent.status().version == "1.0.0"
+
+
+def resign(data: bytes, key: SigningKey, change: Callable[[object], object]) -> bytes:
+    """``data`` (TUF metadata) changed and signed by ``key`` alone: what an attacker holding
+    ``key`` and the broker can publish."""
+    from edgekit.fleet.trustrepo import _signer
+    from tuf.api.metadata import Metadata
+
+    md = Metadata.from_bytes(data)
+    change(md.signed)
+    md.signatures.clear()
+    md.sign(_signer(key))
+    return md.to_bytes()
 
 
 def test_drill_root_rotation_2_of_3_reaches_every_device_and_one_signature_is_refused(fleet, bundles, key):
@@ -147,40 +198,206 @@ def test_drill_root_rotation_2_of_3_reaches_every_device_and_one_signature_is_re
     authorise_bundles(fleet.sim, v1)
     desire_bundle(fleet.sim, v1)
     fleet.publish()
-    online = fleet.start("pi-01")
-    fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", "pi-01"))
-    # pi-02 is off during two rotations.
+    devices = ["pi-01", "pi-02", "pi-03"]
+    for device in devices:
+        fleet.start(device)
+    for device in devices:
+        fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", device))
+    # A root v2 signed by one of the two keys needed (an attacker with one root key and the
+    # broker, or an operator in a hurry): every device refuses it and stays on v1.
+    keys = fleet.sim.root_keys
     a, b = SigningKey.generate(), SigningKey.generate()
-    keys = fleet.sim.root_keys
-    fleet.sim.rotate_root(add=[a], remove=[keys[0]], signers=[keys[1], keys[2], a])
-    fleet.publish()
-    fleet.wait_event("pi-01", "trust_root_updated")
-    assert online.trust_report.root_version == 2  # type: ignore[union-attr]
-    # A root v3 signed by one of the two keys needed: refused by the device, which stays on v2.
-    keys = fleet.sim.root_keys
-    fleet.sim.repo.rotate("root", add=[b.public], remove=[keys[0].key_id], now=fleet.sim.now)
+    fleet.sim.repo.rotate("root", add=[a.public], remove=[keys[0].key_id], now=fleet.sim.now)
     fleet.sim.repo.sign("root", keys[1])
     one_signature = fleet.sim.repo.pending["root"].to_bytes()
-    fleet.publish({"root/3": one_signature})
-    refused = fleet.wait_event("pi-01", "trust_refused")
-    assert "root v3" in refused[-1]["message"] and "signed by 1/2 keys" in refused[-1]["message"]
-    assert online._tuf.root_version == 2  # type: ignore[union-attr]
+    fleet.publish({"root/2": one_signature})
+    for device in devices:
+        refused = fleet.wait_event(device, "trust_refused")
+        assert "root v2" in refused[-1]["message"] and "signed by 1/2 keys" in refused[-1]["message"]
+        assert fleet.daemons[device]._tuf.root_version == 1  # type: ignore[union-attr]
+    # pi-02 is off during two rotations.
+    late = fleet.daemons.pop("pi-02")
+    late.stop()
+    late.agent.close()
+    online = [fleet.daemons[d] for d in ("pi-01", "pi-03")]
     # With the second signature (and the new key's), the same change goes through.
-    fleet.sim.repo.sign("root", b)
+    fleet.sim.repo.sign("root", keys[2])
     fleet.sim.repo.sign("root", a)
     fleet.sim.repo.submit("root", online=[fleet.sim.online], now=fleet.sim.now)
-    fleet.sim.root_keys = [keys[1], a, b]
+    fleet.sim.root_keys = [keys[1], keys[2], a]
     fleet.publish()
-    fleet.wait_event("pi-01", "trust_root_updated", count=2)
-    assert online._tuf.root_version == 3  # type: ignore[union-attr]
-    # The device that was off starts with root v1 and walks the chain to v3.
-    late = fleet.start("pi-02")
+    for daemon in online:
+        fleet.wait_event(daemon.device, "trust_root_updated")
+        fleet.watcher.wait_for(lambda _, d=daemon: d._tuf.root_version == 2)  # type: ignore[union-attr]
+    keys = fleet.sim.root_keys
+    fleet.sim.rotate_root(add=[b], remove=[keys[0]], signers=[keys[1], keys[2], b])
+    fleet.publish()
+    for daemon in online:
+        fleet.wait_event(daemon.device, "trust_root_updated", count=2)
+        fleet.watcher.wait_for(lambda _, d=daemon: d._tuf.root_version == 3)  # type: ignore[union-attr]
+    # The device that was off starts from root v1 on its disk and walks the chain to v3
+    # (no signature of root 3 is by a key root 1 lists but keys[1]: only the chain leads there).
+    again = fleet.start("pi-02")
     fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", "pi-02"))
-    assert late._tuf.root_version == 3  # type: ignore[union-attr]
-    # Both say so in their state, with when their timestamp expires (what the fleet watches).
-    for device in ("pi-01", "pi-02"):
+    fleet.watcher.wait_for(lambda _: again._tuf.root_version == 3)  # type: ignore[union-attr]
+    # Every device says so in its state, with when its timestamp expires (what the fleet watches).
+    for device in devices:
         fleet.watcher.wait_for(lambda _, d=device: fleet.watcher.states(d)[-1].trust_root == 3)
         assert fleet.watcher.states(device)[-1].trust_expires > time.time()
+
+
+def test_drill_a_targets_key_rotated_out_devices_install_under_the_new_key_and_refuse_the_old(
+    fleet, bundles, key
+):
+    v1, v2, v3 = ref(bundles.v1, key), ref(bundles.v2, key), ref(bundles.v3, key)
+    for path in (bundles.v1, bundles.v2, bundles.v3):
+        fleet.watcher.publish_bundle(path, key)
+    authorise_bundles(fleet.sim, v1)
+    desire_bundle(fleet.sim, v1)
+    fleet.publish()
+    devices = ["pi-01", "pi-02"]
+    for device in devices:
+        fleet.start(device)
+    for device in devices:
+        fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", device))
+    # The targets key is lost: `trust revoke OLD --replacement NEW` makes a new root (root
+    # threshold) and a re-signed targets (the new key), applied together by `trust submit root`.
+    old, new = fleet.sim.targets_key, SigningKey.generate()
+    assert fleet.sim.repo.revoke(old.key_id, replacement=new.public, now=fleet.sim.now) == ["root", "targets"]
+    for root_key in fleet.sim.root_keys[:2]:
+        fleet.sim.repo.sign("root", root_key)
+    fleet.sim.repo.sign("targets", new)
+    fleet.sim.repo.submit("root", online=[fleet.sim.online], now=fleet.sim.now)
+    assert fleet.sim.repo.pending == {}
+    fleet.sim.targets_key = new
+    fleet.publish()
+    for device in devices:
+        fleet.wait_event(device, "trust_root_updated")
+    # Devices keep installing what the new targets key authorises.
+    authorise_bundles(fleet.sim, v2)
+    desire_bundle(fleet.sim, v2)
+    fleet.publish()
+    for device in devices:
+        fleet.watcher.wait_for(fleet.watcher.serving("2.0.0", device))
+        assert not fleet.events(device, "trust_refused")
+    # Whoever holds the old key signs a targets listing its own bundle (v3), and a snapshot and
+    # timestamp pinning it (with the online key too): every device refuses it and keeps v2.
+    current = fleet.sim.files()
+    version = json.loads(current["targets"])["signed"]["version"] + 1
+
+    def add_v3(targets: object) -> None:
+        from tuf.api.metadata import TargetFile
+
+        targets.version = version  # type: ignore[attr-defined]
+        path = f"bundles/{v3.sha256}"
+        targets.targets[path] = TargetFile(v3.length, {"sha256": v3.sha256}, path)  # type: ignore[attr-defined]
+
+    forged = resign(current["targets"], old, add_v3)
+    online = fleet.sim.online
+    snapshot = resign(
+        current["snapshot"],
+        online,
+        lambda s: (setattr(s, "version", s.version + 1), setattr(s.meta["targets.json"], "version", version)),
+    )
+    snapshot_version = json.loads(snapshot)["signed"]["version"]
+    timestamp = resign(
+        current["timestamp"],
+        online,
+        lambda t: (
+            setattr(t, "version", t.version + 1),
+            setattr(t.snapshot_meta, "version", snapshot_version),
+        ),
+    )
+    fleet.sim.seq += 1
+    state = new_desired_state(
+        FLEET,
+        bundle_sha256=v3.sha256,
+        bundle_name=v3.name,
+        bundle_version=v3.version,
+        seq=fleet.sim.seq,
+        now=fleet.sim.now,
+    )
+    fleet.publish({**current, "targets": forged, "snapshot": snapshot, "timestamp": timestamp})
+    for device in devices:
+        refused = fleet.wait_event(device, "trust_refused")
+        assert "targets" in refused[-1]["message"] and "signed by 0/1" in refused[-1]["message"]
+        assert fleet.daemons[device].agent.status().version == "2.0.0"
+    assert state.bundle_sha256 not in fleet.daemons["pi-01"].trust_report.authorised  # type: ignore[union-attr]
+
+
+def test_drill_mix_and_match_a_desired_of_another_snapshot_is_not_taken(fleet, bundles, key):
+    v1, v2 = ref(bundles.v1, key), ref(bundles.v2, key)
+    for path in (bundles.v1, bundles.v2):
+        fleet.watcher.publish_bundle(path, key)
+    authorise_bundles(fleet.sim, v1, v2)
+    desire_bundle(fleet.sim, v1)
+    fleet.publish()
+    devices = ["pi-01", "pi-02"]
+    for device in devices:
+        fleet.start(device)
+    for device in devices:
+        fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", device))
+    old_desired = fleet.sim.files()["desired"]
+    # The broker holds the new timestamp and snapshot but the desired role of the older snapshot
+    # (v1 again, under a version number the new snapshot does not pin): not taken.
+    desire_bundle(fleet.sim, v2)
+    new = fleet.sim.files()
+    before = {d: fleet.daemons[d].trust_report.versions["desired"] for d in devices}  # type: ignore[union-attr]
+    fleet.publish({"desired": old_desired, "snapshot": new["snapshot"], "timestamp": new["timestamp"]})
+    for device in devices:
+        # The device verified the new timestamp and snapshot and waits for the desired they pin.
+        fleet.watcher.wait_for(
+            lambda _, d=device: fleet.daemons[d]._tuf.local.get("snapshot") == new["snapshot"]  # type: ignore[union-attr]
+        )
+        assert fleet.daemons[device].trust_report.versions["desired"] == before[device]  # type: ignore[union-attr]
+        assert fleet.daemons[device].agent.status().version == "1.0.0"
+    # The pinned desired arrives: taken.
+    fleet.publish({"desired": new["desired"]})
+    for device in devices:
+        fleet.watcher.wait_for(fleet.watcher.serving("2.0.0", device))
+
+
+def test_drill_fast_forward_then_recovery_by_rotating_the_timestamp_key(fleet, bundles, key):
+    v1, v2 = ref(bundles.v1, key), ref(bundles.v2, key)
+    for path in (bundles.v1, bundles.v2):
+        fleet.watcher.publish_bundle(path, key)
+    authorise_bundles(fleet.sim, v1, v2)
+    desire_bundle(fleet.sim, v1)
+    fleet.publish()
+    devices = ["pi-01", "pi-02"]
+    for device in devices:
+        fleet.start(device)
+    for device in devices:
+        fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", device))
+    # The stolen online key signs a timestamp with a huge version: valid, so devices take it ...
+    stolen = fleet.sim.online
+    current = fleet.sim.files()
+    ff = resign(current["timestamp"], stolen, lambda t: setattr(t, "version", 10**6))
+    fleet.publish({"timestamp": ff})
+    for device in devices:
+        fleet.watcher.wait_for(
+            lambda _, d=device: fleet.daemons[d].trust_report.versions["timestamp"] == 10**6  # type: ignore[union-attr]
+        )
+    # ... and from then on refuse the real ones, lower numbers, as rollbacks.
+    desire_bundle(fleet.sim, v2, key=stolen)
+    fleet.publish()
+    for device in devices:
+        refused = fleet.wait_event(device, "trust_refused")
+        assert "timestamp" in refused[-1]["message"]
+        assert fleet.daemons[device].agent.status().version == "1.0.0"
+    # Recovery: root (2 of 3) rotates the timestamp and snapshot key; the devices drop the
+    # fast-forwarded timestamp (the new key does not verify it) and follow the fleet again.
+    fresh = SigningKey.generate()
+    fleet.sim.repo.rotate("timestamp", add=[fresh.public], remove=[stolen.key_id], now=fleet.sim.now)
+    fleet.sim.repo.rotate("snapshot", add=[fresh.public], remove=[stolen.key_id], now=fleet.sim.now)
+    for root_key in fleet.sim.root_keys[:2]:
+        fleet.sim.repo.sign("root", root_key)
+    fleet.sim.repo.submit("root", online=[fresh, stolen], now=fleet.sim.now)
+    fleet.publish()
+    for device in devices:
+        fleet.watcher.wait_for(fleet.watcher.serving("2.0.0", device))
+        report = fleet.daemons[device].trust_report
+        assert report.root_version == 2 and report.versions["timestamp"] < 10**6  # type: ignore[union-attr]
 
 
 def test_drill_freeze_raises_freeze_suspected_and_the_device_keeps_serving(fleet, bundles, key, models):
@@ -228,17 +445,23 @@ def test_drill_a_replayed_older_timestamp_is_refused_and_changes_nothing(fleet, 
     assert daemon.agent.status().version == "1.0.0"
 
 
-def test_drill_a_device_on_single_key_trust_moves_to_tuf_with_a_signed_upgrade_once(
+def test_drill_a_device_state_from_the_pre_tuf_release_moves_to_tuf_with_a_signed_upgrade_once(
     fleet, bundles, key, other_key
 ):
-    v1, v2 = ref(bundles.v1, key), ref(bundles.v2, key)
-    for path in (bundles.v1, bundles.v2):
-        fleet.watcher.publish_bundle(path, key)
-    # Today's format: a desired state signed by the single key, applied by a device without TUF.
-    device = fleet.start("pi-01", tuf=False)
-    fleet.watcher.desire(key, bundles.v1, seq=7)
+    # The state directory the release before the key hierarchy wrote (tests/fixtures/pretuf_state:
+    # its agent installed digits 1.0.0 from a desired state seq 7 signed by its single key).
+    old_key = SigningKey(load_pem_private_key((PRETUF / "signing.key.pem").read_bytes(), None))  # type: ignore[arg-type]
+    shutil.copytree(PRETUF / "state", fleet.tmp_path / "pi-01-state")
+    installed = next((PRETUF / "state" / "bundles").iterdir())
+    manifest = (installed / "manifest.json").read_bytes()
+    v1 = BundleRef(hashlib.sha256(manifest).hexdigest(), "digits", "1.0.0", len(manifest))
+    v2 = ref(bundles.v2, key)
+    fleet.watcher.publish_bundle(bundles.v2, key)
+    # Today's agent on that directory, trusting the old single key (and the key of the test's bundles).
+    device = fleet.start("pi-01", tuf=False, also_trust=old_key)
     fleet.watcher.wait_for(fleet.watcher.serving("1.0.0"))
-    assert not device.tuf_mode
+    assert not device.tuf_mode and device.last_seq == 7
+    assert device.agent.status().bundle_id == v1.sha256
     # An upgrade signed by a key the device does not trust is refused.
     upgrade = TOPICS.fleet_trust(FLEET, "upgrade")
     fleet.watcher.client.publish(
@@ -246,23 +469,30 @@ def test_drill_a_device_on_single_key_trust_moves_to_tuf_with_a_signed_upgrade_o
     ).wait(10)
     fleet.wait_event("pi-01", "trust_refused")
     assert not device.tuf_mode
-    # Signed by the current key: the device takes the TUF root, then follows TUF metadata only.
+    # Signed by the release's single key: the device takes the TUF root, then follows TUF metadata only.
     authorise_bundles(fleet.sim, v1, v2)
     fleet.sim.seq = 7
     desire_bundle(fleet.sim, v2)
     fleet.publish()
-    fleet.watcher.client.publish(upgrade, sign_trust_upgrade(FLEET, fleet.sim.root1, key), retain=True).wait(
-        10
-    )
+    fleet.watcher.client.publish(
+        upgrade, sign_trust_upgrade(FLEET, fleet.sim.root1, old_key), retain=True
+    ).wait(10)
     fleet.wait_event("pi-01", "trust_upgraded")
     fleet.watcher.wait_for(fleet.watcher.serving("2.0.0"))
-    fleet.watcher.desire(key, bundles.v1, seq=50)  # single-key documents are ignored from now on
-    fleet.watcher.wait_for(lambda _: device.refused >= 1)
+    refused = device.refused
+    # Single-key documents (the release's key) are ignored from now on.
+    old_doc = new_desired_state(
+        FLEET, bundle_sha256=v1.sha256, bundle_name="digits", bundle_version="1.0.0", seq=50
+    )
+    fleet.watcher.client.publish(
+        TOPICS.fleet_desired(FLEET), sign_desired_state(old_doc, old_key), retain=True
+    ).wait(10)
+    fleet.watcher.wait_for(lambda _: device.refused > refused)
     assert device.agent.status().version == "2.0.0"
     # After a restart it is still in TUF mode (the root is in its state directory).
     device.stop()
     device.agent.close()
-    again = fleet.start("pi-01", tuf=False)
+    again = fleet.start("pi-01", tuf=False, also_trust=old_key)
     assert again.tuf_mode
 
 
@@ -340,3 +570,61 @@ def test_a_bench_request_naming_a_bundle_targets_does_not_authorise_is_refused_b
     fleet.watcher.wait_for(lambda _: fleet.watcher.records("bench"))
     assert [r["bench_seq"] for r in fleet.watcher.records("bench")] == [2]
     assert not fleet.events("pi-01", "bench_started")[0]["message"].count("3.0.0")
+
+
+def test_on_tuf_a_capture_policy_must_be_signed_by_the_online_key_and_the_single_key_is_refused(
+    fleet, bundles, key
+):
+    from edgekit.capture import CaptureKey, new_capture_policy, sign_capture_policy
+
+    v1 = ref(bundles.v1, key)
+    fleet.watcher.publish_bundle(bundles.v1, key)
+    authorise_bundles(fleet.sim, v1)
+    desire_bundle(fleet.sim, v1)
+    fleet.publish()
+    daemon = fleet.start("pi-01")
+    fleet.watcher.wait_for(fleet.watcher.serving("1.0.0"))
+    owner, thief = CaptureKey.generate(), CaptureKey.generate()
+    topic = TOPICS.fleet_capture(FLEET)
+
+    def policy(seq: int, recipient: bytes) -> object:
+        return new_capture_policy(FLEET, seq=seq, recipient=recipient, triggers=("sample",), sample_rate=1.0)
+
+    # The single key the device still lists in trusted_keys (stolen, say) tries to turn capture
+    # on, sealed to the thief's key: refused with an event, nothing captured.
+    stolen = sign_capture_policy(policy(5, thief.public_raw), key)  # type: ignore[arg-type]
+    fleet.watcher.client.publish(topic, stolen, qos=1, retain=True).wait(10)
+    refused = fleet.wait_event("pi-01", "capture_policy_refused")[-1]
+    assert "not signed by the fleet's online key" in refused["message"]
+    assert not daemon.agent.capture.armed and daemon.agent.capture.policy is None
+    # Signed by the fleet's online key (the desired role's, in the verified targets): applied.
+    good = sign_capture_policy(policy(6, owner.public_raw), fleet.sim.online)  # type: ignore[arg-type]
+    fleet.watcher.client.publish(topic, good, qos=1, retain=True).wait(10)
+    fleet.wait_event("pi-01", "capture_policy_applied")
+    assert daemon.agent.capture.armed
+    assert daemon.agent.capture.policy.recipient_id == owner.key_id  # type: ignore[union-attr]
+    # After a restart the saved policy holds again once the metadata is verified.
+    daemon.stop()
+    daemon.agent.close()
+    fleet.daemons.pop("pi-01")
+    again = fleet.start("pi-01")
+    assert again.agent.capture.wait_for(lambda c: c.armed, 30)
+    assert again.agent.capture.policy.seq == 6  # type: ignore[union-attr]
+    # The online key is revoked: once the device verifies the new keys, the policy the old key
+    # signed no longer holds (said as an event); the replacement key sets it again.
+    fresh = SigningKey.generate()
+    fleet.sim.repo.revoke(fleet.sim.online.key_id, replacement=fresh.public, now=fleet.sim.now)
+    for root_key in fleet.sim.root_keys[:2]:
+        fleet.sim.repo.sign("root", root_key)
+    fleet.sim.repo.submit("root", now=fleet.sim.now)
+    fleet.sim.repo.sign("targets", fleet.sim.targets_key)
+    fleet.sim.online = fresh
+    fleet.sim.repo.submit("targets", online=[fresh], now=fleet.sim.now)
+    fleet.publish()
+    assert again.agent.capture.wait_for(lambda c: not c.armed, 30)
+    dropped = fleet.wait_event("pi-01", "capture_policy_refused", count=2)[-1]
+    assert "not signed by the fleet's online key" in dropped["message"]
+    renewed = sign_capture_policy(policy(7, owner.public_raw), fresh)  # type: ignore[arg-type]
+    fleet.watcher.client.publish(topic, renewed, qos=1, retain=True).wait(10)
+    assert again.agent.capture.wait_for(lambda c: c.armed, 30)
+    assert again.agent.capture.policy.seq == 7  # type: ignore[union-attr]

@@ -586,6 +586,66 @@ def test_a_desired_state_about_to_expire_alerts_once_per_fleet_until_a_fresh_one
     assert resolved["alert"]["title"] == "Resolved: fleet lab has fresh signed instructions"
 
 
+def test_on_the_key_hierarchy_the_expiry_rule_judges_the_fleets_desired_role_not_the_desired_state(
+    alerts, hook, edgekit_home
+):
+    """A device on TUF does not check a desired state's own expires_at (30 days): what expires
+    for it is the fleet's signed desired role (7 days). The fleet reads it from its own trust
+    repository: one alert naming the TUF devices when the role expires within role_warning (2
+    days), while the single-key device is judged by the desired state it runs, as before; the
+    fleet service re-signing the role resolves the first."""
+    from edgekit.keys import load_signing_key
+    from test_trust_keeper import make_fleet
+
+    alerts.store.add_channel(webhook_channel("hook", hook.url), T0)
+    repo = make_fleet(edgekit_home, now=T0.timestamp() - 6 * 86400)  # the role expires a day after T0
+    ttl = 30 * 86400
+    state = new_desired_state(
+        "lab",
+        bundle_sha256="a" * 64,
+        bundle_name="digits",
+        bundle_version="1.2.0",
+        seq=3,
+        ttl=ttl,
+        now=int(T0.timestamp()) - ttl + 6 * 86400,  # the single-key document expires 6 days after T0
+    )
+    ControlPlane(alerts.registry).record_desired(state)
+    fresh = T0 + timedelta(hours=20)  # the timestamp: not the trust_expiry rule's business here
+    alerts.registry.record_states(
+        [
+            DeviceState(
+                "cam-1",
+                "lab",
+                True,
+                "serving",
+                T0,
+                "a" * 64,
+                "digits",
+                "1.2.0",
+                trust_root=1,
+                trust_expires=fresh,
+            ),
+            DeviceState("cam-2", "lab", True, "serving", T0, "a" * 64, "digits", "1.2.0"),
+        ]
+    )
+    assert alerts.round(T0) == 2
+    opened = {
+        b["alert"]["what_happened"]: b["alert"] for b in hook.wait_for(lambda b: len(b) == 2, what="2 alerts")
+    }
+    role = next(a for text, a in opened.items() if "desired role" in text)
+    single = next(a for text, a in opened.items() if "desired role" not in text)
+    assert (role["rule"], role["fleet"], role["device"]) == ("expiry", "lab", None)
+    assert "fleet lab's devices (cam-1) to run digits@1.2.0 expire at 2026-12-02" in role["what_happened"]
+    assert "`edgekit fleet serve`" in role["what_you_can_do"]
+    assert "fleet lab's devices (cam-2) to run digits@1.2.0 expire at 2026-12-07" in single["what_happened"]
+    # The fleet service re-signs the desired role (half its life is gone): that alert resolves.
+    assert repo.resign_online([load_signing_key(edgekit_home, "online")], now=T0.timestamp()) != []
+    repo.save(edgekit_home / "trust" / "lab")
+    assert alerts.round(T0 + timedelta(seconds=1)) == 1
+    resolved = hook.wait_for(lambda b: len(b) == 3, what="the resolve message")[-1]
+    assert resolved["event"] == "resolved" and resolved["alert"]["what_happened"] == role["what_happened"]
+
+
 def test_a_board_nearly_out_of_memory_or_disk_alerts_each_on_its_own(alerts, hook):
     """cam-1 reports 97% of its RAM and 93% of its disk in use (defaults: 95, 90) for longer
     than `hold` (60 s): two alerts, one each; the memory one resolves when it drops."""

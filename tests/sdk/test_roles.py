@@ -1,7 +1,11 @@
 """The TUF key hierarchy on the device (edgekit.roles), against a real repository in memory.
 
-Each attack of the TUF specification's list is a test here, named in docs/security.md; the same
-drills with a real broker and real agents are in tests/agent/test_trust_drills.py.
+Each attack of the TUF specification's list is a test here, named in docs/security.md; each is
+also a drill with a real Mosquitto and real agents in tests/agent/test_trust_drills.py (stolen
+online key, root rotation 2 of 3, targets key rotation, freeze, rollback, mix-and-match,
+fast-forward). The broker here is the in-memory :class:`trust_sim.Retained` dict: the property
+test at the end runs hundreds of broker actions per example, which a real broker and agent
+could not do in the suite's time.
 """
 
 from __future__ import annotations
@@ -301,16 +305,83 @@ def test_metadata_tampered_in_transit_is_refused(sim: TrustSim) -> None:
     assert refused(device, {**files, "timestamp": b"\x00garbage"}, sim.now).reason == "malformed"
 
 
+def test_a_targets_key_rotation_re_signs_targets_and_needs_the_new_key_before_the_root(sim: TrustSim) -> None:
+    device = device_of(sim)
+    old = sim.files()
+    device.refresh(Retained(old), now=sim.now)
+    new = SigningKey.generate()
+    assert (
+        sim.repo.rotate("targets", add=[new.public], remove=[sim.targets_key.key_id], now=sim.now) == "root"
+    )
+    assert sorted(sim.repo.pending) == ["root", "targets"]
+    for key in sim.root_keys[:2]:
+        sim.repo.sign("root", key)
+    # Without the new key's signature on the re-signed targets, the root is not applied: devices
+    # would refuse the fleet's targets (signed by the old key only).
+    with pytest.raises(TrustMetadataError) as info:
+        sim.repo.submit("root", online=[sim.online], now=sim.now)
+    assert info.value.reason == "threshold" and "changes the targets keys" in str(info.value)
+    # Nor is the re-signed targets before its root.
+    sim.repo.sign("targets", new)
+    with pytest.raises(TrustMetadataError) as info:
+        sim.repo.submit("targets", online=[sim.online], now=sim.now)
+    assert "submit that root first" in str(info.value)
+    sim.repo.submit("root", online=[sim.online], now=sim.now)
+    assert sim.repo.pending == {}
+    # The new root reaches the device before the re-signed targets: it waits for it ...
+    early = {**old, "root/2": sim.files()["root/2"]}
+    assert refused(device, early, sim.now).reason == "incomplete"
+    # ... but a newer timestamp still pinning the old targets is refused (nothing was re-signed).
+    stale = TrustSimView.edit(old["timestamp"], sim.online, lambda t: setattr(t, "version", t.version + 1))
+    error = refused(device, {**early, "timestamp": stale}, sim.now)
+    assert error.reason == "refused" and "targets" in str(error)
+    sim.targets_key = new
+    sim.authorise("1.2.0")
+    sim.desire("1.2.0")
+    report = device.refresh(Retained(sim.files()), now=sim.now)
+    assert report.root_version == 2 and report.desired.bundle_version == "1.2.0"  # type: ignore[union-attr]
+
+
+def test_a_desired_role_listing_a_path_targets_did_not_delegate_is_refused(sim: TrustSim) -> None:
+    # Targets delegates only the fleet's document to the desired role (no per-device paths).
+    targets = sim.repo._new_targets(sim.now)
+    assert targets.delegations is not None and targets.delegations.roles is not None
+    targets.delegations.roles["desired"].paths = ["fleet"]
+    sim.repo.sign("targets", sim.targets_key)
+    sim.repo.submit("targets", online=[sim.online], now=sim.now)
+    device = device_of(sim)
+    assert device.refresh(Retained(sim.files()), now=sim.now).desired.bundle_version == "1.0.0"  # type: ignore[union-attr]
+    # The online key lists a per-device document (an authorised bundle): refused.
+    sim.desire("1.1.0", device="cam-1")
+    error = refused(device, sim.files(), sim.now)
+    assert error.reason == "unauthorised" and "'device/cam-1'" in str(error) and "not delegate" in str(error)
+
+
 # -- property: whatever the broker does -----------------------------------------------------
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["publish", "evil", "drop", "replay", "reorder", "corrupt", "refresh"]),
+        st.sampled_from(
+            [
+                "publish",
+                "evil",
+                "drop",
+                "replay",
+                "reorder",
+                "corrupt",
+                "refresh",
+                "rotate",
+                "revoke",
+                "weak-root",
+                "stolen",
+            ]
+        ),
         st.integers(0, 50),
     ),
     min_size=1,
     max_size=25,
 )
+STOLEN_SEQ = 10**6
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -318,7 +389,12 @@ OPS = st.lists(
 def test_whatever_the_broker_does_a_device_only_ever_runs_an_authorised_bundle(
     ops: list[tuple[str, int]],
 ) -> None:
-    sim = TrustSim(n=1, k=1)
+    """Root 2 of 3; among the broker's actions the operators rotate root keys and revoke the
+    online key, an attacker publishes a root signed by one root key only, and replays what the
+    revoked online key can sign. In memory (Retained): many examples of many actions each."""
+    import copy
+
+    sim = TrustSim(n=3, k=2)
     sim.authorise("1.0.0", "1.1.0", "1.2.0")
     sim.desire("1.0.0")
     allowed = {digest(v) for v in ("1.0.0", "1.1.0", "1.2.0")}
@@ -327,17 +403,63 @@ def test_whatever_the_broker_does_a_device_only_ever_runs_an_authorised_bundle(
     broker = Retained(sim.files())
     device = device_of(sim)
     applied_seq = 0
+    #: (a copy of the repository as the thief of the online key knows it, the key, the root
+    #: version that revoked it)
+    stolen: list[tuple[object, SigningKey, int]] = []
+
+    def published() -> None:
+        history.append(sim.files())
+        broker.files.update(sim.files())
+
     for op, n in ops:
         if op == "publish":
             sim.desire(["1.0.0", "1.1.0", "1.2.0"][n % 3])
-            history.append(sim.files())
-            broker.files.update(sim.files())
+            published()
+        elif op == "rotate":  # 2 of the 3 current root keys and 2 of the new set sign
+            new = SigningKey.generate()
+            keys = sim.root_keys
+            sim.rotate_root(
+                add=[new], remove=[keys[n % 3]], signers=[k for k in keys if k is not keys[n % 3]] + [new]
+            )
+            published()
+        elif op == "revoke":  # the online key is revoked and replaced (root 2 of 3, targets)
+            before, old = copy.deepcopy(sim.repo), sim.online
+            fresh = SigningKey.generate()
+            sim.repo.revoke(old.key_id, replacement=fresh.public, now=sim.now)
+            for key in sim.root_keys[:2]:
+                sim.repo.sign("root", key)
+            sim.repo.submit("root", now=sim.now)
+            sim.repo.sign("targets", sim.targets_key)
+            sim.online = fresh
+            sim.repo.submit("targets", online=[fresh], now=sim.now)
+            stolen.append((before, old, sim.repo.root.signed.version))
+            published()
+        elif op == "weak-root":  # the next root, adding an attacker's targets key, signed by 1 of 2
+            attacker = copy.deepcopy(sim.repo)
+            attacker.rotate("targets", add=[outsider.public], now=sim.now)
+            attacker.sign("root", sim.root_keys[n % 3])
+            attacker.sign("targets", outsider)
+            pending = attacker.pending["root"]
+            broker.files[f"root/{pending.signed.version}"] = pending.to_bytes()
+        elif op == "stolen":  # what the revoked online key signs, with version numbers far ahead
+            if not stolen or device.root_version < stolen[0][2]:
+                continue  # the key is not revoked yet for this device: it may still sign
+            repo, key, _ = stolen[0]
+            repo = copy.deepcopy(repo)
+            for role in ("desired", "snapshot", "timestamp"):
+                repo.roles[role].signed.version = 10**5  # type: ignore[attr-defined]
+            state = sim.state(["1.0.0", "1.1.0", "1.2.0"][n % 3])
+            from dataclasses import replace
+
+            repo.set_desired([replace(state, seq=STOLEN_SEQ)], [key], now=sim.now)  # type: ignore[attr-defined]
+            files = repo.files()  # type: ignore[attr-defined]
+            broker.files.update({r: files[r] for r in ("desired", "snapshot", "timestamp")})
         elif op == "evil":  # an outsider's metadata
             view = TrustSimView(sim, outsider)
             role = ["timestamp", "snapshot", "desired", "targets"][n % 4]
             broker.files[role] = view._resign(role, {"version": 10 + n})
         elif op == "drop":
-            broker.files.pop(["timestamp", "snapshot", "desired", "targets"][n % 4], None)
+            broker.files.pop(["timestamp", "snapshot", "desired", "targets", "root/2"][n % 5], None)
         elif op == "replay":
             broker.files.update(history[n % len(history)])
         elif op == "reorder":
@@ -353,8 +475,12 @@ def test_whatever_the_broker_does_a_device_only_ever_runs_an_authorised_bundle(
             report = device.refresh(broker, now=sim.now)
         except TrustMetadataError:
             continue
+        finally:
+            # The device's root is always one the root threshold signed (never the weak one).
+            assert device.root == sim.repo.files()[f"root/{device.root_version}"]
         state = report.desired
         if state is not None:
             assert state.bundle_sha256 in allowed
             assert state.seq >= applied_seq  # never goes back
+            assert state.seq != STOLEN_SEQ  # the revoked key's documents, never
             applied_seq = state.seq

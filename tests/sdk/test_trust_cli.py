@@ -198,3 +198,79 @@ def test_an_operator_drives_a_tuf_device_with_the_cli_alone(
     finally:
         daemon.stop()
         agent.close()
+
+
+def test_rotating_the_targets_key_re_signs_targets_and_status_shows_current_and_pending(laptop: Path) -> None:
+    run_json("trust", "init", "--fleet", "shop", "--root-keys", "root-1,root-2", "--threshold", "2")
+    before = run_json("trust", "status", "--fleet", "shop")["roles"]
+    # Revoking the online key with a replacement: nothing is signed yet, so devices still check
+    # the old key; status says which keys are current and which are pending.
+    run_json("keys", "init", "--role", "online", "--name", "online-2")
+    run_json("trust", "revoke", "online", "--fleet", "shop", "--replacement", "online-2")
+    status = run_json("trust", "status", "--fleet", "shop")["roles"]
+    for role in ("desired", "timestamp", "snapshot"):
+        assert status[role]["keys"] == before[role]["keys"], role
+        assert status[role]["pending_keys"] != before[role]["keys"] and len(status[role]["pending_keys"]) == 1
+    text = edgekit("trust", "status", "--fleet", "shop").stdout
+    assert "pending: 1 of 1" in text
+
+    # The targets key (fleet shop2): a new root and a re-signed targets the new key must sign.
+    run_json("trust", "init", "--fleet", "shop2", "--root-keys", "root-1,root-2", "--threshold", "2")
+    before = run_json("trust", "status", "--fleet", "shop2")["roles"]
+    run_json("keys", "init", "--role", "targets", "--name", "targets-2")
+    revoked = run_json("trust", "revoke", "targets", "--fleet", "shop2", "--replacement", "targets-2")
+    assert revoked["pending"] == ["root", "targets"]
+    assert revoked["roles"]["targets"]["keys"] == before["targets"]["keys"]
+    new_targets = revoked["roles"]["targets"]["pending_keys"]
+    pending = laptop / "trust" / "shop2" / "pending"
+    for key in ("root-1", "root-2"):
+        run_json("trust", "sign", str(pending / "root.json"), "--key", key)
+    assert_one_line_error(
+        edgekit("trust", "submit", "root", "--fleet", "shop2"), 17, "changes the targets keys"
+    )
+    run_json("trust", "sign", str(pending / "targets.json"), "--key", "targets-2")
+    done = run_json("trust", "submit", "root", "--fleet", "shop2")
+    assert done["result"].startswith("Applied the new root and the re-signed targets")
+    assert done["pending"] == [] and done["roles"]["targets"]["keys"] == new_targets
+    assert done["roles"]["root"]["version"] == 2 and "pending_keys" not in done["roles"]["targets"]
+
+
+def test_refresh_signs_a_fresh_timestamp_and_upgrade_publishes_the_signed_root(
+    laptop: Path, mosquitto
+) -> None:
+    from edgekit.keys import load_own_public_key
+    from edgekit.roles import verify_trust_upgrade
+    from edgekit.trust import TrustedKeys
+
+    run_json("keys", "init")  # the single key devices trust today ("default")
+    run_json("trust", "init", "--fleet", "shop", "--root-keys", "root-1,root-2", "--threshold", "2")
+    first = run_json("trust", "status", "--fleet", "shop")["roles"]["timestamp"]["version"]
+    refreshed = run_json("trust", "refresh", "--fleet", "shop")
+    assert refreshed["roles"]["timestamp"]["version"] == first + 1
+    assert_one_line_error(edgekit("trust", "refresh", "--fleet", "nope"), 17, "no trust repository")
+
+    client = MqttClient(mosquitto.url, client_id="check").connect(timeout=10)
+    try:
+        import threading
+
+        got: list[bytes] = []
+        arrived = threading.Event()
+
+        def on(message) -> None:  # type: ignore[no-untyped-def]
+            got.append(message.payload)
+            arrived.set()
+
+        client.subscribe(Topics().fleet_trust("shop", "upgrade"), on)
+        upgraded = run_json("trust", "upgrade", "--fleet", "shop", "--broker", mosquitto.url)
+        assert arrived.wait(10)
+    finally:
+        client.close()
+    single = load_own_public_key(laptop, "default")
+    assert upgraded["signer"] == single.key_id and upgraded["bytes"] == len(got[0])
+    root = verify_trust_upgrade(got[0], TrustedKeys([single]), "shop")
+    assert json.loads(root)["signed"]["version"] == 1
+    assert_one_line_error(
+        edgekit("trust", "upgrade", "--fleet", "shop", "--key", "nobody", "--broker", mosquitto.url),
+        3,  # KeyStoreError
+        "nobody",
+    )
