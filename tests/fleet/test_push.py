@@ -380,8 +380,13 @@ def test_a_rollout_left_running_is_resumed_and_another_aborted(fleet, mosquitto,
         )
         assert keras.returncode == 0, keras.stderr
         watcher.wait_for(watcher.serving("2.0.1", "cam-1"))  # the next patch version, on the canary only
-        aborted = edgekit("rollout", "abort", "--fleet", "lab", "--broker", mosquitto.url)
+        aborted = edgekit("rollout", "abort", "--fleet", "lab", "--broker", mosquitto.url, "--json")
         assert aborted.returncode == 0, aborted.stderr
+        outcome = json.loads(aborted.stdout)  # the same shape as `push --json`
+        assert (outcome["fleet"], outcome["bundle"], outcome["phase"]) == ("lab", "digits@2.0.1", "aborted")
+        assert outcome["reason"].startswith("aborted by") and outcome["canaries"] == ["cam-1"]
+        again = edgekit("rollout", "resume", "--fleet", "lab", "--broker", mosquitto.url, "--json")
+        assert again.returncode == 0 and json.loads(again.stdout)["phase"] == "aborted", again.stderr
         watcher.wait_for(watcher.serving("2.0.0", "cam-1"))
         assert all(watcher.states(d)[-1].bundle_version == "2.0.0" for d in devices)
         assert (
