@@ -723,24 +723,23 @@ class CaptureLink:
             self._wake()
 
     def _on_ack(self, message: Any) -> None:
+        from edgekit.capture import CaptureAck  # here: the rest of this module is edited elsewhere
+
         cap = self.capturer
         try:
-            doc = json.loads(message.payload)
-            seqs = (
-                doc["seqs"] if doc.get("schema") == ACK_SCHEMA and doc.get("device") == cap.device else None
-            )
-            if not isinstance(seqs, list) or not all(type(s) is int for s in seqs):
-                raise ValueError("not a capture acknowledgement for this device")
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            ack = CaptureAck.from_json(message.payload)
+            if ack.device != cap.device:
+                raise CaptureError(f"it is for device {ack.device}, not this one")
+        except CaptureError as exc:
             log.warning("device %s ignored a malformed capture acknowledgement: %s", cap.device, exc)
             return
-        if doc.get("drop_all") is True:  # `edgekit capture purge --device`: drop what is held
+        if ack.drop_all:  # `edgekit capture purge --device`: drop what is held
             dropped = cap.ack(cap.held())
             cap.event(
                 "capture_purged", f"device {cap.device} deleted the {dropped} captures it held, as asked"
             )
             return
-        cap.ack(seqs)
+        cap.ack(list(ack.seqs))
 
     def upload(self, limit: int = UPLOAD_PER_PASS) -> int:
         """Send up to ``limit`` held records (chunks QoS 1); returns how many were sent whole.

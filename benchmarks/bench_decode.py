@@ -6,8 +6,10 @@ Decodes the same telemetry records (as an agent writes them: drift verdict and a
 included), device states and events with edgekit's decoders (``TelemetryRecord.from_json`` and
 friends: size cap, strict JSON, schema, every field), against the baseline measured in the same
 run: ``orjson.loads`` of the same bytes, no checks. Best of 5 rounds each. With msgspec
-installed, also a msgspec ``Struct`` decoder of the telemetry record's top level (for
-reference: edgekit does not depend on it; it has no 32-bit ARM wheel).
+installed, also a msgspec typed decoder of the telemetry record (``Struct`` with the ranges,
+patterns and nested objects edgekit's decoder checks, the drift verdict's inner scores and
+accuracy as plain objects), and msgspec's untyped parse, in the same run (for the decision in
+``edgekit.schema``: edgekit does not depend on msgspec; it has no 32-bit ARM wheel).
 """
 
 from __future__ import annotations
@@ -16,10 +18,63 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
 import orjson
 from edgekit.reports import DeviceStateReport, Event, TelemetryRecord
+
+try:
+    import msgspec
+except ImportError:  # a reference only: edgekit does not depend on it
+    msgspec = None
+
+if msgspec is not None:
+    Count = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+    Big = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    Moment = Annotated[float, msgspec.Meta(ge=0, le=253402300799.0)]
+    Ident = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    Name = Annotated[str, msgspec.Meta(max_length=200)]
+    Severity = Optional[Literal["ok", "inputs changed", "model affected"]]
+
+    class Latency(msgspec.Struct):
+        p50: Optional[float] = None
+        p95: Optional[float] = None
+        p99: Optional[float] = None
+
+    class Bundle(msgspec.Struct):
+        name: Name
+        version: Name
+        bundle_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+    class Drift(msgspec.Struct):  # the verdict's top level; scores and accuracy as plain objects
+        drifted: bool = False
+        scores: dict[str, Any] = msgspec.field(default_factory=dict)
+        severity: Severity = None
+        windows: Optional[Count] = None
+        summary: Optional[Annotated[str, msgspec.Meta(max_length=1000)]] = None
+        signals: Optional[dict[str, bool]] = None
+        accuracy: Optional[dict[str, Any]] = None
+
+    class Telemetry(msgspec.Struct):  # the fields edgekit's decoder checks, with their ranges
+        schema: Literal["edgekit.telemetry"]
+        schema_version: Literal[1]
+        device: Ident
+        fleet: Ident
+        window_start: Moment
+        window_end: Moment
+        count: Count
+        errors: Count
+        latency_ms: Latency
+        throughput: Annotated[float, msgspec.Meta(ge=0)]
+        drift: Drift
+        bundle: Optional[Bundle] = None
+        cpu_percent: Optional[float] = None
+        memory_rss_bytes: Optional[Big] = None
+        temperature_c: Optional[float] = None
+        runtime: Optional[Name] = None
+        seq: Big = 0
+        dropped: Count = 0
+        dropped_total: Big = 0
 
 
 def records(n: int) -> dict[str, list[bytes]]:
@@ -96,30 +151,21 @@ def main() -> None:
         base = best(orjson.loads, payloads)
         ours = best(decoders[kind], payloads)
         print(f"{kind:10s} {base:>21.2f} µs {ours:>13.2f} µs {ours / base:>6.2f}x")
-    try:
-        import msgspec
-    except ImportError:
+    if msgspec is None:
         print("msgspec not installed: no reference figure (pip install msgspec to add it)")
         return
 
-    class Telemetry(msgspec.Struct):  # the top level only, types and no ranges: a lower bound
-        schema: str
-        schema_version: int
-        device: str
-        fleet: str
-        window_start: float
-        window_end: float
-        count: int
-        errors: int
-        latency_ms: dict[str, Any]
-        throughput: float
-        drift: dict[str, Any]
-        bundle: dict[str, str]
-        seq: int
-
-    decoder = msgspec.json.Decoder(Telemetry)
-    ref = best(decoder.decode, data["telemetry"])
-    print(f"{'telemetry':10s} msgspec Struct (types only, no ranges): {ref:.2f} µs")
+    typed = msgspec.json.Decoder(Telemetry)
+    plain = msgspec.json.Decoder()
+    base = best(orjson.loads, data["telemetry"])
+    ours = best(TelemetryRecord.from_json, data["telemetry"])
+    parse = best(plain.decode, data["telemetry"])
+    ref = best(typed.decode, data["telemetry"])
+    print(
+        f"telemetry, same run: orjson.loads {base:.2f} µs, edgekit decoder {ours:.2f} µs ({ours / base:.2f}x),"
+    )
+    print(f"  msgspec untyped decode {parse:.2f} µs ({parse / base:.2f}x), msgspec typed Struct {ref:.2f} µs")
+    print(f"  ({ref / base:.2f}x orjson, {ref / ours:.2f}x edgekit's); msgspec {msgspec.__version__}")
 
 
 if __name__ == "__main__":

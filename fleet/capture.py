@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 from edgekit.atomic import atomic_write
 from edgekit.capture import (
+    CaptureAck,
     CapturedRecord,
     CaptureKey,
     CapturePolicy,
@@ -66,7 +67,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ACK_SCHEMA = "edgekit.capture_ack"
 #: Partial records (chunks still missing) held in memory at most; the oldest is forgotten first
 #: (its device sends it again when no acknowledgement comes).
 MAX_PARTIAL = 256
@@ -294,8 +294,8 @@ class CaptureSink:
         except SQLAlchemyError as exc:  # not acknowledged: the device sends it again later
             self._reject("db_error", str(exc).splitlines()[0][:200])
             return
-        ack = {"schema": ACK_SCHEMA, "schema_version": 1, "device": chunk.device, "seqs": [chunk.seq]}
-        self.client.publish(self.topics.device_capture_ack(chunk.device), json.dumps(ack).encode(), qos=1)
+        ack = CaptureAck(chunk.device, (chunk.seq,))
+        self.client.publish(self.topics.device_capture_ack(chunk.device), ack.to_json(), qos=1)
 
     def _store(self, device: str, seq: int, record: bytes) -> None:
         head = record_header(record)
@@ -568,8 +568,8 @@ def purge(
         for device in devices:
             if client is None:
                 break
-            doc = {"schema": ACK_SCHEMA, "schema_version": 1, "device": device, "seqs": [], "drop_all": True}
-            client.publish(topics.device_capture_ack(device), json.dumps(doc).encode(), qos=1).wait(30.0)
+            purge = CaptureAck(device, drop_all=True).to_json()
+            client.publish(topics.device_capture_ack(device), purge, qos=1).wait(30.0)
             asked.append(device)
         if asked:
             note.append(f"asked {', '.join(asked)} to delete what they hold")

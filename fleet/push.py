@@ -17,7 +17,6 @@ serve`` can pick it up. Whoever changes a fleet's rollout holds the fleet's driv
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -34,7 +33,7 @@ from edgekit.desired import ShadowRequest, decode_desired_state, new_desired_sta
 from edgekit.errors import BrokerError, DesiredStateError, MessageError
 from edgekit.keys import SigningKey
 from edgekit.mqtt import Message, MqttClient
-from edgekit.reports import DRIFT_SEVERITIES, DeviceStateReport
+from edgekit.reports import DRIFT_SEVERITIES, DeviceStateReport, TelemetryRecord
 from edgekit.topics import Topics
 from edgekit.transfer import Upload, clear_bundle, publish_bundle, start_upload
 
@@ -124,26 +123,27 @@ class FleetLink:
 
     def _on_telemetry(self, message: Message) -> None:
         try:
-            doc = json.loads(message.payload)
-            device = doc["device"]
-            bundle = doc.get("bundle") or {}
-            count, errors = int(doc["count"]), int(doc["errors"])
-            p95 = (doc.get("latency_ms") or {}).get("p95")
-            drifted = bool((doc.get("drift") or {}).get("drifted"))
-            severity = (doc.get("drift") or {}).get("severity")
-            rank = DRIFT_SEVERITIES.index(severity) if severity is not None else -1
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            record = TelemetryRecord.from_json(message.payload)
+        except MessageError as exc:
             self.rejected += 1
             log.warning("dropped malformed telemetry on %s: %s", message.topic, exc)
             return
-        if self._window_bundle is None or bundle.get("bundle_id") != self._window_bundle:
+        bundle = record.bundle or {}
+        if (
+            record.fleet != self.fleet
+            or self._window_bundle is None
+            or bundle.get("bundle_id") != self._window_bundle
+        ):
             return
-        window = self._windows.setdefault(device, _Window())
-        window.count += count
-        window.errors += errors
+        window = self._windows.setdefault(record.device, _Window())
+        window.count += record.count
+        window.errors += record.errors
+        p95 = record.latency_ms.get("p95")
         if p95 is not None:
-            window.p95_ms = max(window.p95_ms or 0.0, float(p95))
-        window.drifted = window.drifted or drifted
+            window.p95_ms = max(window.p95_ms or 0.0, p95)
+        window.drifted = window.drifted or bool(record.drift.get("drifted"))
+        severity = record.drift_severity
+        rank = DRIFT_SEVERITIES.index(severity) if severity is not None else -1
         if rank > (DRIFT_SEVERITIES.index(window.drift_severity) if window.drift_severity else -1):
             window.drift_severity = severity
         self._bump()

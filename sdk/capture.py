@@ -47,8 +47,10 @@ from .topics import check_fleet_id
 from .trust import TrustedKeys
 
 __all__ = [
+    "CAPTURE_ACK_SCHEMA",
     "CAPTURE_POLICY_SCHEMA",
     "TRIGGERS",
+    "CaptureAck",
     "CaptureKey",
     "CapturePolicy",
     "CapturedRecord",
@@ -72,6 +74,10 @@ CAPTURE_POLICY_SCHEMA = "edgekit.capture_policy"
 CAPTURE_POLICY_VERSION = 1
 RECORD_SCHEMA = "edgekit.capture_record"
 RECORD_VERSION = 1
+CAPTURE_ACK_SCHEMA = "edgekit.capture_ack"
+CAPTURE_ACK_VERSION = 1
+MAX_ACK_SIZE = 64 * 1024
+MAX_ACK_SEQS = 1000
 TRIGGERS = ("drift", "low-confidence", "sample")
 MAX_POLICY_SIZE = 16 * 1024
 POLICY = Kind(
@@ -479,6 +485,49 @@ def load_capture_key(home: str | os.PathLike[str], passphrase: Optional[bytes]) 
     if not isinstance(key, X25519PrivateKey):
         raise refuse(CaptureError, "no-key", f"{path} is not an X25519 capture key")
     return CaptureKey(key)
+
+
+# -- acknowledgements ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptureAck:
+    """The fleet's word to a device on ``devices/{device}/capture_ack``: these records are
+    stored (``seqs``), or, with ``drop_all``, delete everything held (``capture purge``)."""
+
+    device: str
+    seqs: tuple[int, ...] = ()
+    drop_all: bool = False
+
+    def to_json(self) -> bytes:
+        doc: dict[str, Any] = {
+            "schema": CAPTURE_ACK_SCHEMA,
+            "schema_version": CAPTURE_ACK_VERSION,
+            "device": self.device,
+            "seqs": list(self.seqs),
+        }
+        if self.drop_all:
+            doc["drop_all"] = True
+        return canonical_json(doc)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CaptureAck:
+        """Decode with the shared strict decoder; CaptureError ``malformed`` naming the problem."""
+        what = "the capture acknowledgement"
+        doc = decode_json(
+            bytes(data),
+            CAPTURE_ACK_SCHEMA,
+            CAPTURE_ACK_VERSION,
+            what,
+            limit=MAX_ACK_SIZE,
+            error=CaptureError,
+            reason="malformed",
+        )
+        f = Fields(doc, what, CaptureError, "malformed")
+        seqs = f.array("seqs", MAX_ACK_SEQS)
+        if not all(type(s) is int and 0 <= s <= MAX_SEQ for s in seqs):
+            raise f.bad("seqs", f"a list of at most {MAX_ACK_SEQS} record numbers")
+        return cls(f.id("device"), tuple(seqs), f.boolean("drop_all", False))
 
 
 # -- records -------------------------------------------------------------------------------------------

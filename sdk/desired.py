@@ -27,7 +27,6 @@ points at an older bundle.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from .envelope import Kind, open_envelope, seal, verify_envelope
 from .errors import BundleError, DesiredStateError, TopicError
 from .keys import SigningKey
 from .manifest import check_name, check_version
-from .schema import SHA256, canonical_json, refuse
+from .schema import Fields, canonical_json, check_schema, load_json, refuse
 from .topics import check_device_id, check_fleet_id
 from .trust import TrustedKeys
 
@@ -72,20 +71,24 @@ DESIRED = Kind(
 )
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_DOC_KEYS = {
-    "schema",
-    "schema_version",
-    "fleet",
-    "device",
-    "bundle",
-    "seq",
-    "issued_at",
-    "expires_at",
-}
+_DOC_KEYS = frozenset(
+    {
+        "schema",
+        "schema_version",
+        "fleet",
+        "device",
+        "bundle",
+        "seq",
+        "issued_at",
+        "expires_at",
+    }
+)
+_WHAT = "the desired state"
+_BUNDLE_FIELDS = "the desired state's bundle must have sha256, name and version"
 
 
 #: The optional shadow section's fields (docs/shadow.md); ``devices`` is optional too.
-_SHADOW_KEYS = {"sha256", "name", "version", "sample", "until"}
+_SHADOW_KEYS = frozenset({"sha256", "name", "version", "sample", "until"})
 #: At most this many devices named in a shadow section (the envelope's size bounds it anyway).
 MAX_SHADOW_DEVICES = 1000
 
@@ -150,31 +153,22 @@ class ShadowRequest:
 
     @classmethod
     def from_dict(cls, doc: object) -> ShadowRequest:
-        if not isinstance(doc, dict) or set(doc) - {"devices"} != _SHADOW_KEYS:
-            raise refuse(
-                DesiredStateError,
-                "malformed",
-                f"the desired state's shadow section must have exactly the fields {sorted(_SHADOW_KEYS)} "
-                "(and optionally devices)",
-            )
-        digest, name, version, sample = doc["sha256"], doc["name"], doc["version"], doc["sample"]
-        if not isinstance(digest, str) or not SHA256.match(digest):
-            raise refuse(
-                DesiredStateError, "malformed", "the shadow candidate's sha256 is not 64 lowercase hex digits"
-            )
-        try:
-            check_name(name if isinstance(name, str) else "")
-            check_version(version if isinstance(version, str) else "")
-        except BundleError as exc:
-            raise refuse(DesiredStateError, "malformed", f"the shadow section names an {exc}") from None
-        if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 < sample <= 1:
-            raise refuse(
-                DesiredStateError,
-                "malformed",
-                "the shadow sample rate must be a number above 0 and at most 1",
-            )
+        fields = (
+            f"the desired state's shadow section must have exactly the fields {sorted(_SHADOW_KEYS)} "
+            "(and optionally devices)"
+        )
+        if type(doc) is not dict:
+            raise refuse(DesiredStateError, "malformed", fields)
+        f = Fields(doc, "the desired state's shadow section", DesiredStateError, "malformed")
+        f.only(_SHADOW_KEYS, frozenset({"devices"}), fields)
+        digest = f.sha256("sha256", "the shadow candidate's sha256 is not 64 lowercase hex digits")
+        name, version = _name_version(f, "the shadow section names an")
+        rate = "the shadow sample rate must be a number above 0 and at most 1"
+        sample = f.number("sample", low=0.0, top=1.0, message=rate)
+        if sample == 0:
+            raise refuse(DesiredStateError, "malformed", rate)
         devices = _shadow_devices(doc["devices"]) if "devices" in doc else None
-        return cls(digest, name, version, float(sample), _parse_time(doc["until"], "shadow until"), devices)
+        return cls(digest, name, version, sample, _parse_time(doc["until"], "shadow until"), devices)
 
 
 def _shadow_devices(value: object) -> tuple[str, ...]:
@@ -249,60 +243,48 @@ class DesiredState:
 
     @classmethod
     def from_json(cls, data: bytes) -> DesiredState:
-        """Decode and validate a document (no signature check); DesiredStateError if malformed."""
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise refuse(DesiredStateError, "malformed", "the desired state is not valid JSON") from None
-        if not isinstance(doc, dict) or doc.get("schema") != DESIRED_SCHEMA:
-            raise refuse(
-                DesiredStateError, "malformed", "the signed document is not an edgekit desired state"
-            )
-        if doc.get("schema_version") != DESIRED_SCHEMA_VERSION or isinstance(doc.get("schema_version"), bool):
-            raise refuse(
-                DesiredStateError,
-                "malformed",
-                f"desired state schema version {doc.get('schema_version')!r} is not supported "
-                f"(this edgekit reads {DESIRED_SCHEMA_VERSION}); upgrade edgekit",
-            )
-        if set(doc) - {"shadow"} != _DOC_KEYS:
-            raise refuse(
-                DesiredStateError,
-                "malformed",
-                f"the desired state must have exactly the fields {sorted(_DOC_KEYS)}",
-            )
-        bundle = doc["bundle"]
-        if not isinstance(bundle, dict) or set(bundle) != {"sha256", "name", "version"}:
-            raise refuse(
-                DesiredStateError,
-                "malformed",
-                "the desired state's bundle must have sha256, name and version",
-            )
-        seq = doc["seq"]
-        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= MAX_SEQ:
-            raise refuse(
-                DesiredStateError,
-                "malformed",
-                f"the desired state's seq must be an integer from 1 to {MAX_SEQ}",
-            )
-        digest = bundle["sha256"]
-        if not isinstance(digest, str) or not SHA256.match(digest):
-            raise refuse(
-                DesiredStateError,
-                "malformed",
-                "the desired state's bundle sha256 is not 64 lowercase hex digits",
-            )
+        """Decode and validate a document (no signature check) with the shared strict decoder
+        (:mod:`edgekit.schema`): exactly the known fields, no NaN or Infinity; DesiredStateError
+        ``malformed`` naming what is wrong."""
+        doc = check_schema(
+            load_json(
+                bytes(data),
+                _WHAT,
+                limit=MAX_ENVELOPE_SIZE,
+                error=DesiredStateError,
+                reason="malformed",
+                not_json="the desired state is not valid JSON",
+            ),
+            DESIRED_SCHEMA,
+            DESIRED_SCHEMA_VERSION,
+            _WHAT,
+            DesiredStateError,
+            reason="malformed",
+            wrong_schema="the signed document is not an edgekit desired state",
+            wrong_version="desired state schema version {found!r} is not supported "
+            f"(this edgekit reads {DESIRED_SCHEMA_VERSION}); upgrade edgekit",
+        )
+        f = Fields(doc, _WHAT, DesiredStateError, "malformed")
+        f.only(
+            _DOC_KEYS,
+            frozenset({"shadow"}),
+            f"the desired state must have exactly the fields {sorted(_DOC_KEYS)}",
+        )
+        bundle = f.nested("bundle", "the desired state's bundle", _BUNDLE_FIELDS)
+        bundle.only(frozenset({"sha256", "name", "version"}), message=_BUNDLE_FIELDS)
+        seq = f.integer(
+            "seq",
+            low=1,
+            top=MAX_SEQ,
+            message=f"the desired state's seq must be an integer from 1 to {MAX_SEQ}",
+        )
+        digest = bundle.sha256("sha256", "the desired state's bundle sha256 is not 64 lowercase hex digits")
         try:
             fleet = check_fleet_id(doc["fleet"])
             device = None if doc["device"] is None else check_device_id(doc["device"])
         except TopicError as exc:
             raise refuse(DesiredStateError, "malformed", f"the desired state has an {exc}") from None
-        name, version = bundle["name"], bundle["version"]
-        try:
-            check_name(name if isinstance(name, str) else "")
-            check_version(version if isinstance(version, str) else "")
-        except BundleError as exc:  # the name/version rules are shared with bundles
-            raise refuse(DesiredStateError, "malformed", f"the desired state names an {exc}") from None
+        name, version = _name_version(bundle, "the desired state names an")
         issued = _parse_time(doc["issued_at"], "issued_at")
         expires = _parse_time(doc["expires_at"], "expires_at")
         if expires <= issued:
@@ -319,6 +301,17 @@ class DesiredState:
             device=device,
             shadow=shadow,
         )
+
+
+def _name_version(f: Fields, prefix: str) -> tuple[str, str]:
+    """A bundle's name and version, by the rules bundles follow (shared with them)."""
+    name, version = f.doc.get("name"), f.doc.get("version")
+    try:
+        return check_name(name if type(name) is str else ""), check_version(
+            version if type(version) is str else ""
+        )
+    except BundleError as exc:
+        raise refuse(DesiredStateError, "malformed", f"{prefix} {exc}") from None
 
 
 def new_desired_state(

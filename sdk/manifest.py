@@ -15,7 +15,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import BundleError
-from .schema import BUNDLE_NAME, MEMBER, SHA256
+from .schema import BUNDLE_NAME, MEMBER, SHA256, Fields, check_schema, is_number, load_json
 from .tflite import TensorSpec
 
 __all__ = [
@@ -37,6 +37,15 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 #: broker never to send them more (MQTT 5 Maximum Packet Size), the generated Mosquitto config
 #: accepts no more from anyone: an endless message is cut off at the broker.
 MAX_MESSAGE_SIZE = MAX_CHUNK_SIZE + 64 * 1024
+#: The largest manifest.json decoded (bundles refuse one over 1 MiB before it; a manifest message
+#: carries it in base64 within 2 MiB).
+MAX_MANIFEST_SIZE = 2 * 1024 * 1024
+MAX_SIZE = 2**63 - 1
+MAX_TENSORS = 4096  # inputs, outputs and ops of one model
+MAX_DIMS = 32
+MAX_CHANNELS = 65536  # per-channel quantization parameters of one tensor
+_WHAT = "manifest.json"
+_CORRUPT = "; the bundle is corrupt"
 
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -186,94 +195,138 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise BundleError(f"manifest.json is not valid JSON ({exc}); the bundle is corrupt") from None
-        try:
-            return cls._from_dict(doc)
-        except BundleError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
-            raise BundleError(f"manifest.json is malformed ({detail}); the bundle is corrupt") from None
-
-    @classmethod
-    def _from_dict(cls, doc: Any) -> Manifest:
-        if not isinstance(doc, dict) or doc.get("schema") != MANIFEST_SCHEMA:
-            raise BundleError("manifest.json is not an edgekit manifest; the bundle is corrupt")
-        if doc.get("schema_version") != MANIFEST_SCHEMA_VERSION:
-            raise BundleError(
-                f"manifest schema version {doc.get('schema_version')!r} is not supported by edgekit "
-                f"{__version__} (supports {MANIFEST_SCHEMA_VERSION}); upgrade edgekit"
-            )
+        """Decode ``manifest.json`` with the shared strict decoder (:mod:`edgekit.schema`: no
+        NaN, Infinity or overflowing numbers, every field's type and range checked); BundleError
+        naming what is wrong. Unknown fields are ignored (the signature covers the bytes)."""
+        doc = check_schema(
+            load_json(
+                bytes(data),
+                _WHAT,
+                limit=MAX_MANIFEST_SIZE,
+                error=BundleError,
+                reason="malformed",
+                hint=_CORRUPT,
+                not_json="manifest.json is not valid JSON ({exc})" + _CORRUPT,
+            ),
+            MANIFEST_SCHEMA,
+            MANIFEST_SCHEMA_VERSION,
+            _WHAT,
+            BundleError,
+            reason="malformed",
+            wrong_schema=f"manifest.json is not an edgekit manifest{_CORRUPT}",
+            wrong_version=f"manifest schema version {{found!r}} is not supported by edgekit {__version__} "
+            f"(supports {MANIFEST_SCHEMA_VERSION}); upgrade edgekit",
+        )
+        f = Fields(doc, _WHAT, BundleError, "malformed", _CORRUPT)
         files = []
         seen: set[str] = set()
-        for item in doc["files"]:
-            name, role, size, digest = item["name"], item["role"], item["size"], item["sha256"]
-            if not isinstance(name, str) or not MEMBER.match(name) or name.startswith("manifest."):
+        for item in f.objects("files", "manifest.json file entry", len(ROLES)):
+            name, role = item.doc.get("name"), item.doc.get("role")
+            if type(name) is not str or not MEMBER.match(name) or name.startswith("manifest."):
                 raise BundleError(f"manifest lists an invalid member name {name!r}")
             if name in seen:
                 raise BundleError(f"manifest lists member {name!r} twice")
             seen.add(name)
-            if role not in ROLES:
+            if type(role) is not str or role not in ROLES:
                 raise BundleError(f"manifest gives member {name!r} an unknown role {role!r}")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise BundleError(f"manifest gives member {name!r} an invalid size {size!r}")
-            if not isinstance(digest, str) or not SHA256.match(digest):
-                raise BundleError(f"manifest gives member {name!r} an invalid SHA-256")
+            size = item.integer(
+                "size",
+                top=MAX_SIZE,
+                message=f"manifest gives member {name!r} an invalid size {item.doc.get('size')!r}",
+            )
+            digest = item.sha256("sha256", message=f"manifest gives member {name!r} an invalid SHA-256")
             files.append(FileEntry(name=name, role=role, size=size, sha256=digest))
-        roles = [f.role for f in files]
+        roles = [e.role for e in files]
         if roles.count("model") != 1 or any(roles.count(r) > 1 for r in ROLES):
             raise BundleError("manifest must name exactly one model and at most one member per role")
-        model = doc["model"]
-        if model.get("format") != "tflite" or model.get("file") != next(
-            f.name for f in files if f.role == "model"
+        model = f.nested("model", "manifest.json model")
+        if model.doc.get("format") != "tflite" or model.doc.get("file") != next(
+            e.name for e in files if e.role == "model"
         ):
             raise BundleError("manifest's model section does not match its model member")
-        hc = doc.get("healthcheck")
         healthcheck = None
-        if hc is not None:
+        if doc.get("healthcheck") is not None:
+            hc = f.nested("healthcheck", "manifest.json healthcheck")
             healthcheck = HealthCheckSpec(
-                file=str(hc["file"]),
-                samples=int(hc["samples"]),
-                atol=float(hc["atol"]),
-                rtol=float(hc["rtol"]),
+                file=hc.required_text("file", 100),
+                samples=hc.integer("samples"),
+                atol=hc.number("atol", low=0.0),
+                rtol=hc.number("rtol", low=0.0),
             )
             if healthcheck.file not in seen:
                 raise BundleError("manifest's health check names a member that is not in the bundle")
-        transport = doc["transport"]
-        chunk_size = transport["chunk_size"]
-        total = transport["total_size"]
-        chunks = tuple(transport["chunks"])
-        if not isinstance(chunk_size, int) or not 1024 <= chunk_size <= MAX_CHUNK_SIZE:
-            raise BundleError(f"manifest has an invalid chunk size {chunk_size!r}")
-        if total != sum(f.size for f in files) or len(chunks) != -(-total // chunk_size):
-            raise BundleError("manifest's chunk plan does not match its members")
-        if not all(isinstance(c, str) and SHA256.match(c) for c in chunks):
+        transport = f.nested("transport", "manifest.json transport")
+        chunk_size = transport.integer(
+            "chunk_size",
+            low=1024,
+            top=MAX_CHUNK_SIZE,
+            message=f"manifest has an invalid chunk size {transport.doc.get('chunk_size')!r}",
+        )
+        mismatch = "manifest's chunk plan does not match its members"
+        total = transport.integer("total_size", top=MAX_SIZE, message=mismatch)
+        chunks = tuple(transport.array("chunks", MAX_MANIFEST_SIZE // 66, message=mismatch))
+        if total != sum(e.size for e in files) or len(chunks) != -(-total // chunk_size):
+            raise BundleError(mismatch)
+        if not all(type(c) is str and SHA256.match(c) for c in chunks):
             raise BundleError("manifest's chunk plan has an invalid SHA-256")
-        preprocessing = doc.get("preprocessing", {})
-        if not isinstance(preprocessing, dict):
-            raise BundleError("manifest's preprocessing must be an object")
-        signer = doc["signer"]
-        if not isinstance(signer, str) or not SHA256.match(signer):
-            raise BundleError("manifest's signer is not a key id")
-        created_at = doc["created_at"]
-        min_agent = doc.get("min_agent_version", "0.0.0")
-        if not isinstance(created_at, str) or not isinstance(min_agent, str):
-            raise BundleError("manifest's created_at and min_agent_version must be strings")
+        preprocessing = f.mapping(
+            "preprocessing", message="manifest's preprocessing must be an object", default={}
+        )
+        signer = f.sha256("signer", message="manifest's signer is not a key id")
+        strings = "manifest's created_at and min_agent_version must be strings"
+        created_at = f.required_text("created_at", 64, message=strings)
+        min_agent = f.required_text("min_agent_version", 64, message=strings, default="0.0.0")
+        name, version = doc.get("name"), doc.get("version")
         return cls(
-            name=check_name(doc["name"]) if isinstance(doc["name"], str) else check_name(repr(doc["name"])),
-            version=check_version(doc["version"]) if isinstance(doc["version"], str) else check_version(""),
+            name=check_name(name if type(name) is str else repr(name)),
+            version=check_version(version if type(version) is str else ""),
             created_at=created_at,
             signer=signer,
             files=tuple(files),
-            inputs=tuple(TensorSpec.from_dict(t) for t in model["inputs"]),
-            outputs=tuple(TensorSpec.from_dict(t) for t in model["outputs"]),
-            ops=tuple(str(op) for op in model["ops"]),
+            inputs=tuple(_tensor(t) for t in model.objects("inputs", "manifest.json input", MAX_TENSORS)),
+            outputs=tuple(_tensor(t) for t in model.objects("outputs", "manifest.json output", MAX_TENSORS)),
+            ops=tuple(_ops(model)),
             chunks=ChunkPlan(chunk_size=chunk_size, total_size=total, sha256=chunks),
             healthcheck=healthcheck,
             preprocessing=preprocessing,
             min_agent_version=min_agent,
-            tflite_schema_version=int(model.get("tflite_schema_version", 3)),
+            tflite_schema_version=model.integer("tflite_schema_version", default=3),
         )
+
+
+def _ops(model: Fields) -> list[str]:
+    ops = model.array("ops", MAX_TENSORS)
+    if not all(type(op) is str and 0 < len(op) <= 256 for op in ops):
+        raise model.bad("ops", "a list of operator names")
+    return ops
+
+
+def _tensor(t: Fields) -> TensorSpec:
+    """One input or output of the manifest's model section (what :meth:`TensorSpec.to_dict` wrote)."""
+    quant = t.nested("quantization", f"{t.what} quantization") if t.doc.get("quantization") else None
+    shape = _ints(t, "shape", MAX_DIMS, low=-1)
+    signature = _ints(t, "shape_signature", MAX_DIMS, low=-1) if t.doc.get("shape_signature") else shape
+    return TensorSpec(
+        name=t.required_text("name", 4096),
+        index=t.integer("index"),
+        shape=shape,
+        dtype=t.required_text("dtype", 32),
+        scale=tuple(_numbers(quant, "scale")) if quant else (),
+        zero_point=_ints(quant, "zero_point", MAX_CHANNELS, low=-(2**31), default=[]) if quant else (),
+        quantized_dimension=quant.integer("quantized_dimension", default=0) if quant else 0,
+        shape_signature=signature,
+    )
+
+
+def _ints(f: Fields, key: str, limit: int, low: int, default: Any = None) -> tuple[int, ...]:
+    values = f.array(key, limit, default=default)
+    if not all(type(v) is int and low <= v <= 2**31 - 1 for v in values):
+        raise f.bad(key, f"a list of at most {limit} integers from {low} to {2**31 - 1}")
+    return tuple(values)
+
+
+def _numbers(f: Fields, key: str) -> list[float]:
+    values = f.array(key, MAX_CHANNELS, default=[])
+    if not all(is_number(v) for v in values):  # strict JSON: every number is finite
+        raise f.bad(key, f"a list of at most {MAX_CHANNELS} numbers")
+    return [float(v) for v in values]

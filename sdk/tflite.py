@@ -55,35 +55,6 @@ class TensorSpec:
             },
         }
 
-    @classmethod
-    def from_dict(cls, data: Any) -> TensorSpec:
-        """Decode what :meth:`to_dict` wrote; raises ``ValueError``/``TypeError``/``KeyError`` if malformed."""
-        if not isinstance(data, dict):
-            raise TypeError("tensor spec must be an object")
-        quant = data.get("quantization") or {}
-        if not isinstance(quant, dict):
-            raise TypeError("quantization must be an object")
-        name = data["name"]
-        dtype = data["dtype"]
-        if not isinstance(name, str) or not isinstance(dtype, str):
-            raise TypeError("tensor name and dtype must be strings")
-        return cls(
-            name=name,
-            index=_as_int(data["index"]),
-            shape=tuple(_as_int(v) for v in data["shape"]),
-            dtype=dtype,
-            scale=tuple(float(v) for v in quant.get("scale", [])),
-            zero_point=tuple(_as_int(v) for v in quant.get("zero_point", [])),
-            quantized_dimension=_as_int(quant.get("quantized_dimension", 0)),
-            shape_signature=tuple(_as_int(v) for v in data.get("shape_signature") or data["shape"]),
-        )
-
-
-def _as_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, found {value!r}")
-    return value
-
 
 @dataclass(frozen=True)
 class ModelInfo:

@@ -58,6 +58,7 @@ from .bundle import (
 from .errors import BrokerError, BundleError, DownloadCancelledError, DownloadStalledError, InstallError
 from .manifest import Manifest
 from .mqtt import Message, MqttClient
+from .schema import Fields, check_schema, load_json, refuse
 from .topics import Topics
 from .trust import TrustedKeys
 
@@ -125,20 +126,37 @@ def verify_manifest_message(
 ) -> VerifiedManifest:
     """Check a manifest message against the digest the signed desired state names, and the
     signature against ``trusted``. BundleError (SignatureError, UntrustedKeyError) if not."""
+    what = f"the manifest message of bundle {digest[:12]}"
     if len(data) > MAX_MANIFEST_MESSAGE:
-        raise BundleError(
-            f"the manifest message of bundle {digest[:12]} is over {MAX_MANIFEST_MESSAGE} bytes"
-        )
+        raise BundleError(f"{what} is over {MAX_MANIFEST_MESSAGE} bytes")
+    doc = check_schema(
+        load_json(
+            bytes(data),
+            what,
+            limit=MAX_MANIFEST_MESSAGE,
+            error=BundleError,
+            reason="malformed",
+            not_json=f"{what} is malformed ({{exc}})",
+        ),
+        MANIFEST_MESSAGE_SCHEMA,
+        MANIFEST_MESSAGE_VERSION,
+        what,
+        BundleError,
+        reason="malformed",
+        wrong_schema=f"{what} is malformed (not a manifest message)",
+        wrong_version=f"{what} is malformed (version {{found!r}} is not supported; upgrade edgekit)",
+    )
+    f = Fields(doc, what, BundleError, "malformed")
     try:
-        doc = json.loads(bytes(data).decode("utf-8"))
-        if not isinstance(doc, dict) or doc.get("schema") != MANIFEST_MESSAGE_SCHEMA:
-            raise ValueError("not a manifest message")
-        if doc.get("schema_version") != MANIFEST_MESSAGE_VERSION:
-            raise ValueError(f"version {doc.get('schema_version')!r} is not supported; upgrade edgekit")
-        manifest_bytes = base64.b64decode(doc["manifest"], validate=True)
-        signature = base64.b64decode(doc["signature"], validate=True)
-    except (UnicodeDecodeError, ValueError, binascii.Error, KeyError, TypeError, RecursionError) as exc:
-        raise BundleError(f"the manifest message of bundle {digest[:12]} is malformed ({exc})") from None
+        manifest_bytes = base64.b64decode(
+            f.required_text("manifest", MAX_MANIFEST_MESSAGE, f"{what} is malformed (no manifest)"),
+            validate=True,
+        )
+        signature = base64.b64decode(
+            f.required_text("signature", 128, f"{what} is malformed (no signature)"), validate=True
+        )
+    except (ValueError, binascii.Error) as exc:
+        raise refuse(BundleError, "malformed", f"{what} is malformed ({exc})") from None
     if manifest_id(manifest_bytes) != digest:
         raise BundleError(
             f"the manifest published for bundle {digest[:12]} has another digest; "

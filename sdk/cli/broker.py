@@ -8,8 +8,10 @@ from typing import List, Optional
 import typer
 
 from ..broker import OPERATOR_USERNAME, add_device, write_mosquitto_config
+from ..config import WorkstationConfig
 from ..topics import DEFAULT_PREFIX
 from ._app import console, new_app, print_json
+from .push import REGISTRY_HELP
 
 app = new_app("Configure an MQTT broker (Mosquitto) for a fleet: accounts, ACLs, TLS.")
 
@@ -86,16 +88,23 @@ def add_device_command(
     fleet: str = typer.Option(..., "--fleet", help="Fleet the device belongs to."),
     tls: bool = typer.Option(False, "--tls", help="Also issue a client certificate signed by the fleet CA."),
     force: bool = typer.Option(False, "--force", help="Replace the device's existing credentials."),
+    registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     json_out: bool = typer.Option(
         False, "--json", help="Print where the credentials are, as JSON (never the password)."
     ),
 ) -> None:
     """Create a device's broker username and password (and with --tls a client certificate).
 
-    Stored under $EDGEKIT_HOME/broker/devices/ (mode 0600). Re-run `edgekit broker
-    mosquitto-config` and reload Mosquitto afterwards.
+    Stored under $EDGEKIT_HOME/broker/devices/ (mode 0600) and recorded in the registry as
+    provisioned for the fleet (so `edgekit push` asks for it by name on brokers that need it).
+    Re-run `edgekit broker mosquitto-config` and reload Mosquitto afterwards.
     """
+    from edgekit.fleet.control import ControlPlane
+
     cred = add_device(device, fleet, tls=tls, force=force)
+    cfg = WorkstationConfig.load(registry=registry)
+    with ControlPlane.open(cfg.registry) as control:
+        control.record_provisioned(cred.device, cred.fleet, cred.username, cred.cert_file is not None)
     info = {
         "device": cred.device,
         "fleet": cred.fleet,

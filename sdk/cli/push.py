@@ -623,7 +623,11 @@ def rollout_resume(
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
-    json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
+    json_out: bool = typer.Option(
+        False,
+        "--json",
+        help="Print the outcome as JSON (a rollout already over: as `rollout status --json`).",
+    ),
 ) -> None:
     """Drive a saved rollout on to its end (after `push` without --wait, a crash or a sleep).
     With --server the service's rollout controller drives it; this follows it to the end."""
@@ -639,7 +643,12 @@ def rollout_resume(
     with open_control(cfg, key) as control:
         rollout = control.rollout(fleet)
         if rollout.finished:
-            console.print(f"the rollout of {rollout.label} is already {rollout.phase}")
+            if json_out:  # nothing to drive: what `rollout status --json` says
+                from edgekit.fleet.api import rollout_json
+
+                print_json(rollout_json(control, fleet))
+            else:
+                console.print(f"the rollout of {rollout.label} is already {rollout.phase}")
             return
         client = _connect(cfg)
         try:
@@ -659,26 +668,35 @@ def rollout_abort(
     broker: Optional[str] = typer.Option(None, "--broker", help=BROKER_HELP),
     registry: Optional[str] = typer.Option(None, "--registry", help=REGISTRY_HELP),
     server: Optional[str] = typer.Option(None, "--server", help=SERVER_HELP),
+    json_out: bool = typer.Option(
+        False,
+        "--json",
+        help="Print the outcome as JSON (as `push --json`: phase, reason, each device's state).",
+    ),
 ) -> None:
     """Stop a rollout and send the devices it reached back to the previous bundle."""
     from edgekit.fleet.actions import abort_rollout
+    from edgekit.fleet.api import outcome_json
     from edgekit.fleet.push import FleetLink
 
     remote = server_client(server)
     if remote is not None:
         doc = remote.request("POST", f"api/v1/fleets/{fleet}/abort")
+    else:
+        cfg = WorkstationConfig.load(broker=broker, registry=registry)
+        key = signing_key(key_name)
+        with open_control(cfg, key) as control:
+            control.rollout(fleet)  # a missing or corrupt one is reported before connecting
+            client = _connect(cfg)
+            try:
+                link = FleetLink(client, fleet, key, control)
+                doc = outcome_json(abort_rollout(control, link, "edgekit rollout abort"), link)
+            finally:
+                client.close()
+    if json_out:
+        print_json(doc)
+    else:
         console.print(f"rollout of {doc['bundle']} to fleet {fleet}: {doc['phase']}")
-        return
-    cfg = WorkstationConfig.load(broker=broker, registry=registry)
-    key = signing_key(key_name)
-    with open_control(cfg, key) as control:
-        control.rollout(fleet)  # a missing or corrupt one is reported before connecting
-        client = _connect(cfg)
-        try:
-            rollout = abort_rollout(control, FleetLink(client, fleet, key, control), "edgekit rollout abort")
-        finally:
-            client.close()
-    console.print(f"rollout of {rollout.label} to fleet {fleet}: {rollout.phase}")
 
 
 def rollback(

@@ -169,6 +169,9 @@ class MqttClient:
         self._renewing: dict[int, str] = {}
         self._first_result: Optional[str] = None
         self._first_done = threading.Event()
+        #: A caller waits in connect(timeout) and reports a failed first connection itself, in one
+        #: line (BrokerError): until then paho's complaints about it are debug, not warnings.
+        self._awaited = False
         self._dropped_unanswered = False  # the broker closed the socket before any CONNACK
         self._connack = False  # a CONNACK came on the current connection
         self._tls_failure: Optional[str] = None  # why the TLS handshake failed, before any CONNACK
@@ -219,6 +222,7 @@ class MqttClient:
                 properties.MaximumPacketSize = self._max_packet_size
             if self._receive_maximum:
                 properties.ReceiveMaximum = self._receive_maximum
+        self._awaited = timeout is not None
         self._paho.connect_async(
             self.address.host,
             self.address.port,
@@ -229,7 +233,9 @@ class MqttClient:
         self._paho.loop_start()
         if timeout is None:
             return self
-        if not self._first_done.wait(timeout):
+        done = self._first_done.wait(timeout)
+        self._awaited = False
+        if not done:
             self.close()
             if self._tls_failure is not None:
                 raise BrokerError(
@@ -386,7 +392,9 @@ class MqttClient:
     ) -> None:
         self._connack = True
         if reason.is_failure:
-            log.warning("broker %s refused the connection: %s", self.url, reason)
+            # connect()'s caller says it in its error when it waits for this first answer.
+            level = logging.DEBUG if self._awaited and not self._first_done.is_set() else logging.WARNING
+            log.log(level, "broker %s refused the connection: %s", self.url, reason)
             if not self._first_done.is_set():
                 self._first_result = str(reason)
                 self._first_done.set()
@@ -577,20 +585,24 @@ class _PahoLogger:
 
     (An ``on_log`` callback would make paho format a debug line, properties and all, for every
     packet: a third of the cost of receiving a message.) paho's errors become warnings and its
-    warnings info; the socket it closes itself during close() is noise (debug)."""
+    warnings info; the socket it closes itself during close() is noise (debug), and so is what it
+    says while connect() waits for the first connection (connect's BrokerError says it once)."""
 
     def __init__(self, client: MqttClient) -> None:
         self._client = client
 
     def log(self, level: int, fmt: str, *args: Any) -> None:
         client = self._client
-        closed = client._closed
-        if level >= logging.ERROR and not closed:
-            target = logging.WARNING
+        # Closed, or the first connection still awaited by connect() (whose BrokerError says why
+        # in one line): paho's complaints are detail, for --log-level debug.
+        closed = client._closed or (client._awaited and not client._first_done.is_set())
+        if level >= logging.ERROR and not client._closed and not client._first_done.is_set():
             text = fmt % args if args else fmt
-            if "[SSL" in text and not client._first_done.is_set():
+            if "[SSL" in text:
                 # "failed to receive on socket: [SSL: CODE] what went wrong (_ssl.c:2580)"
                 client._tls_failure = text.partition("]")[2].partition("(_ssl")[0].strip() or text
+        if level >= logging.ERROR and not closed:
+            target = logging.WARNING
         elif level >= logging.WARNING and not closed:
             target = logging.INFO
         else:

@@ -384,8 +384,13 @@ def test_a_rollout_left_running_is_resumed_and_another_aborted(fleet, mosquitto,
         )
         assert keras.returncode == 0, keras.stderr
         watcher.wait_for(watcher.serving("2.0.1", "cam-1"))  # the next patch version, on the canary only
-        aborted = edgekit("rollout", "abort", "--fleet", "lab", "--broker", mosquitto.url)
+        aborted = edgekit("rollout", "abort", "--fleet", "lab", "--broker", mosquitto.url, "--json")
         assert aborted.returncode == 0, aborted.stderr
+        outcome = json.loads(aborted.stdout)  # the same shape as `push --json`
+        assert (outcome["fleet"], outcome["bundle"], outcome["phase"]) == ("lab", "digits@2.0.1", "aborted")
+        assert outcome["reason"].startswith("aborted by") and outcome["canaries"] == ["cam-1"]
+        again = edgekit("rollout", "resume", "--fleet", "lab", "--broker", mosquitto.url, "--json")
+        assert again.returncode == 0 and json.loads(again.stdout)["phase"] == "aborted", again.stderr
         watcher.wait_for(watcher.serving("2.0.0", "cam-1"))
         assert all(watcher.states(d)[-1].bundle_version == "2.0.0" for d in devices)
         assert (
@@ -476,3 +481,52 @@ def test_canary_telemetry_in_the_agents_own_format_is_counted(mosquitto, edgekit
             assert link.wait_change(10)
         (report,) = link.reports()
         assert (report.count, report.errors, report.p95_ms) == (200, 5, 5.0)
+
+
+def test_canary_telemetry_the_strict_decoder_refuses_is_dropped_and_counted(mosquitto, edgekit_home):
+    """push reads telemetry with the telemetry decoder (edgekit.reports), not by hand: NaN,
+    numbers sent as strings, negative counts and records of another fleet do not reach the
+    rollout's verdict; the malformed ones are counted as rejected."""
+    from edgekit import SigningKey
+    from edgekit.fleet.push import FleetLink
+    from edgekit.mqtt import MqttClient
+    from edgekit.reports import TelemetryRecord
+
+    new = "n" * 64
+    good = TelemetryRecord(
+        device="cam-1",
+        fleet="lab",
+        window_start=0.0,
+        window_end=1.0,
+        count=100,
+        errors=1,
+        latency_ms={"p50": 1.0, "p95": 2.0, "p99": 9.0},
+        throughput=100.0,
+        drift={"drifted": False},
+        bundle={"name": "digits", "version": "x", "bundle_id": new},
+        cpu_percent=None,
+        memory_rss_bytes=None,
+        temperature_c=None,
+    ).to_dict()
+    malformed = [
+        json.dumps({**good, "count": "100"}).encode(),
+        json.dumps({**good, "errors": -3}).encode(),
+        json.dumps({**good, "latency_ms": {"p95": float("nan")}}).encode(),  # json.dumps writes NaN
+        json.dumps({**good, "latency_ms": {"p95": float("inf")}}).encode(),
+        json.dumps({**good, "drift": {"drifted": False, "severity": "apocalyptic"}}).encode(),
+        b"not json",
+    ]
+    with MqttClient(mosquitto.url, client_id="op").connect(timeout=10) as client:
+        link = FleetLink(client, "lab", SigningKey.generate(), control_of(edgekit_home))
+        link.watch_telemetry_of(new)
+        for payload in [
+            *malformed,
+            json.dumps({**good, "fleet": "other"}).encode(),
+            json.dumps(good).encode(),
+        ]:
+            client.publish("edgekit/devices/cam-1/telemetry", payload, qos=1).wait(10)
+        while not link._windows.get("cam-1"):
+            assert link.wait_change(10)
+        window = link._windows["cam-1"]
+        assert (window.count, window.errors, window.p95_ms) == (100, 1, 2.0)
+        assert link.rejected == len(malformed)

@@ -321,6 +321,30 @@ def test_cli_writes_config_and_never_prints_passwords(edgekit_home: Path, tmp_pa
     assert "listener 18883" in Path(written["config"]).read_text()
 
 
+def test_cli_add_device_records_the_device_where_push_looks_for_it(edgekit_home: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`push` asks for the devices it knows by exact topic (brokers that send retained states to
+    exact topics only): those of the fleet record and the registry's provisioning records. A
+    device given a broker account with `broker add-device` must be one of them."""
+    from edgekit.fleet.control import ControlPlane
+
+    for device, fleet in (("cam-1", "shop"), ("cam-2", "shop"), ("wh-1", "warehouse")):
+        with pytest.raises(SystemExit) as code:
+            main(["broker", "add-device", device, "--fleet", fleet, "--json"])
+        assert code.value.code == 0
+    capsys.readouterr()
+    with ControlPlane.open(f"sqlite:///{edgekit_home / 'registry.db'}") as control:
+        rows = control.provisioned("shop")
+        assert [(p.device, p.fleet, p.username, p.tls) for p in rows] == [
+            ("cam-1", "shop", "cam-1", False),
+            ("cam-2", "shop", "cam-2", False),
+        ]
+        assert [e.target for e in control.audit_log() if e.action == "device-add"] == [
+            "wh-1",
+            "cam-2",
+            "cam-1",
+        ]  # newest first
+
+
 def test_cli_bad_device_id_is_one_line_error(edgekit_home: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit) as code:
         main(["broker", "add-device", "a/b", "--fleet", "shop"])

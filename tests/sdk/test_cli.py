@@ -252,3 +252,28 @@ def test_device_add_writes_a_config_the_agent_loads_with_our_key(tmp_path, edgek
 def test_device_add_without_a_key_says_how_to_make_one(tmp_path):
     result = edgekit("device", "add", "pi-08", "--fleet", "cams", "-o", str(tmp_path / "x.toml"))
     assert result.returncode == 3 and "edgekit keys init" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["push", "BUNDLE", "--fleet", "lab"],
+        ["capture", "policy", "off", "--fleet", "lab"],
+        ["shadow", "stop", "--fleet", "lab"],
+    ],
+    ids=["push", "capture-policy-off", "shadow-stop"],
+)
+def test_an_unreachable_broker_is_one_line_not_the_mqtt_clients_retries(bundle_file, command):
+    """Nothing listens on the port: the connect helper's one line (exit 12), not the MQTT
+    client's warnings about each retry before it; those are there with --log-level debug."""
+    from edgekit.errors import BrokerError
+    from helpers import free_port
+
+    broker = f"mqtt://127.0.0.1:{free_port()}"
+    args = [str(bundle_file) if a == "BUNDLE" else a for a in command]
+    result = edgekit(*args, "--broker", broker)
+    assert_one_line_error(result, BrokerError.exit_code, f"could not connect to the broker at {broker}")
+    if command[0] == "shadow":
+        detailed = edgekit("--log-level", "debug", *args, "--broker", broker)
+        assert "DEBUG edgekit.mqtt.paho" in detailed.stderr and "WARNING" not in detailed.stderr
+        assert detailed.stderr.strip().splitlines()[-1].startswith("error: could not connect")
