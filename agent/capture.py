@@ -663,7 +663,6 @@ class Capturer:
 
 # -- the device's link to the fleet (used by the daemon) ------------------------------------------
 
-ACK_SCHEMA = "edgekit.capture_ack"
 #: Sealed records sent per upload pass, at most: captures never hold up telemetry for long.
 UPLOAD_PER_PASS = 4
 #: Seconds to wait for the fleet's acknowledgement before a record is sent again.
