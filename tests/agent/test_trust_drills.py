@@ -16,6 +16,7 @@ from typing import Optional
 
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from device_fixtures import Bundles
 from edgekit import SigningKey, TrustedKeys
 from edgekit.agent import Agent
 from edgekit.agent.daemon import AgentDaemon
@@ -78,6 +79,21 @@ class Fleet:
     def publish(self, files: dict[str, bytes] | None = None) -> None:
         publish_trust(self.watcher.client, self.sim.files() if files is None else files)
 
+    def two_devices_serving_v1(self, bundles: Bundles, key: SigningKey) -> tuple[BundleRef, BundleRef]:
+        """Bundles 1.0.0 and 2.0.0 on the broker and authorised by targets, 1.0.0 desired, and
+        pi-01 and pi-02 started and serving it: where most drills begin. Returns their refs."""
+        v1, v2 = ref(bundles.v1, key), ref(bundles.v2, key)
+        for path in (bundles.v1, bundles.v2):
+            self.watcher.publish_bundle(path, key)
+        authorise_bundles(self.sim, v1, v2)
+        desire_bundle(self.sim, v1)
+        self.publish()
+        for device in ("pi-01", "pi-02"):
+            self.start(device)
+        for device in ("pi-01", "pi-02"):
+            self.watcher.wait_for(self.watcher.serving("1.0.0", device))
+        return v1, v2
+
     def events(self, device: str, kind: str) -> list[dict]:
         return [e for e in self.watcher.records("events", device) if e["kind"] == kind]
 
@@ -100,17 +116,8 @@ def fleet(tmp_path, make_config, mosquitto, watcher) -> Iterator[Fleet]:
 
 
 def test_drill_a_stolen_online_key_works_until_revoked_then_every_device_refuses_it(fleet, bundles, key):
-    v1, v2 = ref(bundles.v1, key), ref(bundles.v2, key)
-    for path in (bundles.v1, bundles.v2):
-        fleet.watcher.publish_bundle(path, key)
-    authorise_bundles(fleet.sim, v1, v2)
-    desire_bundle(fleet.sim, v1)
-    fleet.publish()
-    devices = ["pi-01", "pi-02"]
-    for device in devices:
-        fleet.start(device)
-    for device in devices:
-        fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", device))
+    v1, v2 = fleet.two_devices_serving_v1(bundles, key)
+    devices = list(fleet.daemons)
     # The attacker holds the online key (and can publish on the broker): devices accept what it
     # signs, among the bundles targets authorised, until the key is revoked.
     stolen = fleet.sim.online
@@ -326,17 +333,8 @@ def test_drill_a_targets_key_rotated_out_devices_install_under_the_new_key_and_r
 
 
 def test_drill_mix_and_match_a_desired_of_another_snapshot_is_not_taken(fleet, bundles, key):
-    v1, v2 = ref(bundles.v1, key), ref(bundles.v2, key)
-    for path in (bundles.v1, bundles.v2):
-        fleet.watcher.publish_bundle(path, key)
-    authorise_bundles(fleet.sim, v1, v2)
-    desire_bundle(fleet.sim, v1)
-    fleet.publish()
-    devices = ["pi-01", "pi-02"]
-    for device in devices:
-        fleet.start(device)
-    for device in devices:
-        fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", device))
+    _v1, v2 = fleet.two_devices_serving_v1(bundles, key)
+    devices = list(fleet.daemons)
     old_desired = fleet.sim.files()["desired"]
     # The broker holds the new timestamp and snapshot but the desired role of the older snapshot
     # (v1 again, under a version number the new snapshot does not pin): not taken.
@@ -358,17 +356,8 @@ def test_drill_mix_and_match_a_desired_of_another_snapshot_is_not_taken(fleet, b
 
 
 def test_drill_fast_forward_then_recovery_by_rotating_the_timestamp_key(fleet, bundles, key):
-    v1, v2 = ref(bundles.v1, key), ref(bundles.v2, key)
-    for path in (bundles.v1, bundles.v2):
-        fleet.watcher.publish_bundle(path, key)
-    authorise_bundles(fleet.sim, v1, v2)
-    desire_bundle(fleet.sim, v1)
-    fleet.publish()
-    devices = ["pi-01", "pi-02"]
-    for device in devices:
-        fleet.start(device)
-    for device in devices:
-        fleet.watcher.wait_for(fleet.watcher.serving("1.0.0", device))
+    _v1, v2 = fleet.two_devices_serving_v1(bundles, key)
+    devices = list(fleet.daemons)
     # The stolen online key signs a timestamp with a huge version: valid, so devices take it ...
     stolen = fleet.sim.online
     current = fleet.sim.files()
