@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from edgekit import SigningKey
@@ -297,6 +298,24 @@ def edgekit(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.
         timeout=300,
         check=False,
     )
+
+
+def device_on_generated_broker(mosquitto: Any, directory: Path, device: str, fleet: str = "lab") -> Path:
+    """`edgekit device add DEVICE --fleet FLEET` (its config in DIRECTORY) and `edgekit broker
+    mosquitto-config` written into the test broker's directory: accounts and ACLs as a user gets
+    them. Returns the device's config; the caller restarts the broker to apply it."""
+    config = directory / f"{device}.toml"
+    added = edgekit(
+        "device", "add", device, "--fleet", fleet, "--broker", mosquitto.url,
+        "--state-dir", directory / device, "-o", config,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    written = edgekit(
+        "broker", "mosquitto-config", "--port", str(mosquitto.port), "--host", "127.0.0.1",
+        "--user", "root", "--no-persistence", "-o", mosquitto.directory,
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    return config
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:

@@ -23,7 +23,7 @@ from edgekit.fleet.registry import Registry
 from edgekit.keys import load_own_public_key, load_signing_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "agent"))
-from helpers import make_unhealthy
+from helpers import device_on_generated_broker, make_unhealthy
 from test_daemon import Watcher
 from test_push import edgekit
 
@@ -201,17 +201,7 @@ def test_bench_works_through_the_generated_broker_acl(mosquitto, edgekit_home, t
     """A device with its own broker account (`edgekit device add`, `broker mosquitto-config`)
     may read its fleet's bench request and publish its own reports."""
     assert edgekit("keys", "init").returncode == 0
-    config = tmp_path / "cam-1.toml"
-    added = edgekit(
-        "device", "add", "cam-1", "--fleet", "lab", "--broker", mosquitto.url,
-        "--state-dir", str(tmp_path / "cam-1"), "-o", str(config),
-    )  # fmt: skip
-    assert added.returncode == 0, added.stderr
-    written = edgekit(
-        "broker", "mosquitto-config", "--port", str(mosquitto.port), "--host", "127.0.0.1",
-        "--user", "root", "--no-persistence", "-o", str(mosquitto.directory),
-    )  # fmt: skip
-    assert written.returncode == 0, written.stderr
+    config = device_on_generated_broker(mosquitto, tmp_path, "cam-1")
     acl = next(mosquitto.directory.glob("*acl*")).read_text()
     assert "topic read edgekit/fleets/lab/bench" in acl and "pattern write edgekit/devices/%u/bench" in acl
     mosquitto.stop()

@@ -33,7 +33,7 @@ from edgekit.fleet.registry.models import CaptureRecordRow
 from edgekit.keys import load_signing_key
 from edgekit.mqtt import Message, MqttClient
 from edgekit.topics import Topics
-from helpers import edgekit
+from helpers import device_on_generated_broker, edgekit
 from test_serve import serve  # noqa: F401 - a fixture
 
 TOPICS = Topics()
@@ -123,17 +123,7 @@ class Shop:
 @pytest.fixture
 def shop(mosquitto, registry_url, edgekit_home, tmp_path, models) -> Iterator[Shop]:
     assert edgekit("keys", "init").returncode == 0
-    config = tmp_path / "pi-01.toml"
-    added = edgekit(
-        "device", "add", "pi-01", "--fleet", "lab", "--broker", mosquitto.url,
-        "--state-dir", str(tmp_path / "pi-01"), "-o", str(config),
-    )  # fmt: skip
-    assert added.returncode == 0, added.stderr
-    written = edgekit(
-        "broker", "mosquitto-config", "--port", str(mosquitto.port), "--host", "127.0.0.1",
-        "--user", "root", "--no-persistence", "-o", str(mosquitto.directory),
-    )  # fmt: skip
-    assert written.returncode == 0, written.stderr
+    config = device_on_generated_broker(mosquitto, tmp_path, "pi-01")
     mosquitto.stop()
     mosquitto.start()
     # Every sampled input judged, in windows of 100; telemetry flushed by hand.
