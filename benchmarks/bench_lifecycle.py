@@ -56,6 +56,23 @@ def wait(condition: Any, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
+def start_endless_download(broker: str, key: SigningKey, v2: Path, run: int, state_dir: Path) -> None:
+    """Desire v2 (as 2.0.RUN) with only its manifest on the broker, and wait until the agent
+    whose state directory is ``state_dir`` is downloading it: its chunks never come."""
+    bundle = read_bundle(v2, TrustedKeys([key.public]))
+    with MqttClient(broker) as operator:
+        start_upload(operator, bundle)  # the manifest only
+        state = new_desired_state(
+            "lab",
+            bundle_sha256=bundle.bundle_id,
+            bundle_name="digits",
+            bundle_version=f"2.0.{run}",
+            seq=run + 1,
+        )
+        operator.publish(Topics().fleet_desired("lab"), sign_desired_state(state, key), retain=True).wait(10)
+    wait((state_dir / "downloads" / bundle.bundle_id).is_dir)  # the manifest came: under way
+
+
 def one_stop(
     broker: str, key: SigningKey, v1: Path, v2: Path, work: Path, run: int, downloading: bool
 ) -> float:
@@ -72,21 +89,7 @@ def one_stop(
     daemon = AgentDaemon(agent).start()
     wait(daemon.client.wait_connected)
     if downloading:
-        bundle = read_bundle(v2, TrustedKeys([key.public]))
-        with MqttClient(broker) as operator:
-            start_upload(operator, bundle)  # the manifest only
-            state = new_desired_state(
-                "lab",
-                bundle_sha256=bundle.bundle_id,
-                bundle_name="digits",
-                bundle_version=f"2.0.{run}",
-                seq=run + 1,
-            )
-            operator.publish(Topics().fleet_desired("lab"), sign_desired_state(state, key), retain=True).wait(
-                10
-            )
-        downloads = daemon.state_dir / "downloads" / bundle.bundle_id
-        wait(downloads.is_dir)  # the manifest came: the download is under way
+        start_endless_download(broker, key, v2, run, daemon.state_dir)
     workers = list(daemon._threads)
     began = time.perf_counter()
     daemon.stop(timeout=30)
@@ -123,20 +126,7 @@ def one_sigterm(
     try:
         watcher.wait_for(watcher.serving("1.0.0"), timeout=60)
         if downloading:
-            bundle = read_bundle(v2, TrustedKeys([key.public]))
-            with MqttClient(broker) as operator:
-                start_upload(operator, bundle)  # the manifest only
-                state = new_desired_state(
-                    "lab",
-                    bundle_sha256=bundle.bundle_id,
-                    bundle_name="digits",
-                    bundle_version=f"2.0.{run}",
-                    seq=run + 1,
-                )
-                operator.publish(
-                    Topics().fleet_desired("lab"), sign_desired_state(state, key), retain=True
-                ).wait(10)
-            wait((state_dir / "downloads" / bundle.bundle_id).is_dir)  # the download is under way
+            start_endless_download(broker, key, v2, run, state_dir)
         began = time.perf_counter()
         os.kill(process.pid, signal.SIGTERM)
         code = process.wait(timeout=60)
