@@ -53,6 +53,7 @@ import numpy as np
 from edgekit.atomic import atomic_write
 from edgekit.capture import (
     DEFAULT_CHUNK_SIZE,
+    CaptureAck,
     CapturePolicy,
     decode_capture_policy,
     seal_record,
@@ -722,8 +723,6 @@ class CaptureLink:
             self._wake()
 
     def _on_ack(self, message: Any) -> None:
-        from edgekit.capture import CaptureAck  # here: the rest of this module is edited elsewhere
-
         cap = self.capturer
         try:
             ack = CaptureAck.from_json(message.payload)
