@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .errors import BundleError, DataError
 
@@ -87,7 +88,7 @@ class Baseline:
     @classmethod
     def from_json(cls, data: bytes) -> Baseline:
         try:
-            doc = json.loads(data.decode("utf-8"))
+            doc = orjson.loads(data)  # strict JSON: NaN and Infinity are refused here
             if doc["schema"] != BASELINE_SCHEMA or doc["schema_version"] != BASELINE_SCHEMA_VERSION:
                 raise BundleError("baseline.json has an unsupported schema; upgrade edgekit")
             if doc["kind"] not in ("image", "vector"):
@@ -99,8 +100,8 @@ class Baseline:
             if out is not None:
                 outputs = OutputBaseline(
                     classes=int(out["classes"]),
-                    class_counts=tuple(int(c) for c in out["class_counts"]),
-                    confidence_counts=tuple(int(c) for c in out["confidence_counts"]),
+                    class_counts=_counts(out["class_counts"]),
+                    confidence_counts=_counts(out["confidence_counts"]),
                 )
             return cls(
                 kind=doc["kind"],
@@ -111,7 +112,7 @@ class Baseline:
             )
         except BundleError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise BundleError(f"baseline.json is malformed ({type(exc).__name__}: {exc})") from None
 
 
@@ -121,10 +122,17 @@ def _feature_doc(f: FeatureBaseline) -> dict[str, Any]:
 
 def _feature(doc: dict[str, Any]) -> FeatureBaseline:
     cuts = tuple(float(c) for c in doc["cuts"])
-    counts = tuple(int(c) for c in doc["counts"])
+    counts = _counts(doc["counts"])
     if len(counts) != len(cuts) + 1 or list(cuts) != sorted(cuts):
         raise BundleError(f"baseline.json feature {doc['name']!r} has inconsistent bins")
     return FeatureBaseline(str(doc["name"]), cuts, counts, float(doc["mean"]), float(doc["std"]))
+
+
+def _counts(values: Any) -> tuple[int, ...]:
+    """Histogram counts: a list of non-negative integers (ValueError otherwise)."""
+    if not isinstance(values, list) or not all(type(c) is int and c >= 0 for c in values):
+        raise ValueError("counts must be a list of non-negative integers")
+    return tuple(values)
 
 
 def _column_baseline(name: str, column: np.ndarray, bins: int) -> FeatureBaseline:

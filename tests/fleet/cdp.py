@@ -7,8 +7,11 @@ and answer confirm() dialogs, recording their text."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -25,7 +28,9 @@ class Browser:
         binary = shutil.which("chromium") or shutil.which("chromium-browser")
         assert binary, "chromium is not installed; `make test` installs it (apt-get install chromium)"
         self.port = free_port()
-        self.profile = tempfile.TemporaryDirectory(prefix="edgekit-chromium-")
+        # Chromium's helper processes may still write to the profile as the browser exits: a
+        # leftover file must not fail the test that used the browser.
+        self.profile = tempfile.TemporaryDirectory(prefix="edgekit-chromium-", ignore_cleanup_errors=True)
         self.process = subprocess.Popen(
             [
                 binary,
@@ -42,6 +47,7 @@ class Browser:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: close() ends its helpers too
         )
         self.ws = connect(self._page_url(), max_size=2**24, open_timeout=30)
         self._id = 0
@@ -140,5 +146,10 @@ class Browser:
     def close(self) -> None:
         self.ws.close()
         self.process.terminate()
-        self.process.wait(10)
-        self.profile.cleanup()
+        try:
+            self.process.wait(10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # helpers left behind (renderer, zygote)
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+            self.profile.cleanup()

@@ -134,6 +134,24 @@ def test_round_trip_on_digits_models(digits_models, key, trusted, labels, varian
     assert sum(baseline.outputs.class_counts) == baseline.samples
 
 
+def test_a_baseline_with_infinite_negative_or_fractional_counts_is_one_bundle_error():
+    """Found by the fuzz target (an OverflowError escaped on Infinity): baseline.json is strict
+    JSON, and its counts are non-negative integers."""
+    good = {
+        "schema": "edgekit.baseline",
+        "schema_version": 1,
+        "kind": "vector",
+        "samples": 3,
+        "features": [{"name": "x0", "cuts": [0.5], "counts": [1, 2], "mean": 0.4, "std": 0.1}],
+        "outputs": {"classes": 2, "class_counts": [1, 2], "confidence_counts": [3]},
+    }
+    assert Baseline.from_json(json.dumps(good).encode()).outputs is not None
+    for bad in ("Infinity", "NaN", "-1", "1.5", '"2"'):
+        text = json.dumps(good).replace('"class_counts": [1, 2]', f'"class_counts": [1, {bad}]')
+        with pytest.raises(BundleError, match="baseline.json is malformed"):
+            Baseline.from_json(text.encode())
+
+
 def test_health_check_detects_another_model(digits_models, key, trusted, tmp_path):
     from edgekit.errors import HealthCheckError
 
