@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from edgekit.topics import Topics
 from edgekit.transfer import publish_bundle
 
 TOPICS = Topics()
+#: Seconds between re-checks of a wait_for predicate when no message arrives.
+RECHECK = 0.1
 
 
 class Watcher:
@@ -36,9 +39,16 @@ class Watcher:
             self._changed.notify_all()
 
     def wait_for(self, predicate: Callable[[list[Message]], object], timeout: float = 30.0) -> object:
-        """Wait (on the condition, not a sleep) until ``predicate(messages)`` is truthy."""
+        """Wait until ``predicate(messages)`` is truthy: woken by each message that arrives, and
+        every :data:`RECHECK` seconds besides, for predicates that read a device's own state
+        (an in-process daemon's counters or trust metadata), which no message announces."""
+        deadline = time.monotonic() + timeout
         with self._changed:
-            result = self._changed.wait_for(lambda: predicate(self.messages), timeout)
+            while not (result := predicate(self.messages)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(min(left, RECHECK))
         assert result, f"timed out; last messages: {[m.topic for m in self.messages[-5:]]}"
         return result
 
