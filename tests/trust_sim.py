@@ -11,7 +11,7 @@ import hashlib
 import time
 from typing import Optional
 
-from edgekit.desired import DesiredState, new_desired_state
+from edgekit.desired import DesiredState, ShadowRequest, new_desired_state
 from edgekit.fleet.trustrepo import Expiry, TrustRepository
 from edgekit.keys import SigningKey
 
@@ -108,7 +108,15 @@ def authorise_bundles(sim: TrustSim, *bundles: BundleRef) -> None:
     sim.repo.submit("targets", online=[sim.online], now=sim.now)
 
 
-def desire_bundle(sim: TrustSim, bundle: BundleRef, *, key: Optional[SigningKey] = None) -> DesiredState:
+def desire_bundle(
+    sim: TrustSim,
+    bundle: BundleRef,
+    *,
+    key: Optional[SigningKey] = None,
+    shadow: Optional[ShadowRequest] = None,
+) -> DesiredState:
+    """The online desired role (signed by ``key``, else the online key) naming ``bundle``, with
+    a shadow candidate when ``shadow`` is given."""
     sim.seq += 1
     state = new_desired_state(
         sim.fleet,
@@ -117,6 +125,7 @@ def desire_bundle(sim: TrustSim, bundle: BundleRef, *, key: Optional[SigningKey]
         bundle_version=bundle.version,
         seq=sim.seq,
         now=sim.now,
+        shadow=shadow,
     )
     sim.repo.set_desired([state], [key or sim.online], now=sim.now)
     return state

@@ -162,28 +162,37 @@ def test_drill_a_stolen_online_key_works_until_revoked_then_every_device_refuses
     current = fleet.sim.files()
     targets_version = json.loads(current["targets"])["signed"]["version"] + 1
     forged_targets = resign(current["targets"], stolen, lambda t: setattr(t, "version", targets_version))
+    snapshot, timestamp = pin_targets(current, fresh, targets_version, bump=50)
+    fleet.publish({**current, "targets": forged_targets, "snapshot": snapshot, "timestamp": timestamp})
+    for device in devices:
+        refused = fleet.wait_event(device, "trust_refused", count=2)
+        assert "targets" in refused[-1]["message"] and "signed by 0/1" in refused[-1]["message"]
+        assert fleet.daemons[device].agent.status().version == "1.0.0"
+
+
+def pin_targets(
+    current: dict[str, bytes], key: SigningKey, targets_version: int, bump: int = 1
+) -> tuple[bytes, bytes]:
+    """A snapshot pinning targets at ``targets_version`` and a timestamp pinning that snapshot,
+    each ``bump`` versions past ``current``'s and signed by ``key`` alone (:func:`resign`)."""
     snapshot = resign(
         current["snapshot"],
-        fresh,
+        key,
         lambda s: (
-            setattr(s, "version", s.version + 50),
+            setattr(s, "version", s.version + bump),
             setattr(s.meta["targets.json"], "version", targets_version),
         ),
     )
     snapshot_version = json.loads(snapshot)["signed"]["version"]
     timestamp = resign(
         current["timestamp"],
-        fresh,
+        key,
         lambda t: (
-            setattr(t, "version", t.version + 50),
+            setattr(t, "version", t.version + bump),
             setattr(t.snapshot_meta, "version", snapshot_version),
         ),
     )
-    fleet.publish({**current, "targets": forged_targets, "snapshot": snapshot, "timestamp": timestamp})
-    for device in devices:
-        refused = fleet.wait_event(device, "trust_refused", count=2)
-        assert "targets" in refused[-1]["message"] and "signed by 0/1" in refused[-1]["message"]
-        assert fleet.daemons[device].agent.status().version == "1.0.0"
+    return snapshot, timestamp
 
 
 def resign(data: bytes, key: SigningKey, change: Callable[[object], object]) -> bytes:
@@ -300,21 +309,7 @@ def test_drill_a_targets_key_rotated_out_devices_install_under_the_new_key_and_r
         targets.targets[path] = TargetFile(v3.length, {"sha256": v3.sha256}, path)  # type: ignore[attr-defined]
 
     forged = resign(current["targets"], old, add_v3)
-    online = fleet.sim.online
-    snapshot = resign(
-        current["snapshot"],
-        online,
-        lambda s: (setattr(s, "version", s.version + 1), setattr(s.meta["targets.json"], "version", version)),
-    )
-    snapshot_version = json.loads(snapshot)["signed"]["version"]
-    timestamp = resign(
-        current["timestamp"],
-        online,
-        lambda t: (
-            setattr(t, "version", t.version + 1),
-            setattr(t.snapshot_meta, "version", snapshot_version),
-        ),
-    )
+    snapshot, timestamp = pin_targets(current, fleet.sim.online, version)
     fleet.sim.seq += 1
     state = new_desired_state(
         FLEET,
@@ -487,18 +482,8 @@ def test_drill_a_device_state_from_the_pre_tuf_release_moves_to_tuf_with_a_signe
 
 def shadow_state(sim: TrustSim, serving: BundleRef, candidate: BundleRef) -> None:
     """What the online desired role signs for `push --shadow`: serve ``serving``, try ``candidate``."""
-    sim.seq += 1
     shadow = ShadowRequest(candidate.sha256, candidate.name, candidate.version, 1.0, int(time.time()) + 600)
-    state = new_desired_state(
-        sim.fleet,
-        bundle_sha256=serving.sha256,
-        bundle_name=serving.name,
-        bundle_version=serving.version,
-        seq=sim.seq,
-        now=sim.now,
-        shadow=shadow,
-    )
-    sim.repo.set_desired([state], [sim.online], now=sim.now)
+    desire_bundle(sim, serving, shadow=shadow)
 
 
 def test_a_shadow_candidate_targets_does_not_authorise_is_refused_and_an_authorised_one_is_tried(
