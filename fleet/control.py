@@ -33,8 +33,9 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -503,6 +504,27 @@ class ControlPlane:
         ends or the process dies."""
         with self._lock(f"role:{role}", f"{role} of {self.actor}", wait) as held_by:
             yield held_by is None
+
+    def lead_while_elected(
+        self,
+        role: str,
+        lead: Callable[[], None],
+        stop: threading.Event,
+        interval: float,
+        failed: Callable[[], None],
+    ) -> None:
+        """Until ``stop`` is set: take ``role``'s leader lock when it is free and run ``lead``
+        while holding it; try again every ``interval`` seconds (a dead leader's lock is freed
+        at once). ``failed`` is called in the ``except`` of any error (lost lock or database),
+        to count and log it: the loop outlives them all."""
+        while not stop.is_set():
+            try:
+                with self.leader(role) as leading:
+                    if leading:
+                        lead()
+            except Exception:  # noqa: BLE001 - handed to failed(); the loop must go on
+                failed()
+            stop.wait(interval)
 
     @contextmanager
     def _lock(self, name: str, holder: str, wait: float) -> Iterator[Optional[str]]:

@@ -117,15 +117,14 @@ class RolloutController:
     # -- the loop -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with self.control.leader("rollout-controller") as leading:
-                    if leading:
-                        self._lead()
-            except Exception:  # counted and logged: the controller must outlive any database trouble
-                self.errors += 1
-                log.exception("the rollout controller lost its lease or its database; trying again")
-            self._stop.wait(self.interval)
+        self.control.lead_while_elected(
+            "rollout-controller", self._lead, self._stop, self.interval, self._failed
+        )
+
+    def _failed(self) -> None:
+        """Counted and logged: the controller must outlive any database trouble."""
+        self.errors += 1
+        log.exception("the rollout controller lost its lease or its database; trying again")
 
     def _lead(self) -> None:
         log.info("this process runs the rollout controller (leader %s)", self.control.actor)

@@ -540,15 +540,12 @@ class Alerting:
         from ..control import ControlPlane, operator_name
 
         control = ControlPlane(self.evaluator.registry, actor=f"fleet serve ({operator_name()})")
-        while not self._stop.is_set():
-            try:
-                with control.leader("alert-evaluator") as leading:
-                    if leading:
-                        self._lead()
-            except Exception:  # counted and logged: the evaluator must outlive any database trouble
-                self.errors += 1
-                log.exception("alerts: the evaluator lost its lock or its database; trying again")
-            self._stop.wait(self.interval)
+        control.lead_while_elected("alert-evaluator", self._lead, self._stop, self.interval, self._failed)
+
+    def _failed(self) -> None:
+        """Counted and logged: the evaluator must outlive any database trouble."""
+        self.errors += 1
+        log.exception("alerts: the evaluator lost its lock or its database; trying again")
 
     def _lead(self) -> None:
         log.info("alerts: this process runs the alert evaluator")
