@@ -413,11 +413,9 @@ class Capturer:
         if policy is None or not policy.active(wall):
             return False
         with self._lock:
-            if self._count_hour(wall) >= policy.max_per_hour:
-                self.stats.capped += 1
-                return False
-            slot = [wall, self.clock.mono(), self.clock.boot()]
-            self._hour.append(slot)
+            slot = self._take_slot(policy.max_per_hour, wall)
+        if slot is None:
+            return False
         job = (policy, x, outputs, trigger, bundle, wall, slot)
         if self._jobs is not None:
             try:  # copies: the caller's arrays may be reused for the next frame
@@ -439,6 +437,16 @@ class Capturer:
             return True
         return self._run(job)
 
+    def _take_slot(self, max_per_hour: int, wall: float) -> Optional[list[Any]]:
+        """One capture's slot in the hour (the caller holds ``_lock``), or None when the hour
+        is full (counted as capped)."""
+        if self._count_hour(wall) >= max_per_hour:
+            self.stats.capped += 1
+            return None
+        slot: list[Any] = [wall, self.clock.mono(), self.clock.boot()]
+        self._hour.append(slot)
+        return slot
+
     def _offer_many(
         self, items: list[tuple[np.ndarray, np.ndarray]], trigger: str, bundle: dict[str, str]
     ) -> int:
@@ -451,12 +459,9 @@ class Capturer:
         jobs = []
         with self._lock:
             for x, out in items:
-                if self._count_hour(wall) >= policy.max_per_hour:
-                    self.stats.capped += 1
-                    continue
-                slot = [wall, self.clock.mono(), self.clock.boot()]
-                self._hour.append(slot)
-                jobs.append((policy, x, [out], trigger, bundle, wall, slot))
+                slot = self._take_slot(policy.max_per_hour, wall)
+                if slot is not None:
+                    jobs.append((policy, x, [out], trigger, bundle, wall, slot))
         if self._jobs is not None:
             try:
                 self._jobs.put_nowait(jobs)
