@@ -104,17 +104,11 @@ def rig(mosquitto, registry_url, make_config, bundles, key, edgekit_home) -> Ite
 
 
 @dataclass
-class Shop:
+class Shop(Rig):
     """A fleet as an owner sets it up: `edgekit keys init`, `device add`, the broker's own config
     (`broker mosquitto-config`: accounts and ACLs, no anonymous access), the device's agent with its
     daemon, the fleet's capture sink and a spy, both logged in as the operator."""
 
-    control: ControlPlane
-    operator: MqttClient
-    device: AgentDaemon
-    sink: CaptureSink
-    spy: Spy
-    owner: CaptureKey
     key: SigningKey
     broker: str
     registry: str
